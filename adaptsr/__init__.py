@@ -1,0 +1,24 @@
+"""adaptsr: adapt pretrained super-resolution models to real-world degradations with LoRA."""
+
+from adaptsr.backend import get_backend, set_backend
+from adaptsr.inject import LoRASummary, inject_lora, lora_layers, merge_lora, unmerge_lora
+from adaptsr.io import load_model, save_model
+from adaptsr.nn import LoRAConv2d, LoRALinear
+from adaptsr.presets import PRESETS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "LoRAConv2d",
+    "LoRALinear",
+    "LoRASummary",
+    "get_backend",
+    "inject_lora",
+    "load_model",
+    "lora_layers",
+    "merge_lora",
+    "save_model",
+    "set_backend",
+    "unmerge_lora",
+]

@@ -1,0 +1,3 @@
+from adaptsr.cli import main
+
+raise SystemExit(main())

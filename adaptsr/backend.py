@@ -1,0 +1,83 @@
+"""Backend selection: which implementation the functional ops run.
+
+Backends, in the order "auto" prefers them on a CUDA device:
+    cuda       CUDA C++ kernels from ``adaptsr._C`` (not built yet)
+    triton     fused Triton kernels in ``adaptsr.kernels`` (not built yet)
+    torch      merged-weight forward, hand-written backward (default on CPU)
+    reference  the two-path form in plain torch: the oracle
+
+Choose with ``set_backend("torch")`` (a plain call, or ``with set_backend("torch"): ...``
+for a block) or the ``ADAPTSR_BACKEND`` environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import AbstractContextManager
+
+import torch
+
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+_ENV_VAR = "ADAPTSR_BACKEND"
+
+# A thread-local so that a ``with set_backend(...)`` block in one thread does not change
+# what another thread's ops run.
+_state = threading.local()
+
+
+def _validate(name: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown adaptsr backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend name in force: the last ``set_backend``, else ``$ADAPTSR_BACKEND``, else auto."""
+    name = getattr(_state, "name", None)
+    if name is None:
+        name = _validate(os.environ.get(_ENV_VAR, "auto"))
+    return name
+
+
+class set_backend(AbstractContextManager):  # noqa: N801 - reads as a function at call sites
+    """Select the backend; usable as a plain call or as a context manager.
+
+    ``set_backend("torch")`` switches for the rest of the thread;
+    ``with set_backend("reference"): ...`` switches for the block and restores afterwards.
+    """
+
+    def __init__(self, name: str) -> None:
+        name = _validate(name)
+        self._previous = getattr(_state, "name", None)
+        if name in ("triton", "cuda") and not is_available(name):
+            raise RuntimeError(f"adaptsr backend {name!r} is not available here: {_unavailable_reason(name)}")
+        _state.name = name
+
+    def __exit__(self, *exc) -> None:
+        _state.name = self._previous
+
+
+def _unavailable_reason(name: str) -> str:
+    if name == "triton":
+        return "the Triton kernels are not part of this version yet"
+    if name == "cuda":
+        return "the CUDA extension adaptsr._C is not part of this version yet"
+    return ""
+
+
+def is_available(name: str) -> bool:
+    """Whether backend ``name`` can run in this installation."""
+    name = _validate(name)
+    return name in ("auto", "reference", "torch")
+
+
+def resolve(device: torch.device) -> str:
+    """The concrete backend an op on ``device`` runs under the current setting."""
+    name = get_backend()
+    if name != "auto":
+        return name
+    # Slots for the fused backends: "auto" will prefer them on CUDA devices where the
+    # benchmarks show they are faster. Until they exist, torch is the best everywhere.
+    return "torch"

@@ -1,0 +1,168 @@
+"""Put LoRA adapters into a whole model, and take them out again (merge / unmerge / unload)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from adaptsr.nn import LoRAConv2d, LoRALayer, LoRALinear
+from adaptsr.presets import preset_pattern
+
+__all__ = ["LoRASummary", "inject_lora", "lora_layers", "merge_lora", "unmerge_lora"]
+
+_WRAPPERS: dict[type[nn.Module], type[LoRALayer]] = {nn.Conv2d: LoRAConv2d, nn.Linear: LoRALinear}
+
+
+@dataclass
+class LoRASummary:
+    """What ``inject_lora`` did: the wrapped layers and the trainable share of the parameters."""
+
+    layers: dict[str, int] = field(default_factory=dict)  # layer name -> rank
+    trainable_params: int = 0
+    total_params: int = 0
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"LoRA on {len(self.layers)} layers: {self.trainable_params:,} trainable of "
+            f"{self.total_params:,} parameters ({100 * self.trainable_share:.2f}%)"
+        )
+
+
+def unwrap_model(model) -> nn.Module:
+    """The nn.Module inside a spandrel ModelDescriptor, or the module itself."""
+    inner = getattr(model, "model", None)
+    if not isinstance(model, nn.Module) and isinstance(inner, nn.Module):
+        return inner
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module or a spandrel model descriptor, got {type(model).__name__}")
+    return model
+
+
+def lora_layers(model) -> Iterator[tuple[str, LoRALayer]]:
+    """(name, module) for every LoRA layer in ``model``."""
+    for name, module in unwrap_model(model).named_modules():
+        if isinstance(module, LoRALayer):
+            yield name, module
+
+
+def _name_matcher(targets: str | Sequence[str]):
+    """PEFT's target semantics: a string is a regex matched in full; a list matches names or suffixes."""
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        return lambda name: pattern.fullmatch(name) is not None
+    names = list(targets)
+    return lambda name: any(name == t or name.endswith("." + t) for t in names)
+
+
+def _pattern_value(patterns: dict[str, float] | None, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching a suffix of the name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def inject_lora(
+    model,
+    *,
+    preset: str | None = None,
+    targets: str | Sequence[str] | None = None,
+    rank: int = 8,
+    alpha: float | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    use_rslora: bool = False,
+    lora_dropout: float = 0.0,
+    init_lora_weights: bool | str = True,
+) -> LoRASummary:
+    """Wrap the targeted nn.Conv2d / nn.Linear layers of ``model`` with LoRA, in place.
+
+    Targets come from a ``preset`` (see ``adaptsr.presets``), from ``targets`` (a regex matched
+    in full against module names, or a list of names / name suffixes), or both. ``alpha``
+    defaults to the rank (scaling 1). ``rank_pattern`` / ``alpha_pattern`` override them per
+    layer (PEFT's semantics). Everything but the adapters is frozen.
+    """
+    module = unwrap_model(model)
+    if preset is None and targets is None:
+        raise ValueError("inject_lora needs a preset or targets (a regex or a list of layer names)")
+    matchers = []
+    if preset is not None:
+        matchers.append(_name_matcher(preset_pattern(preset)))
+    if targets is not None:
+        matchers.append(_name_matcher(targets))
+    existing = [name for name, _ in lora_layers(module)]
+    if existing:
+        raise ValueError(f"the model already has LoRA adapters (e.g. on {existing[0]!r}); merge or unload them first")
+
+    chosen = [
+        (name, child)
+        for name, child in module.named_modules()
+        if name and type(child) in _WRAPPERS and any(match(name) for match in matchers)
+    ]
+    if not chosen:
+        layer_names = [n for n, m in module.named_modules() if type(m) in _WRAPPERS][:8]
+        wanted = preset if targets is None else targets
+        raise ValueError(
+            f"LoRA targets {wanted!r} matched no Conv2d or Linear layer of {type(module).__name__}; "
+            f"its layers are named like {layer_names}"
+        )
+
+    for p in module.parameters():
+        p.requires_grad_(False)
+    summary = LoRASummary()
+    for name, child in chosen:
+        layer_rank = int(_pattern_value(rank_pattern, name, rank))
+        layer_alpha = _pattern_value(alpha_pattern, name, layer_rank if alpha is None else alpha)
+        try:
+            wrapped = _WRAPPERS[type(child)](
+                base_layer=child,
+                rank=layer_rank,
+                alpha=layer_alpha,
+                use_rslora=use_rslora,
+                lora_dropout=lora_dropout,
+                init_lora_weights=init_lora_weights,
+            )
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"cannot add LoRA to layer {name!r}: {err}") from err
+        _set_submodule(module, name, wrapped)
+        summary.layers[name] = layer_rank
+
+    summary.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    summary.total_params = sum(p.numel() for p in module.parameters())
+    return summary
+
+
+def merge_lora(model, *, unload: bool = True):
+    """Fold every adapter into its base weight.
+
+    ``unload=True`` (default) replaces each LoRA module by a plain layer with dense weights, so
+    the model's state-dict keys are the original architecture's again; ``unload=False`` keeps
+    the LoRA modules in merged state (``unmerge_lora`` takes the adapters back out).
+    Returns ``model``.
+    """
+    module = unwrap_model(model)
+    for name, layer in list(lora_layers(module)):
+        if unload:
+            _set_submodule(module, name, layer.to_dense())
+        else:
+            layer.merge()
+    return model
+
+
+def unmerge_lora(model):
+    """Take merged adapters back out of the base weights (the inverse of ``merge_lora(unload=False)``)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model

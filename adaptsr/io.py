@@ -1,0 +1,93 @@
+"""Loading and saving whole SR models through spandrel, safely and atomically."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from spandrel import ModelLoader, canonicalize_state_dict
+
+from adaptsr.inject import lora_layers, merge_lora, unwrap_model
+
+__all__ = ["atomic_write", "load_model", "load_state_dict", "save_model"]
+
+_PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(temporary_path)`` and rename the result onto ``path``.
+
+    A crash half-way leaves the old file (or none), never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors: safetensors, or a .pth/.pt/.ckpt loaded with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            state = load_file(str(path))
+        elif suffix in _PICKLE_SUFFIXES:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(f"checkpoint {path}: unsupported extension {suffix!r} (use .safetensors or .pth)")
+    except ValueError:
+        raise
+    except Exception as err:  # the loaders raise many types for a corrupt file
+        raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Load any spandrel-supported SR checkpoint; returns spandrel's ImageModelDescriptor.
+
+    ``descriptor.model`` is the nn.Module, ``descriptor.scale`` the upscaling factor and
+    ``descriptor.architecture.id`` the architecture (e.g. "SwinIR").
+    """
+    state = canonicalize_state_dict(load_state_dict(path))
+    try:
+        descriptor = ModelLoader().load_from_state_dict(state)
+    except Exception as err:
+        raise ValueError(f"checkpoint {path}: spandrel does not recognise the architecture ({err})") from err
+    return descriptor.to(device).eval()
+
+
+def save_model(model, path: str | os.PathLike) -> None:
+    """Write ``model`` (adapters merged in, if any) as a plain checkpoint spandrel opens as the same architecture.
+
+    ``.safetensors`` or ``.pth``; written atomically. The model passed in is not modified.
+    """
+    path = Path(path)
+    module = unwrap_model(model)
+    if any(True for _ in lora_layers(module)):
+        module = merge_lora(copy.deepcopy(module))
+    # safetensors refuses shared storage; clones also drop views into larger buffers.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        atomic_write(path, lambda tmp: save_file(state, tmp))
+    elif suffix in _PICKLE_SUFFIXES:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    else:
+        raise ValueError(f"cannot save model to {path}: use a .safetensors or .pth file name")

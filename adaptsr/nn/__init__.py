@@ -1,0 +1,7 @@
+"""Drop-in LoRA modules."""
+
+from adaptsr.nn._lora_layer import LoRALayer
+from adaptsr.nn.lora_conv2d import LoRAConv2d
+from adaptsr.nn.lora_linear import LoRALinear
+
+__all__ = ["LoRAConv2d", "LoRALayer", "LoRALinear"]

@@ -1,0 +1,40 @@
+"""LoRALinear: an nn.Linear with a trainable low-rank update."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptsr.nn._lora_layer import LoRALayer
+from adaptsr.ops.lora_linear import linear_delta_weight, lora_linear, lora_linear_ref
+
+
+class LoRALinear(LoRALayer):
+    """``x (W + s B A)^T + b`` around a frozen ``nn.Linear`` (``base_layer``).
+
+    ``lora_A: [r, in]``, ``lora_B: [out, r]``, as PEFT names and shapes them.
+    """
+
+    base_type = nn.Linear
+
+    @staticmethod
+    def _max_rank(base_layer: nn.Linear) -> int:
+        return min(base_layer.in_features, base_layer.out_features)
+
+    @staticmethod
+    def _adapter_shapes(base_layer: nn.Linear, rank: int):
+        return (rank, base_layer.in_features), (base_layer.out_features, rank)
+
+    @staticmethod
+    def _delta(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+        return linear_delta_weight(lora_A, lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if self.merged:
+            return base(x)
+        if self._dropout_active():
+            dropped = F.dropout(x, self.lora_dropout, training=True)
+            return lora_linear_ref(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, dropped)
+        return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling)

@@ -1,0 +1,15 @@
+"""Functional LoRA ops; each dispatches on the backend chosen with ``adaptsr.set_backend``."""
+
+from adaptsr.ops._conv_geometry import ConvGeometry
+from adaptsr.ops.lora_conv2d import conv_delta_weight, lora_conv2d, lora_conv2d_ref
+from adaptsr.ops.lora_linear import linear_delta_weight, lora_linear, lora_linear_ref
+
+__all__ = [
+    "ConvGeometry",
+    "conv_delta_weight",
+    "linear_delta_weight",
+    "lora_conv2d",
+    "lora_conv2d_ref",
+    "lora_linear",
+    "lora_linear_ref",
+]

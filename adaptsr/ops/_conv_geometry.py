@@ -1,0 +1,87 @@
+"""Normalised nn.Conv2d geometry shared by every LoRA conv backend.
+
+nn.Conv2d accepts padding as an int, a pair, 'same' or 'valid', and four padding modes. Every
+backend wants the same thing: explicit (left, right, top, bottom) amounts, and whether the
+input must be padded before the convolution (non-zero modes, or 'same' with an even
+effective kernel, which pads one side more than the other).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_F_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value}")
+    return value  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    padding_mode: str
+    # explicit amounts in F.pad order: (left, right, top, bottom)
+    pads: tuple[int, int, int, int]
+
+    @classmethod
+    def from_args(cls, kernel_size, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"):
+        kh, kw = _pair(kernel_size, "kernel_size")
+        stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if isinstance(padding, str):
+            if padding == "valid":
+                pads = (0, 0, 0, 0)
+            elif padding == "same":
+                if stride != (1, 1):
+                    raise ValueError("padding='same' is not supported for strided convolutions (as in torch)")
+                # torch puts the smaller half on the left/top when the total is odd.
+                total_h, total_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+                pads = (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
+            else:
+                raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        else:
+            ph, pw = _pair(padding, "padding")
+            pads = (pw, pw, ph, ph)
+        return cls(stride, dilation, int(groups), padding_mode, pads)
+
+    @classmethod
+    def of(cls, conv: torch.nn.Conv2d) -> ConvGeometry:
+        return cls.from_args(conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+
+    @property
+    def prepad(self) -> bool:
+        """True when the input must be padded explicitly before a padding-free convolution."""
+        left, right, top, bottom = self.pads
+        return self.padding_mode != "zeros" and any(self.pads) or left != right or top != bottom
+
+    @property
+    def conv_padding(self) -> tuple[int, int]:
+        """The symmetric padding to hand the convolution itself (zero when pre-padded)."""
+        if self.prepad:
+            return (0, 0)
+        return (self.pads[2], self.pads[0])
+
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x padded the way nn.Conv2d pads it when the convolution cannot do it alone."""
+        if not self.prepad:
+            return x
+        return F.pad(x, self.pads, mode=_F_PAD_MODE[self.padding_mode])
+
+    def conv(self, x_padded: torch.Tensor, weight: torch.Tensor, bias=None, groups: int | None = None) -> torch.Tensor:
+        """F.conv2d of an already pre-padded input (see ``pad_input``) with this geometry."""
+        return F.conv2d(
+            x_padded, weight, bias, self.stride, self.conv_padding, self.dilation, self.groups if groups is None else groups
+        )

@@ -1,0 +1,244 @@
+r"""LoRA 2-D convolution: a frozen conv plus a trainable low-rank update.
+
+Shapes (PEFT-compatible): ``W: [out, in/g, kh, kw]``, ``b: [out]``, ``A: [r, in/g, kh, kw]``
+(same stride, padding, dilation and padding mode as the base), ``B: [out, r, 1, 1]``, scaling ``s``.
+
+Forward::
+
+    DeltaW[o, i, :, :] = sum_k B[o, k] A[k, i, :, :]          (block-structured for groups g > 1)
+    W' = W + s DeltaW
+    y  = conv(x, W') + b
+
+With groups, ``A`` is shared by every group: ``z = conv(x, A repeated g times, groups=g)`` has
+``g r`` channels and ``B`` acts as a grouped 1x1 conv on them, so the two-path form and the
+merged form are the same function, exactly.
+
+Backward (``dy = dL/dy``)::
+
+    dx = conv_transpose(dy, W')                                 (what the frozen model computes)
+    db = sum_{n,p} dy
+    low-rank pass:   u  = B^T dy  (g r channels)      z = conv(x, A)
+                     dA = s sum_groups weight_grad(x, u)
+                     dB = s sum_{n,p} dy z^T
+    full-wgrad pass: dW' = weight_grad(x, dy)
+                     dA = s B^T dW'                    dB = s dW' A^T
+    dW = dW'                                           (only when the base weight is trainable)
+
+The two passes give the same numbers; which is cheaper depends on the shapes (see
+``_prefer_low_rank``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from adaptsr.backend import resolve
+from adaptsr.ops._conv_geometry import ConvGeometry
+
+__all__ = ["conv_delta_weight", "lora_conv2d", "lora_conv2d_ref"]
+
+# Thin convolutions (r output channels) run well below the machine's peak rate: on a 2-core
+# CPU the rank-8 pieces of a 64->64 3x3 layer took about 1.2x their FLOP share of the full
+# weight gradient (DESIGN.md section 5). The low-rank pass must win by this factor to be chosen.
+_THIN_CONV_PENALTY = 1.5
+
+
+def conv_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """DeltaW = B A as a conv weight ``[out, in/g, kh, kw]`` (unscaled)."""
+    rank = lora_A.shape[0]
+    out_channels = lora_B.shape[0]
+    delta = lora_B.reshape(out_channels, rank) @ lora_A.reshape(rank, -1)
+    return delta.reshape(out_channels, *lora_A.shape[1:])
+
+
+def _repeat_for_groups(lora_A: torch.Tensor, groups: int) -> torch.Tensor:
+    return lora_A if groups == 1 else lora_A.repeat(groups, 1, 1, 1)
+
+
+def lora_conv2d_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    geometry: ConvGeometry,
+    lora_input: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The two-path oracle: ``base(x) + s * B(A(lora_input))`` in plain torch.
+
+    ``lora_input`` defaults to ``x``; pass a dropped-out copy of ``x`` for LoRA dropout.
+    """
+    lora_input = x if lora_input is None else lora_input
+    g = geometry.groups
+    base = geometry.conv(geometry.pad_input(x), weight, bias)
+    z = geometry.conv(geometry.pad_input(lora_input), _repeat_for_groups(lora_A, g))
+    update = F.conv2d(z, lora_B, groups=g)
+    return base + scaling * update
+
+
+# -- host helpers (shapes, costs, gradient pieces; no autograd) --
+
+
+def _check_shapes(x, weight, bias, lora_A, lora_B, geometry: ConvGeometry) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"lora_conv2d expects x of shape [N, C, H, W], got {tuple(x.shape)}")
+    out_channels, in_per_group = weight.shape[:2]
+    g = geometry.groups
+    if x.shape[1] != in_per_group * g:
+        raise ValueError(
+            f"lora_conv2d: x has {x.shape[1]} channels but the weight {tuple(weight.shape)} with groups={g} "
+            f"expects {in_per_group * g}"
+        )
+    rank = lora_A.shape[0]
+    if lora_A.shape[1:] != weight.shape[1:]:
+        raise ValueError(
+            f"lora_conv2d: lora_A must have shape [r, {in_per_group}, {weight.shape[2]}, {weight.shape[3]}], "
+            f"got {tuple(lora_A.shape)}"
+        )
+    if tuple(lora_B.shape) != (out_channels, rank, 1, 1):
+        raise ValueError(
+            f"lora_conv2d: lora_B must have shape [{out_channels}, {rank}, 1, 1], got {tuple(lora_B.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_channels,):
+        raise ValueError(f"lora_conv2d: bias must have shape [{out_channels}], got {tuple(bias.shape)}")
+
+
+def _prefer_low_rank(weight: torch.Tensor, rank: int, groups: int) -> bool:
+    """Whether the low-rank pass costs fewer (penalised) FLOPs per output pixel than the full wgrad."""
+    out_channels, in_per_group, kh, kw = weight.shape
+    in_channels, taps = in_per_group * groups, kh * kw
+    full = out_channels * in_per_group * taps
+    # z = conv(x, A) and the weight-grad into A: r*in*taps each; u = B^T dy and dB: out*r each.
+    low_rank = 2 * rank * in_channels * taps + 2 * out_channels * rank
+    return low_rank * _THIN_CONV_PENALTY < full
+
+
+def _weight_grad(x_padded, dy, weight_like, geometry: ConvGeometry, groups: int):
+    return torch.ops.aten.convolution_backward(
+        dy, x_padded, weight_like, None, geometry.stride, geometry.conv_padding, geometry.dilation,
+        False, [0, 0], groups, [False, True, False],
+    )[1]
+
+
+def _low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry: ConvGeometry):
+    """dA, dB through the rank-r channels u = B^T dy and z = conv(x, A)."""
+    g = geometry.groups
+    rank = lora_A.shape[0]
+    out_channels = lora_B.shape[0]
+    out_per_group = out_channels // g
+    # u_g[k] = sum over the group's outputs o of B[o, k] dy_o: a grouped 1x1 conv.
+    b_t = lora_B.reshape(g, out_per_group, rank).transpose(1, 2).reshape(g * rank, out_per_group, 1, 1)
+    u = F.conv2d(dy, b_t, groups=g)
+    a_rep = _repeat_for_groups(lora_A, g)
+    grad_a = _weight_grad(x_padded, u, a_rep, geometry, g)
+    grad_a = grad_a.reshape(g, rank, *lora_A.shape[1:]).sum(0) if g > 1 else grad_a
+    z = geometry.conv(x_padded, a_rep)
+    # dB[o, k] = sum over batch and pixels of dy_o z_{group(o), k}: one batched matmul.
+    n = dy.shape[0]
+    dy_rows = dy.reshape(n, g, out_per_group, -1)
+    z_cols = z.reshape(n, g, rank, -1).transpose(2, 3)
+    grad_b = torch.matmul(dy_rows, z_cols).sum(0).reshape(out_channels, rank, 1, 1)
+    return scaling * grad_a, scaling * grad_b
+
+
+def _full_wgrad_to_lora(grad_w_merged, lora_A, lora_B, scaling):
+    """dA = s B^T dW', dB = s dW' A^T."""
+    rank, out_channels = lora_A.shape[0], lora_B.shape[0]
+    flat = grad_w_merged.reshape(out_channels, -1)
+    grad_a = (lora_B.reshape(out_channels, rank).t() @ flat).reshape(lora_A.shape)
+    grad_b = (flat @ lora_A.reshape(rank, -1).t()).reshape(lora_B.shape)
+    return scaling * grad_a, scaling * grad_b
+
+
+class _LoRAConv2dTorch(torch.autograd.Function):
+    """Merged-weight forward (one conv); backward computes dx, dA, dB exactly, saving only x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, geometry):
+        w_merged = weight + (scaling * conv_delta_weight(lora_A, lora_B)).to(weight.dtype)
+        y = geometry.conv(geometry.pad_input(x), w_merged, bias)
+        ctx.save_for_backward(x, weight, lora_A, lora_B)
+        ctx.scaling, ctx.geometry, ctx.has_bias = scaling, geometry, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B = ctx.saved_tensors
+        geometry, scaling = ctx.geometry, ctx.scaling
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        dy = dy.contiguous(memory_format=_memory_format(x))
+        w_merged = weight + (scaling * conv_delta_weight(lora_A, lora_B)).to(weight.dtype)
+
+        # Non-zero padding modes: rebuild the padded input, and keep the graph of the pad so
+        # its adjoint folds the border gradients back into dx.
+        x_leaf = x.detach().requires_grad_(need_x and geometry.prepad)
+        with torch.enable_grad():
+            x_padded = geometry.pad_input(x_leaf)
+
+        low_rank = _prefer_low_rank(weight, lora_A.shape[0], geometry.groups) and not need_w
+        want_full_wgrad = need_w or ((need_a or need_bb) and not low_rank)
+        grad_xp, grad_w_merged, grad_bias = torch.ops.aten.convolution_backward(
+            dy, x_padded.detach(), w_merged, [w_merged.shape[0]] if ctx.has_bias else None,
+            geometry.stride, geometry.conv_padding, geometry.dilation, False, [0, 0], geometry.groups,
+            [need_x, want_full_wgrad, need_b and ctx.has_bias],
+        )
+
+        grad_x = None
+        if need_x:
+            grad_x = torch.autograd.grad(x_padded, x_leaf, grad_xp)[0] if geometry.prepad else grad_xp
+
+        grad_a = grad_b = None
+        if need_a or need_bb:
+            if low_rank:
+                grad_a, grad_b = _low_rank_grads(x_padded.detach(), dy, lora_A, lora_B, scaling, geometry)
+            else:
+                grad_a, grad_b = _full_wgrad_to_lora(grad_w_merged, lora_A, lora_B, scaling)
+            grad_a, grad_b = grad_a.to(lora_A.dtype), grad_b.to(lora_B.dtype)
+        return (
+            grad_x,
+            grad_w_merged if need_w else None,
+            grad_bias if need_b else None,
+            grad_a if need_a else None,
+            grad_b if need_bb else None,
+            None,
+            None,
+        )
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+
+
+# -- functional entry point --
+
+
+def lora_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    *,
+    geometry: ConvGeometry | None = None,
+) -> torch.Tensor:
+    """``conv(x, W + s B A) + b`` with the nn.Conv2d options, on the selected backend.
+
+    ``geometry`` (from ``ConvGeometry.of(conv)``) replaces the five conv options when given.
+    """
+    if geometry is None:
+        geometry = ConvGeometry.from_args(weight.shape[2:], stride, padding, dilation, groups, padding_mode)
+    _check_shapes(x, weight, bias, lora_A, lora_B, geometry)
+    backend = resolve(x.device)
+    if backend == "reference":
+        return lora_conv2d_ref(x, weight, bias, lora_A, lora_B, scaling, geometry)
+    if backend == "torch":
+        return _LoRAConv2dTorch.apply(x, weight, bias, lora_A, lora_B, float(scaling), geometry)
+    raise NotImplementedError(f"lora_conv2d has no {backend!r} backend yet")

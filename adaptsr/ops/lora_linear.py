@@ -1,0 +1,136 @@
+r"""LoRA linear layer: a frozen matmul plus a trainable low-rank update.
+
+Shapes (PEFT): ``W: [out, in]``, ``b: [out]``, ``A: [r, in]``, ``B: [out, r]``, scaling ``s``;
+``x: [..., in]`` with ``M`` rows in all.
+
+Forward::
+
+    W' = W + s B A
+    y  = x W'^T + b
+
+Backward (``dy = dL/dy``, rows flattened to ``[M, out]``)::
+
+    dx = dy W'
+    db = sum_rows dy
+    low-rank pass:   u = dy B  [M, r]     z = x A^T  [M, r]
+                     dA = s u^T x         dB = s dy^T z
+    full-wgrad pass: dW' = dy^T x
+                     dA = s B^T dW'       dB = s dW' A^T
+    dW = dW'                              (only when the base weight is trainable)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from adaptsr.backend import resolve
+
+__all__ = ["linear_delta_weight", "lora_linear", "lora_linear_ref"]
+
+# Thin matmuls (r columns) run below peak; the low-rank pass must win by this factor.
+_THIN_MATMUL_PENALTY = 1.5
+
+
+def linear_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """DeltaW = B A, ``[out, in]`` (unscaled)."""
+    return lora_B @ lora_A
+
+
+def lora_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    lora_input: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The two-path oracle: ``x W^T + b + s (lora_input A^T) B^T`` (``lora_input`` defaults to x)."""
+    lora_input = x if lora_input is None else lora_input
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(lora_input, lora_A), lora_B)
+
+
+# -- host helpers --
+
+
+def _check_shapes(x, weight, bias, lora_A, lora_B) -> None:
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"lora_linear: x has {x.shape[-1]} features, the weight {tuple(weight.shape)} expects {in_features}")
+    rank = lora_A.shape[0]
+    if tuple(lora_A.shape) != (rank, in_features):
+        raise ValueError(f"lora_linear: lora_A must have shape [r, {in_features}], got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(f"lora_linear: lora_B must have shape [{out_features}, {rank}], got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"lora_linear: bias must have shape [{out_features}], got {tuple(bias.shape)}")
+
+
+def _prefer_low_rank(weight: torch.Tensor, rank: int) -> bool:
+    out_features, in_features = weight.shape
+    return 2 * rank * (in_features + out_features) * _THIN_MATMUL_PENALTY < out_features * in_features
+
+
+class _LoRALinearTorch(torch.autograd.Function):
+    """Merged-weight forward (one matmul); backward computes dx, dA, dB exactly, saving only x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        w_merged = weight + (scaling * linear_delta_weight(lora_A, lora_B)).to(weight.dtype)
+        ctx.save_for_backward(x, weight, lora_A, lora_B)
+        ctx.scaling = scaling
+        return F.linear(x, w_merged, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        w_merged = weight + (s * linear_delta_weight(lora_A, lora_B)).to(weight.dtype)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+
+        grad_x = (dy @ w_merged) if need_x else None
+        grad_bias = dy2.sum(0) if need_b else None
+        grad_w = grad_a = grad_b = None
+        low_rank = _prefer_low_rank(weight, lora_A.shape[0]) and not need_w
+        if need_w or ((need_a or need_bb) and not low_rank):
+            grad_w = dy2.t() @ x2
+        if need_a or need_bb:
+            if low_rank:
+                grad_a = s * ((dy2 @ lora_B).t() @ x2)
+                grad_b = s * (dy2.t() @ (x2 @ lora_A.t()))
+            else:
+                grad_a = s * (lora_B.t() @ grad_w)
+                grad_b = s * (grad_w @ lora_A.t())
+            grad_a, grad_b = grad_a.to(lora_A.dtype), grad_b.to(lora_B.dtype)
+        return (
+            grad_x,
+            grad_w if need_w else None,
+            grad_bias,
+            grad_a if need_a else None,
+            grad_b if need_bb else None,
+            None,
+        )
+
+
+# -- functional entry point --
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """``x (W + s B A)^T + b`` on the selected backend."""
+    _check_shapes(x, weight, bias, lora_A, lora_B)
+    backend = resolve(x.device)
+    if backend == "reference":
+        return lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling)
+    if backend == "torch":
+        return _LoRALinearTorch.apply(x, weight, bias, lora_A, lora_B, float(scaling))
+    raise NotImplementedError(f"lora_linear has no {backend!r} backend yet")
