@@ -119,25 +119,36 @@ def inject_lora(
             f"its layers are named like {layer_names}"
         )
 
+    # Build every wrapper before swapping any in, so a bad layer leaves the model as it was.
+    requires_grad = {p: p.requires_grad for p in module.parameters()}
+    wrapped_layers = []
+    try:
+        for name, child in chosen:
+            layer_rank = int(_pattern_value(rank_pattern, name, rank))
+            layer_alpha = _pattern_value(alpha_pattern, name, layer_rank if alpha is None else alpha)
+            try:
+                wrapped = _WRAPPERS[type(child)](
+                    base_layer=child,
+                    rank=layer_rank,
+                    alpha=layer_alpha,
+                    use_rslora=use_rslora,
+                    lora_dropout=lora_dropout,
+                    init_lora_weights=init_lora_weights,
+                )
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"cannot add LoRA to layer {name!r}: {err}") from err
+            wrapped_layers.append((name, wrapped))
+    except BaseException:
+        for p, flag in requires_grad.items():  # the wrappers froze their base layers
+            p.requires_grad_(flag)
+        raise
+
     for p in module.parameters():
         p.requires_grad_(False)
     summary = LoRASummary()
-    for name, child in chosen:
-        layer_rank = int(_pattern_value(rank_pattern, name, rank))
-        layer_alpha = _pattern_value(alpha_pattern, name, layer_rank if alpha is None else alpha)
-        try:
-            wrapped = _WRAPPERS[type(child)](
-                base_layer=child,
-                rank=layer_rank,
-                alpha=layer_alpha,
-                use_rslora=use_rslora,
-                lora_dropout=lora_dropout,
-                init_lora_weights=init_lora_weights,
-            )
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"cannot add LoRA to layer {name!r}: {err}") from err
+    for name, wrapped in wrapped_layers:
         _set_submodule(module, name, wrapped)
-        summary.layers[name] = layer_rank
+        summary.layers[name] = wrapped.rank
 
     summary.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     summary.total_params = sum(p.numel() for p in module.parameters())

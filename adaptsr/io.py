@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,10 +26,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # Not mkstemp, whose 0600 mode (safetensors' writer gives 0600 too) would stick to the result:
+    # a checkpoint gets the mode a plain new file gets, 0o666 less the umask.
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
+        mode = os.stat(tmp).st_mode & 0o777
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -43,15 +47,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     suffix = path.suffix.lower()
+    if suffix != ".safetensors" and suffix not in _PICKLE_SUFFIXES:
+        raise ValueError(f"checkpoint {path}: unsupported extension {suffix!r} (use .safetensors or .pth)")
     try:
         if suffix == ".safetensors":
             state = load_file(str(path))
-        elif suffix in _PICKLE_SUFFIXES:
-            state = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            raise ValueError(f"checkpoint {path}: unsupported extension {suffix!r} (use .safetensors or .pth)")
-    except ValueError:
-        raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the loaders raise many types for a corrupt file
         raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict):
@@ -65,11 +67,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     ``descriptor.model`` is the nn.Module, ``descriptor.scale`` the upscaling factor and
     ``descriptor.architecture.id`` the architecture (e.g. "SwinIR").
     """
-    state = canonicalize_state_dict(load_state_dict(path))
+    state = load_state_dict(path)
     try:
-        descriptor = ModelLoader().load_from_state_dict(state)
+        descriptor = ModelLoader().load_from_state_dict(canonicalize_state_dict(state))
     except Exception as err:
-        raise ValueError(f"checkpoint {path}: spandrel does not recognise the architecture ({err})") from err
+        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise ValueError(f"checkpoint {path}: spandrel does not recognise the architecture ({reason})") from err
     return descriptor.to(device).eval()
 
 

@@ -152,15 +152,28 @@ def _full_wgrad_to_lora(grad_w_merged, lora_A, lora_B, scaling):
     return scaling * grad_a, scaling * grad_b
 
 
-class _LoRAConv2dTorch(torch.autograd.Function):
-    """Merged-weight forward (one conv); backward computes dx, dA, dB exactly, saving only x."""
+def _fused_low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry: ConvGeometry):
+    """The Triton kernel's single pass over x and dy (imported here: Triton loads on first use)."""
+    from adaptsr.kernels.lora_conv2d import lora_conv2d_lowrank_grads
+
+    return lora_conv2d_lowrank_grads(
+        x_padded, dy, lora_A, lora_B, scaling, geometry.stride, geometry.conv_padding, geometry.dilation, geometry.groups
+    )
+
+
+class _LoRAConv2dFunction(torch.autograd.Function):
+    """Merged-weight forward (one conv); backward computes dx, dA, dB exactly, saving only x.
+
+    The dense parts (forward conv, dx, full wgrad) run in torch (cuDNN on a GPU); the low-rank
+    gradient pass runs in torch ops (``fused=False``) or in the fused Triton kernel (``fused=True``).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, geometry):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, geometry, fused):
         w_merged = weight + (scaling * conv_delta_weight(lora_A, lora_B)).to(weight.dtype)
         y = geometry.conv(geometry.pad_input(x), w_merged, bias)
         ctx.save_for_backward(x, weight, lora_A, lora_B)
-        ctx.scaling, ctx.geometry, ctx.has_bias = scaling, geometry, bias is not None
+        ctx.scaling, ctx.geometry, ctx.has_bias, ctx.fused = scaling, geometry, bias is not None, fused
         return y
 
     @staticmethod
@@ -192,7 +205,8 @@ class _LoRAConv2dTorch(torch.autograd.Function):
         grad_a = grad_b = None
         if need_a or need_bb:
             if low_rank:
-                grad_a, grad_b = _low_rank_grads(x_padded.detach(), dy, lora_A, lora_B, scaling, geometry)
+                pass_ = _fused_low_rank_grads if ctx.fused else _low_rank_grads
+                grad_a, grad_b = pass_(x_padded.detach(), dy, lora_A, lora_B, scaling, geometry)
             else:
                 grad_a, grad_b = _full_wgrad_to_lora(grad_w_merged, lora_A, lora_B, scaling)
             grad_a, grad_b = grad_a.to(lora_A.dtype), grad_b.to(lora_B.dtype)
@@ -202,6 +216,7 @@ class _LoRAConv2dTorch(torch.autograd.Function):
             grad_bias if need_b else None,
             grad_a if need_a else None,
             grad_b if need_bb else None,
+            None,
             None,
             None,
         )
@@ -239,6 +254,7 @@ def lora_conv2d(
     backend = resolve(x.device)
     if backend == "reference":
         return lora_conv2d_ref(x, weight, bias, lora_A, lora_B, scaling, geometry)
-    if backend == "torch":
-        return _LoRAConv2dTorch.apply(x, weight, bias, lora_A, lora_B, float(scaling), geometry)
+    if backend in ("torch", "triton"):
+        fused = backend == "triton"
+        return _LoRAConv2dFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), geometry, fused)
     raise NotImplementedError(f"lora_conv2d has no {backend!r} backend yet")

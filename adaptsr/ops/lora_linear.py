@@ -72,14 +72,18 @@ def _prefer_low_rank(weight: torch.Tensor, rank: int) -> bool:
     return 2 * rank * (in_features + out_features) * _THIN_MATMUL_PENALTY < out_features * in_features
 
 
-class _LoRALinearTorch(torch.autograd.Function):
-    """Merged-weight forward (one matmul); backward computes dx, dA, dB exactly, saving only x."""
+class _LoRALinearFunction(torch.autograd.Function):
+    """Merged-weight forward (one matmul); backward computes dx, dA, dB exactly, saving only x.
+
+    The low-rank gradient pass runs in torch matmuls (``fused=False``) or in the fused Triton
+    kernel (``fused=True``); the dense parts run in torch (cuBLAS on a GPU).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, fused):
         w_merged = weight + (scaling * linear_delta_weight(lora_A, lora_B)).to(weight.dtype)
         ctx.save_for_backward(x, weight, lora_A, lora_B)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.fused = scaling, fused
         return F.linear(x, w_merged, bias)
 
     @staticmethod
@@ -98,7 +102,11 @@ class _LoRALinearTorch(torch.autograd.Function):
         if need_w or ((need_a or need_bb) and not low_rank):
             grad_w = dy2.t() @ x2
         if need_a or need_bb:
-            if low_rank:
+            if low_rank and ctx.fused:
+                from adaptsr.kernels.lora_linear import lora_linear_lowrank_grads
+
+                grad_a, grad_b = lora_linear_lowrank_grads(x2, dy2, lora_A, lora_B, s)
+            elif low_rank:
                 grad_a = s * ((dy2 @ lora_B).t() @ x2)
                 grad_b = s * (dy2.t() @ (x2 @ lora_A.t()))
             else:
@@ -111,6 +119,7 @@ class _LoRALinearTorch(torch.autograd.Function):
             grad_bias,
             grad_a if need_a else None,
             grad_b if need_bb else None,
+            None,
             None,
         )
 
@@ -131,6 +140,7 @@ def lora_linear(
     backend = resolve(x.device)
     if backend == "reference":
         return lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling)
-    if backend == "torch":
-        return _LoRALinearTorch.apply(x, weight, bias, lora_A, lora_B, float(scaling))
+    if backend in ("torch", "triton"):
+        fused = backend == "triton"
+        return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), fused)
     raise NotImplementedError(f"lora_linear has no {backend!r} backend yet")
