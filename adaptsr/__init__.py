@@ -1,5 +1,6 @@
 """adaptsr: adapt pretrained super-resolution models to real-world degradations with LoRA."""
 
+from adaptsr.adapter import load_adapter, save_adapter
 from adaptsr.backend import get_backend, set_backend
 from adaptsr.inject import LoRASummary, inject_lora, lora_layers, merge_lora, unmerge_lora
 from adaptsr.io import load_model, save_model
@@ -15,9 +16,11 @@ __all__ = [
     "LoRASummary",
     "get_backend",
     "inject_lora",
+    "load_adapter",
     "load_model",
     "lora_layers",
     "merge_lora",
+    "save_adapter",
     "save_model",
     "set_backend",
     "unmerge_lora",

@@ -124,7 +124,7 @@ def inject_lora(
     wrapped_layers = []
     try:
         for name, child in chosen:
-            layer_rank = int(_pattern_value(rank_pattern, name, rank))
+            layer_rank = _pattern_value(rank_pattern, name, rank)
             layer_alpha = _pattern_value(alpha_pattern, name, layer_rank if alpha is None else alpha)
             try:
                 wrapped = _WRAPPERS[type(child)](

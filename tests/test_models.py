@@ -1,0 +1,302 @@
+"""LoRA on whole spandrel SR models: presets, training, merge / unmerge / unload, save and reload.
+
+Each architecture is built small and random, written to disk and loaded back through
+``adaptsr.load_model``, so the base is a model spandrel itself detected; the merged result must
+load through spandrel again as the same architecture and scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from spandrel.architectures.ESRGAN import ESRGAN
+from spandrel.architectures.HAT import HAT
+from spandrel.architectures.RCAN import RCAN
+from spandrel.architectures.SwinIR import SwinIR
+from torch import nn
+
+import adaptsr
+from adaptsr import LoRAConv2d, LoRALinear
+
+warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
+
+
+def _swin_blocks(prefix: str, n: int, extra: tuple[str, ...] = ()) -> set[str]:
+    parts = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", *extra)
+    return {f"{prefix}.blocks.{b}.{p}" for b in range(n) for p in parts}
+
+
+# arch -> (constructor, spandrel architecture id, layers the preset must wrap, layers it must not)
+ARCHS = {
+    "swinir": (
+        lambda: SwinIR(
+            img_size=16,
+            embed_dim=24,
+            depths=[2],
+            num_heads=[2],
+            window_size=4,
+            upscale=2,
+            upsampler="pixelshuffledirect",
+            drop_path_rate=0.0,
+        ),
+        "SwinIR",
+        _swin_blocks("layers.0.residual_group", 2) | {"layers.0.conv", "conv_after_body"},
+        {"conv_first", "upsample.0"},
+    ),
+    "hat": (
+        lambda: HAT(
+            img_size=16,
+            embed_dim=24,
+            depths=[2],
+            num_heads=[2],
+            window_size=4,
+            upscale=2,
+            num_feat=8,
+            compress_ratio=3,
+            squeeze_factor=4,
+            drop_path_rate=0.0,
+        ),
+        "HAT",
+        _swin_blocks("layers.0.residual_group", 2, ("conv_block.cab.0", "conv_block.cab.2"))
+        | {f"layers.0.residual_group.overlap_attn.{p}" for p in ("qkv", "proj", "mlp.fc1", "mlp.fc2")}
+        | {"layers.0.conv", "conv_after_body"},
+        {
+            "conv_first",
+            "layers.0.residual_group.blocks.0.conv_block.cab.3.attention.1",  # channel attention squeeze
+            "layers.0.residual_group.blocks.0.conv_block.cab.3.attention.3",
+            "conv_before_upsample.0",
+            "upsample.0",
+            "conv_last",
+        },
+    ),
+    "esrgan": (
+        lambda: ESRGAN(num_filters=16, num_blocks=1, scale=2),
+        "ESRGAN",
+        {f"model.1.sub.0.RDB{d}.conv{c}.0" for d in (1, 2, 3) for c in range(1, 6)} | {"model.1.sub.1"},
+        {"model.0", "model.3", "model.5", "model.7"},
+    ),
+    "rcan": (
+        lambda: RCAN(scale=2, n_resgroups=1, n_resblocks=2, n_feats=16, reduction=4),
+        "RCAN",
+        {f"body.0.body.{b}.body.{c}" for b in (0, 1) for c in (0, 2)} | {"body.0.body.2", "body.1"},
+        {"head.0", "body.0.body.0.body.3.conv_du.0", "body.0.body.0.body.3.conv_du.2", "tail.0.0", "tail.1"},
+    ),
+}
+
+SCALE = 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: a second intra-op thread only adds barrier waits (100x on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def base(arch, tmp_path):
+    """spandrel's descriptor of a small random-init model of ``arch``, loaded from disk."""
+    torch.manual_seed(0)
+    path = tmp_path / f"{arch}_base.safetensors"
+    adaptsr.save_model(ARCHS[arch][0](), path)
+    descriptor = adaptsr.load_model(path)
+    assert descriptor.architecture.id == ARCHS[arch][1]
+    assert descriptor.scale == SCALE
+    return descriptor
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode output; a clone of the input because RCAN's forward writes into it."""
+    model.eval()
+    with torch.no_grad():
+        return model(x.clone())
+
+
+def _lr_batch(n: int = 2, size: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# -- the presets --
+
+
+def test_preset_wraps_exactly_the_body_layers(arch, base):
+    model = copy.deepcopy(base.model)
+    plain = {name: type(m) for name, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)}
+    _, _, wanted, skipped = ARCHS[arch]
+    assert wanted <= plain.keys() and skipped <= plain.keys()  # the expectations name real layers
+
+    summary = adaptsr.inject_lora(model, preset=arch, rank=4)
+
+    assert set(summary.layers) == wanted
+    assert set(summary.layers.values()) == {4}
+    wrapped = dict(adaptsr.lora_layers(model))
+    assert set(wrapped) == wanted
+    for name in wanted:
+        expected_type = LoRALinear if plain[name] is nn.Linear else LoRAConv2d
+        assert type(wrapped[name]) is expected_type, name
+        assert type(wrapped[name].base_layer) is plain[name]
+    for name in skipped:
+        assert type(model.get_submodule(name)) is plain[name], f"{name} should stay a plain layer"
+    if arch in ("swinir", "hat"):  # the Swin presets cover attention, MLP and convolutions
+        kinds = {name.split(".")[-1] for name, m in wrapped.items() if isinstance(m, LoRALinear)}
+        assert {"qkv", "proj", "fc1", "fc2"} <= kinds
+        assert any(isinstance(m, LoRAConv2d) for m in wrapped.values())
+
+
+def test_summary_counts_and_only_adapters_train(arch, base):
+    model = copy.deepcopy(base.model)
+    base_params = sum(p.numel() for p in model.parameters())
+
+    summary = adaptsr.inject_lora(base, preset=arch, rank=4)  # the descriptor works as well as its module
+
+    model = base.model
+    lora_params = [p for _, m in adaptsr.lora_layers(model) for p in (m.lora_A, m.lora_B)]
+    assert len(lora_params) == 2 * len(summary.layers)
+    assert summary.trainable_params == sum(p.numel() for p in lora_params) > 0
+    assert summary.total_params == base_params + summary.trainable_params
+    assert 0.0 < summary.trainable_share < 1.0
+    assert summary.trainable_share == pytest.approx(summary.trainable_params / summary.total_params)
+    assert f"{len(summary.layers)} layers" in str(summary)
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.endswith((".lora_A", ".lora_B")) for name in trainable)
+    assert len(trainable) == len(lora_params)
+
+
+def test_output_equals_base_at_init(arch, base):
+    x = _lr_batch()
+    expected = _run(base.model, x)
+
+    model = copy.deepcopy(base.model)
+    adaptsr.inject_lora(model, preset=arch, rank=4)
+    _assert_close(_run(model, x), expected)
+
+    # With a non-zero B the same comparison fails: the check above is not vacuous.
+    perturbed = copy.deepcopy(base.model)
+    adaptsr.inject_lora(perturbed, preset=arch, rank=4, init_lora_weights=False)
+    assert _max_diff(_run(perturbed, x), expected) > 1e-3
+
+
+# -- train, merge, save, load --
+
+
+def _train(model: nn.Module, steps: int = 6) -> list[float]:
+    torch.manual_seed(2)
+    lr_img = torch.rand(2, 3, 16, 16)
+    hr_img = torch.rand(2, 3, 16 * SCALE, 16 * SCALE)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.l1_loss(model(lr_img.clone()), hr_img)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_train_merge_save_and_reload_through_spandrel(arch, base, tmp_path):
+    x = _lr_batch(seed=3)
+    base_out = _run(base.model, x)
+    base_keys = list(base.model.state_dict())
+    base_weights = {k: v.clone() for k, v in base.model.state_dict().items()}
+
+    model = copy.deepcopy(base.model)
+    adaptsr.inject_lora(model, preset=arch, rank=4)
+    frozen_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    losses = _train(model)
+
+    assert losses[-1] < losses[0], losses
+    for name, layer in adaptsr.lora_layers(model):
+        assert layer.lora_B.abs().max() > 0, f"{name}: B is still zero after training"
+    for key, value in model.state_dict().items():  # the frozen weights did not move
+        if "lora_" not in key:
+            assert torch.equal(value, frozen_before[key]), key
+    lora_out = _run(model, x)
+    assert _max_diff(lora_out, base_out) > 1e-4
+
+    # save_model merges a copy: the LoRA model passed in keeps its adapters.
+    adaptsr.save_model(model, tmp_path / "from_lora.pth")
+    assert len(dict(adaptsr.lora_layers(model))) == len(ARCHS[arch][2])
+
+    merged = adaptsr.merge_lora(model)
+    assert merged is model
+    assert not list(adaptsr.lora_layers(merged))
+    assert list(merged.state_dict()) == base_keys
+    assert all(p.requires_grad is False for p in merged.parameters())
+    for key in base_keys:
+        assert merged.state_dict()[key].shape == base_weights[key].shape
+    merged_out = _run(merged, x)
+    _assert_close(merged_out, lora_out)
+
+    for file_name in ("merged.safetensors", "merged.pth", "from_lora.pth"):
+        path = tmp_path / file_name
+        if not path.exists():
+            adaptsr.save_model(merged, path)
+        loaded = adaptsr.load_model(path)
+        assert loaded.architecture.id == base.architecture.id, file_name
+        assert loaded.scale == base.scale == SCALE
+        assert type(loaded.model) is type(base.model)
+        assert list(loaded.model.state_dict()) == base_keys
+        loaded_out = _run(loaded.model, x)
+        _assert_close(loaded_out, lora_out)
+        assert _max_diff(loaded_out, base_out) > 1e-4, f"{file_name} is the base model again"
+
+
+def test_merge_unmerge_unload_agree(arch, base):
+    """unmerged == merged == unmerged again == unloaded, with non-zero B; all differ from the base."""
+    x = _lr_batch(seed=4)
+    base_out = _run(base.model, x)
+    model = copy.deepcopy(base.model)
+    torch.manual_seed(5)
+    adaptsr.inject_lora(model, preset=arch, rank=4, init_lora_weights=False)
+    wrapped_keys = list(model.state_dict())
+    base_weights = {name: layer.base_layer.weight.clone() for name, layer in adaptsr.lora_layers(model)}
+
+    unmerged = _run(model, x)
+    assert _max_diff(unmerged, base_out) > 1e-3
+
+    adaptsr.merge_lora(model, unload=False)
+    layers = dict(adaptsr.lora_layers(model))
+    assert layers and all(layer.merged for layer in layers.values())
+    assert list(model.state_dict()) == wrapped_keys
+    assert any(not torch.equal(layers[n].base_layer.weight, w) for n, w in base_weights.items())
+    merged = _run(model, x)
+    _assert_close(merged, unmerged)
+    adaptsr.merge_lora(model, unload=False)  # merging twice is a no-op
+    _assert_close(_run(model, x), unmerged)
+
+    adaptsr.unmerge_lora(model)
+    assert not any(layer.merged for _, layer in adaptsr.lora_layers(model))
+    for name, layer in adaptsr.lora_layers(model):
+        torch.testing.assert_close(layer.base_layer.weight, base_weights[name], rtol=0, atol=1e-6)
+    _assert_close(_run(model, x), unmerged)
+
+    adaptsr.merge_lora(model, unload=False)  # unload from the merged state too
+    adaptsr.merge_lora(model)
+    assert not list(adaptsr.lora_layers(model))
+    assert list(model.state_dict()) == list(base.model.state_dict())
+    unloaded = _run(model, x)
+    _assert_close(unloaded, unmerged)
+    assert _max_diff(unloaded, base_out) > 1e-3
