@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptsr.backend import resolve
+from adaptsr.ops._autocast import autocast_inputs
 from adaptsr.ops._conv_geometry import ConvGeometry
 
 __all__ = ["conv_delta_weight", "lora_conv2d", "lora_conv2d_ref"]
@@ -88,8 +89,8 @@ def _check_shapes(x, weight, bias, lora_A, lora_B, geometry: ConvGeometry) -> No
     g = geometry.groups
     if x.shape[1] != in_per_group * g:
         raise ValueError(
-            f"lora_conv2d: x has {x.shape[1]} channels but the weight {tuple(weight.shape)} with groups={g} "
-            f"expects {in_per_group * g}"
+            f"lora_conv2d: x of shape {tuple(x.shape)} has {x.shape[1]} channels but the weight "
+            f"{tuple(weight.shape)} with groups={g} expects {in_per_group * g}"
         )
     rank = lora_A.shape[0]
     if lora_A.shape[1:] != weight.shape[1:]:
@@ -226,6 +227,7 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
 
 
+
 # -- functional entry point --
 
 
@@ -256,5 +258,12 @@ def lora_conv2d(
         return lora_conv2d_ref(x, weight, bias, lora_A, lora_B, scaling, geometry)
     if backend in ("torch", "triton"):
         fused = backend == "triton"
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # AMP: cast the inputs as autocast casts F.conv2d's (the casts, outside the Function,
+            # carry the gradients back to float32 parameters); the Function runs in one dtype.
+            x, weight, bias, lora_A, lora_B = autocast_inputs(device_type, x, weight, bias, lora_A, lora_B)
+            with torch.autocast(device_type, enabled=False):
+                return _LoRAConv2dFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), geometry, fused)
         return _LoRAConv2dFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), geometry, fused)
     raise NotImplementedError(f"lora_conv2d has no {backend!r} backend yet")

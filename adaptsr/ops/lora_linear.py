@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptsr.backend import resolve
+from adaptsr.ops._autocast import autocast_inputs
 
 __all__ = ["linear_delta_weight", "lora_linear", "lora_linear_ref"]
 
@@ -57,7 +58,10 @@ def lora_linear_ref(
 def _check_shapes(x, weight, bias, lora_A, lora_B) -> None:
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
-        raise ValueError(f"lora_linear: x has {x.shape[-1]} features, the weight {tuple(weight.shape)} expects {in_features}")
+        raise ValueError(
+            f"lora_linear: x of shape {tuple(x.shape)} has {x.shape[-1]} features, "
+            f"the weight {tuple(weight.shape)} expects {in_features}"
+        )
     rank = lora_A.shape[0]
     if tuple(lora_A.shape) != (rank, in_features):
         raise ValueError(f"lora_linear: lora_A must have shape [r, {in_features}], got {tuple(lora_A.shape)}")
@@ -124,6 +128,7 @@ class _LoRALinearFunction(torch.autograd.Function):
         )
 
 
+
 # -- functional entry point --
 
 
@@ -142,5 +147,12 @@ def lora_linear(
         return lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling)
     if backend in ("torch", "triton"):
         fused = backend == "triton"
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # AMP: cast the inputs as autocast casts F.linear's (the casts, outside the Function,
+            # carry the gradients back to float32 parameters); the Function runs in one dtype.
+            x, weight, bias, lora_A, lora_B = autocast_inputs(device_type, x, weight, bias, lora_A, lora_B)
+            with torch.autocast(device_type, enabled=False):
+                return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), fused)
         return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), fused)
     raise NotImplementedError(f"lora_linear has no {backend!r} backend yet")

@@ -1,0 +1,269 @@
+"""What every benchmark shares: building a provider's model, timing forward+backward, memory.
+
+A benchmark test builds its base model and input with ``shapes.py`` and calls the
+``run_fwd_bwd`` fixture::
+
+    def test_bench_x(case, run_fwd_bwd):
+        run_fwd_bwd(case, build=lambda: MyModel(case.shape), targets=r"layers\\.\\d+")
+
+``run_fwd_bwd`` builds the provider's model once, then times ``y = model(x); y.backward(dy)``
+(one training step without the optimizer) with ``benchmark.pedantic``. Gradients are set to None
+between rounds, outside the clock. The input always requires grad, for every provider, so each
+provider does at least the frozen model's work (input gradients through every layer) and the
+ratios compare like with like.
+
+Recorded in ``benchmark.extra_info``: provider, shape, rank, dtype, device, trainable_params,
+ratio_to_frozen (this median / the frozen median of the same shape and dtype, when the frozen
+case ran earlier in the session), ratio_to_frozen_interleaved (this median / the median of frozen
+steps timed between this provider's rounds, on a second model built for the purpose: robust to
+load that drifts during the session, as on a shared 2-core machine), loadavg (the 1-minute load
+average before and after the case), saved_activation_bytes (the unique storages autograd saves for
+backward in one step, parameters and buffers excluded: the activation memory a training step
+holds) and, on CUDA, peak_memory_bytes (torch.cuda.max_memory_allocated over one step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import statistics
+import re
+import time
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from torch import nn
+
+from adaptsr import inject_lora, set_backend
+from benchmarks.shapes import Case
+
+# -- timing policy --
+
+# On CPU a step of the 16-layer conv stack takes ~0.1-0.2 s on 2 cores: aim for ~2 s of timed
+# rounds per case, never fewer than 9 rounds (an odd count, so the median is one measured round).
+CPU_TARGET_S, CPU_MIN_ROUNDS, CPU_MAX_ROUNDS = 2.0, 9, 41
+GPU_TARGET_S, GPU_MIN_ROUNDS, GPU_MAX_ROUNDS = 1.0, 21, 201
+
+# Medians of the frozen provider, keyed by Case.frozen_key; the frozen case runs first per shape.
+FROZEN_MEDIANS: dict[tuple[str, str], float] = {}
+
+
+def _targets_list(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """The Conv2d / Linear module names that ``targets`` selects (a regex matched in full, or names)."""
+    kinds = (nn.Conv2d, nn.Linear)
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        return [n for n, m in model.named_modules() if type(m) in kinds and pattern.fullmatch(n)]
+    wanted = list(targets)
+    return [n for n, m in model.named_modules() if type(m) in kinds and any(n == t or n.endswith("." + t) for t in wanted)]
+
+
+def _peft_lora_names(model: nn.Module) -> set[str]:
+    from peft.tuners.lora import LoraLayer
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            names.add(name.removeprefix("base_model.model."))
+    return names
+
+
+def build_provider(
+    case: Case, base: nn.Module, *, targets: str | Sequence[str] | None = None, preset: str | None = None
+) -> tuple[nn.Module, Callable[[], contextlib.AbstractContextManager]]:
+    """The provider's model (from a freshly built base) and the context its steps run in."""
+    provider = case.provider
+    if provider == "frozen":
+        base.requires_grad_(False)
+        return base, contextlib.nullcontext
+    if provider == "full_ft":
+        base.requires_grad_(True)
+        return base, contextlib.nullcontext
+
+    # The layers adaptsr wraps: the explicit targets, else the preset's; PEFT gets exactly these names.
+    if preset is not None:
+        from adaptsr.presets import preset_pattern
+
+        names = _targets_list(base, preset_pattern(preset) if targets is None else targets)
+    else:
+        names = _targets_list(base, targets)
+    if not names:
+        raise ValueError(f"benchmark targets {targets or preset!r} select no Conv2d/Linear layer")
+
+    if provider == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=case.rank, lora_alpha=case.rank, lora_dropout=0.0, target_modules=names, init_lora_weights=False
+        )
+        model = get_peft_model(base, config)
+        wrapped = _peft_lora_names(model)
+        if wrapped != set(names):
+            raise RuntimeError(f"PEFT wrapped {sorted(wrapped ^ set(names))[:4]} differently from the targets")
+        return model, contextlib.nullcontext
+
+    # adaptsr backends: reference, torch, triton, cuda
+    if preset is not None and targets is None:
+        summary = inject_lora(base, preset=preset, rank=case.rank, init_lora_weights=False)
+    else:
+        summary = inject_lora(base, targets=names, rank=case.rank, init_lora_weights=False)
+    if set(summary.layers) != set(names):
+        raise RuntimeError(f"inject_lora wrapped {sorted(set(summary.layers) ^ set(names))[:4]} differently from the targets")
+    return base, lambda: set_backend(provider)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def saved_activation_bytes(step_forward: Callable[[], torch.Tensor], grad_out: torch.Tensor, model: nn.Module) -> int:
+    """Bytes of the unique storages autograd saves for backward in one step (parameters and buffers excluded)."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without a storage (e.g. subclasses)
+            return t
+        ptr = storage.data_ptr()
+        if ptr not in own:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = step_forward()
+    y.backward(grad_out)
+    return sum(seen.values())
+
+
+@pytest.fixture
+def run_fwd_bwd(benchmark):
+    """Call as ``run_fwd_bwd(case, build=..., targets=... | preset=...)``; returns the benchmark's extra_info."""
+
+    def run(
+        case: Case,
+        *,
+        build: Callable[[], nn.Module],
+        targets: str | Sequence[str] | None = None,
+        preset: str | None = None,
+    ) -> dict:
+        shape = case.shape
+        device = torch.device(shape.device)
+        dtype = case.dtype
+        load_before = _loadavg()
+        torch.manual_seed(0)
+        base = build().to(device=device, dtype=dtype)
+        model, backend_ctx = build_provider(case, base, targets=targets, preset=preset)
+        model.train()
+        x = torch.randn(shape.input_shape, device=device, dtype=dtype, requires_grad=True)
+        with torch.no_grad(), backend_ctx():
+            grad_out = torch.randn_like(model(x))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+
+        def forward() -> torch.Tensor:
+            with backend_ctx():
+                return model(x)
+
+        def clear_grads() -> None:
+            x.grad = None
+            for p in trainable:
+                p.grad = None
+            _sync(device)
+
+        def step() -> None:
+            with backend_ctx():
+                y = model(x)
+                y.backward(grad_out)
+            _sync(device)
+
+        benchmark.group = f"{shape.id}-{shape.dtype}"
+        info = benchmark.extra_info
+        info.update(
+            provider=case.provider,
+            shape=shape.id,
+            input_shape=list(shape.input_shape),
+            rank=case.rank,
+            dtype=shape.dtype,
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            threads=torch.get_num_threads(),
+            trainable_params=sum(p.numel() for p in trainable),
+            total_params=sum(p.numel() for p in model.parameters()),
+            torch=torch.__version__,
+        )
+
+        if benchmark.disabled:  # smoke test (--benchmark-disable): one step and the memory probe
+            benchmark.pedantic(step, setup=clear_grads, rounds=1)
+            clear_grads()
+            info["saved_activation_bytes"] = saved_activation_bytes(forward, grad_out, model)
+            return info
+
+        # Two untimed steps (allocator and kernel warm-up, then a calibration), then the timed rounds.
+        clear_grads()
+        step()
+        clear_grads()
+        start = time.perf_counter()
+        step()
+        once = time.perf_counter() - start
+        if device.type == "cuda":
+            target, lo, hi = GPU_TARGET_S, GPU_MIN_ROUNDS, GPU_MAX_ROUNDS
+        else:
+            target, lo, hi = CPU_TARGET_S, CPU_MIN_ROUNDS, CPU_MAX_ROUNDS
+        rounds = max(lo, min(hi, math.ceil(target / max(once, 1e-6))))
+        rounds += 1 - rounds % 2  # odd
+
+        # A frozen twin, stepped (and timed by us) in the untimed setup before each round.
+        frozen_times: list[float] = []
+        setup = clear_grads
+        if case.provider != "frozen":
+            torch.manual_seed(0)
+            twin = build().to(device=device, dtype=dtype).requires_grad_(False).train()
+            twin_x = x.detach().clone().requires_grad_(True)
+
+            def setup() -> None:
+                twin_x.grad = None
+                _sync(device)
+                start = time.perf_counter()
+                twin(twin_x).backward(grad_out)
+                _sync(device)
+                frozen_times.append(time.perf_counter() - start)
+                clear_grads()
+
+        benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=1)
+
+        median = benchmark.stats.stats.median
+        if case.provider == "frozen":
+            FROZEN_MEDIANS[case.frozen_key] = median
+        frozen = FROZEN_MEDIANS.get(case.frozen_key)
+        info["ratio_to_frozen"] = median / frozen if frozen else None
+        if case.provider == "frozen":
+            info["ratio_to_frozen_interleaved"] = 1.0
+        else:
+            timed = frozen_times[1:]  # the first belongs to the warm-up round
+            info["frozen_interleaved_median"] = statistics.median(timed)
+            info["ratio_to_frozen_interleaved"] = median / statistics.median(timed)
+            del twin, twin_x
+
+        clear_grads()
+        info["saved_activation_bytes"] = saved_activation_bytes(forward, grad_out, model)
+        if device.type == "cuda":
+            clear_grads()
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            info["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        clear_grads()
+        info["loadavg"] = [load_before, _loadavg()]
+        return info
+
+    return run
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on every platform
+        return None
+

@@ -1,0 +1,338 @@
+"""Shared test machinery: the one tolerance table (DESIGN.md section 4 rule 6) and LoRA case generators.
+
+Tolerance rule: for every output and gradient, a backend run in dtype ``d`` is compared with the
+reference backend run in float64 (the oracle) and with the reference backend run in ``d``
+("plain torch")::
+
+    max|actual - ref64|  <=  2 * max|plain - ref64|  +  atol[d] * max(magnitude)
+
+``magnitude`` is the float64 reference evaluated on the absolute values of every input (and of
+dy): entry by entry the sum of the absolute values of the terms behind the result, the scale of
+the rounding error of any summation order or any regrouping of the same terms (merging W + s B A
+first, contracting a rounded full weight gradient with B). It defaults to ``|ref64|``. So
+``atol[d]`` is a small multiple of the unit roundoff of ``d``, one table for outputs and
+gradients whatever the reduction behind them. NaN and inf never pass.
+
+The helpers are handed to tests as fixtures (``assert_close_to_reference``, ``assert_close``,
+``abs_inputs``, ``conv_case_strategy``, ``linear_case_strategy``, ``make_conv_tensors``,
+``make_linear_tensors``; all session-scoped, so hypothesis tests can take them; and the
+module-scoped ``single_threaded``) rather than imported, so the test files work under every
+pytest import mode and next to other ``conftest.py`` files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter. It must be switched on before
+# the kernel modules are imported (they are imported lazily, on the first triton-backend call).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import strategies as st
+
+# -- the tolerance table --
+
+# Unit roundoff (half an ulp at 1) of each dtype.
+_UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+# atol[d], in units of max(magnitude). A merged-weight backend rounds differently from the
+# two-path form (W + s B A once in the forward; a rounded full weight gradient contracted with
+# B or A in the backward), each rounding at most one unit roundoff of its terms' magnitude.
+# Measured worst excess over 2 x plain on the op tests (a few thousand random cases, autocast
+# included): about 1.7 unit roundoffs of the magnitude in float16 and bfloat16, 1.5 in float32,
+# 5.5 in float64.
+ATOL: dict[torch.dtype, float] = {
+    torch.float64: 16 * _UNIT_ROUNDOFF[torch.float64],
+    torch.float32: 16 * _UNIT_ROUNDOFF[torch.float32],
+    torch.float16: 4 * _UNIT_ROUNDOFF[torch.float16],
+    torch.bfloat16: 4 * _UNIT_ROUNDOFF[torch.bfloat16],
+}
+
+# (rtol, atol) for direct comparisons of two computations of the same function in one dtype
+# (merge round trips, module vs functional, backend vs nn.Conv2d in float64).
+_DIRECT = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+def _max_abs(t: torch.Tensor) -> float:
+    return t.detach().double().abs().max().item() if t.numel() else 0.0
+
+
+def _check_close_to_reference(
+    actual, reference_f64, torch_plain, name: str, *, dtype: torch.dtype | None = None, magnitude=None
+) -> None:
+    """Raise AssertionError unless ``actual`` satisfies the tolerance rule (see module docstring).
+
+    ``dtype``: the precision the computation ran in, when it is not ``actual.dtype`` (under
+    autocast, float32 parameters get float32 gradients computed in bfloat16 or float16).
+    ``magnitude``: the float64 reference on absolute values (defaults to ``reference_f64``).
+    """
+    assert actual is not None, f"{name}: the backend returned no tensor"
+    assert reference_f64 is not None and torch_plain is not None, f"{name}: reference missing"
+    assert actual.shape == reference_f64.shape == torch_plain.shape, (
+        f"{name}: shapes differ: backend {tuple(actual.shape)}, reference {tuple(reference_f64.shape)}, "
+        f"plain {tuple(torch_plain.shape)}"
+    )
+    assert reference_f64.dtype == torch.float64, f"{name}: the reference must be float64, got {reference_f64.dtype}"
+    assert torch_plain.dtype == actual.dtype, f"{name}: plain torch gave {torch_plain.dtype}, backend {actual.dtype}"
+    dtype = actual.dtype if dtype is None else dtype
+    assert dtype in ATOL, f"{name}: no tolerance for {dtype}"
+    magnitude = reference_f64 if magnitude is None else magnitude
+    assert magnitude.shape == reference_f64.shape, f"{name}: magnitude has shape {tuple(magnitude.shape)}"
+    assert torch.isfinite(reference_f64).all(), f"{name}: the float64 reference is not finite"
+    assert torch.isfinite(actual).all(), f"{name}: backend result has NaN/inf ({dtype})"
+    ref = reference_f64.detach()
+    err = _max_abs(actual.detach().double() - ref)
+    # Plain torch may overflow in float16 where the backend does not: then it sets no bound.
+    plain_err = _max_abs(torch_plain.detach().double() - ref) if torch.isfinite(torch_plain).all() else 0.0
+    scale = max(_max_abs(magnitude), _max_abs(ref))
+    bound = 2.0 * plain_err + ATOL[dtype] * scale
+    assert err <= bound, (
+        f"{name} ({dtype}): max abs error {err:.3e} > bound {bound:.3e} "
+        f"(plain torch error {plain_err:.3e}, magnitude {scale:.3e}, |ref| max {_max_abs(ref):.3e})"
+    )
+
+
+def _check_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """Two computations of the same function in the same dtype agree (``_DIRECT`` tolerances)."""
+    assert torch.isfinite(actual).all(), f"{name}: result has NaN/inf"
+    rtol, atol = _DIRECT[actual.dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _abs_inputs(tensors: dict) -> dict:
+    """The inputs with every value replaced by its absolute value: run the float64 reference on
+    these (and on |dy|) to get the ``magnitude`` of the tolerance rule."""
+    return {k: (v.abs() if v is not None else None) for k, v in tensors.items()}
+
+
+@pytest.fixture(scope="session")
+def abs_inputs():
+    """``abs_inputs(tensors)``: the inputs for the magnitude run of the tolerance rule."""
+    return _abs_inputs
+
+
+@pytest.fixture(scope="session")
+def assert_close_to_reference():
+    """``assert_close_to_reference(actual, reference_f64, torch_plain, name, *, dtype=None, magnitude=None)``."""
+    return _check_close_to_reference
+
+
+@pytest.fixture(scope="session")
+def assert_close():
+    """``assert_close(actual, expected, name)``: same-dtype agreement within the ``_DIRECT`` tolerances."""
+    return _check_close
+
+
+@pytest.fixture(scope="module")
+def single_threaded():
+    """One intra-op thread for a module of tiny-shape tests: as fast as two, and it does not slow
+    down tenfold when another process shares the cores (OpenMP threads spinning on each other).
+    Use with ``pytestmark = pytest.mark.usefixtures("single_threaded")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- random LoRA conv cases --
+
+_KERNELS = ((1, 1), (3, 3), (1, 3), (3, 1), (2, 2), (5, 5))
+_STRIDES = (1, 2, (2, 1))
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+@dataclass(frozen=True)
+class _ConvCase:
+    batch: int
+    in_channels: int
+    out_channels: int
+    height: int
+    width: int
+    kernel_size: tuple[int, int]
+    stride: int | tuple[int, int]
+    padding: int | tuple[int, int] | str
+    dilation: int
+    groups: int
+    padding_mode: str
+    bias: bool
+    rank: int
+    scaling: float
+    weight_requires_grad: bool
+    x_requires_grad: bool
+    channels_last: bool
+    seed: int
+
+    @property
+    def conv_kwargs(self) -> dict:
+        return dict(
+            stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+            padding_mode=self.padding_mode,
+        )
+
+
+def _pads_of(kernel, padding, dilation) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) the way nn.Conv2d pads."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        th, tw = dilation * (kernel[0] - 1), dilation * (kernel[1] - 1)
+        return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    return (ph, ph, pw, pw)
+
+
+@st.composite
+def _conv_cases(draw, *, max_channels_per_group: int = 3, max_extra_size: int = 4) -> _ConvCase:
+    groups = draw(st.sampled_from((1, 1, 2, 3)))
+    in_channels = groups * draw(st.integers(1, max_channels_per_group))
+    out_channels = groups * draw(st.integers(1, max_channels_per_group))
+    kernel = draw(st.sampled_from(_KERNELS))
+    stride = draw(st.sampled_from(_STRIDES))
+    dilation = draw(st.sampled_from((1, 2)))
+    padding_kinds = ["int", "tuple", "valid"] + (["same"] if stride == 1 else [])
+    kind = draw(st.sampled_from(padding_kinds))
+    if kind == "int":
+        padding = draw(st.integers(0, 2))
+    elif kind == "tuple":
+        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    else:
+        padding = kind
+    padding_mode = draw(st.sampled_from(_PADDING_MODES))
+    top, bottom, left, right = _pads_of(kernel, padding, dilation)
+    eff_h, eff_w = dilation * (kernel[0] - 1) + 1, dilation * (kernel[1] - 1) + 1
+    # at least one output pixel; reflect needs pad < size, circular pad <= size
+    min_h = max(eff_h - top - bottom, max(top, bottom) + 1, 1)
+    min_w = max(eff_w - left - right, max(left, right) + 1, 1)
+    height = draw(st.integers(min_h, min_h + max_extra_size))
+    width = draw(st.integers(min_w, min_w + max_extra_size))
+    kh, kw = kernel
+    max_rank = min(out_channels, in_channels // groups * kh * kw)
+    return _ConvCase(
+        batch=draw(st.sampled_from((1, 1, 2, 3))),
+        in_channels=in_channels,
+        out_channels=out_channels,
+        height=height,
+        width=width,
+        kernel_size=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+        bias=draw(st.booleans()),
+        rank=draw(st.integers(1, max_rank)),
+        scaling=draw(st.sampled_from((0.5, 1.0, 2.0, 0.3))),
+        weight_requires_grad=draw(st.booleans()),
+        x_requires_grad=draw(st.sampled_from((True, True, True, False))),
+        channels_last=draw(st.sampled_from((False, False, False, True))),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _randn(shape, gen: torch.Generator, std: float = 1.0) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, dtype=torch.float64) * std
+
+
+def _make_conv_tensors(case: _ConvCase, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+    """Fresh random x, weight, bias, lora_A, lora_B in ``dtype`` (B non-zero, so every test can fail).
+
+    Values are drawn in float64 and rounded once to ``dtype``; cast the results back to float64
+    for the oracle so both see the same numbers.
+    """
+    gen = torch.Generator().manual_seed(case.seed)
+    kh, kw = case.kernel_size
+    fan_in = case.in_channels // case.groups * kh * kw
+    x = _randn((case.batch, case.in_channels, case.height, case.width), gen)
+    weight = _randn((case.out_channels, case.in_channels // case.groups, kh, kw), gen, fan_in**-0.5)
+    bias = _randn((case.out_channels,), gen) if case.bias else None
+    lora_A = _randn((case.rank, case.in_channels // case.groups, kh, kw), gen, fan_in**-0.5)
+    lora_B = _randn((case.out_channels, case.rank, 1, 1), gen, case.rank**-0.5)
+    out = dict(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    out = {k: (v.to(dtype) if v is not None else None) for k, v in out.items()}
+    if case.channels_last:
+        out["x"] = out["x"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+@pytest.fixture(scope="session")
+def conv_case_strategy():
+    """``conv_case_strategy(**limits)``: a hypothesis strategy of random LoRA conv configurations."""
+    return _conv_cases
+
+
+@pytest.fixture(scope="session")
+def make_conv_tensors():
+    """``make_conv_tensors(case, dtype)``: seeded random tensors for a conv case."""
+    return _make_conv_tensors
+
+
+# -- random LoRA linear cases --
+
+
+@dataclass(frozen=True)
+class _LinearCase:
+    lead_shape: tuple[int, ...]  # the [...] in x: [..., in]; () for a single 1-D input
+    in_features: int
+    out_features: int
+    bias: bool
+    rank: int
+    scaling: float
+    weight_requires_grad: bool
+    x_requires_grad: bool
+    seed: int
+
+
+@st.composite
+def _linear_cases(draw, *, max_features: int = 24) -> _LinearCase:
+    lead_shape = tuple(draw(st.lists(st.integers(1, 7), min_size=0, max_size=2)))
+    in_features = draw(st.integers(1, max_features))
+    out_features = draw(st.integers(1, max_features))
+    return _LinearCase(
+        lead_shape=lead_shape,
+        in_features=in_features,
+        out_features=out_features,
+        bias=draw(st.booleans()),
+        rank=draw(st.integers(1, min(in_features, out_features))),
+        scaling=draw(st.sampled_from((0.5, 1.0, 2.0, 0.3))),
+        weight_requires_grad=draw(st.booleans()),
+        x_requires_grad=draw(st.sampled_from((True, True, True, False))),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _make_linear_tensors(case: _LinearCase, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(case.seed)
+    x = _randn((*case.lead_shape, case.in_features), gen)
+    weight = _randn((case.out_features, case.in_features), gen, case.in_features**-0.5)
+    bias = _randn((case.out_features,), gen) if case.bias else None
+    lora_A = _randn((case.rank, case.in_features), gen, case.in_features**-0.5)
+    lora_B = _randn((case.out_features, case.rank), gen, case.rank**-0.5)
+    out = dict(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    return {k: (v.to(dtype) if v is not None else None) for k, v in out.items()}
+
+
+@pytest.fixture(scope="session")
+def linear_case_strategy():
+    """``linear_case_strategy(**limits)``: a hypothesis strategy of random LoRA linear configurations."""
+    return _linear_cases
+
+
+@pytest.fixture(scope="session")
+def make_linear_tensors():
+    """``make_linear_tensors(case, dtype)``: seeded random tensors for a linear case."""
+    return _make_linear_tensors

@@ -1,0 +1,291 @@
+"""lora_conv2d: every backend against the float64 two-path oracle and against nn.Conv2d itself."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import re
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from adaptsr.backend import set_backend
+from adaptsr.ops import ConvGeometry, lora_conv2d
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+# the module, not the function of the same name that adaptsr.ops re-exports
+conv_op = importlib.import_module("adaptsr.ops.lora_conv2d")
+
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _dy_like(y: torch.Tensor, seed: int, dtype: torch.dtype, non_contiguous: bool) -> torch.Tensor:
+    """A random upstream gradient with values representable in ``dtype``, held in float64."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype).double()
+    if non_contiguous:  # same values, transposed strides
+        dy = dy.transpose(2, 3).contiguous().transpose(2, 3)
+    return dy
+
+
+def _runs_custom_function(y: torch.Tensor) -> bool:
+    """Whether y came out of the op's own autograd.Function (not the two-path oracle)."""
+    forward_cls = getattr(y.grad_fn, "_forward_cls", None)
+    return forward_cls is not None and forward_cls.__module__ == conv_op.__name__
+
+
+def _run(
+    backend: str, case, tensors: dict, dy64: torch.Tensor | None, dtype: torch.dtype, force_low_rank=None, autocast=None
+):
+    """Forward and every gradient of lora_conv2d under ``backend``, inputs cast to ``dtype``.
+
+    ``force_low_rank``: None leaves the torch backend's choice alone; True / False forces the
+    low-rank / full-wgrad backward pass, and checks that the forced pass is the one that ran.
+    ``autocast``: run the forward under ``torch.autocast("cpu", dtype=autocast)``.
+    """
+    t = {k: (v.detach().to(dtype) if v is not None else None) for k, v in tensors.items()}
+    t["x"].requires_grad_(case.x_requires_grad)
+    t["weight"].requires_grad_(case.weight_requires_grad)
+    if t["bias"] is not None:
+        t["bias"].requires_grad_(True)
+    t["lora_A"].requires_grad_(True)
+    t["lora_B"].requires_grad_(True)
+    names = {"dx": "x", "dW": "weight", "dbias": "bias", "dA": "lora_A", "dB": "lora_B"}
+    wanted = [g for g, k in names.items() if t[k] is not None and t[k].requires_grad]
+
+    patches = []
+    if force_low_rank is not None:
+        patches = [
+            mock.patch.object(conv_op, "_prefer_low_rank", lambda *args, **kwargs: force_low_rank),
+            mock.patch.object(conv_op, "_low_rank_grads", wraps=conv_op._low_rank_grads),
+            mock.patch.object(conv_op, "_full_wgrad_to_lora", wraps=conv_op._full_wgrad_to_lora),
+        ]
+    for p in patches:
+        p.start()
+    try:
+        with set_backend(backend), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
+            y = lora_conv2d(
+                t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], case.scaling, **case.conv_kwargs
+            )
+        if backend == "torch":
+            assert _runs_custom_function(y), y.grad_fn
+        out = {"y": y.detach()}
+        if dy64 is not None:
+            grads = torch.autograd.grad(y, [t[names[g]] for g in wanted], dy64.to(y.dtype))
+            out.update(dict(zip(wanted, grads)))
+            if force_low_rank is not None:
+                low_rank_ran = conv_op._low_rank_grads.call_count > 0
+                full_ran = conv_op._full_wgrad_to_lora.call_count > 0
+                expect_low_rank = force_low_rank and not case.weight_requires_grad
+                assert (low_rank_ran, full_ran) == (expect_low_rank, not expect_low_rank)
+    finally:
+        for p in reversed(patches):
+            p.stop()
+    return out
+
+
+@settings(max_examples=300, **_SETTINGS)
+@given(data=st.data())
+def test_torch_backend_matches_float64_reference(
+    data, conv_case_strategy, make_conv_tensors, abs_inputs, assert_close_to_reference
+):
+    """Output and dx, dW, dbias, dA, dB of the torch backend, both backward passes, every dtype."""
+    case = data.draw(conv_case_strategy(), label="case")
+    dtype = data.draw(st.sampled_from(_DTYPES), label="dtype")
+    tensors = make_conv_tensors(case, dtype)
+
+    first = _run("reference", case, tensors, None, torch.float64)
+    dy64 = _dy_like(first["y"], case.seed, dtype, data.draw(st.booleans(), label="non_contiguous_dy"))
+    ref64 = _run("reference", case, tensors, dy64, torch.float64)
+    plain = _run("reference", case, tensors, dy64, dtype)
+    magnitude = _run("reference", case, abs_inputs(tensors), dy64.abs(), torch.float64)
+    for force_low_rank in (True, False):
+        got = _run("torch", case, tensors, dy64, dtype, force_low_rank=force_low_rank)
+        assert got.keys() == ref64.keys()
+        for name in got:
+            assert_close_to_reference(
+                got[name], ref64[name], plain[name], f"{name} (low_rank={force_low_rank})", magnitude=magnitude[name]
+            )
+
+
+@settings(max_examples=100, **_SETTINGS)
+@given(data=st.data())
+def test_torch_backend_under_autocast(
+    data, conv_case_strategy, make_conv_tensors, abs_inputs, assert_close_to_reference
+):
+    """AMP: float32 parameters, the op in bfloat16 / float16 like autocast's F.conv2d, float32 gradients."""
+    case = data.draw(conv_case_strategy(), label="case")
+    amp_dtype = data.draw(st.sampled_from((torch.bfloat16, torch.float16)), label="autocast dtype")
+    tensors = make_conv_tensors(case, amp_dtype)  # values exact in amp_dtype: autocast's casts are exact
+    first = _run("reference", case, tensors, None, torch.float64)
+    dy64 = _dy_like(first["y"], case.seed, amp_dtype, non_contiguous=False)
+    ref64 = _run("reference", case, tensors, dy64, torch.float64)
+    plain = _run("reference", case, tensors, dy64, torch.float32, autocast=amp_dtype)
+    assert plain["y"].dtype == amp_dtype and plain["dA"].dtype == torch.float32
+    magnitude = _run("reference", case, abs_inputs(tensors), dy64.abs(), torch.float64)
+    for force_low_rank in (True, False):
+        got = _run("torch", case, tensors, dy64, torch.float32, force_low_rank=force_low_rank, autocast=amp_dtype)
+        assert got.keys() == ref64.keys()
+        for name in got:
+            label = f"{name} (low_rank={force_low_rank})"
+            assert_close_to_reference(
+                got[name], ref64[name], plain[name], label, dtype=amp_dtype, magnitude=magnitude[name]
+            )
+
+
+def _merged_conv_ground_truth(case, tensors, dy64):
+    """nn.Conv2d itself with weight W + s * einsum(B, A), autograd through the merge: the ground truth."""
+    t = {k: (v.detach().double() if v is not None else None) for k, v in tensors.items()}
+    for k in ("x", "weight", "bias", "lora_A", "lora_B"):
+        if t[k] is not None:
+            t[k].requires_grad_(True)
+    conv = nn.Conv2d(
+        case.in_channels, case.out_channels, case.kernel_size, bias=case.bias, dtype=torch.float64, **case.conv_kwargs
+    )
+    delta = torch.einsum("ok,kihw->oihw", t["lora_B"][:, :, 0, 0], t["lora_A"])
+    y = conv._conv_forward(t["x"], t["weight"] + case.scaling * delta, t["bias"])
+    names = {"dx": "x", "dW": "weight", "dbias": "bias", "dA": "lora_A", "dB": "lora_B"}
+    present = [g for g, k in names.items() if t[k] is not None]
+    grads = torch.autograd.grad(y, [t[names[g]] for g in present], dy64)
+    return {"y": y.detach(), **dict(zip(present, grads))}
+
+
+@settings(max_examples=100, **_SETTINGS)
+@given(data=st.data())
+def test_every_backend_matches_nn_conv2d_with_merged_weight(data, conv_case_strategy, make_conv_tensors, assert_close):
+    """Ground truth for every padding mode, 'same', dilation, groups: nn.Conv2d with W + s B A."""
+    case = data.draw(conv_case_strategy(), label="case")
+    tensors = make_conv_tensors(case, torch.float64)
+    first = _run("reference", case, tensors, None, torch.float64)
+    dy64 = _dy_like(first["y"], case.seed, torch.float64, non_contiguous=False)
+    truth = _merged_conv_ground_truth(case, tensors, dy64)
+    runs = {
+        "reference": _run("reference", case, tensors, dy64, torch.float64),
+        "torch/low-rank": _run("torch", case, tensors, dy64, torch.float64, force_low_rank=True),
+        "torch/full-wgrad": _run("torch", case, tensors, dy64, torch.float64, force_low_rank=False),
+        "torch/auto": _run("torch", case, tensors, dy64, torch.float64),
+    }
+    for label, got in runs.items():
+        for name, value in got.items():
+            assert_close(value, truth[name], f"{label} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_auto_backend_on_cpu_is_torch_and_finite(dtype):
+    """'auto' resolves to the torch backend on CPU and gives finite results in low precision."""
+    x = torch.randn(1, 3, 7, 5, dtype=dtype, requires_grad=True)
+    weight = torch.randn(6, 3, 3, 3, dtype=dtype) / 5
+    lora_A = (torch.randn(2, 3, 3, 3, dtype=dtype) / 5).requires_grad_()
+    lora_B = torch.randn(6, 2, 1, 1, dtype=dtype).requires_grad_()
+    with set_backend("auto"):
+        y = lora_conv2d(x, weight, None, lora_A, lora_B, 2.0, padding=1, padding_mode="reflect")
+    assert _runs_custom_function(y), y.grad_fn
+    y.backward(torch.randn_like(y))
+    for t in (y, x.grad, lora_A.grad, lora_B.grad):
+        assert t.dtype == dtype and torch.isfinite(t).all()
+
+
+# -- shape validation --
+
+
+def _valid_args():
+    return dict(
+        x=torch.randn(2, 4, 6, 6),
+        weight=torch.randn(6, 2, 3, 3),
+        bias=torch.randn(6),
+        lora_A=torch.randn(3, 2, 3, 3),
+        lora_B=torch.randn(6, 3, 1, 1),
+    )
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize(
+    "field, bad_shape",
+    [
+        ("x", (2, 3, 6, 6)),  # wrong channel count for groups=2
+        ("x", (4, 6, 6)),  # not 4-D
+        ("lora_A", (3, 4, 3, 3)),  # in/groups wrong
+        ("lora_A", (3, 2, 1, 1)),  # kernel wrong
+        ("lora_B", (6, 2, 1, 1)),  # rank disagrees with lora_A
+        ("lora_B", (5, 3, 1, 1)),  # out channels wrong
+        ("lora_B", (6, 3)),  # not a 1x1 conv weight
+        ("bias", (5,)),
+    ],
+)
+def test_shape_errors_name_the_shape(backend, field, bad_shape):
+    args = _valid_args()
+    with set_backend(backend):
+        lora_conv2d(**args, scaling=1.0, groups=2, padding=1)  # the valid call runs
+        args[field] = torch.randn(bad_shape)
+        with pytest.raises(ValueError, match=re.escape(str(bad_shape))):
+            lora_conv2d(**args, scaling=1.0, groups=2, padding=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(padding="same", stride=2), dict(padding="full"), dict(padding_mode="mirror"), dict(stride=(1, 2, 3))],
+)
+def test_bad_geometry_raises_value_error(kwargs):
+    args = _valid_args()
+    with pytest.raises(ValueError):
+        lora_conv2d(**args, scaling=1.0, groups=2, **kwargs)
+
+
+# -- memory: the torch backend saves only x and the small weights --
+
+
+@pytest.mark.parametrize(
+    "conv_kwargs",
+    [
+        dict(padding=1),
+        dict(padding=1, padding_mode="reflect"),
+        dict(padding="same", dilation=2, padding_mode="circular"),
+        dict(padding="same", kernel_size=2),  # asymmetric: pre-padded
+        dict(padding=(2, 1), stride=2, groups=3, padding_mode="replicate"),
+    ],
+)
+def test_torch_backend_saves_only_x_and_weights(conv_kwargs):
+    conv_kwargs = dict(conv_kwargs)
+    k = conv_kwargs.pop("kernel_size", 3)
+    groups = conv_kwargs.get("groups", 1)
+    x = torch.randn(2, 6, 11, 9, requires_grad=True)
+    weight = torch.randn(12, 6 // groups, k, k)
+    bias = torch.randn(12, requires_grad=True)
+    lora_A = torch.randn(4, 6 // groups, k, k, requires_grad=True)
+    lora_B = torch.randn(12, 4, 1, 1, requires_grad=True)
+
+    def saved_bytes(backend):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with set_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = lora_conv2d(x, weight, bias, lora_A, lora_B, 0.5, **conv_kwargs)
+        y.sum().backward()  # the saved graph is usable
+        assert torch.isfinite(x.grad).all()
+        return sum(saved)
+
+    small = sum(t.numel() * t.element_size() for t in (weight, lora_A, lora_B))
+    x_bytes = x.numel() * x.element_size()
+    assert saved_bytes("torch") == x_bytes + small
+    # the two-path oracle keeps more (the padded input and/or the rank-r activations)
+    assert saved_bytes("reference") > x_bytes + small
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", ["same", "valid", 1, (2, 1)])
+def test_geometry_matches_nn_conv2d_padding(padding, padding_mode):
+    """ConvGeometry's explicit pads reproduce nn.Conv2d, asymmetric 'same' (even kernels) included."""
+    for kh, kw, d in itertools.product((1, 2, 3, 4), (1, 2, 3, 4), (1, 2)):
+        conv = nn.Conv2d(2, 2, (kh, kw), padding=padding, dilation=d, padding_mode=padding_mode, dtype=torch.float64)
+        geometry = ConvGeometry.of(conv)
+        x = torch.randn(1, 2, 9, 8, dtype=torch.float64)
+        torch.testing.assert_close(geometry.conv(geometry.pad_input(x), conv.weight, conv.bias), conv(x))

@@ -1,0 +1,226 @@
+"""lora_linear: every backend against the float64 two-path oracle and against F.linear itself."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adaptsr.backend import set_backend
+from adaptsr.ops import lora_linear
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+# the module, not the function of the same name that adaptsr.ops re-exports
+linear_op = importlib.import_module("adaptsr.ops.lora_linear")
+
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_GRADS = {"dx": "x", "dW": "weight", "dbias": "bias", "dA": "lora_A", "dB": "lora_B"}
+
+
+def _dy_like(y: torch.Tensor, seed: int, dtype: torch.dtype, non_contiguous: bool) -> torch.Tensor:
+    """A random upstream gradient with values representable in ``dtype``, held in float64."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype).double()
+    if non_contiguous and dy.dim() >= 2:  # same values, transposed strides
+        dy = dy.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return dy
+
+
+def _runs_custom_function(y: torch.Tensor) -> bool:
+    """Whether y came out of the op's own autograd.Function (not the two-path oracle)."""
+    forward_cls = getattr(y.grad_fn, "_forward_cls", None)
+    return forward_cls is not None and forward_cls.__module__ == linear_op.__name__
+
+
+def _run(backend: str, case, tensors: dict, dy64, dtype: torch.dtype, force_low_rank=None, autocast=None):
+    """Forward and every gradient under ``backend``; ``force_low_rank`` forces the backward pass;
+    ``autocast``: run the forward under ``torch.autocast("cpu", dtype=autocast)``."""
+    t = {k: (v.detach().to(dtype) if v is not None else None) for k, v in tensors.items()}
+    t["x"].requires_grad_(case.x_requires_grad)
+    t["weight"].requires_grad_(case.weight_requires_grad)
+    for k in ("bias", "lora_A", "lora_B"):
+        if t[k] is not None:
+            t[k].requires_grad_(True)
+    wanted = [g for g, k in _GRADS.items() if t[k] is not None and t[k].requires_grad]
+
+    chooser = mock.Mock(side_effect=lambda *args, **kwargs: force_low_rank)
+    patch = mock.patch.object(linear_op, "_prefer_low_rank", chooser) if force_low_rank is not None else None
+    if patch:
+        patch.start()
+    try:
+        with set_backend(backend), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
+            y = lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], case.scaling)
+        if backend == "torch":
+            assert _runs_custom_function(y), y.grad_fn
+        out = {"y": y.detach()}
+        if dy64 is not None:
+            grads = torch.autograd.grad(y, [t[_GRADS[g]] for g in wanted], dy64.to(y.dtype))
+            out.update(zip(wanted, grads))
+            if patch:
+                assert chooser.call_count == 1  # the forced choice is the one the backward consulted
+    finally:
+        if patch:
+            patch.stop()
+    return out
+
+
+@settings(max_examples=300, **_SETTINGS)
+@given(data=st.data())
+def test_torch_backend_matches_float64_reference(
+    data, linear_case_strategy, make_linear_tensors, abs_inputs, assert_close_to_reference
+):
+    """Output and dx, dW, dbias, dA, dB of the torch backend, both backward passes, every dtype."""
+    case = data.draw(linear_case_strategy(), label="case")
+    dtype = data.draw(st.sampled_from(_DTYPES), label="dtype")
+    tensors = make_linear_tensors(case, dtype)
+    first = _run("reference", case, tensors, None, torch.float64)
+    dy64 = _dy_like(first["y"], case.seed, dtype, data.draw(st.booleans(), label="non_contiguous_dy"))
+    ref64 = _run("reference", case, tensors, dy64, torch.float64)
+    plain = _run("reference", case, tensors, dy64, dtype)
+    magnitude = _run("reference", case, abs_inputs(tensors), dy64.abs(), torch.float64)
+    for force_low_rank in (True, False):
+        got = _run("torch", case, tensors, dy64, dtype, force_low_rank=force_low_rank)
+        assert got.keys() == ref64.keys()
+        for name in got:
+            assert_close_to_reference(
+                got[name], ref64[name], plain[name], f"{name} (low_rank={force_low_rank})", magnitude=magnitude[name]
+            )
+
+
+@settings(max_examples=100, **_SETTINGS)
+@given(data=st.data())
+def test_torch_backend_under_autocast(
+    data, linear_case_strategy, make_linear_tensors, abs_inputs, assert_close_to_reference
+):
+    """AMP: float32 parameters, the op in bfloat16 / float16 like autocast's F.linear, float32 gradients."""
+    case = data.draw(linear_case_strategy(), label="case")
+    amp_dtype = data.draw(st.sampled_from((torch.bfloat16, torch.float16)), label="autocast dtype")
+    tensors = make_linear_tensors(case, amp_dtype)  # values exact in amp_dtype: autocast's casts are exact
+    first = _run("reference", case, tensors, None, torch.float64)
+    dy64 = _dy_like(first["y"], case.seed, amp_dtype, non_contiguous=False)
+    ref64 = _run("reference", case, tensors, dy64, torch.float64)
+    plain = _run("reference", case, tensors, dy64, torch.float32, autocast=amp_dtype)
+    assert plain["y"].dtype == amp_dtype and plain["dA"].dtype == torch.float32
+    magnitude = _run("reference", case, abs_inputs(tensors), dy64.abs(), torch.float64)
+    for force_low_rank in (True, False):
+        got = _run("torch", case, tensors, dy64, torch.float32, force_low_rank=force_low_rank, autocast=amp_dtype)
+        assert got.keys() == ref64.keys()
+        for name in got:
+            label = f"{name} (low_rank={force_low_rank})"
+            assert_close_to_reference(
+                got[name], ref64[name], plain[name], label, dtype=amp_dtype, magnitude=magnitude[name]
+            )
+
+
+@settings(max_examples=100, **_SETTINGS)
+@given(data=st.data())
+def test_every_backend_matches_f_linear_with_merged_weight(
+    data, linear_case_strategy, make_linear_tensors, assert_close
+):
+    """Ground truth: F.linear with W + s B A, autograd through the merge, float64."""
+    case = data.draw(linear_case_strategy(), label="case")
+    tensors = make_linear_tensors(case, torch.float64)
+    first = _run("reference", case, tensors, None, torch.float64)
+    dy64 = _dy_like(first["y"], case.seed, torch.float64, non_contiguous=False)
+
+    t = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in tensors.items()}
+    y = F.linear(t["x"], t["weight"] + case.scaling * torch.einsum("ok,ki->oi", t["lora_B"], t["lora_A"]), t["bias"])
+    present = [g for g, k in _GRADS.items() if t[k] is not None]
+    truth = {"y": y.detach(), **dict(zip(present, torch.autograd.grad(y, [t[_GRADS[g]] for g in present], dy64)))}
+
+    runs = {
+        "reference": _run("reference", case, tensors, dy64, torch.float64),
+        "torch/low-rank": _run("torch", case, tensors, dy64, torch.float64, force_low_rank=True),
+        "torch/full-wgrad": _run("torch", case, tensors, dy64, torch.float64, force_low_rank=False),
+        "torch/auto": _run("torch", case, tensors, dy64, torch.float64),
+    }
+    for label, got in runs.items():
+        for name, value in got.items():
+            assert_close(value, truth[name], f"{label} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_auto_backend_on_cpu_is_torch_and_finite(dtype):
+    x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(12, 16, dtype=dtype) / 4
+    lora_A = (torch.randn(4, 16, dtype=dtype) / 4).requires_grad_()
+    lora_B = torch.randn(12, 4, dtype=dtype).requires_grad_()
+    with set_backend("auto"):
+        y = lora_linear(x, weight, None, lora_A, lora_B, 2.0)
+    assert _runs_custom_function(y), y.grad_fn
+    y.backward(torch.randn_like(y))
+    for t in (y, x.grad, lora_A.grad, lora_B.grad):
+        assert t.dtype == dtype and torch.isfinite(t).all()
+
+
+# -- shape validation --
+
+
+def _valid_args():
+    return dict(
+        x=torch.randn(2, 5, 8),
+        weight=torch.randn(6, 8),
+        bias=torch.randn(6),
+        lora_A=torch.randn(3, 8),
+        lora_B=torch.randn(6, 3),
+    )
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize(
+    "field, bad_shape",
+    [
+        ("x", (2, 5, 7)),  # wrong feature count
+        ("lora_A", (3, 7)),  # in features wrong
+        ("lora_A", (3, 8, 1)),  # not 2-D
+        ("lora_B", (6, 2)),  # rank disagrees with lora_A
+        ("lora_B", (5, 3)),  # out features wrong
+        ("bias", (5,)),
+    ],
+)
+def test_shape_errors_name_the_shape(backend, field, bad_shape):
+    args = _valid_args()
+    with set_backend(backend):
+        lora_linear(**args, scaling=1.0)  # the valid call runs
+        args[field] = torch.randn(bad_shape)
+        with pytest.raises(ValueError, match=re.escape(str(bad_shape))):
+            lora_linear(**args, scaling=1.0)
+
+
+# -- memory: the torch backend saves only x and the small weights --
+
+
+@pytest.mark.parametrize("lead_shape", [(37,), (3, 11)])
+def test_torch_backend_saves_only_x_and_weights(lead_shape):
+    x = torch.randn(*lead_shape, 16, requires_grad=True)
+    weight = torch.randn(24, 16)
+    bias = torch.randn(24, requires_grad=True)
+    lora_A = torch.randn(4, 16, requires_grad=True)
+    lora_B = torch.randn(24, 4, requires_grad=True)
+
+    def saved_bytes(backend):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with set_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = lora_linear(x, weight, bias, lora_A, lora_B, 0.5)
+        y.sum().backward()
+        assert torch.isfinite(x.grad).all()
+        return sum(saved)
+
+    small = sum(t.numel() * t.element_size() for t in (weight, lora_A, lora_B))
+    x_bytes = x.numel() * x.element_size()
+    assert saved_bytes("torch") == x_bytes + small
+    # the two-path oracle also keeps the rank-r activations x A^T
+    assert saved_bytes("reference") > x_bytes + small

@@ -1,0 +1,99 @@
+"""The fused Triton low-rank gradient kernel against the float64 reference.
+
+On a machine without a GPU these run through TRITON_INTERPRET=1 (set in tests/conftest.py) on
+small shapes; on a GPU they run on the device at full SR-training sizes too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptsr.backend import is_available
+from adaptsr.ops._conv_geometry import ConvGeometry
+from adaptsr.ops.lora_conv2d import _low_rank_grads
+
+pytestmark = pytest.mark.skipif(not is_available("triton"), reason="triton backend unavailable")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+
+# (c_in, c_out, kernel, stride, padding, dilation, groups, rank, batch, height, width)
+SMALL_CASES = [
+    (3, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, 1, 7, 9),  # C=3, r=1, batch 1, odd sizes
+    (6, 9, (3, 3), (2, 2), (1, 1), (2, 2), 3, 3, 2, 8, 5),  # stride 2, dilation 2, groups 3
+    (5, 7, (1, 3), (2, 1), (0, 1), (1, 1), 1, 2, 3, 5, 6),  # non-square kernel, mixed stride
+    (20, 24, (3, 3), (1, 1), (1, 1), (1, 1), 2, 5, 1, 6, 6),  # channels > one tile, groups 2
+    (17, 33, (1, 1), (1, 1), (0, 0), (1, 1), 1, 16, 2, 5, 3),  # 1x1 (the linear case), r=16
+    (8, 8, (5, 5), (1, 1), (2, 2), (1, 1), 1, 4, 1, 9, 9),  # 5x5 taps
+]
+GPU_CASES = [
+    (64, 64, (3, 3), (1, 1), (1, 1), (1, 1), 1, 8, 4, 64, 64),
+    (180, 180, (3, 3), (1, 1), (1, 1), (1, 1), 1, 16, 2, 48, 40),
+    (180, 540, (1, 1), (1, 1), (0, 0), (1, 1), 1, 4, 16, 32, 33),
+]
+# Relative (to the largest reference entry) error allowed per dtype: the kernel accumulates in
+# fp32; low-precision inputs round u and z once to the input dtype before the second product.
+REL_TOL = {torch.float32: 1e-5 if not ON_GPU else 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _dtypes():
+    # The interpreter's bf16 dots are wrong (DESIGN.md section 5): bf16 only on a GPU.
+    return [torch.float32, torch.float16, torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
+
+
+def _run_case(case, dtype, channels_last):
+    from adaptsr.kernels.lora_conv2d import lora_conv2d_lowrank_grads
+
+    c_in, c_out, kernel, stride, padding, dilation, groups, rank, n, h, w = case
+    geometry = ConvGeometry.from_args(kernel, stride, padding, dilation, groups)
+    x = torch.randn(n, c_in, h, w, device=DEVICE, dtype=dtype)
+    a = torch.randn(rank, c_in // groups, *kernel, device=DEVICE, dtype=dtype) / (c_in * kernel[0] * kernel[1]) ** 0.5
+    b = torch.randn(c_out, rank, 1, 1, device=DEVICE, dtype=dtype)
+    ho = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    dy = torch.randn(n, c_out, ho, wo, device=DEVICE, dtype=dtype)
+    if channels_last:
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    scaling = 0.75
+    grad_a, grad_b = lora_conv2d_lowrank_grads(x, dy, a, b, scaling, geometry.stride, geometry.conv_padding,
+                                               geometry.dilation, groups)
+    ref_a, ref_b = _low_rank_grads(x.double().cpu(), dy.double().cpu(), a.double().cpu(), b.double().cpu(),
+                                   scaling, geometry)
+    assert grad_a.shape == a.shape and grad_b.shape == b.shape
+    assert grad_a.dtype == dtype and grad_b.dtype == dtype
+    for name, got, ref in (("dA", grad_a, ref_a), ("dB", grad_b, ref_b)):
+        got = got.double().cpu()
+        assert torch.isfinite(got).all(), f"{name} has non-finite entries"
+        err = (got - ref).abs().max().item() / ref.abs().max().item()
+        assert err <= REL_TOL[dtype], f"{name}: relative error {err:.2e} > {REL_TOL[dtype]:.0e} for {case} {dtype}"
+
+
+@pytest.mark.parametrize("dtype", _dtypes(), ids=str)
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: f"{c[0]}to{c[1]}k{c[2][0]}x{c[2][1]}s{c[3][0]}g{c[6]}r{c[7]}")
+def test_lowrank_grads_small(case, dtype):
+    _run_case(case, dtype, channels_last=False)
+
+
+@pytest.mark.parametrize("case", SMALL_CASES[:2], ids=["c3", "grouped"])
+def test_lowrank_grads_channels_last(case):
+    _run_case(case, torch.float32, channels_last=True)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="full-size shapes run on a GPU only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}to{c[1]}k{c[2][0]}r{c[7]}")
+def test_lowrank_grads_gpu_sizes(case, dtype, channels_last):
+    _run_case(case, dtype, channels_last)
+
+
+def test_rejects_inconsistent_shapes():
+    from adaptsr.kernels.lora_conv2d import lora_conv2d_lowrank_grads
+
+    x = torch.randn(1, 4, 5, 5, device=DEVICE)
+    dy = torch.randn(1, 6, 5, 5, device=DEVICE)
+    a = torch.randn(2, 4, 3, 3, device=DEVICE)
+    b = torch.randn(7, 2, 1, 1, device=DEVICE)  # 7 outputs, dy has 6
+    with pytest.raises(ValueError, match=r"dy \(1, 6, 5, 5\)"):
+        lora_conv2d_lowrank_grads(x, dy, a, b, 1.0, (1, 1), (1, 1), (1, 1), 1)
