@@ -88,8 +88,7 @@ def resolve(device: torch.device) -> str:
     name = get_backend()
     if name != "auto":
         return name
-    # On CUDA the fused low-rank gradient kernel replaces four thin cuDNN/cuBLAS calls (see
-    # benchmarks/results/ for the measurements behind this choice); on the CPU, torch.
-    if torch.device(device).type == "cuda" and is_available("triton"):
-        return "triton"
+    # Measured on an H100 (benchmarks/results/gpu-h100-2026-11-25-kernels.md): the fused Triton
+    # low-rank gradient kernel is slower than cuDNN/cuBLAS's thin ops on most SR shapes, so
+    # "auto" stays on torch until the kernel wins; select "triton" explicitly to use it.
     return "torch"

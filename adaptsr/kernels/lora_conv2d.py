@@ -43,10 +43,8 @@ def _lora_conv2d_lowrank_grad_kernel(
     C_IN_G, C_OUT_G, R,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_dn, stride_dc, stride_dh, stride_dw,
-    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-    PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    KH: tl.constexpr, KW: tl.constexpr,
+    # conv geometry as run-time values: one compiled kernel serves every layer of a model
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, KH, KW,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -82,7 +80,7 @@ def _lora_conv2d_lowrank_grad_kernel(
 
     # -- z = X A over the taps and the group's input channels --
     z = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for t in tl.static_range(KH * KW):
+    for t in range(KH * KW):
         ih = oh * STRIDE_H - PAD_H + (t // KW) * DIL_H
         iw = ow * STRIDE_W - PAD_W + (t % KW) * DIL_W
         pix_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -119,7 +117,7 @@ def _lora_conv2d_lowrank_grad_kernel(
         u_op = u.to(x_ptr.dtype.element_ty)
     u_op = tl.trans(u_op)
     ws_a_rows = ws_a_ptr + (pid_m * num_groups + group) * R * K
-    for t in tl.static_range(KH * KW):
+    for t in range(KH * KW):
         ih = oh * STRIDE_H - PAD_H + (t // KW) * DIL_H
         iw = ow * STRIDE_W - PAD_W + (t % KW) * DIL_W
         pix_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)

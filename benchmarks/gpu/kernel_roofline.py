@@ -147,6 +147,7 @@ def render(rows, copy_bw: float, matmul_rate: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the markdown report to this file")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated dtypes to measure (bf16, fp32)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("kernel_roofline.py needs a CUDA GPU", file=sys.stderr)
@@ -154,7 +155,8 @@ def main() -> int:
     torch.manual_seed(0)
     copy_bw, matmul_rate = measure_copy_bandwidth(), measure_bf16_matmul_rate()
     rows = []
-    for dtype in (torch.bfloat16, torch.float32):
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    for dtype in (dtypes[name] for name in args.dtypes.split(",")):
         rows += conv_rows(copy_bw, dtype) + linear_rows(copy_bw, dtype)
     report = render(rows, copy_bw, matmul_rate)
     print(report)

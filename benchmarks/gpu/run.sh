@@ -6,7 +6,9 @@
 #
 # Writes RESULTS.md (GPU name, torch/triton versions, date, test summary, benchmark tables)
 # and keeps the raw logs and JSON next to it (RESULTS.md.d/). Exit status: non-zero when a
-# GPU test failed.
+# GPU test failed. Environment knobs: BENCH_ARGS (extra pytest arguments for the benchmarks,
+# e.g. BENCH_ARGS='-k bf16' for a shorter run), TEST_ARGS (the same for the tests),
+# ROOFLINE_ARGS (e.g. '--dtypes bf16').
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu/run.sh RESULTS.md}
 cd "$(dirname "$0")/../.."
@@ -22,7 +24,7 @@ if ! $py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
 fi
 
 # 1. Tests: the whole suite; the backend tests run on the GPU at full size where one is present.
-$py -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$raw/tests.log"
+$py -m pytest tests -q -p no:cacheprovider ${TEST_ARGS:-} 2>&1 | tee "$raw/tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 # 2. CUDA extension: not part of the package yet (see the CUDA extension issue).
@@ -33,9 +35,10 @@ else
 fi
 
 # 3. Benchmarks: pytest-benchmark providers at the GPU shapes, then the kernel floors.
-$py -m pytest benchmarks -q -p no:cacheprovider --benchmark-only --benchmark-json="$raw/bench.json" 2>&1 | tee "$raw/bench.log"
+eval "set -- ${BENCH_ARGS:-}"
+$py -m pytest benchmarks -q -p no:cacheprovider --benchmark-only "$@" --benchmark-json="$raw/bench.json" 2>&1 | tee "$raw/bench.log"
 $py benchmarks/to_markdown.py "$raw/bench.json" > "$raw/bench.md" 2>&1
-$py benchmarks/gpu/kernel_roofline.py --out "$raw/roofline.md" 2>&1 | tee "$raw/roofline.log"
+$py benchmarks/gpu/kernel_roofline.py --out "$raw/roofline.md" ${ROOFLINE_ARGS:-} 2>&1 | tee "$raw/roofline.log"
 
 {
     echo "# GPU results: $($py -c 'import torch; print(torch.cuda.get_device_name())')"

@@ -34,6 +34,8 @@ GPU_CASES = [
 ]
 # Relative (to the largest reference entry) error allowed per dtype: the kernel accumulates in
 # fp32; low-precision inputs round u and z once to the input dtype before the second product.
+# End-to-end float32 on a GPU: cuDNN runs the dense convolutions in TF32 (torch's default).
+END_TO_END_TOL = 5e-3 if ON_GPU and torch.backends.cudnn.allow_tf32 else 1e-5
 REL_TOL = {torch.float32: 1e-5 if not ON_GPU else 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
@@ -97,3 +99,51 @@ def test_rejects_inconsistent_shapes():
     b = torch.randn(7, 2, 1, 1, device=DEVICE)  # 7 outputs, dy has 6
     with pytest.raises(ValueError, match=r"dy \(1, 6, 5, 5\)"):
         lora_conv2d_lowrank_grads(x, dy, a, b, 1.0, (1, 1), (1, 1), (1, 1), 1)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_triton_backend_conv_end_to_end(monkeypatch, padding_mode):
+    """The triton backend's whole op (cuDNN/torch dense parts + fused kernel) against float64."""
+    import importlib
+
+    import adaptsr
+    from adaptsr.ops import lora_conv2d
+
+    conv_module = importlib.import_module("adaptsr.ops.lora_conv2d")
+    monkeypatch.setattr(conv_module, "_prefer_low_rank", lambda *args: True)
+    x = torch.randn(2, 6, 7, 9, device=DEVICE)
+    w, bias = torch.randn(8, 3, 3, 3, device=DEVICE), torch.randn(8, device=DEVICE)
+    a, b = torch.randn(2, 3, 3, 3, device=DEVICE), torch.randn(8, 2, 1, 1, device=DEVICE)
+    dy = torch.randn(2, 8, 4, 5, device=DEVICE)
+    results = {}
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (x, bias, a, b)]
+        with adaptsr.set_backend(backend):
+            y = lora_conv2d(leaves[0], w.to(dtype), leaves[1], leaves[2], leaves[3], 0.5,
+                            stride=2, padding=1, dilation=1, groups=2, padding_mode=padding_mode)
+        results[backend] = [y] + list(torch.autograd.grad(y, leaves, dy.to(dtype)))
+    for name, got, ref in zip(("y", "dx", "dbias", "dA", "dB"), results["triton"], results["reference"]):
+        err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
+        assert err < END_TO_END_TOL, f"{name}: relative error {err:.2e}"
+
+
+def test_triton_backend_linear_end_to_end(monkeypatch):
+    import importlib
+
+    import adaptsr
+    from adaptsr.ops import lora_linear
+
+    linear_module = importlib.import_module("adaptsr.ops.lora_linear")
+    monkeypatch.setattr(linear_module, "_prefer_low_rank", lambda *args: True)
+    x = torch.randn(3, 5, 20, device=DEVICE)
+    w, a, b = torch.randn(30, 20, device=DEVICE), torch.randn(3, 20, device=DEVICE), torch.randn(30, 3, device=DEVICE)
+    dy = torch.randn(3, 5, 30, device=DEVICE)
+    results = {}
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (x, a, b)]
+        with adaptsr.set_backend(backend):
+            y = lora_linear(leaves[0], w.to(dtype), None, leaves[1], leaves[2], 0.5)
+        results[backend] = [y] + list(torch.autograd.grad(y, leaves, dy.to(dtype)))
+    for name, got, ref in zip(("y", "dx", "dA", "dB"), results["triton"], results["reference"]):
+        err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
+        assert err < END_TO_END_TOL, f"{name}: relative error {err:.2e}"
