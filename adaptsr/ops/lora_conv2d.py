@@ -136,11 +136,24 @@ def _low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry: ConvGeometr
     grad_a = _weight_grad(x_padded, u, a_rep, geometry, g)
     grad_a = grad_a.reshape(g, rank, *lora_A.shape[1:]).sum(0) if g > 1 else grad_a
     z = geometry.conv(x_padded, a_rep)
-    # dB[o, k] = sum over batch and pixels of dy_o z_{group(o), k}: one batched matmul.
-    n = dy.shape[0]
-    dy_rows = dy.reshape(n, g, out_per_group, -1)
-    z_cols = z.reshape(n, g, rank, -1).transpose(2, 3)
-    grad_b = torch.matmul(dy_rows, z_cols).sum(0).reshape(out_channels, rank, 1, 1)
+    return scaling * grad_a, scaling * _pixel_sum_outer(dy, z, g).reshape(out_channels, rank, 1, 1)
+
+
+def _pixel_sum_outer(dy: torch.Tensor, z: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[out, r]``: sum over batch and pixels of dy_o z_{group(o), k}, one (batched) matmul.
+
+    Pixels-by-channels views are free for channels-last tensors and channels-by-pixels views for
+    contiguous ones; the matmul is arranged so neither tensor is copied.
+    """
+    n, out_channels = dy.shape[:2]
+    rank = z.shape[1] // groups
+    if dy.is_contiguous() or not dy.is_contiguous(memory_format=torch.channels_last):
+        dy_rows = dy.reshape(n, groups, out_channels // groups, -1)
+        z_cols = z.reshape(n, groups, rank, -1).transpose(2, 3)
+        return torch.matmul(dy_rows, z_cols).sum(0).reshape(out_channels, rank)
+    dy_pix = dy.permute(0, 2, 3, 1).reshape(-1, groups, out_channels // groups).transpose(0, 1)
+    z_pix = z.permute(0, 2, 3, 1).reshape(-1, groups, rank).transpose(0, 1)
+    return torch.bmm(dy_pix.transpose(1, 2), z_pix).reshape(out_channels, rank)
     return scaling * grad_a, scaling * grad_b
 
 
@@ -173,25 +186,27 @@ class _LoRAConv2dFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, geometry, fused):
         w_merged = weight + (scaling * conv_delta_weight(lora_A, lora_B)).to(weight.dtype)
         y = geometry.conv(geometry.pad_input(x), w_merged, bias)
-        ctx.save_for_backward(x, weight, lora_A, lora_B)
+        # W' is weight-sized (no activation memory) and saves re-forming it in the backward.
+        ctx.save_for_backward(x, w_merged, lora_A, lora_B)
         ctx.scaling, ctx.geometry, ctx.has_bias, ctx.fused = scaling, geometry, bias is not None, fused
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B = ctx.saved_tensors
+        x, w_merged, lora_A, lora_B = ctx.saved_tensors
         geometry, scaling = ctx.geometry, ctx.scaling
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dy = dy.contiguous(memory_format=_memory_format(x))
-        w_merged = weight + (scaling * conv_delta_weight(lora_A, lora_B)).to(weight.dtype)
 
         # Non-zero padding modes: rebuild the padded input, and keep the graph of the pad so
         # its adjoint folds the border gradients back into dx.
-        x_leaf = x.detach().requires_grad_(need_x and geometry.prepad)
-        with torch.enable_grad():
-            x_padded = geometry.pad_input(x_leaf)
+        x_leaf = x_padded = x
+        if geometry.prepad:
+            x_leaf = x.detach().requires_grad_(need_x)
+            with torch.enable_grad():
+                x_padded = geometry.pad_input(x_leaf)
 
-        low_rank = _prefer_low_rank(weight, lora_A.shape[0], geometry.groups) and not need_w
+        low_rank = _prefer_low_rank(w_merged, lora_A.shape[0], geometry.groups) and not need_w
         want_full_wgrad = need_w or ((need_a or need_bb) and not low_rank)
         grad_xp, grad_w_merged, grad_bias = torch.ops.aten.convolution_backward(
             dy, x_padded.detach(), w_merged, [w_merged.shape[0]] if ctx.has_bias else None,
@@ -225,7 +240,6 @@ class _LoRAConv2dFunction(torch.autograd.Function):
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
-
 
 
 # -- functional entry point --

@@ -86,23 +86,23 @@ class _LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, fused):
         w_merged = weight + (scaling * linear_delta_weight(lora_A, lora_B)).to(weight.dtype)
-        ctx.save_for_backward(x, weight, lora_A, lora_B)
+        # W' is weight-sized (no activation memory) and saves re-forming it in the backward.
+        ctx.save_for_backward(x, w_merged, lora_A, lora_B)
         ctx.scaling, ctx.fused = scaling, fused
         return F.linear(x, w_merged, bias)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B = ctx.saved_tensors
+        x, w_merged, lora_A, lora_B = ctx.saved_tensors
         s = ctx.scaling
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        w_merged = weight + (s * linear_delta_weight(lora_A, lora_B)).to(weight.dtype)
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
 
         grad_x = (dy @ w_merged) if need_x else None
         grad_bias = dy2.sum(0) if need_b else None
         grad_w = grad_a = grad_b = None
-        low_rank = _prefer_low_rank(weight, lora_A.shape[0]) and not need_w
+        low_rank = _prefer_low_rank(w_merged, lora_A.shape[0]) and not need_w
         if need_w or ((need_a or need_bb) and not low_rank):
             grad_w = dy2.t() @ x2
         if need_a or need_bb:

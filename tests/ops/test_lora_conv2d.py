@@ -289,3 +289,24 @@ def test_geometry_matches_nn_conv2d_padding(padding, padding_mode):
         geometry = ConvGeometry.of(conv)
         x = torch.randn(1, 2, 9, 8, dtype=torch.float64)
         torch.testing.assert_close(geometry.conv(geometry.pad_input(x), conv.weight, conv.bias), conv(x))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("force_low_rank", [True, False])
+def test_torch_backend_channels_last(monkeypatch, groups, force_low_rank):
+    """Channels-last inputs (the fast CPU/GPU layout) take other views in the backward; same numbers."""
+    module = importlib.import_module("adaptsr.ops.lora_conv2d")
+    monkeypatch.setattr(module, "_prefer_low_rank", lambda *args: force_low_rank)
+    cl = torch.channels_last
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    w = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64)
+    a, b = torch.randn(2, 4 // groups, 3, 3, dtype=torch.float64), torch.randn(6, 2, 1, 1, dtype=torch.float64)
+    dy = torch.randn(2, 6, 7, 6, dtype=torch.float64)
+    results = {}
+    for backend, memory_format in (("torch", cl), ("reference", torch.contiguous_format)):
+        leaves = [t.clone().requires_grad_(True) for t in (x.contiguous(memory_format=memory_format), a, b)]
+        with set_backend(backend):
+            y = lora_conv2d(leaves[0], w, None, leaves[1], leaves[2], 0.5, padding=1, groups=groups)
+        results[backend] = [y, *torch.autograd.grad(y, leaves, dy.contiguous(memory_format=memory_format))]
+    for name, got, ref in zip(("y", "dx", "dA", "dB"), results["torch"], results["reference"]):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10, msg=f"{name} differs for channels-last input")
