@@ -156,10 +156,12 @@ def run_fwd_bwd(benchmark):
         dtype = case.dtype
         load_before = _loadavg()
         torch.manual_seed(0)
-        base = build().to(device=device, dtype=dtype)
+        memory_format = torch.channels_last if getattr(shape, "channels_last", False) else torch.contiguous_format
+        base = build().to(device=device, dtype=dtype, memory_format=memory_format)
         model, backend_ctx = build_provider(case, base, targets=targets, preset=preset)
         model.train()
-        x = torch.randn(shape.input_shape, device=device, dtype=dtype, requires_grad=True)
+        x = torch.randn(shape.input_shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+        x.requires_grad_(True)
         with torch.no_grad(), backend_ctx():
             grad_out = torch.randn_like(model(x))
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -220,7 +222,7 @@ def run_fwd_bwd(benchmark):
         setup = clear_grads
         if case.provider != "frozen":
             torch.manual_seed(0)
-            twin = build().to(device=device, dtype=dtype).requires_grad_(False).train()
+            twin = build().to(device=device, dtype=dtype, memory_format=memory_format).requires_grad_(False).train()
             twin_x = x.detach().clone().requires_grad_(True)
 
             def setup() -> None:

