@@ -37,6 +37,25 @@ _MIN_DOT = 16
 
 
 @triton.jit
+def _load_tile(row_ptrs, row_ok, cols, col_ok, stride_col, UPCAST: tl.constexpr):
+    """A [rows, cols] tile of a channels-strided tensor, zero where masked (padding, ragged edges)."""
+    tile = tl.load(row_ptrs[:, None] + cols[None, :] * stride_col, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _tap_rows(x_ptr, n, oh, ow, row_ok, t, H, W, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+              stride_xn, stride_xh, stride_xw):
+    """Row pointers into x for kernel tap t of each output pixel, and which rows fall inside x."""
+    ih = oh * STRIDE_H - PAD_H + (t // KW) * DIL_H
+    iw = ow * STRIDE_W - PAD_W + (t % KW) * DIL_W
+    inside = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return x_ptr + n * stride_xn + ih * stride_xh + iw * stride_xw, inside
+
+
+@triton.jit
 def _lora_conv2d_lowrank_grad_kernel(
     x_ptr, dy_ptr, a_ptr, b_ptr, ws_a_ptr, ws_b_ptr,
     M, H, W, HO, WO,
@@ -71,28 +90,24 @@ def _lora_conv2d_lowrank_grad_kernel(
     for o0 in range(0, C_OUT_G, BLOCK_O):
         oc = o0 + tl.arange(0, BLOCK_O)
         o_ok = oc < C_OUT_G
-        dy_tile = tl.load(dy_rows[:, None] + (o_base + oc)[None, :] * stride_dc,
-                          mask=row_ok[:, None] & o_ok[None, :], other=0.0)
+        dy_tile = _load_tile(dy_rows, row_ok, o_base + oc, o_ok, stride_dc, UPCAST)
         b_tile = tl.load(b_ptr + (o_base + oc)[:, None] * R_PAD + ranks[None, :], mask=o_ok[:, None], other=0.0)
         if UPCAST:
-            dy_tile, b_tile = dy_tile.to(tl.float32), b_tile.to(tl.float32)
+            b_tile = b_tile.to(tl.float32)
         u = tl.dot(dy_tile, b_tile, u, input_precision=INPUT_PRECISION)
 
     # -- z = X A over the taps and the group's input channels --
     z = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for t in range(KH * KW):
-        ih = oh * STRIDE_H - PAD_H + (t // KW) * DIL_H
-        iw = ow * STRIDE_W - PAD_W + (t % KW) * DIL_W
-        pix_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_rows = x_ptr + n * stride_xn + ih * stride_xh + iw * stride_xw
+        x_rows, pix_ok = _tap_rows(x_ptr, n, oh, ow, row_ok, t, H, W, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+                                   DIL_H, DIL_W, stride_xn, stride_xh, stride_xw)
         for c0 in range(0, C_IN_G, BLOCK_C):
             cc = c0 + tl.arange(0, BLOCK_C)
             c_ok = cc < C_IN_G
-            x_tile = tl.load(x_rows[:, None] + (c_base + cc)[None, :] * stride_xc,
-                             mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+            x_tile = _load_tile(x_rows, pix_ok, c_base + cc, c_ok, stride_xc, UPCAST)
             a_tile = tl.load(a_ptr + (t * C_IN_G + cc)[:, None] * R_PAD + ranks[None, :], mask=c_ok[:, None], other=0.0)
             if UPCAST:
-                x_tile, a_tile = x_tile.to(tl.float32), a_tile.to(tl.float32)
+                a_tile = a_tile.to(tl.float32)
             z = tl.dot(x_tile, a_tile, z, input_precision=INPUT_PRECISION)
 
     # -- partial dB[o, k] = sum_p dy[p, o] z[p, k] for this block (rows of this group only) --
@@ -103,10 +118,7 @@ def _lora_conv2d_lowrank_grad_kernel(
     for o0 in range(0, C_OUT_G, BLOCK_O):
         oc = o0 + tl.arange(0, BLOCK_O)
         o_ok = oc < C_OUT_G
-        dy_tile = tl.load(dy_rows[:, None] + (o_base + oc)[None, :] * stride_dc,
-                          mask=row_ok[:, None] & o_ok[None, :], other=0.0)
-        if UPCAST:
-            dy_tile = dy_tile.to(tl.float32)
+        dy_tile = _load_tile(dy_rows, row_ok, o_base + oc, o_ok, stride_dc, UPCAST)
         part_b = tl.dot(tl.trans(dy_tile), z_op, input_precision=INPUT_PRECISION)
         tl.store(ws_b_rows + (o_base + oc)[:, None] * R + ranks[None, :], part_b,
                  mask=o_ok[:, None] & (ranks[None, :] < R))
@@ -118,17 +130,12 @@ def _lora_conv2d_lowrank_grad_kernel(
     u_op = tl.trans(u_op)
     ws_a_rows = ws_a_ptr + (pid_m * num_groups + group) * R * K
     for t in range(KH * KW):
-        ih = oh * STRIDE_H - PAD_H + (t // KW) * DIL_H
-        iw = ow * STRIDE_W - PAD_W + (t % KW) * DIL_W
-        pix_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_rows = x_ptr + n * stride_xn + ih * stride_xh + iw * stride_xw
+        x_rows, pix_ok = _tap_rows(x_ptr, n, oh, ow, row_ok, t, H, W, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+                                   DIL_H, DIL_W, stride_xn, stride_xh, stride_xw)
         for c0 in range(0, C_IN_G, BLOCK_C):
             cc = c0 + tl.arange(0, BLOCK_C)
             c_ok = cc < C_IN_G
-            x_tile = tl.load(x_rows[:, None] + (c_base + cc)[None, :] * stride_xc,
-                             mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-            if UPCAST:
-                x_tile = x_tile.to(tl.float32)
+            x_tile = _load_tile(x_rows, pix_ok, c_base + cc, c_ok, stride_xc, UPCAST)
             part_a = tl.dot(u_op, x_tile, input_precision=INPUT_PRECISION)
             tl.store(ws_a_rows + ranks[:, None] * K + (t * C_IN_G + cc)[None, :], part_a,
                      mask=(ranks[:, None] < R) & c_ok[None, :])

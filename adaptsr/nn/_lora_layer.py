@@ -11,6 +11,7 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -70,6 +71,21 @@ class LoRALayer(nn.Module):
     def _delta(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
         """B A in the base weight's shape (unscaled)."""
         raise NotImplementedError
+
+    def _two_path(self, x: torch.Tensor, lora_input: torch.Tensor) -> torch.Tensor:
+        """The reference form ``base(x) + s B(A(lora_input))`` (the only one that supports dropout)."""
+        raise NotImplementedError
+
+    def _functional(self, x: torch.Tensor) -> torch.Tensor:
+        """The functional op on the selected backend."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        if self.training and self.lora_dropout > 0.0:
+            return self._two_path(x, F.dropout(x, self.lora_dropout, training=True))
+        return self._functional(x)
 
     # -- shared behaviour --
 
@@ -139,6 +155,3 @@ class LoRALayer(nn.Module):
         if self.merged:
             extra += ", merged=True"
         return extra
-
-    def _dropout_active(self) -> bool:
-        return self.training and self.lora_dropout > 0.0

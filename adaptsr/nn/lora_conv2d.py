@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adaptsr.nn._lora_layer import LoRALayer
@@ -37,11 +36,10 @@ class LoRAConv2d(LoRALayer):
     def _delta(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
         return conv_delta_weight(lora_A, lora_B)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _two_path(self, x: torch.Tensor, lora_input: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        if self.merged:
-            return base(x)
-        if self._dropout_active():
-            dropped = F.dropout(x, self.lora_dropout, training=True)
-            return lora_conv2d_ref(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, self.geometry, dropped)
+        return lora_conv2d_ref(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, self.geometry, lora_input)
+
+    def _functional(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
         return lora_conv2d(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, geometry=self.geometry)

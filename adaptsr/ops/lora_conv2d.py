@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptsr.backend import resolve
-from adaptsr.ops._autocast import autocast_inputs
+from adaptsr.ops._autocast import apply_in_one_dtype
 from adaptsr.ops._conv_geometry import ConvGeometry
 
 __all__ = ["conv_delta_weight", "lora_conv2d", "lora_conv2d_ref"]
@@ -279,12 +279,5 @@ def lora_conv2d(
         return lora_conv2d_ref(x, weight, bias, lora_A, lora_B, scaling, geometry)
     if backend in ("torch", "triton"):
         fused = backend == "triton"
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            # AMP: cast the inputs as autocast casts F.conv2d's (the casts, outside the Function,
-            # carry the gradients back to float32 parameters); the Function runs in one dtype.
-            x, weight, bias, lora_A, lora_B = autocast_inputs(device_type, x, weight, bias, lora_A, lora_B)
-            with torch.autocast(device_type, enabled=False):
-                return _LoRAConv2dFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), geometry, fused)
-        return _LoRAConv2dFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), geometry, fused)
+        return apply_in_one_dtype(_LoRAConv2dFunction, x, weight, bias, lora_A, lora_B, float(scaling), geometry, fused)
     raise NotImplementedError(f"lora_conv2d has no {backend!r} backend yet")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptsr.backend import resolve
-from adaptsr.ops._autocast import autocast_inputs
+from adaptsr.ops._autocast import apply_in_one_dtype
 
 __all__ = ["linear_delta_weight", "lora_linear", "lora_linear_ref"]
 
@@ -147,12 +147,5 @@ def lora_linear(
         return lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling)
     if backend in ("torch", "triton"):
         fused = backend == "triton"
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            # AMP: cast the inputs as autocast casts F.linear's (the casts, outside the Function,
-            # carry the gradients back to float32 parameters); the Function runs in one dtype.
-            x, weight, bias, lora_A, lora_B = autocast_inputs(device_type, x, weight, bias, lora_A, lora_B)
-            with torch.autocast(device_type, enabled=False):
-                return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), fused)
-        return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), fused)
+        return apply_in_one_dtype(_LoRALinearFunction, x, weight, bias, lora_A, lora_B, float(scaling), fused)
     raise NotImplementedError(f"lora_linear has no {backend!r} backend yet")
