@@ -1,0 +1,228 @@
+"""The adaptation loop: train LoRA adapters (or the whole model) on (LR, HR) pairs, resumably.
+
+``adapt(model, train_set, run_dir, config)`` trains every parameter of ``model`` that requires
+grad (after ``inject_lora`` those are the adapters) with AdamW, a linear warm-up then cosine
+decay, an L1 loss, gradient clipping and a guard that skips non-finite steps. Every
+``checkpoint_every`` steps it writes ``run_dir/checkpoint.pt`` atomically (trainable weights,
+optimizer, schedule, history); ``resume=True`` continues from it and, on the CPU, ends with the
+same weights as an uninterrupted run: batches are a pure function of (seed, step), not of an
+iterator's hidden state.
+
+At the end the run folder holds ``config.json``, ``metrics.json`` and, for a LoRA model,
+``adapter/`` (PEFT-layout adapter files) and ``model_merged.safetensors`` (a plain checkpoint
+spandrel opens as the original architecture).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptsr.adapter import save_adapter
+from adaptsr.inject import lora_layers, unwrap_model
+from adaptsr.io import atomic_write, save_model
+
+__all__ = ["TrainConfig", "adapt"]
+
+_CHECKPOINT = "checkpoint.pt"
+# Consecutive non-finite losses tolerated before the run stops: a few can come from a bad
+# batch under mixed precision; many mean the learning rate or the data is broken.
+_MAX_BAD_STEPS = 10
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.01  # the cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    checkpoint_every: int = 100
+    val_every: int = 0  # 0: validate only at the end (when a validation set is given)
+    log_every: int = 10
+    seed: int = 0
+    amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16", "off"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be positive, got {self.steps} and {self.batch_size}")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _batch_indices(step: int, num_items: int, config: TrainConfig) -> tuple[list[int], int]:
+    """The dataset indices of ``step`` and its epoch: a fresh permutation per epoch, seeded by (seed, epoch)."""
+    per_epoch = max(1, num_items // config.batch_size)
+    epoch, position = divmod(step, per_epoch)
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    order = torch.randperm(num_items, generator=generator)
+    start = position * config.batch_size
+    return order[start:start + config.batch_size].tolist(), epoch
+
+
+def _load_batch(dataset, indices: list[int], epoch: int, device: torch.device):
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    pairs = [dataset[i] for i in indices]
+    lr = torch.stack([p[0] for p in pairs]).to(device)
+    hr = torch.stack([p[1] for p in pairs]).to(device)
+    return lr, hr
+
+
+def _psnr(sr: torch.Tensor, hr: torch.Tensor) -> float:
+    mse = F.mse_loss(sr.clamp(0, 1).float(), hr.float()).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, val_set, device: torch.device) -> float:
+    was_training = model.training
+    model.eval()
+    values = []
+    for i in range(len(val_set)):
+        lr, hr = val_set[i]
+        values.append(_psnr(model(lr[None].to(device)), hr[None].to(device)))
+    model.train(was_training)
+    return sum(values) / len(values)
+
+
+def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no trainable parameters: call inject_lora first, or unfreeze it")
+    return params
+
+
+def _write_json(path: Path, data: dict) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+
+    atomic_write(path, write)
+
+
+def adapt(
+    model,
+    train_set,
+    run_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
+    *,
+    val_set=None,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Train ``model``'s trainable parameters on ``train_set`` (items are (lr, hr) tensors).
+
+    Returns the metrics written to ``run_dir/metrics.json``.
+    """
+    config = config or TrainConfig()
+    module = unwrap_model(model)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    module.to(device).train()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if len(train_set) < config.batch_size:
+        raise ValueError(f"the training set has {len(train_set)} items, fewer than one batch of {config.batch_size}")
+    params = _trainable(module)
+    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
+    use_bf16 = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda")
+
+    history = {"loss": [], "val_psnr": [], "skipped_steps": 0, "train_seconds": 0.0}
+    start_step = 0
+    checkpoint_path = run_dir / _CHECKPOINT
+    if resume:
+        if not checkpoint_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        missing = set(params) - set(state["trainable"])
+        if missing:
+            raise ValueError(f"checkpoint {checkpoint_path} does not match the model: no weights for {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state["trainable"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        history = state["history"]
+        start_step = state["step"]
+    _write_json(run_dir / "config.json", asdict(config))
+
+    def save_checkpoint(step: int) -> None:
+        state = {
+            "step": step,
+            "trainable": {name: p.detach().cpu() for name, p in params.items()},
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "history": history,
+        }
+        atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
+
+    bad_in_a_row = 0
+    clock = time.perf_counter()
+    for step in range(start_step, config.steps):
+        indices, epoch = _batch_indices(step, len(train_set), config)
+        lr, hr = _load_batch(train_set, indices, epoch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = F.l1_loss(module(lr).float(), hr.float())
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            history["skipped_steps"] += 1
+            bad_in_a_row += 1
+            if bad_in_a_row > _MAX_BAD_STEPS:
+                raise RuntimeError(f"{bad_in_a_row} non-finite losses in a row at step {step}: lower the learning rate")
+            schedule.step()
+            continue
+        bad_in_a_row = 0
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params.values(), config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        history["loss"].append(loss.item())
+        done = step + 1
+        if config.log_every and done % config.log_every == 0:
+            elapsed = time.perf_counter() - clock
+            rate = (done - start_step) / max(elapsed, 1e-9)
+            eta = (config.steps - done) / max(rate, 1e-9)
+            print(f"step {done}/{config.steps}  loss {loss.item():.4f}  {rate:.2f} it/s  ETA {eta:.0f} s", flush=True)
+        if val_set is not None and config.val_every and done % config.val_every == 0:
+            history["val_psnr"].append([done, _validate(module, val_set, device)])
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            history["train_seconds"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            save_checkpoint(done)
+
+    if val_set is not None and not (config.val_every and history["val_psnr"] and history["val_psnr"][-1][0] == config.steps):
+        history["val_psnr"].append([config.steps, _validate(module, val_set, device)])
+    metrics = {
+        "steps": config.steps,
+        "final_loss": history["loss"][-1] if history["loss"] else None,
+        "train_seconds": history["train_seconds"],
+        "trainable_params": sum(p.numel() for p in params.values()),
+        "total_params": sum(p.numel() for p in module.parameters()),
+        **history,
+    }
+    if any(True for _ in lora_layers(module)):
+        save_adapter(model, run_dir / "adapter")
+    save_model(model, run_dir / "model_merged.safetensors")
+    _write_json(run_dir / "metrics.json", metrics)
+    return metrics

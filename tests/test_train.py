@@ -1,0 +1,179 @@
+"""The adaptation loop: it learns, it resumes exactly (also after SIGKILL), it leaves a usable run folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adaptsr
+from adaptsr.train import TrainConfig, adapt
+
+# One definition of the task, imported by the subprocess of the SIGKILL test too.
+TASK = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+    import adaptsr
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    class NoisyPairs(torch.utils.data.Dataset):
+        # HR: smooth random images; LR: area-downscaled with fixed noise (a "camera profile")
+        def __init__(self, n=12, size=16, scale=2, seed=0):
+            g = torch.Generator().manual_seed(seed)
+            coarse = torch.rand(n, 3, size // 4, size // 4, generator=g)
+            self.hr = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+            self.lr = (F.avg_pool2d(self.hr, scale) + 0.05 * torch.randn(n, 3, size // scale, size // scale, generator=g))
+
+        def __len__(self):
+            return len(self.hr)
+
+        def __getitem__(self, i):
+            return self.lr[i], self.hr[i]
+
+    def make_model():
+        torch.manual_seed(0)
+        model = ESRGAN(num_filters=8, num_blocks=1, scale=2)
+        adaptsr.inject_lora(model, targets="model[.].*", rank=3)  # every conv, the tail included
+        return model
+    """
+)
+namespace: dict = {}
+exec(TASK, namespace)
+NoisyPairs, make_model = namespace["NoisyPairs"], namespace["make_model"]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic and fair on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(**overrides) -> TrainConfig:
+    settings = dict(steps=12, batch_size=4, lr=2e-3, warmup_steps=2, checkpoint_every=4, log_every=0, seed=3)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _adapter_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def test_loss_decreases(tmp_path):
+    model = make_model()
+    metrics = adapt(model, NoisyPairs(), tmp_path, _config(steps=40), device="cpu")
+    losses = metrics["loss"]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    straight = make_model()
+    adapt(straight, NoisyPairs(), tmp_path / "straight", _config(), device="cpu")
+    class CrashesAtStep9(NoisyPairs):
+        calls = 0
+
+        def __getitem__(self, i):
+            type(self).calls += 1
+            if self.calls > 8 * 4:  # batch 4: the 33rd item belongs to step 9
+                raise KeyboardInterrupt("simulated crash")
+            return super().__getitem__(i)
+
+    with pytest.raises(KeyboardInterrupt):
+        adapt(make_model(), CrashesAtStep9(), tmp_path / "parts", _config(), device="cpu")
+    assert torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["step"] == 8
+    resumed = make_model()  # fresh weights: everything must come from the checkpoint
+    adapt(resumed, NoisyPairs(), tmp_path / "parts", _config(), device="cpu", resume=True)
+    expected, got = _adapter_state(straight), _adapter_state(resumed)
+    assert expected.keys() == got.keys()
+    assert any(v.abs().max() > 0 for k, v in got.items() if k.endswith("lora_B"))
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_resume_after_sigkill(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(
+        TASK
+        + textwrap.dedent(
+            f"""
+            import sys
+            torch.set_num_threads(1)
+            from adaptsr.train import TrainConfig, adapt
+            config = TrainConfig(steps=200, batch_size=4, lr=2e-3, warmup_steps=2, checkpoint_every=4,
+                                 log_every=0, seed=3)
+            adapt(make_model(), NoisyPairs(), sys.argv[1], config, device="cpu")
+            """
+        )
+    )
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(script), str(run_dir)], env={**os.environ, "PYTHONHASHSEED": "0"})
+    checkpoint = run_dir / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # let it get past the checkpoint, into steps that will be lost
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = torch.load(checkpoint, weights_only=True)["step"]
+    assert 0 < killed_at < 200
+
+    config = _config(steps=200)  # the killed run's config
+    resumed = make_model()
+    adapt(resumed, NoisyPairs(), run_dir, config, device="cpu", resume=True)
+    straight = make_model()
+    adapt(straight, NoisyPairs(), tmp_path / "straight", config, device="cpu")
+    for key, value in _adapter_state(straight).items():
+        assert torch.equal(value, _adapter_state(resumed)[key]), key
+
+
+def test_run_folder_is_usable(tmp_path):
+    model = make_model()
+    adapt(model, NoisyPairs(), tmp_path, _config(steps=6), val_set=NoisyPairs(n=2, seed=9), device="cpu")
+    metrics = __import__("json").loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and len(metrics["val_psnr"]) == 1
+    assert metrics["trainable_params"] == sum(v.numel() for v in _adapter_state(model).values())
+    lr = NoisyPairs(n=1, seed=5).lr
+    model.eval()
+    with torch.no_grad():
+        expected = model(lr)
+    base = make_model()
+    adaptsr.merge_lora(base)  # B = 0 at init: this is the plain base model
+    adaptsr.load_adapter(base, tmp_path / "adapter")
+    merged = adaptsr.load_model(tmp_path / "model_merged.safetensors").model
+    with torch.no_grad():
+        torch.testing.assert_close(base.eval()(lr), expected)
+        torch.testing.assert_close(merged(lr), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input(tmp_path):
+    frozen = make_model()
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        adapt(frozen, NoisyPairs(), tmp_path, _config(), device="cpu")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        adapt(make_model(), NoisyPairs(), tmp_path / "empty", _config(), device="cpu", resume=True)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        adapt(make_model(), NoisyPairs(n=2), tmp_path, _config(), device="cpu")
+    with pytest.raises(ValueError, match="amp"):
+        TrainConfig(amp="fp8")
+
+
+def test_schedule_shape():
+    from adaptsr.train import _lr_factor
+
+    config = _config(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [_lr_factor(step, config) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))  # non-increasing after warm-up
+    assert factors[-1] > config.min_lr_ratio and _lr_factor(100, config) == pytest.approx(config.min_lr_ratio)
