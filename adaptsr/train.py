@@ -8,6 +8,11 @@ optimizer, schedule, history); ``resume=True`` continues from it and, on the CPU
 same weights as an uninterrupted run: batches are a pure function of (seed, step), not of an
 iterator's hidden state.
 
+Under ``torchrun`` (or with a process group already initialised) the model is wrapped in
+DistributedDataParallel (nccl on GPUs, gloo on CPUs): each step's global batch of
+``batch_size`` is split evenly over the ranks, gradients are averaged, and only rank 0 logs and
+writes files.
+
 At the end the run folder holds ``config.json``, ``metrics.json`` and, for a LoRA model,
 ``adapter/`` (PEFT-layout adapter files) and ``model_merged.safetensors`` (a plain checkpoint
 spandrel opens as the original architecture).
@@ -23,8 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from adaptsr.adapter import save_adapter
 from adaptsr.inject import lora_layers, unwrap_model
@@ -88,6 +95,19 @@ def _load_batch(dataset, indices: list[int], epoch: int, device: torch.device):
     return lr, hr
 
 
+def _init_distributed(device: torch.device | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device), joining the process group torchrun describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), torch.device(device or "cpu")
+
+
 def _psnr(sr: torch.Tensor, hr: torch.Tensor) -> float:
     mse = F.mse_loss(sr.clamp(0, 1).float(), hr.float()).item()
     return 10 * math.log10(1.0 / max(mse, 1e-12))
@@ -136,13 +156,16 @@ def adapt(
     """
     config = config or TrainConfig()
     module = unwrap_model(model)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, device = _init_distributed(device)
     module.to(device).train()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if len(train_set) < config.batch_size:
         raise ValueError(f"the training set has {len(train_set)} items, fewer than one batch of {config.batch_size}")
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} does not split evenly over {world} processes")
     params = _trainable(module)
+    network = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None) if world > 1 else module
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     use_bf16 = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda")
@@ -164,7 +187,8 @@ def adapt(
         schedule.load_state_dict(state["schedule"])
         history = state["history"]
         start_step = state["step"]
-    _write_json(run_dir / "config.json", asdict(config))
+    if rank == 0:
+        _write_json(run_dir / "config.json", asdict(config))
 
     def save_checkpoint(step: int) -> None:
         state = {
@@ -174,17 +198,21 @@ def adapt(
             "schedule": schedule.state_dict(),
             "history": history,
         }
-        atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
+        if rank == 0:
+            atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
 
     bad_in_a_row = 0
     clock = time.perf_counter()
     for step in range(start_step, config.steps):
         indices, epoch = _batch_indices(step, len(train_set), config)
-        lr, hr = _load_batch(train_set, indices, epoch, device)
+        lr, hr = _load_batch(train_set, indices[rank::world], epoch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = F.l1_loss(module(lr).float(), hr.float())
+            loss = F.l1_loss(network(lr).float(), hr.float())
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss.detach()).float()
+        if world > 1:  # every rank must skip together, or DDP's all-reduce waits forever
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
             history["skipped_steps"] += 1
             bad_in_a_row += 1
             if bad_in_a_row > _MAX_BAD_STEPS:
@@ -197,9 +225,13 @@ def adapt(
             torch.nn.utils.clip_grad_norm_(params.values(), config.grad_clip)
         optimizer.step()
         schedule.step()
+        if world > 1:  # log the global batch's loss, the same on every rank
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= world
         history["loss"].append(loss.item())
         done = step + 1
-        if config.log_every and done % config.log_every == 0:
+        if rank == 0 and config.log_every and done % config.log_every == 0:
             elapsed = time.perf_counter() - clock
             rate = (done - start_step) / max(elapsed, 1e-9)
             eta = (config.steps - done) / max(rate, 1e-9)
@@ -221,8 +253,11 @@ def adapt(
         "total_params": sum(p.numel() for p in module.parameters()),
         **history,
     }
-    if any(True for _ in lora_layers(module)):
-        save_adapter(model, run_dir / "adapter")
-    save_model(model, run_dir / "model_merged.safetensors")
-    _write_json(run_dir / "metrics.json", metrics)
+    if rank == 0:
+        if any(True for _ in lora_layers(module)):
+            save_adapter(model, run_dir / "adapter")
+        save_model(model, run_dir / "model_merged.safetensors")
+        _write_json(run_dir / "metrics.json", metrics)
+    if world > 1:
+        dist.barrier()  # no rank leaves (and reads the run folder) before rank 0 has written it
     return metrics

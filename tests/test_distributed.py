@@ -1,0 +1,62 @@
+"""torchrun with 2 CPU processes (gloo): both ranks end with identical adapters, equal to one process's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from adaptsr.train import TrainConfig, adapt
+
+TASK = (Path(__file__).parent / "train_task.py").read_text()
+CONFIG = dict(steps=6, batch_size=4, lr=2e-3, warmup_steps=2, checkpoint_every=3, log_every=0, seed=3)
+
+
+def _adapters(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        TASK
+        + textwrap.dedent(
+            f"""
+            import os, sys
+            torch.set_num_threads(1)
+            from adaptsr.train import TrainConfig, adapt
+            model = make_model()
+            adapt(model, NoisyPairs(), sys.argv[1], TrainConfig(**{CONFIG!r}), device="cpu")
+            rank = int(os.environ["RANK"])
+            lora = {{k: v for k, v in model.state_dict().items() if "lora_" in k}}
+            torch.save(lora, os.path.join(sys.argv[1], f"rank{{rank}}.pt"))
+            """
+        )
+    )
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(run_dir)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(run_dir / "rank0.pt", weights_only=True)
+    rank1 = torch.load(run_dir / "rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys() and rank0
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
+    # rank 0 alone wrote the run folder
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / "metrics.json").is_file()
+
+    # Two ranks with half batches each and averaged gradients = one process with the whole batch.
+    namespace: dict = {}
+    exec(TASK, namespace)
+    torch.set_num_threads(1)
+    single = namespace["make_model"]()
+    adapt(single, namespace["NoisyPairs"](), tmp_path / "single", TrainConfig(**CONFIG), device="cpu")
+    expected = _adapters(single)
+    assert any(v.abs().max() > 0 for k, v in expected.items() if k.endswith("lora_B"))
+    for key, value in expected.items():
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=f"DDP differs from one process on {key}")

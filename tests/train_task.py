@@ -1,0 +1,31 @@
+"""The tiny training task of the training tests, run in-process and in subprocesses (torchrun, SIGKILL).
+
+Not a test module: tests read its source so that subprocesses can run exactly the same task.
+"""
+
+import torch
+import torch.nn.functional as F
+import adaptsr
+from spandrel.architectures.ESRGAN import ESRGAN
+
+
+class NoisyPairs(torch.utils.data.Dataset):
+    # HR: smooth random images; LR: area-downscaled with fixed noise (a "camera profile")
+    def __init__(self, n=12, size=16, scale=2, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        coarse = torch.rand(n, 3, size // 4, size // 4, generator=g)
+        self.hr = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        self.lr = (F.avg_pool2d(self.hr, scale) + 0.05 * torch.randn(n, 3, size // scale, size // scale, generator=g))
+
+    def __len__(self):
+        return len(self.hr)
+
+    def __getitem__(self, i):
+        return self.lr[i], self.hr[i]
+
+
+def make_model():
+    torch.manual_seed(0)
+    model = ESRGAN(num_filters=8, num_blocks=1, scale=2)
+    adaptsr.inject_lora(model, targets="model[.].*", rank=3)  # every conv, the tail included
+    return model
