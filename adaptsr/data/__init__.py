@@ -1,0 +1,49 @@
+"""Training data: synthetic real-world degradations, image files and datasets."""
+
+from adaptsr.data.blur_kernels import (
+    KERNEL_TYPES,
+    anisotropic_gaussian_kernel,
+    generalized_gaussian_kernel,
+    isotropic_gaussian_kernel,
+    plateau_kernel,
+    sinc_kernel,
+)
+from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFolderDataset
+from adaptsr.data.degradations import (
+    DEGRADATION_PRESETS,
+    DegradationConfig,
+    StageConfig,
+    add_gaussian_noise,
+    add_poisson_noise,
+    blur,
+    degrade,
+    get_preset,
+    jpeg_compress,
+    min_input_size,
+)
+from adaptsr.data.images import list_images, read_image, write_png
+
+__all__ = [
+    "DEGRADATION_PRESETS",
+    "CachedValidationSet",
+    "HRFolderDataset",
+    "PairedFolderDataset",
+    "list_images",
+    "read_image",
+    "write_png",
+    "KERNEL_TYPES",
+    "DegradationConfig",
+    "StageConfig",
+    "add_gaussian_noise",
+    "add_poisson_noise",
+    "anisotropic_gaussian_kernel",
+    "blur",
+    "degrade",
+    "generalized_gaussian_kernel",
+    "get_preset",
+    "isotropic_gaussian_kernel",
+    "jpeg_compress",
+    "min_input_size",
+    "plateau_kernel",
+    "sinc_kernel",
+]
