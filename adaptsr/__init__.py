@@ -2,6 +2,8 @@
 
 from adaptsr.adapter import load_adapter, save_adapter
 from adaptsr.backend import get_backend, set_backend
+from adaptsr.evaluate import evaluate_pairs
+from adaptsr.infer import upscale
 from adaptsr.inject import LoRASummary, inject_lora, lora_layers, merge_lora, unmerge_lora
 from adaptsr.io import load_model, save_model
 from adaptsr.nn import LoRAConv2d, LoRALinear
@@ -14,6 +16,7 @@ __all__ = [
     "LoRAConv2d",
     "LoRALinear",
     "LoRASummary",
+    "evaluate_pairs",
     "get_backend",
     "inject_lora",
     "load_adapter",
@@ -24,4 +27,5 @@ __all__ = [
     "save_model",
     "set_backend",
     "unmerge_lora",
+    "upscale",
 ]

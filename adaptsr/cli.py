@@ -1,9 +1,90 @@
-"""Command-line interface: ``adaptsr <command>``."""
+"""Command-line interface: ``adaptsr <command>``.
+
+Each command is added by an ``add_<name>_command(subparsers)`` function that creates its parser
+and sets ``func`` (``args -> exit code``) as a default. Errors a user can cause (a missing file, an
+adapter for another model, an unreadable image, an unknown metric) are raised as ValueError /
+OSError / MissingWeightsError and reported by ``main`` as one line on stderr with exit code 1;
+outputs are written atomically, so a failed run leaves no half-written file. Heavy imports
+(pyiqa, the model code) happen inside the commands, so ``--help`` is fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
+
+PROG = "adaptsr"
+
+
+class CommandError(Exception):
+    """A user error: ``main`` prints the message on one line and exits with code 1."""
+
+
+# -- shared helpers --
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, *, adapter_required: bool = False) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="CKPT",
+        help="base (or merged) model checkpoint, .safetensors or .pth, any architecture spandrel loads",
+    )
+    parser.add_argument(
+        "--adapter",
+        required=adapter_required,
+        metavar="DIR",
+        help="LoRA adapter directory (adapter_config.json + adapter_model.safetensors) trained on --model"
+        + ("" if adapter_required else "; omit to use the model as it is"),
+    )
+
+
+def _add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="cpu", help="torch device to run the model on, e.g. cpu, cuda, cuda:1 (default: cpu)"
+    )
+
+
+def _load(args: argparse.Namespace, *, merge: bool = True):
+    """The model (spandrel descriptor) with the adapter loaded and, by default, merged for speed."""
+    import adaptsr
+
+    descriptor = adaptsr.load_model(args.model)
+    if getattr(args, "adapter", None):
+        try:
+            adaptsr.load_adapter(descriptor, args.adapter)
+        except ValueError as err:
+            raise CommandError(f"adapter {args.adapter} does not fit model {args.model}: {err}") from err
+        if merge:
+            adaptsr.merge_lora(descriptor)
+    return descriptor.to(args.device).eval()
+
+
+def _input_images(path: str) -> list[Path]:
+    """A file, or the image files in a folder."""
+    from adaptsr.data.images import list_images
+
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if not p.exists():
+        raise CommandError(f"input {p} does not exist")
+    return list_images(p)
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+# -- demo --
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -14,14 +95,378 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adaptsr", description="Adapt super-resolution models with LoRA.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="adapt the bundled model to a degraded camera profile and report")
+def add_demo_command(subparsers) -> None:
+    demo = subparsers.add_parser(
+        "demo",
+        help="adapt the bundled model to a degraded camera profile and report",
+        description="Adapt the bundled model to a degraded camera profile and report (coming soon).",
+    )
     demo.set_defaults(func=_demo)
+
+
+# -- eval --
+
+
+_STEM_TAGS = re.compile(r"([_\-.]?(lr|hr)\d*|[_\-.]?x\d+)$", re.IGNORECASE)
+
+
+def _pair_key(path: Path) -> str:
+    """The name an LR and its HR image share: the stem without _LR4 / _HR / x4 style tags (RealSR naming)."""
+    stem = path.stem
+    while True:
+        shorter = _STEM_TAGS.sub("", stem)
+        if shorter == stem or not shorter:
+            return stem.lower()
+        stem = shorter
+
+
+def _paired_files(lr_dir: str, hr_dir: str) -> list[tuple[str, Path, Path]]:
+    from adaptsr.data.images import list_images
+
+    for d, what in ((lr_dir, "LR"), (hr_dir, "HR")):
+        if not Path(d).is_dir():
+            raise CommandError(
+                f"{what} folder {d} does not exist" if not Path(d).exists() else f"{what} path {d} is not a folder"
+            )
+    lrs, hrs = list_images(lr_dir), list_images(hr_dir)
+    by_key: dict[str, Path] = {}
+    for hr in hrs:
+        key = _pair_key(hr)
+        if key in by_key:
+            raise CommandError(f"HR images {by_key[key].name} and {hr.name} in {hr_dir} have the same name")
+        by_key[key] = hr
+    pairs = []
+    for lr in lrs:
+        hr = by_key.get(_pair_key(lr))
+        if hr is None:
+            raise CommandError(f"LR image {lr} has no HR image of the same name in {hr_dir}")
+        pairs.append((lr.stem, lr, hr))
+    return pairs
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from adaptsr import evaluate
+    from adaptsr.data.images import read_image
+
+    metrics = evaluate._check_names(args.metrics.split(","))  # unknown names fail before any work
+    if args.pairs is not None:
+        files = _paired_files(*args.pairs)
+        model = _load(args)
+        dataset = ((name, read_image(lr), read_image(hr)) for name, lr, hr in files)
+    else:
+        if not args.degradation:
+            raise CommandError("--hr needs --degradation PRESET (the degradation that makes the LR images)")
+        try:  # written in another part of issue 3: imported only when asked for
+            from adaptsr.data.datasets import CachedValidationSet
+            from adaptsr.data.degradations import degrade, get_preset
+        except ModuleNotFoundError as err:
+            if not (err.name or "").startswith("adaptsr.data"):
+                raise
+            raise CommandError(
+                "--hr/--degradation is not available yet in this installation (adaptsr.data.degradations is "
+                "missing); evaluate on LR/HR pairs with --pairs LR_DIR HR_DIR"
+            ) from None
+        config = get_preset(args.degradation)  # unknown preset: ValueError naming the available ones
+        model = _load(args)
+
+        def degrade_fn(hr, scale, generator):
+            return degrade(hr, scale, config, generator)
+
+        cache = Path(args.cache) if args.cache else Path(args.out) / "lr-cache"
+        validation = CachedValidationSet(
+            args.hr,
+            model.scale,
+            degrade_fn,
+            degrade_id=f"{args.degradation}:{config!r}",
+            cache_dir=cache,
+            seed=args.seed,
+        )
+        dataset = ((name, *validation[i]) for i, name in enumerate(validation.names))
+    result = evaluate.evaluate_pairs(
+        metrics=metrics,
+        model=model,
+        dataset=dataset,
+        tile=args.tile,
+        overlap=args.overlap,
+        device=args.device,
+        download=not args.offline,
+    )
+    if not result["metrics"]:
+        for reason in result["skipped"].values():
+            print(f"{PROG} eval: {reason}", file=sys.stderr)
+        raise CommandError("none of the requested metrics could run (see above)")
+    json_path, csv_path = evaluate.write_results(result, args.out)
+    print(evaluate.format_table(result))
+    print(f"wrote {json_path} and {csv_path}")
+    for name in result["skipped"]:
+        print(f"{PROG} eval: warning: {name} was skipped (reason in the table above)", file=sys.stderr)
+    return 0
+
+
+def add_eval_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="score a model (base, base + adapter, or merged) with PSNR/SSIM and any pyiqa metric",
+        description=(
+            "Upscale every LR image, score it against its HR image and print a table; write metrics.json "
+            "and metrics.csv to --out. psnr and ssim follow the SR convention: Y channel of YCbCr, border of "
+            "<scale> pixels cropped. Other pyiqa metrics by name (lpips, dists, niqe, musiq, ...); one whose "
+            "weights cannot be found or downloaded is skipped with a message saying which file to put where."
+        ),
+    )
+    _add_model_flags(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--pairs",
+        nargs=2,
+        metavar=("LR_DIR", "HR_DIR"),
+        help="two folders of LR and HR images matched by name (a.png / a.png, or RealSR's a_LR4.png / a_HR.png)",
+    )
+    source.add_argument(
+        "--hr", metavar="HR_DIR", help="a folder of HR images, degraded into LR images with --degradation"
+    )
+    p.add_argument(
+        "--degradation",
+        metavar="PRESET",
+        help="degradation preset that makes the LR images from --hr (e.g. realesrgan); the LR images are "
+        "generated once from --seed and cached, so every evaluation of the set is comparable",
+    )
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the --hr degradation (default: 0)")
+    p.add_argument(
+        "--cache", metavar="DIR", help="folder for the cached degraded LR images of --hr (default: <out>/lr-cache)"
+    )
+    p.add_argument(
+        "--metrics",
+        default="psnr,ssim",
+        help="comma-separated pyiqa metric names (default: psnr,ssim); e.g. psnr,ssim,lpips,dists,niqe",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json and metrics.csv")
+    p.add_argument(
+        "--tile",
+        type=_nonneg_int,
+        default=None,
+        metavar="N",
+        help="upscale in N x N input-pixel tiles to bound memory (default: whole images)",
+    )
+    p.add_argument(
+        "--overlap",
+        type=_nonneg_int,
+        default=32,
+        metavar="N",
+        help="overlap of neighbouring tiles in pixels (default: 32)",
+    )
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="never download metric weights; metrics whose weights are missing are skipped",
+    )
+    _add_device_flag(p)
+    p.set_defaults(func=_eval)
+
+
+# -- upscale --
+
+
+def _upscale(args: argparse.Namespace) -> int:
+    from adaptsr.data.images import image_size, read_image, write_png
+    from adaptsr.infer import upscale
+
+    files = _input_images(args.input)
+    for path in files:  # catch an unreadable file (from its header) before spending time on the others
+        image_size(path)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file, not a folder")
+    stems = [p.stem for p in files]
+    if len(set(stems)) != len(stems):
+        dupes = sorted({s for s in stems if stems.count(s) > 1})
+        raise CommandError(f"several inputs would write {dupes[0]}.png; rename them")
+    model = _load(args)
+    for path in files:
+        image = read_image(path).unsqueeze(0)
+        result = upscale(model, image, tile=args.tile or None, overlap=args.overlap)
+        target = out / f"{path.stem}.png"
+        write_png(result[0], target)
+        print(f"{path} -> {target} ({result.shape[-1]}x{result.shape[-2]})")
+    return 0
+
+
+def add_upscale_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "upscale",
+        help="upscale an image or a folder of images to PNGs",
+        description=(
+            "Upscale INPUT (an image file, or every image in a folder) with the model (base, base + adapter, "
+            "or merged) and write <name>.png to --out. --tile bounds memory on large images: tiles overlap and "
+            "are blended, so no seams show."
+        ),
+    )
+    p.add_argument("input", metavar="INPUT", help="an image file (png, jpg, bmp, tif, webp) or a folder of them")
+    _add_model_flags(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the upscaled PNGs (created if missing)")
+    p.add_argument(
+        "--tile",
+        type=_nonneg_int,
+        default=0,
+        metavar="N",
+        help="process N x N input-pixel tiles (0, the default: the whole image at once)",
+    )
+    p.add_argument(
+        "--overlap",
+        type=_nonneg_int,
+        default=32,
+        metavar="N",
+        help="overlap of neighbouring tiles in input pixels, blended smoothly (default: 32; at most N/2)",
+    )
+    _add_device_flag(p)
+    p.set_defaults(func=_upscale)
+
+
+# -- merge --
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import adaptsr
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".safetensors", ".pth"):
+        raise CommandError(f"--out {out} must end in .safetensors or .pth")
+    descriptor = _load(args, merge=False)
+    adaptsr.save_model(descriptor, out)  # merges a copy, writes atomically
+    print(f"wrote {out}: {descriptor.architecture.name} x{descriptor.scale} with the adapter merged in")
+    return 0
+
+
+def add_merge_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "merge",
+        help="fold an adapter into its base model: a plain checkpoint spandrel opens",
+        description=(
+            "Merge the LoRA adapter into the base weights and write a dense checkpoint with the original "
+            "architecture's keys, which spandrel (chaiNNer, ComfyUI, ...) opens like the original; inference "
+            "costs what the base model costs."
+        ),
+    )
+    _add_model_flags(p, adapter_required=True)
+    p.add_argument("--out", required=True, metavar="FILE", help="output checkpoint, .safetensors or .pth")
+    p.set_defaults(func=_merge, device="cpu")
+
+
+# -- adapt --
+
+
+def add_adapt_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "adapt",
+        help="train LoRA adapters (or the whole model) for a degradation or a set of real LR/HR pairs",
+        description=(
+            "Adapt a pretrained SR model: inject LoRA (or unfreeze everything with --full-finetune), train on "
+            "HR images degraded online (--hr with --degradation) or on real LR/HR pairs (--pairs), and write a "
+            "run folder with the adapter, the merged model, config.json, metrics.json and checkpoint.pt. "
+            "Run under torchrun for several GPUs or processes."
+        ),
+    )
+    p.add_argument("--model", required=True, metavar="CKPT", help="base checkpoint (.safetensors/.pth) spandrel loads")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--hr", metavar="DIR", help="folder of HR images, degraded online with --degradation")
+    data.add_argument("--pairs", nargs=2, metavar=("LR_DIR", "HR_DIR"), help="real LR/HR pairs in two folders")
+    p.add_argument("--degradation", default="camera", help="degradation preset for --hr (default: camera)")
+    p.add_argument("--val-hr", metavar="DIR", help="validation HR folder, degraded once (fixed seed) and cached")
+    p.add_argument("--val-pairs", nargs=2, metavar=("LR_DIR", "HR_DIR"), help="validation LR/HR pairs")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created; reused with --resume)")
+    p.add_argument("--preset", help="LoRA target preset (default: the one for the model's architecture)")
+    p.add_argument("--targets", metavar="REGEX", help="LoRA targets: a regex matched in full against layer names")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, so scaling 1)")
+    p.add_argument("--full-finetune", action="store_true", help="train every weight instead of adapters (baseline)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch size, split over processes (default: 8)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
+    p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--patch", type=int, default=32, help="LR patch size of the training crops (default: 32)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
+    p.add_argument("--val-every", type=int, default=0, help="steps between validations (default: only at the end)")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast (auto: on CUDA)")
+    p.add_argument("--seed", type=int, default=0, help="seed for crops, degradations and batches (default: 0)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.set_defaults(func=_adapt)
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    import adaptsr
+    from adaptsr.data import degrade, get_preset
+    from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFolderDataset
+    from adaptsr.presets import ARCHITECTURE_PRESETS
+    from adaptsr.train import TrainConfig, adapt
+
+    descriptor = adaptsr.load_model(args.model)
+    scale = descriptor.scale
+    if args.full_finetune:
+        descriptor.model.requires_grad_(True)
+    else:
+        preset = args.preset
+        if preset is None and args.targets is None:
+            preset = ARCHITECTURE_PRESETS.get(descriptor.architecture.id)
+            if preset is None:
+                raise ValueError(
+                    f"no LoRA preset for architecture {descriptor.architecture.id}: pass --targets REGEX "
+                    f"(presets exist for {', '.join(sorted(ARCHITECTURE_PRESETS))})"
+                )
+        summary = adaptsr.inject_lora(descriptor, preset=preset, targets=args.targets, rank=args.rank, alpha=args.alpha)
+        print(summary, flush=True)
+
+    degradation = get_preset(args.degradation)
+
+    def degrade_fn(hr, s, generator):
+        return degrade(hr, s, degradation, generator)
+
+    if args.hr:
+        train_set = HRFolderDataset(args.hr, scale, args.patch, degrade_fn, seed=args.seed)
+    else:
+        train_set = PairedFolderDataset(args.pairs[0], args.pairs[1], scale=scale, lr_patch=args.patch, seed=args.seed)
+    val_set = None
+    if args.val_hr:
+        val_set = CachedValidationSet(
+            args.val_hr, scale, degrade_fn, degrade_id=repr(degradation), cache_dir=Path(args.out) / "val_cache",
+            seed=args.seed,
+        )
+    elif args.val_pairs:
+        val_set = PairedFolderDataset(args.val_pairs[0], args.val_pairs[1], scale=scale)
+
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        checkpoint_every=args.checkpoint_every, val_every=args.val_every, seed=args.seed, amp=args.amp,
+    )
+    metrics = adapt(descriptor, train_set, args.out, config, val_set=val_set, resume=args.resume, device=args.device)
+    psnr = f", validation PSNR {metrics['val_psnr'][-1][1]:.2f} dB" if metrics["val_psnr"] else ""
+    print(f"adapted in {metrics['train_seconds']:.0f} s, final loss {metrics['final_loss']:.4f}{psnr}; wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Adapt super-resolution models with LoRA. Run 'adaptsr COMMAND --help' for a command's flags.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_demo_command(commands)
+    add_adapt_command(commands)
+    add_eval_command(commands)
+    add_upscale_command(commands)
+    add_merge_command(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return args.func(args)
+
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, OSError, RuntimeError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return 1

@@ -261,3 +261,4 @@ def adapt(
     if world > 1:
         dist.barrier()  # no rank leaves (and reads the run folder) before rank 0 has written it
     return metrics
+

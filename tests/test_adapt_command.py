@@ -1,0 +1,76 @@
+"""`adaptsr adapt` end to end on tiny real images, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import adaptsr
+from adaptsr.cli import main
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    from skimage import data
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        image = Image.fromarray(getattr(data, name)()).resize((48, 48), Image.BICUBIC)
+        image.save(hr_dir / f"{name}.png")
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "base.safetensors"
+    adaptsr.save_model(ESRGAN(num_filters=8, num_blocks=1, scale=2), checkpoint)
+    return tmp_path, hr_dir, checkpoint
+
+
+def _args(checkpoint, hr_dir, run_dir, *extra):
+    return [
+        "adapt", "--model", str(checkpoint), "--hr", str(hr_dir), "--degradation", "camera", "--out", str(run_dir),
+        "--steps", "4", "--batch-size", "2", "--patch", "16", "--checkpoint-every", "2", "--rank", "4",
+        "--lr", "1e-3", "--warmup-steps", "1", "--device", "cpu", *extra,
+    ]
+
+
+def test_adapt_writes_a_run_folder(setup, capsys):
+    tmp_path, hr_dir, checkpoint = setup
+    run_dir = tmp_path / "run"
+    assert main(_args(checkpoint, hr_dir, run_dir, "--val-hr", str(hr_dir))) == 0
+    assert "LoRA on" in capsys.readouterr().out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(metrics["loss"]) == 4 and len(metrics["val_psnr"]) == 1
+    assert json.loads((run_dir / "config.json").read_text())["steps"] == 4
+    # the adapter fits the base it was trained on, and the merged model is that base + adapter
+    base = adaptsr.load_model(checkpoint)
+    adaptsr.load_adapter(base, run_dir / "adapter")
+    merged = adaptsr.load_model(run_dir / "model_merged.safetensors")
+    x = torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(x), base.model(x), rtol=1e-5, atol=1e-5)
+    # resume to a longer schedule continues from the checkpoint
+    assert main(_args(checkpoint, hr_dir, run_dir, "--resume")) == 0
+
+
+def test_adapt_bad_input(setup, capsys):
+    tmp_path, hr_dir, checkpoint = setup
+    assert main(_args(tmp_path / "missing.pth", hr_dir, tmp_path / "run")) == 1
+    assert "missing.pth" in capsys.readouterr().err
+    assert main(_args(checkpoint, tmp_path / "no-such-folder", tmp_path / "run")) == 1
+    assert "no-such-folder" in capsys.readouterr().err
+    assert main(_args(checkpoint, hr_dir, tmp_path / "run2", "--degradation", "nope")) == 1
+    assert "nope" in capsys.readouterr().err
+    assert main(_args(checkpoint, hr_dir, tmp_path / "fresh", "--resume")) == 1
+    assert "no checkpoint" in capsys.readouterr().err

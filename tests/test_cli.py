@@ -1,0 +1,279 @@
+"""The command line end to end: adaptsr eval / upscale / merge through adaptsr.cli.main, one subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from spandrel.architectures.ESRGAN import ESRGAN
+from spandrel.architectures.SwinIR import SwinIR
+
+import adaptsr
+from adaptsr.cli import build_parser, main
+from adaptsr.data.images import read_image
+from adaptsr.infer import upscale
+
+warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny ESRGAN x2 checkpoint, an adapter trained 'for' it, a SwinIR checkpoint, LR/HR image folders."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    base = ESRGAN(num_filters=8, num_blocks=1, scale=2)
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(root / "base.safetensors"))
+    swin = SwinIR(
+        img_size=16,
+        embed_dim=12,
+        depths=[1],
+        num_heads=[2],
+        window_size=4,
+        mlp_ratio=1.0,
+        upscale=2,
+        upsampler="pixelshuffledirect",
+    )
+    torch.save(swin.state_dict(), root / "swinir.pth")
+
+    model = adaptsr.load_model(root / "base.safetensors")
+    adaptsr.inject_lora(model, preset="esrgan", rank=2, init_lora_weights=False)
+    adaptsr.save_adapter(model, root / "adapter")
+
+    rng = np.random.default_rng(0)
+    (root / "lr").mkdir()
+    (root / "hr").mkdir()
+    for name in ("a", "b"):
+        hr = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
+        Image.fromarray(hr).save(root / "hr" / f"{name}_HR.png")
+        Image.fromarray(hr).resize((18, 20), Image.BICUBIC).save(root / "lr" / f"{name}_LR2.png")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return root
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_explains_every_flag():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"demo", "eval", "upscale", "merge"} <= set(commands)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"adaptsr {name}: flag {action.option_strings or action.dest} has no help"
+
+
+def test_python_m_adaptsr_help():
+    proc = subprocess.run(
+        [sys.executable, "-m", "adaptsr", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name in ("eval", "upscale", "merge", "demo"):
+        assert name in proc.stdout
+
+
+def test_merge(files, capsys, tmp_path):
+    for suffix in (".safetensors", ".pth"):
+        out = tmp_path / f"merged{suffix}"
+        code, _, err = _run(
+            capsys, "merge", "--model", files / "base.safetensors", "--adapter", files / "adapter", "--out", out
+        )
+        assert code == 0, err
+        merged = adaptsr.load_model(out)  # spandrel opens it as the original architecture
+        assert merged.architecture.id == "ESRGAN" and merged.scale == 2
+        assert not any(True for _ in adaptsr.lora_layers(merged.model))
+        adapted = adaptsr.load_model(files / "base.safetensors")
+        adaptsr.load_adapter(adapted, files / "adapter")
+        x = torch.rand(1, 3, 12, 10)
+        torch.testing.assert_close(upscale(merged, x), upscale(adapted, x), rtol=0, atol=1e-5)
+
+
+def test_upscale_file_and_folder(files, capsys, tmp_path):
+    code, out, err = _run(
+        capsys,
+        "upscale",
+        files / "lr",
+        "--model",
+        files / "base.safetensors",
+        "--adapter",
+        files / "adapter",
+        "--out",
+        tmp_path / "sr",
+        "--tile",
+        "8",
+        "--overlap",
+        "4",
+    )
+    assert code == 0, err
+    assert "a_LR2.png -> " in out and "(36x40)" in out
+    written = sorted(p.name for p in (tmp_path / "sr").iterdir())
+    assert written == ["a_LR2.png", "b_LR2.png"]
+    sr = read_image(tmp_path / "sr" / "a_LR2.png")
+    assert sr.shape == (3, 40, 36)
+    # the same as the library call with the same tiling (8-bit rounding apart)
+    model = adaptsr.load_model(files / "base.safetensors")
+    adaptsr.load_adapter(model, files / "adapter")
+    expect = upscale(model, read_image(files / "lr" / "a_LR2.png")[None], tile=8, overlap=4)[0]
+    assert (sr - expect).abs().max() <= 1 / 255 + 1e-4
+
+    code, _, err = _run(
+        capsys, "upscale", files / "lr" / "b_LR2.png", "--model", files / "swinir.pth", "--out", tmp_path / "swin"
+    )
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "swin").iterdir()] == ["b_LR2.png"]
+
+
+def test_eval_pairs(files, capsys, tmp_path):
+    code, out, err = _run(
+        capsys,
+        "eval",
+        "--model",
+        files / "base.safetensors",
+        "--pairs",
+        files / "lr",
+        files / "hr",
+        "--metrics",
+        "psnr,ssim",
+        "--out",
+        tmp_path / "ev",
+    )
+    assert code == 0, err
+    doc = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert [r["name"] for r in doc["images"]] == ["a_LR2", "b_LR2"] and doc["scale"] == 2
+    assert "mean" in out and "psnr" in out
+    assert (tmp_path / "ev" / "metrics.csv").read_text().splitlines()[0] == "image,psnr,ssim"
+
+
+def test_eval_missing_weights_still_reports_psnr(files, capsys, tmp_path):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        code, out, err = _run(
+            capsys,
+            "eval",
+            "--model",
+            files / "base.safetensors",
+            "--pairs",
+            files / "lr",
+            files / "hr",
+            "--metrics",
+            "psnr,lpips",
+            "--offline",
+            "--out",
+            tmp_path / "ev",
+        )
+    finally:
+        torch.hub.set_dir(old)
+    assert code == 0, err
+    assert "skipped lpips" in out and str(tmp_path / "hub") in out
+    assert "lpips was skipped" in err
+    doc = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert doc["metrics"] == ["psnr"] and "lpips" in doc["skipped"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["merge", "--model", "{f}/nope.pth", "--adapter", "{f}/adapter", "--out", "{t}/m.pth"], "does not exist"),
+        (["merge", "--model", "{f}/swinir.pth", "--adapter", "{f}/adapter", "--out", "{t}/m.pth"], "does not fit"),
+        (
+            ["merge", "--model", "{f}/base.safetensors", "--adapter", "{f}/adapter", "--out", "{t}/m.onnx"],
+            ".safetensors or .pth",
+        ),
+        (["upscale", "{f}/broken.png", "--model", "{f}/base.safetensors", "--out", "{t}/o"], "broken.png"),
+        (["upscale", "{f}/missing.png", "--model", "{f}/base.safetensors", "--out", "{t}/o"], "does not exist"),
+        (
+            [
+                "eval",
+                "--model",
+                "{f}/base.safetensors",
+                "--pairs",
+                "{f}/lr",
+                "{f}/hr",
+                "--metrics",
+                "psnr,lpipz",
+                "--out",
+                "{t}/o",
+            ],
+            "unknown metric 'lpipz'",
+        ),
+        (["eval", "--model", "{f}/base.safetensors", "--pairs", "{f}/lr", "{f}/nohr", "--out", "{t}/o"], "HR folder"),
+        (
+            [
+                "eval",
+                "--model",
+                "{f}/base.safetensors",
+                "--pairs",
+                "{f}/hr",
+                "{f}/lr",
+                "--out",
+                "{t}/o",
+                "--metrics",
+                "psnr",
+            ],
+            "SR result is 72x80",
+        ),
+    ],
+)
+def test_bad_input_one_line_no_output(files, capsys, tmp_path, argv, message):
+    argv = [a.format(f=files, t=tmp_path) for a in argv]
+    code, _, err = _run(capsys, *argv)
+    assert code == 1
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"adaptsr {argv[0]}: error: ")
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
+
+
+def test_eval_hr_with_degradation(files, capsys, tmp_path):
+    """HR images degraded once with a preset; the cached LR images make a second run identical."""
+    pytest.importorskip("adaptsr.data.degradations")
+    argv = ["eval", "--model", files / "base.safetensors", "--hr", files / "hr", "--degradation", "camera",
+            "--seed", "3", "--out", tmp_path / "o"]  # fmt: skip
+    code, _, err = _run(capsys, *argv)
+    assert code == 0, err
+    first = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert [r["name"] for r in first["images"]] == ["a_HR", "b_HR"]
+    assert len(list((tmp_path / "o" / "lr-cache").glob("*.png"))) == 2
+    code, _, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["mean"] == first["mean"]
+
+    code, _, err = _run(capsys, *argv[:-2], "--out", tmp_path / "p", "--degradation", "nosuch")
+    assert code == 1 and "unknown degradation preset 'nosuch'" in err
+
+
+def test_eval_hr_without_the_degradation_module(files, capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "adaptsr.data.degradations", None)  # as if not installed
+    code, _, err = _run(capsys, "eval", "--model", files / "base.safetensors", "--hr", files / "hr",
+                        "--degradation", "realesrgan", "--out", tmp_path / "o")  # fmt: skip
+    assert code == 1 and "--hr/--degradation is not available yet" in err and "--pairs" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "eval", "--model", files / "base.safetensors", "--hr", files / "hr",
+                        "--out", tmp_path / "o")  # fmt: skip
+    assert code == 1 and "--hr needs --degradation" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--model", "x.pth"])
+    assert exc.value.code == 2
+    assert "required" in capsys.readouterr().err

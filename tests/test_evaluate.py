@@ -1,0 +1,130 @@
+"""adaptsr.evaluate against pyiqa itself (the referee), and the missing-weights path."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pyiqa
+import pytest
+import torch
+from skimage import data as skdata
+
+from adaptsr.evaluate import MissingWeightsError, create_metric, evaluate_pairs, format_table, write_results
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def empty_hub(tmp_path):
+    """torch.hub pointed at an empty folder: no metric weights on this 'machine'."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(old)
+
+
+def _photo_pairs(scale=2):
+    """Two small real photos (HR) and degraded 8-bit 'SR' versions of them."""
+    g = torch.Generator().manual_seed(0)
+    pairs = {}
+    for name in ("astronaut", "coffee"):
+        hr = torch.from_numpy(getattr(skdata, name)()[:48, :60].astype(np.float32) / 255).permute(2, 0, 1)
+        lr = torch.nn.functional.avg_pool2d(hr[None], scale)
+        sr = torch.nn.functional.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False)
+        sr = sr + 0.02 * torch.randn(sr.shape, generator=g)
+        pairs[name] = ((sr.clamp(0, 1) * 255).round() / 255, hr[None])
+    return pairs
+
+
+def test_psnr_ssim_equal_pyiqa(tmp_path):
+    scale = 2
+    pairs = _photo_pairs(scale)
+    result = evaluate_pairs(pairs, ["psnr", "ssim", "psnry"], scale)
+    assert result["metrics"] == ["psnr", "ssim", "psnry"] and result["skipped"] == {}
+    # The referee: pyiqa called directly, with the SR convention spelled out.
+    psnr = pyiqa.create_metric("psnr", device="cpu", test_y_channel=True, color_space="ycbcr", crop_border=scale)
+    ssim = pyiqa.create_metric("ssim", device="cpu", test_y_channel=True, color_space="ycbcr", crop_border=scale)
+    psnry = pyiqa.create_metric("psnry", device="cpu")
+    for row, (name, (sr, hr)) in zip(result["images"], pairs.items()):
+        assert row["name"] == name
+        assert row["psnr"] == pytest.approx(psnr(sr, hr).item(), abs=1e-6)
+        assert row["ssim"] == pytest.approx(ssim(sr, hr).item(), abs=1e-7)
+        assert row["psnry"] == pytest.approx(psnry(sr, hr).item(), abs=1e-6)
+    for m in result["metrics"]:
+        assert result["mean"][m] == pytest.approx(np.mean([r[m] for r in result["images"]]))
+    # The convention matters: cropping and the colour space change the number.
+    plain = pyiqa.create_metric("psnr", device="cpu")
+    sr, hr = pairs["astronaut"]
+    assert abs(plain(sr, hr).item() - result["images"][0]["psnr"]) > 0.01
+
+    json_path, csv_path = write_results(result, tmp_path / "out")
+    doc = json.loads(json_path.read_text())
+    assert doc["mean"]["psnr"] == pytest.approx(result["mean"]["psnr"])
+    rows = list(csv.reader(csv_path.open()))
+    assert rows[0] == ["image", "psnr", "ssim", "psnry"] and rows[-1][0] == "mean" and len(rows) == 4
+    assert float(rows[1][1]) == result["images"][0]["psnr"]
+    table = format_table(result)
+    assert "astronaut" in table and "mean" in table
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_model_and_dataset_path():
+    class Bicubic(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+
+    pairs = _photo_pairs()
+    dataset = [(name, torch.nn.functional.avg_pool2d(hr, 2)[0], hr[0]) for name, (_, hr) in pairs.items()]
+    result = evaluate_pairs(model=Bicubic(), dataset=dataset, metrics="psnr,ssim", scale=2)
+    psnr = pyiqa.create_metric("psnr", device="cpu", test_y_channel=True, color_space="ycbcr", crop_border=2)
+    for row, (_, lr, hr) in zip(result["images"], dataset):
+        sr = (Bicubic()(lr[None]).clamp(0, 1) * 255).round() / 255  # the model's output as an 8-bit PNG
+        assert row["psnr"] == pytest.approx(psnr(sr, hr[None]).item(), abs=1e-5)
+
+
+def test_missing_weights_named_and_others_still_run(empty_hub):
+    pairs = _photo_pairs()
+    result = evaluate_pairs(pairs, ["psnr", "lpips"], 2, download=False)
+    assert result["metrics"] == ["psnr"]
+    assert result["mean"]["psnr"] > 20
+    reason = result["skipped"]["lpips"]
+    assert "'lpips'" in reason and ".pth" in reason and str(empty_hub) in reason
+    assert "torch.hub.get_dir()/pyiqa" in reason
+    assert "skipped lpips" in format_table(result)
+    assert not any(empty_hub.rglob("*.pth"))  # nothing was downloaded
+
+
+def test_failed_download_gives_the_same_message(empty_hub, monkeypatch):
+    """With downloads on but no network, the failure is caught and names the file."""
+    import torch.hub
+
+    def offline(url, dst, *args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(MissingWeightsError, match=r"needs the weight file .*network is unreachable"):
+        create_metric("lpips", 2, download=True)
+    assert torch.hub.download_url_to_file is offline  # the guard put things back
+
+
+def test_bad_input():
+    pairs = _photo_pairs()
+    with pytest.raises(ValueError, match="unknown metric 'psnrr'.*psnr"):
+        evaluate_pairs(pairs, ["psnrr"], 2)
+    sr, hr = pairs["coffee"]
+    with pytest.raises(ValueError, match="'x'.*SR result is 60x48 but the HR image is 40x30"):
+        evaluate_pairs({"x": (sr, hr[..., :30, :40])}, ["psnr"], 2)
+    # an HR image a pixel larger than the SR result is cropped to it (mod-crop)
+    bigger = torch.nn.functional.pad(hr, (0, 1, 0, 1))
+    a = evaluate_pairs({"x": (sr, bigger)}, ["psnr"], 2)["mean"]["psnr"]
+    assert a == pytest.approx(evaluate_pairs({"x": (sr, hr)}, ["psnr"], 2)["mean"]["psnr"])
+    with pytest.raises(ValueError, match="either pairs"):
+        evaluate_pairs(metrics=["psnr"], scale=2)
