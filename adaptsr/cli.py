@@ -439,7 +439,8 @@ def _adapt(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, val_every=args.val_every, seed=args.seed, amp=args.amp,
     )
     metrics = adapt(descriptor, train_set, args.out, config, val_set=val_set, resume=args.resume, device=args.device)
-    psnr = f", validation PSNR {metrics['val_psnr'][-1][1]:.2f} dB" if metrics["val_psnr"] else ""
+    val = metrics["val"][-1] if metrics["val"] else None
+    psnr = f", validation PSNR {val['psnr']:.2f} dB / SSIM {val['ssim']:.4f} (Y)" if val else ""
     print(f"adapted in {metrics['train_seconds']:.0f} s, final loss {metrics['final_loss']:.4f}{psnr}; wrote {args.out}")
     return 0
 

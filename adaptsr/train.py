@@ -13,9 +13,11 @@ DistributedDataParallel (nccl on GPUs, gloo on CPUs): each step's global batch o
 ``batch_size`` is split evenly over the ranks, gradients are averaged, and only rank 0 logs and
 writes files.
 
-At the end the run folder holds ``config.json``, ``metrics.json`` and, for a LoRA model,
-``adapter/`` (PEFT-layout adapter files) and ``model_merged.safetensors`` (a plain checkpoint
-spandrel opens as the original architecture).
+At the end the run folder holds ``config.json``, ``metrics.json`` (losses, validation PSNR/SSIM
+on Y), ``curves.png``, ``comparison.png`` (LR | base | adapted | HR crops of the validation
+images, on a fresh start with a validation set), and, for a LoRA model, ``adapter/``
+(PEFT-layout adapter files); always ``model_merged.safetensors`` (a plain checkpoint spandrel
+opens as the original architecture).
 """
 
 from __future__ import annotations
@@ -108,21 +110,65 @@ def _init_distributed(device: torch.device | None) -> tuple[int, int, torch.devi
     return dist.get_rank(), dist.get_world_size(), torch.device(device or "cpu")
 
 
-def _psnr(sr: torch.Tensor, hr: torch.Tensor) -> float:
-    mse = F.mse_loss(sr.clamp(0, 1).float(), hr.float()).item()
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
-
-
 @torch.no_grad()
-def _validate(model: nn.Module, val_set, device: torch.device) -> float:
-    was_training = model.training
-    model.eval()
-    values = []
+def _super_resolve(module: nn.Module, val_set, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(lr, sr, hr) on the CPU for every validation item, the model in eval mode."""
+    was_training = module.training
+    module.eval()
+    triples = []
     for i in range(len(val_set)):
-        lr, hr = val_set[i]
-        values.append(_psnr(model(lr[None].to(device)), hr[None].to(device)))
-    model.train(was_training)
-    return sum(values) / len(values)
+        lr, hr = val_set[i][:2]
+        sr = module(lr[None].to(device)).clamp(0, 1)[0].float().cpu()
+        triples.append((lr, sr, hr))
+    module.train(was_training)
+    return triples
+
+
+def _validate(module: nn.Module, val_set, device: torch.device) -> dict[str, float]:
+    """Mean PSNR and SSIM on the Y channel, border cropped by the scale (pyiqa, the SR convention)."""
+    from adaptsr.evaluate import evaluate_pairs
+
+    triples = _super_resolve(module, val_set, device)
+    scale = triples[0][2].shape[-1] // triples[0][0].shape[-1]
+    result = evaluate_pairs([(sr, hr) for _, sr, hr in triples], ("psnr", "ssim"), scale)
+    return result["mean"]
+
+
+def _write_curves(path: Path, history: dict) -> None:
+    """Training loss and validation PSNR against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; and never the interactive backend of a notebook
+    import matplotlib.pyplot as plt
+
+    fig, loss_axis = plt.subplots(figsize=(7, 4), dpi=100)
+    loss_axis.plot(range(1, len(history["loss"]) + 1), history["loss"], lw=0.8, color="tab:blue")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("L1 loss", color="tab:blue")
+    if history["val"]:
+        psnr_axis = loss_axis.twinx()
+        steps = [entry["step"] for entry in history["val"]]
+        psnr_axis.plot(steps, [entry["psnr"] for entry in history["val"]], "o-", color="tab:red")
+        psnr_axis.set_ylabel("validation PSNR (Y, dB)", color="tab:red")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def _write_comparison(path: Path, before, after, crop: int = 96, rows: int = 4) -> None:
+    """Side-by-side crops, one validation image per row: LR (nearest-upscaled) | base | adapted | HR."""
+    from adaptsr.data.images import write_png
+
+    tiles = []
+    for (lr, base_sr, hr), (_, adapted_sr, _) in list(zip(before, after))[:rows]:
+        size = min(crop, hr.shape[-2], hr.shape[-1])
+        top, left = (hr.shape[-2] - size) // 2, (hr.shape[-1] - size) // 2
+        lr_up = F.interpolate(lr[None].float(), size=hr.shape[-2:], mode="nearest")[0]
+        panels = [t[:, top:top + size, left:left + size] for t in (lr_up, base_sr, adapted_sr, hr.float())]
+        tiles.append(torch.cat(panels, dim=2))
+    width = max(t.shape[-1] for t in tiles)
+    tiles = [F.pad(t, (0, width - t.shape[-1])) for t in tiles]
+    write_png(torch.cat(tiles, dim=1), path)
 
 
 def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -170,7 +216,7 @@ def adapt(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     use_bf16 = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda")
 
-    history = {"loss": [], "val_psnr": [], "skipped_steps": 0, "train_seconds": 0.0}
+    history = {"loss": [], "val": [], "skipped_steps": 0, "train_seconds": 0.0}
     start_step = 0
     checkpoint_path = run_dir / _CHECKPOINT
     if resume:
@@ -200,6 +246,10 @@ def adapt(
         }
         if rank == 0:
             atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
+
+    # The base model's outputs, for the comparison crops (only on a fresh start: after a resume
+    # the model is no longer the base).
+    before = _super_resolve(module, val_set, device) if val_set is not None and rank == 0 and not resume else None
 
     bad_in_a_row = 0
     clock = time.perf_counter()
@@ -237,14 +287,14 @@ def adapt(
             eta = (config.steps - done) / max(rate, 1e-9)
             print(f"step {done}/{config.steps}  loss {loss.item():.4f}  {rate:.2f} it/s  ETA {eta:.0f} s", flush=True)
         if val_set is not None and config.val_every and done % config.val_every == 0:
-            history["val_psnr"].append([done, _validate(module, val_set, device)])
+            history["val"].append({"step": done, **_validate(module, val_set, device)})
         if done % config.checkpoint_every == 0 or done == config.steps:
             history["train_seconds"] += time.perf_counter() - clock
             clock = time.perf_counter()
             save_checkpoint(done)
 
-    if val_set is not None and not (config.val_every and history["val_psnr"] and history["val_psnr"][-1][0] == config.steps):
-        history["val_psnr"].append([config.steps, _validate(module, val_set, device)])
+    if val_set is not None and not (history["val"] and history["val"][-1]["step"] == config.steps):
+        history["val"].append({"step": config.steps, **_validate(module, val_set, device)})
     metrics = {
         "steps": config.steps,
         "final_loss": history["loss"][-1] if history["loss"] else None,
@@ -258,6 +308,9 @@ def adapt(
             save_adapter(model, run_dir / "adapter")
         save_model(model, run_dir / "model_merged.safetensors")
         _write_json(run_dir / "metrics.json", metrics)
+        _write_curves(run_dir / "curves.png", history)
+        if before is not None:
+            _write_comparison(run_dir / "comparison.png", before, _super_resolve(module, val_set, device))
     if world > 1:
         dist.barrier()  # no rank leaves (and reads the run folder) before rank 0 has written it
     return metrics

@@ -51,7 +51,10 @@ def test_adapt_writes_a_run_folder(setup, capsys):
     assert main(_args(checkpoint, hr_dir, run_dir, "--val-hr", str(hr_dir))) == 0
     assert "LoRA on" in capsys.readouterr().out
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert len(metrics["loss"]) == 4 and len(metrics["val_psnr"]) == 1
+    assert len(metrics["loss"]) == 4 and len(metrics["val"]) == 1
+    assert set(metrics["val"][0]) == {"step", "psnr", "ssim"}
+    for picture in ("curves.png", "comparison.png"):
+        assert Image.open(run_dir / picture).size[0] > 0
     assert json.loads((run_dir / "config.json").read_text())["steps"] == 4
     # the adapter fits the base it was trained on, and the merged model is that base + adapter
     base = adaptsr.load_model(checkpoint)

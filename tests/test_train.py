@@ -115,7 +115,20 @@ def test_run_folder_is_usable(tmp_path):
     model = make_model()
     adapt(model, NoisyPairs(), tmp_path, _config(steps=6), val_set=NoisyPairs(n=2, seed=9), device="cpu")
     metrics = __import__("json").loads((tmp_path / "metrics.json").read_text())
-    assert metrics["steps"] == 6 and len(metrics["val_psnr"]) == 1
+    assert metrics["steps"] == 6 and [entry["step"] for entry in metrics["val"]] == [6]
+    # validation numbers are pyiqa's PSNR on Y of the final model's outputs
+    from adaptsr.evaluate import evaluate_pairs
+
+    val = NoisyPairs(n=2, seed=9)
+    with torch.no_grad():
+        pairs = [(model.eval()(val.lr[i : i + 1]).clamp(0, 1)[0], val.hr[i]) for i in range(2)]
+    model.train()
+    assert metrics["val"][0]["psnr"] == pytest.approx(evaluate_pairs(pairs, ("psnr",), 2)["mean"]["psnr"], rel=1e-6)
+    # comparison crops: LR | base | adapted | HR side by side, one row per validation image
+    from adaptsr.data.images import read_image
+
+    comparison = read_image(tmp_path / "comparison.png")
+    assert comparison.shape == (3, 2 * 16, 4 * 16)
     assert metrics["trainable_params"] == sum(v.numel() for v in _adapter_state(model).values())
     lr = NoisyPairs(n=1, seed=5).lr
     model.eval()
