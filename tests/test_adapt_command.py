@@ -77,3 +77,17 @@ def test_adapt_bad_input(setup, capsys):
     assert "nope" in capsys.readouterr().err
     assert main(_args(checkpoint, hr_dir, tmp_path / "fresh", "--resume")) == 1
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_adapt_full_finetune_baseline(setup):
+    tmp_path, hr_dir, checkpoint = setup
+    run_dir = tmp_path / "full"
+    assert main(_args(checkpoint, hr_dir, run_dir, "--full-finetune")) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["trainable_params"] == metrics["total_params"]
+    assert not (run_dir / "adapter").exists()  # nothing to save as an adapter
+    base = adaptsr.load_model(checkpoint).model
+    tuned = adaptsr.load_model(run_dir / "model_merged.safetensors").model
+    x = torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        assert not torch.allclose(base(x), tuned(x))
