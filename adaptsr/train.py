@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from adaptsr.adapter import save_adapter
 from adaptsr.inject import lora_layers, unwrap_model
@@ -58,7 +59,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     checkpoint_every: int = 100
     val_every: int = 0  # 0: validate only at the end (when a validation set is given)
-    log_every: int = 10
+    log_every: int = 10  # steps between loss updates on the progress bar; 0: no progress bar
     seed: int = 0
     amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16", "off"
 
@@ -251,6 +252,8 @@ def adapt(
     # the model is no longer the base).
     before = _super_resolve(module, val_set, device) if val_set is not None and rank == 0 and not resume else None
 
+    # tqdm shows it/s and the ETA; rank 0 only, and silent with log_every=0.
+    progress = tqdm(total=config.steps, initial=start_step, unit="step", disable=rank != 0 or not config.log_every)
     bad_in_a_row = 0
     clock = time.perf_counter()
     for step in range(start_step, config.steps):
@@ -281,11 +284,9 @@ def adapt(
             loss /= world
         history["loss"].append(loss.item())
         done = step + 1
-        if rank == 0 and config.log_every and done % config.log_every == 0:
-            elapsed = time.perf_counter() - clock
-            rate = (done - start_step) / max(elapsed, 1e-9)
-            eta = (config.steps - done) / max(rate, 1e-9)
-            print(f"step {done}/{config.steps}  loss {loss.item():.4f}  {rate:.2f} it/s  ETA {eta:.0f} s", flush=True)
+        progress.update(1)
+        if config.log_every and done % config.log_every == 0:
+            progress.set_postfix(loss=f"{loss.item():.4f}")
         if val_set is not None and config.val_every and done % config.val_every == 0:
             history["val"].append({"step": done, **_validate(module, val_set, device)})
         if done % config.checkpoint_every == 0 or done == config.steps:
@@ -293,6 +294,7 @@ def adapt(
             clock = time.perf_counter()
             save_checkpoint(done)
 
+    progress.close()
     if val_set is not None and not (history["val"] and history["val"][-1]["step"] == config.steps):
         history["val"].append({"step": config.steps, **_validate(module, val_set, device)})
     metrics = {
