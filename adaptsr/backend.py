@@ -42,7 +42,7 @@ def get_backend() -> str:
     return name
 
 
-class set_backend(AbstractContextManager):  # noqa: N801 - reads as a function at call sites
+class set_backend(AbstractContextManager):
     """Select the backend; usable as a plain call or as a context manager.
 
     ``set_backend("torch")`` switches for the rest of the thread;

@@ -239,7 +239,7 @@ def evaluate_pairs(
             created[name] = create_metric(name, scale, device=device, download=download)
         except MissingWeightsError as err:
             skipped[name] = str(err)
-        except Exception as err:  # noqa: BLE001 (a metric that cannot be built must not stop the others)
+        except Exception as err:
             skipped[name] = f"metric {name!r} could not be created ({type(err).__name__}: {err})"
 
     if model is not None:

@@ -27,8 +27,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import statistics
 import re
+import statistics
 import time
 from collections.abc import Callable, Sequence
 

@@ -16,7 +16,7 @@ gradients whatever the reduction behind them. NaN and inf never pass.
 The helpers are handed to tests as fixtures (``assert_close_to_reference``, ``assert_close``,
 ``abs_inputs``, ``conv_case_strategy``, ``linear_case_strategy``, ``make_conv_tensors``,
 ``make_linear_tensors``; all session-scoped, so hypothesis tests can take them; and the
-module-scoped ``single_threaded``) rather than imported, so the test files work under every
+session-wide autouse ``single_threaded``) rather than imported, so the test files work under every
 pytest import mode and next to other ``conftest.py`` files.
 """
 
@@ -138,11 +138,11 @@ def assert_close():
     return _check_close
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def single_threaded():
-    """One intra-op thread for a module of tiny-shape tests: as fast as two, and it does not slow
-    down tenfold when another process shares the cores (OpenMP threads spinning on each other).
-    Use with ``pytestmark = pytest.mark.usefixtures("single_threaded")``."""
+    """One intra-op thread for the whole suite of tiny-shape tests: as fast as two, deterministic,
+    and it does not slow down tenfold when another process shares the cores (OpenMP threads
+    spinning on each other)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -23,14 +23,6 @@ from adaptsr.infer import upscale
 warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny ESRGAN x2 checkpoint, an adapter trained 'for' it, a SwinIR checkpoint, LR/HR image folders."""

@@ -14,14 +14,6 @@ from skimage import data as skdata
 from adaptsr.evaluate import MissingWeightsError, create_metric, evaluate_pairs, format_table, write_results
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def empty_hub(tmp_path):
     """torch.hub pointed at an empty folder: no metric weights on this 'machine'."""

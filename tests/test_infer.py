@@ -16,14 +16,6 @@ from adaptsr.infer import upscale
 warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _descriptor(module):
     return ModelLoader().load_from_state_dict(module.state_dict()).eval()
 

@@ -46,15 +46,6 @@ RCAN_CONVS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second intra-op thread only adds barrier waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _rcan() -> RCAN:
     torch.manual_seed(0)
     return RCAN(scale=2, n_resgroups=1, n_resblocks=2, n_feats=16, reduction=4)

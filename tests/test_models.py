@@ -89,15 +89,6 @@ ARCHS = {
 SCALE = 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: a second intra-op thread only adds barrier waits (100x on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(params=sorted(ARCHS))
 def arch(request) -> str:
     return request.param

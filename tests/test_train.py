@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import adaptsr
 from adaptsr.train import TrainConfig, adapt
@@ -22,14 +21,6 @@ TASK = (Path(__file__).parent / "train_task.py").read_text()
 namespace: dict = {}
 exec(TASK, namespace)
 NoisyPairs, make_model = namespace["NoisyPairs"], namespace["make_model"]
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic and fair on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(**overrides) -> TrainConfig:
@@ -79,7 +70,7 @@ def test_resume_after_sigkill(tmp_path):
     script.write_text(
         TASK
         + textwrap.dedent(
-            f"""
+            """
             import sys
             torch.set_num_threads(1)
             from adaptsr.train import TrainConfig, adapt

@@ -5,8 +5,9 @@ Not a test module: tests read its source so that subprocesses can run exactly th
 
 import torch
 import torch.nn.functional as F
-import adaptsr
 from spandrel.architectures.ESRGAN import ESRGAN
+
+import adaptsr
 
 
 class NoisyPairs(torch.utils.data.Dataset):

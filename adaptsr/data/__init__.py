@@ -25,14 +25,11 @@ from adaptsr.data.images import list_images, read_image, write_png
 
 __all__ = [
     "DEGRADATION_PRESETS",
+    "KERNEL_TYPES",
     "CachedValidationSet",
+    "DegradationConfig",
     "HRFolderDataset",
     "PairedFolderDataset",
-    "list_images",
-    "read_image",
-    "write_png",
-    "KERNEL_TYPES",
-    "DegradationConfig",
     "StageConfig",
     "add_gaussian_noise",
     "add_poisson_noise",
@@ -43,7 +40,10 @@ __all__ = [
     "get_preset",
     "isotropic_gaussian_kernel",
     "jpeg_compress",
+    "list_images",
     "min_input_size",
     "plateau_kernel",
+    "read_image",
     "sinc_kernel",
+    "write_png",
 ]

@@ -66,7 +66,7 @@ def _orientation(img: Image.Image) -> int:
         else:
             exif = img.getexif()
         value = int(exif.get(_EXIF_ORIENTATION, 1))
-    except Exception:  # noqa: BLE001 - a broken EXIF block (any error) should not make the pixels unreadable
+    except Exception:
         return 1
     return value if 1 <= value <= 8 else 1
 

@@ -161,7 +161,6 @@ def _pixel_sum_outer(dy: torch.Tensor, z: torch.Tensor, groups: int) -> torch.Te
         for i in range(groups)
     ]
     return per_group[0] if groups == 1 else torch.cat(per_group)
-    return scaling * grad_a, scaling * grad_b
 
 
 def _full_wgrad_to_lora(grad_w_merged, lora_A, lora_B, scaling):

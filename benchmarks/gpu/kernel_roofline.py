@@ -15,14 +15,12 @@ import argparse
 import sys
 
 import torch
-import torch.nn.functional as F
 from triton.testing import do_bench
 
 import adaptsr
 from adaptsr.kernels.lora_conv2d import lora_conv2d_lowrank_grads
 from adaptsr.ops._conv_geometry import ConvGeometry
 from adaptsr.ops.lora_conv2d import _full_wgrad_to_lora, _low_rank_grads, _weight_grad
-
 from benchmarks.shapes import GPU_CONV_SHAPES, GPU_LINEAR_SHAPES, GPU_RANKS
 
 # The layer sizes of the benchmark shapes (each is listed once per dtype there).

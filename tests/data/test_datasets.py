@@ -16,14 +16,6 @@ from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFo
 from adaptsr.data.images import image_size, list_images, read_image, write_png
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _photo(name: str, size: tuple[int, int] = (64, 64)) -> np.ndarray:
     """A scikit-image photo resized to ``size`` (width, height): uint8 [H, W, 3] (or [H, W] for grey)."""
     return np.asarray(Image.fromarray(getattr(skdata, name)()).resize(size, Image.Resampling.BICUBIC))

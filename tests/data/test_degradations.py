@@ -34,14 +34,6 @@ from adaptsr.data import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _hr(b: int = 2, side: int = 80, seed: int = 0, texture: float = 0.3) -> torch.Tensor:
     """A smooth random image plus ``texture`` of pixel noise, [b, 3, side, side] in [0, 1]."""
     g = torch.Generator().manual_seed(seed)

@@ -14,8 +14,6 @@ from torch import nn
 from adaptsr.backend import set_backend
 from adaptsr.nn import LoRAConv2d, LoRALinear
 
-pytestmark = pytest.mark.usefixtures("single_threaded")
-
 # nn.Conv2d options: groups, every padding mode, dilation, 'same' (odd and even kernels), strides
 _CONV_GRID = [
     dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),

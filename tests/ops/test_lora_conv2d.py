@@ -16,8 +16,6 @@ from torch import nn
 from adaptsr.backend import set_backend
 from adaptsr.ops import ConvGeometry, lora_conv2d
 
-pytestmark = pytest.mark.usefixtures("single_threaded")
-
 # the module, not the function of the same name that adaptsr.ops re-exports
 conv_op = importlib.import_module("adaptsr.ops.lora_conv2d")
 

@@ -15,8 +15,6 @@ from hypothesis import strategies as st
 from adaptsr.backend import set_backend
 from adaptsr.ops import lora_linear
 
-pytestmark = pytest.mark.usefixtures("single_threaded")
-
 # the module, not the function of the same name that adaptsr.ops re-exports
 linear_op = importlib.import_module("adaptsr.ops.lora_linear")
 
