@@ -59,6 +59,19 @@ def _layer_fwd_bwd_ms(layer: torch.nn.Module, x: torch.Tensor, backend: str) -> 
     return _median_ms(step)
 
 
+def _row(op: str, lora, x, dy, copy_bw: float, fused: float, thin: float, full_ms: float, frozen: float) -> dict:
+    """One report row: the three gradient passes against the floor (x and dy read once), and the layers."""
+    floor = (x.numel() + dy.numel()) * x.element_size() / copy_bw * 1e3
+    return {
+        "op": op, "rank": lora.rank, "dtype": str(x.dtype).split(".")[-1],
+        "fused_ms": fused, "thin_torch_ms": thin, "full_wgrad_ms": full_ms, "floor_ms": floor,
+        "bw_pct": 100 * floor / fused,
+        "frozen_fwd_bwd_ms": frozen,
+        "triton_fwd_bwd_ms": _layer_fwd_bwd_ms(lora, x, "triton"),
+        "torch_fwd_bwd_ms": _layer_fwd_bwd_ms(lora, x, "torch"),
+    }
+
+
 def conv_rows(copy_bw: float, dtype: torch.dtype):
     rows = []
     for (n, c, h, w) in CONV_SIZES:
@@ -79,16 +92,7 @@ def conv_rows(copy_bw: float, dtype: torch.dtype):
                 return _full_wgrad_to_lora(_weight_grad(x, dy, w_merged, geometry, 1), a, b, 1.0)
 
             full_ms = _median_ms(full)
-            bytes_moved = 2 * x.numel() * x.element_size()
-            floor = bytes_moved / copy_bw * 1e3
-            rows.append({
-                "op": f"conv3x3 {c}->{c} on {n}x{c}x{h}x{w}", "rank": rank, "dtype": str(dtype).split(".")[-1],
-                "fused_ms": fused, "thin_torch_ms": thin, "full_wgrad_ms": full_ms, "floor_ms": floor,
-                "bw_pct": 100 * floor / fused,
-                "frozen_fwd_bwd_ms": frozen,
-                "triton_fwd_bwd_ms": _layer_fwd_bwd_ms(lora, x, "triton"),
-                "torch_fwd_bwd_ms": _layer_fwd_bwd_ms(lora, x, "torch"),
-            })
+            rows.append(_row(f"conv3x3 {c}->{c} on {n}x{c}x{h}x{w}", lora, x, dy, copy_bw, fused, thin, full_ms, frozen))
     return rows
 
 
@@ -108,16 +112,7 @@ def linear_rows(copy_bw: float, dtype: torch.dtype):
             fused = _median_ms(lambda: lora_linear_lowrank_grads(x, dy, a, b, 1.0))
             thin = _median_ms(lambda: ((dy @ b).t() @ x, dy.t() @ (x @ a.t())))
             full_ms = _median_ms(lambda: (lambda gw: (b.t() @ gw, gw @ a.t()))(dy.t() @ x))
-            bytes_moved = (x.numel() + dy.numel()) * x.element_size()
-            floor = bytes_moved / copy_bw * 1e3
-            rows.append({
-                "op": f"linear {fin}->{fout} on {tokens} tokens", "rank": rank, "dtype": str(dtype).split(".")[-1],
-                "fused_ms": fused, "thin_torch_ms": thin, "full_wgrad_ms": full_ms, "floor_ms": floor,
-                "bw_pct": 100 * floor / fused,
-                "frozen_fwd_bwd_ms": frozen,
-                "triton_fwd_bwd_ms": _layer_fwd_bwd_ms(lora, x, "triton"),
-                "torch_fwd_bwd_ms": _layer_fwd_bwd_ms(lora, x, "torch"),
-            })
+            rows.append(_row(f"linear {fin}->{fout} on {tokens} tokens", lora, x, dy, copy_bw, fused, thin, full_ms, frozen))
     return rows
 
 
