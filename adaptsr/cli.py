@@ -105,7 +105,7 @@ def add_demo_command(subparsers) -> None:
             "print the table. Nothing is downloaded."
         ),
     )
-    demo.add_argument("--model", default="swinir", help="bundled base model: swinir (default) or rrdb where bundled")
+    demo.add_argument("--model", default="swinir", help="bundled base model: swinir (default) or rrdb")
     demo.add_argument("--profile", default="lowlight",
                       help="degradation preset to adapt to: lowlight (default), camera, mild, realesrgan")
     demo.add_argument("--steps", type=int, help="training steps (default: 300 on a CPU, 2000 on a GPU)")
