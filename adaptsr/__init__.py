@@ -6,7 +6,7 @@ from adaptsr.evaluate import evaluate_pairs
 from adaptsr.infer import upscale
 from adaptsr.inject import LoRASummary, inject_lora, lora_layers, merge_lora, unmerge_lora
 from adaptsr.io import load_model, save_model
-from adaptsr.nn import LoRAConv2d, LoRALinear
+from adaptsr.nn import LoRAConv2d, LoRALinear, LoRAWindowAttention
 from adaptsr.presets import PRESETS
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "LoRAConv2d",
     "LoRALinear",
     "LoRASummary",
+    "LoRAWindowAttention",
     "evaluate_pairs",
     "get_backend",
     "inject_lora",

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from adaptsr.nn import LoRAConv2d, LoRALayer, LoRALinear
+from adaptsr.nn import LoRAConv2d, LoRALayer, LoRALinear, LoRAWindowAttention
 from adaptsr.presets import preset_pattern
 
 __all__ = ["LoRASummary", "inject_lora", "lora_layers", "merge_lora", "unmerge_lora"]
@@ -23,6 +23,7 @@ class LoRASummary:
     layers: dict[str, int] = field(default_factory=dict)  # layer name -> rank
     trainable_params: int = 0
     total_params: int = 0
+    window_attention: list[str] = field(default_factory=list)  # Swin attentions now LoRAWindowAttention
 
     @property
     def trainable_share(self) -> float:
@@ -74,6 +75,27 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+def _window_attention_swaps(
+    module: nn.Module, adapted: set[str], mode: bool | None
+) -> list[tuple[str, LoRAWindowAttention]]:
+    """(name, replacement) for the Swin window attentions to replace: every one (``mode=True``),
+    none (``False``), or those whose qkv or proj gets an adapter (``None``)."""
+    if mode is False:
+        return []
+    swaps = []
+    for name, child in module.named_modules():
+        if not name or not LoRAWindowAttention.can_wrap(child):  # the root cannot be replaced in place
+            continue
+        if mode is None and not {f"{name}.qkv", f"{name}.proj"} & adapted:
+            continue
+        swaps.append((name, LoRAWindowAttention.from_module(child)))
+    return swaps
+
+
+def _window_attentions(module: nn.Module) -> list[tuple[str, LoRAWindowAttention]]:
+    return [(name, m) for name, m in module.named_modules() if name and isinstance(m, LoRAWindowAttention)]
+
+
 def inject_lora(
     model,
     *,
@@ -86,6 +108,7 @@ def inject_lora(
     use_rslora: bool = False,
     lora_dropout: float = 0.0,
     init_lora_weights: bool | str = True,
+    window_attention: bool | None = None,
 ) -> LoRASummary:
     """Wrap the targeted nn.Conv2d / nn.Linear layers of ``model`` with LoRA, in place.
 
@@ -93,6 +116,12 @@ def inject_lora(
     in full against module names, or a list of names / name suffixes), or both. ``alpha``
     defaults to the rank (scaling 1). ``rank_pattern`` / ``alpha_pattern`` override them per
     layer (PEFT's semantics). Everything but the adapters is frozen.
+
+    Swin window attentions (spandrel's SwinIR and HAT ``WindowAttention``) become
+    ``LoRAWindowAttention``: same parameters, keys and function, the attention core on adaptsr's
+    backends. ``window_attention=None`` (default) replaces those whose ``qkv`` or ``proj`` gets an
+    adapter (all of them with the swinir and hat presets), ``True`` every one, ``False`` none.
+    ``merge_lora`` gives spandrel's modules back.
     """
     module = unwrap_model(model)
     if preset is None and targets is None:
@@ -138,6 +167,7 @@ def inject_lora(
             except (ValueError, TypeError) as err:
                 raise ValueError(f"cannot add LoRA to layer {name!r}: {err}") from err
             wrapped_layers.append((name, wrapped))
+        attention_swaps = _window_attention_swaps(module, {name for name, _ in chosen}, window_attention)
     except BaseException:
         for p, flag in requires_grad.items():  # the wrappers froze their base layers
             p.requires_grad_(flag)
@@ -146,6 +176,10 @@ def inject_lora(
     for p in module.parameters():
         p.requires_grad_(False)
     summary = LoRASummary()
+    # Attentions first: a wrapped qkv / proj is then set on the replacement, which shares the rest.
+    for name, attention in attention_swaps:
+        _set_submodule(module, name, attention)
+        summary.window_attention.append(name)
     for name, wrapped in wrapped_layers:
         _set_submodule(module, name, wrapped)
         summary.layers[name] = wrapped.rank
@@ -158,12 +192,15 @@ def inject_lora(
 def merge_lora(model, *, unload: bool = True):
     """Fold every adapter into its base weight.
 
-    ``unload=True`` (default) replaces each LoRA module by a plain layer with dense weights, so
-    the model's state-dict keys are the original architecture's again; ``unload=False`` keeps
-    the LoRA modules in merged state (``unmerge_lora`` takes the adapters back out).
-    Returns ``model``.
+    ``unload=True`` (default) replaces each LoRA module by a plain layer with dense weights and
+    each ``LoRAWindowAttention`` by spandrel's own ``WindowAttention``, so the model is the
+    original architecture again; ``unload=False`` keeps the LoRA modules in merged state
+    (``unmerge_lora`` takes the adapters back out). Returns ``model``.
     """
     module = unwrap_model(model)
+    if unload:  # the attentions first: to_dense() merges their qkv / proj adapters too
+        for name, attention in _window_attentions(module):
+            _set_submodule(module, name, attention.to_dense())
     for name, layer in list(lora_layers(module)):
         if unload:
             _set_submodule(module, name, layer.to_dense())

@@ -7,6 +7,11 @@ they are: those see pixels, not features, and are tiny. Tiny channel-attention 1
 
 Each preset is a regular expression matched in full against module names (as PEFT does with a
 string ``target_modules``); only nn.Conv2d and nn.Linear modules among the matches are wrapped.
+
+The swinir and hat presets adapt every block's ``attn.qkv`` and ``attn.proj``, so ``inject_lora``
+also replaces every block's ``WindowAttention`` by ``LoRAWindowAttention`` (the attention core on
+adaptsr's backends; ``inject_lora(..., window_attention=False)`` keeps spandrel's). HAT's
+overlapping cross-attention (OCAB) is a different module and stays as it is.
 """
 
 from __future__ import annotations

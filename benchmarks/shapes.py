@@ -205,3 +205,94 @@ def cases(shapes: Iterable, ranks: Sequence[int], providers: Sequence[str] | Non
 CONV_CASES = cases(CPU_CONV_SHAPES, CPU_RANKS) + cases(GPU_CONV_SHAPES, GPU_RANKS)
 LINEAR_CASES = cases(CPU_LINEAR_SHAPES, CPU_RANKS) + cases(GPU_LINEAR_SHAPES, GPU_RANKS)
 SWINIR_CASES = cases(CPU_SWINIR_SHAPES, CPU_RANKS) + cases(GPU_SWINIR_SHAPES, (8,))
+
+
+# -- Swin window attention (benchmarks/test_bench_window_attention.py) --
+
+# Providers: "eager" is spandrel's SwinIR WindowAttention itself; the others are the same module as
+# LoRAWindowAttention with its attention core on an adaptsr backend. The torch backend has two
+# paths, each a provider: "sdpa" (F.scaled_dot_product_attention) and "matmul" (its hand-written
+# autograd Function); extra_info says which one the torch backend picks on the device. The fused
+# single-pass Triton kernel will add its provider here.
+WINDOW_ATTENTION_PROVIDERS = ("eager", "sdpa", "matmul")
+WINDOW_ATTENTION_FUSED_PROVIDERS = ("triton", "cuda")
+
+
+@dataclass(frozen=True)
+class WindowAttentionShape:
+    """One SwinIR ``WindowAttention`` (qkv, attention core, proj) over every window of ``batch`` images.
+
+    Each image is ``tokens`` x ``tokens`` tokens cut into ``window`` x ``window`` windows; the input
+    is ``[batch * windows per image, window * window, dim]``. ``shifted``: the block's shift mask
+    (spandrel's, one per window of an image) is passed, as in every second Swin block.
+    """
+
+    batch: int
+    tokens: int
+    dim: int
+    heads: int
+    window: int = 8
+    shifted: bool = True
+    dtype: str = "fp32"
+    device: str = "cpu"
+
+    @property
+    def windows_per_image(self) -> int:
+        return (self.tokens // self.window) ** 2
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.batch * self.windows_per_image, self.window * self.window, self.dim)
+
+    def build(self) -> torch.nn.Module:
+        from spandrel.architectures.SwinIR.__arch.SwinIR import WindowAttention
+
+        return WindowAttention(self.dim, (self.window, self.window), self.heads)
+
+    def mask(self) -> torch.Tensor | None:
+        """spandrel's SW-MSA mask for a ``tokens`` x ``tokens`` image (shift = window / 2), or None."""
+        if not self.shifted:
+            return None
+        from spandrel.architectures.SwinIR.__arch.SwinIR import SwinTransformerBlock
+
+        block = SwinTransformerBlock(
+            self.dim, (self.tokens, self.tokens), self.heads, window_size=self.window, shift_size=self.window // 2
+        )
+        return block.attn_mask
+
+    @property
+    def id(self) -> str:
+        shift = "shifted" if self.shifted else "unshifted"
+        return (
+            f"winattn-c{self.dim}-h{self.heads}-w{self.window}-{shift}-"
+            f"{self.batch}x{self.tokens}x{self.tokens}tok-{self.device}"
+        )
+
+
+# CPU: DESIGN.md section 5's shape, 32 windows of SwinIR-M (dim 180, 6 heads, window 8).
+CPU_WINDOW_ATTENTION_SHAPES = tuple(
+    WindowAttentionShape(batch=2, tokens=32, dim=180, heads=6, shifted=shifted) for shifted in (False, True)
+)
+# GPU: a SwinIR-M training batch (16 x 64 x 64 tokens); HAT's window 16 once.
+GPU_WINDOW_ATTENTION_SHAPES = tuple(
+    WindowAttentionShape(batch=16, tokens=64, dim=180, heads=6, shifted=shifted, dtype=d, device="cuda")
+    for d in GPU_DTYPES
+    for shifted in (False, True)
+) + (WindowAttentionShape(batch=16, tokens=64, dim=180, heads=6, window=16, dtype="bf16", device="cuda"),)
+
+
+def window_attention_cases(shapes: Iterable) -> list:
+    """pytest.param(Case) per shape and provider, eager first (the others' ratios divide by it)."""
+    params = []
+    for shape in shapes:
+        marks = [pytest.mark.skipif(not HAS_CUDA, reason="GPU shape: needs CUDA")] if shape.device == "cuda" else []
+        fused = tuple(p for p in WINDOW_ATTENTION_FUSED_PROVIDERS if shape.device == "cuda" and is_available(p))
+        for provider in WINDOW_ATTENTION_PROVIDERS + fused:
+            case = Case(shape, provider, None)
+            params.append(pytest.param(case, id=case.id, marks=marks))
+    return params
+
+
+WINDOW_ATTENTION_CASES = window_attention_cases(CPU_WINDOW_ATTENTION_SHAPES) + window_attention_cases(
+    GPU_WINDOW_ATTENTION_SHAPES
+)

@@ -3,6 +3,7 @@
 from adaptsr.ops._conv_geometry import ConvGeometry
 from adaptsr.ops.lora_conv2d import conv_delta_weight, lora_conv2d, lora_conv2d_ref
 from adaptsr.ops.lora_linear import linear_delta_weight, lora_linear, lora_linear_ref
+from adaptsr.ops.window_attention import window_attention, window_attention_ref
 
 __all__ = [
     "ConvGeometry",
@@ -12,4 +13,6 @@ __all__ = [
     "lora_conv2d_ref",
     "lora_linear",
     "lora_linear_ref",
+    "window_attention",
+    "window_attention_ref",
 ]

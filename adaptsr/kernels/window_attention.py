@@ -1,0 +1,822 @@
+r"""Triton kernels: fused Swin window attention, forward and backward, flash-attention style.
+
+For one window b and head h, with ``N`` tokens, head dimension ``d`` and ``w = b mod nW``::
+
+    S = q k^T * scale + bias[h] + mask[w]          (logits, N x N)
+    lse_i = log sum_j exp(S_ij)                    (saved by the forward)
+    P = exp(S - lse)                               (softmax of each row)
+    o = P v
+
+and, given do = dL/do::
+
+    D_i   = sum_c do_ic o_ic                       (= sum_j P_ij dP_ij)
+    dP    = do v^T
+    dS    = P * (dP - D)                           (dL/dS, the gradient of the logits)
+    dv    = P^T do
+    dq    = scale * dS k
+    dk    = scale * dS^T q
+    dbias[h] = sum_b dS                            (summed over every window)
+
+The N x N matrices (S, P, dP, dS) only ever live in registers: the forward keeps a running
+maximum and row sum over key tiles (online softmax) and saves the logsumexp; the backward
+recomputes P from it. Logits are kept in base 2 inside the kernels (``exp2`` is the native
+instruction): ``S * log2(e)``; the saved ``lse`` is in natural log.
+
+Programs and reductions (no atomics anywhere, so every result is bitwise reproducible):
+
+- forward: one program per (window, head, query tile of BLOCK_M rows), looping over key tiles.
+- backward: one program per (window group, head, key tile); for each window of its group it
+  accumulates dk, dv of its key tile over the query tiles. When the whole window is one tile
+  (N <= 64) the same pass also writes dq and accumulates dbias over the group's windows in
+  registers. Otherwise (N = 256: 4 x 4 tiles) the program then computes dq of the query tile with
+  the same index (square tiles, the flash-attention-2 split), and a third kernel owns one
+  (head, query tile, key tile) of dbias per window group.
+- dbias: each window group writes one float32 partial ``[heads, N, N]``; the host sums the
+  partials over groups (a torch reduction over a fixed shape: deterministic).
+
+``qkv_window_attention_fwd`` is the single pass the package is named for: the program projects
+k and v of its whole window from the window's x tile and the LoRA-merged ``W_qkv`` into registers,
+then each query tile's q, so q, k and v never reach device memory. Its backward recomputes q, k, v
+with one torch matmul and runs the backward kernels above.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton's CPU interpreter (TRITON_INTERPRET=1): slow per operation, so the tiled path uses
+# smaller tiles there; and its bf16 tl.dot gives wrong results, so bf16 dot operands are upcast
+# to fp32 there (DESIGN.md section 5).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+# tl.dot needs at least 16 in every dimension on the GPU's matrix units.
+_MIN_DOT = 16
+# A window of up to 64 tokens (8 x 8) is one 64 x 64 tile: the backward then writes dq, dk, dv
+# and the dbias partial in one pass (5 matmuls per window instead of 9). A 64 x 64 fp32 matrix
+# (S, P, dP, dS) is 32 registers per thread at 4 warps; a 128-token tile would be 128. The
+# interpreter uses the same rule, so the tests run the single-tile path the GPU runs for window 8.
+# (Chosen from the register arithmetic; not yet timed on a GPU.)
+_MAX_SINGLE_TILE = 64
+# Larger windows (16 x 16 = 256 tokens) are tiled like flash attention with square tiles (the
+# backward's dq phase reuses the key-tile index as its query-tile index). 64 x 64 keeps the
+# q, k, v, do tiles (4 KB each in fp16 at d = 32) and the fp32 tiles in registers at 4 warps.
+# The interpreter uses 32: fewer Python-level loop trips than 16, and still several (ragged)
+# tiles on the test shapes, so the tiled path is exercised.
+_TILE = 32 if _INTERPRET else 64
+# Window-group size: enough programs to fill the GPU (about 8 resident per SM on a 132-SM H100)
+# and no more, so the float32 dbias partials (one [heads, N, N] per group) stay a small fraction
+# of the bytes of q, k, v, do.
+_TARGET_PROGRAMS = 1024
+# Under the interpreter two windows per program, so the in-program window loop, several groups
+# and a ragged last group (odd window counts) are all exercised on the tiny test shapes.
+_INTERPRET_WINDOWS_PER_PROGRAM = 2
+# Register budget: a head dim above 128 (padded) spills the fp32 accumulators.
+_MAX_HEAD_DIM = 128
+# qkv single pass: channel chunk of the in-kernel projection (x tile [N, 32] + two [32, d] weight
+# tiles per step), and the query tile when the whole key row of the window is held in registers.
+_QKV_BLOCK_C = 32
+_QKV_BLOCK_M = 32 if _INTERPRET else 64
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output and workspace buffer of the launchers (tests replace this to poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared device helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(base_ptr, offs_r, r_ok, stride_r, offs_d, d_ok, stride_d, UPCAST: tl.constexpr):
+    """A [rows, D_PAD] tile (token rows x head-dim columns), zero where masked (padding, ragged edges)."""
+    tile = tl.load(base_ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d,
+                   mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _logits_log2(q, kT, bias_ptr, mask_ptr, h, w, offs_m, offs_n, row_ok, col_ok, qk_scale,
+                 stride_bh, stride_bm, stride_bn, stride_mw, stride_mm, stride_mn,
+                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """S * log2(e) for a [BLOCK_M, BLOCK_N] tile; -inf in the columns past the window's N keys."""
+    s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + h * stride_bh + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+                       mask=tile_ok, other=0.0)
+        s += bias * _LOG2E
+    if HAS_MASK:
+        shift = tl.load(mask_ptr + w * stride_mw + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
+                        mask=tile_ok, other=0.0)
+        s += shift * _LOG2E
+    return tl.where(col_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _softmax_grad(q, kT, vT, do, lse, delta, bias_ptr, mask_ptr, h, w, offs_m, offs_n, row_ok, col_ok, qk_scale,
+                  stride_bh, stride_bm, stride_bn, stride_mw, stride_mm, stride_mn,
+                  HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """P and dS = P * (do v^T - D) of one tile, P recomputed from the saved logsumexp."""
+    s = _logits_log2(q, kT, bias_ptr, mask_ptr, h, w, offs_m, offs_n, row_ok, col_ok, qk_scale,
+                     stride_bh, stride_bm, stride_bn, stride_mw, stride_mm, stride_mn,
+                     HAS_BIAS, HAS_MASK, INPUT_PRECISION)
+    p = tl.exp2(s - lse[:, None] * _LOG2E)
+    dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return p, ds
+
+
+@triton.jit
+def _query_side(q_base, do_base, o_base, lse_base, offs_m, row_ok, offs_d, d_ok,
+                stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_ln,
+                UPCAST: tl.constexpr):
+    """q, do, lse and D = rowsum(do * o) of one query tile of one window."""
+    q = _load_rows(q_base, offs_m, row_ok, stride_qn, offs_d, d_ok, stride_qd, UPCAST)
+    do = _load_rows(do_base, offs_m, row_ok, stride_don, offs_d, d_ok, stride_dod, UPCAST)
+    o = _load_rows(o_base, offs_m, row_ok, stride_on, offs_d, d_ok, stride_od, UPCAST)
+    lse = tl.load(lse_base + offs_m * stride_ln, mask=row_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    return q, do, lse, delta
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+
+
+# S = q k^T * scale + bias[h] + mask[b % nW];  o = softmax(S) v;  lse = logsumexp(S) per row.
+@triton.jit
+def _window_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, o_ptr, lse_ptr,
+    N, HEAD_DIM, HEADS, NUM_MASKS, M_TILES, qk_scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    stride_bh, stride_bm, stride_bn,
+    stride_mw, stride_mm, stride_mn,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(D_PAD >= 16)
+    tl.static_assert(BLOCK_N >= 16)
+    pid = tl.program_id(0).to(tl.int64)
+    tile_m = pid % M_TILES
+    bh = pid // M_TILES
+    b = bh // HEADS
+    h = bh % HEADS
+    w = b % NUM_MASKS
+
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+
+    # -- load q tile --
+    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, row_ok, stride_qn, offs_d, d_ok, stride_qd, UPCAST)
+
+    # -- online softmax over key tiles (base 2) --
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < N
+        k = _load_rows(k_base, offs_n, col_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
+        v = _load_rows(v_base, offs_n, col_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
+        s = _logits_log2(q, tl.trans(k), bias_ptr, mask_ptr, h, w, offs_m, offs_n, row_ok, col_ok, qk_scale,
+                         stride_bh, stride_bm, stride_bn, stride_mw, stride_mm, stride_mn,
+                         HAS_BIAS, HAS_MASK, INPUT_PRECISION)
+        # every key tile holds at least one real key, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    # -- store o and lse --
+    o = acc / l_i[:, None]
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+             o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    lse = (m_i + tl.log2(l_i)) * _LN2
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh + offs_m * stride_ln, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------------
+
+
+# dv = P^T do;  dk = scale dS^T q  (per key tile, over the query tiles);
+# SINGLE_TILE (N <= BLOCK): also dq = scale dS k and, with FUSED_DBIAS, dbias_partial[g] = sum_b dS;
+# otherwise also dq = scale sum_n dS k_n for the query tile with this program's tile index.
+@triton.jit
+def _window_attention_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, do_ptr, o_ptr, lse_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dbias_ws_ptr,
+    B, N, HEAD_DIM, HEADS, NUM_MASKS, N_TILES, WINDOWS_PER_PROGRAM, scale, qk_scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_bh, stride_bm, stride_bn,
+    stride_mw, stride_mm, stride_mn,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SINGLE_TILE: tl.constexpr, FUSED_DBIAS: tl.constexpr,
+    BLOCK: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(D_PAD >= 16)
+    tl.static_assert(BLOCK >= 16)
+    if FUSED_DBIAS:
+        # dbias in registers across windows needs the whole N x N tile in this program
+        tl.static_assert(SINGLE_TILE)
+        tl.static_assert(HAS_BIAS)
+    pid = tl.program_id(0).to(tl.int64)
+    tile = pid % N_TILES
+    rest = pid // N_TILES
+    h = rest % HEADS
+    g = rest // HEADS
+    w_start = g * WINDOWS_PER_PROGRAM
+    w_end = tl.minimum(w_start + WINDOWS_PER_PROGRAM, B)
+
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    offs_n = tile * BLOCK + tl.arange(0, BLOCK)
+    col_ok = offs_n < N
+    if FUSED_DBIAS:
+        dbias_acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+
+    # -- phase 1: dk, dv of key tile `tile` (and dq, dbias when the window is one tile) --
+    for b in range(w_start, w_end):
+        w = b % NUM_MASKS
+        k = _load_rows(k_ptr + b * stride_kb + h * stride_kh, offs_n, col_ok, stride_kn, offs_d, d_ok, stride_kd,
+                       UPCAST)
+        v = _load_rows(v_ptr + b * stride_vb + h * stride_vh, offs_n, col_ok, stride_vn, offs_d, d_ok, stride_vd,
+                       UPCAST)
+        kT = tl.trans(k)
+        vT = tl.trans(v)
+        dk = tl.zeros((BLOCK, D_PAD), dtype=tl.float32)
+        dv = tl.zeros((BLOCK, D_PAD), dtype=tl.float32)
+        for start_m in range(0, N, BLOCK):
+            offs_m = start_m + tl.arange(0, BLOCK)
+            row_ok = offs_m < N
+            q, do, lse, delta = _query_side(
+                q_ptr + b * stride_qb + h * stride_qh, do_ptr + b * stride_dob + h * stride_doh,
+                o_ptr + b * stride_ob + h * stride_oh, lse_ptr + b * stride_lb + h * stride_lh,
+                offs_m, row_ok, offs_d, d_ok,
+                stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_ln, UPCAST)
+            p, ds = _softmax_grad(q, kT, vT, do, lse, delta, bias_ptr, mask_ptr, h, w, offs_m, offs_n, row_ok, col_ok,
+                                  qk_scale, stride_bh, stride_bm, stride_bn, stride_mw, stride_mm, stride_mn,
+                                  HAS_BIAS, HAS_MASK, INPUT_PRECISION)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+            ds_op = ds.to(q.dtype)
+            dk = tl.dot(tl.trans(ds_op), q, dk, input_precision=INPUT_PRECISION)
+            if SINGLE_TILE:
+                dq = tl.dot(ds_op, k, input_precision=INPUT_PRECISION) * scale
+                tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn
+                         + offs_d[None, :] * stride_dqd,
+                         dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+            if FUSED_DBIAS:
+                dbias_acc += ds
+        # -- store dk, dv of this window --
+        key_ok = col_ok[:, None] & d_ok[None, :]
+        tl.store(dk_ptr + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+                 (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok)
+        tl.store(dv_ptr + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+                 dv.to(dv_ptr.dtype.element_ty), mask=key_ok)
+
+    if FUSED_DBIAS:
+        # -- store this window group's dbias partial (the single tile is rows 0.. and columns offs_n) --
+        offs_r = tl.arange(0, BLOCK)
+        ws = dbias_ws_ptr + (g * HEADS + h) * N * N
+        tl.store(ws + offs_r[:, None] * N + offs_n[None, :], dbias_acc,
+                 mask=(offs_r < N)[:, None] & col_ok[None, :])
+
+    if not SINGLE_TILE:
+        # -- phase 2: dq of query tile `tile` (square tiles: as many query tiles as key tiles) --
+        offs_m = tile * BLOCK + tl.arange(0, BLOCK)
+        row_ok = offs_m < N
+        for b in range(w_start, w_end):
+            w = b % NUM_MASKS
+            q, do, lse, delta = _query_side(
+                q_ptr + b * stride_qb + h * stride_qh, do_ptr + b * stride_dob + h * stride_doh,
+                o_ptr + b * stride_ob + h * stride_oh, lse_ptr + b * stride_lb + h * stride_lh,
+                offs_m, row_ok, offs_d, d_ok,
+                stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_ln, UPCAST)
+            dq = tl.zeros((BLOCK, D_PAD), dtype=tl.float32)
+            for start_n in range(0, N, BLOCK):
+                offs_kn = start_n + tl.arange(0, BLOCK)
+                kn_ok = offs_kn < N
+                k = _load_rows(k_ptr + b * stride_kb + h * stride_kh, offs_kn, kn_ok, stride_kn, offs_d, d_ok,
+                               stride_kd, UPCAST)
+                v = _load_rows(v_ptr + b * stride_vb + h * stride_vh, offs_kn, kn_ok, stride_vn, offs_d, d_ok,
+                               stride_vd, UPCAST)
+                _p, ds = _softmax_grad(q, tl.trans(k), tl.trans(v), do, lse, delta, bias_ptr, mask_ptr, h, w,
+                                      offs_m, offs_kn, row_ok, kn_ok, qk_scale,
+                                      stride_bh, stride_bm, stride_bn, stride_mw, stride_mm, stride_mn,
+                                      HAS_BIAS, HAS_MASK, INPUT_PRECISION)
+                dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+            tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn
+                     + offs_d[None, :] * stride_dqd,
+                     (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+# dbias_partial[g, h, tile_m, tile_n] = sum over the windows b of group g of dS[b, h, tile_m, tile_n]
+# (tiled windows only; a window that is one tile gets its dbias from the main backward kernel).
+@triton.jit
+def _window_attention_bwd_dbias_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, do_ptr, o_ptr, lse_ptr, dbias_ws_ptr,
+    B, N, HEAD_DIM, HEADS, NUM_MASKS, N_TILES, WINDOWS_PER_PROGRAM, qk_scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    stride_bh, stride_bm, stride_bn,
+    stride_mw, stride_mm, stride_mn,
+    HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(D_PAD >= 16)
+    tl.static_assert(BLOCK >= 16)
+    pid = tl.program_id(0).to(tl.int64)
+    pair = pid % (N_TILES * N_TILES)
+    rest = pid // (N_TILES * N_TILES)
+    h = rest % HEADS
+    g = rest // HEADS
+    w_start = g * WINDOWS_PER_PROGRAM
+    w_end = tl.minimum(w_start + WINDOWS_PER_PROGRAM, B)
+
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    offs_m = (pair // N_TILES) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = offs_m < N
+    offs_n = (pair % N_TILES) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = offs_n < N
+
+    # -- sum dS of this tile over the group's windows, in window order --
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for b in range(w_start, w_end):
+        w = b % NUM_MASKS
+        q, do, lse, delta = _query_side(
+            q_ptr + b * stride_qb + h * stride_qh, do_ptr + b * stride_dob + h * stride_doh,
+            o_ptr + b * stride_ob + h * stride_oh, lse_ptr + b * stride_lb + h * stride_lh,
+            offs_m, row_ok, offs_d, d_ok,
+            stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_ln, UPCAST)
+        k = _load_rows(k_ptr + b * stride_kb + h * stride_kh, offs_n, col_ok, stride_kn, offs_d, d_ok, stride_kd,
+                       UPCAST)
+        v = _load_rows(v_ptr + b * stride_vb + h * stride_vh, offs_n, col_ok, stride_vn, offs_d, d_ok, stride_vd,
+                       UPCAST)
+        _p, ds = _softmax_grad(q, tl.trans(k), tl.trans(v), do, lse, delta, bias_ptr, mask_ptr, h, w,
+                              offs_m, offs_n, row_ok, col_ok, qk_scale,
+                              stride_bh, stride_bm, stride_bn, stride_mw, stride_mm, stride_mn,
+                              True, HAS_MASK, INPUT_PRECISION)
+        acc += ds
+
+    # -- store the partial --
+    ws = dbias_ws_ptr + (g * HEADS + h) * N * N
+    tl.store(ws + offs_m[:, None] * N + offs_n[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# single pass: qkv projection inside the attention kernel
+# ---------------------------------------------------------------------------------------------
+
+
+# [q | k | v] = x W_qkv^T + b_qkv (this head's d columns of each third);
+# o[:, h*d:(h+1)*d] = softmax(q k^T * scale + bias[h] + mask[b % nW]) v;  lse per row.
+@triton.jit
+def _qkv_window_attention_fwd_kernel(
+    x_ptr, w_ptr, wb_ptr, bias_ptr, mask_ptr, o_ptr, lse_ptr,
+    N, C, HEAD_DIM, HEADS, NUM_MASKS, qk_scale,
+    stride_xb, stride_xn, stride_xc,
+    stride_wo, stride_wc,
+    stride_ob, stride_on, stride_oc,
+    stride_lb, stride_lh, stride_ln,
+    stride_bh, stride_bm, stride_bn,
+    stride_mw, stride_mm, stride_mn,
+    HAS_QKV_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, D_PAD: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(D_PAD >= 16)
+    tl.static_assert(N_PAD >= 16)
+    tl.static_assert(BLOCK_C >= 16)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // HEADS
+    h = pid % HEADS
+    w = b % NUM_MASKS
+
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    offs_t = tl.arange(0, N_PAD)
+    tok_ok = offs_t < N
+    x_base = x_ptr + b * stride_xb
+    # rows of W_qkv feeding this head: q at h*d + j, k at C + h*d + j, v at 2C + h*d + j
+    q_rows = h * HEAD_DIM + offs_d
+    k_rows = C + q_rows
+    v_rows = 2 * C + q_rows
+
+    # -- project k and v of the whole window (held in registers for every query tile) --
+    k_acc = tl.zeros((N_PAD, D_PAD), dtype=tl.float32)
+    v_acc = tl.zeros((N_PAD, D_PAD), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        x_tile = _load_rows(x_base, offs_t, tok_ok, stride_xn, offs_c, c_ok, stride_xc, UPCAST)
+        # W^T tiles [BLOCK_C, D_PAD]: element (c, j) = W[row j, c]
+        wk = _load_rows(w_ptr, offs_c, c_ok, stride_wc, k_rows, d_ok, stride_wo, UPCAST)
+        wv = _load_rows(w_ptr, offs_c, c_ok, stride_wc, v_rows, d_ok, stride_wo, UPCAST)
+        k_acc = tl.dot(x_tile, wk, k_acc, input_precision=INPUT_PRECISION)
+        v_acc = tl.dot(x_tile, wv, v_acc, input_precision=INPUT_PRECISION)
+    if HAS_QKV_BIAS:
+        k_acc += tl.load(wb_ptr + k_rows, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        v_acc += tl.load(wb_ptr + v_rows, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    # rounded to the input dtype, as the unfused layer's qkv output would be
+    k = k_acc.to(x_ptr.dtype.element_ty)
+    v = v_acc.to(x_ptr.dtype.element_ty)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    kT = tl.trans(k)
+
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < N
+        # -- project the q tile --
+        q_acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = offs_c < C
+            x_tile = _load_rows(x_base, offs_m, row_ok, stride_xn, offs_c, c_ok, stride_xc, UPCAST)
+            wq = _load_rows(w_ptr, offs_c, c_ok, stride_wc, q_rows, d_ok, stride_wo, UPCAST)
+            q_acc = tl.dot(x_tile, wq, q_acc, input_precision=INPUT_PRECISION)
+        if HAS_QKV_BIAS:
+            q_acc += tl.load(wb_ptr + q_rows, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        q = q_acc.to(x_ptr.dtype.element_ty).to(v.dtype)
+
+        # -- softmax over the whole key row (it fits: [BLOCK_M, N_PAD]) --
+        s = _logits_log2(q, kT, bias_ptr, mask_ptr, h, w, offs_m, offs_t, row_ok, tok_ok, qk_scale,
+                         stride_bh, stride_bm, stride_bn, stride_mw, stride_mm, stride_mn,
+                         HAS_BIAS, HAS_MASK, INPUT_PRECISION)
+        m_i = tl.max(s, 1)
+        p = tl.exp2(s - m_i[:, None])
+        l_i = tl.sum(p, 1)
+        o = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) / l_i[:, None]
+
+        # -- store o (heads concatenated) and lse --
+        tl.store(o_ptr + b * stride_ob + offs_m[:, None] * stride_on + q_rows[None, :] * stride_oc,
+                 o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + b * stride_lb + h * stride_lh + offs_m * stride_ln, (m_i + tl.log2(l_i)) * _LN2,
+                 mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# host launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_device(name: str, t: torch.Tensor) -> None:
+    if not _INTERPRET and t.device.type != "cuda":
+        raise ValueError(
+            f"window attention (triton): {name} is on {t.device}; the Triton kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before adaptsr.kernels is imported, to run them on the CPU)"
+        )
+
+
+def _check_bias_mask(bias, mask, batch_windows: int, heads: int, n: int, device: torch.device) -> None:
+    if bias is not None and (bias.shape != (heads, n, n) or bias.dtype != torch.float32 or bias.device != device):
+        raise ValueError(
+            f"window attention (triton): bias must be float32 [heads, N, N] = {(heads, n, n)} on {device}, "
+            f"got {bias.dtype} {tuple(bias.shape)} on {bias.device}"
+        )
+    if mask is not None:
+        if mask.dim() != 3 or mask.shape[1:] != (n, n) or mask.dtype != torch.float32 or mask.device != device:
+            raise ValueError(
+                f"window attention (triton): mask must be float32 [nW, N, N] with N = {n} on {device}, "
+                f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}"
+            )
+        if mask.shape[0] == 0 or batch_windows % mask.shape[0] != 0:
+            raise ValueError(
+                f"window attention (triton): the number of windows B_ = {batch_windows} must be a multiple of "
+                f"the mask's nW = {mask.shape[0]} (window b uses mask[b % nW])"
+            )
+
+
+def _check_inputs(q, k, v, bias, mask) -> tuple[int, int, int, int]:
+    """Shapes (B_, heads, N, d) after checking q, k, v, bias and mask; ValueError says what is wrong."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"window attention (triton): {name} must be a [B_, heads, N, d] tensor, got {got}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"window attention (triton): q, k, v must have the same shape, got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"window attention (triton): q, k, v must share one of float32/float16/bfloat16, got "
+            f"{q.dtype}, {k.dtype}, {v.dtype} (use the torch backend for other dtypes)"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"window attention (triton): q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    _check_device("q", q)
+    batch_windows, heads, n, d = q.shape
+    if min(batch_windows, heads, n, d) == 0:
+        raise ValueError(f"window attention (triton): empty input of shape {tuple(q.shape)}")
+    if d > _MAX_HEAD_DIM:
+        raise ValueError(
+            f"window attention (triton): head dim {d} > {_MAX_HEAD_DIM} is not supported (registers would spill); "
+            "use the torch backend"
+        )
+    _check_bias_mask(bias, mask, batch_windows, heads, n, q.device)
+    return batch_windows, heads, n, d
+
+
+def _head_pad(d: int) -> int:
+    return max(_MIN_DOT, triton.next_power_of_2(d))
+
+
+def _tile(n: int) -> int:
+    """Square tile of the backward (and key tile of the forward): the whole window when it fits."""
+    n_pad = max(_MIN_DOT, triton.next_power_of_2(n))
+    return n_pad if n_pad <= _MAX_SINGLE_TILE else _TILE
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+def _bias_mask_args(bias, mask, dummy: torch.Tensor):
+    """Pointers and strides of bias and mask (a dummy pointer and zero strides for a missing one)."""
+    bias_arg = bias if bias is not None else dummy
+    bias_strides = tuple(bias.stride()) if bias is not None else (0, 0, 0)
+    mask_arg = mask if mask is not None else dummy
+    mask_strides = tuple(mask.stride()) if mask is not None else (0, 0, 0)
+    num_masks = mask.shape[0] if mask is not None else 1
+    return bias_arg, bias_strides, mask_arg, mask_strides, num_masks
+
+
+def _windows_per_program(batch_windows: int, heads: int, tiles: int) -> int:
+    """Windows each backward program walks (in order): the fewest that still leave ~_TARGET_PROGRAMS programs."""
+    if _INTERPRET:
+        return _INTERPRET_WINDOWS_PER_PROGRAM
+    return max(1, triton.cdiv(batch_windows * heads * tiles, _TARGET_PROGRAMS))
+
+
+def window_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """o = softmax(q k^T * scale + bias + mask[b % nW]) v and the row logsumexp; no autograd.
+
+    q, k, v: ``[B_, heads, N, d]`` (any strides, one of float32/float16/bfloat16);
+    bias: float32 ``[heads, N, N]`` or None; mask: float32 ``[nW, N, N]`` or None.
+    Returns o ``[B_, heads, N, d]`` in q's dtype and lse ``[B_, heads, N]`` float32.
+    """
+    batch_windows, heads, n, d = _check_inputs(q, k, v, bias, mask)
+    o = _alloc((batch_windows, heads, n, d), q.dtype, q.device)
+    lse = _alloc((batch_windows, heads, n), torch.float32, q.device)
+    block_n = _tile(n)
+    block_m = block_n
+    m_tiles = triton.cdiv(n, block_m)
+    bias_arg, bias_strides, mask_arg, mask_strides, num_masks = _bias_mask_args(bias, mask, q)
+    _window_attention_fwd_kernel[(batch_windows * heads * m_tiles,)](
+        q, k, v, bias_arg, mask_arg, o, lse,
+        n, d, heads, num_masks, m_tiles, float(scale) * 1.4426950408889634,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(), *bias_strides, *mask_strides,
+        HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=_head_pad(d),
+        UPCAST=_upcast(q.dtype), INPUT_PRECISION=_precision(q.dtype),
+        num_warps=4,
+    )
+    return o, lse
+
+
+def _window_attention_bwd_into(do, q, k, v, o, lse, bias, mask, scale, need_dbias, dq, dk, dv):
+    """The backward launches, writing dq, dk, dv into the given (possibly strided) tensors."""
+    batch_windows, heads, n, d = q.shape
+    block = _tile(n)
+    tiles = triton.cdiv(n, block)
+    single_tile = tiles == 1
+    wpp = _windows_per_program(batch_windows, heads, tiles)
+    groups = triton.cdiv(batch_windows, wpp)
+    dbias_ws = _alloc((groups, heads, n, n), torch.float32, q.device) if need_dbias else lse
+    bias_arg, bias_strides, mask_arg, mask_strides, num_masks = _bias_mask_args(bias, mask, q)
+    d_pad = _head_pad(d)
+    upcast, precision = _upcast(q.dtype), _precision(q.dtype)
+    fused_dbias = need_dbias and single_tile
+    common_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *o.stride(), *lse.stride())
+    _window_attention_bwd_kernel[(groups * heads * tiles,)](
+        q, k, v, bias_arg, mask_arg, do, o, lse, dq, dk, dv, dbias_ws,
+        batch_windows, n, d, heads, num_masks, tiles, wpp, float(scale), float(scale) * 1.4426950408889634,
+        *common_strides, *dq.stride(), *dk.stride(), *dv.stride(), *bias_strides, *mask_strides,
+        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SINGLE_TILE=single_tile, FUSED_DBIAS=fused_dbias,
+        BLOCK=block, D_PAD=d_pad, UPCAST=upcast, INPUT_PRECISION=precision,
+        # the fused dbias accumulator is one more live N x N fp32 tile
+        num_warps=8 if fused_dbias else 4,
+    )
+    if need_dbias and not single_tile:
+        _window_attention_bwd_dbias_kernel[(groups * heads * tiles * tiles,)](
+            q, k, v, bias_arg, mask_arg, do, o, lse, dbias_ws,
+            batch_windows, n, d, heads, num_masks, tiles, wpp, float(scale) * 1.4426950408889634,
+            *common_strides, *bias_strides, *mask_strides,
+            HAS_MASK=mask is not None, BLOCK=block, D_PAD=d_pad, UPCAST=upcast, INPUT_PRECISION=precision,
+            num_warps=4,
+        )
+    if not need_dbias:
+        return None
+    # fixed-shape reduction over the window groups: the same order on every run
+    return dbias_ws[0].clone() if groups == 1 else dbias_ws.sum(0)
+
+
+def _check_bwd_extras(do, o, lse, q, bias, need_dbias) -> None:
+    batch_windows, heads, n, _ = q.shape
+    if do.shape != q.shape or do.dtype != q.dtype or do.device != q.device:
+        raise ValueError(
+            f"window attention (triton) backward: do must match q ({q.dtype} {tuple(q.shape)}), "
+            f"got {do.dtype} {tuple(do.shape)} on {do.device}"
+        )
+    if o.shape != q.shape or o.dtype != q.dtype or o.device != q.device:
+        raise ValueError(
+            f"window attention (triton) backward: o must be the forward's output {q.dtype} {tuple(q.shape)}, "
+            f"got {o.dtype} {tuple(o.shape)}"
+        )
+    if lse.shape != (batch_windows, heads, n) or lse.dtype != torch.float32 or lse.device != q.device:
+        raise ValueError(
+            f"window attention (triton) backward: lse must be the forward's float32 {(batch_windows, heads, n)}, "
+            f"got {lse.dtype} {tuple(lse.shape)}"
+        )
+    if need_dbias and bias is None:
+        raise ValueError("window attention (triton) backward: need_dbias=True but no bias was given")
+
+
+def window_attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scale: float,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dq, dk, dv (``[B_, heads, N, d]``, q's dtype) and, when ``need_dbias``, dbias (float32
+    ``[heads, N, N]``, summed over all windows, deterministic); no autograd.
+
+    ``o`` and ``lse`` are the outputs of :func:`window_attention_fwd` for the same inputs.
+    """
+    _check_inputs(q, k, v, bias, mask)
+    _check_bwd_extras(do, o, lse, q, bias, need_dbias)
+    dq = _alloc(tuple(q.shape), q.dtype, q.device)
+    dk = _alloc(tuple(q.shape), q.dtype, q.device)
+    dv = _alloc(tuple(q.shape), q.dtype, q.device)
+    dbias = _window_attention_bwd_into(do, q, k, v, o, lse, bias, mask, scale, need_dbias, dq, dk, dv)
+    return dq, dk, dv, dbias
+
+
+def _check_qkv_inputs(x, w_qkv, b_qkv, num_heads) -> tuple[int, int, int, int]:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"qkv window attention (triton): x must be [B_, N, C] window tokens, got {got}")
+    batch_windows, n, channels = x.shape
+    if num_heads < 1 or channels % num_heads != 0:
+        raise ValueError(f"qkv window attention (triton): C = {channels} is not divisible by num_heads = {num_heads}")
+    if w_qkv.shape != (3 * channels, channels):
+        raise ValueError(
+            f"qkv window attention (triton): w_qkv must be [3C, C] = {(3 * channels, channels)}, "
+            f"got {tuple(w_qkv.shape)}"
+        )
+    if b_qkv is not None and b_qkv.shape != (3 * channels,):
+        raise ValueError(f"qkv window attention (triton): b_qkv must be [3C] = [{3 * channels}], got {tuple(b_qkv.shape)}")
+    dtypes = [x.dtype, w_qkv.dtype] + ([b_qkv.dtype] if b_qkv is not None else [])
+    if x.dtype not in _DTYPES or len(set(dtypes)) != 1:
+        raise ValueError(
+            f"qkv window attention (triton): x, w_qkv, b_qkv must share one of float32/float16/bfloat16, got "
+            f"{', '.join(str(t) for t in dtypes)}"
+        )
+    devices = {x.device, w_qkv.device} | ({b_qkv.device} if b_qkv is not None else set())
+    if len(devices) != 1:
+        raise ValueError(f"qkv window attention (triton): x, w_qkv, b_qkv on different devices: {devices}")
+    _check_device("x", x)
+    if min(batch_windows, n) == 0:
+        raise ValueError(f"qkv window attention (triton): empty input of shape {tuple(x.shape)}")
+    return batch_windows, n, channels, channels // num_heads
+
+
+def qkv_window_attention_fwd(
+    x: torch.Tensor,
+    w_qkv: torch.Tensor,
+    b_qkv: torch.Tensor | None,
+    num_heads: int,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window attention with the qkv projection fused in: q, k, v never reach device memory; no autograd.
+
+    x: ``[B_, N, C]`` window tokens; w_qkv: ``[3C, C]`` (LoRA-merged); b_qkv: ``[3C]`` or None;
+    q, k, v are ``x w_qkv^T + b_qkv`` reshaped as ``(B_, N, 3, heads, d)`` (Swin's order).
+    Returns o ``[B_, N, C]`` (heads concatenated, x's dtype) and lse ``[B_, heads, N]`` float32.
+    """
+    batch_windows, n, channels, d = _check_qkv_inputs(x, w_qkv, b_qkv, num_heads)
+    heads = num_heads
+    if d > _MAX_HEAD_DIM:
+        raise ValueError(f"qkv window attention (triton): head dim {d} > {_MAX_HEAD_DIM} is not supported")
+    _check_bias_mask(bias, mask, batch_windows, heads, n, x.device)
+    o = _alloc((batch_windows, n, channels), x.dtype, x.device)
+    lse = _alloc((batch_windows, heads, n), torch.float32, x.device)
+    n_pad = max(_MIN_DOT, triton.next_power_of_2(n))
+    bias_arg, bias_strides, mask_arg, mask_strides, num_masks = _bias_mask_args(bias, mask, x)
+    _qkv_window_attention_fwd_kernel[(batch_windows * heads,)](
+        x, w_qkv, b_qkv if b_qkv is not None else w_qkv, bias_arg, mask_arg, o, lse,
+        n, channels, d, heads, num_masks, float(scale) * 1.4426950408889634,
+        *x.stride(), *w_qkv.stride(), *o.stride(), *lse.stride(), *bias_strides, *mask_strides,
+        HAS_QKV_BIAS=b_qkv is not None, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+        N_PAD=n_pad, BLOCK_M=min(n_pad, _QKV_BLOCK_M), BLOCK_C=_QKV_BLOCK_C, D_PAD=_head_pad(d),
+        UPCAST=_upcast(x.dtype), INPUT_PRECISION=_precision(x.dtype),
+        # the window's k, v ([N, d] each) and one [BLOCK_M, N] logits tile live in registers
+        num_warps=8 if n_pad > 64 else 4,
+    )
+    return o, lse
+
+
+def qkv_window_attention_bwd(
+    do: torch.Tensor,
+    x: torch.Tensor,
+    w_qkv: torch.Tensor,
+    b_qkv: torch.Tensor | None,
+    num_heads: int,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scale: float,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """dx ``[B_, N, C]``, dw_qkv ``[3C, C]``, db_qkv ``[3C]`` (None without b_qkv) and dbias (or None)
+    of :func:`qkv_window_attention_fwd`; no autograd.
+
+    q, k, v are recomputed with one matmul; the attention backward runs the Triton kernels and
+    writes dq, dk, dv straight into one ``[B_, N, 3, heads, d]`` buffer, so the projection
+    gradients are two plain matmuls over it.
+    """
+    batch_windows, n, channels, d = _check_qkv_inputs(x, w_qkv, b_qkv, num_heads)
+    heads = num_heads
+    if do.shape != x.shape or do.dtype != x.dtype or o.shape != x.shape or o.dtype != x.dtype:
+        raise ValueError(
+            f"qkv window attention (triton) backward: do and o must be {x.dtype} {tuple(x.shape)}, got "
+            f"{do.dtype} {tuple(do.shape)} and {o.dtype} {tuple(o.shape)}"
+        )
+    # -- recompute q, k, v (views of one [B_, N, 3, heads, d] buffer) --
+    qkv = torch.nn.functional.linear(x, w_qkv, b_qkv).view(batch_windows, n, 3, heads, d)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    do4 = do.unflatten(-1, (heads, d)).transpose(1, 2)
+    o4 = o.unflatten(-1, (heads, d)).transpose(1, 2)
+    _check_inputs(q, k, v, bias, mask)
+    _check_bwd_extras(do4, o4, lse, q, bias, need_dbias)
+    # -- attention backward into one dqkv buffer --
+    dqkv = _alloc((batch_windows, n, 3, heads, d), x.dtype, x.device)
+    dq, dk, dv = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
+    dbias = _window_attention_bwd_into(do4, q, k, v, o4, lse, bias, mask, scale, need_dbias, dq, dk, dv)
+    # -- projection gradients --
+    dqkv2 = dqkv.view(batch_windows * n, 3 * channels)
+    dx = (dqkv2 @ w_qkv).view(batch_windows, n, channels)
+    dw_qkv = dqkv2.t() @ x.reshape(batch_windows * n, channels)
+    db_qkv = dqkv2.sum(0) if b_qkv is not None else None
+    return dx, dw_qkv, db_qkv, dbias
