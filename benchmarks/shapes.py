@@ -212,10 +212,11 @@ SWINIR_CASES = cases(CPU_SWINIR_SHAPES, CPU_RANKS) + cases(GPU_SWINIR_SHAPES, (8
 # Providers: "eager" is spandrel's SwinIR WindowAttention itself; the others are the same module as
 # LoRAWindowAttention with its attention core on an adaptsr backend. The torch backend has two
 # paths, each a provider: "sdpa" (F.scaled_dot_product_attention) and "matmul" (its hand-written
-# autograd Function); extra_info says which one the torch backend picks on the device. The fused
-# single-pass Triton kernel will add its provider here.
+# autograd Function); extra_info says which one the torch backend picks on the device.
+# "triton_single_pass" is the triton backend with LoRAWindowAttention.single_pass on (the qkv
+# projection inside the attention kernel).
 WINDOW_ATTENTION_PROVIDERS = ("eager", "sdpa", "matmul")
-WINDOW_ATTENTION_FUSED_PROVIDERS = ("triton", "cuda")
+WINDOW_ATTENTION_FUSED_PROVIDERS = ("triton", "triton_single_pass", "cuda")
 
 
 @dataclass(frozen=True)
@@ -286,7 +287,8 @@ def window_attention_cases(shapes: Iterable) -> list:
     params = []
     for shape in shapes:
         marks = [pytest.mark.skipif(not HAS_CUDA, reason="GPU shape: needs CUDA")] if shape.device == "cuda" else []
-        fused = tuple(p for p in WINDOW_ATTENTION_FUSED_PROVIDERS if shape.device == "cuda" and is_available(p))
+        fused = tuple(p for p in WINDOW_ATTENTION_FUSED_PROVIDERS
+                      if shape.device == "cuda" and is_available(p.removesuffix("_single_pass")))
         for provider in WINDOW_ATTENTION_PROVIDERS + fused:
             case = Case(shape, provider, None)
             params.append(pytest.param(case, id=case.id, marks=marks))

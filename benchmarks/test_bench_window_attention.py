@@ -60,6 +60,8 @@ PROVIDER_CONTEXTS: dict[str, Callable[[], contextlib.AbstractContextManager] | N
     "sdpa": lambda: _torch_path(sdpa=True),
     "matmul": lambda: _torch_path(sdpa=False),
     "triton": lambda: set_backend("triton"),
+    # the qkv projection inside the attention kernel (LoRAWindowAttention.single_pass)
+    "triton_single_pass": lambda: set_backend("triton"),
     "cuda": lambda: set_backend("cuda"),
 }
 
@@ -81,6 +83,7 @@ def _build(case: Case, device: torch.device, dtype: torch.dtype) -> torch.nn.Mod
     module = case.shape.build().to(device=device, dtype=dtype).requires_grad_(False).train()
     if PROVIDER_CONTEXTS[case.provider] is not None:
         module = LoRAWindowAttention.from_module(module)
+        module.single_pass = case.provider == "triton_single_pass"
     return module
 
 

@@ -18,7 +18,9 @@ from spandrel.architectures.HAT.__arch.HAT import WindowAttention as HATWindowAt
 from spandrel.architectures.SwinIR.__arch.SwinIR import WindowAttention as SwinIRWindowAttention
 from torch import nn
 
+from adaptsr.backend import resolve
 from adaptsr.nn._lora_layer import LoRALayer
+from adaptsr.ops.qkv_window_attention import qkv_window_attention
 from adaptsr.ops.window_attention import window_attention
 
 # spandrel's window-attention classes this module replaces, with the architecture they belong to
@@ -63,6 +65,10 @@ class LoRAWindowAttention(nn.Module):
         self.attn_drop = attention.attn_drop
         self.proj = attention.proj
         self.proj_drop = attention.proj_drop
+        # On the triton backend: the qkv projection inside the attention kernel (q, k, v never in
+        # memory) instead of a separate matmul. Off until a GPU measurement shows it faster
+        # (benchmarks/test_bench_window_attention.py, provider triton_single_pass).
+        self.single_pass = False
         self.train(attention.training)
 
     @staticmethod
@@ -88,6 +94,11 @@ class LoRAWindowAttention(nn.Module):
         else:
             index, mask = self.relative_position_index, _swinir_call(*args, **kwargs)
         batch_windows, n, channels = x.shape
+        qkv_weight = self._single_pass_weight()
+        if qkv_weight is not None and not (self.training and self.attn_drop.p > 0):
+            out = qkv_window_attention(x, *qkv_weight, self.num_heads, self.relative_position_bias_table, index,
+                                       mask, self.scale)
+            return self.proj_drop(self.proj(out))
         head_dim = channels // self.num_heads
         qkv = self.qkv(x).reshape(batch_windows, n, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -97,6 +108,22 @@ class LoRAWindowAttention(nn.Module):
             out = window_attention(q, k, v, self.relative_position_bias_table, index, mask, self.scale)
         out = out.transpose(1, 2).reshape(batch_windows, n, channels)
         return self.proj_drop(self.proj(out))
+
+    def _single_pass_weight(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(w_qkv, b_qkv) for the single pass, W + s B A formed differentiably so autograd carries
+        its gradient to the adapters; None where the single pass does not apply (switched off, not
+        on the triton backend, or LoRA dropout active, which needs the two-path form)."""
+        if not self.single_pass or resolve(self.relative_position_bias_table.device) != "triton":
+            return None
+        qkv = self.qkv
+        if isinstance(qkv, nn.Linear):
+            return qkv.weight, qkv.bias
+        if isinstance(qkv, LoRALayer) and (qkv.merged or not (self.training and qkv.lora_dropout > 0)):
+            base = qkv.base_layer
+            if qkv.merged:
+                return base.weight, base.bias
+            return base.weight + qkv.scaling * (qkv.lora_B @ qkv.lora_A).to(base.weight.dtype), base.bias
+        return None
 
     def _attention_with_dropout(self, q, k, v, index, mask) -> torch.Tensor:
         """The eager form with dropout on the attention weights (no backend fuses that dropout)."""
