@@ -1,7 +1,8 @@
 """Backend selection: which implementation the functional ops run.
 
 Backends, in the order "auto" prefers them on a CUDA device:
-    cuda       CUDA C++ kernels from ``adaptsr._C`` (not built yet)
+    cuda       dense parts in cuDNN/cuBLAS, low-rank gradients in the CUDA C++ kernels of
+               ``adaptsr._C`` (built at install time or just in time: see ``adaptsr/_cuda.py``)
     triton     dense parts in cuDNN/cuBLAS, low-rank gradients in fused Triton kernels
     torch      merged-weight forward, hand-written backward (default on CPU)
     reference  the two-path form in plain torch: the oracle
@@ -70,7 +71,9 @@ def _unavailable_reason(name: str) -> str:
             return "the triton package is not installed"
         return "Triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)"
     if name == "cuda":
-        return "the CUDA extension adaptsr._C is not part of this version yet"
+        from adaptsr import _cuda
+
+        return _cuda.unavailable_reason()
     return ""
 
 
@@ -80,6 +83,11 @@ def is_available(name: str) -> bool:
     if name == "triton":
         has_triton = importlib.util.find_spec("triton") is not None
         return has_triton and (torch.cuda.is_available() or _triton_interpreting())
+    if name == "cuda":
+        # A GPU first (cheap); only then load the extension, which may build it just in time.
+        from adaptsr import _cuda
+
+        return torch.cuda.is_available() and _cuda.is_available()
     return name in ("auto", "reference", "torch")
 
 
@@ -90,5 +98,6 @@ def resolve(device: torch.device) -> str:
         return name
     # Measured on an H100 (benchmarks/results/gpu-h100-2026-11-25-kernels.md): the fused Triton
     # low-rank gradient kernel is slower than cuDNN/cuBLAS's thin ops on most SR shapes, so
-    # "auto" stays on torch until the kernel wins; select "triton" explicitly to use it.
+    # "auto" stays on torch until the kernel wins; select "triton" explicitly to use it. The CUDA
+    # C++ kernels have not been timed on a GPU yet: "cuda" is opt-in too.
     return "torch"

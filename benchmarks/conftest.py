@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from adaptsr import inject_lora, set_backend
-from benchmarks.shapes import Case
+from adaptsr.backend import _unavailable_reason, is_available
+from benchmarks.shapes import FUSED_PROVIDERS, Case
 
 # -- timing policy --
 
@@ -104,7 +105,10 @@ def build_provider(
             raise RuntimeError(f"PEFT wrapped {sorted(wrapped ^ set(names))[:4]} differently from the targets")
         return model, contextlib.nullcontext
 
-    # adaptsr backends: reference, torch, triton, cuda
+    # adaptsr backends: reference, torch, and the fused triton / cuda (the CUDA C++ extension,
+    # built ahead of time or just in time on first use), skipped where they cannot run
+    if provider in FUSED_PROVIDERS and not is_available(provider):
+        pytest.skip(f"{provider} backend unavailable: {_unavailable_reason(provider)}")
     if preset is not None and targets is None:
         summary = inject_lora(base, preset=preset, rank=case.rank, init_lora_weights=False)
     else:

@@ -181,20 +181,36 @@ def _fused_low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry: ConvG
     )
 
 
+def _cuda_low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry: ConvGeometry):
+    """The CUDA C++ kernel's pass over x and dy (adaptsr._C, loaded or built on first use).
+
+    The kernels take float32, float16 and bfloat16; float64 (tests, the odd careful user) runs the
+    torch pass, which keeps float64 all the way.
+    """
+    if x_padded.dtype == torch.float64:
+        return _low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry)
+    from adaptsr import _cuda
+
+    return _cuda.lora_conv2d_lowrank_grads(
+        x_padded, dy, lora_A, lora_B, scaling, geometry.stride, geometry.conv_padding, geometry.dilation, geometry.groups
+    )
+
+
 class _LoRAConv2dFunction(torch.autograd.Function):
     """Merged-weight forward (one conv); backward computes dx, dA, dB exactly, saving only x.
 
     The dense parts (forward conv, dx, full wgrad) run in torch (cuDNN on a GPU); the low-rank
-    gradient pass runs in torch ops (``fused=False``) or in the fused Triton kernel (``fused=True``).
+    gradient pass runs where ``impl`` says: "torch" (torch ops), "triton" (the fused Triton kernel)
+    or "cuda" (the CUDA C++ kernel).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, geometry, fused):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, geometry, impl):
         w_merged = weight + (scaling * conv_delta_weight(lora_A, lora_B)).to(weight.dtype)
         y = geometry.conv(geometry.pad_input(x), w_merged, bias)
         # W' is weight-sized (no activation memory) and saves re-forming it in the backward.
         ctx.save_for_backward(x, w_merged, lora_A, lora_B)
-        ctx.scaling, ctx.geometry, ctx.has_bias, ctx.fused = scaling, geometry, bias is not None, fused
+        ctx.scaling, ctx.geometry, ctx.has_bias, ctx.impl = scaling, geometry, bias is not None, impl
         return y
 
     @staticmethod
@@ -227,7 +243,13 @@ class _LoRAConv2dFunction(torch.autograd.Function):
         grad_a = grad_b = None
         if need_a or need_bb:
             if low_rank:
-                pass_ = _fused_low_rank_grads if ctx.fused else _low_rank_grads
+                # Looked up at call time (module globals), so tests can wrap each pass.
+                if ctx.impl == "cuda":
+                    pass_ = _cuda_low_rank_grads
+                elif ctx.impl == "triton":
+                    pass_ = _fused_low_rank_grads
+                else:
+                    pass_ = _low_rank_grads
                 grad_a, grad_b = pass_(x_padded.detach(), dy, lora_A, lora_B, scaling, geometry)
             else:
                 grad_a, grad_b = _full_wgrad_to_lora(grad_w_merged, lora_A, lora_B, scaling)
@@ -241,6 +263,14 @@ class _LoRAConv2dFunction(torch.autograd.Function):
             None,
             None,
             None,
+        )
+
+
+def _require_cuda_tensor(op: str, x: torch.Tensor) -> None:
+    if not x.is_cuda:
+        raise RuntimeError(
+            f"{op}: the 'cuda' backend runs on CUDA tensors, got x on {x.device}; move the model and its inputs "
+            "to the GPU, or select another backend (adaptsr.set_backend('torch'))"
         )
 
 
@@ -276,7 +306,8 @@ def lora_conv2d(
     backend = resolve(x.device)
     if backend == "reference":
         return lora_conv2d_ref(x, weight, bias, lora_A, lora_B, scaling, geometry)
-    if backend in ("torch", "triton"):
-        fused = backend == "triton"
-        return apply_in_one_dtype(_LoRAConv2dFunction, x, weight, bias, lora_A, lora_B, float(scaling), geometry, fused)
-    raise NotImplementedError(f"lora_conv2d has no {backend!r} backend yet")
+    if backend == "cuda":
+        _require_cuda_tensor("lora_conv2d", x)
+    if backend in ("torch", "triton", "cuda"):
+        return apply_in_one_dtype(_LoRAConv2dFunction, x, weight, bias, lora_A, lora_B, float(scaling), geometry, backend)
+    raise NotImplementedError(f"lora_conv2d has no {backend!r} backend")

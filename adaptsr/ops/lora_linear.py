@@ -79,16 +79,16 @@ def _prefer_low_rank(weight: torch.Tensor, rank: int) -> bool:
 class _LoRALinearFunction(torch.autograd.Function):
     """Merged-weight forward (one matmul); backward computes dx, dA, dB exactly, saving only x.
 
-    The low-rank gradient pass runs in torch matmuls (``fused=False``) or in the fused Triton
-    kernel (``fused=True``); the dense parts run in torch (cuBLAS on a GPU).
+    The low-rank gradient pass runs where ``impl`` says: "torch" (torch matmuls), "triton" (the
+    fused Triton kernel) or "cuda" (the CUDA C++ kernel); the dense parts run in torch (cuBLAS on a GPU).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, fused):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, impl):
         w_merged = weight + (scaling * linear_delta_weight(lora_A, lora_B)).to(weight.dtype)
         # W' is weight-sized (no activation memory) and saves re-forming it in the backward.
         ctx.save_for_backward(x, w_merged, lora_A, lora_B)
-        ctx.scaling, ctx.fused = scaling, fused
+        ctx.scaling, ctx.impl = scaling, impl
         return F.linear(x, w_merged, bias)
 
     @staticmethod
@@ -106,7 +106,12 @@ class _LoRALinearFunction(torch.autograd.Function):
         if need_w or ((need_a or need_bb) and not low_rank):
             grad_w = dy2.t() @ x2
         if need_a or need_bb:
-            if low_rank and ctx.fused:
+            # The CUDA kernels take float32, float16 and bfloat16; float64 runs the torch matmuls.
+            if low_rank and ctx.impl == "cuda" and x2.dtype != torch.float64:
+                from adaptsr import _cuda
+
+                grad_a, grad_b = _cuda.lora_linear_lowrank_grads(x2, dy2, lora_A, lora_B, s)
+            elif low_rank and ctx.impl == "triton":
                 from adaptsr.kernels.lora_linear import lora_linear_lowrank_grads
 
                 grad_a, grad_b = lora_linear_lowrank_grads(x2, dy2, lora_A, lora_B, s)
@@ -145,7 +150,11 @@ def lora_linear(
     backend = resolve(x.device)
     if backend == "reference":
         return lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling)
-    if backend in ("torch", "triton"):
-        fused = backend == "triton"
-        return apply_in_one_dtype(_LoRALinearFunction, x, weight, bias, lora_A, lora_B, float(scaling), fused)
-    raise NotImplementedError(f"lora_linear has no {backend!r} backend yet")
+    if backend == "cuda" and not x.is_cuda:
+        raise RuntimeError(
+            f"lora_linear: the 'cuda' backend runs on CUDA tensors, got x on {x.device}; move the model and its "
+            "inputs to the GPU, or select another backend (adaptsr.set_backend('torch'))"
+        )
+    if backend in ("torch", "triton", "cuda"):
+        return apply_in_one_dtype(_LoRALinearFunction, x, weight, bias, lora_A, lora_B, float(scaling), backend)
+    raise NotImplementedError(f"lora_linear has no {backend!r} backend")

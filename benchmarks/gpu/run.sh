@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU suite, for a machine with a CUDA GPU: GPU tests, the CUDA extension build (when the
-# package has one), the kernel benchmarks, and one markdown results file.
+# The GPU suite, for a machine with a CUDA GPU: the CUDA extension build, GPU tests (the "cuda"
+# backend's included), the kernel benchmarks, and one markdown results file.
 #
 #   benchmarks/gpu/run.sh RESULTS.md
 #
@@ -8,7 +8,8 @@
 # and keeps the raw logs and JSON next to it (RESULTS.md.d/). Exit status: non-zero when a
 # GPU test failed. Environment knobs: BENCH_ARGS (extra pytest arguments for the benchmarks,
 # e.g. BENCH_ARGS='-k bf16' for a shorter run), TEST_ARGS (the same for the tests),
-# ROOFLINE_ARGS (e.g. '--dtypes bf16').
+# ROOFLINE_ARGS (e.g. '--dtypes bf16'), ADAPTSR_AOT=1 (build adaptsr._C ahead of time in place with
+# setup.py, for ADAPTSR_CUDA_ARCHS, instead of the default just-in-time build for the visible GPU).
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu/run.sh RESULTS.md}
 cd "$(dirname "$0")/../.."
@@ -23,16 +24,23 @@ if ! $py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     exit 2
 fi
 
-# 1. Tests: the whole suite; the backend tests run on the GPU at full size where one is present.
+# 1. CUDA extension adaptsr._C, built before the tests so that the "cuda" backend's tests and
+#    benchmarks run (a failed build shows in the log and fails tests/test_cuda_extension.py).
+#    Default: the just-in-time path the package itself uses (adaptsr/_cuda.py; cached in
+#    ~/.cache/adaptsr or $ADAPTSR_BUILD_DIR), for the visible GPU's architecture.
+build_start=$(date +%s)
+if [ "${ADAPTSR_AOT:-0}" = 1 ]; then
+    ADAPTSR_FORCE_CUDA_BUILD=1 $py setup.py build_ext --inplace 2>&1 | tee "$raw/build.log"
+else
+    $py -c "from adaptsr import _cuda; m = _cuda.load(verbose=True); print('adaptsr._C ready:', m.__file__)" \
+        2>&1 | tee "$raw/build.log"
+fi
+build_rc=${PIPESTATUS[0]}
+echo "build exit status $build_rc after $(( $(date +%s) - build_start )) s" | tee -a "$raw/build.log"
+
+# 2. Tests: the whole suite; the backend tests run on the GPU at full size where one is present.
 $py -m pytest tests -q -p no:cacheprovider ${TEST_ARGS:-} 2>&1 | tee "$raw/tests.log"
 tests_rc=${PIPESTATUS[0]}
-
-# 2. CUDA extension: not part of the package yet (see the CUDA extension issue).
-if [ -d csrc ]; then
-    $py setup.py build_ext --inplace 2>&1 | tee "$raw/build.log"
-else
-    echo "no csrc/: the CUDA extension is not part of this version" | tee "$raw/build.log"
-fi
 
 # 3. Benchmarks: pytest-benchmark providers at the GPU shapes, then the kernel floors.
 eval "set -- ${BENCH_ARGS:-}"
@@ -45,6 +53,12 @@ $py benchmarks/gpu/kernel_roofline.py --out "$raw/roofline.md" ${ROOFLINE_ARGS:-
     echo
     echo "Date: $(date -u +%Y-%m-%d). torch $($py -c 'import torch; print(torch.__version__)'),"
     echo "triton $($py -c 'import triton; print(triton.__version__)'), CUDA $($py -c 'import torch; print(torch.version.cuda)')."
+    echo
+    echo "## CUDA extension build"
+    echo
+    echo '```'
+    tail -n 3 "$raw/build.log"
+    echo '```'
     echo
     echo "## Tests"
     echo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import re
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from adaptsr.backend import set_backend
+from adaptsr.backend import _unavailable_reason, is_available, set_backend
 from adaptsr.ops import ConvGeometry, lora_conv2d
 
 # the module, not the function of the same name that adaptsr.ops re-exports
@@ -21,6 +22,24 @@ conv_op = importlib.import_module("adaptsr.ops.lora_conv2d")
 
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Backends with their own autograd Function, and the function each runs for the low-rank pass.
+_CUSTOM_BACKENDS = ("torch", "cuda")
+_LOW_RANK_PASS = {"torch": "_low_rank_grads", "cuda": "_cuda_low_rank_grads"}
+# The CUDA C++ backend runs only on a GPU, and only where adaptsr._C loads (built or buildable).
+_needs_cuda = pytest.mark.skipif(not is_available("cuda"), reason=f"cuda backend: {_unavailable_reason('cuda')}")
+CUDA = pytest.param("cuda", marks=_needs_cuda)
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """True float32 convolutions and matmuls on the GPU, for the backend and plain torch alike."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _dy_like(y: torch.Tensor, seed: int, dtype: torch.dtype, non_contiguous: bool) -> torch.Tensor:
@@ -39,15 +58,23 @@ def _runs_custom_function(y: torch.Tensor) -> bool:
 
 
 def _run(
-    backend: str, case, tensors: dict, dy64: torch.Tensor | None, dtype: torch.dtype, force_low_rank=None, autocast=None
+    backend: str,
+    case,
+    tensors: dict,
+    dy64: torch.Tensor | None,
+    dtype: torch.dtype,
+    force_low_rank=None,
+    autocast=None,
+    device: str = "cpu",
 ):
     """Forward and every gradient of lora_conv2d under ``backend``, inputs cast to ``dtype``.
 
-    ``force_low_rank``: None leaves the torch backend's choice alone; True / False forces the
+    ``force_low_rank``: None leaves the backend's choice alone; True / False forces the
     low-rank / full-wgrad backward pass, and checks that the forced pass is the one that ran.
-    ``autocast``: run the forward under ``torch.autocast("cpu", dtype=autocast)``.
+    ``autocast``: run the forward under ``torch.autocast(device, dtype=autocast)``.
+    ``device``: where the op runs; the results come back on the CPU.
     """
-    t = {k: (v.detach().to(dtype) if v is not None else None) for k, v in tensors.items()}
+    t = {k: (v.detach().to(device=device, dtype=dtype) if v is not None else None) for k, v in tensors.items()}
     t["x"].requires_grad_(case.x_requires_grad)
     t["weight"].requires_grad_(case.weight_requires_grad)
     if t["bias"] is not None:
@@ -57,35 +84,37 @@ def _run(
     names = {"dx": "x", "dW": "weight", "dbias": "bias", "dA": "lora_A", "dB": "lora_B"}
     wanted = [g for g, k in names.items() if t[k] is not None and t[k].requires_grad]
 
+    low_rank_pass = _LOW_RANK_PASS.get(backend, "_low_rank_grads")
     patches = []
     if force_low_rank is not None:
         patches = [
             mock.patch.object(conv_op, "_prefer_low_rank", lambda *args, **kwargs: force_low_rank),
-            mock.patch.object(conv_op, "_low_rank_grads", wraps=conv_op._low_rank_grads),
+            mock.patch.object(conv_op, low_rank_pass, wraps=getattr(conv_op, low_rank_pass)),
             mock.patch.object(conv_op, "_full_wgrad_to_lora", wraps=conv_op._full_wgrad_to_lora),
         ]
     for p in patches:
         p.start()
     try:
-        with set_backend(backend), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
+        amp = torch.autocast(torch.device(device).type, dtype=autocast or torch.bfloat16, enabled=bool(autocast))
+        with set_backend(backend), amp:
             y = lora_conv2d(
                 t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], case.scaling, **case.conv_kwargs
             )
-        if backend == "torch":
+        if backend in _CUSTOM_BACKENDS:
             assert _runs_custom_function(y), y.grad_fn
         out = {"y": y.detach()}
         if dy64 is not None:
-            grads = torch.autograd.grad(y, [t[names[g]] for g in wanted], dy64.to(y.dtype))
+            grads = torch.autograd.grad(y, [t[names[g]] for g in wanted], dy64.to(device=device, dtype=y.dtype))
             out.update(dict(zip(wanted, grads)))
             if force_low_rank is not None:
-                low_rank_ran = conv_op._low_rank_grads.call_count > 0
+                low_rank_ran = getattr(conv_op, low_rank_pass).call_count > 0
                 full_ran = conv_op._full_wgrad_to_lora.call_count > 0
                 expect_low_rank = force_low_rank and not case.weight_requires_grad
                 assert (low_rank_ran, full_ran) == (expect_low_rank, not expect_low_rank)
     finally:
         for p in reversed(patches):
             p.stop()
-    return out
+    return {k: v.cpu() for k, v in out.items()}
 
 
 @settings(max_examples=300, **_SETTINGS)
@@ -135,6 +164,36 @@ def test_torch_backend_under_autocast(
             assert_close_to_reference(
                 got[name], ref64[name], plain[name], label, dtype=amp_dtype, magnitude=magnitude[name]
             )
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@settings(max_examples=100, **_SETTINGS)
+@given(data=st.data())
+def test_gpu_backend_matches_float64_reference(
+    backend, data, conv_case_strategy, make_conv_tensors, abs_inputs, assert_close_to_reference
+):
+    """On the GPU: output and every gradient, both backward passes, every dtype (float64 runs the torch pass).
+
+    The oracle runs in float64 on the CPU; "plain torch" is the reference backend in the same dtype
+    on the GPU. TF32 is off for both, so float32 means float32.
+    """
+    case = data.draw(conv_case_strategy(), label="case")
+    dtype = data.draw(st.sampled_from(_DTYPES), label="dtype")
+    tensors = make_conv_tensors(case, dtype)
+    first = _run("reference", case, tensors, None, torch.float64)
+    dy64 = _dy_like(first["y"], case.seed, dtype, data.draw(st.booleans(), label="non_contiguous_dy"))
+    ref64 = _run("reference", case, tensors, dy64, torch.float64)
+    magnitude = _run("reference", case, abs_inputs(tensors), dy64.abs(), torch.float64)
+    with _no_tf32():
+        plain = _run("reference", case, tensors, dy64, dtype, device="cuda")
+        for force_low_rank in (True, False):
+            got = _run(backend, case, tensors, dy64, dtype, force_low_rank=force_low_rank, device="cuda")
+            assert got.keys() == ref64.keys()
+            for name in got:
+                assert_close_to_reference(
+                    got[name], ref64[name], plain[name], f"{name} ({backend}, low_rank={force_low_rank})",
+                    magnitude=magnitude[name],
+                )
 
 
 def _merged_conv_ground_truth(case, tensors, dy64):
@@ -202,7 +261,7 @@ def _valid_args():
     )
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", CUDA])
 @pytest.mark.parametrize(
     "field, bad_shape",
     [
@@ -217,10 +276,11 @@ def _valid_args():
     ],
 )
 def test_shape_errors_name_the_shape(backend, field, bad_shape):
-    args = _valid_args()
+    device = "cuda" if backend == "cuda" else "cpu"
+    args = {k: v.to(device) for k, v in _valid_args().items()}
     with set_backend(backend):
         lora_conv2d(**args, scaling=1.0, groups=2, padding=1)  # the valid call runs
-        args[field] = torch.randn(bad_shape)
+        args[field] = torch.randn(bad_shape, device=device)
         with pytest.raises(ValueError, match=re.escape(str(bad_shape))):
             lora_conv2d(**args, scaling=1.0, groups=2, padding=1)
 
@@ -289,22 +349,35 @@ def test_geometry_matches_nn_conv2d_padding(padding, padding_mode):
         torch.testing.assert_close(geometry.conv(geometry.pad_input(x), conv.weight, conv.bias), conv(x))
 
 
+@pytest.mark.parametrize("backend", ["torch", CUDA])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("force_low_rank", [True, False])
-def test_torch_backend_channels_last(monkeypatch, groups, force_low_rank):
-    """Channels-last inputs (the fast CPU/GPU layout) take other views in the backward; same numbers."""
+def test_backend_channels_last(monkeypatch, backend, groups, force_low_rank):
+    """Channels-last inputs (the fast CPU/GPU layout) take other views in the backward; same numbers.
+
+    float64 on the CPU for torch; float32 on the GPU for cuda (its kernels take no float64), TF32 off.
+    """
     module = importlib.import_module("adaptsr.ops.lora_conv2d")
     monkeypatch.setattr(module, "_prefer_low_rank", lambda *args: force_low_rank)
+    device, dtype = ("cuda", torch.float32) if backend == "cuda" else ("cpu", torch.float64)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
     cl = torch.channels_last
     x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
     w = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64)
     a, b = torch.randn(2, 4 // groups, 3, 3, dtype=torch.float64), torch.randn(6, 2, 1, 1, dtype=torch.float64)
     dy = torch.randn(2, 6, 7, 6, dtype=torch.float64)
     results = {}
-    for backend, memory_format in (("torch", cl), ("reference", torch.contiguous_format)):
-        leaves = [t.clone().requires_grad_(True) for t in (x.contiguous(memory_format=memory_format), a, b)]
-        with set_backend(backend):
-            y = lora_conv2d(leaves[0], w, None, leaves[1], leaves[2], 0.5, padding=1, groups=groups)
-        results[backend] = [y, *torch.autograd.grad(y, leaves, dy.contiguous(memory_format=memory_format))]
-    for name, got, ref in zip(("y", "dx", "dA", "dB"), results["torch"], results["reference"]):
-        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10, msg=f"{name} differs for channels-last input")
+    with _no_tf32():
+        runs = ((backend, cl, device, dtype), ("reference", torch.contiguous_format, "cpu", torch.float64))
+        for name, memory_format, dev, dt in runs:
+            leaves = [
+                t.to(device=dev, dtype=dt).clone().requires_grad_(True)
+                for t in (x.contiguous(memory_format=memory_format), a, b)
+            ]
+            weight = w.to(device=dev, dtype=dt)
+            with set_backend(name):
+                y = lora_conv2d(leaves[0], weight, None, leaves[1], leaves[2], 0.5, padding=1, groups=groups)
+            grads = torch.autograd.grad(y, leaves, dy.to(device=dev, dtype=dt).contiguous(memory_format=memory_format))
+            results[name] = [t.double().cpu() for t in (y, *grads)]
+    for name, got, ref in zip(("y", "dx", "dA", "dB"), results[backend], results["reference"]):
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=f"{name} differs for channels-last input")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 from unittest import mock
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptsr.backend import set_backend
+from adaptsr.backend import _unavailable_reason, is_available, set_backend
 from adaptsr.ops import lora_linear
 
 # the module, not the function of the same name that adaptsr.ops re-exports
@@ -21,6 +22,23 @@ linear_op = importlib.import_module("adaptsr.ops.lora_linear")
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _GRADS = {"dx": "x", "dW": "weight", "dbias": "bias", "dA": "lora_A", "dB": "lora_B"}
+# Backends with their own autograd Function.
+_CUSTOM_BACKENDS = ("torch", "cuda")
+# The CUDA C++ backend runs only on a GPU, and only where adaptsr._C loads (built or buildable).
+CUDA = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not is_available("cuda"), reason=f"cuda backend: {_unavailable_reason('cuda')}")
+)
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """True float32 matmuls on the GPU, for the backend and plain torch alike."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _dy_like(y: torch.Tensor, seed: int, dtype: torch.dtype, non_contiguous: bool) -> torch.Tensor:
@@ -38,10 +56,13 @@ def _runs_custom_function(y: torch.Tensor) -> bool:
     return forward_cls is not None and forward_cls.__module__ == linear_op.__name__
 
 
-def _run(backend: str, case, tensors: dict, dy64, dtype: torch.dtype, force_low_rank=None, autocast=None):
+def _run(
+    backend: str, case, tensors: dict, dy64, dtype: torch.dtype, force_low_rank=None, autocast=None, device="cpu"
+):
     """Forward and every gradient under ``backend``; ``force_low_rank`` forces the backward pass;
-    ``autocast``: run the forward under ``torch.autocast("cpu", dtype=autocast)``."""
-    t = {k: (v.detach().to(dtype) if v is not None else None) for k, v in tensors.items()}
+    ``autocast``: run the forward under ``torch.autocast(device, dtype=autocast)``; ``device``: where
+    the op runs (the results come back on the CPU)."""
+    t = {k: (v.detach().to(device=device, dtype=dtype) if v is not None else None) for k, v in tensors.items()}
     t["x"].requires_grad_(case.x_requires_grad)
     t["weight"].requires_grad_(case.weight_requires_grad)
     for k in ("bias", "lora_A", "lora_B"):
@@ -54,20 +75,21 @@ def _run(backend: str, case, tensors: dict, dy64, dtype: torch.dtype, force_low_
     if patch:
         patch.start()
     try:
-        with set_backend(backend), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
+        amp = torch.autocast(torch.device(device).type, dtype=autocast or torch.bfloat16, enabled=bool(autocast))
+        with set_backend(backend), amp:
             y = lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], case.scaling)
-        if backend == "torch":
+        if backend in _CUSTOM_BACKENDS:
             assert _runs_custom_function(y), y.grad_fn
         out = {"y": y.detach()}
         if dy64 is not None:
-            grads = torch.autograd.grad(y, [t[_GRADS[g]] for g in wanted], dy64.to(y.dtype))
+            grads = torch.autograd.grad(y, [t[_GRADS[g]] for g in wanted], dy64.to(device=device, dtype=y.dtype))
             out.update(zip(wanted, grads))
             if patch:
                 assert chooser.call_count == 1  # the forced choice is the one the backward consulted
     finally:
         if patch:
             patch.stop()
-    return out
+    return {k: v.cpu() for k, v in out.items()}
 
 
 @settings(max_examples=300, **_SETTINGS)
@@ -116,6 +138,36 @@ def test_torch_backend_under_autocast(
             assert_close_to_reference(
                 got[name], ref64[name], plain[name], label, dtype=amp_dtype, magnitude=magnitude[name]
             )
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@settings(max_examples=100, **_SETTINGS)
+@given(data=st.data())
+def test_gpu_backend_matches_float64_reference(
+    backend, data, linear_case_strategy, make_linear_tensors, abs_inputs, assert_close_to_reference
+):
+    """On the GPU: output and every gradient, both backward passes, every dtype (float64 runs the torch matmuls).
+
+    The oracle runs in float64 on the CPU; "plain torch" is the reference backend in the same dtype
+    on the GPU. TF32 is off for both, so float32 means float32.
+    """
+    case = data.draw(linear_case_strategy(), label="case")
+    dtype = data.draw(st.sampled_from(_DTYPES), label="dtype")
+    tensors = make_linear_tensors(case, dtype)
+    first = _run("reference", case, tensors, None, torch.float64)
+    dy64 = _dy_like(first["y"], case.seed, dtype, data.draw(st.booleans(), label="non_contiguous_dy"))
+    ref64 = _run("reference", case, tensors, dy64, torch.float64)
+    magnitude = _run("reference", case, abs_inputs(tensors), dy64.abs(), torch.float64)
+    with _no_tf32():
+        plain = _run("reference", case, tensors, dy64, dtype, device="cuda")
+        for force_low_rank in (True, False):
+            got = _run(backend, case, tensors, dy64, dtype, force_low_rank=force_low_rank, device="cuda")
+            assert got.keys() == ref64.keys()
+            for name in got:
+                assert_close_to_reference(
+                    got[name], ref64[name], plain[name], f"{name} ({backend}, low_rank={force_low_rank})",
+                    magnitude=magnitude[name],
+                )
 
 
 @settings(max_examples=100, **_SETTINGS)
@@ -172,7 +224,7 @@ def _valid_args():
     )
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", CUDA])
 @pytest.mark.parametrize(
     "field, bad_shape",
     [
@@ -185,10 +237,11 @@ def _valid_args():
     ],
 )
 def test_shape_errors_name_the_shape(backend, field, bad_shape):
-    args = _valid_args()
+    device = "cuda" if backend == "cuda" else "cpu"
+    args = {k: v.to(device) for k, v in _valid_args().items()}
     with set_backend(backend):
         lora_linear(**args, scaling=1.0)  # the valid call runs
-        args[field] = torch.randn(bad_shape)
+        args[field] = torch.randn(bad_shape, device=device)
         with pytest.raises(ValueError, match=re.escape(str(bad_shape))):
             lora_linear(**args, scaling=1.0)
 

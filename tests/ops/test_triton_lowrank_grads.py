@@ -1,7 +1,8 @@
-"""The fused Triton low-rank gradient kernel against the float64 reference.
+"""The fused low-rank gradient kernels (Triton and CUDA C++) against the float64 reference.
 
-On a machine without a GPU these run through TRITON_INTERPRET=1 (set in tests/conftest.py) on
-small shapes; on a GPU they run on the device at full SR-training sizes too.
+Every test runs once per provider: "triton" (on a machine without a GPU through TRITON_INTERPRET=1,
+set in tests/conftest.py, on small shapes) and "cuda" (the CUDA C++ kernel of adaptsr._C, only
+where a GPU is visible and the extension loads). On a GPU both run at full SR-training sizes too.
 """
 
 from __future__ import annotations
@@ -9,14 +10,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaptsr.backend import is_available
+from adaptsr.backend import _unavailable_reason, is_available
 from adaptsr.ops._conv_geometry import ConvGeometry
 from adaptsr.ops.lora_conv2d import _low_rank_grads
 
-pytestmark = pytest.mark.skipif(not is_available("triton"), reason="triton backend unavailable")
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
+
+PROVIDERS = [
+    pytest.param(name, marks=pytest.mark.skipif(not is_available(name), reason=f"{name} backend: {_unavailable_reason(name)}"))
+    for name in ("triton", "cuda")
+]
+
+
+def _launcher(provider: str):
+    """The provider's lora_conv2d_lowrank_grads (same contract; imported on use)."""
+    if provider == "cuda":
+        from adaptsr import _cuda
+
+        return _cuda.lora_conv2d_lowrank_grads
+    from adaptsr.kernels.lora_conv2d import lora_conv2d_lowrank_grads
+
+    return lora_conv2d_lowrank_grads
 
 # (c_in, c_out, kernel, stride, padding, dilation, groups, rank, batch, height, width)
 SMALL_CASES = [
@@ -32,8 +47,9 @@ GPU_CASES = [
     (180, 180, (3, 3), (1, 1), (1, 1), (1, 1), 1, 16, 2, 48, 40),
     (180, 540, (1, 1), (1, 1), (0, 0), (1, 1), 1, 4, 16, 32, 33),
 ]
-# Relative (to the largest reference entry) error allowed per dtype: the kernel accumulates in
-# fp32; low-precision inputs round u and z once to the input dtype before the second product.
+# Relative (to the largest reference entry) error allowed per dtype: the kernels accumulate in
+# fp32; the Triton kernel rounds u and z once to a low-precision input dtype before the second
+# product (the CUDA kernel keeps them in fp32, so it sits well inside these bounds).
 # End-to-end float32 on a GPU: cuDNN runs the dense convolutions in TF32 (torch's default).
 END_TO_END_TOL = 5e-3 if ON_GPU and torch.backends.cudnn.allow_tf32 else 1e-5
 REL_TOL = {torch.float32: 1e-5 if not ON_GPU else 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -44,9 +60,8 @@ def _dtypes():
     return [torch.float32, torch.float16, torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
 
 
-def _run_case(case, dtype, channels_last):
-    from adaptsr.kernels.lora_conv2d import lora_conv2d_lowrank_grads
-
+def _run_case(provider, case, dtype, channels_last):
+    lora_conv2d_lowrank_grads = _launcher(provider)
     c_in, c_out, kernel, stride, padding, dilation, groups, rank, n, h, w = case
     geometry = ConvGeometry.from_args(kernel, stride, padding, dilation, groups)
     x = torch.randn(n, c_in, h, w, device=DEVICE, dtype=dtype)
@@ -71,27 +86,47 @@ def _run_case(case, dtype, channels_last):
         assert err <= REL_TOL[dtype], f"{name}: relative error {err:.2e} > {REL_TOL[dtype]:.0e} for {case} {dtype}"
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", _dtypes(), ids=str)
 @pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: f"{c[0]}to{c[1]}k{c[2][0]}x{c[2][1]}s{c[3][0]}g{c[6]}r{c[7]}")
-def test_lowrank_grads_small(case, dtype):
-    _run_case(case, dtype, channels_last=False)
+def test_lowrank_grads_small(provider, case, dtype):
+    _run_case(provider, case, dtype, channels_last=False)
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", SMALL_CASES[:2], ids=["c3", "grouped"])
-def test_lowrank_grads_channels_last(case):
-    _run_case(case, torch.float32, channels_last=True)
+def test_lowrank_grads_channels_last(provider, case):
+    _run_case(provider, case, torch.float32, channels_last=True)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="full-size shapes run on a GPU only")
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}to{c[1]}k{c[2][0]}r{c[7]}")
-def test_lowrank_grads_gpu_sizes(case, dtype, channels_last):
-    _run_case(case, dtype, channels_last)
+def test_lowrank_grads_gpu_sizes(provider, case, dtype, channels_last):
+    _run_case(provider, case, dtype, channels_last)
 
 
-def test_rejects_inconsistent_shapes():
-    from adaptsr.kernels.lora_conv2d import lora_conv2d_lowrank_grads
+@pytest.mark.skipif(not ON_GPU, reason="the CUDA kernel's rank chunks and wide layers run on a GPU only")
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        (40, 24, (3, 3), (1, 1), (1, 1), (1, 1), 1, 40, 2, 9, 11),  # r=40: two rank chunks of the CUDA kernel
+        (64, 64, (3, 3), (2, 2), (1, 1), (1, 1), 64, 1, 2, 17, 13),  # depthwise (64 groups), stride 2
+        (96, 80, (3, 3), (1, 1), (2, 2), (2, 2), 2, 8, 3, 20, 20),  # channels over several chunks, dilation 2
+    ],
+    ids=["rank40", "depthwise", "wide-dilated"],
+)
+def test_lowrank_grads_awkward_gpu_shapes(provider, case):
+    _run_case(provider, case, torch.float32, channels_last=False)
+    _run_case(provider, case, torch.float16, channels_last=True)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_rejects_inconsistent_shapes(provider):
+    lora_conv2d_lowrank_grads = _launcher(provider)
 
     x = torch.randn(1, 4, 5, 5, device=DEVICE)
     dy = torch.randn(1, 6, 5, 5, device=DEVICE)
@@ -101,9 +136,10 @@ def test_rejects_inconsistent_shapes():
         lora_conv2d_lowrank_grads(x, dy, a, b, 1.0, (1, 1), (1, 1), (1, 1), 1)
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
-def test_triton_backend_conv_end_to_end(monkeypatch, padding_mode):
-    """The triton backend's whole op (cuDNN/torch dense parts + fused kernel) against float64."""
+def test_fused_backend_conv_end_to_end(monkeypatch, provider, padding_mode):
+    """The fused backend's whole op (cuDNN/torch dense parts + fused kernel) against float64."""
     import importlib
 
     import adaptsr
@@ -116,18 +152,19 @@ def test_triton_backend_conv_end_to_end(monkeypatch, padding_mode):
     a, b = torch.randn(2, 3, 3, 3, device=DEVICE), torch.randn(8, 2, 1, 1, device=DEVICE)
     dy = torch.randn(2, 8, 4, 5, device=DEVICE)
     results = {}
-    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+    for backend, dtype in ((provider, torch.float32), ("reference", torch.float64)):
         leaves = [t.to(dtype).requires_grad_(True) for t in (x, bias, a, b)]
         with adaptsr.set_backend(backend):
             y = lora_conv2d(leaves[0], w.to(dtype), leaves[1], leaves[2], leaves[3], 0.5,
                             stride=2, padding=1, dilation=1, groups=2, padding_mode=padding_mode)
         results[backend] = [y] + list(torch.autograd.grad(y, leaves, dy.to(dtype)))
-    for name, got, ref in zip(("y", "dx", "dbias", "dA", "dB"), results["triton"], results["reference"]):
+    for name, got, ref in zip(("y", "dx", "dbias", "dA", "dB"), results[provider], results["reference"]):
         err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
         assert err < END_TO_END_TOL, f"{name}: relative error {err:.2e}"
 
 
-def test_triton_backend_linear_end_to_end(monkeypatch):
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_fused_backend_linear_end_to_end(monkeypatch, provider):
     import importlib
 
     import adaptsr
@@ -139,11 +176,11 @@ def test_triton_backend_linear_end_to_end(monkeypatch):
     w, a, b = torch.randn(30, 20, device=DEVICE), torch.randn(3, 20, device=DEVICE), torch.randn(30, 3, device=DEVICE)
     dy = torch.randn(3, 5, 30, device=DEVICE)
     results = {}
-    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+    for backend, dtype in ((provider, torch.float32), ("reference", torch.float64)):
         leaves = [t.to(dtype).requires_grad_(True) for t in (x, a, b)]
         with adaptsr.set_backend(backend):
             y = lora_linear(leaves[0], w.to(dtype), None, leaves[1], leaves[2], 0.5)
         results[backend] = [y] + list(torch.autograd.grad(y, leaves, dy.to(dtype)))
-    for name, got, ref in zip(("y", "dx", "dA", "dB"), results["triton"], results["reference"]):
+    for name, got, ref in zip(("y", "dx", "dA", "dB"), results[provider], results["reference"]):
         err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
         assert err < END_TO_END_TOL, f"{name}: relative error {err:.2e}"

@@ -1,0 +1,138 @@
+// Host side of the fused low-rank gradient pass: input checks, the fp32 adapter matrices, the
+// workspace and the launch; the math and the kernel are in lora_lowrank_grads_kernel.cuh.
+
+// Light headers (ATen/core/Tensor.h and the few ops used, c10's CUDA stream and guard; not
+// ATen/ATen.h or ATen/cuda/CUDAContext.h): they cut the compile time of each file by a third.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../dispatch.h"
+#include "../launch.cuh"
+#include "../ops.h"
+#include "lora_lowrank_grads_kernel.cuh"
+
+namespace adaptsr {
+
+std::tuple<at::Tensor, at::Tensor> lora_lowrank_grads(const at::Tensor& x, const at::Tensor& dy,
+                                                      const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                      double scaling, std::vector<int64_t> stride,
+                                                      std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                                                      int64_t groups) {
+  using namespace lowrank;  // tile sizes, ConvShape and the kernel
+  constexpr const char* op = "lora_lowrank_grads";
+  // -- checks: devices and dtypes first, then shapes --
+  ADAPTSR_CHECK_KERNEL_INPUT(op, x);
+  ADAPTSR_CHECK_CUDA(op, dy);
+  ADAPTSR_CHECK_CUDA(op, lora_A);
+  ADAPTSR_CHECK_CUDA(op, lora_B);
+  ADAPTSR_CHECK_SAME_DEVICE(op, dy, x);
+  ADAPTSR_CHECK_SAME_DEVICE(op, lora_A, x);
+  ADAPTSR_CHECK_SAME_DEVICE(op, lora_B, x);
+  ADAPTSR_CHECK_SAME_DTYPE(op, dy, x);
+  ADAPTSR_CHECK_DIM(op, x, 4);
+  ADAPTSR_CHECK_DIM(op, dy, 4);
+  ADAPTSR_CHECK_DIM(op, lora_A, 4);
+  ADAPTSR_CHECK_DIM(op, lora_B, 4);
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+                    ": stride, padding and dilation must be pairs");
+  TORCH_CHECK_VALUE(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
+                        padding[1] >= 0,
+                    op, ": stride and dilation must be >= 1 and padding >= 0, got stride ", at::IntArrayRef(stride),
+                    ", padding ", at::IntArrayRef(padding), ", dilation ", at::IntArrayRef(dilation));
+  TORCH_CHECK_VALUE(groups >= 1 && groups <= 65535, op, ": groups must be in [1, 65535], got ", groups);
+
+  const int64_t n = x.size(0), in_channels = x.size(1), height = x.size(2), width = x.size(3);
+  const int64_t out_channels = dy.size(1), out_height = dy.size(2), out_width = dy.size(3);
+  const int64_t rank = lora_A.size(0), in_pg = lora_A.size(1), kh = lora_A.size(2), kw = lora_A.size(3);
+  TORCH_CHECK_VALUE(dy.size(0) == n && in_channels == in_pg * groups && out_channels % groups == 0, op,
+                    ": inconsistent shapes x ", x.sizes(), ", dy ", dy.sizes(), ", lora_A ", lora_A.sizes(),
+                    ", groups ", groups);
+  ADAPTSR_CHECK_SHAPE(op, lora_B, {out_channels, rank, 1, 1});
+  const int64_t expect_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t expect_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK_VALUE(out_height == expect_h && out_width == expect_w, op, ": dy of shape ", dy.sizes(),
+                    " does not match the convolution of x ", x.sizes(), " (expected ", expect_h, " x ", expect_w,
+                    " output pixels)");
+  TORCH_CHECK_VALUE(height < INT32_MAX && width < INT32_MAX && n < INT32_MAX && out_channels < INT32_MAX, op,
+                    ": x or dy is too large for 32-bit coordinates");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t taps = kh * kw;
+  const int64_t k_len = taps * in_pg;
+  // A as a matrix in the (tap, channel) column order the kernel walks, B as [C_out, r]; fp32.
+  const at::Tensor a_mat = lora_A.permute({0, 2, 3, 1}).reshape({rank, k_len}).to(at::kFloat).contiguous();
+  const at::Tensor b_mat = lora_B.reshape({out_channels, rank}).to(at::kFloat).contiguous();
+
+  const int64_t pixels = n * out_height * out_width;
+  if (pixels == 0 || rank == 0) {
+    return {at::zeros(lora_A.sizes(), lora_A.options()), at::zeros(lora_B.sizes(), lora_B.options())};
+  }
+
+  const int64_t num_tiles = ceil_div(pixels, kTilePixels);
+  const int64_t rank_chunks = ceil_div(rank, kMaxChunkRank);
+  TORCH_CHECK_VALUE(rank_chunks <= 65535, op, ": rank ", rank, " is too large");
+  const int64_t wanted = ceil_div(multiprocessor_count(x) * kBlocksPerSM, groups * rank_chunks);
+  const int64_t splits = std::clamp<int64_t>(wanted, 1, num_tiles);
+
+  at::Tensor ws_a = at::zeros({splits, groups, rank, k_len}, x.options().dtype(at::kFloat));
+  at::Tensor ws_b = at::zeros({splits, out_channels, rank}, x.options().dtype(at::kFloat));
+
+  ConvShape shape;
+  shape.pixels = pixels;
+  shape.height = static_cast<int>(height);
+  shape.width = static_cast<int>(width);
+  shape.out_height = static_cast<int>(out_height);
+  shape.out_width = static_cast<int>(out_width);
+  shape.in_per_group = static_cast<int>(in_pg);
+  shape.out_per_group = static_cast<int>(out_channels / groups);
+  shape.out_channels = static_cast<int>(out_channels);
+  shape.rank = static_cast<int>(rank);
+  shape.taps = static_cast<int>(taps);
+  shape.kernel_w = static_cast<int>(kw);
+  shape.stride_h = static_cast<int>(stride[0]);
+  shape.stride_w = static_cast<int>(stride[1]);
+  shape.pad_h = static_cast<int>(padding[0]);
+  shape.pad_w = static_cast<int>(padding[1]);
+  shape.dil_h = static_cast<int>(dilation[0]);
+  shape.dil_w = static_cast<int>(dilation[1]);
+  shape.x_sn = x.stride(0);
+  shape.x_sc = x.stride(1);
+  shape.x_sh = x.stride(2);
+  shape.x_sw = x.stride(3);
+  shape.dy_sn = dy.stride(0);
+  shape.dy_sc = dy.stride(1);
+  shape.dy_sh = dy.stride(2);
+  shape.dy_sw = dy.stride(3);
+
+  // Coalesce over channels when they are x's unit-stride dimension (channels-last, linear rows).
+  const bool channels_fastest = x.stride(1) == 1;
+  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(groups), static_cast<unsigned>(rank_chunks));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  ADAPTSR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), op, [&] {
+    if (channels_fastest) {
+      lora_lowrank_grads_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), a_mat.data_ptr<float>(), b_mat.data_ptr<float>(),
+          ws_a.data_ptr<float>(), ws_b.data_ptr<float>(), shape);
+    } else {
+      lora_lowrank_grads_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), a_mat.data_ptr<float>(), b_mat.data_ptr<float>(),
+          ws_a.data_ptr<float>(), ws_b.data_ptr<float>(), shape);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  // -- fixed-order sums over blocks (and groups: A is shared by every group), then A's layout --
+  const at::Tensor grad_a_mat = sum_partials(ws_a.view({splits * groups, rank, k_len}), scaling);
+  const at::Tensor grad_a = grad_a_mat.view({rank, kh, kw, in_pg}).permute({0, 3, 1, 2}).to(lora_A.scalar_type()).contiguous();
+  const at::Tensor grad_b = sum_partials(ws_b, scaling).view({out_channels, rank, 1, 1}).to(lora_B.scalar_type());
+  return {grad_a, grad_b};
+}
+
+}  // namespace adaptsr
