@@ -163,6 +163,47 @@ def _train(module, train_set, args, lr: float, device: torch.device) -> dict:
     }
 
 
+TIMED_METHODS = ("lora8", "peft8", "full@0.0002")
+
+
+def interleaved_step_times(args) -> dict:
+    """Median forward + backward + optimizer step of TIMED_METHODS on one fixed batch, the methods
+    stepping in turn round after round, so load that drifts (a shared machine) hits each alike."""
+    from adaptsr.train import TrainConfig, _load_batch
+
+    device = torch.device(args.device)
+    train_set, _ = _datasets(args, Path(args.work))
+    lr_img, hr = _load_batch(train_set, list(range(args.batch_size)), 0, device)
+    steppers = {}
+    for method in TIMED_METHODS:
+        _, module = _prepare(args.model, method)
+        module.to(device).train()
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=TrainConfig.lr)
+
+        def step(module=module, params=params, optimizer=optimizer) -> float:
+            tic = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = F.l1_loss(module(lr_img).float(), hr.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - tic
+
+        steppers[method] = step
+    times = {method: [] for method in steppers}
+    for round_ in range(args.timing_rounds + 3):
+        for method, step in steppers.items():
+            seconds = step()
+            if round_ >= 3:  # warm-up rounds: allocations, kernel selection
+                times[method].append(seconds)
+    return {"model": args.model, "rounds": args.timing_rounds,
+            "step_ms": {m: 1000 * statistics.median(t) for m, t in times.items()}}
+
+
 def run_one(args) -> dict:
     """Train (unless base) and score one method; the result as a dict."""
     from adaptsr.evaluate import evaluate_pairs
@@ -234,6 +275,20 @@ def _markdown(results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _timing_markdown(timings: list[dict]) -> str:
+    if not timings:
+        return ""
+    lines = ["## Step time, interleaved", "",
+             "One fixed batch; the methods step in turn for each round, so load that drifts hits each alike.", "",
+             "| model | rounds | " + " | ".join(f"{m} ms" for m in TIMED_METHODS) + " | PEFT / adaptsr |",
+             "|---|---|" + "---|" * len(TIMED_METHODS) + "---|"]
+    for t in timings:
+        ms = t["step_ms"]
+        cells = " | ".join(f"{ms[m]:.0f}" for m in TIMED_METHODS)
+        lines.append(f"| {t['model']} | {t['rounds']} | {cells} | {ms['peft8'] / ms['lora8']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="swinir,rrdb", help="comma-separated bundled models")
@@ -245,6 +300,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="2 steps on small crops: checks the pipeline only")
+    parser.add_argument("--timing-rounds", type=int, default=15,
+                        help="rounds of the interleaved step timing of " + ", ".join(TIMED_METHODS) + " (0: skip it)")
     parser.add_argument("--out", help="results path without suffix: writes OUT.json and OUT.md")
     parser.add_argument("--work", help="folder for photos and the LR cache (default: OUT's folder / study-work)")
     # one method in this process (how the study runs each method)
@@ -255,11 +312,11 @@ def main() -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.batch_size, args.patch = 2, 2, 8
+        args.steps, args.batch_size, args.patch, args.timing_rounds = 2, 2, 8, min(args.timing_rounds, 1)
 
     if args.one:
         warnings.filterwarnings("ignore", message="torch.meshgrid")  # spandrel's Swin code
-        result = run_one(args)
+        result = interleaved_step_times(args) if args.method == "timing" else run_one(args)
         _write_text(Path(args.result), json.dumps(result))
         return
     if not args.out:
@@ -281,8 +338,16 @@ def main() -> None:
     except ValueError as err:
         sys.exit(f"quality study: {err}")
 
-    results = []
+    results, timings = [], []
     for model in args.models.split(","):
+        if args.timing_rounds:  # on the first preset's crops: the degradation does not change the cost
+            result_file = args.work / f"{model}-timing.json"
+            result_file.parent.mkdir(parents=True, exist_ok=True)
+            command = _child_command(args, model, args.presets.split(",")[0], "timing", result_file)
+            if subprocess.run(command + ["--timing-rounds", str(args.timing_rounds)], check=False).returncode:
+                sys.exit(f"quality study: the step timing of {model} failed")
+            timings.append(json.loads(result_file.read_text()))
+            print(f"{model:7} interleaved step ms: {timings[-1]['step_ms']}", flush=True)
         for preset in args.presets.split(","):
             for method in methods_for(model):
                 if wanted is not None and method not in wanted:
@@ -302,8 +367,8 @@ def main() -> None:
     meta = {"date": date.today().isoformat(), "device": device, "torch": torch.__version__,
             "python": platform.python_version(), "steps": args.steps, "batch_size": args.batch_size,
             "patch": args.patch, "seed": args.seed}
-    _write_text(out.with_suffix(".json"), json.dumps({"meta": meta, "results": results}, indent=2))
-    _write_text(out.with_suffix(".md"), _markdown(results, meta))
+    _write_text(out.with_suffix(".json"), json.dumps({"meta": meta, "results": results, "timing": timings}, indent=2))
+    _write_text(out.with_suffix(".md"), _markdown(results, meta) + _timing_markdown(timings))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
 

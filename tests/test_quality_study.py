@@ -25,8 +25,12 @@ def test_quality_study_quick(tmp_path):
         assert 10 < r["psnr"] < 60 and 0 < r["ssim"] <= 1
     for r in (by_method["lora4"], by_method["peft8"]):
         assert r["step_ms"] > 0 and r["peak_mb"] >= 0 and r["final_loss"] > 0
+    (timing,) = json.loads(out.with_suffix(".json").read_text())["timing"]
+    assert timing["model"] == "swinir" and set(timing["step_ms"]) == {"lora8", "peft8", "full@0.0002"}
+    assert all(ms > 0 for ms in timing["step_ms"].values())
     table = out.with_suffix(".md").read_text()
     assert "## swinir, profile `lowlight`" in table and "| peft8 |" in table
+    assert "## Step time, interleaved" in table
 
 
 def test_quality_study_failing_method_exits_nonzero(tmp_path):
