@@ -1,4 +1,5 @@
-// Host helpers shared by the ops: grid sizing and the deterministic reduction of per-block partials.
+// Host helpers shared by the ops: the GPU's size, dim3 grids and the deterministic reduction of
+// per-block partials (the CUDA-free launch arithmetic is in geometry.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,9 +12,14 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "geometry.h"
+
 namespace adaptsr {
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// The dim3 of a grid planned by a *_geometry.h header (each of its sizes checked by the caller).
+inline dim3 to_dim3(const LaunchGrid& g) {
+  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
+}
 
 // Streaming multiprocessors of the tensor's GPU: grids that reduce into per-block partials size
 // themselves from it (a few blocks per SM), so the workspace does not grow with the problem.

@@ -16,6 +16,7 @@
 #include "../dispatch.h"
 #include "../launch.cuh"
 #include "../ops.h"
+#include "lora_lowrank_grads_geometry.h"
 #include "lora_lowrank_grads_kernel.cuh"
 
 namespace adaptsr {
@@ -25,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> lora_lowrank_grads(const at::Tensor& x, const
                                                       double scaling, std::vector<int64_t> stride,
                                                       std::vector<int64_t> padding, std::vector<int64_t> dilation,
                                                       int64_t groups) {
-  using namespace lowrank;  // tile sizes, ConvShape and the kernel
+  using namespace lowrank;  // tile sizes, ConvShape, the launch geometry and the kernel
   constexpr const char* op = "lora_lowrank_grads";
   // -- checks: devices and dtypes first, then shapes --
   ADAPTSR_CHECK_KERNEL_INPUT(op, x);
@@ -75,48 +76,18 @@ std::tuple<at::Tensor, at::Tensor> lora_lowrank_grads(const at::Tensor& x, const
     return {at::zeros(lora_A.sizes(), lora_A.options()), at::zeros(lora_B.sizes(), lora_B.options())};
   }
 
-  const int64_t num_tiles = ceil_div(pixels, kTilePixels);
-  const int64_t rank_chunks = ceil_div(rank, kMaxChunkRank);
-  TORCH_CHECK_VALUE(rank_chunks <= 65535, op, ": rank ", rank, " is too large");
-  const int64_t wanted = ceil_div(multiprocessor_count(x) * kBlocksPerSM, groups * rank_chunks);
-  const int64_t splits = std::clamp<int64_t>(wanted, 1, num_tiles);
+  const ConvShape shape = make_conv_shape(x.sizes().data(), x.strides().data(), dy.sizes().data(),
+                                          dy.strides().data(), lora_A.sizes().data(), stride.data(), padding.data(),
+                                          dilation.data(), groups);
+  const Launch launch = plan_launch(shape, groups, multiprocessor_count(x));
+  TORCH_CHECK_VALUE(launch.rank_chunks <= 65535, op, ": rank ", rank, " is too large");
+  at::Tensor ws_a = at::zeros(launch.ws_a_sizes, x.options().dtype(at::kFloat));
+  at::Tensor ws_b = at::zeros(launch.ws_b_sizes, x.options().dtype(at::kFloat));
 
-  at::Tensor ws_a = at::zeros({splits, groups, rank, k_len}, x.options().dtype(at::kFloat));
-  at::Tensor ws_b = at::zeros({splits, out_channels, rank}, x.options().dtype(at::kFloat));
-
-  ConvShape shape;
-  shape.pixels = pixels;
-  shape.height = static_cast<int>(height);
-  shape.width = static_cast<int>(width);
-  shape.out_height = static_cast<int>(out_height);
-  shape.out_width = static_cast<int>(out_width);
-  shape.in_per_group = static_cast<int>(in_pg);
-  shape.out_per_group = static_cast<int>(out_channels / groups);
-  shape.out_channels = static_cast<int>(out_channels);
-  shape.rank = static_cast<int>(rank);
-  shape.taps = static_cast<int>(taps);
-  shape.kernel_w = static_cast<int>(kw);
-  shape.stride_h = static_cast<int>(stride[0]);
-  shape.stride_w = static_cast<int>(stride[1]);
-  shape.pad_h = static_cast<int>(padding[0]);
-  shape.pad_w = static_cast<int>(padding[1]);
-  shape.dil_h = static_cast<int>(dilation[0]);
-  shape.dil_w = static_cast<int>(dilation[1]);
-  shape.x_sn = x.stride(0);
-  shape.x_sc = x.stride(1);
-  shape.x_sh = x.stride(2);
-  shape.x_sw = x.stride(3);
-  shape.dy_sn = dy.stride(0);
-  shape.dy_sc = dy.stride(1);
-  shape.dy_sh = dy.stride(2);
-  shape.dy_sw = dy.stride(3);
-
-  // Coalesce over channels when they are x's unit-stride dimension (channels-last, linear rows).
-  const bool channels_fastest = x.stride(1) == 1;
-  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(groups), static_cast<unsigned>(rank_chunks));
+  const dim3 grid = to_dim3(launch.grid);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   ADAPTSR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), op, [&] {
-    if (channels_fastest) {
+    if (channels_fastest(shape)) {
       lora_lowrank_grads_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), a_mat.data_ptr<float>(), b_mat.data_ptr<float>(),
           ws_a.data_ptr<float>(), ws_b.data_ptr<float>(), shape);
@@ -129,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> lora_lowrank_grads(const at::Tensor& x, const
   });
 
   // -- fixed-order sums over blocks (and groups: A is shared by every group), then A's layout --
-  const at::Tensor grad_a_mat = sum_partials(ws_a.view({splits * groups, rank, k_len}), scaling);
+  const at::Tensor grad_a_mat = sum_partials(ws_a.view({launch.splits * groups, rank, k_len}), scaling);
   const at::Tensor grad_a = grad_a_mat.view({rank, kh, kw, in_pg}).permute({0, 3, 1, 2}).to(lora_A.scalar_type()).contiguous();
   const at::Tensor grad_b = sum_partials(ws_b, scaling).view({out_channels, rank, 1, 1}).to(lora_B.scalar_type());
   return {grad_a, grad_b};

@@ -20,12 +20,9 @@
 #include "../ops.h"
 #include "window_attention_checks.h"
 #include "window_attention_bwd_kernel.cuh"
+#include "window_attention_geometry.h"
 
 namespace adaptsr {
-
-// Blocks the dq kernel aims at when it reduces dbias over windows: enough to fill the GPU a few
-// times over; each split adds one [heads, N, N] fp32 partial to the workspace.
-constexpr int kDqBlocksPerSM = 4;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window_attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
@@ -62,40 +59,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
   }
   TORCH_CHECK_VALUE(dims.windows <= INT32_MAX, op, ": too many windows (", dims.windows, ")");
 
-  const int64_t rows = dims.windows * dims.heads * dims.seq;
+  // The SM count only sizes the dbias splits: ask the GPU only when there are some.
+  const int64_t multiprocessors = need_dbias ? multiprocessor_count(q) : 1;
+  const wa::BwdLaunch launch = wa::plan_bwd(dims.windows, dims.heads, dims.seq, need_dbias, multiprocessors);
+  const int64_t rows = launch.rows;
   at::Tensor delta = at::empty({rows}, f32);
-  const int64_t q_tiles = ceil_div(dims.seq, wa::kDqBlockQ);
-  // Without dbias every window gets its own block; with it, a few blocks per SM, each summing
-  // the dS of its windows so the partials stay few.
-  int64_t splits = dims.windows;
-  if (need_dbias) {
-    const int64_t wanted = ceil_div(multiprocessor_count(q) * kDqBlocksPerSM, dims.heads * q_tiles);
-    splits = std::clamp<int64_t>(wanted, 1, dims.windows);
-  }
   at::Tensor dbias_parts;
-  if (need_dbias) dbias_parts = at::empty({splits, dims.heads, dims.seq, dims.seq}, f32);
+  if (need_dbias) dbias_parts = at::empty(launch.dbias_parts_sizes, f32);
 
   const int heads = static_cast<int>(dims.heads), n = static_cast<int>(dims.seq), d = static_cast<int>(dims.head_dim);
-  const int num_masks = static_cast<int>(std::max<int64_t>(dims.num_masks, 1));
+  const int num_masks = wa::mask_planes(dims.num_masks);
   const float scale_f = static_cast<float>(scale);
   const float* bias_ptr = wa::optional_ptr(bias);
   const float* mask_ptr = wa::optional_ptr(mask);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   ADAPTSR_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), op, [&] {
-    wa::attention_delta_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(rows, wa::kWarps)), wa::kThreads, 0, stream>>>(
+    wa::attention_delta_kernel<scalar_t><<<to_dim3(launch.delta), wa::kThreads, 0, stream>>>(
         grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), delta.data_ptr<float>(), rows, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    const dim3 dq_grid(static_cast<unsigned>(splits), static_cast<unsigned>(heads), static_cast<unsigned>(q_tiles));
-    wa::window_attention_dq_kernel<scalar_t><<<dq_grid, wa::kThreads, 0, stream>>>(
+    wa::window_attention_dq_kernel<scalar_t><<<to_dim3(launch.dq), wa::kThreads, 0, stream>>>(
         grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), delta.data_ptr<float>(), bias_ptr, mask_ptr, grad_q.data_ptr<scalar_t>(),
         need_dbias ? dbias_parts.data_ptr<float>() : nullptr, dims.windows, heads, n, d, num_masks, scale_f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    const dim3 kv_grid(static_cast<unsigned>(dims.windows), static_cast<unsigned>(heads),
-                       static_cast<unsigned>(ceil_div(dims.seq, wa::kKvBlockK)));
-    wa::window_attention_dkdv_kernel<scalar_t><<<kv_grid, wa::kThreads, 0, stream>>>(
+    wa::window_attention_dkdv_kernel<scalar_t><<<to_dim3(launch.dkdv), wa::kThreads, 0, stream>>>(
         grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), delta.data_ptr<float>(), bias_ptr, mask_ptr, grad_k.data_ptr<scalar_t>(),
         grad_v.data_ptr<scalar_t>(), heads, n, d, num_masks, scale_f);

@@ -19,6 +19,7 @@
 #include "../ops.h"
 #include "window_attention_checks.h"
 #include "window_attention_fwd_kernel.cuh"
+#include "window_attention_geometry.h"
 
 namespace adaptsr {
 
@@ -35,14 +36,13 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& q, con
   if (dims.windows == 0 || dims.heads == 0) return {out, lse};
   TORCH_CHECK_VALUE(dims.windows <= INT32_MAX, op, ": too many windows (", dims.windows, ")");
 
-  const dim3 grid(static_cast<unsigned>(dims.windows), static_cast<unsigned>(dims.heads),
-                  static_cast<unsigned>(ceil_div(dims.seq, wa::kBlockQ)));
+  const dim3 grid = to_dim3(wa::fwd_grid(dims.windows, dims.heads, dims.seq));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   ADAPTSR_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), op, [&] {
     wa::window_attention_fwd_kernel<scalar_t><<<grid, wa::kThreads, 0, stream>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), wa::optional_ptr(bias),
         wa::optional_ptr(mask), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), static_cast<int>(dims.heads),
-        static_cast<int>(dims.seq), static_cast<int>(dims.head_dim), static_cast<int>(std::max<int64_t>(dims.num_masks, 1)),
+        static_cast<int>(dims.seq), static_cast<int>(dims.head_dim), wa::mask_planes(dims.num_masks),
         static_cast<float>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -1,0 +1,213 @@
+// CPU emulation of the CUDA execution model, enough to run adaptsr's kernel headers (csrc/**/
+// *_kernel.cuh) unchanged with g++, so that tests/test_cuda_kernels_emulated.py can check their
+// numbers on machines without a GPU.
+//
+// What is emulated:
+//   - every CUDA thread of a block is a fiber (ucontext) with its own stack, so per-thread locals
+//     (accumulator arrays, loop state) behave as on the GPU; threadIdx / blockIdx / blockDim /
+//     gridDim are set for the running fiber;
+//   - __syncthreads() is a block-wide barrier over the threads still running (threads that
+//     returned are dropped, as on current GPUs); a barrier that the live threads can never all
+//     reach (one inside divergent code) raises an error instead of hanging;
+//   - __shfl_xor_sync() exchanges values within a warp of 32 lanes (a warp barrier before and
+//     after the exchange);
+//   - __shared__ variables are function statics: one copy, shared by the threads of the block,
+//     reused by the next block (blocks run one after another);
+//   - launch limits: at most 1024 threads, a multiple of 32, grid.y and grid.z <= 65535.
+// Fibers run one at a time in a fixed order (ascending or descending thread index, see
+// EmuSchedule) up to their next barrier: deterministic, and a missing __syncthreads between a
+// write and a read of shared memory by other threads shows as a wrong result in one order or the
+// other.
+//
+// What is NOT checked: memory ordering and visibility (every write is seen at once), data races
+// that a barrier-to-barrier sequential schedule hides, blocks running concurrently (inter-block
+// races, atomics), occupancy, register and shared-memory limits, real warp scheduling and
+// independent thread scheduling within a warp, bank conflicts, speed, and the device's float
+// arithmetic (fused multiply-adds, fast-math intrinsics): g++ rounds each operation of the same
+// source on the CPU.
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+// -- CUDA keywords and built-in variables --
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct Dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+// The running fiber's indices and the launch's sizes (one OS thread runs every fiber).
+inline Dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+inline int min(int a, int b) { return a < b ? a : b; }
+
+namespace emu {
+
+constexpr int kWarpSize = 32;
+constexpr size_t kStackBytes = 64 * 1024;
+
+// Thread order within a block between barriers.
+enum class Schedule { kAscending, kDescending };
+inline Schedule g_schedule = Schedule::kAscending;
+
+struct Barrier {
+  int expected = 0;  // threads still running that take part
+  int arrived = 0;
+  uint64_t generation = 0;
+};
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;
+  bool done = false;
+};
+
+struct BlockState {
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;
+  Barrier block_barrier;
+  std::vector<Barrier> warp_barriers;
+  std::vector<float> warp_values;  // one slot per thread for the shuffles
+  unsigned current = 0;
+  uint64_t progress = 0;  // arrivals and exits: a sweep without any is a deadlock
+  void (*body)(void*) = nullptr;
+  void* body_arg = nullptr;
+  std::string error;  // set by a fiber that hit a misuse; the scheduler raises it
+};
+inline BlockState* g_block = nullptr;
+
+inline void yield_to_scheduler() {
+  BlockState& b = *g_block;
+  swapcontext(&b.fibers[b.current].context, &b.scheduler);
+}
+
+// From a fiber: report the misuse to the scheduler (exceptions must not leave a fiber) and park.
+[[noreturn]] inline void fail(const std::string& message) {
+  g_block->error = message;
+  for (;;) yield_to_scheduler();
+}
+
+inline void release_if_complete(Barrier& bar) {
+  if (bar.arrived > 0 && bar.arrived == bar.expected) {
+    bar.arrived = 0;
+    ++bar.generation;
+  }
+}
+
+inline void arrive_and_wait(Barrier& bar) {
+  const uint64_t generation = bar.generation;
+  ++bar.arrived;
+  ++g_block->progress;
+  release_if_complete(bar);
+  while (bar.generation == generation) yield_to_scheduler();
+}
+
+inline void fiber_entry() {
+  BlockState& b = *g_block;
+  b.body(b.body_arg);
+  // The thread returned: later barriers no longer wait for it.
+  const unsigned t = b.current;
+  b.fibers[t].done = true;
+  ++b.progress;
+  --b.block_barrier.expected;
+  release_if_complete(b.block_barrier);
+  Barrier& warp = b.warp_barriers[t / kWarpSize];
+  --warp.expected;
+  release_if_complete(warp);
+  // Returning resumes uc_link: the scheduler.
+}
+
+template <typename Kernel>
+void run_body(void* kernel) {
+  (*static_cast<Kernel*>(kernel))();
+}
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::arrive_and_wait(emu::g_block->block_barrier); }
+
+inline float __shfl_xor_sync(unsigned /*mask: the kernels shuffle full warps*/, float value, int lane_mask) {
+  emu::BlockState& b = *emu::g_block;
+  const unsigned t = threadIdx.x;
+  const unsigned warp = t / emu::kWarpSize, lane = t % emu::kWarpSize;
+  emu::Barrier& bar = b.warp_barriers[warp];
+  if (bar.expected != emu::kWarpSize) emu::fail("__shfl_xor_sync in a warp with exited lanes");
+  b.warp_values[t] = value;
+  emu::arrive_and_wait(bar);  // every lane has written
+  const float result = b.warp_values[warp * emu::kWarpSize + (lane ^ static_cast<unsigned>(lane_mask))];
+  emu::arrive_and_wait(bar);  // every lane has read before anyone writes again
+  return result;
+}
+
+// Runs kernel() (a lambda calling the __global__ function with its arguments) for every thread of
+// every block of the grid, blocks in x, then y, then z order.
+template <typename Kernel>
+void emu_launch(Dim3 grid, unsigned threads, Kernel kernel) {
+  using namespace emu;
+  if (threads == 0 || threads > 1024 || threads % kWarpSize != 0)
+    throw std::invalid_argument("emu_launch: " + std::to_string(threads) + " threads per block (want a multiple of 32, <= 1024)");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
+    throw std::invalid_argument("emu_launch: invalid grid " + std::to_string(grid.x) + " x " + std::to_string(grid.y) +
+                                " x " + std::to_string(grid.z));
+  BlockState state;
+  state.body = &run_body<Kernel>;
+  state.body_arg = &kernel;
+  state.fibers.resize(threads);
+  for (Fiber& f : state.fibers) f.stack.reset(new char[kStackBytes]);
+  state.warp_values.assign(threads, 0.f);
+  g_block = &state;
+  gridDim = grid;
+  blockDim = Dim3{threads, 1, 1};
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = Dim3{x, y, z};
+        state.block_barrier = Barrier{static_cast<int>(threads)};
+        state.warp_barriers.assign(threads / kWarpSize, Barrier{kWarpSize});
+        for (Fiber& f : state.fibers) {
+          f.done = false;
+          getcontext(&f.context);
+          f.context.uc_stack.ss_sp = f.stack.get();
+          f.context.uc_stack.ss_size = kStackBytes;
+          f.context.uc_link = &state.scheduler;
+          makecontext(&f.context, &fiber_entry, 0);
+        }
+        unsigned live = threads;
+        while (live > 0) {
+          const uint64_t before = state.progress;
+          for (unsigned i = 0; i < threads; ++i) {
+            const unsigned t = g_schedule == Schedule::kAscending ? i : threads - 1 - i;
+            if (state.fibers[t].done) continue;
+            state.current = t;
+            threadIdx = Dim3{t, 0, 0};
+            swapcontext(&state.scheduler, &state.fibers[t].context);
+            if (!state.error.empty()) {
+              g_block = nullptr;
+              throw std::runtime_error("emu_launch: thread " + std::to_string(t) + ": " + state.error);
+            }
+            if (state.fibers[t].done) --live;
+          }
+          if (live > 0 && state.progress == before) {
+            g_block = nullptr;
+            throw std::runtime_error("emu_launch: deadlock in block (" + std::to_string(x) + ", " + std::to_string(y) +
+                                     ", " + std::to_string(z) + "): " + std::to_string(live) +
+                                     " threads wait at a barrier that not all of them reach");
+          }
+        }
+      }
+  g_block = nullptr;
+}
