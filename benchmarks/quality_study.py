@@ -278,7 +278,7 @@ def _markdown(results: list[dict], meta: dict) -> str:
 def _timing_markdown(timings: list[dict]) -> str:
     if not timings:
         return ""
-    lines = ["## Step time, interleaved", "",
+    lines = ["", "## Step time, interleaved", "",
              "One fixed batch; the methods step in turn for each round, so load that drifts hits each alike.", "",
              "| model | rounds | " + " | ".join(f"{m} ms" for m in TIMED_METHODS) + " | PEFT / adaptsr |",
              "|---|---|" + "---|" * len(TIMED_METHODS) + "---|"]
