@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import warnings
 from pathlib import Path
 
 PROG = "adaptsr"
@@ -474,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # spandrel's Swin architectures call torch.meshgrid without indexing=: noise, not the user's problem
+    warnings.filterwarnings("ignore", message="torch.meshgrid")
 
     try:
         return int(args.func(args) or 0)
