@@ -118,7 +118,7 @@ def build_provider(
     return base, lambda: set_backend(provider)
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -144,6 +144,45 @@ def saved_activation_bytes(step_forward: Callable[[], torch.Tensor], grad_out: t
     return sum(seen.values())
 
 
+def time_interleaved(benchmark, step, clear_grads, baseline_step, device: torch.device) -> tuple[float, float | None]:
+    """Time ``step`` with pytest-benchmark; return its median and, when ``baseline_step`` is given,
+    the median of baseline steps timed (by us) in the untimed setup before each round.
+
+    Two untimed steps first (allocator and kernel warm-up, then a calibration that sets the round
+    count). The interleaved baseline sees the same load as the timed rounds: on a shared machine
+    whose load drifts, the ratio to it is steadier than the ratio to a baseline timed earlier.
+    """
+    clear_grads()
+    step()
+    clear_grads()
+    start = time.perf_counter()
+    step()
+    once = time.perf_counter() - start
+    if device.type == "cuda":
+        target, lo, hi = GPU_TARGET_S, GPU_MIN_ROUNDS, GPU_MAX_ROUNDS
+    else:
+        target, lo, hi = CPU_TARGET_S, CPU_MIN_ROUNDS, CPU_MAX_ROUNDS
+    rounds = max(lo, min(hi, math.ceil(target / max(once, 1e-6))))
+    rounds += 1 - rounds % 2  # odd
+
+    baseline_times: list[float] = []
+    setup = clear_grads
+    if baseline_step is not None:
+
+        def setup() -> None:
+            sync_device(device)
+            start = time.perf_counter()
+            baseline_step()
+            sync_device(device)
+            baseline_times.append(time.perf_counter() - start)
+            clear_grads()
+
+    benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    # the first baseline step belongs to the warm-up round
+    return median, (statistics.median(baseline_times[1:]) if baseline_step is not None else None)
+
+
 @pytest.fixture
 def run_fwd_bwd(benchmark):
     """Call as ``run_fwd_bwd(case, build=..., targets=... | preset=...)``; returns the benchmark's extra_info."""
@@ -158,7 +197,7 @@ def run_fwd_bwd(benchmark):
         shape = case.shape
         device = torch.device(shape.device)
         dtype = case.dtype
-        load_before = _loadavg()
+        load_before = load_average()
         torch.manual_seed(0)
         memory_format = torch.channels_last if getattr(shape, "channels_last", False) else torch.contiguous_format
         base = build().to(device=device, dtype=dtype, memory_format=memory_format)
@@ -178,13 +217,13 @@ def run_fwd_bwd(benchmark):
             x.grad = None
             for p in trainable:
                 p.grad = None
-            _sync(device)
+            sync_device(device)
 
         def step() -> None:
             with backend_ctx():
                 y = model(x)
                 y.backward(grad_out)
-            _sync(device)
+            sync_device(device)
 
         benchmark.group = f"{shape.id}-{shape.dtype}"
         info = benchmark.extra_info
@@ -207,40 +246,17 @@ def run_fwd_bwd(benchmark):
             info["saved_activation_bytes"] = saved_activation_bytes(forward, grad_out, model)
             return info
 
-        # Two untimed steps (allocator and kernel warm-up, then a calibration), then the timed rounds.
-        clear_grads()
-        step()
-        clear_grads()
-        start = time.perf_counter()
-        step()
-        once = time.perf_counter() - start
-        if device.type == "cuda":
-            target, lo, hi = GPU_TARGET_S, GPU_MIN_ROUNDS, GPU_MAX_ROUNDS
-        else:
-            target, lo, hi = CPU_TARGET_S, CPU_MIN_ROUNDS, CPU_MAX_ROUNDS
-        rounds = max(lo, min(hi, math.ceil(target / max(once, 1e-6))))
-        rounds += 1 - rounds % 2  # odd
-
-        # A frozen twin, stepped (and timed by us) in the untimed setup before each round.
-        frozen_times: list[float] = []
-        setup = clear_grads
+        twin_step = None
         if case.provider != "frozen":
             torch.manual_seed(0)
             twin = build().to(device=device, dtype=dtype, memory_format=memory_format).requires_grad_(False).train()
             twin_x = x.detach().clone().requires_grad_(True)
 
-            def setup() -> None:
+            def twin_step() -> None:
                 twin_x.grad = None
-                _sync(device)
-                start = time.perf_counter()
                 twin(twin_x).backward(grad_out)
-                _sync(device)
-                frozen_times.append(time.perf_counter() - start)
-                clear_grads()
 
-        benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=1)
-
-        median = benchmark.stats.stats.median
+        median, frozen_interleaved = time_interleaved(benchmark, step, clear_grads, twin_step, device)
         if case.provider == "frozen":
             FROZEN_MEDIANS[case.frozen_key] = median
         frozen = FROZEN_MEDIANS.get(case.frozen_key)
@@ -248,10 +264,8 @@ def run_fwd_bwd(benchmark):
         if case.provider == "frozen":
             info["ratio_to_frozen_interleaved"] = 1.0
         else:
-            timed = frozen_times[1:]  # the first belongs to the warm-up round
-            info["frozen_interleaved_median"] = statistics.median(timed)
-            info["ratio_to_frozen_interleaved"] = median / statistics.median(timed)
-            del twin, twin_x
+            info["frozen_interleaved_median"] = frozen_interleaved
+            info["ratio_to_frozen_interleaved"] = median / frozen_interleaved
 
         clear_grads()
         info["saved_activation_bytes"] = saved_activation_bytes(forward, grad_out, model)
@@ -261,13 +275,13 @@ def run_fwd_bwd(benchmark):
             step()
             info["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         clear_grads()
-        info["loadavg"] = [load_before, _loadavg()]
+        info["loadavg"] = [load_before, load_average()]
         return info
 
     return run
 
 
-def _loadavg() -> float | None:
+def load_average() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):  # not on every platform

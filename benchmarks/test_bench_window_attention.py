@@ -19,10 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import math
-import os
-import statistics
-import time
 from collections.abc import Callable
 from unittest import mock
 
@@ -30,15 +26,7 @@ import pytest
 import torch
 
 from adaptsr import LoRAWindowAttention, set_backend
-from benchmarks.conftest import (
-    CPU_MAX_ROUNDS,
-    CPU_MIN_ROUNDS,
-    CPU_TARGET_S,
-    GPU_MAX_ROUNDS,
-    GPU_MIN_ROUNDS,
-    GPU_TARGET_S,
-    saved_activation_bytes,
-)
+from benchmarks.conftest import load_average, saved_activation_bytes, sync_device, time_interleaved
 from benchmarks.shapes import WINDOW_ATTENTION_CASES, Case
 
 attention_op = importlib.import_module("adaptsr.ops.window_attention")
@@ -66,16 +54,6 @@ PROVIDER_CONTEXTS: dict[str, Callable[[], contextlib.AbstractContextManager] | N
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):  # not on every platform
-        return None
 
 
 def _build(case: Case, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -91,7 +69,7 @@ def _build(case: Case, device: torch.device, dtype: torch.dtype) -> torch.nn.Mod
 def test_bench_window_attention(case, benchmark):
     shape = case.shape
     device, dtype = torch.device(shape.device), case.dtype
-    load_before = _loadavg()
+    load_before = load_average()
     module = _build(case, device, dtype)
     context = PROVIDER_CONTEXTS[case.provider] or contextlib.nullcontext
     mask = shape.mask()
@@ -105,11 +83,11 @@ def test_bench_window_attention(case, benchmark):
 
     def clear_grads() -> None:
         x.grad = None
-        _sync(device)
+        sync_device(device)
 
     def step() -> None:
         forward().backward(grad_out)
-        _sync(device)
+        sync_device(device)
 
     benchmark.group = f"{shape.id}-{shape.dtype}"
     info = benchmark.extra_info
@@ -132,39 +110,16 @@ def test_bench_window_attention(case, benchmark):
         info["saved_activation_bytes"] = saved_activation_bytes(forward, grad_out, module)
         return
 
-    # Two untimed steps (warm-up, then a calibration), then the timed rounds.
-    clear_grads()
-    step()
-    clear_grads()
-    start = time.perf_counter()
-    step()
-    once = time.perf_counter() - start
-    if device.type == "cuda":
-        target, lo, hi = GPU_TARGET_S, GPU_MIN_ROUNDS, GPU_MAX_ROUNDS
-    else:
-        target, lo, hi = CPU_TARGET_S, CPU_MIN_ROUNDS, CPU_MAX_ROUNDS
-    rounds = max(lo, min(hi, math.ceil(target / max(once, 1e-6))))
-    rounds += 1 - rounds % 2  # odd
-
-    # An eager twin, stepped (and timed by us) in the untimed setup before each round.
-    eager_times: list[float] = []
-    setup = clear_grads
+    twin_step = None
     if case.provider != "eager":
         twin = _build(Case(shape, "eager", None), device, dtype)
         twin_x = x.detach().clone().requires_grad_(True)
 
-        def setup() -> None:
+        def twin_step() -> None:
             twin_x.grad = None
-            _sync(device)
-            start = time.perf_counter()
             twin(twin_x, mask).backward(grad_out)
-            _sync(device)
-            eager_times.append(time.perf_counter() - start)
-            clear_grads()
 
-    benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=1)
-
-    median = benchmark.stats.stats.median
+    median, eager_interleaved = time_interleaved(benchmark, step, clear_grads, twin_step, device)
     if case.provider == "eager":
         EAGER_MEDIANS[case.frozen_key] = median
     eager = EAGER_MEDIANS.get(case.frozen_key)
@@ -172,9 +127,8 @@ def test_bench_window_attention(case, benchmark):
     if case.provider == "eager":
         info["ratio_to_eager_interleaved"] = info["ratio_to_frozen_interleaved"] = 1.0
     else:
-        timed = eager_times[1:]  # the first belongs to the warm-up round
-        info["eager_interleaved_median"] = statistics.median(timed)
-        info["ratio_to_eager_interleaved"] = info["ratio_to_frozen_interleaved"] = median / statistics.median(timed)
+        info["eager_interleaved_median"] = eager_interleaved
+        info["ratio_to_eager_interleaved"] = info["ratio_to_frozen_interleaved"] = median / eager_interleaved
 
     clear_grads()
     info["saved_activation_bytes"] = saved_activation_bytes(forward, grad_out, module)
@@ -184,4 +138,4 @@ def test_bench_window_attention(case, benchmark):
         step()
         info["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     clear_grads()
-    info["loadavg"] = [load_before, _loadavg()]
+    info["loadavg"] = [load_before, load_average()]
