@@ -8,8 +8,9 @@ from adaptsr.cli import main
 from adaptsr.demo import run_demo
 
 
-def test_demo_quick(tmp_path, capsys):
-    result = run_demo(out=tmp_path, quick=True, device="cpu")
+@pytest.mark.parametrize("model", ["swinir", "rrdb"])
+def test_demo_quick(model, tmp_path, capsys):
+    result = run_demo(model=model, out=tmp_path, quick=True, device="cpu")
     output = capsys.readouterr().out
     assert "bundled model" in output and "LoRA r=8, merged" in output
     for key in ("bicubic", "base", "adapted"):
