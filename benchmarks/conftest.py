@@ -144,6 +144,19 @@ def saved_activation_bytes(step_forward: Callable[[], torch.Tensor], grad_out: t
     return sum(seen.values())
 
 
+def record_memory(info: dict, forward, step, clear_grads, grad_out, model, device: torch.device) -> None:
+    """Into ``info``: the activation bytes autograd saves for one step and, on CUDA, the peak
+    memory of one step; gradients cleared before and after."""
+    clear_grads()
+    info["saved_activation_bytes"] = saved_activation_bytes(forward, grad_out, model)
+    if device.type == "cuda":
+        clear_grads()
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        info["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    clear_grads()
+
+
 def time_interleaved(benchmark, step, clear_grads, baseline_step, device: torch.device) -> tuple[float, float | None]:
     """Time ``step`` with pytest-benchmark; return its median and, when ``baseline_step`` is given,
     the median of baseline steps timed (by us) in the untimed setup before each round.
@@ -267,14 +280,7 @@ def run_fwd_bwd(benchmark):
             info["frozen_interleaved_median"] = frozen_interleaved
             info["ratio_to_frozen_interleaved"] = median / frozen_interleaved
 
-        clear_grads()
-        info["saved_activation_bytes"] = saved_activation_bytes(forward, grad_out, model)
-        if device.type == "cuda":
-            clear_grads()
-            torch.cuda.reset_peak_memory_stats(device)
-            step()
-            info["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-        clear_grads()
+        record_memory(info, forward, step, clear_grads, grad_out, model, device)
         info["loadavg"] = [load_before, load_average()]
         return info
 

@@ -25,6 +25,7 @@ Writes OUT.json (every number) and OUT.md (the tables for the README).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -126,6 +127,24 @@ def _datasets(args, out: Path):
     return train_set, val_set
 
 
+def _timed_step(module, params, optimizer, lr_img: torch.Tensor, hr: torch.Tensor) -> tuple[float, float]:
+    """One forward + backward + optimizer step as ``adaptsr.adapt`` takes it (L1, bf16 autocast on
+    CUDA, clipping); returns its wall time (GPU synchronised) and the loss."""
+    device = lr_img.device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = F.l1_loss(module(lr_img).float(), hr.float())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - tic, loss.item()
+
+
 def _train(module, train_set, args, lr: float, device: torch.device) -> dict:
     """The loop of ``adaptsr.adapt`` (same batches, schedule, loss, clipping), timed per step."""
     from adaptsr.train import TrainConfig, _batch_indices, _load_batch, _lr_factor
@@ -141,20 +160,10 @@ def _train(module, train_set, args, lr: float, device: torch.device) -> dict:
     for step in range(config.steps):
         indices, epoch = _batch_indices(step, len(train_set), config)
         lr_img, hr = _load_batch(train_set, indices, epoch, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tic = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = F.l1_loss(module(lr_img).float(), hr.float())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        seconds, loss = _timed_step(module, params, optimizer, lr_img, hr)
         schedule.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        step_seconds.append(time.perf_counter() - tic)
-        losses.append(loss.item())
+        step_seconds.append(seconds)
+        losses.append(loss)
     return {
         "train_seconds": time.perf_counter() - start,
         # the first steps include one-off allocations and kernel selection
@@ -180,24 +189,11 @@ def interleaved_step_times(args) -> dict:
         module.to(device).train()
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=TrainConfig.lr)
-
-        def step(module=module, params=params, optimizer=optimizer) -> float:
-            tic = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = F.l1_loss(module(lr_img).float(), hr.float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - tic
-
-        steppers[method] = step
+        steppers[method] = functools.partial(_timed_step, module, params, optimizer, lr_img, hr)
     times = {method: [] for method in steppers}
     for round_ in range(args.timing_rounds + 3):
         for method, step in steppers.items():
-            seconds = step()
+            seconds, _ = step()
             if round_ >= 3:  # warm-up rounds: allocations, kernel selection
                 times[method].append(seconds)
     return {"model": args.model, "rounds": args.timing_rounds,

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from adaptsr import LoRAWindowAttention, set_backend
-from benchmarks.conftest import load_average, saved_activation_bytes, sync_device, time_interleaved
+from benchmarks.conftest import load_average, record_memory, saved_activation_bytes, sync_device, time_interleaved
 from benchmarks.shapes import WINDOW_ATTENTION_CASES, Case
 
 attention_op = importlib.import_module("adaptsr.ops.window_attention")
@@ -130,12 +130,5 @@ def test_bench_window_attention(case, benchmark):
         info["eager_interleaved_median"] = eager_interleaved
         info["ratio_to_eager_interleaved"] = info["ratio_to_frozen_interleaved"] = median / eager_interleaved
 
-    clear_grads()
-    info["saved_activation_bytes"] = saved_activation_bytes(forward, grad_out, module)
-    if device.type == "cuda":
-        clear_grads()
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        info["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-    clear_grads()
+    record_memory(info, forward, step, clear_grads, grad_out, module, device)
     info["loadavg"] = [load_before, load_average()]
