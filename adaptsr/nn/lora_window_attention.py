@@ -122,7 +122,7 @@ class LoRAWindowAttention(nn.Module):
             base = qkv.base_layer
             if qkv.merged:
                 return base.weight, base.bias
-            return base.weight + qkv.scaling * (qkv.lora_B @ qkv.lora_A).to(base.weight.dtype), base.bias
+            return base.weight + qkv.get_delta_weight(), base.bias
         return None
 
     def _attention_with_dropout(self, q, k, v, index, mask) -> torch.Tensor:
