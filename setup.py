@@ -19,20 +19,24 @@ Build knobs (environment variables):
 
 Ahead-of-time build: ``pip install --no-build-isolation .`` (or ``-e .``) in an environment that
 already has a CUDA build of torch. A plain ``pip install .`` builds in an isolated environment
-without torch, so it skips the extension (fast, no compiler needed).
+without torch, so it skips the extension (fast, no compiler needed). Every wheel carries a copy of
+csrc/ as ``adaptsr/_csrc/`` for the just-in-time build; csrc/ stays the one source of truth.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "8.0;8.6;9.0+PTX"
+CSRC_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")  # the same set MANIFEST.in ships in the sdist
 
 
 def _flag(name: str) -> bool:
@@ -83,8 +87,31 @@ def cuda_extension() -> tuple[list, dict, str]:
     return [extension], {"build_ext": BuildExtension}, ""
 
 
+class BuildPyWithCsrc(build_py):
+    """build_py that also copies csrc/ into the built package as adaptsr/_csrc/ (subfolders kept).
+
+    A wheel built without the extension then still holds its sources, so adaptsr._cuda can build
+    it just in time after a plain ``pip install .``; the copy lives only in the build folder.
+    """
+
+    def run(self):
+        super().run()
+        if self.editable_mode:  # an editable install finds csrc/ in the checkout itself
+            return
+        target = Path(self.build_lib) / "adaptsr" / "_csrc"
+        # An earlier build may have left a source since removed from csrc/; the JIT build
+        # compiles every .cu it finds there, so start from an empty folder.
+        shutil.rmtree(target, ignore_errors=True)
+        for src in sorted((ROOT / "csrc").rglob("*")):
+            if src.is_file() and src.suffix in CSRC_SUFFIXES:
+                dst = target / src.relative_to(ROOT / "csrc")
+                self.mkpath(str(dst.parent))
+                self.copy_file(str(src), str(dst))
+
+
 os.chdir(ROOT)
 ext_modules, cmdclass, reason = cuda_extension()
+cmdclass = {"build_py": BuildPyWithCsrc, **cmdclass}
 if reason:
     if _flag("ADAPTSR_FORCE_CUDA_BUILD"):
         sys.exit(f"adaptsr: ADAPTSR_FORCE_CUDA_BUILD is set but the CUDA extension cannot be built: {reason}")

@@ -3,9 +3,11 @@ r"""The CUDA C++ extension ``adaptsr._C``: finding it (or building it), and its 
 Where the extension comes from, in order:
     1. ``import adaptsr._C``: built at install time (``pip install --no-build-isolation .`` with a
        CUDA toolkit; see the knobs at the top of ``setup.py``);
-    2. a just-in-time build of ``csrc/`` with ``torch.utils.cpp_extension.load`` (ninja), cached in
+    2. a just-in-time build of the sources with ``torch.utils.cpp_extension.load`` (ninja), cached in
        ``$ADAPTSR_BUILD_DIR`` (default ``~/.cache/adaptsr``) under a folder named after the torch,
-       CUDA and Python versions and the target architectures, so a rerun only imports it.
+       CUDA and Python versions and the target architectures, so a rerun only imports it. The
+       sources are the installed package's copy ``adaptsr/_csrc/`` (every wheel carries one), else
+       the checkout's ``csrc/`` (a source checkout or an editable install).
 The JIT build finds the toolkit itself: ``$CUDA_HOME`` / ``$CUDA_PATH``, the folder above ``nvcc`` on
 ``PATH``, or ``/usr/local/cuda*``, keeping the first that holds both ``bin/nvcc`` and
 ``include/cuda_runtime.h`` (an ``nvcc`` on ``PATH`` may be a wrapper script outside the toolkit).
@@ -49,7 +51,11 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger(__name__)
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# Where the CUDA sources are: the copy setup.py's build_py puts into every built package, else the
+# checkout's csrc/ (the one source of truth, which an editable install reads in place).
+_PACKAGE_CSRC = Path(__file__).resolve().parent / "_csrc"
+_CHECKOUT_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_CSRC = next((d for d in (_PACKAGE_CSRC, _CHECKOUT_CSRC) if (d / "bindings.cpp").is_file()), _PACKAGE_CSRC)
 # The JIT module's name (the ahead-of-time build is ``adaptsr._C``; the binding code serves both).
 _JIT_NAME = "adaptsr_C"
 
@@ -129,8 +135,9 @@ def _jit_build(verbose: bool):
     missing = [s for s in srcs if not os.path.isfile(s)]
     if missing or not srcs[1:]:
         raise RuntimeError(
-            f"the CUDA sources are not part of this installation (looked in {_CSRC}): install adaptsr from a "
-            "source checkout, or build the extension at install time (pip install --no-build-isolation .)"
+            f"the CUDA sources are not part of this installation (looked in {_PACKAGE_CSRC} and {_CHECKOUT_CSRC}): "
+            "reinstall adaptsr with pip (its wheels carry them as adaptsr/_csrc/) or from a source checkout, or "
+            "build the extension at install time (pip install --no-build-isolation .)"
         )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         raise RuntimeError("no GPU to build the CUDA extension for: set TORCH_CUDA_ARCH_LIST (e.g. 9.0)")

@@ -31,7 +31,7 @@ from adaptsr.ops._conv_geometry import ConvGeometry
 from adaptsr.ops.lora_conv2d import _low_rank_grads
 
 HARNESS = Path(__file__).resolve().parent / "cuda_emulation"
-CSRC = Path(_cuda.__file__).resolve().parent.parent / "csrc"
+CSRC = _cuda._CSRC  # the sources the extension itself builds from (checkout or installed copy)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
