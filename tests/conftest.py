@@ -15,14 +15,16 @@ gradients whatever the reduction behind them. NaN and inf never pass.
 
 The helpers are handed to tests as fixtures (``assert_close_to_reference``, ``assert_close``,
 ``abs_inputs``, ``conv_case_strategy``, ``linear_case_strategy``, ``make_conv_tensors``,
-``make_linear_tensors``; all session-scoped, so hypothesis tests can take them; and the
-session-wide autouse ``single_threaded``) rather than imported, so the test files work under every
+``make_linear_tensors``, ``tiny_sr``; all session-scoped, so hypothesis tests can take them; and
+the session-wide autouse ``single_threaded``) rather than imported, so the test files work under every
 pytest import mode and next to other ``conftest.py`` files.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -336,3 +338,45 @@ def linear_case_strategy():
 def make_linear_tensors():
     """``make_linear_tensors(case, dtype)``: seeded random tensors for a linear case."""
     return _make_linear_tensors
+
+
+# -- tiny spandrel models --
+
+
+def _tiny(name: str, **defaults):
+    """A builder of a small random-init spandrel ``name`` model: ``build(seed=0, **overrides)``.
+
+    It seeds the global RNG first, so two calls give the same weights (tests build a model twice to
+    compare with PEFT or with the base). spandrel is imported on first use: it takes seconds to
+    import, and most tests never need it.
+    """
+
+    def build(seed: int = 0, **overrides):
+        arch = importlib.import_module(f"spandrel.architectures.{name}")
+        torch.manual_seed(seed)
+        return getattr(arch, name)(**{**defaults, **overrides})
+
+    build.__name__ = name.lower()
+    return build
+
+
+# x2 models of 5k-300k parameters (ESRGAN is the largest), fast on 16-pixel inputs.
+# drop_path_rate=0.0: spandrel's Swin default (0.1) makes train-mode outputs random.
+_TINY_SR = SimpleNamespace(
+    swinir=_tiny(
+        "SwinIR", img_size=16, embed_dim=24, depths=[2], num_heads=[2], window_size=4, upscale=2,
+        upsampler="pixelshuffledirect", drop_path_rate=0.0,
+    ),
+    hat=_tiny(
+        "HAT", img_size=16, embed_dim=24, depths=[2], num_heads=[2], window_size=4, upscale=2, num_feat=8,
+        compress_ratio=3, squeeze_factor=4, drop_path_rate=0.0,
+    ),
+    esrgan=_tiny("ESRGAN", num_filters=8, num_blocks=1, scale=2),
+    rcan=_tiny("RCAN", scale=2, n_resgroups=1, n_resblocks=2, n_feats=16, reduction=4),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_sr():
+    """``tiny_sr.swinir / .hat / .esrgan / .rcan(seed=0, **overrides)``: small seeded random spandrel models."""
+    return _TINY_SR

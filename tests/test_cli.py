@@ -12,8 +12,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from spandrel.architectures.ESRGAN import ESRGAN
-from spandrel.architectures.SwinIR import SwinIR
 
 import adaptsr
 from adaptsr.cli import build_parser, main
@@ -24,22 +22,12 @@ warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_sr):
     """A tiny ESRGAN x2 checkpoint, an adapter trained 'for' it, a SwinIR checkpoint, LR/HR image folders."""
     root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    base = ESRGAN(num_filters=8, num_blocks=1, scale=2)
+    base = tiny_sr.esrgan()
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(root / "base.safetensors"))
-    swin = SwinIR(
-        img_size=16,
-        embed_dim=12,
-        depths=[1],
-        num_heads=[2],
-        window_size=4,
-        mlp_ratio=1.0,
-        upscale=2,
-        upsampler="pixelshuffledirect",
-    )
+    swin = tiny_sr.swinir(embed_dim=12, depths=[1], mlp_ratio=1.0)
     torch.save(swin.state_dict(), root / "swinir.pth")
 
     model = adaptsr.load_model(root / "base.safetensors")

@@ -7,8 +7,6 @@ import warnings
 import pytest
 import torch
 from spandrel import ModelLoader
-from spandrel.architectures.ESRGAN import ESRGAN
-from spandrel.architectures.SwinIR import SwinIR
 
 import adaptsr
 from adaptsr.infer import upscale
@@ -21,27 +19,13 @@ def _descriptor(module):
 
 
 @pytest.fixture(scope="module")
-def esrgan():
-    torch.manual_seed(0)
-    return _descriptor(ESRGAN(num_filters=8, num_blocks=1, scale=2))
+def esrgan(tiny_sr):
+    return _descriptor(tiny_sr.esrgan())
 
 
 @pytest.fixture(scope="module")
-def swinir():
-    torch.manual_seed(1)
-    return _descriptor(
-        SwinIR(
-            img_size=16,
-            embed_dim=12,
-            depths=[1],
-            num_heads=[2],
-            window_size=4,
-            mlp_ratio=1.0,
-            upscale=2,
-            upsampler="pixelshuffledirect",
-            drop_path_rate=0.0,
-        )
-    )
+def swinir(tiny_sr):
+    return _descriptor(tiny_sr.swinir(seed=1, embed_dim=12, depths=[1], mlp_ratio=1.0))
 
 
 def _image(h, w, seed=0):

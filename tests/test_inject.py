@@ -16,8 +16,6 @@ import safetensors.torch
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer as PeftLoraLayer
-from spandrel.architectures.RCAN import RCAN
-from spandrel.architectures.SwinIR import SwinIR
 from torch import nn
 
 import adaptsr
@@ -46,25 +44,6 @@ RCAN_CONVS = [
 ]
 
 
-def _rcan() -> RCAN:
-    torch.manual_seed(0)
-    return RCAN(scale=2, n_resgroups=1, n_resblocks=2, n_feats=16, reduction=4)
-
-
-def _swinir() -> SwinIR:
-    torch.manual_seed(0)
-    return SwinIR(
-        img_size=16,
-        embed_dim=24,
-        depths=[2],
-        num_heads=[2],
-        window_size=4,
-        upscale=2,
-        upsampler="pixelshuffledirect",
-        drop_path_rate=0.0,
-    )
-
-
 def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -80,16 +59,16 @@ def _peft_wrapped(model: nn.Module, config: LoraConfig) -> dict[str, PeftLoraLay
     return {name: m for name, m in peft_model.named_modules() if isinstance(m, PeftLoraLayer)}
 
 
-def test_rcan_layer_names_are_as_assumed():
-    names = [n for n, m in _rcan().named_modules() if type(m) is nn.Conv2d]
+def test_rcan_layer_names_are_as_assumed(tiny_sr):
+    names = [n for n, m in tiny_sr.rcan().named_modules() if type(m) is nn.Conv2d]
     assert names == RCAN_CONVS
 
 
 # -- targets --
 
 
-def test_targets_regex_is_matched_in_full():
-    model = _rcan()
+def test_targets_regex_is_matched_in_full(tiny_sr):
+    model = tiny_sr.rcan()
     summary = adaptsr.inject_lora(model, targets=r"body\.0\.body\.\d+\.body\.0|body\.1", rank=2)
     # "body\.1" does not match inside "body.0.body.1.body.0": a regex must match the whole name.
     assert _wrapped(model) == ["body.0.body.0.body.0", "body.0.body.1.body.0", "body.1"]
@@ -97,8 +76,8 @@ def test_targets_regex_is_matched_in_full():
     assert all(isinstance(m, LoRAConv2d) for _, m in adaptsr.lora_layers(model))
 
 
-def test_targets_list_matches_names_and_dotted_suffixes():
-    model = _rcan()
+def test_targets_list_matches_names_and_dotted_suffixes(tiny_sr):
+    model = tiny_sr.rcan()
     adaptsr.inject_lora(model, targets=["head.0", "conv_du.2", "body.2"], rank=2)
     assert _wrapped(model) == [
         "head.0",
@@ -110,20 +89,20 @@ def test_targets_list_matches_names_and_dotted_suffixes():
     ]
 
 
-def test_targets_list_suffix_must_start_at_a_dot():
+def test_targets_list_suffix_must_start_at_a_dot(tiny_sr):
     with pytest.raises(ValueError, match=r"matched no Conv2d or Linear layer"):
-        adaptsr.inject_lora(_rcan(), targets=["ody.1", "ail.1"], rank=2)
+        adaptsr.inject_lora(tiny_sr.rcan(), targets=["ody.1", "ail.1"], rank=2)
 
 
-def test_preset_and_targets_are_combined():
-    model = _rcan()
+def test_preset_and_targets_are_combined(tiny_sr):
+    model = tiny_sr.rcan()
     adaptsr.inject_lora(model, preset="rcan", targets=["head.0"], rank=2)
     assert "head.0" in _wrapped(model) and "body.1" in _wrapped(model)
     assert "tail.1" not in _wrapped(model)
 
 
-def test_preset_name_is_case_insensitive():
-    model = _rcan()
+def test_preset_name_is_case_insensitive(tiny_sr):
+    model = tiny_sr.rcan()
     adaptsr.inject_lora(model, preset=" RCAN ", rank=2)
     assert _wrapped(model)
 
@@ -137,10 +116,10 @@ def test_preset_name_is_case_insensitive():
     ],
     ids=["regex", "list", "regex-suffix"],
 )
-def test_targets_select_what_peft_selects(targets):
-    model = _rcan()
+def test_targets_select_what_peft_selects(targets, tiny_sr):
+    model = tiny_sr.rcan()
     adaptsr.inject_lora(model, targets=targets, rank=1)
-    assert _wrapped(model) == list(_peft_wrapped(_rcan(), LoraConfig(r=1, target_modules=targets)))
+    assert _wrapped(model) == list(_peft_wrapped(tiny_sr.rcan(), LoraConfig(r=1, target_modules=targets)))
 
 
 # -- per-layer ranks and alphas --
@@ -150,8 +129,8 @@ ALPHA_PATTERN = {"body.1": 3, "head.0": 0.5}
 PATTERN_TARGETS = r"body\.0\.body\.\d\.body\.[02]|body\.0\.body\.2|body\.1|head\.0|.*conv_du\.[02]"
 
 
-def test_rank_and_alpha_patterns():
-    model = _rcan()
+def test_rank_and_alpha_patterns(tiny_sr):
+    model = tiny_sr.rcan()
     summary = adaptsr.inject_lora(
         model, targets=PATTERN_TARGETS, rank=4, alpha=8, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN
     )
@@ -178,23 +157,23 @@ def test_rank_and_alpha_patterns():
     assert summary.trainable_params == sum(m.lora_A.numel() + m.lora_B.numel() for m in layers.values())
 
 
-def test_alpha_defaults_to_the_layer_rank():
-    model = _rcan()
+def test_alpha_defaults_to_the_layer_rank(tiny_sr):
+    model = tiny_sr.rcan()
     adaptsr.inject_lora(model, targets=["body.1", "head.0"], rank=4, rank_pattern={"body.1": 2})
     layers = dict(adaptsr.lora_layers(model))
     assert (layers["body.1"].rank, layers["body.1"].scaling) == (2, 1.0)
     assert (layers["head.0"].rank, layers["head.0"].scaling) == (4, 1.0)
 
 
-def test_rank_and_alpha_patterns_agree_with_peft():
-    model = _rcan()
+def test_rank_and_alpha_patterns_agree_with_peft(tiny_sr):
+    model = tiny_sr.rcan()
     adaptsr.inject_lora(
         model, targets=PATTERN_TARGETS, rank=4, alpha=8, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN
     )
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=PATTERN_TARGETS, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN
     )
-    peft_layers = _peft_wrapped(_rcan(), config)
+    peft_layers = _peft_wrapped(tiny_sr.rcan(), config)
     ours = dict(adaptsr.lora_layers(model))
     assert list(ours) == list(peft_layers)
     for name, layer in ours.items():
@@ -203,9 +182,9 @@ def test_rank_and_alpha_patterns_agree_with_peft():
 
 
 @pytest.mark.parametrize("which", ["rcan", "swinir"])
-def test_outputs_match_peft_with_the_same_adapter_weights(which):
+def test_outputs_match_peft_with_the_same_adapter_weights(which, tiny_sr):
     """Same A, B (non-zero) in our layers and PEFT's: the whole model's outputs agree."""
-    build = _rcan if which == "rcan" else _swinir
+    build = getattr(tiny_sr, which)
     targets = PATTERN_TARGETS if which == "rcan" else PRESETS["swinir"]
     kwargs = {"rank_pattern": RANK_PATTERN, "alpha_pattern": ALPHA_PATTERN} if which == "rcan" else {}
     model = build()
@@ -231,19 +210,19 @@ def test_outputs_match_peft_with_the_same_adapter_weights(which):
 # -- errors --
 
 
-def test_unknown_preset_lists_the_available_ones():
+def test_unknown_preset_lists_the_available_ones(tiny_sr):
     with pytest.raises(ValueError, match=r"unknown LoRA preset 'edsr'.*esrgan, hat, rcan, swinir"):
-        adaptsr.inject_lora(_rcan(), preset="edsr")
+        adaptsr.inject_lora(tiny_sr.rcan(), preset="edsr")
 
 
-def test_neither_preset_nor_targets():
+def test_neither_preset_nor_targets(tiny_sr):
     with pytest.raises(ValueError, match=r"needs a preset or targets"):
-        adaptsr.inject_lora(_rcan(), rank=4)
+        adaptsr.inject_lora(tiny_sr.rcan(), rank=4)
 
 
 @pytest.mark.parametrize("targets", [r"conv_first|attn\.qkv", ["qkv", "fc1"], r"body\.0", ["body"]])
-def test_targets_matching_nothing_say_so_and_show_layer_names(targets):
-    model = _rcan()
+def test_targets_matching_nothing_say_so_and_show_layer_names(targets, tiny_sr):
+    model = tiny_sr.rcan()
     with pytest.raises(ValueError, match=r"matched no Conv2d or Linear layer of RCAN") as info:
         adaptsr.inject_lora(model, targets=targets)
     assert "head.0" in str(info.value) and "body.0.body.0.body.0" in str(info.value)
@@ -251,16 +230,16 @@ def test_targets_matching_nothing_say_so_and_show_layer_names(targets):
     assert not _wrapped(model)
 
 
-def test_preset_for_another_architecture_matches_nothing():
+def test_preset_for_another_architecture_matches_nothing(tiny_sr):
     with pytest.raises(ValueError, match=r"'swinir' matched no Conv2d or Linear layer of RCAN.*head\.0"):
-        adaptsr.inject_lora(_rcan(), preset="swinir")
+        adaptsr.inject_lora(tiny_sr.rcan(), preset="swinir")
 
 
-def test_rank_too_large_names_the_layer():
+def test_rank_too_large_names_the_layer(tiny_sr):
     # 16 -> 16 channel 3x3 convs allow rank <= 16; the first targeted layer fails.
     message = r"layer 'body\.0\.body\.0\.body\.0'.*rank 17 is larger than this layer allows \(16\)"
     with pytest.raises(ValueError, match=message):
-        adaptsr.inject_lora(_rcan(), preset="rcan", rank=17)
+        adaptsr.inject_lora(tiny_sr.rcan(), preset="rcan", rank=17)
 
 
 def test_rank_too_large_for_a_linear_layer_names_it():
@@ -269,9 +248,9 @@ def test_rank_too_large_for_a_linear_layer_names_it():
         adaptsr.inject_lora(model, targets=["0", "1"], rank=4)
 
 
-def test_a_failed_injection_leaves_the_model_untouched():
+def test_a_failed_injection_leaves_the_model_untouched(tiny_sr):
     """A bad layer late in the list must not leave earlier layers wrapped or the model frozen."""
-    model = _rcan()
+    model = tiny_sr.rcan()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     with pytest.raises(ValueError, match=r"layer 'body\.1'.*rank 40 is larger"):
@@ -290,8 +269,8 @@ def test_rank_must_be_a_positive_integer(rank):
         adaptsr.inject_lora(nn.Sequential(nn.Linear(8, 8)), targets=["0"], rank=rank)
 
 
-def test_injecting_twice_is_refused():
-    model = _rcan()
+def test_injecting_twice_is_refused(tiny_sr):
+    model = tiny_sr.rcan()
     adaptsr.inject_lora(model, preset="rcan", rank=2)
     with pytest.raises(ValueError, match=r"already has LoRA adapters \(e\.g\. on 'body\.0\.body\.0\.body\.0'\)"):
         adaptsr.inject_lora(model, targets=["head.0"], rank=2)
@@ -309,9 +288,9 @@ def test_inject_rejects_something_that_is_not_a_model():
 
 
 @pytest.fixture
-def rcan_file(tmp_path):
+def rcan_file(tmp_path, tiny_sr):
     path = tmp_path / "rcan.safetensors"
-    adaptsr.save_model(_rcan(), path)
+    adaptsr.save_model(tiny_sr.rcan(), path)
     return path
 
 
@@ -338,9 +317,9 @@ def test_load_corrupt_file_names_it(tmp_path, suffix, content):
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_load_truncated_checkpoint(tmp_path, suffix):
+def test_load_truncated_checkpoint(tmp_path, suffix, tiny_sr):
     good = tmp_path / f"good{suffix}"
-    adaptsr.save_model(_rcan(), good)
+    adaptsr.save_model(tiny_sr.rcan(), good)
     path = tmp_path / f"truncated{suffix}"
     data = good.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -410,32 +389,32 @@ def test_load_unsupported_extension(tmp_path, rcan_file):
         adaptsr.load_model(path)
 
 
-def test_load_model_returns_an_eval_descriptor(rcan_file):
+def test_load_model_returns_an_eval_descriptor(rcan_file, tiny_sr):
     descriptor = adaptsr.load_model(rcan_file)
     assert (descriptor.architecture.id, descriptor.scale) == ("RCAN", 2)
     assert not descriptor.model.training
-    assert list(descriptor.model.state_dict()) == list(_rcan().state_dict())
+    assert list(descriptor.model.state_dict()) == list(tiny_sr.rcan().state_dict())
 
 
 # -- save_model --
 
 
-def _save(path):
-    adaptsr.save_model(_rcan(), path)
+def _save(path, tiny_sr):
+    adaptsr.save_model(tiny_sr.rcan(), path)
     return path
 
 
-def test_save_unsupported_suffix_writes_nothing(tmp_path):
+def test_save_unsupported_suffix_writes_nothing(tmp_path, tiny_sr):
     path = tmp_path / "model.onnx"
     with pytest.raises(ValueError, match=rf"cannot save model to {re.escape(str(path))}: use a \.safetensors or \.pth"):
-        adaptsr.save_model(_rcan(), path)
+        adaptsr.save_model(tiny_sr.rcan(), path)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_save_leaves_only_the_file(tmp_path, suffix):
+def test_save_leaves_only_the_file(tmp_path, suffix, tiny_sr):
     path = tmp_path / "sub" / "dir" / f"model{suffix}"  # missing folders are created
-    descriptor = adaptsr.load_model(_save(tmp_path / f"seed{suffix}"))
+    descriptor = adaptsr.load_model(_save(tmp_path / f"seed{suffix}", tiny_sr))
     adaptsr.save_model(descriptor, path)  # a descriptor is accepted as well as a module
     adaptsr.save_model(descriptor, path)  # and overwriting works
     assert [p.name for p in path.parent.iterdir()] == [path.name]
@@ -443,20 +422,20 @@ def test_save_leaves_only_the_file(tmp_path, suffix):
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_saved_file_gets_a_plain_new_file_mode(tmp_path, suffix):
+def test_saved_file_gets_a_plain_new_file_mode(tmp_path, suffix, tiny_sr):
     """Atomic writing must not leave the checkpoint private (mkstemp / safetensors create 0600 files)."""
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
-    path = _save(tmp_path / f"model{suffix}")
+    path = _save(tmp_path / f"model{suffix}", tiny_sr)
     assert oct(os.stat(path).st_mode & 0o777) == oct(os.stat(plain).st_mode & 0o777)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, suffix, error):
-    path = _save(tmp_path / f"model{suffix}")
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, suffix, error, tiny_sr):
+    path = _save(tmp_path / f"model{suffix}", tiny_sr)
     previous = path.read_bytes()
-    other = _rcan()
+    other = tiny_sr.rcan()
     with torch.no_grad():
         for p in other.parameters():
             p.add_(1.0)
@@ -479,7 +458,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, suffix, erro
     assert adaptsr.load_model(path).architecture.id == "RCAN"
 
 
-def test_failed_first_save_leaves_no_file(tmp_path, monkeypatch):
+def test_failed_first_save_leaves_no_file(tmp_path, monkeypatch, tiny_sr):
     def failing(obj, target, *args, **kwargs):
         with open(target, "wb") as f:
             f.write(b"partial")
@@ -487,5 +466,5 @@ def test_failed_first_save_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(adaptsr.io, "save_file", failing)
     with pytest.raises(OSError, match="disk full"):
-        adaptsr.save_model(_rcan(), tmp_path / "model.safetensors")
+        adaptsr.save_model(tiny_sr.rcan(), tmp_path / "model.safetensors")
     assert list(tmp_path.iterdir()) == []

@@ -12,10 +12,6 @@ import warnings
 
 import pytest
 import torch
-from spandrel.architectures.ESRGAN import ESRGAN
-from spandrel.architectures.HAT import HAT
-from spandrel.architectures.RCAN import RCAN
-from spandrel.architectures.SwinIR import SwinIR
 from torch import nn
 
 import adaptsr
@@ -29,36 +25,16 @@ def _swin_blocks(prefix: str, n: int, extra: tuple[str, ...] = ()) -> set[str]:
     return {f"{prefix}.blocks.{b}.{p}" for b in range(n) for p in parts}
 
 
-# arch -> (constructor, spandrel architecture id, layers the preset must wrap, layers it must not)
+# arch -> (tiny_sr builder overrides, spandrel architecture id, layers the preset must wrap, layers it must not)
 ARCHS = {
     "swinir": (
-        lambda: SwinIR(
-            img_size=16,
-            embed_dim=24,
-            depths=[2],
-            num_heads=[2],
-            window_size=4,
-            upscale=2,
-            upsampler="pixelshuffledirect",
-            drop_path_rate=0.0,
-        ),
+        {},
         "SwinIR",
         _swin_blocks("layers.0.residual_group", 2) | {"layers.0.conv", "conv_after_body"},
         {"conv_first", "upsample.0"},
     ),
     "hat": (
-        lambda: HAT(
-            img_size=16,
-            embed_dim=24,
-            depths=[2],
-            num_heads=[2],
-            window_size=4,
-            upscale=2,
-            num_feat=8,
-            compress_ratio=3,
-            squeeze_factor=4,
-            drop_path_rate=0.0,
-        ),
+        {},
         "HAT",
         _swin_blocks("layers.0.residual_group", 2, ("conv_block.cab.0", "conv_block.cab.2"))
         | {f"layers.0.residual_group.overlap_attn.{p}" for p in ("qkv", "proj", "mlp.fc1", "mlp.fc2")}
@@ -73,13 +49,13 @@ ARCHS = {
         },
     ),
     "esrgan": (
-        lambda: ESRGAN(num_filters=16, num_blocks=1, scale=2),
+        {"num_filters": 16},
         "ESRGAN",
         {f"model.1.sub.0.RDB{d}.conv{c}.0" for d in (1, 2, 3) for c in range(1, 6)} | {"model.1.sub.1"},
         {"model.0", "model.3", "model.5", "model.7"},
     ),
     "rcan": (
-        lambda: RCAN(scale=2, n_resgroups=1, n_resblocks=2, n_feats=16, reduction=4),
+        {},
         "RCAN",
         {f"body.0.body.{b}.body.{c}" for b in (0, 1) for c in (0, 2)} | {"body.0.body.2", "body.1"},
         {"head.0", "body.0.body.0.body.3.conv_du.0", "body.0.body.0.body.3.conv_du.2", "tail.0.0", "tail.1"},
@@ -95,11 +71,10 @@ def arch(request) -> str:
 
 
 @pytest.fixture
-def base(arch, tmp_path):
+def base(arch, tmp_path, tiny_sr):
     """spandrel's descriptor of a small random-init model of ``arch``, loaded from disk."""
-    torch.manual_seed(0)
     path = tmp_path / f"{arch}_base.safetensors"
-    adaptsr.save_model(ARCHS[arch][0](), path)
+    adaptsr.save_model(getattr(tiny_sr, arch)(**ARCHS[arch][0]), path)
     descriptor = adaptsr.load_model(path)
     assert descriptor.architecture.id == ARCHS[arch][1]
     assert descriptor.scale == SCALE
