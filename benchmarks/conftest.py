@@ -14,7 +14,8 @@ ratios compare like with like.
 
 Recorded in ``benchmark.extra_info``: provider, shape, rank, dtype, device, trainable_params,
 ratio_to_frozen (this median / the frozen median of the same shape and dtype, when the frozen
-case ran earlier in the session), ratio_to_frozen_interleaved (this median / the median of frozen
+case ran earlier in the session), fwd_ms and bwd_ms (medians of the forward alone and of the
+backward alone, timed by us after the benchmark's rounds), ratio_to_frozen_interleaved (this median / the median of frozen
 steps timed between this provider's rounds, on a second model built for the purpose: robust to
 load that drifts during the session, as on a shared 2-core machine), loadavg (the 1-minute load
 average before and after the case), saved_activation_bytes (the unique storages autograd saves for
@@ -157,6 +158,27 @@ def record_memory(info: dict, forward, step, clear_grads, grad_out, model, devic
     clear_grads()
 
 
+def time_phases(forward, grad_out, clear_grads, device: torch.device, rounds: int) -> tuple[float, float]:
+    """Medians (ms) of the forward alone and of the backward alone over ``rounds`` steps.
+
+    pytest-benchmark's clock covers the whole step; the split shows where a provider's extra time
+    goes (a forward that does more, or a backward that does more).
+    """
+    fwd, bwd = [], []
+    for _ in range(rounds):
+        clear_grads()
+        start = time.perf_counter()
+        y = forward()
+        sync_device(device)
+        middle = time.perf_counter()
+        y.backward(grad_out)
+        sync_device(device)
+        fwd.append(middle - start)
+        bwd.append(time.perf_counter() - middle)
+    clear_grads()
+    return 1e3 * statistics.median(fwd), 1e3 * statistics.median(bwd)
+
+
 def time_interleaved(benchmark, step, clear_grads, baseline_step, device: torch.device) -> tuple[float, float | None]:
     """Time ``step`` with pytest-benchmark; return its median and, when ``baseline_step`` is given,
     the median of baseline steps timed (by us) in the untimed setup before each round.
@@ -280,6 +302,8 @@ def run_fwd_bwd(benchmark):
             info["frozen_interleaved_median"] = frozen_interleaved
             info["ratio_to_frozen_interleaved"] = median / frozen_interleaved
 
+        phase_rounds = GPU_MIN_ROUNDS if device.type == "cuda" else 5
+        info["fwd_ms"], info["bwd_ms"] = time_phases(forward, grad_out, clear_grads, device, phase_rounds)
         record_memory(info, forward, step, clear_grads, grad_out, model, device)
         info["loadavg"] = [load_before, load_average()]
         return info

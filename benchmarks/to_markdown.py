@@ -2,7 +2,8 @@
 
     python benchmarks/to_markdown.py results.json [-o results.md]
 
-Columns: benchmark, provider, shape, dtype, rank, median ms, min ms, ratio to frozen (median /
+Columns: benchmark, provider, shape, dtype, rank, median ms, min ms, fwd ms and bwd ms (the forward
+alone and the backward alone, medians), ratio to frozen (median /
 the frozen case's median), interleaved ratio (median / the median of frozen steps timed between
 this case's rounds: steadier when the machine's load drifts), saved MB (bytes autograd saves for
 backward, parameters excluded), peak MB (CUDA only). The ratio comes from the benchmark's
@@ -51,6 +52,8 @@ def rows(data: dict) -> list[dict]:
                 "rank": info.get("rank"),
                 "median_ms": None if median is None else 1e3 * median,
                 "min_ms": None if minimum is None else 1e3 * minimum,
+                "fwd_ms": info.get("fwd_ms"),
+                "bwd_ms": info.get("bwd_ms"),
                 "ratio": info.get("ratio_to_frozen"),
                 "ratio_interleaved": info.get("ratio_to_frozen_interleaved"),
                 "saved_mb": None if saved is None else saved / MB,
@@ -87,12 +90,14 @@ def to_markdown(data: dict) -> str:
         f" ({machine.get('cpu', {}).get('count', '?')} cores, torch threads {', '.join(threads) or '?'});"
         f" torch {', '.join(torch_versions) or '?'}.{load_line}",
         "",
-        "| benchmark | provider | shape | dtype | rank | median ms | min ms | ratio to frozen | interleaved ratio | saved MB | peak MB |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| benchmark | provider | shape | dtype | rank | median ms | min ms | fwd ms | bwd ms | ratio to frozen "
+        "| interleaved ratio | saved MB | peak MB |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines = [
         f"| {r['benchmark']} | {r['provider']} | {r['shape']} | {r['dtype']} | {_fmt(r['rank'], 'd')} "
-        f"| {_fmt(r['median_ms'], '.2f')} | {_fmt(r['min_ms'], '.2f')} | {_fmt(r['ratio'], '.3f')} "
+        f"| {_fmt(r['median_ms'], '.2f')} | {_fmt(r['min_ms'], '.2f')} | {_fmt(r['fwd_ms'], '.2f')} "
+        f"| {_fmt(r['bwd_ms'], '.2f')} | {_fmt(r['ratio'], '.3f')} "
         f"| {_fmt(r['ratio_interleaved'], '.3f')} | {_fmt(r['saved_mb'], '.1f')} "
         f"| {_fmt(r['peak_mb'], '.1f')} |"
         for r in rows(data)

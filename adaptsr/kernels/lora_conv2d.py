@@ -1,20 +1,32 @@
-r"""Triton kernel: the fused low-rank gradient pass of a LoRA convolution (and of LoRA linear).
+r"""Triton kernels of a LoRA convolution (and of LoRA linear, its 1x1 case): forward and low-rank grads.
 
-For one group g of a convolution with output pixels p (flattened over batch and space) and the
-input patch X[p, (t, c)] that the kernel tap t sees in channel c of the group::
+For one group g of a convolution with output pixels p (flattened over batch and space), the input
+patch X[p, (t, c)] that kernel tap t sees in channel c of the group, the merged weight
+W' = W + s B A and the adapter's r channels:
 
-    u[p, k] = sum_o dy[p, o] B[o, k]                  (B^T dy, r channels)
-    z[p, k] = sum_(t,c) X[p, (t, c)] A[k, c, t]       (conv(x, A), r channels)
-    dA[k, c, t] = s sum_g sum_p u[p, k] X[p, (t, c)]
-    dB[o, k]    = s sum_p dy[p, o] z[p, k]
+Forward, one pass over x (``lora_conv2d_fwd``)::
 
-One program owns BLOCK_M output pixels of one group: it reads its rows of dy and its patches of
-x, forms u and z in registers, and writes its partial dA and dB to a workspace; the host sums
-the workspace over programs in a fixed order, so the result is deterministic (no atomics).
-Every pass over dy or x inside a program reads the same rows, so the second read of each tile
-is served from L2: device memory sees x and dy once.
+    y[p, o] = sum_(t,c) X[p, (t, c)] W'[o, c, t] + bias[o]
+    z[p, k] = sum_(t,c) X[p, (t, c)] A[k, c, t]          (conv(x, A): saved for the backward)
 
-A linear layer is the 1x1 case with H = W = 1 (``lora_linear`` reuses this kernel).
+    both as one implicit GEMM against the concatenated weight [W'^T | A^T] ((t, c) x (out + r)),
+    the columns past ``out`` stored to z instead of y.
+
+Backward, low-rank gradients (``lora_conv2d_lowrank_grads``), two streaming kernels::
+
+    phase 1, reads dy once:  u[p, k]  = sum_o dy[p, o] B[o, k]            (B^T dy, r channels)
+                             dB[o, k] = s sum_p dy[p, o] z[p, k]
+    phase 2, reads x once:   dA[k, c, t] = s sum_g sum_p u[p, k] X[p, (t, c)]
+
+Each phase is a split-K reduction over pixels: a program owns one column tile (output channels
+in phase 1, one (tap, channel block) in phase 2) and a long run of pixels, and accumulates in
+registers; the per-program partial sums go to a small workspace that the host sums over programs
+in a fixed order, so the result is deterministic (no atomics). The programs of one pixel run are
+launched next to each other (the column tile is the fastest grid axis), so the taps' overlapping
+reads of x come from L2: device memory sees x once. dx = conv_transpose(dy, W') is the dense
+part and stays with cuDNN.
+
+A linear layer is the 1x1 case with H = W = 1 (``adaptsr.kernels.lora_linear``).
 """
 
 from __future__ import annotations
@@ -27,13 +39,35 @@ import triton.language as tl
 
 # The interpreter needs powers of two and is slow per element: keep tiles minimal there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# 256 pixels per program: the u and z accumulators (256 x 16 fp32 each) fit in registers at
-# 8 warps, and the per-program workspace (r x (K + O) fp32) stays under a third of the bytes
-# of x and dy on the SR-training shapes.
-_BLOCK_M = 16 if _INTERPRET else 256
 # tl.dot needs at least 16 in every dimension on the GPU's matrix units.
 _MIN_DOT = 16
+# Pixels per step of the streaming loops: 128 rows x 64 channels of bf16 is one 16 KB tile per
+# operand, which leaves room for two pipeline stages in shared memory.
+_BLOCK_M = 16 if _INTERPRET else 128
+# Phase 1 keeps a [pixels, out-channels] dy tile and a [out, r] dB accumulator in registers; up to
+# 256 output channels a group's dy row is one tile, so u needs no partial sums across tiles.
+_MAX_BLOCK_O = 16 if _INTERPRET else 256
+_MAX_BLOCK_C = 16 if _INTERPRET else 64
+# Programs per streaming launch, per SM: enough to hide latency, few enough that each program
+# accumulates over many pixels (a small workspace). The interpreter gets a handful of programs
+# so that tests exercise the cross-program sums.
+_PROGRAMS_PER_SM = 4
+_INTERPRET_PROGRAMS = 3
+
+
+def _fwd_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_C": 16}, num_warps=4)]
+    # A short list for implicit-GEMM tiles; tuned per (channels, columns, taps).
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_C": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_C": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_C": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_C": 64}, num_warps=8, num_stages=3),
+    ]
+
+
+# -- shared helpers --
 
 
 @triton.jit
@@ -46,103 +80,257 @@ def _load_tile(row_ptrs, row_ok, cols, col_ok, stride_col, UPCAST: tl.constexpr)
 
 
 @triton.jit
-def _tap_rows(x_ptr, n, oh, ow, row_ok, t, H, W, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+def _pixel_rows(ptr, rows, HO, WO, stride_n, stride_h, stride_w):
+    """Row pointers of output pixels ``rows`` (flattened n, oh, ow) in a [N, C, HO, WO]-strided tensor."""
+    n = rows // (HO * WO)
+    rem = rows % (HO * WO)
+    return ptr + n * stride_n + (rem // WO) * stride_h + (rem % WO) * stride_w
+
+
+@triton.jit
+def _tap_rows(x_ptr, rows, row_ok, t, H, W, HO, WO, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
               stride_xn, stride_xh, stride_xw):
-    """Row pointers into x for kernel tap t of each output pixel, and which rows fall inside x."""
-    ih = oh * STRIDE_H - PAD_H + (t // KW) * DIL_H
-    iw = ow * STRIDE_W - PAD_W + (t % KW) * DIL_W
+    """Row pointers into x for kernel tap t of output pixels ``rows``, and which rows fall inside x."""
+    n = rows // (HO * WO)
+    rem = rows % (HO * WO)
+    ih = (rem // WO) * STRIDE_H - PAD_H + (t // KW) * DIL_H
+    iw = (rem % WO) * STRIDE_W - PAD_W + (t % KW) * DIL_W
     inside = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     return x_ptr + n * stride_xn + ih * stride_xh + iw * stride_xw, inside
 
 
+# -- forward: y = conv(x, W') + bias and z = conv(x, A) in one implicit GEMM --
+
+
+@triton.autotune(configs=_fwd_configs(), key=["C_IN_G", "N_COLS", "KH", "KW"])
 @triton.jit
-def _lora_conv2d_lowrank_grad_kernel(
-    x_ptr, dy_ptr, a_ptr, b_ptr, ws_a_ptr, ws_b_ptr,
+def _lora_conv2d_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr,
     M, H, W, HO, WO,
-    C_IN_G, C_OUT_G, R,
+    C_IN_G, C_OUT_G, R, N_COLS,
     stride_xn, stride_xc, stride_xh, stride_xw,
-    stride_dn, stride_dc, stride_dh, stride_dw,
-    # conv geometry as run-time values: one compiled kernel serves every layer of a model
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    stride_zn, stride_zc, stride_zh, stride_zw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, KH, KW,
-    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(2).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N_COLS
+    # w: [groups, (t, c), N_COLS], the group's W'^T then A^T
+    w_rows = w_ptr + group * (KH * KW * C_IN_G) * N_COLS
+
+    # -- acc = X [W'^T | A^T] over the taps and the group's input channels --
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(KH * KW):
+        x_rows, pix_ok = _tap_rows(x_ptr, rows, row_ok, t, H, W, HO, WO, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+                                   DIL_H, DIL_W, stride_xn, stride_xh, stride_xw)
+        for c0 in range(0, C_IN_G, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            c_ok = cc < C_IN_G
+            x_tile = _load_tile(x_rows, pix_ok, group * C_IN_G + cc, c_ok, stride_xc, UPCAST)
+            w_tile = _load_tile(w_rows + (t * C_IN_G + cc) * N_COLS, c_ok, cols, col_ok, 1, UPCAST)
+            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+
+    # -- epilogue: columns below C_OUT_G are y (plus bias), the rest are z --
+    is_y = cols < C_OUT_G
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + group * C_OUT_G + cols, mask=is_y, other=0.0).to(tl.float32)[None, :]
+    y_rows = _pixel_rows(y_ptr, rows, HO, WO, stride_yn, stride_yh, stride_yw)
+    tl.store(y_rows[:, None] + (group * C_OUT_G + cols)[None, :] * stride_yc,
+             acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & is_y[None, :])
+    z_rows = _pixel_rows(z_ptr, rows, HO, WO, stride_zn, stride_zh, stride_zw)
+    z_cols = group * R + cols - C_OUT_G
+    tl.store(z_rows[:, None] + z_cols[None, :] * stride_zc,
+             acc.to(z_ptr.dtype.element_ty), mask=row_ok[:, None] & (~is_y & col_ok)[None, :])
+
+
+# -- backward phase 1: u = dy B (stored) and dB partials = dy^T z, one pass over dy --
+
+
+@triton.jit
+def _lowrank_u_db_kernel(
+    dy_ptr, b_ptr, z_ptr, u_ptr, ws_b_ptr,
+    M, HO, WO, C_OUT_G, R, ROWS_PER_PROGRAM,
+    stride_dn, stride_dc, stride_dh, stride_dw,
+    stride_zn, stride_zc, stride_zh, stride_zw,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tl.static_assert(R_PAD >= 16)
-    pid_m = tl.program_id(0).to(tl.int64)
-    group = tl.program_id(1).to(tl.int64)
-    num_groups = tl.num_programs(1)
-    K = KH * KW * C_IN_G
-
-    # -- output pixel coordinates of this block --
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    n = rows // (HO * WO)
-    rem = rows % (HO * WO)
-    oh = rem // WO
-    ow = rem % WO
+    o_block = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(2).to(tl.int64)
+    num_groups = tl.num_programs(2)
     ranks = tl.arange(0, R_PAD)
-    dy_rows = dy_ptr + n * stride_dn + oh * stride_dh + ow * stride_dw
-    o_base = group * C_OUT_G
-    c_base = group * C_IN_G
+    rank_ok = ranks < R
+    oc = o_block * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = oc < C_OUT_G
+    # b: [out, R_PAD], zero past R, so u's padded columns are zero
+    b_tile = _load_tile(b_ptr + (group * C_OUT_G + oc) * R_PAD, o_ok, ranks, rank_ok, 1, UPCAST)
+    # u: [o_blocks, M, groups * R], this program's partial over its output-channel tile
+    u_base = u_ptr + o_block * M * num_groups * R + group * R
 
-    # -- u = dy B over the group's output channels --
-    u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for o0 in range(0, C_OUT_G, BLOCK_O):
-        oc = o0 + tl.arange(0, BLOCK_O)
-        o_ok = oc < C_OUT_G
-        dy_tile = _load_tile(dy_rows, row_ok, o_base + oc, o_ok, stride_dc, UPCAST)
-        b_tile = tl.load(b_ptr + (o_base + oc)[:, None] * R_PAD + ranks[None, :], mask=o_ok[:, None], other=0.0)
-        if UPCAST:
-            b_tile = b_tile.to(tl.float32)
-        u = tl.dot(dy_tile, b_tile, u, input_precision=INPUT_PRECISION)
+    acc_b = tl.zeros((BLOCK_O, R_PAD), dtype=tl.float32)
+    row_start = split * ROWS_PER_PROGRAM
+    row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, M)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        # -- load the dy tile once: it feeds u and dB --
+        dy_rows = _pixel_rows(dy_ptr, rows, HO, WO, stride_dn, stride_dh, stride_dw)
+        dy_tile = _load_tile(dy_rows, row_ok, group * C_OUT_G + oc, o_ok, stride_dc, UPCAST)
+        u = tl.dot(dy_tile, b_tile, input_precision=INPUT_PRECISION)
+        tl.store(u_base + rows[:, None] * (num_groups * R) + ranks[None, :],
+                 u.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+        # -- dB partial += dy^T z --
+        z_rows = _pixel_rows(z_ptr, rows, HO, WO, stride_zn, stride_zh, stride_zw)
+        z_tile = _load_tile(z_rows, row_ok, group * R + ranks, rank_ok, stride_zc, UPCAST)
+        acc_b = tl.dot(tl.trans(dy_tile), z_tile, acc_b, input_precision=INPUT_PRECISION)
 
-    # -- z = X A over the taps and the group's input channels --
-    z = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for t in range(KH * KW):
-        x_rows, pix_ok = _tap_rows(x_ptr, n, oh, ow, row_ok, t, H, W, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+    # ws_b: [splits, out, R]
+    tl.store(ws_b_ptr + (split * num_groups * C_OUT_G + group * C_OUT_G + oc)[:, None] * R + ranks[None, :],
+             acc_b, mask=o_ok[:, None] & rank_ok[None, :])
+
+
+# -- backward phase 2: dA partials = u^T X, one pass over x --
+
+
+@triton.jit
+def _lowrank_da_kernel(
+    x_ptr, u_ptr, ws_a_ptr,
+    M, H, W, HO, WO, C_IN_G, R, NUM_O_BLOCKS, ROWS_PER_PROGRAM,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, KH, KW,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tl.static_assert(R_PAD >= 16)
+    col_tile = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(2).to(tl.int64)
+    num_groups = tl.num_programs(2)
+    c_blocks = tl.cdiv(C_IN_G, BLOCK_C)
+    t = col_tile // c_blocks
+    cc = (col_tile % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cc < C_IN_G
+    ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < R
+    u_base = u_ptr + group * R
+
+    acc_a = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
+    row_start = split * ROWS_PER_PROGRAM
+    row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, M)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        # -- u = sum of phase 1's partials over output-channel tiles (one tile up to 256 channels) --
+        u_rows = u_base + rows * (num_groups * R)
+        # (with several tiles the partials are float32, so the sum rounds once, at the cast below)
+        u = _load_tile(u_rows, row_ok, ranks, rank_ok, 1, UPCAST)
+        for ob in range(1, NUM_O_BLOCKS):
+            u += _load_tile(u_rows + ob * M * num_groups * R, row_ok, ranks, rank_ok, 1, UPCAST)
+        # -- dA partial += u^T X for this tap and channel block --
+        x_rows, pix_ok = _tap_rows(x_ptr, rows, row_ok, t, H, W, HO, WO, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
                                    DIL_H, DIL_W, stride_xn, stride_xh, stride_xw)
-        for c0 in range(0, C_IN_G, BLOCK_C):
-            cc = c0 + tl.arange(0, BLOCK_C)
-            c_ok = cc < C_IN_G
-            x_tile = _load_tile(x_rows, pix_ok, c_base + cc, c_ok, stride_xc, UPCAST)
-            a_tile = tl.load(a_ptr + (t * C_IN_G + cc)[:, None] * R_PAD + ranks[None, :], mask=c_ok[:, None], other=0.0)
-            if UPCAST:
-                a_tile = a_tile.to(tl.float32)
-            z = tl.dot(x_tile, a_tile, z, input_precision=INPUT_PRECISION)
+        x_tile = _load_tile(x_rows, pix_ok, group * C_IN_G + cc, c_ok, stride_xc, UPCAST)
+        acc_a = tl.dot(tl.trans(u.to(x_tile.dtype)), x_tile, acc_a, input_precision=INPUT_PRECISION)
 
-    # -- partial dB[o, k] = sum_p dy[p, o] z[p, k] for this block (rows of this group only) --
-    z_op = z
-    if not UPCAST:
-        z_op = z.to(dy_ptr.dtype.element_ty)
-    ws_b_rows = ws_b_ptr + pid_m * (num_groups * C_OUT_G) * R
-    for o0 in range(0, C_OUT_G, BLOCK_O):
-        oc = o0 + tl.arange(0, BLOCK_O)
-        o_ok = oc < C_OUT_G
-        dy_tile = _load_tile(dy_rows, row_ok, o_base + oc, o_ok, stride_dc, UPCAST)
-        part_b = tl.dot(tl.trans(dy_tile), z_op, input_precision=INPUT_PRECISION)
-        tl.store(ws_b_rows + (o_base + oc)[:, None] * R + ranks[None, :], part_b,
-                 mask=o_ok[:, None] & (ranks[None, :] < R))
+    # ws_a: [splits, groups, R, (t, c)]
+    ws_rows = ws_a_ptr + ((split * num_groups + group) * R + ranks) * (KH * KW * C_IN_G)
+    tl.store(ws_rows[:, None] + (t * C_IN_G + cc)[None, :], acc_a, mask=rank_ok[:, None] & c_ok[None, :])
 
-    # -- partial dA[k, (t, c)] = sum_p u[p, k] X[p, (t, c)] for this block and group --
-    u_op = u
-    if not UPCAST:
-        u_op = u.to(x_ptr.dtype.element_ty)
-    u_op = tl.trans(u_op)
-    ws_a_rows = ws_a_ptr + (pid_m * num_groups + group) * R * K
-    for t in range(KH * KW):
-        x_rows, pix_ok = _tap_rows(x_ptr, n, oh, ow, row_ok, t, H, W, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
-                                   DIL_H, DIL_W, stride_xn, stride_xh, stride_xw)
-        for c0 in range(0, C_IN_G, BLOCK_C):
-            cc = c0 + tl.arange(0, BLOCK_C)
-            c_ok = cc < C_IN_G
-            x_tile = _load_tile(x_rows, pix_ok, c_base + cc, c_ok, stride_xc, UPCAST)
-            part_a = tl.dot(u_op, x_tile, input_precision=INPUT_PRECISION)
-            tl.store(ws_a_rows + ranks[:, None] * K + (t * C_IN_G + cc)[None, :], part_a,
-                     mask=(ranks[:, None] < R) & c_ok[None, :])
+
+# -- host launchers (shapes, workspaces; no autograd) --
 
 
 def _pow2_block(n: int, cap: int) -> int:
-    return max(_MIN_DOT, min(cap, triton.next_power_of_2(n)))
+    return max(_MIN_DOT, min(cap, triton.next_power_of_2(max(n, 1))))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def _splits(rows: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:
+    """(splits, rows per program) for a split-K pass over ``rows`` pixels."""
+    if _INTERPRET or device.type != "cuda":
+        target = _INTERPRET_PROGRAMS
+    else:
+        target = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(triton.cdiv(rows, _BLOCK_M), triton.cdiv(target, programs_per_split)))
+    rows_per_program = triton.cdiv(triton.cdiv(rows, splits), _BLOCK_M) * _BLOCK_M
+    return triton.cdiv(rows, rows_per_program), rows_per_program
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _like(x: torch.Tensor, shape) -> torch.Tensor:
+    """An empty [N, C, H, W] tensor in x's memory format (channels-last when x is)."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=fmt)
+
+
+def lora_conv2d_fwd(
+    x: torch.Tensor,
+    w_merged: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(y, z): ``conv(x, W') + bias`` and ``conv(x, A)`` (``g r`` channels) from one pass over x.
+
+    ``w_merged`` None gives z only; ``lora_A`` None gives y only. x is already padded where the
+    mode needs it; ``padding`` is the symmetric zero padding the kernel applies itself. y and z
+    come back in x's memory format.
+    """
+    n, c_in, h, w = x.shape
+    ref = w_merged if w_merged is not None else lora_A
+    c_in_g, kh, kw = ref.shape[1:]
+    if c_in != c_in_g * groups:
+        raise ValueError(f"lora_conv2d triton forward: x {tuple(x.shape)} does not match weight "
+                         f"{tuple(ref.shape)} with groups {groups}")
+    c_out = 0 if w_merged is None else w_merged.shape[0]
+    rank = 0 if lora_A is None else lora_A.shape[0]
+    c_out_g, k = c_out // groups, kh * kw * c_in_g
+    ho = _out_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    # The concatenated weight [W'^T | A^T] per group: [groups, (t, c), out/g + r] (A shared by the groups).
+    parts = []
+    if w_merged is not None:
+        w_groups = w_merged.reshape(groups, c_out_g, c_in_g, kh, kw)
+        parts.append(w_groups.permute(0, 3, 4, 2, 1).reshape(groups, k, c_out_g))
+    if lora_A is not None:
+        parts.append(lora_A.permute(2, 3, 1, 0).reshape(1, k, rank).expand(groups, k, rank))
+    w_cat = torch.cat(parts, dim=2).to(x.dtype).contiguous()
+    n_cols = c_out_g + rank
+    y = _like(x, (n, c_out, ho, wo)) if w_merged is not None else None
+    z = _like(x, (n, groups * rank, ho, wo)) if lora_A is not None else None
+    y_arg, z_arg = (y if y is not None else z), (z if z is not None else y)  # unused outputs: never stored to
+    m = n * ho * wo
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_cols, meta["BLOCK_N"]), groups)
+
+    _lora_conv2d_fwd_kernel[grid](
+        x, w_cat, bias if bias is not None else w_cat, y_arg, z_arg,
+        m, h, w, ho, wo, c_in_g, c_out_g, rank, n_cols,
+        *x.stride(), *y_arg.stride(), *z_arg.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], kh, kw,
+        HAS_BIAS=bias is not None, INPUT_PRECISION=_precision(x.dtype), UPCAST=_INTERPRET,
+    )
+    return y, z
 
 
 def lora_conv2d_lowrank_grads(
@@ -155,10 +343,12 @@ def lora_conv2d_lowrank_grads(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     groups: int,
+    z: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dA, dB of a LoRA conv from x (already padded where the mode needs it) and dy; no autograd.
 
-    ``padding`` is the symmetric zero padding the kernel applies itself.
+    ``padding`` is the symmetric zero padding the kernel applies itself. ``z`` = conv(x, A)
+    (``g r`` channels) when the forward saved it; otherwise it is computed here (one more pass over x).
     """
     n, c_in, h, w = x.shape
     _, c_out, ho, wo = dy.shape
@@ -170,29 +360,45 @@ def lora_conv2d_lowrank_grads(
         )
     if x.device != dy.device or x.dtype != dy.dtype:
         raise ValueError(f"x and dy must share device and dtype, got {x.device}/{x.dtype} and {dy.device}/{dy.dtype}")
+    if z is None:
+        _, z = lora_conv2d_fwd(x, None, None, lora_A, stride, padding, dilation, groups)
+    elif tuple(z.shape) != (n, groups * rank, ho, wo):
+        raise ValueError(
+            f"lora_conv2d triton grads: z must have shape {(n, groups * rank, ho, wo)}, got {tuple(z.shape)}"
+        )
+    c_out_g = c_out // groups
     r_pad = _pow2_block(rank, 1 << 30)
-    # Adapter matrices, padded to r_pad columns, in the (tap, channel) order the kernel walks.
-    a_mat = torch.zeros(kh * kw * c_in_g, r_pad, device=x.device, dtype=x.dtype)
-    a_mat[:, :rank] = lora_A.permute(2, 3, 1, 0).reshape(-1, rank)
     b_mat = torch.zeros(c_out, r_pad, device=x.device, dtype=x.dtype)
     b_mat[:, :rank] = lora_B.reshape(c_out, rank)
-
     m = n * ho * wo
-    num_blocks = triton.cdiv(m, _BLOCK_M)
-    k = kh * kw * c_in_g
-    ws_a = torch.empty(num_blocks, groups, rank, k, device=x.device, dtype=torch.float32)
-    ws_b = torch.empty(num_blocks, c_out, rank, device=x.device, dtype=torch.float32)
-    precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    block_o = _pow2_block(c_out // groups, 16 if _INTERPRET else 64)
-    block_c = _pow2_block(c_in_g, 16 if _INTERPRET else 64)
-    _lora_conv2d_lowrank_grad_kernel[(num_blocks, groups)](
-        x, dy, a_mat, b_mat, ws_a, ws_b,
-        m, h, w, ho, wo, c_in_g, c_out // groups, rank,
-        *x.stride(), *dy.stride(),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], kh, kw,
-        R_PAD=r_pad, BLOCK_M=_BLOCK_M, BLOCK_O=block_o, BLOCK_C=block_c,
-        INPUT_PRECISION=precision, UPCAST=_INTERPRET,
+    precision = _precision(x.dtype)
+
+    # -- phase 1: u (x's dtype; partials per output tile in float32 when there are several) and dB --
+    block_o = _pow2_block(c_out_g, _MAX_BLOCK_O)
+    o_blocks = triton.cdiv(c_out_g, block_o)
+    splits, rows_per_program = _splits(m, o_blocks * groups, x.device)
+    u = torch.empty(o_blocks, m, groups * rank, device=x.device, dtype=x.dtype if o_blocks == 1 else torch.float32)
+    ws_b = torch.empty(splits, c_out, rank, device=x.device, dtype=torch.float32)
+    _lowrank_u_db_kernel[(o_blocks, splits, groups)](
+        dy, b_mat, z, u, ws_b,
+        m, ho, wo, c_out_g, rank, rows_per_program,
+        *dy.stride(), *z.stride(),
+        R_PAD=r_pad, BLOCK_M=_BLOCK_M, BLOCK_O=block_o, INPUT_PRECISION=precision, UPCAST=_INTERPRET,
         num_warps=8,
+    )
+
+    # -- phase 2: dA --
+    block_c = _pow2_block(c_in_g, _MAX_BLOCK_C)
+    col_tiles = kh * kw * triton.cdiv(c_in_g, block_c)
+    splits, rows_per_program = _splits(m, col_tiles * groups, x.device)
+    ws_a = torch.empty(splits, groups, rank, kh * kw * c_in_g, device=x.device, dtype=torch.float32)
+    _lowrank_da_kernel[(col_tiles, splits, groups)](
+        x, u, ws_a,
+        m, h, w, ho, wo, c_in_g, rank, o_blocks, rows_per_program,
+        *x.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], kh, kw,
+        R_PAD=r_pad, BLOCK_M=_BLOCK_M, BLOCK_C=block_c, INPUT_PRECISION=precision, UPCAST=_INTERPRET,
+        num_warps=4,
     )
     grad_a = ws_a.sum((0, 1)).reshape(rank, kh, kw, c_in_g).permute(0, 3, 1, 2)
     grad_b = ws_b.sum(0).reshape(c_out, rank, 1, 1)

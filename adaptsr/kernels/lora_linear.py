@@ -1,26 +1,47 @@
-r"""Triton low-rank gradient pass of a LoRA linear layer.
+r"""Triton kernels of a LoRA linear layer: the 1x1 convolution of ``adaptsr.kernels.lora_conv2d``.
 
 With rows p of x ``[M, in]`` and dy ``[M, out]``::
 
-    u = dy B      z = x A^T      dA = s u^T x      dB = s dy^T z
+    forward:   y = x W'^T + b     z = x A^T  [M, r]         (one pass over x)
+    backward:  u = dy B           dA = s u^T x      dB = s dy^T z
 
-This is the 1x1 convolution over an M x 1 x 1 "image", so it runs the conv kernel of
-``adaptsr.kernels.lora_conv2d`` (one kernel to tune and test, not two).
+The rows are an M x 1 x 1 "image" (a 2-D ``[M, C]`` tensor viewed as ``[M, C, 1, 1]`` with the
+same strides), so the conv kernels run unchanged: one set of kernels to tune and test, not two.
 """
 
 from __future__ import annotations
 
 import torch
 
-from adaptsr.kernels.lora_conv2d import lora_conv2d_lowrank_grads
+from adaptsr.kernels.lora_conv2d import lora_conv2d_fwd, lora_conv2d_lowrank_grads
+
+_ONE = ((1, 1), (0, 0), (1, 1), 1)  # stride, padding, dilation, groups of the 1x1 view
+
+
+def _as_pixels(t2: torch.Tensor) -> torch.Tensor:
+    return t2[:, :, None, None]
+
+
+def lora_linear_fwd(
+    x2: torch.Tensor, w_merged: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y ``[M, out]``, z ``[M, r]`` or None) from 2-D x ``[M, in]``, W' ``[out, in]`` and A ``[r, in]``."""
+    a4 = None if lora_A is None else _as_pixels(lora_A)
+    y, z = lora_conv2d_fwd(_as_pixels(x2.contiguous()), _as_pixels(w_merged), bias, a4, *_ONE)
+    return y[:, :, 0, 0], (None if z is None else z[:, :, 0, 0])
 
 
 def lora_linear_lowrank_grads(
-    x2: torch.Tensor, dy2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+    x2: torch.Tensor,
+    dy2: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    z2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dA ``[r, in]`` and dB ``[out, r]`` from 2-D x ``[M, in]`` and dy ``[M, out]``; no autograd."""
+    """dA ``[r, in]`` and dB ``[out, r]`` from 2-D x ``[M, in]``, dy ``[M, out]`` (and z ``[M, r]``); no autograd."""
     grad_a, grad_b = lora_conv2d_lowrank_grads(
-        x2[:, :, None, None], dy2[:, :, None, None], lora_A[:, :, None, None], lora_B[:, :, None, None],
-        scaling, (1, 1), (0, 0), (1, 1), 1,
+        _as_pixels(x2), _as_pixels(dy2), _as_pixels(lora_A), _as_pixels(lora_B), scaling, *_ONE,
+        z=None if z2 is None else _as_pixels(z2),
     )
     return grad_a.reshape(lora_A.shape), grad_b.reshape(lora_B.shape)

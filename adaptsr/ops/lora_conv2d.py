@@ -43,6 +43,10 @@ __all__ = ["conv_delta_weight", "lora_conv2d", "lora_conv2d_ref"]
 # CPU the rank-8 pieces of a 64->64 3x3 layer took about 1.2x their FLOP share of the full
 # weight gradient (DESIGN.md section 5). The low-rank pass must win by this factor to be chosen.
 _THIN_CONV_PENALTY = 1.5
+# The triton backend's forward: True runs y = conv(x, W') and z = conv(x, A) as one Triton implicit
+# GEMM (one pass over x); False leaves y to cuDNN and runs only z's r channels in Triton. Which
+# is faster is the GPU benchmark's call (benchmarks/gpu/run.sh); not measured yet.
+_DENSE_FORWARD_IN_TRITON = True
 
 
 def conv_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
@@ -172,12 +176,34 @@ def _full_wgrad_to_lora(grad_w_merged, lora_A, lora_B, scaling):
     return scaling * grad_a, scaling * grad_b
 
 
-def _fused_low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry: ConvGeometry):
-    """The Triton kernel's single pass over x and dy (imported here: Triton loads on first use)."""
+def _triton_forward(x_padded, w_merged, bias, lora_A, geometry: ConvGeometry, want_z: bool):
+    """(y, z or None) through the Triton forward: y = conv(x, W') + b, and z = conv(x, A) for the backward.
+
+    With ``_DENSE_FORWARD_IN_TRITON`` the kernel computes both in one pass over x; otherwise y
+    comes from torch (cuDNN) and the kernel computes only the r channels of z.
+    """
+    from adaptsr.kernels.lora_conv2d import lora_conv2d_fwd
+
+    args = (geometry.stride, geometry.conv_padding, geometry.dilation, geometry.groups)
+    lora_A = lora_A.to(x_padded.dtype) if want_z else None
+    if _DENSE_FORWARD_IN_TRITON:
+        return lora_conv2d_fwd(x_padded, w_merged, bias, lora_A, *args)
+    y = geometry.conv(x_padded, w_merged, bias)
+    return y, (lora_conv2d_fwd(x_padded, None, None, lora_A, *args)[1] if want_z else None)
+
+
+def _fused_low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry: ConvGeometry, z=None):
+    """The Triton kernels' passes over dy and x (z = conv(x, A) from the forward, or recomputed).
+
+    The kernels take float32, float16 and bfloat16; float64 runs the torch pass.
+    """
+    if x_padded.dtype == torch.float64:
+        return _low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry)
     from adaptsr.kernels.lora_conv2d import lora_conv2d_lowrank_grads
 
     return lora_conv2d_lowrank_grads(
-        x_padded, dy, lora_A, lora_B, scaling, geometry.stride, geometry.conv_padding, geometry.dilation, geometry.groups
+        x_padded, dy, lora_A, lora_B, scaling, geometry.stride, geometry.conv_padding, geometry.dilation,
+        geometry.groups, z=z,
     )
 
 
@@ -192,30 +218,40 @@ def _cuda_low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry: ConvGe
     from adaptsr import _cuda
 
     return _cuda.lora_conv2d_lowrank_grads(
-        x_padded, dy, lora_A, lora_B, scaling, geometry.stride, geometry.conv_padding, geometry.dilation, geometry.groups
+        x_padded, dy, lora_A, lora_B, scaling, geometry.stride, geometry.conv_padding, geometry.dilation,
+        geometry.groups,
     )
 
 
 class _LoRAConv2dFunction(torch.autograd.Function):
-    """Merged-weight forward (one conv); backward computes dx, dA, dB exactly, saving only x.
+    """Merged-weight forward (one conv); backward computes dx, dA, dB exactly, saving x (and z).
 
-    The dense parts (forward conv, dx, full wgrad) run in torch (cuDNN on a GPU); the low-rank
-    gradient pass runs where ``impl`` says: "torch" (torch ops), "triton" (the fused Triton kernel)
-    or "cuda" (the CUDA C++ kernel).
+    The dense parts (dx, full wgrad, and the forward except under "triton") run in torch (cuDNN on
+    a GPU); the low-rank gradient pass runs where ``impl`` says: "torch" (torch ops), "triton" (the
+    Triton kernels, whose forward also emits z = conv(x, A), r channels, saved for the backward
+    instead of a second pass over x) or "cuda" (the CUDA C++ kernel).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, geometry, impl):
         w_merged = weight + (scaling * conv_delta_weight(lora_A, lora_B)).to(weight.dtype)
-        y = geometry.conv(geometry.pad_input(x), w_merged, bias)
+        x_padded = geometry.pad_input(x)
+        z = None
+        if impl == "triton" and x.dtype != torch.float64:
+            # z (r channels per pixel) is worth saving only when the backward takes the low-rank pass.
+            need_weight, need_lora = ctx.needs_input_grad[1], any(ctx.needs_input_grad[3:5])
+            want_z = need_lora and not need_weight and _prefer_low_rank(weight, lora_A.shape[0], geometry.groups)
+            y, z = _triton_forward(x_padded, w_merged, bias, lora_A, geometry, want_z)
+        else:
+            y = geometry.conv(x_padded, w_merged, bias)
         # W' is weight-sized (no activation memory) and saves re-forming it in the backward.
-        ctx.save_for_backward(x, w_merged, lora_A, lora_B)
+        ctx.save_for_backward(x, w_merged, lora_A, lora_B, z)
         ctx.scaling, ctx.geometry, ctx.has_bias, ctx.impl = scaling, geometry, bias is not None, impl
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w_merged, lora_A, lora_B = ctx.saved_tensors
+        x, w_merged, lora_A, lora_B, z = ctx.saved_tensors
         geometry, scaling = ctx.geometry, ctx.scaling
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dy = dy.contiguous(memory_format=_memory_format(x))
@@ -244,13 +280,13 @@ class _LoRAConv2dFunction(torch.autograd.Function):
         if need_a or need_bb:
             if low_rank:
                 # Looked up at call time (module globals), so tests can wrap each pass.
+                x_detached = x_padded.detach()
                 if ctx.impl == "cuda":
-                    pass_ = _cuda_low_rank_grads
+                    grad_a, grad_b = _cuda_low_rank_grads(x_detached, dy, lora_A, lora_B, scaling, geometry)
                 elif ctx.impl == "triton":
-                    pass_ = _fused_low_rank_grads
+                    grad_a, grad_b = _fused_low_rank_grads(x_detached, dy, lora_A, lora_B, scaling, geometry, z)
                 else:
-                    pass_ = _low_rank_grads
-                grad_a, grad_b = pass_(x_padded.detach(), dy, lora_A, lora_B, scaling, geometry)
+                    grad_a, grad_b = _low_rank_grads(x_detached, dy, lora_A, lora_B, scaling, geometry)
             else:
                 grad_a, grad_b = _full_wgrad_to_lora(grad_w_merged, lora_A, lora_B, scaling)
             grad_a, grad_b = grad_a.to(lora_A.dtype), grad_b.to(lora_B.dtype)

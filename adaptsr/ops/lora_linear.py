@@ -31,6 +31,10 @@ __all__ = ["linear_delta_weight", "lora_linear", "lora_linear_ref"]
 
 # Thin matmuls (r columns) run below peak; the low-rank pass must win by this factor.
 _THIN_MATMUL_PENALTY = 1.5
+# The triton backend's forward: True runs y = x W'^T + b and z = x A^T as one Triton GEMM (one pass
+# over x); False leaves y to cuBLAS and z to a thin cuBLAS matmul. Which is faster is the GPU
+# benchmark's call (benchmarks/gpu/kernel_roofline.py); not measured yet.
+_DENSE_FORWARD_IN_TRITON = True
 
 
 def linear_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
@@ -77,23 +81,40 @@ def _prefer_low_rank(weight: torch.Tensor, rank: int) -> bool:
 
 
 class _LoRALinearFunction(torch.autograd.Function):
-    """Merged-weight forward (one matmul); backward computes dx, dA, dB exactly, saving only x.
+    """Merged-weight forward (one matmul); backward computes dx, dA, dB exactly, saving x (and z).
 
     The low-rank gradient pass runs where ``impl`` says: "torch" (torch matmuls), "triton" (the
-    fused Triton kernel) or "cuda" (the CUDA C++ kernel); the dense parts run in torch (cuBLAS on a GPU).
+    Triton kernels, whose forward also emits z = x A^T, saved for the backward) or "cuda" (the
+    CUDA C++ kernel); the other dense parts run in torch (cuBLAS on a GPU).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, impl):
         w_merged = weight + (scaling * linear_delta_weight(lora_A, lora_B)).to(weight.dtype)
+        z = None
+        if impl == "triton" and x.dtype != torch.float64:
+            from adaptsr.kernels.lora_linear import lora_linear_fwd
+
+            # z = x A^T (r columns) is worth saving only when the backward takes the low-rank pass.
+            need_weight, need_lora = ctx.needs_input_grad[1], any(ctx.needs_input_grad[3:5])
+            want_z = need_lora and not need_weight and _prefer_low_rank(weight, lora_A.shape[0])
+            if _DENSE_FORWARD_IN_TRITON:
+                x2 = x.reshape(-1, x.shape[-1])
+                y2, z = lora_linear_fwd(x2, w_merged, bias, lora_A.to(x.dtype) if want_z else None)
+                y = y2.reshape(*x.shape[:-1], w_merged.shape[0])
+            else:
+                y = F.linear(x, w_merged, bias)
+                z = x.reshape(-1, x.shape[-1]) @ lora_A.to(x.dtype).t() if want_z else None
+        else:
+            y = F.linear(x, w_merged, bias)
         # W' is weight-sized (no activation memory) and saves re-forming it in the backward.
-        ctx.save_for_backward(x, w_merged, lora_A, lora_B)
+        ctx.save_for_backward(x, w_merged, lora_A, lora_B, z)
         ctx.scaling, ctx.impl = scaling, impl
-        return F.linear(x, w_merged, bias)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w_merged, lora_A, lora_B = ctx.saved_tensors
+        x, w_merged, lora_A, lora_B, z = ctx.saved_tensors
         s = ctx.scaling
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -111,10 +132,10 @@ class _LoRALinearFunction(torch.autograd.Function):
                 from adaptsr import _cuda
 
                 grad_a, grad_b = _cuda.lora_linear_lowrank_grads(x2, dy2, lora_A, lora_B, s)
-            elif low_rank and ctx.impl == "triton":
+            elif low_rank and ctx.impl == "triton" and x2.dtype != torch.float64:
                 from adaptsr.kernels.lora_linear import lora_linear_lowrank_grads
 
-                grad_a, grad_b = lora_linear_lowrank_grads(x2, dy2, lora_A, lora_B, s)
+                grad_a, grad_b = lora_linear_lowrank_grads(x2, dy2, lora_A, lora_B, s, z)
             elif low_rank:
                 grad_a = s * ((dy2 @ lora_B).t() @ x2)
                 grad_b = s * (dy2.t() @ (x2 @ lora_A.t()))

@@ -1,157 +1,275 @@
 """Kernel-level GPU measurements behind the triton backend's choices, with the floors.
 
-For each SR-training shape: the measured copy bandwidth and bf16 matmul rate of the card; the
-fused low-rank gradient kernel alone against its floor (bytes of x and dy read once over the
-copy bandwidth); the same gradients through torch's thin ops (the torch backend's low-rank
-pass) and through the full weight gradient (the other pass); and whole LoRA layers' fwd+bwd
-against the frozen layer's. Prints a markdown report; `--out FILE` also writes it.
+For each SR-training shape, with the card's measured copy bandwidth and matmul rate:
 
-Run on a machine with a CUDA GPU: ``python benchmarks/gpu/kernel_roofline.py --out report.md``.
+- the low-rank gradient pass alone (dA, dB from x and dy): the Triton kernels with the forward's
+  saved z and without it (z recomputed), torch's thin ops (the torch backend's pass) and the full
+  weight gradient (the other pass), against the floor: x, dy and z read once over the copy bandwidth;
+- the forward alone: the Triton one-pass kernel (y and z), cuDNN/cuBLAS's y alone, and cuDNN's y
+  plus the Triton z-only kernel, against the floor max(FLOPs / rate, bytes / bandwidth). This is
+  the measurement behind ``_DENSE_FORWARD_IN_TRITON`` in ``adaptsr/ops/lora_conv2d.py``;
+- whole layers' fwd+bwd (input gradient on, base frozen): frozen, torch backend, triton backend
+  (both forward compositions), against the frozen layer's FLOP floor.
+
+Prints a markdown report; ``--out FILE`` also writes it. Run on a machine with a CUDA GPU:
+``python benchmarks/gpu/kernel_roofline.py --out report.md``. ``--smoke`` runs tiny shapes on the
+CPU (Triton interpreter, wall-clock timer) to check the script itself; its numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import os
+import statistics
 import sys
+import time
 
 import torch
-from triton.testing import do_bench
 
-import adaptsr
-from adaptsr.kernels.lora_conv2d import lora_conv2d_lowrank_grads
-from adaptsr.ops._conv_geometry import ConvGeometry
-from adaptsr.ops.lora_conv2d import _full_wgrad_to_lora, _low_rank_grads, _weight_grad
-from benchmarks.shapes import GPU_CONV_SHAPES, GPU_LINEAR_SHAPES, GPU_RANKS
+# The smoke run needs the interpreter set before the kernels are imported.
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import adaptsr  # noqa: E402
+from adaptsr.kernels.lora_conv2d import lora_conv2d_fwd, lora_conv2d_lowrank_grads  # noqa: E402
+from adaptsr.kernels.lora_linear import lora_linear_fwd, lora_linear_lowrank_grads  # noqa: E402
+from adaptsr.ops._conv_geometry import ConvGeometry  # noqa: E402
+from benchmarks.shapes import GPU_CONV_SHAPES, GPU_LINEAR_SHAPES, GPU_RANKS  # noqa: E402
+
+# the module, not the function of the same name that adaptsr.ops re-exports
+conv_op = importlib.import_module("adaptsr.ops.lora_conv2d")
+linear_op = importlib.import_module("adaptsr.ops.lora_linear")
 
 # The layer sizes of the benchmark shapes (each is listed once per dtype there).
 CONV_SIZES = sorted({(s.batch, s.channels, s.height, s.width) for s in GPU_CONV_SHAPES})
 LINEAR_SIZES = sorted({(s.num_tokens, s.in_features, s.out_features) for s in GPU_LINEAR_SHAPES})
+SMOKE_CONV_SIZES = [(1, 16, 8, 8)]
+SMOKE_LINEAR_SIZES = [(64, 16, 48)]
 
 
-def _median_ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+class Bench:
+    """Timer, device and the card's measured rates."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.copy_bw = self._copy_bandwidth()
+        self.matmul_rate = {dt: self._matmul_rate(dt) for dt in (torch.bfloat16, torch.float32)}
+
+    def ms(self, fn) -> float:
+        if self.device == "cuda":
+            from triton.testing import do_bench
+
+            return do_bench(fn, warmup=25, rep=100, return_mode="median")
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    def _copy_bandwidth(self) -> float:
+        """Bytes read + written per second for a large device-to-device copy."""
+        n = (256 if self.device == "cuda" else 4) * 1024 * 1024 // 4
+        src = torch.randn(n, device=self.device)
+        dst = torch.empty_like(src)
+        return 2 * n * 4 / (self.ms(lambda: dst.copy_(src)) * 1e-3)
+
+    def _matmul_rate(self, dtype: torch.dtype) -> float:
+        n = 8192 if self.device == "cuda" else 256
+        a = torch.randn(n, n, device=self.device, dtype=dtype)
+        b = torch.randn(n, n, device=self.device, dtype=dtype)
+        return 2 * n**3 / (self.ms(lambda: a @ b) * 1e-3)
+
+    def floor_ms(self, flops: float, num_bytes: float, dtype: torch.dtype) -> float:
+        return max(flops / self.matmul_rate[dtype], num_bytes / self.copy_bw) * 1e3
 
 
-def measure_copy_bandwidth() -> float:
-    """Bytes read + written per second for a large device-to-device copy."""
-    src = torch.randn(256 * 1024 * 1024 // 4, device="cuda")
-    dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / (ms * 1e-3)
+@contextlib.contextmanager
+def _dense_forward_in_triton(flag: bool):
+    """Both ops' choice of forward composition, for one measurement."""
+    saved = conv_op._DENSE_FORWARD_IN_TRITON, linear_op._DENSE_FORWARD_IN_TRITON
+    conv_op._DENSE_FORWARD_IN_TRITON = linear_op._DENSE_FORWARD_IN_TRITON = flag
+    try:
+        yield
+    finally:
+        conv_op._DENSE_FORWARD_IN_TRITON, linear_op._DENSE_FORWARD_IN_TRITON = saved
 
 
-def measure_bf16_matmul_rate() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = _median_ms(lambda: a @ b)
-    return 2 * 8192**3 / (ms * 1e-3)
-
-
-def _layer_fwd_bwd_ms(layer: torch.nn.Module, x: torch.Tensor, backend: str) -> float:
+def _layer_fwd_bwd_ms(bench: Bench, layer: torch.nn.Module, x: torch.Tensor, backend: str, dense_in_triton=True):
     x = x.detach().requires_grad_(True)
     dy = torch.randn_like(layer(x))
 
     def step():
-        with adaptsr.set_backend(backend):
+        with adaptsr.set_backend(backend), _dense_forward_in_triton(dense_in_triton):
             y = layer(x)
         y.backward(dy)
 
-    return _median_ms(step)
+    return bench.ms(step)
 
 
-def _row(op: str, lora, x, dy, copy_bw: float, fused: float, thin: float, full_ms: float, frozen: float) -> dict:
-    """One report row: the three gradient passes against the floor (x and dy read once), and the layers."""
-    floor = (x.numel() + dy.numel()) * x.element_size() / copy_bw * 1e3
-    return {
-        "op": op, "rank": lora.rank, "dtype": str(x.dtype).split(".")[-1],
-        "fused_ms": fused, "thin_torch_ms": thin, "full_wgrad_ms": full_ms, "floor_ms": floor,
-        "bw_pct": 100 * floor / fused,
-        "frozen_fwd_bwd_ms": frozen,
-        "triton_fwd_bwd_ms": _layer_fwd_bwd_ms(lora, x, "triton"),
-        "torch_fwd_bwd_ms": _layer_fwd_bwd_ms(lora, x, "torch"),
-    }
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def conv_rows(copy_bw: float, dtype: torch.dtype):
+def _measure(bench, op, lora, base, x, dy, passes, forwards, flops_fwd):
+    """One report row. ``passes``/``forwards``: name -> callable; ``flops_fwd``: the dense forward's FLOPs."""
+    dtype = x.dtype
+    z = forwards["triton_y_z"]()[1]
+    y = forwards["dense_y"]()
+    row = {"op": op, "rank": lora.rank, "dtype": str(dtype).split(".")[-1]}
+    row.update({name: bench.ms(fn) for name, fn in passes.items()})
+    row.update({name: bench.ms(fn) for name, fn in forwards.items()})
+    row["grad_floor"] = bench.floor_ms(0, _nbytes(x, dy, z), dtype)
+    row["fwd_floor"] = bench.floor_ms(flops_fwd, _nbytes(x, y, z), dtype)
+    # frozen layer with input gradient: forward + dgrad, x, y, dy, dx moved once each
+    row["layer_floor"] = bench.floor_ms(2 * flops_fwd, 2 * _nbytes(x, y), dtype)
+    row["frozen"] = _layer_fwd_bwd_ms(bench, base, x, "torch")
+    row["torch_layer"] = _layer_fwd_bwd_ms(bench, lora, x, "torch")
+    row["triton_layer"] = _layer_fwd_bwd_ms(bench, lora, x, "triton", dense_in_triton=True)
+    row["triton_cudnn_layer"] = _layer_fwd_bwd_ms(bench, lora, x, "triton", dense_in_triton=False)
+    return row
+
+
+def conv_rows(bench: Bench, dtype: torch.dtype, sizes, ranks):
     rows = []
-    for (n, c, h, w) in CONV_SIZES:
-        x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
-        base = torch.nn.Conv2d(c, c, 3, padding=1).to("cuda", dtype).to(memory_format=torch.channels_last)
+    dev = bench.device
+    for (n, c, h, w) in sizes:
+        x = torch.randn(n, c, h, w, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        base = torch.nn.Conv2d(c, c, 3, padding=1).to(dev, dtype).to(memory_format=torch.channels_last)
         base.requires_grad_(False)
-        frozen = _layer_fwd_bwd_ms(base, x, "torch")
         geometry = ConvGeometry.of(base)
-        dy = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
-        for rank in GPU_RANKS:
+        dy = torch.randn(n, c, h, w, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        geo = ((1, 1), (1, 1), (1, 1), 1)
+        for rank in ranks:
             lora = adaptsr.LoRAConv2d(base_layer=base, rank=rank, init_lora_weights=False)
             a, b = lora.lora_A.detach(), lora.lora_B.detach()
-            fused = _median_ms(lambda: lora_conv2d_lowrank_grads(x, dy, a, b, 1.0, (1, 1), (1, 1), (1, 1), 1))
-            thin = _median_ms(lambda: _low_rank_grads(x, dy, a, b, 1.0, geometry))
+            w_merged = (base.weight + lora.get_delta_weight()).detach()
+            z = lora_conv2d_fwd(x, None, None, a, *geo)[1]
 
             def full():
-                w_merged = base.weight + lora.get_delta_weight()
-                return _full_wgrad_to_lora(_weight_grad(x, dy, w_merged, geometry, 1), a, b, 1.0)
+                return conv_op._full_wgrad_to_lora(conv_op._weight_grad(x, dy, w_merged, geometry, 1), a, b, 1.0)
 
-            full_ms = _median_ms(full)
-            rows.append(_row(f"conv3x3 {c}->{c} on {n}x{c}x{h}x{w}", lora, x, dy, copy_bw, fused, thin, full_ms, frozen))
+            passes = {
+                "grad_saved_z": lambda: lora_conv2d_lowrank_grads(x, dy, a, b, 1.0, *geo, z=z),
+                "grad_recompute_z": lambda: lora_conv2d_lowrank_grads(x, dy, a, b, 1.0, *geo),
+                "grad_thin_torch": lambda: conv_op._low_rank_grads(x, dy, a, b, 1.0, geometry),
+                "grad_full_wgrad": full,
+            }
+            forwards = {
+                "triton_y_z": lambda: lora_conv2d_fwd(x, w_merged, base.bias, a, *geo),
+                "dense_y": lambda: geometry.conv(x, w_merged, base.bias),
+                "dense_y_triton_z": lambda: (
+                    geometry.conv(x, w_merged, base.bias), lora_conv2d_fwd(x, None, None, a, *geo)
+                ),
+            }
+            flops = 2 * n * h * w * c * c * 9
+            op = f"conv3x3 {c}->{c} on {n}x{c}x{h}x{w}"
+            rows.append(_measure(bench, op, lora, base, x, dy, passes, forwards, flops))
     return rows
 
 
-def linear_rows(copy_bw: float, dtype: torch.dtype):
+def linear_rows(bench: Bench, dtype: torch.dtype, sizes, ranks):
     rows = []
-    for (tokens, fin, fout) in LINEAR_SIZES:
-        x = torch.randn(tokens, fin, device="cuda", dtype=dtype)
-        base = torch.nn.Linear(fin, fout).to("cuda", dtype)
+    dev = bench.device
+    for (tokens, fin, fout) in sizes:
+        x = torch.randn(tokens, fin, device=dev, dtype=dtype)
+        base = torch.nn.Linear(fin, fout).to(dev, dtype)
         base.requires_grad_(False)
-        frozen = _layer_fwd_bwd_ms(base, x, "torch")
-        dy = torch.randn(tokens, fout, device="cuda", dtype=dtype)
-        from adaptsr.kernels.lora_linear import lora_linear_lowrank_grads
-
-        for rank in GPU_RANKS:
+        dy = torch.randn(tokens, fout, device=dev, dtype=dtype)
+        for rank in ranks:
             lora = adaptsr.LoRALinear(base_layer=base, rank=rank, init_lora_weights=False)
             a, b = lora.lora_A.detach(), lora.lora_B.detach()
-            fused = _median_ms(lambda: lora_linear_lowrank_grads(x, dy, a, b, 1.0))
-            thin = _median_ms(lambda: ((dy @ b).t() @ x, dy.t() @ (x @ a.t())))
-            full_ms = _median_ms(lambda: (lambda gw: (b.t() @ gw, gw @ a.t()))(dy.t() @ x))
-            rows.append(_row(f"linear {fin}->{fout} on {tokens} tokens", lora, x, dy, copy_bw, fused, thin, full_ms, frozen))
+            w_merged = (base.weight + lora.get_delta_weight()).detach()
+            z = x @ a.t()
+            passes = {
+                "grad_saved_z": lambda: lora_linear_lowrank_grads(x, dy, a, b, 1.0, z),
+                "grad_recompute_z": lambda: lora_linear_lowrank_grads(x, dy, a, b, 1.0),
+                "grad_thin_torch": lambda: ((dy @ b).t() @ x, dy.t() @ (x @ a.t())),
+                "grad_full_wgrad": lambda: (lambda gw: (b.t() @ gw, gw @ a.t()))(dy.t() @ x),
+            }
+            forwards = {
+                "triton_y_z": lambda: lora_linear_fwd(x, w_merged, base.bias, a),
+                "dense_y": lambda: torch.nn.functional.linear(x, w_merged, base.bias),
+                "dense_y_triton_z": lambda: (torch.nn.functional.linear(x, w_merged, base.bias), x @ a.t()),
+            }
+            flops = 2 * tokens * fin * fout
+            rows.append(_measure(bench, f"linear {fin}->{fout} on {tokens} tokens", lora, base, x, dy, passes, forwards,
+                                 flops))
     return rows
 
 
-def render(rows, copy_bw: float, matmul_rate: float) -> str:
+def _ratio(value: float, base: float) -> str:
+    return f"{value:.3f} ({value / base:.2f}x)"
+
+
+def render(rows, bench: Bench) -> str:
+    name = torch.cuda.get_device_name() if bench.device == "cuda" else "CPU (smoke run: numbers mean nothing)"
     lines = [
-        f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
-        f"measured copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write), bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s",
+        f"Device: {name}; torch {torch.__version__}; measured copy bandwidth {bench.copy_bw / 1e12:.2f} TB/s "
+        f"(read + write), matmul {bench.matmul_rate[torch.bfloat16] / 1e12:.0f} TFLOP/s bf16, "
+        f"{bench.matmul_rate[torch.float32] / 1e12:.0f} TFLOP/s fp32 (TF32 as torch has it)",
         "",
-        "Low-rank gradient pass alone (dA, dB from x and dy), and whole-layer fwd+bwd:",
+        "Low-rank gradient pass alone (dA, dB from x and dy), ms; floor: x, dy and z read once over the copy bandwidth:",
         "",
-        "| op | r | dtype | fused triton ms | torch thin ops ms | full wgrad ms | floor ms (x+dy once) | % of copy BW "
-        "| frozen fwd+bwd ms | triton layer fwd+bwd ms (x frozen) | torch layer fwd+bwd ms (x frozen) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| op | r | dtype | triton, saved z | % of floor | triton, z recomputed | torch thin ops | full wgrad | floor |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['op']} | {r['rank']} | {r['dtype']} | {r['fused_ms']:.3f} | {r['thin_torch_ms']:.3f} | "
-            f"{r['full_wgrad_ms']:.3f} | {r['floor_ms']:.3f} | {r['bw_pct']:.0f}% | {r['frozen_fwd_bwd_ms']:.3f} | "
-            f"{r['triton_fwd_bwd_ms']:.3f} ({r['triton_fwd_bwd_ms'] / r['frozen_fwd_bwd_ms']:.2f}x) | "
-            f"{r['torch_fwd_bwd_ms']:.3f} ({r['torch_fwd_bwd_ms'] / r['frozen_fwd_bwd_ms']:.2f}x) |"
+            f"| {r['op']} | {r['rank']} | {r['dtype']} | {r['grad_saved_z']:.3f} | {100 * r['grad_floor'] / r['grad_saved_z']:.0f}% "
+            f"| {r['grad_recompute_z']:.3f} | {r['grad_thin_torch']:.3f} | {r['grad_full_wgrad']:.3f} | {r['grad_floor']:.3f} |"
+        )
+    lines += [
+        "",
+        "Forward alone, ms (the choice of `_DENSE_FORWARD_IN_TRITON`); floor: max(FLOPs / rate, bytes / bandwidth):",
+        "",
+        "| op | r | dtype | triton y+z, one pass | cuDNN/cuBLAS y alone | cuDNN/cuBLAS y + z (triton conv z, cuBLAS linear z) | floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['rank']} | {r['dtype']} | {r['triton_y_z']:.3f} | {r['dense_y']:.3f} | "
+            f"{r['dense_y_triton_z']:.3f} | {r['fwd_floor']:.3f} |"
+        )
+    lines += [
+        "",
+        "Whole layer fwd+bwd (base frozen, input gradient on), ms and ratio to the frozen layer; floor: the frozen "
+        "layer's forward + input-gradient FLOPs over the rate:",
+        "",
+        "| op | r | dtype | frozen | torch backend | triton (one-pass fwd) | triton (cuDNN/cuBLAS fwd) | frozen floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['rank']} | {r['dtype']} | {r['frozen']:.3f} | {_ratio(r['torch_layer'], r['frozen'])} | "
+            f"{_ratio(r['triton_layer'], r['frozen'])} | {_ratio(r['triton_cudnn_layer'], r['frozen'])} | "
+            f"{r['layer_floor']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the markdown report to this file")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated dtypes to measure (bf16, fp32)")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("kernel_roofline.py needs a CUDA GPU", file=sys.stderr)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through the Triton interpreter")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        device, conv_sizes, linear_sizes, ranks, dtypes = "cpu", SMOKE_CONV_SIZES, SMOKE_LINEAR_SIZES, (4,), "fp32"
+    elif torch.cuda.is_available():
+        device, conv_sizes, linear_sizes, ranks, dtypes = "cuda", CONV_SIZES, LINEAR_SIZES, GPU_RANKS, args.dtypes
+    else:
+        print("kernel_roofline.py needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    copy_bw, matmul_rate = measure_copy_bandwidth(), measure_bf16_matmul_rate()
+    bench = Bench(device)
+    names = {"bf16": torch.bfloat16, "fp32": torch.float32}
     rows = []
-    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    for dtype in (dtypes[name] for name in args.dtypes.split(",")):
-        rows += conv_rows(copy_bw, dtype) + linear_rows(copy_bw, dtype)
-    report = render(rows, copy_bw, matmul_rate)
+    for dtype in (names[name] for name in dtypes.split(",")):
+        rows += conv_rows(bench, dtype, conv_sizes, ranks) + linear_rows(bench, dtype, linear_sizes, ranks)
+    report = render(rows, bench)
     print(report)
     if args.out:
         with open(args.out, "w") as f:

@@ -24,11 +24,16 @@ _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Backends with their own autograd Function, and the function each runs for the low-rank pass.
-_CUSTOM_BACKENDS = ("torch", "cuda")
-_LOW_RANK_PASS = {"torch": "_low_rank_grads", "cuda": "_cuda_low_rank_grads"}
+_CUSTOM_BACKENDS = ("torch", "triton", "cuda")
+_LOW_RANK_PASS = {"torch": "_low_rank_grads", "triton": "_fused_low_rank_grads", "cuda": "_cuda_low_rank_grads"}
 # The CUDA C++ backend runs only on a GPU, and only where adaptsr._C loads (built or buildable).
 _needs_cuda = pytest.mark.skipif(not is_available("cuda"), reason=f"cuda backend: {_unavailable_reason('cuda')}")
 CUDA = pytest.param("cuda", marks=_needs_cuda)
+ON_GPU = torch.cuda.is_available()
+# Triton runs on a GPU, or here through its interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+TRITON_DEVICE = "cuda" if ON_GPU else "cpu"
+# The interpreter's bf16 dots are wrong (DESIGN.md section 5); float64 runs the torch pass.
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16) if ON_GPU else (torch.float32, torch.float16)
 
 
 @contextlib.contextmanager
@@ -166,6 +171,61 @@ def test_torch_backend_under_autocast(
             )
 
 
+@settings(max_examples=200 if ON_GPU else 60, **_SETTINGS)
+@given(data=st.data())
+def test_triton_backend_matches_float64_reference(
+    data, conv_case_strategy, make_conv_tensors, abs_inputs, assert_close_to_reference
+):
+    """The Triton forward (y and z in one pass) and low-rank kernels inside the op, every gradient.
+
+    On a GPU at the hypothesis sizes; here through the interpreter, fewer cases (it is slow).
+    """
+    case = data.draw(conv_case_strategy(), label="case")
+    dtype = data.draw(st.sampled_from(_TRITON_DTYPES), label="dtype")
+    tensors = make_conv_tensors(case, dtype)
+    first = _run("reference", case, tensors, None, torch.float64)
+    dy64 = _dy_like(first["y"], case.seed, dtype, data.draw(st.booleans(), label="non_contiguous_dy"))
+    ref64 = _run("reference", case, tensors, dy64, torch.float64)
+    magnitude = _run("reference", case, abs_inputs(tensors), dy64.abs(), torch.float64)
+    dense_in_triton = data.draw(st.booleans(), label="dense forward in triton")
+    with _no_tf32(), mock.patch.object(conv_op, "_DENSE_FORWARD_IN_TRITON", dense_in_triton):
+        plain = _run("reference", case, tensors, dy64, dtype, device=TRITON_DEVICE)
+        got = _run("triton", case, tensors, dy64, dtype, force_low_rank=True, device=TRITON_DEVICE)
+    assert got.keys() == ref64.keys()
+    for name in got:
+        assert_close_to_reference(got[name], ref64[name], plain[name], f"{name} (triton)", magnitude=magnitude[name])
+
+
+@pytest.mark.parametrize("dense_in_triton", [True, False], ids=["fused-forward", "cudnn-forward"])
+@pytest.mark.parametrize("weight_trainable", [False, True])
+def test_triton_forward_saves_z_for_the_low_rank_pass(monkeypatch, dense_in_triton, weight_trainable):
+    """z = conv(x, A) comes from the forward and is saved (r channels per pixel) only when the
+    low-rank pass will use it; the backward then does not recompute it."""
+    from adaptsr.kernels import lora_conv2d as conv_kernels
+
+    monkeypatch.setattr(conv_op, "_prefer_low_rank", lambda *args: True)
+    monkeypatch.setattr(conv_op, "_DENSE_FORWARD_IN_TRITON", dense_in_triton)
+    forward_calls = []
+    real_fwd = conv_kernels.lora_conv2d_fwd
+    monkeypatch.setattr(conv_kernels, "lora_conv2d_fwd", lambda *a, **k: forward_calls.append(a) or real_fwd(*a, **k))
+    x = torch.randn(2, 4, 6, 5, device=TRITON_DEVICE, requires_grad=True)
+    weight = torch.randn(6, 2, 3, 3, device=TRITON_DEVICE, requires_grad=weight_trainable)
+    a = torch.randn(3, 2, 3, 3, device=TRITON_DEVICE, requires_grad=True)
+    b = torch.randn(6, 3, 1, 1, device=TRITON_DEVICE, requires_grad=True)
+    with set_backend("triton"):
+        y = lora_conv2d(x, weight, None, a, b, 0.5, padding=1, groups=2)
+    saved_z = y.grad_fn.saved_tensors[-1]
+    if weight_trainable:  # the full weight gradient is computed anyway: no z
+        assert saved_z is None
+    else:
+        assert tuple(saved_z.shape) == (2, 2 * 3, 6, 5)  # g r channels
+    y.sum().backward()
+    assert len(forward_calls) == (1 if dense_in_triton or not weight_trainable else 0)
+    ref = conv_op.lora_conv2d_ref(*(t.detach().double().cpu() for t in (x, weight)), None,
+                                  *(t.detach().double().cpu() for t in (a, b)), 0.5, ConvGeometry.from_args(3, 1, 1, 1, 2))
+    assert torch.allclose(y.detach().double().cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", [CUDA])
 @settings(max_examples=100, **_SETTINGS)
 @given(data=st.data())
@@ -261,7 +321,7 @@ def _valid_args():
     )
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", CUDA])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton", CUDA])
 @pytest.mark.parametrize(
     "field, bad_shape",
     [
@@ -349,17 +409,19 @@ def test_geometry_matches_nn_conv2d_padding(padding, padding_mode):
         torch.testing.assert_close(geometry.conv(geometry.pad_input(x), conv.weight, conv.bias), conv(x))
 
 
-@pytest.mark.parametrize("backend", ["torch", CUDA])
+@pytest.mark.parametrize("backend", ["torch", "triton", CUDA])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("force_low_rank", [True, False])
 def test_backend_channels_last(monkeypatch, backend, groups, force_low_rank):
     """Channels-last inputs (the fast CPU/GPU layout) take other views in the backward; same numbers.
 
-    float64 on the CPU for torch; float32 on the GPU for cuda (its kernels take no float64), TF32 off.
+    float64 on the CPU for torch; float32 for triton and cuda (their kernels take no float64), TF32 off.
     """
     module = importlib.import_module("adaptsr.ops.lora_conv2d")
     monkeypatch.setattr(module, "_prefer_low_rank", lambda *args: force_low_rank)
-    device, dtype = ("cuda", torch.float32) if backend == "cuda" else ("cpu", torch.float64)
+    device, dtype = {
+        "cuda": ("cuda", torch.float32), "triton": (TRITON_DEVICE, torch.float32), "torch": ("cpu", torch.float64)
+    }[backend]
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     cl = torch.channels_last
     x = torch.randn(2, 4, 7, 6, dtype=torch.float64)

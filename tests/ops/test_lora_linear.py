@@ -23,11 +23,16 @@ _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _GRADS = {"dx": "x", "dW": "weight", "dbias": "bias", "dA": "lora_A", "dB": "lora_B"}
 # Backends with their own autograd Function.
-_CUSTOM_BACKENDS = ("torch", "cuda")
+_CUSTOM_BACKENDS = ("torch", "triton", "cuda")
 # The CUDA C++ backend runs only on a GPU, and only where adaptsr._C loads (built or buildable).
 CUDA = pytest.param(
     "cuda", marks=pytest.mark.skipif(not is_available("cuda"), reason=f"cuda backend: {_unavailable_reason('cuda')}")
 )
+ON_GPU = torch.cuda.is_available()
+# Triton runs on a GPU, or here through its interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+TRITON_DEVICE = "cuda" if ON_GPU else "cpu"
+# The interpreter's bf16 dots are wrong (DESIGN.md section 5); float64 runs the torch matmuls.
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16) if ON_GPU else (torch.float32, torch.float16)
 
 
 @contextlib.contextmanager
@@ -85,7 +90,8 @@ def _run(
             grads = torch.autograd.grad(y, [t[_GRADS[g]] for g in wanted], dy64.to(device=device, dtype=y.dtype))
             out.update(zip(wanted, grads))
             if patch:
-                assert chooser.call_count == 1  # the forced choice is the one the backward consulted
+                # the forced choice is the one the backward consulted (the triton forward asks too, for z)
+                assert chooser.call_count in ((1, 2) if backend == "triton" else (1,))
     finally:
         if patch:
             patch.stop()
@@ -138,6 +144,51 @@ def test_torch_backend_under_autocast(
             assert_close_to_reference(
                 got[name], ref64[name], plain[name], label, dtype=amp_dtype, magnitude=magnitude[name]
             )
+
+
+@settings(max_examples=200 if ON_GPU else 60, **_SETTINGS)
+@given(data=st.data())
+def test_triton_backend_matches_float64_reference(
+    data, linear_case_strategy, make_linear_tensors, abs_inputs, assert_close_to_reference
+):
+    """The Triton forward (y and z in one pass) and low-rank kernels inside the op, every gradient.
+
+    On a GPU at the hypothesis sizes; here through the interpreter, fewer cases (it is slow).
+    """
+    case = data.draw(linear_case_strategy(), label="case")
+    dtype = data.draw(st.sampled_from(_TRITON_DTYPES), label="dtype")
+    tensors = make_linear_tensors(case, dtype)
+    first = _run("reference", case, tensors, None, torch.float64)
+    dy64 = _dy_like(first["y"], case.seed, dtype, data.draw(st.booleans(), label="non_contiguous_dy"))
+    ref64 = _run("reference", case, tensors, dy64, torch.float64)
+    magnitude = _run("reference", case, abs_inputs(tensors), dy64.abs(), torch.float64)
+    dense_in_triton = data.draw(st.booleans(), label="dense forward in triton")
+    with _no_tf32(), mock.patch.object(linear_op, "_DENSE_FORWARD_IN_TRITON", dense_in_triton):
+        plain = _run("reference", case, tensors, dy64, dtype, device=TRITON_DEVICE)
+        got = _run("triton", case, tensors, dy64, dtype, force_low_rank=True, device=TRITON_DEVICE)
+    assert got.keys() == ref64.keys()
+    for name in got:
+        assert_close_to_reference(got[name], ref64[name], plain[name], f"{name} (triton)", magnitude=magnitude[name])
+
+
+@pytest.mark.parametrize("dense_in_triton", [True, False], ids=["fused-forward", "cublas-forward"])
+@pytest.mark.parametrize("weight_trainable", [False, True])
+def test_triton_forward_saves_z_for_the_low_rank_pass(monkeypatch, dense_in_triton, weight_trainable):
+    """z = x A^T comes from the forward, saved ([M, r]) only when the low-rank pass uses it."""
+    monkeypatch.setattr(linear_op, "_prefer_low_rank", lambda *args: True)
+    monkeypatch.setattr(linear_op, "_DENSE_FORWARD_IN_TRITON", dense_in_triton)
+    x = torch.randn(3, 5, 20, device=TRITON_DEVICE, requires_grad=True)
+    weight = torch.randn(30, 20, device=TRITON_DEVICE, requires_grad=weight_trainable)
+    a = torch.randn(4, 20, device=TRITON_DEVICE, requires_grad=True)
+    b = torch.randn(30, 4, device=TRITON_DEVICE, requires_grad=True)
+    with set_backend("triton"):
+        y = lora_linear(x, weight, None, a, b, 0.5)
+    saved_z = y.grad_fn.saved_tensors[-1]
+    if weight_trainable:
+        assert saved_z is None
+    else:
+        assert tuple(saved_z.shape) == (15, 4)
+        torch.testing.assert_close(saved_z, x.detach().reshape(15, 20) @ a.detach().t(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", [CUDA])
@@ -224,7 +275,7 @@ def _valid_args():
     )
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", CUDA])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton", CUDA])
 @pytest.mark.parametrize(
     "field, bad_shape",
     [

@@ -184,3 +184,74 @@ def test_fused_backend_linear_end_to_end(monkeypatch, provider):
     for name, got, ref in zip(("y", "dx", "dA", "dB"), results[provider], results["reference"]):
         err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
         assert err < END_TO_END_TOL, f"{name}: relative error {err:.2e}"
+
+
+# -- the Triton forward: y = conv(x, W') + bias and z = conv(x, A) in one pass --
+
+
+def _conv_case_tensors(case, dtype, channels_last):
+    c_in, c_out, kernel, stride, padding, dilation, groups, rank, n, h, w = case
+    x = torch.randn(n, c_in, h, w, device=DEVICE, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fan_in = c_in // groups * kernel[0] * kernel[1]
+    weight = torch.randn(c_out, c_in // groups, *kernel, device=DEVICE, dtype=dtype) / fan_in**0.5
+    a = torch.randn(rank, c_in // groups, *kernel, device=DEVICE, dtype=dtype) / fan_in**0.5
+    bias = torch.randn(c_out, device=DEVICE, dtype=dtype)
+    return x, weight, a, bias
+
+
+@pytest.mark.parametrize("dtype", _dtypes(), ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: f"{c[0]}to{c[1]}k{c[2][0]}x{c[2][1]}s{c[3][0]}g{c[6]}r{c[7]}")
+def test_triton_forward_y_and_z(case, dtype, channels_last):
+    """y and z of the one-pass forward against float64 convolutions, in x's memory format."""
+    from adaptsr.kernels.lora_conv2d import lora_conv2d_fwd
+
+    c_in, c_out, kernel, stride, padding, dilation, groups, rank, *_ = case
+    x, weight, a, bias = _conv_case_tensors(case, dtype, channels_last)
+    with_bias = case[7] % 2 == 1  # half the cases without bias
+    y, z = lora_conv2d_fwd(x, weight, bias if with_bias else None, a, stride, padding, dilation, groups)
+    x64 = x.double().cpu()
+    ref_y = torch.nn.functional.conv2d(x64, weight.double().cpu(), bias.double().cpu() if with_bias else None,
+                                       stride, padding, dilation, groups)
+    ref_z = torch.nn.functional.conv2d(x64, a.double().cpu().repeat(groups, 1, 1, 1), None, stride, padding, dilation,
+                                       groups)
+    for name, got, ref in (("y", y, ref_y), ("z", z, ref_z)):
+        assert got.shape == ref.shape and got.dtype == dtype
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        err = (got.double().cpu() - ref).abs().max().item() / ref.abs().max().item()
+        assert err <= REL_TOL[dtype], f"{name}: relative error {err:.2e} for {case} {dtype}"
+
+
+def test_triton_forward_y_only_and_z_only():
+    """Either output alone: the same numbers as both together, and nothing computed for the other."""
+    from adaptsr.kernels.lora_conv2d import lora_conv2d_fwd
+
+    case = SMALL_CASES[1]
+    _, _, _, stride, padding, dilation, groups, *_ = case
+    x, weight, a, bias = _conv_case_tensors(case, torch.float32, False)
+    y, z = lora_conv2d_fwd(x, weight, bias, a, stride, padding, dilation, groups)
+    y_only, none_z = lora_conv2d_fwd(x, weight, bias, None, stride, padding, dilation, groups)
+    none_y, z_only = lora_conv2d_fwd(x, None, None, a, stride, padding, dilation, groups)
+    assert none_z is None and none_y is None
+    torch.testing.assert_close(y_only, y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(z_only, z, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", SMALL_CASES[:4], ids=["c3", "grouped", "nonsquare", "wide"])
+def test_triton_grads_from_saved_z(case):
+    """The backward kernels with the forward's z give the same dA, dB as with z recomputed."""
+    from adaptsr.kernels.lora_conv2d import lora_conv2d_fwd, lora_conv2d_lowrank_grads
+
+    c_in, c_out, kernel, stride, padding, dilation, groups, rank, *_ = case
+    x, weight, a, _ = _conv_case_tensors(case, torch.float32, False)
+    y, z = lora_conv2d_fwd(x, weight, None, a, stride, padding, dilation, groups)
+    dy = torch.randn_like(y)
+    b = torch.randn(c_out, rank, 1, 1, device=DEVICE)
+    with_z = lora_conv2d_lowrank_grads(x, dy, a, b, 0.5, stride, padding, dilation, groups, z=z)
+    without = lora_conv2d_lowrank_grads(x, dy, a, b, 0.5, stride, padding, dilation, groups)
+    for got, ref in zip(with_z, without):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="z must have shape"):
+        lora_conv2d_lowrank_grads(x, dy, a, b, 0.5, stride, padding, dilation, groups, z=z[:, :, :1])
