@@ -45,8 +45,11 @@ _MIN_DOT = 16
 # operand, which leaves room for two pipeline stages in shared memory.
 _BLOCK_M = 16 if _INTERPRET else 128
 # Phase 1 keeps a [pixels, out-channels] dy tile and a [out, r] dB accumulator in registers; up to
-# 256 output channels a group's dy row is one tile, so u needs no partial sums across tiles.
+# 256 output channels a group's dy row is one tile, so u needs no partial sums across tiles. Its
+# pixel step shrinks as the tile widens: 16 KB per dy tile compiled without register spills for
+# sm_80/86/90 at 8 warps (benchmarks/gpu/ptxas_report.py); 128 x 256 bf16 spilled 6 KB.
 _MAX_BLOCK_O = 16 if _INTERPRET else 256
+_PHASE1_TILE_BYTES = 16384
 _MAX_BLOCK_C = 16 if _INTERPRET else 64
 # Programs per streaming launch, per SM: enough to hide latency, few enough that each program
 # accumulates over many pixels (a small workspace). The interpreter gets a handful of programs
@@ -55,16 +58,34 @@ _PROGRAMS_PER_SM = 4
 _INTERPRET_PROGRAMS = 3
 
 
+# Implicit-GEMM tiles for the forward, (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages), per element
+# size: each one compiles without register spills for sm_80/86/90 at the benchmark shapes
+# (benchmarks/gpu/ptxas_report.py --check); float32 tiles need more warps and fewer stages.
+_FWD_TILES = {
+    2: [(128, 64, 32, 4, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (64, 128, 32, 4, 3)],
+    4: [(128, 64, 32, 8, 2), (128, 128, 32, 8, 2), (128, 64, 16, 8, 2), (64, 128, 16, 8, 2)],
+}
+
+
 def _fwd_configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_C": 16}, num_warps=4)]
-    # A short list for implicit-GEMM tiles; tuned per (channels, columns, taps).
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_C": 16, "ELEMENT_SIZE": 0}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_C": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_C": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_C": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_C": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_C": c, "ELEMENT_SIZE": size}, num_warps=w, num_stages=st)
+        for size, tiles in _FWD_TILES.items()
+        for m, n, c, w, st in tiles
     ]
+
+
+def _configs_for_dtype(configs, named_args, **kwargs):
+    """Autotune only the tiles made for x's element size (the others spill registers)."""
+    size = named_args["x_ptr"].element_size()
+    return [c for c in configs if c.kwargs["ELEMENT_SIZE"] in (0, size)] or configs
+
+
+# Phase 2 tiles (BLOCK_M, BLOCK_C, warps) per element size: spill-free for sm_80/86/90 in both
+# layouts at the benchmark shapes (ptxas_report.py); 128 x 64 at 4 warps spilled up to 700 bytes.
+_PHASE2_TILES = {2: (128, 64, 8), 4: (64, 32, 4)}
 
 
 # -- shared helpers --
@@ -81,10 +102,14 @@ def _load_tile(row_ptrs, row_ok, cols, col_ok, stride_col, UPCAST: tl.constexpr)
 
 @triton.jit
 def _pixel_rows(ptr, rows, HO, WO, stride_n, stride_h, stride_w):
-    """Row pointers of output pixels ``rows`` (flattened n, oh, ow) in a [N, C, HO, WO]-strided tensor."""
+    """Row pointers of output pixels ``rows`` (flattened n, oh, ow) in a [N, C, HO, WO]-strided tensor.
+
+    The division runs in int32 (64-bit division is a slow software routine on the GPU, and it
+    spilled registers); only the offsets, which can pass 2**31 elements, are int64.
+    """
     n = rows // (HO * WO)
     rem = rows % (HO * WO)
-    return ptr + n * stride_n + (rem // WO) * stride_h + (rem % WO) * stride_w
+    return ptr + n.to(tl.int64) * stride_n + (rem // WO).to(tl.int64) * stride_h + (rem % WO).to(tl.int64) * stride_w
 
 
 @triton.jit
@@ -96,13 +121,14 @@ def _tap_rows(x_ptr, rows, row_ok, t, H, W, HO, WO, KW, STRIDE_H, STRIDE_W, PAD_
     ih = (rem // WO) * STRIDE_H - PAD_H + (t // KW) * DIL_H
     iw = (rem % WO) * STRIDE_W - PAD_W + (t % KW) * DIL_W
     inside = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    return x_ptr + n * stride_xn + ih * stride_xh + iw * stride_xw, inside
+    return x_ptr + n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw, inside
 
 
 # -- forward: y = conv(x, W') + bias and z = conv(x, A) in one implicit GEMM --
 
 
-@triton.autotune(configs=_fwd_configs(), key=["C_IN_G", "N_COLS", "KH", "KW"])
+@triton.autotune(configs=_fwd_configs(), key=["C_IN_G", "N_COLS", "KH", "KW"],
+                 prune_configs_by={"early_config_prune": _configs_for_dtype})
 @triton.jit
 def _lora_conv2d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr,
@@ -113,11 +139,12 @@ def _lora_conv2d_fwd_kernel(
     stride_zn, stride_zc, stride_zh, stride_zw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, KH, KW,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ELEMENT_SIZE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    group = tl.program_id(2).to(tl.int64)
+    # Pixel indices stay int32 (the host checks M < 2**31); pointer offsets go int64 in the helpers.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -163,9 +190,9 @@ def _lowrank_u_db_kernel(
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tl.static_assert(R_PAD >= 16)
-    o_block = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    group = tl.program_id(2).to(tl.int64)
+    o_block = tl.program_id(0)
+    split = tl.program_id(1)
+    group = tl.program_id(2)
     num_groups = tl.num_programs(2)
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < R
@@ -174,7 +201,7 @@ def _lowrank_u_db_kernel(
     # b: [out, R_PAD], zero past R, so u's padded columns are zero
     b_tile = _load_tile(b_ptr + (group * C_OUT_G + oc) * R_PAD, o_ok, ranks, rank_ok, 1, UPCAST)
     # u: [o_blocks, M, groups * R], this program's partial over its output-channel tile
-    u_base = u_ptr + o_block * M * num_groups * R + group * R
+    u_base = u_ptr + o_block.to(tl.int64) * M * num_groups * R + group * R
 
     acc_b = tl.zeros((BLOCK_O, R_PAD), dtype=tl.float32)
     row_start = split * ROWS_PER_PROGRAM
@@ -186,7 +213,7 @@ def _lowrank_u_db_kernel(
         dy_rows = _pixel_rows(dy_ptr, rows, HO, WO, stride_dn, stride_dh, stride_dw)
         dy_tile = _load_tile(dy_rows, row_ok, group * C_OUT_G + oc, o_ok, stride_dc, UPCAST)
         u = tl.dot(dy_tile, b_tile, input_precision=INPUT_PRECISION)
-        tl.store(u_base + rows[:, None] * (num_groups * R) + ranks[None, :],
+        tl.store(u_base + rows.to(tl.int64)[:, None] * (num_groups * R) + ranks[None, :],
                  u.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
         # -- dB partial += dy^T z --
         z_rows = _pixel_rows(z_ptr, rows, HO, WO, stride_zn, stride_zh, stride_zw)
@@ -211,9 +238,9 @@ def _lowrank_da_kernel(
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tl.static_assert(R_PAD >= 16)
-    col_tile = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    group = tl.program_id(2).to(tl.int64)
+    col_tile = tl.program_id(0)
+    split = tl.program_id(1)
+    group = tl.program_id(2)
     num_groups = tl.num_programs(2)
     c_blocks = tl.cdiv(C_IN_G, BLOCK_C)
     t = col_tile // c_blocks
@@ -222,6 +249,7 @@ def _lowrank_da_kernel(
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < R
     u_base = u_ptr + group * R
+    o_block_stride = num_groups.to(tl.int64) * M * R  # between phase 1's per-output-tile partials of u
 
     acc_a = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
     row_start = split * ROWS_PER_PROGRAM
@@ -230,11 +258,11 @@ def _lowrank_da_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
         # -- u = sum of phase 1's partials over output-channel tiles (one tile up to 256 channels) --
-        u_rows = u_base + rows * (num_groups * R)
+        u_rows = u_base + rows.to(tl.int64) * (num_groups * R)
         # (with several tiles the partials are float32, so the sum rounds once, at the cast below)
         u = _load_tile(u_rows, row_ok, ranks, rank_ok, 1, UPCAST)
         for ob in range(1, NUM_O_BLOCKS):
-            u += _load_tile(u_rows + ob * M * num_groups * R, row_ok, ranks, rank_ok, 1, UPCAST)
+            u += _load_tile(u_rows + ob * o_block_stride, row_ok, ranks, rank_ok, 1, UPCAST)
         # -- dA partial += u^T X for this tap and channel block --
         x_rows, pix_ok = _tap_rows(x_ptr, rows, row_ok, t, H, W, HO, WO, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
                                    DIL_H, DIL_W, stride_xn, stride_xh, stride_xw)
@@ -251,6 +279,18 @@ def _lowrank_da_kernel(
 
 def _pow2_block(n: int, cap: int) -> int:
     return max(_MIN_DOT, min(cap, triton.next_power_of_2(max(n, 1))))
+
+
+def _phase1_block_m(block_o: int, element_size: int) -> int:
+    return _BLOCK_M if _INTERPRET else max(_MIN_DOT, min(_BLOCK_M, _PHASE1_TILE_BYTES // element_size // block_o))
+
+
+def _phase2_tiles(c_in_g: int, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, warps) of the dA pass."""
+    if _INTERPRET:
+        return _BLOCK_M, _pow2_block(c_in_g, _MAX_BLOCK_C), 4
+    block_m, block_c, warps = _PHASE2_TILES[element_size]
+    return block_m, _pow2_block(c_in_g, block_c), warps
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -270,6 +310,12 @@ def _splits(rows: int, programs_per_split: int, device: torch.device) -> tuple[i
 
 def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _check_pixels(m: int) -> None:
+    # The kernels index pixels in int32 (64-bit division is a slow software routine on the GPU).
+    if m >= 2**31:
+        raise ValueError(f"lora_conv2d triton kernels: {m} output pixels; at most 2**31 - 1 per call (split the batch)")
 
 
 def _like(x: torch.Tensor, shape) -> torch.Tensor:
@@ -319,6 +365,7 @@ def lora_conv2d_fwd(
     z = _like(x, (n, groups * rank, ho, wo)) if lora_A is not None else None
     y_arg, z_arg = (y if y is not None else z), (z if z is not None else y)  # unused outputs: never stored to
     m = n * ho * wo
+    _check_pixels(m)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_cols, meta["BLOCK_N"]), groups)
@@ -371,10 +418,12 @@ def lora_conv2d_lowrank_grads(
     b_mat = torch.zeros(c_out, r_pad, device=x.device, dtype=x.dtype)
     b_mat[:, :rank] = lora_B.reshape(c_out, rank)
     m = n * ho * wo
+    _check_pixels(m)
     precision = _precision(x.dtype)
 
     # -- phase 1: u (x's dtype; partials per output tile in float32 when there are several) and dB --
     block_o = _pow2_block(c_out_g, _MAX_BLOCK_O)
+    block_m = _phase1_block_m(block_o, x.element_size())
     o_blocks = triton.cdiv(c_out_g, block_o)
     splits, rows_per_program = _splits(m, o_blocks * groups, x.device)
     u = torch.empty(o_blocks, m, groups * rank, device=x.device, dtype=x.dtype if o_blocks == 1 else torch.float32)
@@ -383,12 +432,12 @@ def lora_conv2d_lowrank_grads(
         dy, b_mat, z, u, ws_b,
         m, ho, wo, c_out_g, rank, rows_per_program,
         *dy.stride(), *z.stride(),
-        R_PAD=r_pad, BLOCK_M=_BLOCK_M, BLOCK_O=block_o, INPUT_PRECISION=precision, UPCAST=_INTERPRET,
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_O=block_o, INPUT_PRECISION=precision, UPCAST=_INTERPRET,
         num_warps=8,
     )
 
     # -- phase 2: dA --
-    block_c = _pow2_block(c_in_g, _MAX_BLOCK_C)
+    block_m, block_c, warps = _phase2_tiles(c_in_g, x.element_size())
     col_tiles = kh * kw * triton.cdiv(c_in_g, block_c)
     splits, rows_per_program = _splits(m, col_tiles * groups, x.device)
     ws_a = torch.empty(splits, groups, rank, kh * kw * c_in_g, device=x.device, dtype=torch.float32)
@@ -397,8 +446,8 @@ def lora_conv2d_lowrank_grads(
         m, h, w, ho, wo, c_in_g, rank, o_blocks, rows_per_program,
         *x.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], kh, kw,
-        R_PAD=r_pad, BLOCK_M=_BLOCK_M, BLOCK_C=block_c, INPUT_PRECISION=precision, UPCAST=_INTERPRET,
-        num_warps=4,
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_C=block_c, INPUT_PRECISION=precision, UPCAST=_INTERPRET,
+        num_warps=warps,
     )
     grad_a = ws_a.sum((0, 1)).reshape(rank, kh, kw, c_in_g).permute(0, 3, 1, 2)
     grad_b = ws_b.sum(0).reshape(c_out, rank, 1, 1)

@@ -1,0 +1,235 @@
+"""Compile the package's Triton kernels for real GPUs on any machine, and report ptxas's verdict.
+
+Triton compiles for a named target without a GPU or a driver (its bundled ptxas does the last
+step), so register spills, stack frames and shared-memory use of every kernel at the launchers'
+own tile choices can be read on the CPU, before a GPU is ever spent on them. Each kernel is
+specialised the way Triton's JIT specialises it at run time: integers equal to 1 become
+constants, integers divisible by 16 and every pointer carry the divisibility-16 hint; the
+integer values come from a representative SR-training shape (SwinIR-M / RRDB sizes).
+
+    python benchmarks/gpu/ptxas_report.py            # markdown table on stdout
+    python benchmarks/gpu/ptxas_report.py --check    # exit 1 on a kernel that spills or overflows shared memory
+
+--check holds a kernel with a fixed launch configuration to no spills on every architecture; for
+an @autotune kernel, whose tuner times every candidate and keeps the fastest, it asks that every
+candidate be clean on sm_90 (the card the benchmarks run on) and at least one on every other.
+
+A spill here is a kernel that will run slowly everywhere: the first fused low-rank kernel (before
+this check existed) spilled 6.6 KB per thread at its launch configuration and reached 2-12% of
+the H100's copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+# The kernels must be defined for a real target, not for the interpreter.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from adaptsr.kernels import lora_conv2d as conv_kernels  # noqa: E402
+
+# Shared memory per block the architectures allow (opt-in maximum), bytes.
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+DEFAULT_ARCHS = (80, 86, 90)
+
+
+@dataclass
+class KernelCase:
+    """One kernel at one launch configuration, with the run-time integer values it would see."""
+
+    name: str
+    kernel: object
+    pointers: dict[str, str]  # argument -> Triton pointer type, e.g. "*bf16"
+    constexprs: dict
+    ints: dict[str, int] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+    # for one of several @autotune candidates: the name shared by the candidates of one launch
+    autotune_group: str | None = None
+
+
+def _jit_function(kernel):
+    while not isinstance(kernel, triton.runtime.JITFunction):  # unwrap @autotune / @heuristics
+        kernel = kernel.fn
+    return kernel
+
+
+def ptxas_path() -> str:
+    found = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+    if not found:
+        raise FileNotFoundError("Triton's bundled ptxas was not found (triton/backends/nvidia/bin/ptxas)")
+    return found[0]
+
+
+def compile_case(case: KernelCase, arch: int) -> dict:
+    """Registers, spill bytes, stack bytes and shared bytes of ``case`` compiled for ``sm_<arch>``."""
+    fn = _jit_function(case.kernel)
+    constexprs = dict(case.constexprs)
+    constexprs.update({name: 1 for name, value in case.ints.items() if value == 1})
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in case.pointers:
+            signature[name] = case.pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            if name not in case.ints:
+                raise KeyError(f"{case.name}: no representative value for integer argument {name!r}")
+            signature[name] = "i32"
+            if case.ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=case.num_warps, num_stages=case.num_stages),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        # the flags Triton's own ptxas step uses, plus -v for the resource report
+        log = subprocess.run(
+            [ptxas_path(), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}",
+             ptx, "-o", os.path.join(tmp, "kernel.cubin")],
+            capture_output=True, text=True, check=True,
+        ).stderr
+
+    def number(pattern: str) -> int:
+        match = re.search(pattern, log)
+        return int(match.group(1)) if match else 0
+
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "spill_bytes": number(r"(\d+) bytes spill stores") + number(r"(\d+) bytes spill loads"),
+        "stack_bytes": number(r"(\d+) bytes stack frame"),
+        "shared_bytes": compiled.metadata.shared,
+    }
+
+
+# -- the cases: each launcher's tile choices at representative shapes --
+
+
+def _conv_strides(prefix: str, channels: int, height: int, width: int, channels_last: bool) -> dict[str, int]:
+    if channels_last:
+        n, c, h, w = channels * height * width, 1, width * channels, channels
+    else:
+        n, c, h, w = channels * height * width, height * width, width, 1
+    return {f"stride_{prefix}n": n, f"stride_{prefix}c": c, f"stride_{prefix}h": h, f"stride_{prefix}w": w}
+
+
+def lora_conv2d_cases() -> list[KernelCase]:
+    """The forward's autotune configs and both backward phases, for the conv and linear benchmark shapes."""
+    cases = []
+    shapes = [  # (label, batch, channels in = out, height, width, kernel, rank)
+        ("conv3x3 64ch 128x128", 16, 64, 128, 128, 3, 8),
+        ("conv3x3 180ch 64x64", 16, 180, 64, 64, 3, 16),
+        ("linear 180->540 (1x1)", 65536, 180, 1, 1, 1, 8),
+    ]
+    for dtype in ("bf16", "fp32"):
+        ptr = f"*{dtype}"
+        precision = {"bf16": "tf32", "fp32": "ieee"}[dtype]
+        size = {"bf16": 2, "fp32": 4}[dtype]
+        for label, n, c, h, w, k, rank in shapes:
+            c_out = 3 * c if label.startswith("linear") else c
+            for channels_last in (True, False) if k > 1 else (True,):
+                layout = "nhwc" if channels_last else "nchw"
+                m, pad = n * h * w, k // 2
+                geometry = dict(STRIDE_H=1, STRIDE_W=1, PAD_H=pad, PAD_W=pad, DIL_H=1, DIL_W=1, KH=k, KW=k)
+                x_strides = _conv_strides("x", c, h, w, channels_last)
+                for config in (c for c in conv_kernels._fwd_configs() if c.kwargs["ELEMENT_SIZE"] == size):
+                    ints = dict(M=m, H=h, W=w, HO=h, WO=w, C_IN_G=c, C_OUT_G=c_out, R=rank, N_COLS=c_out + rank,
+                                **x_strides, **_conv_strides("y", c_out, h, w, channels_last),
+                                **_conv_strides("z", rank, h, w, channels_last), **geometry)
+                    tiles = "x".join(str(config.kwargs[key]) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_C"))
+                    tiles += f" w{config.num_warps} s{config.num_stages}"
+                    cases.append(KernelCase(
+                        f"lora fwd {label} {layout} {dtype} tile {tiles}", conv_kernels._lora_conv2d_fwd_kernel,
+                        dict(x_ptr=ptr, w_ptr=ptr, bias_ptr=ptr, y_ptr=ptr, z_ptr=ptr),
+                        dict(HAS_BIAS=True, INPUT_PRECISION=precision, UPCAST=False, **config.kwargs), ints,
+                        config.num_warps, config.num_stages,
+                        autotune_group=f"lora fwd {label} {layout} {dtype}",
+                    ))
+                r_pad = conv_kernels._pow2_block(rank, 1 << 30)
+                block_o = conv_kernels._pow2_block(c_out, conv_kernels._MAX_BLOCK_O)
+                block_m = conv_kernels._phase1_block_m(block_o, size)
+                rows = 4096  # a multiple of every pixel step; its value does not change the code
+                cases.append(KernelCase(
+                    f"lora grad phase 1 (u, dB) {label} {layout} {dtype} tile {block_m}x{block_o} w8",
+                    conv_kernels._lowrank_u_db_kernel,
+                    dict(dy_ptr=ptr, b_ptr=ptr, z_ptr=ptr, u_ptr=ptr, ws_b_ptr="*fp32"),
+                    dict(R_PAD=r_pad, BLOCK_M=block_m, BLOCK_O=block_o, INPUT_PRECISION=precision, UPCAST=False),
+                    dict(M=m, HO=h, WO=w, C_OUT_G=c_out, R=rank, ROWS_PER_PROGRAM=rows,
+                         **_conv_strides("d", c_out, h, w, channels_last), **_conv_strides("z", rank, h, w, channels_last)),
+                    num_warps=8,
+                ))
+                block_m, block_c, warps = conv_kernels._phase2_tiles(c, size)
+                cases.append(KernelCase(
+                    f"lora grad phase 2 (dA) {label} {layout} {dtype} tile {block_m}x{block_c} w{warps}",
+                    conv_kernels._lowrank_da_kernel,
+                    dict(x_ptr=ptr, u_ptr=ptr, ws_a_ptr="*fp32"),
+                    dict(R_PAD=r_pad, BLOCK_M=block_m, BLOCK_C=block_c, INPUT_PRECISION=precision, UPCAST=False),
+                    dict(M=m, H=h, W=w, HO=h, WO=w, C_IN_G=c, R=rank, NUM_O_BLOCKS=1, ROWS_PER_PROGRAM=rows,
+                         **x_strides, **geometry),
+                    num_warps=warps,
+                ))
+    return cases
+
+
+def all_cases() -> list[KernelCase]:
+    return lora_conv2d_cases()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 on any spill or shared-memory overflow")
+    parser.add_argument("--archs", default=",".join(map(str, DEFAULT_ARCHS)), help="compute capabilities, e.g. 80,90")
+    parser.add_argument("-k", default="", help="only the cases whose name contains this text")
+    args = parser.parse_args(argv)
+    archs = [int(a) for a in args.archs.split(",")]
+    print(f"Triton {triton.__version__}; ptxas {ptxas_path()}")
+    print()
+    print("| kernel | sm | registers | spill bytes | stack bytes | shared KB | verdict |")
+    print("|---|---|---|---|---|---|---|")
+    failures = 0
+    clean_candidates: dict[tuple[str, int], int] = {}  # (autotune group, arch) -> clean candidates
+    for case in (c for c in all_cases() if args.k in c.name):
+        for arch in archs:
+            r = compile_case(case, arch)
+            problems = []
+            if r["spill_bytes"]:
+                problems.append("spills")
+            if r["shared_bytes"] > SHARED_LIMIT[arch]:
+                problems.append("shared memory over the limit")
+            verdict = ", ".join(problems) or "ok"
+            if case.autotune_group is not None:
+                key = (case.autotune_group, arch)
+                clean_candidates[key] = clean_candidates.get(key, 0) + (not problems)
+                if problems and arch != 90:
+                    verdict += " (an autotune candidate: allowed off sm_90)"
+                    problems = []
+            failures += bool(problems)
+            print(f"| {case.name} | {arch} | {r['registers']} | {r['spill_bytes']} | {r['stack_bytes']} | "
+                  f"{r['shared_bytes'] / 1024:.0f} | {verdict} |", flush=True)
+    for (group, arch), clean in clean_candidates.items():
+        if not clean:
+            print(f"{group}: no autotune candidate compiles cleanly for sm_{arch}", file=sys.stderr)
+            failures += 1
+    if failures:
+        print(f"\n{failures} kernel configuration(s) spill or overflow shared memory", file=sys.stderr)
+    return 1 if failures and args.check else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
