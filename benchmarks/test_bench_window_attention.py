@@ -1,4 +1,9 @@
-"""One Swin window-attention module (SwinIR-M block shape): forward + backward per provider.
+"""Swin window attention (SwinIR-M block shape): forward + backward per provider.
+
+``test_bench_window_attention``: one window-attention module on partitioned windows.
+``test_bench_shifted_window_attention``: the attention half of a Swin block on the un-partitioned
+map (roll, partition, qkv, core, proj, reverse, roll back), spandrel's way against
+``adaptsr.ops.shifted_window_attention`` (no roll / partition copies).
 
 ``eager`` is spandrel's SwinIR ``WindowAttention``; every other provider is the same module as
 ``LoRAWindowAttention`` with the attention core on an adaptsr backend (shapes and providers:
@@ -12,7 +17,8 @@ Recorded in ``extra_info`` besides what ``benchmarks/conftest.py`` records: ``ra
 provider's rounds: robust to load that drifts, as on a shared 2-core machine), ``torch_backend_path``
 (whether ``set_backend("torch")`` runs this provider's path on this device), the saved activation
 bytes and, on CUDA, the peak memory of one step. ``ratio_to_frozen`` repeats ``ratio_to_eager``
-for ``benchmarks/to_markdown.py``, whose baseline column it fills.
+for ``benchmarks/to_markdown.py``, whose baseline column it fills. In the block-level benchmark the
+baseline is ``block_eager`` (spandrel's path, no adaptsr).
 """
 
 from __future__ import annotations
@@ -24,10 +30,20 @@ from unittest import mock
 
 import pytest
 import torch
+from spandrel.architectures.SwinIR.__arch.SwinIR import window_partition, window_reverse
 
 from adaptsr import LoRAWindowAttention, set_backend
+from adaptsr.backend import is_available
+from adaptsr.ops.shifted_window_attention import shifted_window_attention
 from benchmarks.conftest import load_average, record_memory, saved_activation_bytes, sync_device, time_interleaved
-from benchmarks.shapes import WINDOW_ATTENTION_CASES, Case
+from benchmarks.shapes import (
+    CPU_WINDOW_ATTENTION_SHAPES,
+    GPU_WINDOW_ATTENTION_SHAPES,
+    HAS_CUDA,
+    WINDOW_ATTENTION_CASES,
+    Case,
+    WindowAttentionShape,
+)
 
 attention_op = importlib.import_module("adaptsr.ops.window_attention")
 
@@ -54,8 +70,6 @@ PROVIDER_CONTEXTS: dict[str, Callable[[], contextlib.AbstractContextManager] | N
 }
 
 
-
-
 def _build(case: Case, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
     module = case.shape.build().to(device=device, dtype=dtype).requires_grad_(False).train()
@@ -65,21 +79,20 @@ def _build(case: Case, device: torch.device, dtype: torch.dtype) -> torch.nn.Mod
     return module
 
 
-@pytest.mark.parametrize("case", WINDOW_ATTENTION_CASES)
-def test_bench_window_attention(case, benchmark):
+def _bench(case: Case, benchmark, module: torch.nn.Module, forward_fn: Callable[[torch.Tensor], torch.Tensor],
+           twin_fn: Callable[[torch.Tensor], torch.Tensor] | None, input_shape, medians: dict, baseline: str,
+           **info) -> None:
+    """Time forward + backward of ``forward_fn(x)`` (x requires grad) and record the ratios to the
+    ``baseline`` provider: to its median from earlier in the session (``medians``) and to
+    ``twin_fn`` steps timed between the rounds (None for the baseline itself)."""
     shape = case.shape
     device, dtype = torch.device(shape.device), case.dtype
     load_before = load_average()
-    module = _build(case, device, dtype)
-    context = PROVIDER_CONTEXTS[case.provider] or contextlib.nullcontext
-    mask = shape.mask()
-    mask = None if mask is None else mask.to(device=device, dtype=dtype)
-    x = torch.randn(shape.input_shape, device=device, dtype=dtype, requires_grad=True)
-    grad_out = torch.randn(shape.input_shape, device=device, dtype=dtype)
+    x = torch.randn(input_shape, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(input_shape, device=device, dtype=dtype)
 
     def forward() -> torch.Tensor:
-        with context():
-            return module(x, mask)
+        return forward_fn(x)
 
     def clear_grads() -> None:
         x.grad = None
@@ -90,45 +103,156 @@ def test_bench_window_attention(case, benchmark):
         sync_device(device)
 
     benchmark.group = f"{shape.id}-{shape.dtype}"
-    info = benchmark.extra_info
-    info.update(
+    extra = benchmark.extra_info
+    extra.update(
         provider=case.provider,
         shape=shape.id,
-        input_shape=list(shape.input_shape),
+        input_shape=list(input_shape),
         rank=None,
         dtype=shape.dtype,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         threads=torch.get_num_threads(),
         torch=torch.__version__,
-        torch_backend_path=case.provider in ("sdpa", "matmul")
-        and (case.provider == "sdpa") == attention_op._sdpa_wins(device),
+        **info,
     )
 
     if benchmark.disabled:  # smoke test (--benchmark-disable): one step and the memory probe
         benchmark.pedantic(step, setup=clear_grads, rounds=1)
         clear_grads()
-        info["saved_activation_bytes"] = saved_activation_bytes(forward, grad_out, module)
+        extra["saved_activation_bytes"] = saved_activation_bytes(forward, grad_out, module)
         return
 
     twin_step = None
-    if case.provider != "eager":
-        twin = _build(Case(shape, "eager", None), device, dtype)
+    if twin_fn is not None:
         twin_x = x.detach().clone().requires_grad_(True)
 
         def twin_step() -> None:
             twin_x.grad = None
-            twin(twin_x, mask).backward(grad_out)
+            twin_fn(twin_x).backward(grad_out)
 
-    median, eager_interleaved = time_interleaved(benchmark, step, clear_grads, twin_step, device)
-    if case.provider == "eager":
-        EAGER_MEDIANS[case.frozen_key] = median
-    eager = EAGER_MEDIANS.get(case.frozen_key)
-    info["ratio_to_eager"] = info["ratio_to_frozen"] = median / eager if eager else None
-    if case.provider == "eager":
-        info["ratio_to_eager_interleaved"] = info["ratio_to_frozen_interleaved"] = 1.0
+    median, baseline_interleaved = time_interleaved(benchmark, step, clear_grads, twin_step, device)
+    if case.provider == baseline:
+        medians[case.frozen_key] = median
+    base = medians.get(case.frozen_key)
+    extra["ratio_to_eager"] = extra["ratio_to_frozen"] = median / base if base else None
+    if twin_fn is None:
+        extra["ratio_to_eager_interleaved"] = extra["ratio_to_frozen_interleaved"] = 1.0
     else:
-        info["eager_interleaved_median"] = eager_interleaved
-        info["ratio_to_eager_interleaved"] = info["ratio_to_frozen_interleaved"] = median / eager_interleaved
+        extra["eager_interleaved_median"] = baseline_interleaved
+        extra["ratio_to_eager_interleaved"] = extra["ratio_to_frozen_interleaved"] = median / baseline_interleaved
 
-    record_memory(info, forward, step, clear_grads, grad_out, module, device)
-    info["loadavg"] = [load_before, load_average()]
+    record_memory(extra, forward, step, clear_grads, grad_out, module, device)
+    extra["loadavg"] = [load_before, load_average()]
+
+
+def _mask(shape: WindowAttentionShape, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    mask = shape.mask()
+    return None if mask is None else mask.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("case", WINDOW_ATTENTION_CASES)
+def test_bench_window_attention(case, benchmark):
+    shape = case.shape
+    device, dtype = torch.device(shape.device), case.dtype
+    module = _build(case, device, dtype)
+    context = PROVIDER_CONTEXTS[case.provider] or contextlib.nullcontext
+    mask = _mask(shape, device, dtype)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with context():
+            return module(x, mask)
+
+    twin_fn = None
+    if case.provider != "eager":
+        twin = _build(Case(shape, "eager", None), device, dtype)
+
+        def twin_fn(x: torch.Tensor) -> torch.Tensor:
+            return twin(x, mask)
+
+    torch_path = case.provider in ("sdpa", "matmul") and (case.provider == "sdpa") == attention_op._sdpa_wins(device)
+    _bench(case, benchmark, module, forward, twin_fn, shape.input_shape, EAGER_MEDIANS, "eager",
+           torch_backend_path=torch_path)
+
+
+# -- the attention half of a Swin block on the un-partitioned map --
+
+# provider -> (through shifted_window_attention?, backend; None: spandrel's own module, no adaptsr)
+#   block_eager     roll, window_partition, spandrel's WindowAttention, window_reverse, roll back
+#   block_<b>       the same path with LoRAWindowAttention (the core on adaptsr backend <b>)
+#   shifted_<b>     qkv linear on the map, shifted_window_attention on backend <b>, proj: no copies
+BLOCK_PROVIDERS: dict[str, tuple[bool, str | None]] = {
+    "block_eager": (False, None),
+    "block_torch": (False, "torch"),
+    "shifted_torch": (True, "torch"),
+    "block_triton": (False, "triton"),
+    "shifted_triton": (True, "triton"),
+}
+BLOCK_MEDIANS: dict[tuple[str, str], float] = {}
+
+
+def _block_cases() -> list:
+    """pytest.param(Case) per window-attention shape (benchmarks/shapes.py) and block provider, block_eager first."""
+    params = []
+    for shape in CPU_WINDOW_ATTENTION_SHAPES + GPU_WINDOW_ATTENTION_SHAPES:
+        marks = [pytest.mark.skipif(not HAS_CUDA, reason="GPU shape: needs CUDA")] if shape.device == "cuda" else []
+        for provider, (_, backend) in BLOCK_PROVIDERS.items():
+            if backend == "triton" and not (shape.device == "cuda" and is_available("triton")):
+                continue
+            case = Case(shape, provider, None)
+            params.append(pytest.param(case, id=case.id, marks=marks))
+    return params
+
+
+class _BlockAttention(torch.nn.Module):
+    """The attention half of a Swin block: normed map ``[B, H, W, C]`` -> proj output on the map."""
+
+    def __init__(self, attention: torch.nn.Module, shape: WindowAttentionShape, mask, through_op: bool) -> None:
+        super().__init__()
+        self.attn = attention
+        self.window, self.shift = shape.window, shape.window // 2 if shape.shifted else 0
+        self.mask, self.through_op = mask, through_op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, height, width, channels = x.shape
+        attn = self.attn
+        if self.through_op:
+            out = shifted_window_attention(attn.qkv(x), attn.relative_position_bias_table,
+                                           attn.relative_position_index, self.mask, attn.scale, self.window,
+                                           self.shift, attn.num_heads)
+            return attn.proj(out)
+        if self.shift:
+            x = torch.roll(x, (-self.shift, -self.shift), (1, 2))
+        windows = window_partition(x, self.window).view(-1, self.window * self.window, channels)
+        out = window_reverse(attn(windows, self.mask), self.window, height, width)
+        return torch.roll(out, (self.shift, self.shift), (1, 2)) if self.shift else out
+
+
+def _build_block(case: Case, device: torch.device, dtype: torch.dtype, mask) -> _BlockAttention:
+    through_op, backend = BLOCK_PROVIDERS[case.provider]
+    torch.manual_seed(0)
+    attention = case.shape.build().to(device=device, dtype=dtype).requires_grad_(False).train()
+    if backend is not None and not through_op:
+        attention = LoRAWindowAttention.from_module(attention)
+    return _BlockAttention(attention, case.shape, mask, through_op)
+
+
+@pytest.mark.parametrize("case", _block_cases())
+def test_bench_shifted_window_attention(case, benchmark):
+    shape = case.shape
+    device, dtype = torch.device(shape.device), case.dtype
+    mask = _mask(shape, device, dtype)
+    module = _build_block(case, device, dtype, mask)
+    backend = BLOCK_PROVIDERS[case.provider][1]
+    context = (lambda: set_backend(backend)) if backend is not None else contextlib.nullcontext
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with context():
+            return module(x)
+
+    twin_fn = None
+    if case.provider != "block_eager":
+        twin_fn = _build_block(Case(shape, "block_eager", None), device, dtype, mask)
+
+    side = shape.tokens
+    _bench(case, benchmark, module, forward, twin_fn, (shape.batch, side, side, shape.dim), BLOCK_MEDIANS,
+           "block_eager", window_shift=module.shift)

@@ -34,6 +34,12 @@ Programs and reductions (no atomics anywhere, so every result is bitwise reprodu
 - dbias: each window group writes one float32 partial ``[heads, N, N]``; the host sums the
   partials over groups (a torch reduction over a fixed shape: deterministic).
 
+Token rows: the kernels find the rows of window b through ``_token_rows``. By default windows
+are stored one after another (``[B_, heads, N, d]``); with ``SPATIAL`` (``_TokenMap``) the rows
+are pixels of Swin's un-partitioned ``[B, H*W, ...]`` map, the cyclic shift applied by index
+arithmetic, so a block needs no roll / partition / reverse copies
+(``adaptsr.kernels.shifted_window_attention``). lse and the dbias partials stay per window.
+
 ``qkv_window_attention_fwd`` is the single pass the package is named for: the program projects
 k and v of its whole window from the window's x tile and the LoRA-merged ``W_qkv`` into registers,
 then each query tile's q, so q, k and v never reach device memory. Its backward recomputes q, k, v
@@ -43,6 +49,7 @@ with one torch matmul and runs the backward kernels above.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -108,6 +115,30 @@ def _load_rows(base_ptr, offs_r, r_ok, stride_r, offs_d, d_ok, stride_d, UPCAST:
 
 
 @triton.jit
+def _token_rows(b, offs, SPATIAL: tl.constexpr, WS: tl.constexpr, SHIFT, IMG_H, IMG_W):
+    """(slot, rows): token ``offs`` of window ``b`` is row ``rows`` of slot ``slot`` of a tensor,
+    i.e. at ``slot * stride_b + rows * stride_n``.
+
+    Windows stored one after another (``[B_, heads, N, d]``): slot b, rows offs. SPATIAL (Swin's
+    un-partitioned ``[B, H*W, ...]`` map; adaptsr.kernels.shifted_window_attention): window b is
+    window (wh, ww) = divmod(b mod nW, W / WS) of image b // nW in the frame rolled by -SHIFT, so
+    token (i, j) = divmod(offs, WS) sits at pixel ((wh WS + i + SHIFT) mod H, (ww WS + j + SHIFT) mod W).
+    """
+    if SPATIAL:
+        windows_w = IMG_W // WS
+        windows = (IMG_H // WS) * windows_w
+        win = b % windows
+        slot = b // windows
+        y = ((win // windows_w) * WS + offs // WS + SHIFT) % IMG_H
+        x = ((win % windows_w) * WS + offs % WS + SHIFT) % IMG_W
+        rows = y * IMG_W + x
+    else:
+        slot = b
+        rows = offs
+    return slot, rows
+
+
+@triton.jit
 def _logits_log2(q, kT, bias_ptr, mask_ptr, h, w, offs_m, offs_n, row_ok, col_ok, qk_scale,
                  stride_bh, stride_bm, stride_bn, stride_mw, stride_mm, stride_mn,
                  HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -140,13 +171,14 @@ def _softmax_grad(q, kT, vT, do, lse, delta, bias_ptr, mask_ptr, h, w, offs_m, o
 
 
 @triton.jit
-def _query_side(q_base, do_base, o_base, lse_base, offs_m, row_ok, offs_d, d_ok,
+def _query_side(q_base, do_base, o_base, lse_base, offs_m, rows_m, row_ok, offs_d, d_ok,
                 stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_ln,
                 UPCAST: tl.constexpr):
-    """q, do, lse and D = rowsum(do * o) of one query tile of one window."""
-    q = _load_rows(q_base, offs_m, row_ok, stride_qn, offs_d, d_ok, stride_qd, UPCAST)
-    do = _load_rows(do_base, offs_m, row_ok, stride_don, offs_d, d_ok, stride_dod, UPCAST)
-    o = _load_rows(o_base, offs_m, row_ok, stride_on, offs_d, d_ok, stride_od, UPCAST)
+    """q, do, lse and D = rowsum(do * o) of one query tile of one window (q, do, o at token rows
+    ``rows_m`` of their slot, lse at the window-local ``offs_m``)."""
+    q = _load_rows(q_base, rows_m, row_ok, stride_qn, offs_d, d_ok, stride_qd, UPCAST)
+    do = _load_rows(do_base, rows_m, row_ok, stride_don, offs_d, d_ok, stride_dod, UPCAST)
+    o = _load_rows(o_base, rows_m, row_ok, stride_on, offs_d, d_ok, stride_od, UPCAST)
     lse = tl.load(lse_base + offs_m * stride_ln, mask=row_ok, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     return q, do, lse, delta
@@ -172,6 +204,7 @@ def _window_attention_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SHIFT, IMG_H, IMG_W, SPATIAL: tl.constexpr, WS: tl.constexpr,
 ):
     tl.static_assert(D_PAD >= 16)
     tl.static_assert(BLOCK_N >= 16)
@@ -186,11 +219,13 @@ def _window_attention_fwd_kernel(
     row_ok = offs_m < N
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    slot, q_rows = _token_rows(b, offs_m, SPATIAL, WS, SHIFT, IMG_H, IMG_W)
+    k_base = k_ptr + slot * stride_kb + h * stride_kh
+    v_base = v_ptr + slot * stride_vb + h * stride_vh
 
     # -- load q tile --
-    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, row_ok, stride_qn, offs_d, d_ok, stride_qd, UPCAST)
+    q = _load_rows(q_ptr + slot * stride_qb + h * stride_qh, q_rows, row_ok, stride_qn, offs_d, d_ok, stride_qd,
+                   UPCAST)
 
     # -- online softmax over key tiles (base 2) --
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -199,8 +234,9 @@ def _window_attention_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
-        k = _load_rows(k_base, offs_n, col_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
-        v = _load_rows(v_base, offs_n, col_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
+        _slot, k_rows = _token_rows(b, offs_n, SPATIAL, WS, SHIFT, IMG_H, IMG_W)
+        k = _load_rows(k_base, k_rows, col_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
+        v = _load_rows(v_base, k_rows, col_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
         s = _logits_log2(q, tl.trans(k), bias_ptr, mask_ptr, h, w, offs_m, offs_n, row_ok, col_ok, qk_scale,
                          stride_bh, stride_bm, stride_bn, stride_mw, stride_mm, stride_mn,
                          HAS_BIAS, HAS_MASK, INPUT_PRECISION)
@@ -215,7 +251,7 @@ def _window_attention_fwd_kernel(
 
     # -- store o and lse --
     o = acc / l_i[:, None]
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+    tl.store(o_ptr + slot * stride_ob + h * stride_oh + q_rows[:, None] * stride_on + offs_d[None, :] * stride_od,
              o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     lse = (m_i + tl.log2(l_i)) * _LN2
     tl.store(lse_ptr + b * stride_lb + h * stride_lh + offs_m * stride_ln, lse, mask=row_ok)
@@ -247,6 +283,7 @@ def _window_attention_bwd_kernel(
     stride_mw, stride_mm, stride_mn,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SINGLE_TILE: tl.constexpr, FUSED_DBIAS: tl.constexpr,
     BLOCK: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SHIFT, IMG_H, IMG_W, SPATIAL: tl.constexpr, WS: tl.constexpr,
 ):
     tl.static_assert(D_PAD >= 16)
     tl.static_assert(BLOCK >= 16)
@@ -272,9 +309,10 @@ def _window_attention_bwd_kernel(
     # -- phase 1: dk, dv of key tile `tile` (and dq, dbias when the window is one tile) --
     for b in range(w_start, w_end):
         w = b % NUM_MASKS
-        k = _load_rows(k_ptr + b * stride_kb + h * stride_kh, offs_n, col_ok, stride_kn, offs_d, d_ok, stride_kd,
+        slot, k_rows = _token_rows(b, offs_n, SPATIAL, WS, SHIFT, IMG_H, IMG_W)
+        k = _load_rows(k_ptr + slot * stride_kb + h * stride_kh, k_rows, col_ok, stride_kn, offs_d, d_ok, stride_kd,
                        UPCAST)
-        v = _load_rows(v_ptr + b * stride_vb + h * stride_vh, offs_n, col_ok, stride_vn, offs_d, d_ok, stride_vd,
+        v = _load_rows(v_ptr + slot * stride_vb + h * stride_vh, k_rows, col_ok, stride_vn, offs_d, d_ok, stride_vd,
                        UPCAST)
         kT = tl.trans(k)
         vT = tl.trans(v)
@@ -283,10 +321,11 @@ def _window_attention_bwd_kernel(
         for start_m in range(0, N, BLOCK):
             offs_m = start_m + tl.arange(0, BLOCK)
             row_ok = offs_m < N
+            _slot, q_rows = _token_rows(b, offs_m, SPATIAL, WS, SHIFT, IMG_H, IMG_W)
             q, do, lse, delta = _query_side(
-                q_ptr + b * stride_qb + h * stride_qh, do_ptr + b * stride_dob + h * stride_doh,
-                o_ptr + b * stride_ob + h * stride_oh, lse_ptr + b * stride_lb + h * stride_lh,
-                offs_m, row_ok, offs_d, d_ok,
+                q_ptr + slot * stride_qb + h * stride_qh, do_ptr + slot * stride_dob + h * stride_doh,
+                o_ptr + slot * stride_ob + h * stride_oh, lse_ptr + b * stride_lb + h * stride_lh,
+                offs_m, q_rows, row_ok, offs_d, d_ok,
                 stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_ln, UPCAST)
             p, ds = _softmax_grad(q, kT, vT, do, lse, delta, bias_ptr, mask_ptr, h, w, offs_m, offs_n, row_ok, col_ok,
                                   qk_scale, stride_bh, stride_bm, stride_bn, stride_mw, stride_mm, stride_mn,
@@ -296,16 +335,17 @@ def _window_attention_bwd_kernel(
             dk = tl.dot(tl.trans(ds_op), q, dk, input_precision=INPUT_PRECISION)
             if SINGLE_TILE:
                 dq = tl.dot(ds_op, k, input_precision=INPUT_PRECISION) * scale
-                tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn
+                tl.store(dq_ptr + slot * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqn
                          + offs_d[None, :] * stride_dqd,
                          dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
             if FUSED_DBIAS:
                 dbias_acc += ds
         # -- store dk, dv of this window --
         key_ok = col_ok[:, None] & d_ok[None, :]
-        tl.store(dk_ptr + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-                 (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok)
-        tl.store(dv_ptr + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+        tl.store(dk_ptr + slot * stride_dkb + h * stride_dkh + k_rows[:, None] * stride_dkn
+                 + offs_d[None, :] * stride_dkd, (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok)
+        tl.store(dv_ptr + slot * stride_dvb + h * stride_dvh + k_rows[:, None] * stride_dvn
+                 + offs_d[None, :] * stride_dvd,
                  dv.to(dv_ptr.dtype.element_ty), mask=key_ok)
 
     if FUSED_DBIAS:
@@ -321,25 +361,27 @@ def _window_attention_bwd_kernel(
         row_ok = offs_m < N
         for b in range(w_start, w_end):
             w = b % NUM_MASKS
+            slot, q_rows = _token_rows(b, offs_m, SPATIAL, WS, SHIFT, IMG_H, IMG_W)
             q, do, lse, delta = _query_side(
-                q_ptr + b * stride_qb + h * stride_qh, do_ptr + b * stride_dob + h * stride_doh,
-                o_ptr + b * stride_ob + h * stride_oh, lse_ptr + b * stride_lb + h * stride_lh,
-                offs_m, row_ok, offs_d, d_ok,
+                q_ptr + slot * stride_qb + h * stride_qh, do_ptr + slot * stride_dob + h * stride_doh,
+                o_ptr + slot * stride_ob + h * stride_oh, lse_ptr + b * stride_lb + h * stride_lh,
+                offs_m, q_rows, row_ok, offs_d, d_ok,
                 stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_ln, UPCAST)
             dq = tl.zeros((BLOCK, D_PAD), dtype=tl.float32)
             for start_n in range(0, N, BLOCK):
                 offs_kn = start_n + tl.arange(0, BLOCK)
                 kn_ok = offs_kn < N
-                k = _load_rows(k_ptr + b * stride_kb + h * stride_kh, offs_kn, kn_ok, stride_kn, offs_d, d_ok,
+                _slot, kn_rows = _token_rows(b, offs_kn, SPATIAL, WS, SHIFT, IMG_H, IMG_W)
+                k = _load_rows(k_ptr + slot * stride_kb + h * stride_kh, kn_rows, kn_ok, stride_kn, offs_d, d_ok,
                                stride_kd, UPCAST)
-                v = _load_rows(v_ptr + b * stride_vb + h * stride_vh, offs_kn, kn_ok, stride_vn, offs_d, d_ok,
+                v = _load_rows(v_ptr + slot * stride_vb + h * stride_vh, kn_rows, kn_ok, stride_vn, offs_d, d_ok,
                                stride_vd, UPCAST)
                 _p, ds = _softmax_grad(q, tl.trans(k), tl.trans(v), do, lse, delta, bias_ptr, mask_ptr, h, w,
                                       offs_m, offs_kn, row_ok, kn_ok, qk_scale,
                                       stride_bh, stride_bm, stride_bn, stride_mw, stride_mm, stride_mn,
                                       HAS_BIAS, HAS_MASK, INPUT_PRECISION)
                 dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
-            tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn
+            tl.store(dq_ptr + slot * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqn
                      + offs_d[None, :] * stride_dqd,
                      (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -360,6 +402,7 @@ def _window_attention_bwd_dbias_kernel(
     stride_mw, stride_mm, stride_mn,
     HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SHIFT, IMG_H, IMG_W, SPATIAL: tl.constexpr, WS: tl.constexpr,
 ):
     tl.static_assert(D_PAD >= 16)
     tl.static_assert(BLOCK >= 16)
@@ -382,14 +425,16 @@ def _window_attention_bwd_dbias_kernel(
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for b in range(w_start, w_end):
         w = b % NUM_MASKS
+        slot, q_rows = _token_rows(b, offs_m, SPATIAL, WS, SHIFT, IMG_H, IMG_W)
+        _slot, k_rows = _token_rows(b, offs_n, SPATIAL, WS, SHIFT, IMG_H, IMG_W)
         q, do, lse, delta = _query_side(
-            q_ptr + b * stride_qb + h * stride_qh, do_ptr + b * stride_dob + h * stride_doh,
-            o_ptr + b * stride_ob + h * stride_oh, lse_ptr + b * stride_lb + h * stride_lh,
-            offs_m, row_ok, offs_d, d_ok,
+            q_ptr + slot * stride_qb + h * stride_qh, do_ptr + slot * stride_dob + h * stride_doh,
+            o_ptr + slot * stride_ob + h * stride_oh, lse_ptr + b * stride_lb + h * stride_lh,
+            offs_m, q_rows, row_ok, offs_d, d_ok,
             stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_ln, UPCAST)
-        k = _load_rows(k_ptr + b * stride_kb + h * stride_kh, offs_n, col_ok, stride_kn, offs_d, d_ok, stride_kd,
+        k = _load_rows(k_ptr + slot * stride_kb + h * stride_kh, k_rows, col_ok, stride_kn, offs_d, d_ok, stride_kd,
                        UPCAST)
-        v = _load_rows(v_ptr + b * stride_vb + h * stride_vh, offs_n, col_ok, stride_vn, offs_d, d_ok, stride_vd,
+        v = _load_rows(v_ptr + slot * stride_vb + h * stride_vh, k_rows, col_ok, stride_vn, offs_d, d_ok, stride_vd,
                        UPCAST)
         _p, ds = _softmax_grad(q, tl.trans(k), tl.trans(v), do, lse, delta, bias_ptr, mask_ptr, h, w,
                               offs_m, offs_n, row_ok, col_ok, qk_scale,
@@ -586,6 +631,28 @@ def _bias_mask_args(bias, mask, dummy: torch.Tensor):
     return bias_arg, bias_strides, mask_arg, mask_strides, num_masks
 
 
+class _TokenMap(NamedTuple):
+    """Where the kernels find the token rows of each window (their ``_token_rows``).
+
+    The default: windows stored one after another, ``[B_, heads, N, d]``. ``spatial``: the rows of
+    Swin's un-partitioned ``[B, H*W, ...]`` map, windows of ``window`` x ``window`` pixels in the
+    frame cyclically shifted by ``-shift`` (adaptsr.kernels.shifted_window_attention).
+    """
+
+    spatial: bool = False
+    window: int = 1
+    shift: int = 0
+    height: int = 1
+    width: int = 1
+
+    def kernel_args(self) -> dict:
+        return {"SHIFT": self.shift, "IMG_H": self.height, "IMG_W": self.width, "SPATIAL": self.spatial,
+                "WS": self.window}
+
+
+_WINDOWED = _TokenMap()
+
+
 def _windows_per_program(batch_windows: int, heads: int, tiles: int) -> int:
     """Windows each backward program walks (in order): the fewest that still leave ~_TARGET_PROGRAMS programs."""
     if _INTERPRET:
@@ -610,6 +677,14 @@ def window_attention_fwd(
     batch_windows, heads, n, d = _check_inputs(q, k, v, bias, mask)
     o = _alloc((batch_windows, heads, n, d), q.dtype, q.device)
     lse = _alloc((batch_windows, heads, n), torch.float32, q.device)
+    _window_attention_fwd_into(q, k, v, bias, mask, scale, o, lse)
+    return o, lse
+
+
+def _window_attention_fwd_into(q, k, v, bias, mask, scale, o, lse, token_map: _TokenMap = _WINDOWED) -> None:
+    """The forward launch, writing o and lse (``[B_, heads, N]``, which gives the window count)."""
+    batch_windows, heads, n = lse.shape
+    d = q.shape[-1]
     block_n = _tile(n)
     block_m = block_n
     m_tiles = triton.cdiv(n, block_m)
@@ -621,14 +696,17 @@ def window_attention_fwd(
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=_head_pad(d),
         UPCAST=_upcast(q.dtype), INPUT_PRECISION=_precision(q.dtype),
+        **token_map.kernel_args(),
         num_warps=4,
     )
-    return o, lse
 
 
-def _window_attention_bwd_into(do, q, k, v, o, lse, bias, mask, scale, need_dbias, dq, dk, dv):
-    """The backward launches, writing dq, dk, dv into the given (possibly strided) tensors."""
-    batch_windows, heads, n, d = q.shape
+def _window_attention_bwd_into(do, q, k, v, o, lse, bias, mask, scale, need_dbias, dq, dk, dv,
+                               token_map: _TokenMap = _WINDOWED):
+    """The backward launches, writing dq, dk, dv into the given (possibly strided) tensors; lse
+    (``[B_, heads, N]``) gives the window count."""
+    batch_windows, heads, n = lse.shape
+    d = q.shape[-1]
     block = _tile(n)
     tiles = triton.cdiv(n, block)
     single_tile = tiles == 1
@@ -646,6 +724,7 @@ def _window_attention_bwd_into(do, q, k, v, o, lse, bias, mask, scale, need_dbia
         *common_strides, *dq.stride(), *dk.stride(), *dv.stride(), *bias_strides, *mask_strides,
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SINGLE_TILE=single_tile, FUSED_DBIAS=fused_dbias,
         BLOCK=block, D_PAD=d_pad, UPCAST=upcast, INPUT_PRECISION=precision,
+        **token_map.kernel_args(),
         # the fused dbias accumulator is one more live N x N fp32 tile
         num_warps=8 if fused_dbias else 4,
     )
@@ -655,6 +734,7 @@ def _window_attention_bwd_into(do, q, k, v, o, lse, bias, mask, scale, need_dbia
             batch_windows, n, d, heads, num_masks, tiles, wpp, float(scale) * 1.4426950408889634,
             *common_strides, *bias_strides, *mask_strides,
             HAS_MASK=mask is not None, BLOCK=block, D_PAD=d_pad, UPCAST=upcast, INPUT_PRECISION=precision,
+            **token_map.kernel_args(),
             num_warps=4,
         )
     if not need_dbias:
