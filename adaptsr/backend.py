@@ -91,13 +91,34 @@ def is_available(name: str) -> bool:
     return name in ("auto", "reference", "torch")
 
 
-def resolve(device: torch.device) -> str:
-    """The concrete backend an op on ``device`` runs under the current setting."""
+# What "auto" runs on a CUDA device, op by op (any op not listed runs "torch"). Each entry is a
+# measurement: benchmarks/gpu/run.sh times every backend per op and its results file ends with the
+# choice benchmarks/gpu/auto_choice.py derives from the numbers; copy it here.
+#   lora_conv2d, lora_linear: the first fused Triton kernel lost to cuDNN/cuBLAS's thin ops on most
+#       SR shapes (benchmarks/results/gpu-h100-2026-11-25-kernels.md); the redesigned kernels
+#       (one-pass forward, split-K streaming backward) and the CUDA C++ kernels are not measured yet.
+#   window_attention, shifted_window_attention: Triton and CUDA kernels not measured on a GPU yet.
+#   qkv_window_attention: "triton" turns on LoRAWindowAttention's single pass (q, k, v never in
+#       memory) where the module leaves the choice to auto; not measured yet.
+AUTO_ON_CUDA: dict[str, str] = {
+    "lora_conv2d": "torch",
+    "lora_linear": "torch",
+    "window_attention": "torch",
+    "shifted_window_attention": "torch",
+    "qkv_window_attention": "torch",
+}
+
+
+def resolve(device: torch.device, op: str | None = None) -> str:
+    """The concrete backend that op ``op`` on ``device`` runs under the current setting.
+
+    An explicit setting applies to every op. "auto" runs "torch" off CUDA, and on CUDA the
+    measured choice for the op in ``AUTO_ON_CUDA`` where that backend is available here.
+    """
     name = get_backend()
     if name != "auto":
         return name
-    # Measured on an H100 (benchmarks/results/gpu-h100-2026-11-25-kernels.md): the fused Triton
-    # low-rank gradient kernel is slower than cuDNN/cuBLAS's thin ops on most SR shapes, so
-    # "auto" stays on torch until the kernel wins; select "triton" explicitly to use it. The CUDA
-    # C++ kernels have not been timed on a GPU yet: "cuda" is opt-in too.
-    return "torch"
+    if torch.device(device).type != "cuda" or op is None:
+        return "torch"
+    choice = AUTO_ON_CUDA.get(op, "torch")
+    return choice if choice in ("reference", "torch") or is_available(choice) else "torch"

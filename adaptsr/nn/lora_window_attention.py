@@ -18,7 +18,7 @@ from spandrel.architectures.HAT.__arch.HAT import WindowAttention as HATWindowAt
 from spandrel.architectures.SwinIR.__arch.SwinIR import WindowAttention as SwinIRWindowAttention
 from torch import nn
 
-from adaptsr.backend import resolve
+from adaptsr.backend import AUTO_ON_CUDA, resolve
 from adaptsr.nn._lora_layer import LoRALayer
 from adaptsr.ops.qkv_window_attention import qkv_window_attention
 from adaptsr.ops.window_attention import window_attention
@@ -66,9 +66,10 @@ class LoRAWindowAttention(nn.Module):
         self.proj = attention.proj
         self.proj_drop = attention.proj_drop
         # On the triton backend: the qkv projection inside the attention kernel (q, k, v never in
-        # memory) instead of a separate matmul. Off until a GPU measurement shows it faster
+        # memory) instead of a separate matmul. True / False force it on / off; None follows the
+        # GPU measurement recorded in adaptsr.backend.AUTO_ON_CUDA["qkv_window_attention"]
         # (benchmarks/test_bench_window_attention.py, provider triton_single_pass).
-        self.single_pass = False
+        self.single_pass: bool | None = None
         self.train(attention.training)
 
     @staticmethod
@@ -113,7 +114,10 @@ class LoRAWindowAttention(nn.Module):
         """(w_qkv, b_qkv) for the single pass, W + s B A formed differentiably so autograd carries
         its gradient to the adapters; None where the single pass does not apply (switched off, not
         on the triton backend, or LoRA dropout active, which needs the two-path form)."""
-        if not self.single_pass or resolve(self.relative_position_bias_table.device) != "triton":
+        wanted = self.single_pass
+        if wanted is None:
+            wanted = AUTO_ON_CUDA.get("qkv_window_attention") == "triton"
+        if not wanted or resolve(self.relative_position_bias_table.device, "window_attention") != "triton":
             return None
         qkv = self.qkv
         if isinstance(qkv, nn.Linear):

@@ -339,7 +339,7 @@ def lora_conv2d(
     if geometry is None:
         geometry = ConvGeometry.from_args(weight.shape[2:], stride, padding, dilation, groups, padding_mode)
     _check_shapes(x, weight, bias, lora_A, lora_B, geometry)
-    backend = resolve(x.device)
+    backend = resolve(x.device, "lora_conv2d")
     if backend == "reference":
         return lora_conv2d_ref(x, weight, bias, lora_A, lora_B, scaling, geometry)
     if backend == "cuda":

@@ -168,7 +168,7 @@ def lora_linear(
 ) -> torch.Tensor:
     """``x (W + s B A)^T + b`` on the selected backend."""
     _check_shapes(x, weight, bias, lora_A, lora_B)
-    backend = resolve(x.device)
+    backend = resolve(x.device, "lora_linear")
     if backend == "reference":
         return lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling)
     if backend == "cuda" and not x.is_cuda:

@@ -92,7 +92,7 @@ def qkv_window_attention(
             f"qkv_window_attention: x must be [B_, N, C] with C divisible by {num_heads} heads and w_qkv "
             f"[3C, C]; got x {tuple(x.shape)}, w_qkv {tuple(w_qkv.shape)}"
         )
-    if resolve(x.device) != "triton":
+    if resolve(x.device, "window_attention") != "triton":
         return _two_step(x, w_qkv, b_qkv, num_heads, bias_table, index, mask, scale)
     # Under autocast the kernel runs in autocast's dtype, as the F.linear of the two steps would.
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype

@@ -268,7 +268,7 @@ def shifted_window_attention(
     if mask is not None:
         mask = mask.detach()
     scale = float(scale)
-    backend = resolve(qkv.device)
+    backend = resolve(qkv.device, "shifted_window_attention")
     args = (qkv, bias_table, index, mask, scale, window_size, shift_size, num_heads)
     if backend == "reference":
         return shifted_window_attention_ref(*args)

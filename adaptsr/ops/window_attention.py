@@ -369,7 +369,7 @@ def window_attention(
     if mask is not None:
         mask = mask.detach()
     scale = float(scale)
-    backend = resolve(q.device)
+    backend = resolve(q.device, "window_attention")
     if backend == "reference":
         return window_attention_ref(q, k, v, bias_table, index, mask, scale)
     if backend not in ("torch", "triton", "cuda"):

@@ -4,7 +4,8 @@
 #
 #   benchmarks/gpu/run.sh RESULTS.md
 #
-# Writes RESULTS.md (GPU name, torch/triton versions, date, test summary, benchmark tables)
+# Writes RESULTS.md (GPU name, torch/triton versions, date, test summary, benchmark tables, the
+# measured "auto" choice per op, the Triton kernels' register report)
 # and keeps the raw logs and JSON next to it (RESULTS.md.d/). Exit status: non-zero when a
 # GPU test failed. Environment knobs: BENCH_ARGS (extra pytest arguments for the benchmarks,
 # e.g. BENCH_ARGS='-k bf16' for a shorter run), TEST_ARGS (the same for the tests),
@@ -46,7 +47,11 @@ tests_rc=${PIPESTATUS[0]}
 eval "set -- ${BENCH_ARGS:-}"
 $py -m pytest benchmarks -q -p no:cacheprovider --benchmark-only "$@" --benchmark-json="$raw/bench.json" 2>&1 | tee "$raw/bench.log"
 $py benchmarks/to_markdown.py "$raw/bench.json" > "$raw/bench.md" 2>&1
+$py benchmarks/gpu/auto_choice.py "$raw/bench.json" > "$raw/auto.md" 2>&1
 $py benchmarks/gpu/kernel_roofline.py --out "$raw/roofline.md" ${ROOFLINE_ARGS:-} 2>&1 | tee "$raw/roofline.log"
+# Register spills and shared memory of every Triton kernel for this card's architecture.
+arch=$($py -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')
+$py benchmarks/gpu/ptxas_report.py --archs "$arch" > "$raw/ptxas.md" 2>&1
 
 {
     echo "# GPU results: $($py -c 'import torch; print(torch.cuda.get_device_name())')"
@@ -73,6 +78,14 @@ $py benchmarks/gpu/kernel_roofline.py --out "$raw/roofline.md" ${ROOFLINE_ARGS:-
     echo "## pytest-benchmark providers"
     echo
     cat "$raw/bench.md"
+    echo
+    echo "## \"auto\" per op (benchmarks/gpu/auto_choice.py; copy the dict into adaptsr/backend.py)"
+    echo
+    cat "$raw/auto.md"
+    echo
+    echo "## Triton kernels: registers and spills (benchmarks/gpu/ptxas_report.py)"
+    echo
+    cat "$raw/ptxas.md"
 } > "$out"
 echo "wrote $out"
 exit "$tests_rc"
