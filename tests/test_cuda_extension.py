@@ -48,6 +48,31 @@ def test_extension_exposes_the_bindings(ext):
         assert callable(getattr(ext, name, None)), f"adaptsr._C has no {name}"
 
 
+def test_kernels_neither_spill_nor_use_a_stack(ext):
+    """Every kernel in the built extension keeps its state in registers and shared memory.
+
+    ``cuobjdump --dump-resource-usage`` (Triton bundles one) lists per kernel the registers, the
+    stack and the local memory (where spilled registers go): a kernel with local memory runs far
+    below the card's bandwidth, which the compile alone does not show.
+    """
+    import glob
+    import re
+    import subprocess
+
+    import triton
+
+    tools = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    if not tools:
+        pytest.skip("no cuobjdump (Triton's NVIDIA backend bundles one)")
+    report = subprocess.run([tools[0], "--dump-resource-usage", ext.__file__], capture_output=True, text=True,
+                            check=True).stdout
+    kernels = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", report)
+    # every function parsed (a format the regex missed would hide a spill), and all of the kernels there
+    assert len(kernels) == report.count("Function ") >= 7, report
+    bad = [(name, stack, local) for name, _reg, stack, _shared, local in kernels if int(stack) or int(local)]
+    assert not bad, f"kernels with a stack or local memory (spills): {bad}"
+
+
 def _cpu_conv_args():
     x = torch.randn(1, 4, 5, 5)
     dy = torch.randn(1, 6, 5, 5)
