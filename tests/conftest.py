@@ -15,8 +15,8 @@ gradients whatever the reduction behind them. NaN and inf never pass.
 
 The helpers are handed to tests as fixtures (``assert_close_to_reference``, ``assert_close``,
 ``abs_inputs``, ``conv_case_strategy``, ``linear_case_strategy``, ``make_conv_tensors``,
-``make_linear_tensors``, ``tiny_sr``; all session-scoped, so hypothesis tests can take them; and
-the session-wide autouse ``single_threaded``) rather than imported, so the test files work under every
+``make_linear_tensors``, ``tiny_sr``; all session-scoped, so hypothesis tests can take them; the
+session-wide autouse ``single_threaded``; and the per-test ``poisoned_window_attention``) rather than imported, so the test files work under every
 pytest import mode and next to other ``conftest.py`` files.
 """
 
@@ -380,3 +380,15 @@ _TINY_SR = SimpleNamespace(
 def tiny_sr():
     """``tiny_sr.swinir / .hat / .esrgan / .rcan(seed=0, **overrides)``: small seeded random spandrel models."""
     return _TINY_SR
+
+
+@pytest.fixture
+def poisoned_window_attention(monkeypatch):
+    """Every buffer the Triton window-attention launchers allocate starts as NaN: an entry the kernels
+    fail to write fails the test (NaN never passes the tolerance rule)."""
+    from adaptsr.backend import is_available
+
+    if is_available("triton"):
+        kernels = importlib.import_module("adaptsr.kernels.window_attention")
+        monkeypatch.setattr(kernels, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"),
+                                                                                        dtype=dtype, device=device))
