@@ -368,7 +368,7 @@ def test_bad_geometry_raises_value_error(kwargs):
         dict(padding=(2, 1), stride=2, groups=3, padding_mode="replicate"),
     ],
 )
-def test_torch_backend_saves_only_x_and_weights(conv_kwargs):
+def test_torch_and_triton_backends_save_only_x_weights_and_z(conv_kwargs):
     conv_kwargs = dict(conv_kwargs)
     k = conv_kwargs.pop("kernel_size", 3)
     groups = conv_kwargs.get("groups", 1)
@@ -396,6 +396,11 @@ def test_torch_backend_saves_only_x_and_weights(conv_kwargs):
     assert saved_bytes("torch") == x_bytes + small
     # the two-path oracle keeps more (the padded input and/or the rank-r activations)
     assert saved_bytes("reference") > x_bytes + small
+    # triton keeps z = conv(x, A) too: N r HO WO per group, the "frozen + N r" of the target
+    with mock.patch.object(conv_op, "_prefer_low_rank", lambda *args: True):
+        y = lora_conv2d(x.detach(), weight, bias, lora_A, lora_B, 0.5, **conv_kwargs)
+        z_bytes = groups * 4 * y[:, :1].numel() * y.element_size()
+        assert saved_bytes("triton") == x_bytes + small + z_bytes
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])

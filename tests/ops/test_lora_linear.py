@@ -301,7 +301,7 @@ def test_shape_errors_name_the_shape(backend, field, bad_shape):
 
 
 @pytest.mark.parametrize("lead_shape", [(37,), (3, 11)])
-def test_torch_backend_saves_only_x_and_weights(lead_shape):
+def test_torch_and_triton_backends_save_only_x_weights_and_z(lead_shape):
     x = torch.randn(*lead_shape, 16, requires_grad=True)
     weight = torch.randn(24, 16)
     bias = torch.randn(24, requires_grad=True)
@@ -326,3 +326,6 @@ def test_torch_backend_saves_only_x_and_weights(lead_shape):
     assert saved_bytes("torch") == x_bytes + small
     # the two-path oracle also keeps the rank-r activations x A^T
     assert saved_bytes("reference") > x_bytes + small
+    # triton keeps z = x A^T from its forward instead (the low-rank pass forced, as on wide layers)
+    with mock.patch.object(linear_op, "_prefer_low_rank", lambda *args: True):
+        assert saved_bytes("triton") == x_bytes + small + (x.numel() // 16) * 4 * x.element_size()
