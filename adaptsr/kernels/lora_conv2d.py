@@ -182,7 +182,7 @@ def _lora_conv2d_fwd_kernel(
 
 @triton.jit
 def _lowrank_u_db_kernel(
-    dy_ptr, b_ptr, z_ptr, u_ptr, ws_b_ptr,
+    dy_ptr, b_ptr, z_ptr, u_ptr, ws_b_ptr, scaling,
     M, HO, WO, C_OUT_G, R, ROWS_PER_PROGRAM,
     stride_dn, stride_dc, stride_dh, stride_dw,
     stride_zn, stride_zc, stride_zh, stride_zw,
@@ -198,8 +198,8 @@ def _lowrank_u_db_kernel(
     rank_ok = ranks < R
     oc = o_block * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = oc < C_OUT_G
-    # b: [out, R_PAD], zero past R, so u's padded columns are zero
-    b_tile = _load_tile(b_ptr + (group * C_OUT_G + oc) * R_PAD, o_ok, ranks, rank_ok, 1, UPCAST)
+    # B itself ([out, R] contiguous), zero past R, so u's padded columns are zero
+    b_tile = _load_tile(b_ptr + (group * C_OUT_G + oc) * R, o_ok, ranks, rank_ok, 1, UPCAST)
     # u: [o_blocks, M, groups * R], this program's partial over its output-channel tile
     u_base = u_ptr + o_block.to(tl.int64) * M * num_groups * R + group * R
 
@@ -220,9 +220,9 @@ def _lowrank_u_db_kernel(
         z_tile = _load_tile(z_rows, row_ok, group * R + ranks, rank_ok, stride_zc, UPCAST)
         acc_b = tl.dot(tl.trans(dy_tile), z_tile, acc_b, input_precision=INPUT_PRECISION)
 
-    # ws_b: [splits, out, R]
+    # ws_b: [splits, out, R], scaled here so the host only sums over splits
     tl.store(ws_b_ptr + (split * num_groups * C_OUT_G + group * C_OUT_G + oc)[:, None] * R + ranks[None, :],
-             acc_b, mask=o_ok[:, None] & rank_ok[None, :])
+             acc_b * scaling, mask=o_ok[:, None] & rank_ok[None, :])
 
 
 # -- backward phase 2: dA partials = u^T X, one pass over x --
@@ -230,7 +230,7 @@ def _lowrank_u_db_kernel(
 
 @triton.jit
 def _lowrank_da_kernel(
-    x_ptr, u_ptr, ws_a_ptr,
+    x_ptr, u_ptr, ws_a_ptr, scaling,
     M, H, W, HO, WO, C_IN_G, R, NUM_O_BLOCKS, ROWS_PER_PROGRAM,
     stride_xn, stride_xc, stride_xh, stride_xw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, KH, KW,
@@ -269,9 +269,11 @@ def _lowrank_da_kernel(
         x_tile = _load_tile(x_rows, pix_ok, group * C_IN_G + cc, c_ok, stride_xc, UPCAST)
         acc_a = tl.dot(tl.trans(u.to(x_tile.dtype)), x_tile, acc_a, input_precision=INPUT_PRECISION)
 
-    # ws_a: [splits, groups, R, (t, c)]
+    # ws_a: [splits, groups, R, C_IN_G, KH * KW], A's own layout, scaled: the host only sums over
+    # splits and groups (one launch each for dA and dB, where a permute, a scale and a copy were three more)
     ws_rows = ws_a_ptr + ((split * num_groups + group) * R + ranks) * (KH * KW * C_IN_G)
-    tl.store(ws_rows[:, None] + (t * C_IN_G + cc)[None, :], acc_a, mask=rank_ok[:, None] & c_ok[None, :])
+    tl.store(ws_rows[:, None] + (cc * (KH * KW) + t)[None, :], acc_a * scaling,
+             mask=rank_ok[:, None] & c_ok[None, :])
 
 
 # -- host launchers (shapes, workspaces; no autograd) --
@@ -415,8 +417,7 @@ def lora_conv2d_lowrank_grads(
         )
     c_out_g = c_out // groups
     r_pad = _pow2_block(rank, 1 << 30)
-    b_mat = torch.zeros(c_out, r_pad, device=x.device, dtype=x.dtype)
-    b_mat[:, :rank] = lora_B.reshape(c_out, rank)
+    b_mat = lora_B.reshape(c_out, rank).to(x.dtype).contiguous()  # a view of B, as a rule
     m = n * ho * wo
     _check_pixels(m)
     precision = _precision(x.dtype)
@@ -429,7 +430,7 @@ def lora_conv2d_lowrank_grads(
     u = torch.empty(o_blocks, m, groups * rank, device=x.device, dtype=x.dtype if o_blocks == 1 else torch.float32)
     ws_b = torch.empty(splits, c_out, rank, device=x.device, dtype=torch.float32)
     _lowrank_u_db_kernel[(o_blocks, splits, groups)](
-        dy, b_mat, z, u, ws_b,
+        dy, b_mat, z, u, ws_b, float(scaling),
         m, ho, wo, c_out_g, rank, rows_per_program,
         *dy.stride(), *z.stride(),
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_O=block_o, INPUT_PRECISION=precision, UPCAST=_INTERPRET,
@@ -442,13 +443,13 @@ def lora_conv2d_lowrank_grads(
     splits, rows_per_program = _splits(m, col_tiles * groups, x.device)
     ws_a = torch.empty(splits, groups, rank, kh * kw * c_in_g, device=x.device, dtype=torch.float32)
     _lowrank_da_kernel[(col_tiles, splits, groups)](
-        x, u, ws_a,
+        x, u, ws_a, float(scaling),
         m, h, w, ho, wo, c_in_g, rank, o_blocks, rows_per_program,
         *x.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], kh, kw,
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_C=block_c, INPUT_PRECISION=precision, UPCAST=_INTERPRET,
         num_warps=warps,
     )
-    grad_a = ws_a.sum((0, 1)).reshape(rank, kh, kw, c_in_g).permute(0, 3, 1, 2)
-    grad_b = ws_b.sum(0).reshape(c_out, rank, 1, 1)
-    return (scaling * grad_a).to(lora_A.dtype).contiguous(), (scaling * grad_b).to(lora_B.dtype)
+    grad_a = ws_a.sum((0, 1)).view(rank, c_in_g, kh, kw)
+    grad_b = ws_b.sum(0).view(c_out, rank, 1, 1)
+    return grad_a.to(lora_A.dtype), grad_b.to(lora_B.dtype)

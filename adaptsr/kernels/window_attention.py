@@ -27,9 +27,9 @@ Programs and reductions (no atomics anywhere, so every result is bitwise reprodu
 - forward: one program per (window, head, query tile of BLOCK_M rows), looping over key tiles.
 - backward: one program per (window group, head, key tile); for each window of its group it
   accumulates dk, dv of its key tile over the query tiles. When the whole window is one tile
-  (N <= 64) the same pass also writes dq and accumulates dbias over the group's windows in
-  registers. Otherwise (N = 256: 4 x 4 tiles) the program then computes dq of the query tile with
-  the same index (square tiles, the flash-attention-2 split), and a third kernel owns one
+  (N <= 32) the same pass also writes dq and accumulates dbias over the group's windows in
+  registers. Otherwise (windows 8 and 16: 2 x 2 and 8 x 8 tiles of 32) the program then computes
+  dq of the query tile with the same index (square tiles, the flash-attention-2 split), and a third kernel owns one
   (head, query tile, key tile) of dbias per window group.
 - dbias: each window group writes one float32 partial ``[heads, N, N]``; the host sums the
   partials over groups (a torch reduction over a fixed shape: deterministic).
@@ -65,18 +65,20 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 # tl.dot needs at least 16 in every dimension on the GPU's matrix units.
 _MIN_DOT = 16
-# A window of up to 64 tokens (8 x 8) is one 64 x 64 tile: the backward then writes dq, dk, dv
-# and the dbias partial in one pass (5 matmuls per window instead of 9). A 64 x 64 fp32 matrix
-# (S, P, dP, dS) is 32 registers per thread at 4 warps; a 128-token tile would be 128. The
-# interpreter uses the same rule, so the tests run the single-tile path the GPU runs for window 8.
-# (Chosen from the register arithmetic; not yet timed on a GPU.)
-_MAX_SINGLE_TILE = 64
-# Larger windows (16 x 16 = 256 tokens) are tiled like flash attention with square tiles (the
-# backward's dq phase reuses the key-tile index as its query-tile index). 64 x 64 keeps the
-# q, k, v, do tiles (4 KB each in fp16 at d = 32) and the fp32 tiles in registers at 4 warps.
-# The interpreter uses 32: fewer Python-level loop trips than 16, and still several (ragged)
-# tiles on the test shapes, so the tiled path is exercised.
-_TILE = 32 if _INTERPRET else 64
+# Tiles, measured with benchmarks/gpu/ptxas_report.py (Triton 3.8, ptxas for sm_80/86/90, SwinIR-M
+# head dim 30 padded to 32, window 8 and 16) -- a spill is a kernel that runs slowly everywhere:
+# - backward: the whole 8 x 8 window as one 64 x 64 tile (dq, dk, dv and the fused dbias in one
+#   pass) spilled 250-1000 B per thread in bf16 at 4 or 8 warps and 10-50 KB in fp32; 64 x 64
+#   tiles of a 16 x 16 window spilled alike. 32 x 32 tiles at 8 warps compile without spills for
+#   both windows and dtypes (bf16 230-250 registers, fp32 150-255). So a window is one tile (the
+#   fused single pass) only up to 32 tokens, and is otherwise tiled by 32. The interpreter uses
+#   the same rule, so the tests run the tiled path the GPU runs for windows 8 and 16.
+_BWD_TILE = 32
+_BWD_WARPS = 8
+# - forward: 64 x 64 tiles are clean in 16-bit types (124-180 registers at 4 warps); in fp32 (ieee
+#   dots are FMA loops over register operands) they spilled 700-18000 B on sm_80 and overflowed
+#   sm_86's 99 KB of shared memory; 32 x 32 is clean (96-112 registers).
+_FWD_TILE = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
 # Window-group size: enough programs to fill the GPU (about 8 resident per SM on a 132-SM H100)
 # and no more, so the float32 dbias partials (one [heads, N, N] per group) stay a small fraction
 # of the bytes of q, k, v, do.
@@ -88,8 +90,14 @@ _INTERPRET_WINDOWS_PER_PROGRAM = 2
 _MAX_HEAD_DIM = 128
 # qkv single pass: channel chunk of the in-kernel projection (x tile [N, 32] + two [32, d] weight
 # tiles per step), and the query tile when the whole key row of the window is held in registers.
+# ptxas_report.py: 64-row query tiles spilled (bf16 window 16: 60-240 B; fp32 window 8: 8-640 B);
+# 16 rows at 8 warps are clean in bf16 for windows 8 and 16 and in fp32 for window 8 on sm_80/90.
 _QKV_BLOCK_C = 32
-_QKV_BLOCK_M = 32 if _INTERPRET else 64
+_QKV_BLOCK_M = 16
+_QKV_WARPS = 8
+# fp32 with a window above 64 tokens: the window's k and v in fp32 registers spill (150-1800 B at
+# any query tile), so the launcher projects q, k, v with torch and runs the tiled forward instead.
+_QKV_MAX_FP32_TOKENS = 64
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -127,7 +135,10 @@ def _token_rows(b, offs, SPATIAL: tl.constexpr, WS: tl.constexpr, SHIFT, IMG_H, 
     if SPATIAL:
         windows_w = IMG_W // WS
         windows = (IMG_H // WS) * windows_w
-        win = b % windows
+        # b is int64 (from the program id); the window within its image is < H W / WS^2 and fits
+        # int32, so the per-token divisions and modulos below run in 32 bits (a 64-bit one is a
+        # software routine: the SPATIAL forward used 202 registers on sm_90 with them, 124 without).
+        win = (b % windows).to(tl.int32)
         slot = b // windows
         y = ((win // windows_w) * WS + offs // WS + SHIFT) % IMG_H
         x = ((win % windows_w) * WS + offs % WS + SHIFT) % IMG_W
@@ -608,9 +619,13 @@ def _head_pad(d: int) -> int:
 
 
 def _tile(n: int) -> int:
-    """Square tile of the backward (and key tile of the forward): the whole window when it fits."""
-    n_pad = max(_MIN_DOT, triton.next_power_of_2(n))
-    return n_pad if n_pad <= _MAX_SINGLE_TILE else _TILE
+    """Square tile of the backward: the whole window when it fits in one."""
+    return min(max(_MIN_DOT, triton.next_power_of_2(n)), _BWD_TILE)
+
+
+def _fwd_tile(n: int, dtype: torch.dtype) -> int:
+    """Query and key tile of the forward."""
+    return min(max(_MIN_DOT, triton.next_power_of_2(n)), _FWD_TILE[dtype])
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -685,7 +700,7 @@ def _window_attention_fwd_into(q, k, v, bias, mask, scale, o, lse, token_map: _T
     """The forward launch, writing o and lse (``[B_, heads, N]``, which gives the window count)."""
     batch_windows, heads, n = lse.shape
     d = q.shape[-1]
-    block_n = _tile(n)
+    block_n = _fwd_tile(n, q.dtype)
     block_m = block_n
     m_tiles = triton.cdiv(n, block_m)
     bias_arg, bias_strides, mask_arg, mask_strides, num_masks = _bias_mask_args(bias, mask, q)
@@ -725,8 +740,7 @@ def _window_attention_bwd_into(do, q, k, v, o, lse, bias, mask, scale, need_dbia
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SINGLE_TILE=single_tile, FUSED_DBIAS=fused_dbias,
         BLOCK=block, D_PAD=d_pad, UPCAST=upcast, INPUT_PRECISION=precision,
         **token_map.kernel_args(),
-        # the fused dbias accumulator is one more live N x N fp32 tile
-        num_warps=8 if fused_dbias else 4,
+        num_warps=_BWD_WARPS,
     )
     if need_dbias and not single_tile:
         _window_attention_bwd_dbias_kernel[(groups * heads * tiles * tiles,)](
@@ -735,7 +749,7 @@ def _window_attention_bwd_into(do, q, k, v, o, lse, bias, mask, scale, need_dbia
             *common_strides, *bias_strides, *mask_strides,
             HAS_MASK=mask is not None, BLOCK=block, D_PAD=d_pad, UPCAST=upcast, INPUT_PRECISION=precision,
             **token_map.kernel_args(),
-            num_warps=4,
+            num_warps=_BWD_WARPS,
         )
     if not need_dbias:
         return None
@@ -842,6 +856,12 @@ def qkv_window_attention_fwd(
     o = _alloc((batch_windows, n, channels), x.dtype, x.device)
     lse = _alloc((batch_windows, heads, n), torch.float32, x.device)
     n_pad = max(_MIN_DOT, triton.next_power_of_2(n))
+    if x.dtype == torch.float32 and n_pad > _QKV_MAX_FP32_TOKENS:
+        # q, k, v through memory (see _QKV_MAX_FP32_TOKENS); o written as its [B_, heads, N, d] view
+        qkv = torch.nn.functional.linear(x, w_qkv, b_qkv).view(batch_windows, n, 3, heads, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        _window_attention_fwd_into(q, k, v, bias, mask, scale, o.view(batch_windows, n, heads, d).transpose(1, 2), lse)
+        return o, lse
     bias_arg, bias_strides, mask_arg, mask_strides, num_masks = _bias_mask_args(bias, mask, x)
     _qkv_window_attention_fwd_kernel[(batch_windows * heads,)](
         x, w_qkv, b_qkv if b_qkv is not None else w_qkv, bias_arg, mask_arg, o, lse,
@@ -851,7 +871,7 @@ def qkv_window_attention_fwd(
         N_PAD=n_pad, BLOCK_M=min(n_pad, _QKV_BLOCK_M), BLOCK_C=_QKV_BLOCK_C, D_PAD=_head_pad(d),
         UPCAST=_upcast(x.dtype), INPUT_PRECISION=_precision(x.dtype),
         # the window's k, v ([N, d] each) and one [BLOCK_M, N] logits tile live in registers
-        num_warps=8 if n_pad > 64 else 4,
+        num_warps=_QKV_WARPS,
     )
     return o, lse
 
