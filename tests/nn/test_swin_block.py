@@ -1,6 +1,6 @@
-"""enable_shifted_window_attention: SwinIR blocks on the un-partitioned map compute what spandrel's do.
+"""enable_shifted_window_attention: SwinIR and HAT blocks on the un-partitioned map compute what spandrel's do.
 
-The referee is spandrel's own ``SwinTransformerBlock.forward`` on the same model: output and the
+The referee is spandrel's own block forward on the same model: output and the
 gradients of the input and of every trainable parameter, plain and with LoRA, at the build
 resolution and at another one (where the block rebuilds its shift mask).
 """
@@ -31,12 +31,15 @@ warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
 _TRITON = pytest.param("triton", marks=pytest.mark.skipif(not is_available("triton"), reason="triton unavailable"))
 
 
-def build(dtype: torch.dtype = torch.float64, **kwargs) -> nn.Module:
-    """A tiny random SwinIR: window 4, two blocks (block 0 unshifted, block 1 shifted)."""
+def build(dtype: torch.dtype = torch.float64, arch: str = "swinir", **kwargs) -> nn.Module:
+    """A tiny random SwinIR or HAT: window 4, two blocks (block 0 unshifted, block 1 shifted)."""
     torch.manual_seed(0)
     config = {"img_size": 16, "embed_dim": 12, "depths": [2], "num_heads": [2], "window_size": 4, "upscale": 2,
-              "upsampler": "pixelshuffledirect", "drop_path_rate": 0.0, **kwargs}
-    model = SwinIR(**config)
+              "drop_path_rate": 0.0, **kwargs}
+    if arch == "swinir":
+        model = SwinIR(upsampler="pixelshuffledirect", **config)
+    else:
+        model = HAT(num_feat=8, compress_ratio=3, squeeze_factor=4, **config)
     with torch.no_grad():  # a bias table far from its 0.02 init, so that it matters
         for name, p in model.named_parameters():
             if name.endswith("relative_position_bias_table"):
@@ -71,23 +74,25 @@ def _compare(model: nn.Module, backend: str, size: tuple[int, int], assert_close
         assert_close(got[key], expected[key], key)
 
 
+@pytest.mark.parametrize("arch", ["swinir", "hat"])
 @pytest.mark.parametrize("size", [(16, 16), (12, 20)], ids=["img_size", "other-size"])
 @pytest.mark.parametrize("backend", ["reference", "torch", _TRITON])
-def test_plain_model_matches_spandrel(backend, size, assert_close):
+def test_plain_model_matches_spandrel(backend, size, arch, assert_close):
     """Every parameter trainable (full fine-tuning): the gradients of all of them agree."""
     dtype = torch.float32 if backend == "triton" else torch.float64
-    _compare(build(dtype), backend, size, assert_close)
+    _compare(build(dtype, arch), backend, size, assert_close)
 
 
+@pytest.mark.parametrize("arch", ["swinir", "hat"])
 @pytest.mark.parametrize("size", [(16, 16), (12, 20)], ids=["img_size", "other-size"])
-def test_lora_model_matches_spandrel(size, assert_close):
+def test_lora_model_matches_spandrel(size, arch, assert_close):
     """inject_lora (LoRAWindowAttention, LoRALinear qkv / proj with non-zero B): adapters and tables agree.
 
     On the torch backend only: under triton every LoRA layer of the model would run its own
     kernels in the interpreter (half a minute); the op's triton path is the plain model's test."""
     backend = "torch"
-    model = build(torch.float64)
-    adaptsr.inject_lora(model, preset="swinir", rank=2, init_lora_weights=False)
+    model = build(torch.float64, arch)
+    adaptsr.inject_lora(model, preset=arch, rank=2, init_lora_weights=False)
     for name, p in model.named_parameters():
         if name.endswith("relative_position_bias_table"):
             p.requires_grad_(True)
@@ -127,9 +132,10 @@ def test_enable_disable_keep_keys_and_copies():
     assert disable_shifted_window_attention(model) == []
 
 
-def test_only_swinir_blocks_are_switched():
-    torch.manual_seed(0)
-    hat = HAT(img_size=16, embed_dim=12, depths=[2], num_heads=[2], window_size=4, upscale=2, num_feat=8,
-              compress_ratio=3, squeeze_factor=4)
-    assert enable_shifted_window_attention(hat) == []
+def test_only_window_attention_blocks_are_switched():
+    """HAT's hybrid blocks are switched; its overlapping cross-attention block and other modules are not."""
+    hat = build(arch="hat")
+    names = enable_shifted_window_attention(hat)
+    assert names == ["layers.0.residual_group.blocks.0", "layers.0.residual_group.blocks.1"]
+    assert not any("overlap_attn" in name for name in names)
     assert not can_use_shifted_window_attention(nn.Linear(2, 2))

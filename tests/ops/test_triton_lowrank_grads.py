@@ -201,9 +201,13 @@ def _conv_case_tensors(case, dtype, channels_last):
     return x, weight, a, bias
 
 
+_FORWARD_CASES = SMALL_CASES + [pytest.param(c, marks=pytest.mark.skipif(not ON_GPU, reason="full size on a GPU only"))
+                                 for c in GPU_CASES]
+
+
 @pytest.mark.parametrize("dtype", _dtypes(), ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: f"{c[0]}to{c[1]}k{c[2][0]}x{c[2][1]}s{c[3][0]}g{c[6]}r{c[7]}")
+@pytest.mark.parametrize("case", _FORWARD_CASES, ids=lambda c: f"{c[0]}to{c[1]}k{c[2][0]}x{c[2][1]}s{c[3][0]}g{c[6]}r{c[7]}")
 def test_triton_forward_y_and_z(case, dtype, channels_last):
     """y and z of the one-pass forward against float64 convolutions, in x's memory format."""
     from adaptsr.kernels.lora_conv2d import lora_conv2d_fwd
