@@ -355,13 +355,13 @@ def lora_conv2d_fwd(
     ho = _out_size(h, kh, stride[0], padding[0], dilation[0])
     wo = _out_size(w, kw, stride[1], padding[1], dilation[1])
     # The concatenated weight [W'^T | A^T] per group: [groups, (t, c), out/g + r] (A shared by the groups).
+    # One cat of permuted views: a single copy kernel (per-layer launches bound these small ops).
     parts = []
     if w_merged is not None:
-        w_groups = w_merged.reshape(groups, c_out_g, c_in_g, kh, kw)
-        parts.append(w_groups.permute(0, 3, 4, 2, 1).reshape(groups, k, c_out_g))
+        parts.append(w_merged.reshape(groups, c_out_g, c_in_g, kh, kw).permute(0, 3, 4, 2, 1))
     if lora_A is not None:
-        parts.append(lora_A.permute(2, 3, 1, 0).reshape(1, k, rank).expand(groups, k, rank))
-    w_cat = torch.cat(parts, dim=2).to(x.dtype).contiguous()
+        parts.append(lora_A.permute(2, 3, 1, 0).unsqueeze(0).expand(groups, kh, kw, c_in_g, rank))
+    w_cat = torch.cat([p.to(x.dtype) for p in parts], dim=4).view(groups, k, c_out_g + rank)
     n_cols = c_out_g + rank
     y = _like(x, (n, c_out, ho, wo)) if w_merged is not None else None
     z = _like(x, (n, groups * rank, ho, wo)) if lora_A is not None else None

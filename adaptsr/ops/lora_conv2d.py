@@ -57,6 +57,15 @@ def conv_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tenso
     return delta.reshape(out_channels, *lora_A.shape[1:])
 
 
+def _merged_weight(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """W' = W + s B A in one addmm (one launch where add, scale and matmul were three: on a GPU the
+    per-layer launches, not the math, bound these small ops)."""
+    out_channels, rank = lora_B.shape[:2]
+    merged = torch.addmm(weight.reshape(out_channels, -1), lora_B.reshape(out_channels, rank),
+                         lora_A.reshape(rank, -1), alpha=scaling)
+    return merged.view(weight.shape)
+
+
 def _repeat_for_groups(lora_A: torch.Tensor, groups: int) -> torch.Tensor:
     return lora_A if groups == 1 else lora_A.repeat(groups, 1, 1, 1)
 
@@ -234,7 +243,7 @@ class _LoRAConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, geometry, impl):
-        w_merged = weight + (scaling * conv_delta_weight(lora_A, lora_B)).to(weight.dtype)
+        w_merged = _merged_weight(weight, lora_A, lora_B, scaling)
         x_padded = geometry.pad_input(x)
         z = None
         if impl == "triton" and x.dtype != torch.float64:

@@ -90,7 +90,8 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, impl):
-        w_merged = weight + (scaling * linear_delta_weight(lora_A, lora_B)).to(weight.dtype)
+        # W' = W + s B A in one launch (see lora_conv2d's _merged_weight)
+        w_merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
         z = None
         if impl == "triton" and x.dtype != torch.float64:
             from adaptsr.kernels.lora_linear import lora_linear_fwd
