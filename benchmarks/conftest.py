@@ -20,7 +20,9 @@ steps timed between this provider's rounds, on a second model built for the purp
 load that drifts during the session, as on a shared 2-core machine), loadavg (the 1-minute load
 average before and after the case), saved_activation_bytes (the unique storages autograd saves for
 backward in one step, parameters and buffers excluded: the activation memory a training step
-holds) and, on CUDA, peak_memory_bytes (torch.cuda.max_memory_allocated over one step).
+holds) and, on CUDA, peak_memory_bytes (torch.cuda.max_memory_allocated over one step) and
+graphed_ms / graphed_ratio_to_frozen (the step replayed from CUDA graphs: the kernels' cost without
+the host's launch overhead; graphed_error where a provider cannot be captured).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ GPU_TARGET_S, GPU_MIN_ROUNDS, GPU_MAX_ROUNDS = 1.0, 21, 201
 
 # Medians of the frozen provider, keyed by Case.frozen_key; the frozen case runs first per shape.
 FROZEN_MEDIANS: dict[tuple[str, str], float] = {}
+# The same for steps replayed from CUDA graphs (time_graphed).
+FROZEN_GRAPHED_MEDIANS: dict[tuple[str, str], float] = {}
 
 
 def _targets_list(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
@@ -179,6 +183,27 @@ def time_phases(forward, grad_out, clear_grads, device: torch.device, rounds: in
     return 1e3 * statistics.median(fwd), 1e3 * statistics.median(bwd)
 
 
+def time_graphed(model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, backend_ctx, rounds: int) -> float:
+    """Median ms of one forward + backward replayed from CUDA graphs (``torch.cuda.make_graphed_callables``).
+
+    Eager steps of small layers are bound by kernel launches from the host (measured on an H100:
+    the host side of a LoRA layer took longer than its GPU work); replayed graphs show what the
+    kernels themselves cost. Changes ``model``'s forward for good: call it last.
+    """
+    with backend_ctx():  # the backend's kernels are what gets captured (the warm-up runs autotuning)
+        graphed = torch.cuda.make_graphed_callables(model, (x,))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds + 1):
+        x.grad = None
+        start.record()
+        graphed(x).backward(grad_out)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[1:])
+
+
 def time_interleaved(benchmark, step, clear_grads, baseline_step, device: torch.device) -> tuple[float, float | None]:
     """Time ``step`` with pytest-benchmark; return its median and, when ``baseline_step`` is given,
     the median of baseline steps timed (by us) in the untimed setup before each round.
@@ -306,6 +331,18 @@ def run_fwd_bwd(benchmark):
         info["fwd_ms"], info["bwd_ms"] = time_phases(forward, grad_out, clear_grads, device, phase_rounds)
         record_memory(info, forward, step, clear_grads, grad_out, model, device)
         info["loadavg"] = [load_before, load_average()]
+        if device.type == "cuda":
+            clear_grads()
+            try:
+                graphed = time_graphed(model, x, grad_out, backend_ctx, GPU_MIN_ROUNDS)
+            except Exception as exc:  # a provider that cannot be captured still has its eager numbers
+                info["graphed_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            else:
+                info["graphed_ms"] = graphed
+                if case.provider == "frozen":
+                    FROZEN_GRAPHED_MEDIANS[case.frozen_key] = graphed
+                frozen_graphed = FROZEN_GRAPHED_MEDIANS.get(case.frozen_key)
+                info["graphed_ratio_to_frozen"] = graphed / frozen_graphed if frozen_graphed else None
         return info
 
     return run

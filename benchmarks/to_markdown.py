@@ -6,7 +6,8 @@ Columns: benchmark, provider, shape, dtype, rank, median ms, min ms, fwd ms and 
 alone and the backward alone, medians), ratio to frozen (median /
 the frozen case's median), interleaved ratio (median / the median of frozen steps timed between
 this case's rounds: steadier when the machine's load drifts), saved MB (bytes autograd saves for
-backward, parameters excluded), peak MB (CUDA only). The ratio comes from the benchmark's
+backward, parameters excluded), peak MB, graphed ms and graphed ratio (CUDA only: the step
+replayed from CUDA graphs, without the host's launch overhead, and its ratio to frozen's). The ratio comes from the benchmark's
 extra_info; where that is missing (the frozen case did not run first) it is computed from the
 frozen median of the same benchmark, shape and dtype in the file. The header gives the highest
 1-minute load average seen during the run, with a warning when it exceeded the core count.
@@ -52,6 +53,8 @@ def rows(data: dict) -> list[dict]:
                 "rank": info.get("rank"),
                 "median_ms": None if median is None else 1e3 * median,
                 "min_ms": None if minimum is None else 1e3 * minimum,
+                "graphed_ms": info.get("graphed_ms"),
+                "graphed_ratio": info.get("graphed_ratio_to_frozen"),
                 "fwd_ms": info.get("fwd_ms"),
                 "bwd_ms": info.get("bwd_ms"),
                 "ratio": info.get("ratio_to_frozen"),
@@ -91,14 +94,15 @@ def to_markdown(data: dict) -> str:
         f" torch {', '.join(torch_versions) or '?'}.{load_line}",
         "",
         "| benchmark | provider | shape | dtype | rank | median ms | min ms | fwd ms | bwd ms | ratio to frozen "
-        "| interleaved ratio | saved MB | peak MB |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| interleaved ratio | graphed ms | graphed ratio | saved MB | peak MB |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines = [
         f"| {r['benchmark']} | {r['provider']} | {r['shape']} | {r['dtype']} | {_fmt(r['rank'], 'd')} "
         f"| {_fmt(r['median_ms'], '.2f')} | {_fmt(r['min_ms'], '.2f')} | {_fmt(r['fwd_ms'], '.2f')} "
         f"| {_fmt(r['bwd_ms'], '.2f')} | {_fmt(r['ratio'], '.3f')} "
-        f"| {_fmt(r['ratio_interleaved'], '.3f')} | {_fmt(r['saved_mb'], '.1f')} "
+        f"| {_fmt(r['ratio_interleaved'], '.3f')} | {_fmt(r['graphed_ms'], '.2f')} | {_fmt(r['graphed_ratio'], '.3f')} "
+        f"| {_fmt(r['saved_mb'], '.1f')} "
         f"| {_fmt(r['peak_mb'], '.1f')} |"
         for r in rows(data)
     ]
