@@ -28,7 +28,9 @@ SMALL_CASES = [
     (64, 16, 5, 0, 1, True),  # odd window count, no shift mask
     (64, 24, 3, 1, 1, False),  # mask shared by every window (nW = 1), no bias
     (64, 30, 1, 0, 1, False),  # plain attention, one window
-    (49, 24, 3, 3, 1, True),  # window 7 (Swin's default): a ragged single tile
+    (49, 24, 3, 3, 1, True),  # window 7 (Swin's default): ragged tiles
+    (16, 30, 4, 2, 2, True),  # window 4: one tile, the backward's fused single pass (dq and dbias with dk, dv)
+    (25, 16, 3, 3, 1, True),  # window 5: a ragged single tile
     (100, 16, 2, 2, 1, True),  # window 10: ragged tiles on the tiled path
     (256, 30, 1, 1, 1, True),  # window 16 (HAT): the tiled path
 ]
