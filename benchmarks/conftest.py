@@ -183,15 +183,17 @@ def time_phases(forward, grad_out, clear_grads, device: torch.device, rounds: in
     return 1e3 * statistics.median(fwd), 1e3 * statistics.median(bwd)
 
 
-def time_graphed(model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, backend_ctx, rounds: int) -> float:
-    """Median ms of one forward + backward replayed from CUDA graphs (``torch.cuda.make_graphed_callables``).
+def time_graphed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad_out: torch.Tensor,
+                 context, rounds: int) -> float:
+    """Median ms of one forward + backward of ``fn(x)`` replayed from CUDA graphs.
 
     Eager steps of small layers are bound by kernel launches from the host (measured on an H100:
     the host side of a LoRA layer took longer than its GPU work); replayed graphs show what the
-    kernels themselves cost. Changes ``model``'s forward for good: call it last.
+    kernels themselves cost. ``fn`` is a module or a function whose only tensor requiring grad is
+    ``x`` (``torch.cuda.make_graphed_callables``); a module's forward is replaced for good: call it last.
     """
-    with backend_ctx():  # the backend's kernels are what gets captured (the warm-up runs autotuning)
-        graphed = torch.cuda.make_graphed_callables(model, (x,))
+    with context():  # the backend's kernels are what gets captured (the warm-up runs autotuning)
+        graphed = torch.cuda.make_graphed_callables(fn, (x,))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(rounds + 1):
@@ -202,6 +204,23 @@ def time_graphed(model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, back
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times[1:])
+
+
+def record_graphed(info: dict, fn, x, grad_out, context, medians: dict, key, is_baseline: bool) -> None:
+    """Into ``info`` on CUDA: graphed_ms and graphed_ratio_to_frozen (to the baseline's graphed
+    median in ``medians``), or graphed_error where the step cannot be captured."""
+    if not x.is_cuda:
+        return
+    x.grad = None
+    try:
+        graphed = time_graphed(fn, x, grad_out, context, GPU_MIN_ROUNDS)
+    except Exception as exc:  # noqa: BLE001 (a provider that cannot be captured keeps its eager numbers)
+        info["graphed_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        return
+    info["graphed_ms"] = graphed
+    if is_baseline:
+        medians[key] = graphed
+    info["graphed_ratio_to_frozen"] = graphed / medians[key] if key in medians else None
 
 
 def time_interleaved(benchmark, step, clear_grads, baseline_step, device: torch.device) -> tuple[float, float | None]:
@@ -331,18 +350,9 @@ def run_fwd_bwd(benchmark):
         info["fwd_ms"], info["bwd_ms"] = time_phases(forward, grad_out, clear_grads, device, phase_rounds)
         record_memory(info, forward, step, clear_grads, grad_out, model, device)
         info["loadavg"] = [load_before, load_average()]
-        if device.type == "cuda":
-            clear_grads()
-            try:
-                graphed = time_graphed(model, x, grad_out, backend_ctx, GPU_MIN_ROUNDS)
-            except Exception as exc:  # a provider that cannot be captured still has its eager numbers
-                info["graphed_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            else:
-                info["graphed_ms"] = graphed
-                if case.provider == "frozen":
-                    FROZEN_GRAPHED_MEDIANS[case.frozen_key] = graphed
-                frozen_graphed = FROZEN_GRAPHED_MEDIANS.get(case.frozen_key)
-                info["graphed_ratio_to_frozen"] = graphed / frozen_graphed if frozen_graphed else None
+        clear_grads()
+        record_graphed(info, model, x, grad_out, backend_ctx, FROZEN_GRAPHED_MEDIANS, case.frozen_key,
+                       case.provider == "frozen")
         return info
 
     return run

@@ -16,7 +16,8 @@ Recorded in ``extra_info`` besides what ``benchmarks/conftest.py`` records: ``ra
 ``ratio_to_eager_interleaved`` (this median / the median of eager steps timed between this
 provider's rounds: robust to load that drifts, as on a shared 2-core machine), ``torch_backend_path``
 (whether ``set_backend("torch")`` runs this provider's path on this device), the saved activation
-bytes and, on CUDA, the peak memory of one step. ``ratio_to_frozen`` repeats ``ratio_to_eager``
+bytes and, on CUDA, the peak memory of one step and the step replayed from CUDA graphs
+(graphed_ms, graphed_ratio_to_frozen: to the baseline's graphed median). ``ratio_to_frozen`` repeats ``ratio_to_eager``
 for ``benchmarks/to_markdown.py``, whose baseline column it fills. In the block-level benchmark the
 baseline is ``block_eager`` (spandrel's path, no adaptsr).
 """
@@ -35,7 +36,14 @@ from spandrel.architectures.SwinIR.__arch.SwinIR import window_partition, window
 from adaptsr import LoRAWindowAttention, set_backend
 from adaptsr.backend import is_available
 from adaptsr.ops.shifted_window_attention import shifted_window_attention
-from benchmarks.conftest import load_average, record_memory, saved_activation_bytes, sync_device, time_interleaved
+from benchmarks.conftest import (
+    load_average,
+    record_graphed,
+    record_memory,
+    saved_activation_bytes,
+    sync_device,
+    time_interleaved,
+)
 from benchmarks.shapes import (
     CPU_WINDOW_ATTENTION_SHAPES,
     GPU_WINDOW_ATTENTION_SHAPES,
@@ -49,6 +57,8 @@ attention_op = importlib.import_module("adaptsr.ops.window_attention")
 
 # Medians of the eager provider, keyed by Case.frozen_key; eager runs first per shape.
 EAGER_MEDIANS: dict[tuple[str, str], float] = {}
+# Graphed medians of each benchmark's baseline (eager, block_eager), keyed by (baseline, Case.frozen_key).
+GRAPHED_MEDIANS: dict = {}
 
 
 @contextlib.contextmanager
@@ -143,6 +153,8 @@ def _bench(case: Case, benchmark, module: torch.nn.Module, forward_fn: Callable[
 
     record_memory(extra, forward, step, clear_grads, grad_out, module, device)
     extra["loadavg"] = [load_before, load_average()]
+    record_graphed(extra, forward_fn, x, grad_out, contextlib.nullcontext, GRAPHED_MEDIANS,
+                   (baseline, case.frozen_key), case.provider == baseline)
 
 
 def _mask(shape: WindowAttentionShape, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
