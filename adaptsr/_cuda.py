@@ -234,16 +234,10 @@ def lora_conv2d_lowrank_grads(x, dy, lora_A, lora_B, scaling: float, stride, pad
     ``padding`` is the symmetric zero padding the kernel applies itself. Same contract as
     ``adaptsr.kernels.lora_conv2d.lora_conv2d_lowrank_grads``.
     """
-    n, c_in, _, _ = x.shape
-    _, c_out, _, _ = dy.shape
-    rank, c_in_g, _, _ = lora_A.shape
-    if dy.shape[0] != n or c_in != c_in_g * groups or lora_B.shape[0] != c_out:
-        raise ValueError(
-            f"lora_conv2d cuda grads: inconsistent shapes x {tuple(x.shape)}, dy {tuple(dy.shape)}, "
-            f"A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)}, groups {groups}"
-        )
-    if x.device != dy.device or x.dtype != dy.dtype:
-        raise ValueError(f"x and dy must share device and dtype, got {x.device}/{x.dtype} and {dy.device}/{dy.dtype}")
+    from adaptsr.ops._conv_geometry import check_lowrank_grad_inputs
+
+    check_lowrank_grad_inputs("cuda", x, dy, lora_A, lora_B, groups)
+    c_out, rank = dy.shape[1], lora_A.shape[0]
     x, dy = _same_layout(x, dy)
     return load().lora_lowrank_grads(
         x, dy, lora_A, lora_B.reshape(c_out, rank, 1, 1), float(scaling),

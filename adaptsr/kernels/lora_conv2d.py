@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from adaptsr.ops._conv_geometry import check_lowrank_grad_inputs, memory_format_of
+
 # The interpreter needs powers of two and is slow per element: keep tiles minimal there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # tl.dot needs at least 16 in every dimension on the GPU's matrix units.
@@ -322,9 +324,7 @@ def _check_pixels(m: int) -> None:
 
 def _like(x: torch.Tensor, shape) -> torch.Tensor:
     """An empty [N, C, H, W] tensor in x's memory format (channels-last when x is)."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=fmt)
+    return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=memory_format_of(x))
 
 
 def lora_conv2d_fwd(
@@ -399,16 +399,10 @@ def lora_conv2d_lowrank_grads(
     ``padding`` is the symmetric zero padding the kernel applies itself. ``z`` = conv(x, A)
     (``g r`` channels) when the forward saved it; otherwise it is computed here (one more pass over x).
     """
-    n, c_in, h, w = x.shape
+    check_lowrank_grad_inputs("triton", x, dy, lora_A, lora_B, groups)
+    n, _, h, w = x.shape
     _, c_out, ho, wo = dy.shape
     rank, c_in_g, kh, kw = lora_A.shape
-    if dy.shape[0] != n or c_in != c_in_g * groups or lora_B.shape[0] != c_out:
-        raise ValueError(
-            f"lora_conv2d triton grads: inconsistent shapes x {tuple(x.shape)}, dy {tuple(dy.shape)}, "
-            f"A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)}, groups {groups}"
-        )
-    if x.device != dy.device or x.dtype != dy.dtype:
-        raise ValueError(f"x and dy must share device and dtype, got {x.device}/{x.dtype} and {dy.device}/{dy.dtype}")
     if z is None:
         _, z = lora_conv2d_fwd(x, None, None, lora_A, stride, padding, dilation, groups)
     elif tuple(z.shape) != (n, groups * rank, ho, wo):

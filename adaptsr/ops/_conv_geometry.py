@@ -1,4 +1,4 @@
-"""Normalised nn.Conv2d geometry shared by every LoRA conv backend.
+"""Normalised nn.Conv2d geometry shared by every LoRA conv backend (and the launchers' input checks).
 
 nn.Conv2d accepts padding as an int, a pair, 'same' or 'valid', and four padding modes. Every
 backend wants the same thing: explicit (left, right, top, bottom) amounts, and whether the
@@ -85,3 +85,22 @@ class ConvGeometry:
         return F.conv2d(
             x_padded, weight, bias, self.stride, self.conv_padding, self.dilation, self.groups if groups is None else groups
         )
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is stored that way (and is not also plain contiguous), else contiguous."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def check_lowrank_grad_inputs(label: str, x, dy, lora_A, lora_B, groups: int) -> None:
+    """The shape, device and dtype contract of every fused low-rank gradient launcher (triton, cuda)."""
+    n, c_in = x.shape[:2]
+    c_in_g = lora_A.shape[1]
+    if dy.shape[0] != n or c_in != c_in_g * groups or lora_B.shape[0] != dy.shape[1]:
+        raise ValueError(
+            f"lora_conv2d {label} grads: inconsistent shapes x {tuple(x.shape)}, dy {tuple(dy.shape)}, "
+            f"A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)}, groups {groups}"
+        )
+    if x.device != dy.device or x.dtype != dy.dtype:
+        raise ValueError(f"x and dy must share device and dtype, got {x.device}/{x.dtype} and {dy.device}/{dy.dtype}")

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from adaptsr.backend import resolve
 from adaptsr.ops._autocast import apply_in_one_dtype
-from adaptsr.ops._conv_geometry import ConvGeometry
+from adaptsr.ops._conv_geometry import ConvGeometry, memory_format_of
 
 __all__ = ["conv_delta_weight", "lora_conv2d", "lora_conv2d_ref"]
 
@@ -263,7 +263,7 @@ class _LoRAConv2dFunction(torch.autograd.Function):
         x, w_merged, lora_A, lora_B, z = ctx.saved_tensors
         geometry, scaling = ctx.geometry, ctx.scaling
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        dy = dy.contiguous(memory_format=_memory_format(x))
+        dy = dy.contiguous(memory_format=memory_format_of(x))
 
         # Non-zero padding modes: rebuild the padded input, and keep the graph of the pad so
         # its adjoint folds the border gradients back into dx.
@@ -317,10 +317,6 @@ def _require_cuda_tensor(op: str, x: torch.Tensor) -> None:
             f"{op}: the 'cuda' backend runs on CUDA tensors, got x on {x.device}; move the model and its inputs "
             "to the GPU, or select another backend (adaptsr.set_backend('torch'))"
         )
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
 
 
 # -- functional entry point --
