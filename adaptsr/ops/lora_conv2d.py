@@ -245,17 +245,19 @@ class _LoRAConv2dFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, geometry, impl):
         w_merged = _merged_weight(weight, lora_A, lora_B, scaling)
         x_padded = geometry.pad_input(x)
+        # The backward's pass is chosen here, once: the triton forward needs to know whether to emit z.
+        low_rank = _prefer_low_rank(weight, lora_A.shape[0], geometry.groups) and not ctx.needs_input_grad[1]
         z = None
         if impl == "triton" and x.dtype != torch.float64:
             # z (r channels per pixel) is worth saving only when the backward takes the low-rank pass.
-            need_weight, need_lora = ctx.needs_input_grad[1], any(ctx.needs_input_grad[3:5])
-            want_z = need_lora and not need_weight and _prefer_low_rank(weight, lora_A.shape[0], geometry.groups)
+            want_z = low_rank and any(ctx.needs_input_grad[3:5])
             y, z = _triton_forward(x_padded, w_merged, bias, lora_A, geometry, want_z)
         else:
             y = geometry.conv(x_padded, w_merged, bias)
         # W' is weight-sized (no activation memory) and saves re-forming it in the backward.
         ctx.save_for_backward(x, w_merged, lora_A, lora_B, z)
         ctx.scaling, ctx.geometry, ctx.has_bias, ctx.impl = scaling, geometry, bias is not None, impl
+        ctx.low_rank = low_rank
         return y
 
     @staticmethod
@@ -273,7 +275,7 @@ class _LoRAConv2dFunction(torch.autograd.Function):
             with torch.enable_grad():
                 x_padded = geometry.pad_input(x_leaf)
 
-        low_rank = _prefer_low_rank(w_merged, lora_A.shape[0], geometry.groups) and not need_w
+        low_rank = ctx.low_rank
         want_full_wgrad = need_w or ((need_a or need_bb) and not low_rank)
         grad_xp, grad_w_merged, grad_bias = torch.ops.aten.convolution_backward(
             dy, x_padded.detach(), w_merged, [w_merged.shape[0]] if ctx.has_bias else None,

@@ -92,13 +92,14 @@ class _LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, impl):
         # W' = W + s B A in one launch (see lora_conv2d's _merged_weight)
         w_merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+        # The backward's pass is chosen here, once: the triton forward needs to know whether to emit z.
+        low_rank = _prefer_low_rank(weight, lora_A.shape[0]) and not ctx.needs_input_grad[1]
         z = None
         if impl == "triton" and x.dtype != torch.float64:
             from adaptsr.kernels.lora_linear import lora_linear_fwd
 
             # z = x A^T (r columns) is worth saving only when the backward takes the low-rank pass.
-            need_weight, need_lora = ctx.needs_input_grad[1], any(ctx.needs_input_grad[3:5])
-            want_z = need_lora and not need_weight and _prefer_low_rank(weight, lora_A.shape[0])
+            want_z = low_rank and any(ctx.needs_input_grad[3:5])
             if _DENSE_FORWARD_IN_TRITON:
                 x2 = x.reshape(-1, x.shape[-1])
                 y2, z = lora_linear_fwd(x2, w_merged, bias, lora_A.to(x.dtype) if want_z else None)
@@ -110,7 +111,7 @@ class _LoRALinearFunction(torch.autograd.Function):
             y = F.linear(x, w_merged, bias)
         # W' is weight-sized (no activation memory) and saves re-forming it in the backward.
         ctx.save_for_backward(x, w_merged, lora_A, lora_B, z)
-        ctx.scaling, ctx.impl = scaling, impl
+        ctx.scaling, ctx.impl, ctx.low_rank = scaling, impl, low_rank
         return y
 
     @staticmethod
@@ -124,7 +125,7 @@ class _LoRALinearFunction(torch.autograd.Function):
         grad_x = (dy @ w_merged) if need_x else None
         grad_bias = dy2.sum(0) if need_b else None
         grad_w = grad_a = grad_b = None
-        low_rank = _prefer_low_rank(w_merged, lora_A.shape[0]) and not need_w
+        low_rank = ctx.low_rank
         if need_w or ((need_a or need_bb) and not low_rank):
             grad_w = dy2.t() @ x2
         if need_a or need_bb:
