@@ -15,13 +15,14 @@ SCRIPT = ROOT / "benchmarks" / "gpu" / "ptxas_report.py"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
+    """``python *args`` in the repository, compiling for real targets (no interpreter)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT)
 
 
 def test_every_kernel_compiles_for_sm90_without_spills():
-    result = _run("--check", "--archs", "90")
+    result = _run(str(SCRIPT), "--check", "--archs", "90")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     lines = result.stdout.splitlines()
     for prefix, least in (("| lora", 30), ("| window", 40)):
@@ -40,9 +41,7 @@ case.constexprs.update(BLOCK_M=128, BLOCK_N=128, BLOCK_C=64)
 case.num_warps, case.num_stages = 8, 3
 print(report.compile_case(case, 90)["spill_bytes"])
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    result = _run("-c", code)
     if result.returncode != 0:
         pytest.fail(result.stderr[-4000:])
     assert int(result.stdout.strip().splitlines()[-1]) > 0
