@@ -254,12 +254,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the markdown report to this file")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated dtypes to measure (bf16, fp32)")
+    parser.add_argument("--ranks", default=",".join(map(str, GPU_RANKS)), help="comma-separated LoRA ranks")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through the Triton interpreter")
     args = parser.parse_args(argv)
     if args.smoke:
         device, conv_sizes, linear_sizes, ranks, dtypes = "cpu", SMOKE_CONV_SIZES, SMOKE_LINEAR_SIZES, (4,), "fp32"
     elif torch.cuda.is_available():
-        device, conv_sizes, linear_sizes, ranks, dtypes = "cuda", CONV_SIZES, LINEAR_SIZES, GPU_RANKS, args.dtypes
+        device, conv_sizes, linear_sizes, dtypes = "cuda", CONV_SIZES, LINEAR_SIZES, args.dtypes
+        ranks = tuple(int(r) for r in args.ranks.split(","))
     else:
         print("kernel_roofline.py needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
