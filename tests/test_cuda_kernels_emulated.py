@@ -96,6 +96,11 @@ CONV_CASES = {
     "1x1-33-outputs": (17, 33, (1, 1), (1, 1), (0, 0), (1, 1), 1, 16, 2, 5, 7, 2),
     "groups2-36-per-group-3x1": (72, 34, (3, 1), (2, 1), (1, 0), (1, 1), 2, 4, 1, 9, 6, 1),
     "rank37-two-chunks": (12, 10, (3, 3), (1, 1), (1, 1), (1, 1), 1, 37, 2, 9, 10, 1),
+    # three output tiles (u summed over them) and three input-channel tiles, ranks in two lane groups
+    "1x1-130-to-140-rank12": (130, 140, (1, 1), (1, 1), (0, 0), (1, 1), 1, 12, 1, 9, 10, 2),
+    # 330 pixels: runs of two tiles, the last one ragged (a thread still checking the previous
+    # tile's pixels while another sets the next tile's shows here)
+    "rank12-runs-of-two-tiles": (5, 6, (1, 1), (1, 1), (0, 0), (1, 1), 1, 12, 1, 15, 22, 1),
 }
 
 

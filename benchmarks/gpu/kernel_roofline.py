@@ -9,7 +9,9 @@ For each SR-training shape, with the card's measured copy bandwidth and matmul r
   plus the Triton z-only kernel, against the floor max(FLOPs / rate, bytes / bandwidth). This is
   the measurement behind ``_DENSE_FORWARD_IN_TRITON`` in ``adaptsr/ops/lora_conv2d.py``;
 - whole layers' fwd+bwd (input gradient on, base frozen): frozen, torch backend, triton backend
-  (both forward compositions), against the frozen layer's FLOP floor.
+  (both forward compositions), cuda backend, against the frozen layer's FLOP floor.
+
+The cuda columns (the CUDA C++ extension's z, u/dB and dA kernels) read "n/a" where it does not run.
 
 Prints a markdown report; ``--out FILE`` also writes it. Run on a machine with a CUDA GPU:
 ``python benchmarks/gpu/kernel_roofline.py --out report.md``. ``--smoke`` runs tiny shapes on the
@@ -35,6 +37,8 @@ if "--smoke" in sys.argv:
 import adaptsr  # noqa: E402
 from adaptsr.kernels.lora_conv2d import lora_conv2d_fwd, lora_conv2d_lowrank_grads  # noqa: E402
 from adaptsr.kernels.lora_linear import lora_linear_fwd, lora_linear_lowrank_grads  # noqa: E402
+from adaptsr import _cuda  # noqa: E402
+from adaptsr.backend import is_available  # noqa: E402
 from adaptsr.ops._conv_geometry import ConvGeometry  # noqa: E402
 from benchmarks.shapes import GPU_CONV_SHAPES, GPU_LINEAR_SHAPES, GPU_RANKS  # noqa: E402
 
@@ -42,6 +46,8 @@ from benchmarks.shapes import GPU_CONV_SHAPES, GPU_LINEAR_SHAPES, GPU_RANKS  # n
 conv_op = importlib.import_module("adaptsr.ops.lora_conv2d")
 linear_op = importlib.import_module("adaptsr.ops.lora_linear")
 
+# The CUDA C++ extension's columns, where it runs (a GPU and a built adaptsr._C); "n/a" elsewhere.
+CUDA_KERNELS = torch.cuda.is_available() and is_available("cuda")
 # The layer sizes of the benchmark shapes (each is listed once per dtype there).
 CONV_SIZES = sorted({(s.batch, s.channels, s.height, s.width) for s in GPU_CONV_SHAPES})
 LINEAR_SIZES = sorted({(s.num_tokens, s.in_features, s.out_features) for s in GPU_LINEAR_SHAPES})
@@ -119,6 +125,8 @@ def _measure(bench, op, lora, base, x, dy, passes, forwards, flops_fwd):
     z = forwards["triton_y_z"]()[1]
     y = forwards["dense_y"]()
     row = {"op": op, "rank": lora.rank, "dtype": str(dtype).split(".")[-1]}
+    if CUDA_KERNELS:
+        passes = {**passes, "grad_cuda": lambda: _cuda_lowrank_grads(x, dy, lora)}
     row.update({name: bench.ms(fn) for name, fn in passes.items()})
     row.update({name: bench.ms(fn) for name, fn in forwards.items()})
     row["grad_floor"] = bench.floor_ms(0, _nbytes(x, dy, z), dtype)
@@ -129,7 +137,23 @@ def _measure(bench, op, lora, base, x, dy, passes, forwards, flops_fwd):
     row["torch_layer"] = _layer_fwd_bwd_ms(bench, lora, x, "torch")
     row["triton_layer"] = _layer_fwd_bwd_ms(bench, lora, x, "triton", dense_in_triton=True)
     row["triton_cudnn_layer"] = _layer_fwd_bwd_ms(bench, lora, x, "triton", dense_in_triton=False)
+    if CUDA_KERNELS:
+        row["cuda_layer"] = _layer_fwd_bwd_ms(bench, lora, x, "cuda")
     return row
+
+
+def _cuda_lowrank_grads(x, dy, lora):
+    """The CUDA C++ extension's pass (z, u/dB and dA kernels; it recomputes z) for a LoRA layer."""
+    a, b = lora.lora_A.detach(), lora.lora_B.detach()
+    if x.dim() == 2:
+        return _cuda.lora_linear_lowrank_grads(x, dy, a, b, 1.0)
+    return _cuda.lora_conv2d_lowrank_grads(x, dy, a, b, 1.0, (1, 1), (1, 1), (1, 1), 1)
+
+
+def _ms_or_na(row: dict, key: str, base: float | None = None) -> str:
+    if key not in row:
+        return "n/a"
+    return _ratio(row[key], base) if base is not None else f"{row[key]:.3f}"
 
 
 def conv_rows(bench: Bench, dtype: torch.dtype, sizes, ranks):
@@ -213,13 +237,15 @@ def render(rows, bench: Bench) -> str:
         "",
         "Low-rank gradient pass alone (dA, dB from x and dy), ms; floor: x, dy and z read once over the copy bandwidth:",
         "",
-        "| op | r | dtype | triton, saved z | % of floor | triton, z recomputed | torch thin ops | full wgrad | floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | r | dtype | triton, saved z | % of floor | triton, z recomputed | cuda (z recomputed) | torch thin ops "
+        "| full wgrad | floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['rank']} | {r['dtype']} | {r['grad_saved_z']:.3f} | {100 * r['grad_floor'] / r['grad_saved_z']:.0f}% "
-            f"| {r['grad_recompute_z']:.3f} | {r['grad_thin_torch']:.3f} | {r['grad_full_wgrad']:.3f} | {r['grad_floor']:.3f} |"
+            f"| {r['grad_recompute_z']:.3f} | {_ms_or_na(r, 'grad_cuda')} | {r['grad_thin_torch']:.3f} "
+            f"| {r['grad_full_wgrad']:.3f} | {r['grad_floor']:.3f} |"
         )
     lines += [
         "",
@@ -238,14 +264,15 @@ def render(rows, bench: Bench) -> str:
         "Whole layer fwd+bwd (base frozen, input gradient on), ms and ratio to the frozen layer; floor: the frozen "
         "layer's forward + input-gradient FLOPs over the rate:",
         "",
-        "| op | r | dtype | frozen | torch backend | triton (one-pass fwd) | triton (cuDNN/cuBLAS fwd) | frozen floor |",
-        "|---|---|---|---|---|---|---|---|",
+        "| op | r | dtype | frozen | torch backend | triton (one-pass fwd) | triton (cuDNN/cuBLAS fwd) | cuda backend "
+        "| frozen floor |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['rank']} | {r['dtype']} | {r['frozen']:.3f} | {_ratio(r['torch_layer'], r['frozen'])} | "
             f"{_ratio(r['triton_layer'], r['frozen'])} | {_ratio(r['triton_cudnn_layer'], r['frozen'])} | "
-            f"{r['layer_floor']:.3f} |"
+            f"{_ms_or_na(r, 'cuda_layer', r['frozen'])} | {r['layer_floor']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 

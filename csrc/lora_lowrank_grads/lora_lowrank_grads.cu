@@ -1,5 +1,5 @@
-// Host side of the fused low-rank gradient pass: input checks, the fp32 adapter matrices, the
-// workspace and the launch; the math and the kernel are in lora_lowrank_grads_kernel.cuh.
+// Host side of the low-rank gradient pass: input checks, the fp32 adapter matrices, the buffers
+// and the three launches; the math and the kernels are in lora_lowrank_grads_kernel.cuh.
 
 // Light headers (ATen/core/Tensor.h and the few ops used, c10's CUDA stream and guard; not
 // ATen/ATen.h or ATen/cuda/CUDAContext.h): they cut the compile time of each file by a third.
@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../dispatch.h"
@@ -79,28 +80,42 @@ std::tuple<at::Tensor, at::Tensor> lora_lowrank_grads(const at::Tensor& x, const
   const ConvShape shape = make_conv_shape(x.sizes().data(), x.strides().data(), dy.sizes().data(),
                                           dy.strides().data(), lora_A.sizes().data(), stride.data(), padding.data(),
                                           dilation.data(), groups);
-  const Launch launch = plan_launch(shape, groups, multiprocessor_count(x));
-  TORCH_CHECK_VALUE(launch.rank_chunks <= 65535, op, ": rank ", rank, " is too large");
-  at::Tensor ws_a = at::zeros(launch.ws_a_sizes, x.options().dtype(at::kFloat));
-  at::Tensor ws_b = at::zeros(launch.ws_b_sizes, x.options().dtype(at::kFloat));
+  const Launch launch = plan_launch(shape, multiprocessor_count(x));
+  TORCH_CHECK_VALUE(launch.z_grid.y <= 65535, op, ": groups x ceil(rank / ", kMaxChunkRank, ") = ", launch.z_grid.y,
+                    " is too large (at most 65535)");
+  // Every entry of these is written by exactly one block: no zero fill.
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor z = at::empty(launch.z_sizes, f32);
+  at::Tensor u_part = at::empty(launch.u_sizes, f32);
+  at::Tensor ws_b = at::empty(launch.ws_b_sizes, f32);
+  at::Tensor ws_a = at::empty(launch.ws_a_sizes, f32);
 
-  const dim3 grid = to_dim3(launch.grid);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int rank_chunks = static_cast<int>(launch.rank_chunks);
+  const int o_tiles = static_cast<int>(launch.o_tiles);
   ADAPTSR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), op, [&] {
+    auto run = [&](auto channels_fastest_tag) {
+      constexpr bool kChannelsFastest = decltype(channels_fastest_tag)::value;
+      lowrank_z_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.z_grid), kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), a_mat.data_ptr<float>(), z.data_ptr<float>(), shape, rank_chunks);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      lowrank_u_db_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.u_db_grid), kThreads, 0, stream>>>(
+          dy.data_ptr<scalar_t>(), b_mat.data_ptr<float>(), z.data_ptr<float>(), u_part.data_ptr<float>(),
+          ws_b.data_ptr<float>(), shape, rank_chunks);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      lowrank_da_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.da_grid), kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), u_part.data_ptr<float>(), ws_a.data_ptr<float>(), shape, rank_chunks, o_tiles);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
     if (channels_fastest(shape)) {
-      lora_lowrank_grads_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), a_mat.data_ptr<float>(), b_mat.data_ptr<float>(),
-          ws_a.data_ptr<float>(), ws_b.data_ptr<float>(), shape);
+      run(std::true_type{});
     } else {
-      lora_lowrank_grads_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), a_mat.data_ptr<float>(), b_mat.data_ptr<float>(),
-          ws_a.data_ptr<float>(), ws_b.data_ptr<float>(), shape);
+      run(std::false_type{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
-  // -- fixed-order sums over blocks (and groups: A is shared by every group), then A's layout --
-  const at::Tensor grad_a_mat = sum_partials(ws_a.view({launch.splits * groups, rank, k_len}), scaling);
+  // -- fixed-order sums over pixel runs (and groups: A is shared by every group), then A's layout --
+  const at::Tensor grad_a_mat = sum_partials(ws_a.view({launch.da_splits * groups, rank, k_len}), scaling);
   const at::Tensor grad_a = grad_a_mat.view({rank, kh, kw, in_pg}).permute({0, 3, 1, 2}).to(lora_A.scalar_type()).contiguous();
   const at::Tensor grad_b = sum_partials(ws_b, scaling).view({out_channels, rank, 1, 1}).to(lora_B.scalar_type());
   return {grad_a, grad_b};

@@ -1,5 +1,5 @@
-// Launch geometry of the fused low-rank gradient pass: the kernel's ConvShape argument, its grid
-// and its workspaces, from plain sizes and strides. Host-only C++ (no CUDA runtime calls, no
+// Launch geometry of the low-rank gradient pass: the kernels' ConvShape argument, their grids
+// and buffers, from plain sizes and strides. Host-only C++ (no CUDA runtime calls, no
 // ATen) shared by lora_lowrank_grads.cu and the CPU emulation test (tests/cuda_emulation/), so
 // both launch the kernel the same way. The tile sizes come from the kernel header.
 #pragma once
@@ -26,6 +26,7 @@ inline ConvShape make_conv_shape(const int64_t* x_sizes, const int64_t* x_stride
   shape.width = static_cast<int>(x_sizes[3]);
   shape.out_height = static_cast<int>(dy_sizes[2]);
   shape.out_width = static_cast<int>(dy_sizes[3]);
+  shape.groups = static_cast<int>(groups);
   shape.in_per_group = static_cast<int>(a_sizes[1]);
   shape.out_per_group = static_cast<int>(dy_sizes[1] / groups);
   shape.out_channels = static_cast<int>(dy_sizes[1]);
@@ -49,31 +50,54 @@ inline ConvShape make_conv_shape(const int64_t* x_sizes, const int64_t* x_stride
   return shape;
 }
 
-// The kernel's kChannelsFastest: staging is coalesced over channels when they are x's unit-stride
-// dimension (channels-last images, and the linear layer), over pixels otherwise.
+// The kernels' kChannelsFastest: staging is coalesced over channels when they are the unit-stride
+// dimension of x and dy (channels-last images, and the linear layer), over pixels otherwise.
 inline bool channels_fastest(const ConvShape& shape) { return shape.x_sc == 1; }
 
+// Grids and float32 buffers of the three kernels (lora_lowrank_grads_kernel.cuh), blocks of kThreads.
 struct Launch {
-  LaunchGrid grid;       // (splits, groups, rank chunks) blocks of kThreads threads
-  int64_t splits;        // blocks per (group, rank chunk), each a strided set of pixel tiles
-  int64_t rank_chunks;   // ceil(r / kMaxChunkRank)
-  int64_t k_len;         // taps * C_in/g: columns of A's matrix
-  std::array<int64_t, 4> ws_a_sizes;  // float32 zeros [splits, groups, r, k_len]: partial dA per block
-  std::array<int64_t, 3> ws_b_sizes;  // float32 zeros [splits, C_out, r]: partial dB per block
+  int64_t rank_chunks;  // ceil(r / kMaxChunkRank)
+  int64_t o_tiles;      // ceil(C_out/g / kTile): the u/dB kernel's column tiles
+  int64_t c_tiles;      // ceil(C_in/g / kTile): the dA kernel has taps * c_tiles column tiles
+  int64_t k_len;        // taps * C_in/g: columns of A's matrix
+  int64_t db_splits, da_splits;  // pixel runs of the two split-K kernels
+  LaunchGrid z_grid;     // (pixel tiles, groups * rank chunks)
+  LaunchGrid u_db_grid;  // (o_tiles, db_splits, groups * rank chunks)
+  LaunchGrid da_grid;    // (taps * c_tiles, da_splits, groups * rank chunks)
+  std::array<int64_t, 2> z_sizes;     // [M, g r]
+  std::array<int64_t, 3> u_sizes;     // [o_tiles, M, g r]: u's partial sum per output tile
+  std::array<int64_t, 3> ws_b_sizes;  // [db_splits, C_out, r]: partial dB per pixel run
+  std::array<int64_t, 4> ws_a_sizes;  // [da_splits, groups, r, k_len]: partial dA per pixel run
 };
 
-// The grid and workspaces for a shape with at least one pixel and one rank, on a GPU with
-// `multiprocessors` SMs: a few blocks per SM (kBlocksPerSM), never more splits than pixel tiles.
-inline Launch plan_launch(const ConvShape& shape, int64_t groups, int64_t multiprocessors) {
+// Pixel runs for a split-K grid with `columns` blocks per run: a few blocks per SM (kBlocksPerSM)
+// in all, never more runs than pixel tiles, and no empty run.
+inline int64_t pixel_splits(int64_t num_tiles, int64_t columns, int64_t multiprocessors) {
+  const int64_t wanted = std::clamp<int64_t>(ceil_div(multiprocessors * kBlocksPerSM, columns), 1, num_tiles);
+  return ceil_div(num_tiles, ceil_div(num_tiles, wanted));
+}
+
+// The launches for a shape with at least one pixel and one rank, on a GPU with `multiprocessors` SMs.
+inline Launch plan_launch(const ConvShape& shape, int64_t multiprocessors) {
   Launch launch;
-  const int64_t num_tiles = ceil_div(shape.pixels, kTilePixels);
+  const int64_t num_tiles = ceil_div(shape.pixels, kTile);
+  const int64_t groups = shape.groups;
   launch.rank_chunks = ceil_div(shape.rank, kMaxChunkRank);
-  const int64_t wanted = ceil_div(multiprocessors * kBlocksPerSM, groups * launch.rank_chunks);
-  launch.splits = std::clamp<int64_t>(wanted, 1, num_tiles);
-  launch.grid = LaunchGrid{launch.splits, groups, launch.rank_chunks};
+  launch.o_tiles = ceil_div(shape.out_per_group, kTile);
+  launch.c_tiles = ceil_div(shape.in_per_group, kTile);
   launch.k_len = static_cast<int64_t>(shape.taps) * shape.in_per_group;
-  launch.ws_a_sizes = {launch.splits, groups, shape.rank, launch.k_len};
-  launch.ws_b_sizes = {launch.splits, shape.out_channels, shape.rank};
+  const int64_t chunks = groups * launch.rank_chunks;
+  const int64_t da_columns = shape.taps * launch.c_tiles;
+  launch.db_splits = pixel_splits(num_tiles, launch.o_tiles * chunks, multiprocessors);
+  launch.da_splits = pixel_splits(num_tiles, da_columns * chunks, multiprocessors);
+  launch.z_grid = LaunchGrid{num_tiles, chunks, 1};
+  launch.u_db_grid = LaunchGrid{launch.o_tiles, launch.db_splits, chunks};
+  launch.da_grid = LaunchGrid{da_columns, launch.da_splits, chunks};
+  const int64_t row = groups * shape.rank;
+  launch.z_sizes = {shape.pixels, row};
+  launch.u_sizes = {launch.o_tiles, shape.pixels, row};
+  launch.ws_b_sizes = {launch.db_splits, shape.out_channels, shape.rank};
+  launch.ws_a_sizes = {launch.da_splits, groups, shape.rank, launch.k_len};
   return launch;
 }
 

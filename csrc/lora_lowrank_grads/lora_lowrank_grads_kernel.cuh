@@ -1,30 +1,34 @@
-// The fused low-rank gradient pass of a LoRA convolution (a LoRA linear layer is the 1x1 case).
+// The low-rank gradient pass of a LoRA convolution (a LoRA linear layer is the 1x1 case).
 //
 // For one group g of a convolution, output pixels p (flattened over batch and space), the input
 // patch X[p, (t, c)] that kernel tap t sees in input channel c of the group, A: [r, C_in/g, kh, kw],
 // B: [C_out, r] and scaling s:
 //
-//     u[p, k]     = sum_o dy[p, o] B[o, k]                 (B^T dy: r channels)
 //     z[p, k]     = sum_(t,c) X[p, (t, c)] A[k, c, t]       (conv(x, A): r channels)
+//     u[p, k]     = sum_o dy[p, o] B[o, k]                 (B^T dy: r channels)
 //     dA[k, c, t] = s sum_g sum_p u[p, k] X[p, (t, c)]
 //     dB[o, k]    = s sum_p dy[p, o] z[p, k]
 //
-// One thread block owns a group g, a chunk of at most kMaxChunkRank ranks (ranks are independent:
-// u, z, dA and dB of rank k only involve rank k) and a strided set of kTilePixels-pixel tiles.
-// Per tile it makes three passes, each staging a [pixels x channels] slab in shared memory (fp32):
+// Three streaming kernels, each reading its large input once and accumulating in registers:
 //
-//     1. dy  -> u                       (u kept in shared memory for pass 2)
-//     2. x   -> z, and dA += u^T X      (x is read once per tap: every product that needs x)
-//     3. dy  -> dB += dy^T z            (the second read of the tile's dy rows comes from L2)
+//     z kernel,    reads x:   z  -> float32 [M, g r]                     one block per pixel tile
+//     u/dB kernel, reads dy:  u  -> float32 [output tiles, M, g r]       (partial over output tiles)
+//                             dB -> float32 [splits, C_out, r]           (partial over pixel runs)
+//     dA kernel,   reads x:   dA -> float32 [splits, g, r, taps C_in/g]  (partial over pixel runs)
 //
-// Staging is coalesced over channels when the channel stride is 1 (channels-last images, and the
-// linear layer) and over pixels otherwise (NCHW). Partial dA and dB live in a per-block slab of a
-// float32 workspace, each entry owned by one thread: no atomics. A second kernel sums the slabs
-// over blocks in a fixed order, so the result is deterministic. All arithmetic is fp32.
+// The u/dB and dA kernels are split-K reductions over pixels: a block owns one column tile (64
+// output channels, or one tap and 64 input channels) and a contiguous run of pixel tiles, keeps
+// its partial dB or dA in registers across the whole run and writes it once. The host sums the
+// partials over runs (and groups, which share A) in a fixed order: deterministic, no atomics. The
+// blocks of one pixel run are launched next to each other (the column tile is grid.x), so the
+// taps' overlapping reads of x come from L2. All arithmetic is fp32, on CUDA cores: each thread
+// holds kRanksPerThread accumulators and reads its operands from shared memory, one of them a
+// broadcast across the warp.
 //
-// Not tuned (no GPU measurements yet): the products run on CUDA cores (FMA from shared memory),
-// not tensor cores, and every tile adds its partial dA (r x taps x C/g floats) to the block's slab,
-// L2 traffic that larger tiles or a shared-memory accumulator would cut. GPU timings decide.
+// Threads: four per pixel (z, u) or per column (dA, dB). With r > 16 in a block's chunk the four
+// take a quarter of the ranks each; with fewer ranks they share the ranks and split the
+// reduction (channels, output channels or pixels) instead, and sum their parts at the end through
+// shared memory (`LaneSplit`), so every thread works for any r.
 
 #pragma once
 
@@ -36,188 +40,366 @@ namespace adaptsr {
 namespace lowrank {
 
 constexpr int kThreads = 256;
-constexpr int kTilePixels = 64;                             // P: output pixels per tile
-constexpr int kRankGroups = kThreads / kTilePixels;         // threads sharing one pixel in passes 1-2
-constexpr int kMaxChunkRank = 32;                           // ranks per block; more ranks -> more blocks
-constexpr int kRanksPerThread = kMaxChunkRank / kRankGroups;
-constexpr int kChannelChunk = 32;                           // channels staged per step (one warp wide)
-// Blocks per SM the grid aims at: 29 KB of shared memory and 256 threads per block allow about 4
-// resident blocks per SM on Ampere/Hopper; more blocks only grow the workspace.
+constexpr int kTile = 64;                            // pixels per tile; channels per column tile
+constexpr int kLanes = kThreads / kTile;             // threads sharing one pixel or one column
+constexpr int kRanksPerThread = 8;                   // accumulators per thread
+constexpr int kMaxChunkRank = kLanes * kRanksPerThread;  // ranks per block; more ranks -> more blocks
+// Blocks per SM the split-K grids aim at: each block needs 35-43 KB of shared memory, so about
+// five fit on an SM of Ampere/Hopper; more blocks would only grow the workspaces.
 constexpr int kBlocksPerSM = 4;
 
-static_assert(kThreads % kTilePixels == 0, "threads must split evenly over the tile's pixels");
-static_assert(kMaxChunkRank % kRankGroups == 0, "ranks must split evenly over the rank groups");
+static_assert(kThreads % kTile == 0 && kTile % 32 == 0, "a warp must lie inside one lane group");
 
 struct ConvShape {
   int64_t pixels;  // M = N * HO * WO
   int height, width, out_height, out_width;
-  int in_per_group, out_per_group, out_channels, rank;
+  int groups, in_per_group, out_per_group, out_channels, rank;
   int taps, kernel_w;  // taps = kh * kw
   int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   int64_t x_sn, x_sc, x_sh, x_sw;
   int64_t dy_sn, dy_sc, dy_sh, dy_sw;
 };
 
-struct TileSmem {
-  float slab[kTilePixels][kChannelChunk + 1];  // +1: the pixel-major reads of passes 1-2 avoid bank conflicts
-  float weights[kChannelChunk][kMaxChunkRank];  // the staged rows of A (pass 2) or B (pass 1)
-  float u[kTilePixels][kMaxChunkRank];
-  float z[kTilePixels][kMaxChunkRank];
-  int pix_n[kTilePixels];   // batch index of the pixel, -1 past the last pixel
-  int pix_ih[kTilePixels];  // top-left input row / column the pixel's window starts at
-  int pix_iw[kTilePixels];
-  int64_t pix_dy[kTilePixels];  // offset of dy[n, 0, oh, ow]
+// The block's place in a launch whose grid.z (grid.y for the z kernel) enumerates the
+// (group, rank chunk) pairs: groups * rank_chunks blocks.
+struct GroupChunk {
+  int group, rank0, chunk_rank;
 };
 
-// slab[p][c] = src[pixel p, channel c_first + c] (fp32), zero outside [0, count) and for pixels
-// past the end. `offset(p, c_global)` returns the element offset or -1 when it falls in the padding.
-template <typename scalar_t, bool kChannelsFastest, typename Offset>
-__device__ __forceinline__ void stage_slab(TileSmem& sm, const scalar_t* __restrict__ src, int c_first, int count,
-                                           Offset offset) {
-  for (int i = threadIdx.x; i < kTilePixels * kChannelChunk; i += kThreads) {
-    // Consecutive threads take consecutive addresses: channels when they are the unit-stride
-    // dimension, pixels otherwise.
-    const int p = kChannelsFastest ? i / kChannelChunk : i % kTilePixels;
-    const int c = kChannelsFastest ? i % kChannelChunk : i / kTilePixels;
-    float v = 0.f;
-    if (c < count && sm.pix_n[p] >= 0) {
-      const int64_t off = offset(p, c_first + c);
-      if (off >= 0) v = to_float(src[off]);
+__device__ __forceinline__ GroupChunk group_chunk(const ConvShape& shape, int index, int rank_chunks) {
+  const int rank0 = (index % rank_chunks) * kMaxChunkRank;
+  return {index / rank_chunks, rank0, min(kMaxChunkRank, shape.rank - rank0)};
+}
+
+// How the kLanes threads sharing one pixel or column divide the work: `rank_base` is the first of
+// this thread's kRanksPerThread ranks (within the chunk), and it takes every `parts`-th entry of
+// the reduction, starting at `part`. rank_groups * parts == kLanes.
+struct LaneSplit {
+  int rank_base, part, parts;
+};
+
+__device__ __forceinline__ LaneSplit lane_split(int chunk_rank) {
+  const int rank_groups = chunk_rank <= kRanksPerThread ? 1 : chunk_rank <= 2 * kRanksPerThread ? 2 : kLanes;
+  const int lane = threadIdx.x / kTile;
+  return {(lane % rank_groups) * kRanksPerThread, lane / rank_groups, kLanes / rank_groups};
+}
+
+// Per-pixel coordinates of one tile of output pixels.
+struct PixelTile {
+  int n[kTile];   // batch index of the pixel, -1 past the last pixel
+  int ih[kTile];  // top-left input row / column the pixel's window starts at
+  int iw[kTile];
+  int64_t dy[kTile];  // offset of dy[n, 0, oh, ow]
+};
+
+// The parts of an accumulator that the `parts` threads of a pixel or column hold, summed in part
+// order. +1: threads of a warp write rows `index` apart without bank conflicts.
+using PartScratch = float[kLanes][kTile][kRanksPerThread + 1];
+
+__device__ __forceinline__ void set_pixel_tile(PixelTile& tile, const ConvShape& shape, int64_t first_pixel) {
+  for (int p = threadIdx.x; p < kTile; p += kThreads) {
+    const int64_t m = first_pixel + p;
+    if (m < shape.pixels) {
+      const int64_t per_image = static_cast<int64_t>(shape.out_height) * shape.out_width;
+      const int n = static_cast<int>(m / per_image);
+      const int rem = static_cast<int>(m % per_image);
+      const int oh = rem / shape.out_width;
+      const int ow = rem % shape.out_width;
+      tile.n[p] = n;
+      tile.ih[p] = oh * shape.stride_h - shape.pad_h;
+      tile.iw[p] = ow * shape.stride_w - shape.pad_w;
+      tile.dy[p] = n * shape.dy_sn + oh * shape.dy_sh + ow * shape.dy_sw;
+    } else {
+      tile.n[p] = -1;
     }
-    sm.slab[p][c] = v;
   }
 }
 
+// slab[p][c] = src[pixel p, channel c_first + c] (fp32), zero for c >= count, for pixels past the
+// end, and where `offset(p, c_global)` returns -1 (the zero padding).
+template <typename scalar_t, bool kChannelsFastest, typename Offset>
+__device__ __forceinline__ void stage_slab(float (&slab)[kTile][kTile + 1], const PixelTile& tile,
+                                           const scalar_t* __restrict__ src, int c_first, int count, Offset offset) {
+  for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
+    // Consecutive threads take consecutive addresses: channels when they are the unit-stride
+    // dimension (channels-last images, the linear layer), pixels otherwise.
+    const int p = kChannelsFastest ? i / kTile : i % kTile;
+    const int c = kChannelsFastest ? i % kTile : i / kTile;
+    float v = 0.f;
+    if (c < count && tile.n[p] >= 0) {
+      const int64_t off = offset(p, c_first + c);
+      if (off >= 0) v = to_float(src[off]);
+    }
+    slab[p][c] = v;
+  }
+}
+
+// rows[p][k] = src[(pixel p) * row_stride + k] for k < chunk_rank, zero elsewhere (fp32 source).
+__device__ __forceinline__ void load_rank_rows(float (&rows)[kTile][kMaxChunkRank], const PixelTile& tile,
+                                               const float* __restrict__ src, int64_t first_pixel, int64_t row_stride,
+                                               int chunk_rank) {
+  for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
+    const int p = i / kMaxChunkRank, k = i % kMaxChunkRank;
+    rows[p][k] = (k < chunk_rank && tile.n[p] >= 0) ? src[(first_pixel + p) * row_stride + k] : 0.f;
+  }
+}
+
+// Sums acc over the parts of this thread's pixel or column `index`; the result is valid in the
+// thread with part 0. Ends with a barrier: the scratch can be reused at once.
+__device__ __forceinline__ void sum_parts(PartScratch& scratch, float (&acc)[kRanksPerThread], const LaneSplit& ls,
+                                          int index) {
+  if (ls.parts == 1) return;
+  const int lane = threadIdx.x / kTile;
+#pragma unroll
+  for (int j = 0; j < kRanksPerThread; ++j) scratch[lane][index][j] = acc[j];
+  __syncthreads();
+  if (ls.part == 0) {
+    const int rank_groups = kLanes / ls.parts;
+    for (int part = 1; part < ls.parts; ++part) {
+#pragma unroll
+      for (int j = 0; j < kRanksPerThread; ++j) acc[j] += scratch[lane + part * rank_groups][index][j];
+    }
+  }
+  __syncthreads();
+}
+
+// -- z kernel: z[p, group r + k] = sum_(t,c) X[p, (t, c)] A[k, c, t], one block per pixel tile --
+
+struct ZSmem {
+  PixelTile tile;
+  float slab[kTile][kTile + 1];            // x at one tap, 64 channels; +1: pixel-major reads without bank conflicts
+  float weights[kTile][kMaxChunkRank];     // A's columns for those channels
+  PartScratch scratch;
+};
+
 template <typename scalar_t, bool kChannelsFastest>
 __global__ void __launch_bounds__(kThreads)
-    lora_lowrank_grads_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
-                              const float* __restrict__ a_mat,  // [R][taps * C_in/g], (t, c) order
-                              const float* __restrict__ b_mat,  // [C_out][R]
-                              float* __restrict__ ws_a,         // [splits][groups][R][taps * C_in/g]
-                              float* __restrict__ ws_b,         // [splits][C_out][R]
-                              const ConvShape shape) {
-  __shared__ TileSmem sm;
-
-  const int split = blockIdx.x;
-  const int num_splits = gridDim.x;
-  const int group = blockIdx.y;
-  const int num_groups = gridDim.y;
-  const int rank0 = blockIdx.z * kMaxChunkRank;
-  const int chunk_rank = min(kMaxChunkRank, shape.rank - rank0);
-
-  const int tid = threadIdx.x;
-  const int my_pixel = tid % kTilePixels;  // passes 1-2: this thread's pixel ...
-  const int my_rank0 = tid / kTilePixels;  // ... and ranks my_rank0 + j * kRankGroups
-
+    lowrank_z_kernel(const scalar_t* __restrict__ x,
+                     const float* __restrict__ a_mat,  // [R][taps * C_in/g], (t, c) order
+                     float* __restrict__ z,            // [M][groups * R]
+                     const ConvShape shape, int rank_chunks) {
+  __shared__ ZSmem sm;
+  const GroupChunk gc = group_chunk(shape, blockIdx.y, rank_chunks);
+  const LaneSplit ls = lane_split(gc.chunk_rank);
   const int in_pg = shape.in_per_group;
-  const int out_pg = shape.out_per_group;
-  const int64_t k_len = static_cast<int64_t>(shape.taps) * in_pg;  // K: columns of A's matrix
-  const int x_c0 = group * in_pg;
-  const int dy_c0 = group * out_pg;
-  float* const slab_a = ws_a + ((static_cast<int64_t>(split) * num_groups + group) * shape.rank + rank0) * k_len;
-  float* const slab_b = ws_b + static_cast<int64_t>(split) * shape.out_channels * shape.rank;
+  const int64_t k_len = static_cast<int64_t>(shape.taps) * in_pg;
+  const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int my_pixel = threadIdx.x % kTile;
 
-  auto dy_offset = [&](int p, int o) -> int64_t { return sm.pix_dy[p] + o * shape.dy_sc; };
+  set_pixel_tile(sm.tile, shape, first_pixel);
+  __syncthreads();
 
-  const int64_t num_tiles = (shape.pixels + kTilePixels - 1) / kTilePixels;
-  for (int64_t tile = split; tile < num_tiles; tile += num_splits) {
-    // -- pixel coordinates of this tile (the previous tile ended with a barrier) --
-    for (int p = tid; p < kTilePixels; p += kThreads) {
-      const int64_t m = tile * kTilePixels + p;
-      if (m < shape.pixels) {
-        const int64_t per_image = static_cast<int64_t>(shape.out_height) * shape.out_width;
-        const int n = static_cast<int>(m / per_image);
-        const int rem = static_cast<int>(m % per_image);
-        const int oh = rem / shape.out_width;
-        const int ow = rem % shape.out_width;
-        sm.pix_n[p] = n;
-        sm.pix_ih[p] = oh * shape.stride_h - shape.pad_h;
-        sm.pix_iw[p] = ow * shape.stride_w - shape.pad_w;
-        sm.pix_dy[p] = n * shape.dy_sn + oh * shape.dy_sh + ow * shape.dy_sw;
-      } else {
-        sm.pix_n[p] = -1;
+  float acc[kRanksPerThread];
+#pragma unroll
+  for (int j = 0; j < kRanksPerThread; ++j) acc[j] = 0.f;
+  for (int t = 0; t < shape.taps; ++t) {
+    const int dh = (t / shape.kernel_w) * shape.dil_h;
+    const int dw = (t % shape.kernel_w) * shape.dil_w;
+    auto x_offset = [&](int p, int c) -> int64_t {
+      const int ih = sm.tile.ih[p] + dh, iw = sm.tile.iw[p] + dw;
+      if (ih < 0 || ih >= shape.height || iw < 0 || iw >= shape.width) return -1;  // zero padding
+      return sm.tile.n[p] * shape.x_sn + c * shape.x_sc + ih * shape.x_sh + iw * shape.x_sw;
+    };
+    for (int c0 = 0; c0 < in_pg; c0 += kTile) {
+      const int count = min(kTile, in_pg - c0);
+      // -- stage x at this tap and A's matching columns --
+      stage_slab<scalar_t, kChannelsFastest>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
+      const int64_t col0 = static_cast<int64_t>(t) * in_pg + c0;
+      for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
+        const int c = i / kMaxChunkRank, k = i % kMaxChunkRank;
+        sm.weights[c][k] = (c < count && k < gc.chunk_rank) ? a_mat[(gc.rank0 + k) * k_len + col0 + c] : 0.f;
       }
+      __syncthreads();
+      // -- this thread's channels (every parts-th) of its pixel's dot products --
+      for (int c = ls.part; c < count; c += ls.parts) {
+        const float xv = sm.slab[my_pixel][c];
+#pragma unroll
+        for (int j = 0; j < kRanksPerThread; ++j) acc[j] += xv * sm.weights[c][ls.rank_base + j];
+      }
+      __syncthreads();
     }
+  }
+  sum_parts(sm.scratch, acc, ls, my_pixel);
+  if (ls.part == 0 && sm.tile.n[my_pixel] >= 0) {
+    float* row = z + (first_pixel + my_pixel) * (static_cast<int64_t>(shape.groups) * shape.rank) +
+                 gc.group * shape.rank + gc.rank0 + ls.rank_base;
+#pragma unroll
+    for (int j = 0; j < kRanksPerThread; ++j) {
+      if (ls.rank_base + j < gc.chunk_rank) row[j] = acc[j];
+    }
+  }
+}
+
+// The pixel tiles [first, end) of split `split` of `num_splits` (contiguous runs; the last ones may be empty).
+struct PixelRun {
+  int64_t first, end;
+};
+
+__device__ __forceinline__ PixelRun pixel_run(const ConvShape& shape, int split, int num_splits) {
+  const int64_t num_tiles = (shape.pixels + kTile - 1) / kTile;
+  const int64_t per_split = (num_tiles + num_splits - 1) / num_splits;
+  const int64_t first = split * per_split < num_tiles ? split * per_split : num_tiles;
+  return {first, first + per_split < num_tiles ? first + per_split : num_tiles};
+}
+
+// -- u/dB kernel: u = dy B (per output tile) and dB partial = dy^T z, one pass over dy --
+
+struct UDbSmem {
+  PixelTile tile;
+  float slab[kTile][kTile + 1];          // dy, 64 output channels of the tile; +1: reads along either axis are conflict-free
+  float weights[kTile][kMaxChunkRank];   // B's rows of those output channels
+  float z_rows[kTile][kMaxChunkRank];    // z of the tile's pixels
+  PartScratch scratch;
+};
+
+template <typename scalar_t, bool kChannelsFastest>
+__global__ void __launch_bounds__(kThreads)
+    lowrank_u_db_kernel(const scalar_t* __restrict__ dy,
+                        const float* __restrict__ b_mat,  // [C_out][R]
+                        const float* __restrict__ z,      // [M][groups * R]
+                        float* __restrict__ u_part,       // [o_tiles][M][groups * R]
+                        float* __restrict__ ws_b,         // [splits][C_out][R]
+                        const ConvShape shape, int rank_chunks) {
+  __shared__ UDbSmem sm;
+  const GroupChunk gc = group_chunk(shape, blockIdx.z, rank_chunks);
+  const LaneSplit ls = lane_split(gc.chunk_rank);
+  const int o_tile = blockIdx.x;
+  const int o_first = gc.group * shape.out_per_group + o_tile * kTile;  // global output channel of column 0
+  const int o_count = min(kTile, shape.out_per_group - o_tile * kTile);
+  const int64_t row_stride = static_cast<int64_t>(shape.groups) * shape.rank;  // g r: a pixel's row of z and u
+  const int64_t col0 = gc.group * shape.rank + gc.rank0;  // this chunk's first column of z and u
+  const int mine = threadIdx.x % kTile;  // this thread's pixel (u) and output channel (dB)
+
+  for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
+    const int o = i / kMaxChunkRank, k = i % kMaxChunkRank;
+    sm.weights[o][k] = (o < o_count && k < gc.chunk_rank) ? b_mat[static_cast<int64_t>(o_first + o) * shape.rank + gc.rank0 + k] : 0.f;
+  }
+  auto dy_offset = [&](int p, int o) -> int64_t { return sm.tile.dy[p] + o * shape.dy_sc; };
+
+  float acc_b[kRanksPerThread];
+#pragma unroll
+  for (int j = 0; j < kRanksPerThread; ++j) acc_b[j] = 0.f;
+  const PixelRun run = pixel_run(shape, blockIdx.y, gridDim.y);
+  for (int64_t tile = run.first; tile < run.end; ++tile) {
+    const int64_t first_pixel = tile * kTile;
+    __syncthreads();  // the previous tile's last reads of the pixel coordinates and the slab are done
+    set_pixel_tile(sm.tile, shape, first_pixel);
+    __syncthreads();
+    // -- stage the tile's dy and z --
+    stage_slab<scalar_t, kChannelsFastest>(sm.slab, sm.tile, dy, o_first, o_count, dy_offset);
+    load_rank_rows(sm.z_rows, sm.tile, z + col0, first_pixel, row_stride, gc.chunk_rank);
     __syncthreads();
 
-    // -- pass 1: u[p, k] = sum_o dy[p, o] B[o, k] --
-    float acc[kRanksPerThread];
+    // -- dB partial: output channel `mine`, every parts-th pixel --
+    for (int p = ls.part; p < kTile; p += ls.parts) {
+      const float d = sm.slab[p][mine];
 #pragma unroll
-    for (int j = 0; j < kRanksPerThread; ++j) acc[j] = 0.f;
-    for (int o0 = 0; o0 < out_pg; o0 += kChannelChunk) {
-      const int count = min(kChannelChunk, out_pg - o0);
-      stage_slab<scalar_t, kChannelsFastest>(sm, dy, dy_c0 + o0, count, dy_offset);
-      for (int i = tid; i < kChannelChunk * kMaxChunkRank; i += kThreads) {
-        const int o = i / kMaxChunkRank, k = i % kMaxChunkRank;
-        sm.weights[o][k] = (o < count && k < chunk_rank) ? b_mat[static_cast<int64_t>(dy_c0 + o0 + o) * shape.rank + rank0 + k] : 0.f;
-      }
-      __syncthreads();
-      for (int o = 0; o < count; ++o) {
-        const float d = sm.slab[my_pixel][o];
-#pragma unroll
-        for (int j = 0; j < kRanksPerThread; ++j) acc[j] += d * sm.weights[o][my_rank0 + j * kRankGroups];
-      }
-      __syncthreads();
+      for (int j = 0; j < kRanksPerThread; ++j) acc_b[j] += d * sm.z_rows[p][ls.rank_base + j];
     }
-    // Ranks past chunk_rank got zero weights, so their u is zero.
+    // -- u of pixel `mine` over this tile's output channels (every parts-th) --
+    float acc_u[kRanksPerThread];
 #pragma unroll
-    for (int j = 0; j < kRanksPerThread; ++j) sm.u[my_pixel][my_rank0 + j * kRankGroups] = acc[j];
-
-    // -- pass 2: z[p, k] = sum_(t,c) X[p, (t, c)] A[k, c, t] and dA[k, c, t] += sum_p u[p, k] X[p, (t, c)] --
+    for (int j = 0; j < kRanksPerThread; ++j) acc_u[j] = 0.f;
+    for (int o = ls.part; o < o_count; o += ls.parts) {
+      const float d = sm.slab[mine][o];
 #pragma unroll
-    for (int j = 0; j < kRanksPerThread; ++j) acc[j] = 0.f;
-    for (int t = 0; t < shape.taps; ++t) {
-      const int dh = (t / shape.kernel_w) * shape.dil_h;
-      const int dw = (t % shape.kernel_w) * shape.dil_w;
-      auto x_offset = [&](int p, int c) -> int64_t {
-        const int ih = sm.pix_ih[p] + dh, iw = sm.pix_iw[p] + dw;
-        if (ih < 0 || ih >= shape.height || iw < 0 || iw >= shape.width) return -1;  // zero padding
-        return sm.pix_n[p] * shape.x_sn + c * shape.x_sc + ih * shape.x_sh + iw * shape.x_sw;
-      };
-      for (int c0 = 0; c0 < in_pg; c0 += kChannelChunk) {
-        const int count = min(kChannelChunk, in_pg - c0);
-        stage_slab<scalar_t, kChannelsFastest>(sm, x, x_c0 + c0, count, x_offset);
-        const int64_t col0 = static_cast<int64_t>(t) * in_pg + c0;  // column of (t, c0) in A's matrix
-        for (int i = tid; i < kChannelChunk * kMaxChunkRank; i += kThreads) {
-          const int c = i / kMaxChunkRank, k = i % kMaxChunkRank;
-          sm.weights[c][k] = (c < count && k < chunk_rank) ? a_mat[(rank0 + k) * k_len + col0 + c] : 0.f;
-        }
-        __syncthreads();
-        for (int c = 0; c < count; ++c) {
-          const float xv = sm.slab[my_pixel][c];
+      for (int j = 0; j < kRanksPerThread; ++j) acc_u[j] += d * sm.weights[o][ls.rank_base + j];
+    }
+    sum_parts(sm.scratch, acc_u, ls, mine);
+    if (ls.part == 0 && sm.tile.n[mine] >= 0) {
+      float* row = u_part + (static_cast<int64_t>(o_tile) * shape.pixels + first_pixel + mine) * row_stride + col0 +
+                   ls.rank_base;
 #pragma unroll
-          for (int j = 0; j < kRanksPerThread; ++j) acc[j] += xv * sm.weights[c][my_rank0 + j * kRankGroups];
-        }
-        // Entry (k, c) of this step's dA columns belongs to thread (k * kChannelChunk + c) mod kThreads,
-        // the same thread on every tile: a plain read-modify-write of the block's own slab.
-        for (int i = tid; i < chunk_rank * kChannelChunk; i += kThreads) {
-          const int k = i / kChannelChunk, c = i % kChannelChunk;
-          if (c < count) {
-            float s = 0.f;
-            for (int p = 0; p < kTilePixels; ++p) s += sm.u[p][k] * sm.slab[p][c];
-            slab_a[k * k_len + col0 + c] += s;
-          }
-        }
-        __syncthreads();
+      for (int j = 0; j < kRanksPerThread; ++j) {
+        if (ls.rank_base + j < gc.chunk_rank) row[j] = acc_u[j];
       }
     }
-#pragma unroll
-    for (int j = 0; j < kRanksPerThread; ++j) sm.z[my_pixel][my_rank0 + j * kRankGroups] = acc[j];
+  }
 
-    // -- pass 3: dB[o, k] += sum_p dy[p, o] z[p, k] --
-    for (int o0 = 0; o0 < out_pg; o0 += kChannelChunk) {
-      const int count = min(kChannelChunk, out_pg - o0);
-      stage_slab<scalar_t, kChannelsFastest>(sm, dy, dy_c0 + o0, count, dy_offset);
-      __syncthreads();
-      for (int i = tid; i < kChannelChunk * chunk_rank; i += kThreads) {
-        const int o = i / chunk_rank, k = i % chunk_rank;
-        if (o < count) {
-          float s = 0.f;
-          for (int p = 0; p < kTilePixels; ++p) s += sm.slab[p][o] * sm.z[p][k];
-          slab_b[static_cast<int64_t>(dy_c0 + o0 + o) * shape.rank + rank0 + k] += s;
-        }
+  sum_parts(sm.scratch, acc_b, ls, mine);
+  if (ls.part == 0 && mine < o_count) {
+    float* row = ws_b + (static_cast<int64_t>(blockIdx.y) * shape.out_channels + o_first + mine) * shape.rank +
+                 gc.rank0 + ls.rank_base;
+#pragma unroll
+    for (int j = 0; j < kRanksPerThread; ++j) {
+      if (ls.rank_base + j < gc.chunk_rank) row[j] = acc_b[j];
+    }
+  }
+}
+
+// -- dA kernel: dA partial = u^T X for one tap and 64 input channels, one pass over x --
+
+struct DaSmem {
+  PixelTile tile;
+  float slab[kTile][kTile + 1];       // x at the block's tap; +1: channel-major reads are conflict-free
+  float u_rows[kTile][kMaxChunkRank];  // u of the tile's pixels, summed over the output tiles
+  PartScratch scratch;
+};
+
+template <typename scalar_t, bool kChannelsFastest>
+__global__ void __launch_bounds__(kThreads)
+    lowrank_da_kernel(const scalar_t* __restrict__ x,
+                      const float* __restrict__ u_part,  // [o_tiles][M][groups * R]
+                      float* __restrict__ ws_a,          // [splits][groups][R][taps * C_in/g]
+                      const ConvShape shape, int rank_chunks, int o_tiles) {
+  __shared__ DaSmem sm;
+  const GroupChunk gc = group_chunk(shape, blockIdx.z, rank_chunks);
+  const LaneSplit ls = lane_split(gc.chunk_rank);
+  const int in_pg = shape.in_per_group;
+  const int c_tiles = (in_pg + kTile - 1) / kTile;
+  const int t = blockIdx.x / c_tiles;
+  const int c0 = (blockIdx.x % c_tiles) * kTile;
+  const int count = min(kTile, in_pg - c0);
+  const int dh = (t / shape.kernel_w) * shape.dil_h;
+  const int dw = (t % shape.kernel_w) * shape.dil_w;
+  const int64_t row_stride = static_cast<int64_t>(shape.groups) * shape.rank;
+  const int64_t col0 = gc.group * shape.rank + gc.rank0;
+  const int64_t o_tile_stride = shape.pixels * row_stride;
+  const int my_channel = threadIdx.x % kTile;
+
+  auto x_offset = [&](int p, int c) -> int64_t {
+    const int ih = sm.tile.ih[p] + dh, iw = sm.tile.iw[p] + dw;
+    if (ih < 0 || ih >= shape.height || iw < 0 || iw >= shape.width) return -1;  // zero padding
+    return sm.tile.n[p] * shape.x_sn + c * shape.x_sc + ih * shape.x_sh + iw * shape.x_sw;
+  };
+
+  float acc[kRanksPerThread];
+#pragma unroll
+  for (int j = 0; j < kRanksPerThread; ++j) acc[j] = 0.f;
+  const PixelRun run = pixel_run(shape, blockIdx.y, gridDim.y);
+  for (int64_t tile = run.first; tile < run.end; ++tile) {
+    const int64_t first_pixel = tile * kTile;
+    set_pixel_tile(sm.tile, shape, first_pixel);
+    __syncthreads();
+    // -- stage x at the tap, and u summed over the u/dB kernel's output tiles (in tile order) --
+    stage_slab<scalar_t, kChannelsFastest>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
+    for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
+      const int p = i / kMaxChunkRank, k = i % kMaxChunkRank;
+      float v = 0.f;
+      if (k < gc.chunk_rank && sm.tile.n[p] >= 0) {
+        const float* src = u_part + (first_pixel + p) * row_stride + col0 + k;
+        for (int ob = 0; ob < o_tiles; ++ob) v += src[ob * o_tile_stride];
       }
-      __syncthreads();
+      sm.u_rows[p][k] = v;
+    }
+    __syncthreads();
+    // -- input channel `my_channel`, every parts-th pixel --
+    for (int p = ls.part; p < kTile; p += ls.parts) {
+      const float xv = sm.slab[p][my_channel];
+#pragma unroll
+      for (int j = 0; j < kRanksPerThread; ++j) acc[j] += xv * sm.u_rows[p][ls.rank_base + j];
+    }
+    __syncthreads();
+  }
+
+  sum_parts(sm.scratch, acc, ls, my_channel);
+  if (ls.part == 0 && my_channel < count) {
+    const int64_t k_len = static_cast<int64_t>(shape.taps) * in_pg;
+    float* col = ws_a + ((static_cast<int64_t>(blockIdx.y) * shape.groups + gc.group) * shape.rank + gc.rank0 + ls.rank_base) * k_len +
+                 static_cast<int64_t>(t) * in_pg + c0 + my_channel;
+#pragma unroll
+    for (int j = 0; j < kRanksPerThread; ++j) {
+      if (ls.rank_base + j < gc.chunk_rank) col[j * k_len] = acc[j];
     }
   }
 }

@@ -14,7 +14,7 @@
 //     partials;
 //   launch.cuh's sum_partials (a fixed-order CUDA sum over the leading dimension, times alpha) is
 //     replaced by torch's sum(0) * alpha: the same sum in another order.
-// Outputs the kernels must write everywhere are filled with NaN before the launch.
+// Outputs and buffers the kernels must write everywhere are filled with NaN before the launch.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -24,6 +24,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "emu.h"  // first: the CUDA keywords the kernel headers use
@@ -53,29 +54,43 @@ std::tuple<at::Tensor, at::Tensor> lowrank(const at::Tensor& x, const at::Tensor
   const int64_t rank = lora_A.size(0), in_pg = lora_A.size(1), kh = lora_A.size(2), kw = lora_A.size(3);
   const ConvShape shape = make_conv_shape(x.sizes().data(), x.strides().data(), dy.sizes().data(), dy.strides().data(),
                                           lora_A.sizes().data(), stride.data(), padding.data(), dilation.data(), groups);
-  const Launch launch = plan_launch(shape, groups, multiprocessors);
+  const Launch launch = plan_launch(shape, multiprocessors);
   // -- copied: A and B as fp32 matrices --
   const at::Tensor a_mat = lora_A.permute({0, 2, 3, 1}).reshape({rank, launch.k_len}).to(at::kFloat).contiguous();
   const at::Tensor b_mat = lora_B.reshape({out_channels, rank}).to(at::kFloat).contiguous();
-  at::Tensor ws_a = at::zeros(launch.ws_a_sizes, x.options().dtype(at::kFloat));
-  at::Tensor ws_b = at::zeros(launch.ws_b_sizes, x.options().dtype(at::kFloat));
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor z = poisoned(at::empty(launch.z_sizes, f32));
+  at::Tensor u_part = poisoned(at::empty(launch.u_sizes, f32));
+  at::Tensor ws_b = poisoned(at::empty(launch.ws_b_sizes, f32));
+  at::Tensor ws_a = poisoned(at::empty(launch.ws_a_sizes, f32));
+  const int rank_chunks = static_cast<int>(launch.rank_chunks);
+  const int o_tiles = static_cast<int>(launch.o_tiles);
   ADAPTSR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "emulated lora_lowrank_grads", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
     const float* ap = a_mat.data_ptr<float>();
     const float* bp = b_mat.data_ptr<float>();
+    float* zp = z.data_ptr<float>();
+    float* up = u_part.data_ptr<float>();
     float* wa = ws_a.data_ptr<float>();
     float* wb = ws_b.data_ptr<float>();
+    auto run = [&](auto channels_fastest_tag) {
+      constexpr bool kChannelsFastest = decltype(channels_fastest_tag)::value;
+      emu_launch(dim3_of(launch.z_grid), kThreads,
+                 [=] { lowrank_z_kernel<scalar_t, kChannelsFastest>(xp, ap, zp, shape, rank_chunks); });
+      emu_launch(dim3_of(launch.u_db_grid), kThreads,
+                 [=] { lowrank_u_db_kernel<scalar_t, kChannelsFastest>(dyp, bp, zp, up, wb, shape, rank_chunks); });
+      emu_launch(dim3_of(launch.da_grid), kThreads,
+                 [=] { lowrank_da_kernel<scalar_t, kChannelsFastest>(xp, up, wa, shape, rank_chunks, o_tiles); });
+    };
     if (channels_fastest(shape)) {
-      emu_launch(dim3_of(launch.grid), kThreads,
-                 [=] { lora_lowrank_grads_kernel<scalar_t, true>(xp, dyp, ap, bp, wa, wb, shape); });
+      run(std::true_type{});
     } else {
-      emu_launch(dim3_of(launch.grid), kThreads,
-                 [=] { lora_lowrank_grads_kernel<scalar_t, false>(xp, dyp, ap, bp, wa, wb, shape); });
+      run(std::false_type{});
     }
   });
   // -- copied: the sums over blocks (torch's sum for sum_partials) and A's layout --
-  const at::Tensor grad_a_mat = ws_a.view({launch.splits * groups, rank, launch.k_len}).sum(0).mul(scaling);
+  const at::Tensor grad_a_mat = ws_a.view({launch.da_splits * groups, rank, launch.k_len}).sum(0).mul(scaling);
   const at::Tensor grad_a =
       grad_a_mat.view({rank, kh, kw, in_pg}).permute({0, 3, 1, 2}).to(lora_A.scalar_type()).contiguous();
   const at::Tensor grad_b = ws_b.sum(0).mul(scaling).view({out_channels, rank, 1, 1}).to(lora_B.scalar_type());
