@@ -115,6 +115,15 @@ __device__ __forceinline__ void set_pixel_tile(PixelTile& tile, const ConvShape&
   }
 }
 
+// Offset of x[n, c, ih + dh, iw + dw] for pixel p of the tile at the tap offset (dh, dw), or -1
+// where that falls in the zero padding.
+__device__ __forceinline__ int64_t tap_offset(const PixelTile& tile, const ConvShape& shape, int dh, int dw, int p,
+                                              int c) {
+  const int ih = tile.ih[p] + dh, iw = tile.iw[p] + dw;
+  if (ih < 0 || ih >= shape.height || iw < 0 || iw >= shape.width) return -1;
+  return tile.n[p] * shape.x_sn + c * shape.x_sc + ih * shape.x_sh + iw * shape.x_sw;
+}
+
 // slab[p][c] = src[pixel p, channel c_first + c] (fp32), zero for c >= count, for pixels past the
 // end, and where `offset(p, c_global)` returns -1 (the zero padding).
 template <typename scalar_t, bool kChannelsFastest, typename Offset>
@@ -163,6 +172,22 @@ __device__ __forceinline__ void sum_parts(PartScratch& scratch, float (&acc)[kRa
   __syncthreads();
 }
 
+// acc[j] += v * w[j]: one operand per thread, the other (w, this thread's ranks of a shared-memory
+// row) the same for the whole warp, a broadcast.
+__device__ __forceinline__ void accumulate_ranks(float (&acc)[kRanksPerThread], float v, const float* w) {
+#pragma unroll
+  for (int j = 0; j < kRanksPerThread; ++j) acc[j] += v * w[j];
+}
+
+// dst[j * stride] = acc[j] for this thread's ranks that lie inside the block's chunk.
+__device__ __forceinline__ void store_ranks(float* dst, int64_t stride, const float (&acc)[kRanksPerThread],
+                                            const LaneSplit& ls, const GroupChunk& gc) {
+#pragma unroll
+  for (int j = 0; j < kRanksPerThread; ++j) {
+    if (ls.rank_base + j < gc.chunk_rank) dst[j * stride] = acc[j];
+  }
+}
+
 // -- z kernel: z[p, group r + k] = sum_(t,c) X[p, (t, c)] A[k, c, t], one block per pixel tile --
 
 struct ZSmem {
@@ -195,11 +220,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int t = 0; t < shape.taps; ++t) {
     const int dh = (t / shape.kernel_w) * shape.dil_h;
     const int dw = (t % shape.kernel_w) * shape.dil_w;
-    auto x_offset = [&](int p, int c) -> int64_t {
-      const int ih = sm.tile.ih[p] + dh, iw = sm.tile.iw[p] + dw;
-      if (ih < 0 || ih >= shape.height || iw < 0 || iw >= shape.width) return -1;  // zero padding
-      return sm.tile.n[p] * shape.x_sn + c * shape.x_sc + ih * shape.x_sh + iw * shape.x_sw;
-    };
+    auto x_offset = [&](int p, int c) { return tap_offset(sm.tile, shape, dh, dw, p, c); };
     for (int c0 = 0; c0 < in_pg; c0 += kTile) {
       const int count = min(kTile, in_pg - c0);
       // -- stage x at this tap and A's matching columns --
@@ -212,9 +233,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
       // -- this thread's channels (every parts-th) of its pixel's dot products --
       for (int c = ls.part; c < count; c += ls.parts) {
-        const float xv = sm.slab[my_pixel][c];
-#pragma unroll
-        for (int j = 0; j < kRanksPerThread; ++j) acc[j] += xv * sm.weights[c][ls.rank_base + j];
+        accumulate_ranks(acc, sm.slab[my_pixel][c], &sm.weights[c][ls.rank_base]);
       }
       __syncthreads();
     }
@@ -223,10 +242,7 @@ __global__ void __launch_bounds__(kThreads)
   if (ls.part == 0 && sm.tile.n[my_pixel] >= 0) {
     float* row = z + (first_pixel + my_pixel) * (static_cast<int64_t>(shape.groups) * shape.rank) +
                  gc.group * shape.rank + gc.rank0 + ls.rank_base;
-#pragma unroll
-    for (int j = 0; j < kRanksPerThread; ++j) {
-      if (ls.rank_base + j < gc.chunk_rank) row[j] = acc[j];
-    }
+    store_ranks(row, 1, acc, ls, gc);
   }
 }
 
@@ -292,27 +308,20 @@ __global__ void __launch_bounds__(kThreads)
 
     // -- dB partial: output channel `mine`, every parts-th pixel --
     for (int p = ls.part; p < kTile; p += ls.parts) {
-      const float d = sm.slab[p][mine];
-#pragma unroll
-      for (int j = 0; j < kRanksPerThread; ++j) acc_b[j] += d * sm.z_rows[p][ls.rank_base + j];
+      accumulate_ranks(acc_b, sm.slab[p][mine], &sm.z_rows[p][ls.rank_base]);
     }
     // -- u of pixel `mine` over this tile's output channels (every parts-th) --
     float acc_u[kRanksPerThread];
 #pragma unroll
     for (int j = 0; j < kRanksPerThread; ++j) acc_u[j] = 0.f;
     for (int o = ls.part; o < o_count; o += ls.parts) {
-      const float d = sm.slab[mine][o];
-#pragma unroll
-      for (int j = 0; j < kRanksPerThread; ++j) acc_u[j] += d * sm.weights[o][ls.rank_base + j];
+      accumulate_ranks(acc_u, sm.slab[mine][o], &sm.weights[o][ls.rank_base]);
     }
     sum_parts(sm.scratch, acc_u, ls, mine);
     if (ls.part == 0 && sm.tile.n[mine] >= 0) {
       float* row = u_part + (static_cast<int64_t>(o_tile) * shape.pixels + first_pixel + mine) * row_stride + col0 +
                    ls.rank_base;
-#pragma unroll
-      for (int j = 0; j < kRanksPerThread; ++j) {
-        if (ls.rank_base + j < gc.chunk_rank) row[j] = acc_u[j];
-      }
+      store_ranks(row, 1, acc_u, ls, gc);
     }
   }
 
@@ -320,10 +329,7 @@ __global__ void __launch_bounds__(kThreads)
   if (ls.part == 0 && mine < o_count) {
     float* row = ws_b + (static_cast<int64_t>(blockIdx.y) * shape.out_channels + o_first + mine) * shape.rank +
                  gc.rank0 + ls.rank_base;
-#pragma unroll
-    for (int j = 0; j < kRanksPerThread; ++j) {
-      if (ls.rank_base + j < gc.chunk_rank) row[j] = acc_b[j];
-    }
+    store_ranks(row, 1, acc_b, ls, gc);
   }
 }
 
@@ -357,11 +363,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t o_tile_stride = shape.pixels * row_stride;
   const int my_channel = threadIdx.x % kTile;
 
-  auto x_offset = [&](int p, int c) -> int64_t {
-    const int ih = sm.tile.ih[p] + dh, iw = sm.tile.iw[p] + dw;
-    if (ih < 0 || ih >= shape.height || iw < 0 || iw >= shape.width) return -1;  // zero padding
-    return sm.tile.n[p] * shape.x_sn + c * shape.x_sc + ih * shape.x_sh + iw * shape.x_sw;
-  };
+  auto x_offset = [&](int p, int c) { return tap_offset(sm.tile, shape, dh, dw, p, c); };
 
   float acc[kRanksPerThread];
 #pragma unroll
@@ -385,9 +387,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     // -- input channel `my_channel`, every parts-th pixel --
     for (int p = ls.part; p < kTile; p += ls.parts) {
-      const float xv = sm.slab[p][my_channel];
-#pragma unroll
-      for (int j = 0; j < kRanksPerThread; ++j) acc[j] += xv * sm.u_rows[p][ls.rank_base + j];
+      accumulate_ranks(acc, sm.slab[p][my_channel], &sm.u_rows[p][ls.rank_base]);
     }
     __syncthreads();
   }
@@ -397,10 +397,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t k_len = static_cast<int64_t>(shape.taps) * in_pg;
     float* col = ws_a + ((static_cast<int64_t>(blockIdx.y) * shape.groups + gc.group) * shape.rank + gc.rank0 + ls.rank_base) * k_len +
                  static_cast<int64_t>(t) * in_pg + c0 + my_channel;
-#pragma unroll
-    for (int j = 0; j < kRanksPerThread; ++j) {
-      if (ls.rank_base + j < gc.chunk_rank) col[j * k_len] = acc[j];
-    }
+    store_ranks(col, k_len, acc, ls, gc);
   }
 }
 
