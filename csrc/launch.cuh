@@ -29,6 +29,13 @@ inline int64_t multiprocessor_count(const at::Tensor& on) {
   return count;
 }
 
+// Compute capability major version of the tensor's GPU (8 for Ampere, 9 for Hopper).
+inline int compute_capability_major(const at::Tensor& on) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, on.get_device()));
+  return major;
+}
+
 // out[e] = alpha * sum_{s = 0, 1, ..., S-1} parts[s][e]
 //
 // One thread per output entry adds the S partials in increasing s: a fixed order, so the result

@@ -104,10 +104,17 @@ CONV_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("case_name", list(CONV_CASES))
-def test_lowrank_grads_match_float64(emu, schedule, case_name, layout, dtype_name, assert_close_to_reference):
+def _lowrank_params():
+    """Every case, layout and dtype on the CUDA-core kernels; the 16-bit ones on the tensor-core z and dA too."""
+    for case_name in CONV_CASES:
+        for layout in ("nchw", "channels_last"):
+            for dtype_name in DTYPES:
+                for units in ("cuda_cores", "tensor_cores") if dtype_name != "fp32" else ("cuda_cores",):
+                    yield pytest.param(case_name, layout, dtype_name, units, id=f"{case_name}-{layout}-{dtype_name}-{units}")
+
+
+@pytest.mark.parametrize("case_name, layout, dtype_name, units", list(_lowrank_params()))
+def test_lowrank_grads_match_float64(emu, schedule, case_name, layout, dtype_name, units, assert_close_to_reference):
     c_in, c_out, kernel, stride, padding, dilation, groups, rank, batch, height, width, sms = CONV_CASES[case_name]
     dtype = DTYPES[dtype_name]
     gen = torch.Generator().manual_seed(_seed(case_name, layout, dtype_name))
@@ -123,7 +130,9 @@ def test_lowrank_grads_match_float64(emu, schedule, case_name, layout, dtype_nam
     scaling = 0.75
     geometry = ConvGeometry.from_args(kernel, stride, padding, dilation, groups)
 
-    grad_a, grad_b = emu.lora_lowrank_grads(x, dy, lora_a, lora_b, scaling, stride, padding, dilation, groups, sms)
+    grad_a, grad_b = emu.lora_lowrank_grads(
+        x, dy, lora_a, lora_b, scaling, stride, padding, dilation, groups, sms, units == "tensor_cores"
+    )
 
     tensors = (x, dy, lora_a, lora_b)
     ref64 = _low_rank_grads(*(t.double() for t in tensors), scaling, geometry)

@@ -19,6 +19,7 @@
 #include "../ops.h"
 #include "lora_lowrank_grads_geometry.h"
 #include "lora_lowrank_grads_kernel.cuh"
+#include "lora_lowrank_grads_tc_kernel.cuh"
 
 namespace adaptsr {
 
@@ -93,18 +94,41 @@ std::tuple<at::Tensor, at::Tensor> lora_lowrank_grads(const at::Tensor& x, const
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int rank_chunks = static_cast<int>(launch.rank_chunks);
   const int o_tiles = static_cast<int>(launch.o_tiles);
+  // fp16 / bf16 on sm_80 and later: the z and dA kernels on tensor cores
+  const bool tensor_cores = x.scalar_type() != at::kFloat && has_tensor_cores(compute_capability_major(x));
   ADAPTSR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), op, [&] {
     auto run = [&](auto channels_fastest_tag) {
       constexpr bool kChannelsFastest = decltype(channels_fastest_tag)::value;
-      lowrank_z_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.z_grid), kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), a_mat.data_ptr<float>(), z.data_ptr<float>(), shape, rank_chunks);
+      constexpr bool k16Bit = !std::is_same_v<scalar_t, float>;
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      // -- z from x --
+      if constexpr (k16Bit) {
+        if (tensor_cores) {
+          lowrank_z_tc_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.z_grid), kThreads, 0, stream>>>(
+              xp, a_mat.data_ptr<float>(), z.data_ptr<float>(), shape, rank_chunks);
+        }
+      }
+      if (!tensor_cores) {
+        lowrank_z_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.z_grid), kThreads, 0, stream>>>(
+            xp, a_mat.data_ptr<float>(), z.data_ptr<float>(), shape, rank_chunks);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // -- u and dB from dy --
       lowrank_u_db_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.u_db_grid), kThreads, 0, stream>>>(
           dy.data_ptr<scalar_t>(), b_mat.data_ptr<float>(), z.data_ptr<float>(), u_part.data_ptr<float>(),
           ws_b.data_ptr<float>(), shape, rank_chunks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      lowrank_da_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.da_grid), kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), u_part.data_ptr<float>(), ws_a.data_ptr<float>(), shape, rank_chunks, o_tiles);
+      // -- dA from x --
+      if constexpr (k16Bit) {
+        if (tensor_cores) {
+          lowrank_da_tc_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.da_grid), kThreads, 0, stream>>>(
+              xp, u_part.data_ptr<float>(), ws_a.data_ptr<float>(), shape, rank_chunks, o_tiles);
+        }
+      }
+      if (!tensor_cores) {
+        lowrank_da_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.da_grid), kThreads, 0, stream>>>(
+            xp, u_part.data_ptr<float>(), ws_a.data_ptr<float>(), shape, rank_chunks, o_tiles);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (channels_fastest(shape)) {

@@ -124,20 +124,22 @@ __device__ __forceinline__ int64_t tap_offset(const PixelTile& tile, const ConvS
   return tile.n[p] * shape.x_sn + c * shape.x_sc + ih * shape.x_sh + iw * shape.x_sw;
 }
 
-// slab[p][c] = src[pixel p, channel c_first + c] (fp32), zero for c >= count, for pixels past the
-// end, and where `offset(p, c_global)` returns -1 (the zero padding).
-template <typename scalar_t, bool kChannelsFastest, typename Offset>
-__device__ __forceinline__ void stage_slab(float (&slab)[kTile][kTile + 1], const PixelTile& tile,
+// slab[p][c] = src[pixel p, channel c_first + c] (converted to Elem: fp32 for the CUDA-core
+// kernels, x's own 16-bit type for the tensor-core ones), zero for c >= count, for pixels past
+// the end, and where `offset(p, c_global)` returns -1 (the zero padding).
+template <typename scalar_t, bool kChannelsFastest, typename Elem, int kPitch, typename Offset>
+__device__ __forceinline__ void stage_slab(Elem (&slab)[kTile][kPitch], const PixelTile& tile,
                                            const scalar_t* __restrict__ src, int c_first, int count, Offset offset) {
+  static_assert(kPitch >= kTile, "a slab row holds the tile's 64 channels");
   for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
     // Consecutive threads take consecutive addresses: channels when they are the unit-stride
     // dimension (channels-last images, the linear layer), pixels otherwise.
     const int p = kChannelsFastest ? i / kTile : i % kTile;
     const int c = kChannelsFastest ? i % kTile : i / kTile;
-    float v = 0.f;
+    Elem v = Elem(0.f);
     if (c < count && tile.n[p] >= 0) {
       const int64_t off = offset(p, c_first + c);
-      if (off >= 0) v = to_float(src[off]);
+      if (off >= 0) v = static_cast<Elem>(src[off]);
     }
     slab[p][c] = v;
   }

@@ -13,7 +13,9 @@
 //     after the exchange);
 //   - __shared__ variables are function statics: one copy, shared by the threads of the block,
 //     reused by the next block (blocks run one after another);
-//   - launch limits: at most 1024 threads, a multiple of 32, grid.y and grid.z <= 65535.
+//   - launch limits: at most 1024 threads, a multiple of 32, grid.y and grid.z <= 65535;
+//   - nvcuda::wmma's 16 x 16 x 16 fragments (at the end of this file), with the alignment and
+//     leading-dimension rules of load_matrix_sync and store_matrix_sync checked.
 // Fibers run one at a time in a fixed order (ascending or descending thread index, see
 // EmuSchedule) up to their next barrier: deterministic, and a missing __syncthreads between a
 // write and a read of shared memory by other threads shows as a wrong result in one order or the
@@ -27,6 +29,8 @@
 // source on the CPU.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -35,6 +39,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 // -- CUDA keywords and built-in variables --
@@ -45,6 +50,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) alignas(n)
 
 struct Dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -211,3 +217,70 @@ void emu_launch(Dim3 grid, unsigned threads, Kernel kernel) {
       }
   g_block = nullptr;
 }
+
+// -- tensor-core matrix products (nvcuda::wmma), 16 x 16 x 16 tiles --
+//
+// Warp-collective on the GPU, each lane holding a slice of a tile in a layout the kernels never
+// look at (they only load, multiply-accumulate and store whole fragments). Here every lane holds
+// the whole tile as floats (exact for 16-bit inputs) and does the whole product itself, so the
+// result is the same whichever lanes run; the tensor cores' summation order inside one product
+// is not reproduced (fp32 sums in k order here).
+using __half = c10::Half;
+using __nv_bfloat16 = c10::BFloat16;
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int kRows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int kCols = std::is_same_v<Use, matrix_a> ? K : N;
+  float v[kRows][kCols];
+};
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float value) {
+  for (auto& row : f.v)
+    for (float& e : row) e = value;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* ptr, unsigned ldm) {
+  using Frag = fragment<Use, M, N, K, T, Layout>;
+  if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0) emu::fail("load_matrix_sync: pointer not 256-bit aligned");
+  if (ldm % (16 / sizeof(T)) != 0) emu::fail("load_matrix_sync: ldm not a multiple of 16 bytes");
+  for (int i = 0; i < Frag::kRows; ++i)
+    for (int j = 0; j < Frag::kCols; ++j)
+      f.v[i][j] = static_cast<float>(std::is_same_v<Layout, col_major> ? ptr[i + j * ldm] : ptr[i * ldm + j]);
+}
+
+template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+                     const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  fragment<accumulator, M, N, K, float> out;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float s = c.v[i][j];
+      for (int k = 0; k < K; ++k) s += a.v[i][k] * b.v[k][j];
+      out.v[i][j] = s;
+    }
+  d = out;
+}
+
+template <int M, int N, int K>
+inline void store_matrix_sync(float* ptr, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
+                              layout_t layout) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0) emu::fail("store_matrix_sync: pointer not 256-bit aligned");
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) (layout == mem_col_major ? ptr[i + j * ldm] : ptr[i * ldm + j]) = f.v[i][j];
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

@@ -31,6 +31,7 @@
 
 #include "dispatch.h"
 #include "lora_lowrank_grads/lora_lowrank_grads_geometry.h"
+#include "lora_lowrank_grads/lora_lowrank_grads_tc_kernel.cuh"
 #include "window_attention/window_attention_geometry.h"
 
 namespace {
@@ -48,8 +49,9 @@ const float* optional_ptr(const std::optional<at::Tensor>& t) { return t.has_val
 std::tuple<at::Tensor, at::Tensor> lowrank(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& lora_A,
                                            const at::Tensor& lora_B, double scaling, std::vector<int64_t> stride,
                                            std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
-                                           int64_t multiprocessors) {
+                                           int64_t multiprocessors, bool tensor_cores) {
   using namespace adaptsr::lowrank;
+  TORCH_CHECK(!tensor_cores || x.scalar_type() != at::kFloat, "the tensor-core kernels take 16-bit inputs");
   const int64_t out_channels = dy.size(1);
   const int64_t rank = lora_A.size(0), in_pg = lora_A.size(1), kh = lora_A.size(2), kw = lora_A.size(3);
   const ConvShape shape = make_conv_shape(x.sizes().data(), x.strides().data(), dy.sizes().data(), dy.strides().data(),
@@ -76,12 +78,28 @@ std::tuple<at::Tensor, at::Tensor> lowrank(const at::Tensor& x, const at::Tensor
     float* wb = ws_b.data_ptr<float>();
     auto run = [&](auto channels_fastest_tag) {
       constexpr bool kChannelsFastest = decltype(channels_fastest_tag)::value;
-      emu_launch(dim3_of(launch.z_grid), kThreads,
-                 [=] { lowrank_z_kernel<scalar_t, kChannelsFastest>(xp, ap, zp, shape, rank_chunks); });
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (tensor_cores) {
+          emu_launch(dim3_of(launch.z_grid), kThreads,
+                     [=] { lowrank_z_tc_kernel<scalar_t, kChannelsFastest>(xp, ap, zp, shape, rank_chunks); });
+        }
+      }
+      if (!tensor_cores) {
+        emu_launch(dim3_of(launch.z_grid), kThreads,
+                   [=] { lowrank_z_kernel<scalar_t, kChannelsFastest>(xp, ap, zp, shape, rank_chunks); });
+      }
       emu_launch(dim3_of(launch.u_db_grid), kThreads,
                  [=] { lowrank_u_db_kernel<scalar_t, kChannelsFastest>(dyp, bp, zp, up, wb, shape, rank_chunks); });
-      emu_launch(dim3_of(launch.da_grid), kThreads,
-                 [=] { lowrank_da_kernel<scalar_t, kChannelsFastest>(xp, up, wa, shape, rank_chunks, o_tiles); });
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (tensor_cores) {
+          emu_launch(dim3_of(launch.da_grid), kThreads,
+                     [=] { lowrank_da_tc_kernel<scalar_t, kChannelsFastest>(xp, up, wa, shape, rank_chunks, o_tiles); });
+        }
+      }
+      if (!tensor_cores) {
+        emu_launch(dim3_of(launch.da_grid), kThreads,
+                   [=] { lowrank_da_kernel<scalar_t, kChannelsFastest>(xp, up, wa, shape, rank_chunks, o_tiles); });
+      }
     };
     if (channels_fastest(shape)) {
       run(std::true_type{});
@@ -177,7 +195,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adaptsr's CUDA kernels run on the CPU by emulation (tests only)";
   m.def("lora_lowrank_grads", &lowrank, py::arg("x"), py::arg("dy"), py::arg("lora_A"), py::arg("lora_B"),
         py::arg("scaling"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"),
-        py::arg("multiprocessors"));
+        py::arg("multiprocessors"), py::arg("tensor_cores"));
   m.def("window_attention_fwd", &window_attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"),
         py::arg("mask"), py::arg("scale"));
   m.def("window_attention_bwd", &window_attention_bwd, py::arg("do"), py::arg("q"), py::arg("k"), py::arg("v"),

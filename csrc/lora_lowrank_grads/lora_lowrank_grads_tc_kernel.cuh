@@ -1,0 +1,197 @@
+// Tensor-core versions of the z and dA kernels (lora_lowrank_grads_kernel.cuh has the math, the
+// grids and the u/dB kernel) for fp16 and bf16 inputs on sm_80 and later.
+//
+// The two are the pass's 9-tap work (2 M r taps C_in/g multiply-adds each, ten times the u/dB
+// kernel's at 3x3), which on CUDA cores is compute-bound far above the bytes' floor. Per 64-pixel
+// tile both are one [64 x 64] x [64 x r] product in 16 x 16 x 16 tiles, fp32 accumulators kept in
+// the warps' fragments across the block's whole loop:
+//
+//     z  [64 pixels x r]   += X [64 pixels x 64 channels] . A^T [64 channels x r]   (per tap, channel tile)
+//     dA [r x 64 channels] += u^T [r x 64 pixels] . X [64 pixels x 64 channels]    (per pixel tile)
+//
+// Eight warps, one 16 x 16 accumulator each: four cover the 64 rows (z: pixels) or columns (dA:
+// channels) of the block's tile, times two rank tiles when the chunk has more than 16 ranks;
+// with 16 or fewer, the two sets of four split the reduction (z: channels, dA: pixels) in halves
+// that are added at the end. The operands X and A, or u, are rounded to x's 16-bit type, as the
+// thin convolutions of plain torch round them; everything else stays fp32.
+
+#pragma once
+
+#include "../tensor_core.cuh"
+#include "lora_lowrank_grads_kernel.cuh"
+
+namespace adaptsr {
+namespace lowrank {
+
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kFrags = kTile / kMma;  // 16-wide fragments across a 64-wide tile
+// Row pitches of the 16-bit tiles: load_matrix_sync wants 32-byte aligned rows of a multiple of
+// 8 elements; 8 more than the width also spreads the rows over the shared-memory banks.
+constexpr int kSlabPitch = kTile + 8;
+constexpr int kRankPitch = kMaxChunkRank + 8;
+static_assert(kWarps == 2 * kFrags && kMaxChunkRank == 2 * kMma, "two sets of four warps, two rank tiles");
+
+// Which accumulator tile a warp owns, and which half of the reduction it takes.
+struct WarpTile {
+  int frag;       // 16-row (z) or 16-column (dA) slice of the 64-wide tile
+  int rank_tile;  // ranks [16 rank_tile, 16 rank_tile + 16) of the chunk
+  int half;       // with a single rank tile: the half of the reduction (else 0)
+  int halves;     // 2 with a single rank tile, else 1
+};
+
+__device__ __forceinline__ WarpTile warp_tile(int chunk_rank) {
+  const int warp = threadIdx.x / kWarpSize;
+  const bool two_rank_tiles = chunk_rank > kMma;
+  return {warp % kFrags, two_rank_tiles ? warp / kFrags : 0, two_rank_tiles ? 0 : warp / kFrags,
+          two_rank_tiles ? 1 : 2};
+}
+
+// -- z kernel on tensor cores --
+
+template <typename scalar_t>
+struct ZTcSmem {
+  PixelTile tile;
+  __align__(32) scalar_t slab[kTile][kSlabPitch];      // x at one tap, 64 channels
+  __align__(32) scalar_t weights[kTile][kRankPitch];   // A^T: channel rows, rank columns
+  __align__(32) float out[2][kTile][kMma * 2];          // the halves' (or rank tiles') z, [pixel][rank]
+};
+
+template <typename scalar_t, bool kChannelsFastest>
+__global__ void __launch_bounds__(kThreads)
+    lowrank_z_tc_kernel(const scalar_t* __restrict__ x,
+                        const float* __restrict__ a_mat,  // [R][taps * C_in/g], (t, c) order
+                        float* __restrict__ z,            // [M][groups * R]
+                        const ConvShape shape, int rank_chunks) {
+#if ADAPTSR_TENSOR_CORES
+  __shared__ ZTcSmem<scalar_t> sm;
+  const GroupChunk gc = group_chunk(shape, blockIdx.y, rank_chunks);
+  const WarpTile wt = warp_tile(gc.chunk_rank);
+  const int in_pg = shape.in_per_group;
+  const int64_t k_len = static_cast<int64_t>(shape.taps) * in_pg;
+  const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kTile;
+
+  set_pixel_tile(sm.tile, shape, first_pixel);
+  __syncthreads();
+
+  wmma::fragment<wmma::accumulator, kMma, kMma, kMma, float> acc;
+  wmma::fill_fragment(acc, 0.f);
+  for (int t = 0; t < shape.taps; ++t) {
+    const int dh = (t / shape.kernel_w) * shape.dil_h;
+    const int dw = (t % shape.kernel_w) * shape.dil_w;
+    auto x_offset = [&](int p, int c) { return tap_offset(sm.tile, shape, dh, dw, p, c); };
+    for (int c0 = 0; c0 < in_pg; c0 += kTile) {
+      const int count = min(kTile, in_pg - c0);
+      // -- stage x at this tap and A^T for those channels, both in x's 16-bit type --
+      stage_slab<scalar_t, kChannelsFastest>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
+      const int64_t col0 = static_cast<int64_t>(t) * in_pg + c0;
+      for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
+        const int c = i / kMaxChunkRank, k = i % kMaxChunkRank;
+        const float a = (c < count && k < gc.chunk_rank) ? a_mat[(gc.rank0 + k) * k_len + col0 + c] : 0.f;
+        sm.weights[c][k] = static_cast<scalar_t>(a);
+      }
+      __syncthreads();
+      // -- this warp's 16 pixels x 16 ranks over its channel steps --
+      for (int step = wt.half; step < kFrags; step += wt.halves) {
+        wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, wmma::row_major> xa;
+        wmma::fragment<wmma::matrix_b, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, wmma::row_major> ab;
+        wmma::load_matrix_sync(xa, as_tensor_core(&sm.slab[wt.frag * kMma][step * kMma]), kSlabPitch);
+        wmma::load_matrix_sync(ab, as_tensor_core(&sm.weights[step * kMma][wt.rank_tile * kMma]), kRankPitch);
+        wmma::mma_sync(acc, xa, ab, acc);
+      }
+      __syncthreads();
+    }
+  }
+  // -- out[half][pixel][rank]: halves side by side in rank tiles' place; then z's rows --
+  const int slot = wt.halves == 2 ? wt.half : 0;
+  wmma::store_matrix_sync(&sm.out[slot][wt.frag * kMma][wt.rank_tile * kMma], acc, kMma * 2, wmma::mem_row_major);
+  __syncthreads();
+  const int64_t row_stride = static_cast<int64_t>(shape.groups) * shape.rank;
+  for (int i = threadIdx.x; i < kTile * gc.chunk_rank; i += kThreads) {
+    const int p = i / gc.chunk_rank, k = i % gc.chunk_rank;
+    if (sm.tile.n[p] < 0) continue;
+    const float v = wt.halves == 2 ? sm.out[0][p][k] + sm.out[1][p][k] : sm.out[0][p][k];
+    z[(first_pixel + p) * row_stride + gc.group * shape.rank + gc.rank0 + k] = v;
+  }
+#endif
+}
+
+// -- dA kernel on tensor cores --
+
+template <typename scalar_t>
+struct DaTcSmem {
+  PixelTile tile;
+  __align__(32) scalar_t slab[kTile][kSlabPitch];   // x at the block's tap
+  __align__(32) scalar_t u_rows[kTile][kRankPitch];  // u of the tile's pixels: [pixel][rank]
+  __align__(32) float out[2][kMma][kTile];            // the halves' (or rank tiles') dA, [rank][channel]
+};
+
+template <typename scalar_t, bool kChannelsFastest>
+__global__ void __launch_bounds__(kThreads)
+    lowrank_da_tc_kernel(const scalar_t* __restrict__ x,
+                         const float* __restrict__ u_part,  // [o_tiles][M][groups * R]
+                         float* __restrict__ ws_a,          // [splits][groups][R][taps * C_in/g]
+                         const ConvShape shape, int rank_chunks, int o_tiles) {
+#if ADAPTSR_TENSOR_CORES
+  __shared__ DaTcSmem<scalar_t> sm;
+  const GroupChunk gc = group_chunk(shape, blockIdx.z, rank_chunks);
+  const WarpTile wt = warp_tile(gc.chunk_rank);
+  const int in_pg = shape.in_per_group;
+  const int c_tiles = (in_pg + kTile - 1) / kTile;
+  const int t = blockIdx.x / c_tiles;
+  const int c0 = (blockIdx.x % c_tiles) * kTile;
+  const int count = min(kTile, in_pg - c0);
+  const int dh = (t / shape.kernel_w) * shape.dil_h;
+  const int dw = (t % shape.kernel_w) * shape.dil_w;
+  const int64_t row_stride = static_cast<int64_t>(shape.groups) * shape.rank;
+  const int64_t col0 = gc.group * shape.rank + gc.rank0;
+  const int64_t o_tile_stride = shape.pixels * row_stride;
+  auto x_offset = [&](int p, int c) { return tap_offset(sm.tile, shape, dh, dw, p, c); };
+
+  wmma::fragment<wmma::accumulator, kMma, kMma, kMma, float> acc;
+  wmma::fill_fragment(acc, 0.f);
+  const PixelRun run = pixel_run(shape, blockIdx.y, gridDim.y);
+  for (int64_t tile = run.first; tile < run.end; ++tile) {
+    const int64_t first_pixel = tile * kTile;
+    set_pixel_tile(sm.tile, shape, first_pixel);
+    __syncthreads();
+    // -- stage x at the tap, and u (summed over output tiles in fp32, then rounded) --
+    stage_slab<scalar_t, kChannelsFastest>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
+    for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
+      const int p = i / kMaxChunkRank, k = i % kMaxChunkRank;
+      float v = 0.f;
+      if (k < gc.chunk_rank && sm.tile.n[p] >= 0) {
+        const float* src = u_part + (first_pixel + p) * row_stride + col0 + k;
+        for (int ob = 0; ob < o_tiles; ++ob) v += src[ob * o_tile_stride];
+      }
+      sm.u_rows[p][k] = static_cast<scalar_t>(v);
+    }
+    __syncthreads();
+    // -- this warp's 16 ranks x 16 channels over its pixel steps: u^T is u_rows read column-major --
+    for (int step = wt.half; step < kFrags; step += wt.halves) {
+      wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, wmma::col_major> ua;
+      wmma::fragment<wmma::matrix_b, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, wmma::row_major> xb;
+      wmma::load_matrix_sync(ua, as_tensor_core(&sm.u_rows[step * kMma][wt.rank_tile * kMma]), kRankPitch);
+      wmma::load_matrix_sync(xb, as_tensor_core(&sm.slab[step * kMma][wt.frag * kMma]), kSlabPitch);
+      wmma::mma_sync(acc, ua, xb, acc);
+    }
+    __syncthreads();
+  }
+
+  // -- out[half or rank tile][rank][channel], then this block's partial of dA --
+  const int slot = wt.halves == 2 ? wt.half : wt.rank_tile;
+  wmma::store_matrix_sync(&sm.out[slot][0][wt.frag * kMma], acc, kTile, wmma::mem_row_major);
+  __syncthreads();
+  const int64_t k_len = static_cast<int64_t>(shape.taps) * in_pg;
+  float* const dst = ws_a + ((static_cast<int64_t>(blockIdx.y) * shape.groups + gc.group) * shape.rank + gc.rank0) * k_len +
+                     static_cast<int64_t>(t) * in_pg + c0;
+  for (int i = threadIdx.x; i < gc.chunk_rank * kTile; i += kThreads) {
+    const int k = i / kTile, c = i % kTile;
+    if (c >= count) continue;
+    const float v = wt.halves == 2 ? sm.out[0][k][c] + sm.out[1][k][c] : sm.out[k / kMma][k % kMma][c];
+    dst[k * k_len + c] = v;
+  }
+#endif
+}
+
+}  // namespace lowrank
+}  // namespace adaptsr
