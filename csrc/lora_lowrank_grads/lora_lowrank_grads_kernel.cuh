@@ -23,7 +23,8 @@
 // blocks of one pixel run are launched next to each other (the column tile is grid.x), so the
 // taps' overlapping reads of x come from L2. All arithmetic is fp32, on CUDA cores: each thread
 // holds kRanksPerThread accumulators and reads its operands from shared memory, one of them a
-// broadcast across the warp.
+// broadcast across the warp. For fp16 and bf16 on sm_80 and later the z and dA kernels have
+// tensor-core versions with the same grids (lora_lowrank_grads_tc_kernel.cuh).
 //
 // Threads: four per pixel (z, u) or per column (dA, dB). With r > 16 in a block's chunk the four
 // take a quarter of the ranks each; with fewer ranks they share the ranks and split the
