@@ -17,9 +17,7 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer as PeftLoraLayer
-from spandrel.architectures.HAT import HAT
 from spandrel.architectures.HAT.__arch.HAT import WindowAttention as HATWindowAttention
-from spandrel.architectures.SwinIR import SwinIR
 from spandrel.architectures.SwinIR.__arch.SwinIR import WindowAttention as SwinIRWindowAttention
 from torch import nn
 
@@ -49,20 +47,19 @@ def backend(name: str):
                 yield
 
 
-def build(arch: str) -> nn.Module:
-    """A tiny random model: window 4, two blocks (block 0 unshifted, block 1 shifted), in float64."""
-    torch.manual_seed(0)
-    common = {"img_size": 16, "embed_dim": 24, "depths": [2], "num_heads": [2], "window_size": 4, "upscale": 2}
-    common["drop_path_rate"] = 0.0
-    if arch == "swinir":
-        model = SwinIR(upsampler="pixelshuffledirect", **common)
-    else:
-        model = HAT(num_feat=8, compress_ratio=3, squeeze_factor=4, **common)
-    with torch.no_grad():  # a bias table far from its 0.02 init, so that it matters
-        for name, p in model.named_parameters():
-            if name.endswith("relative_position_bias_table"):
-                p.normal_(0.0, 1.0)
-    return model.double()
+@pytest.fixture
+def build(tiny_sr):
+    """``build(arch)``: conftest's tiny SwinIR or HAT (window 4, block 0 unshifted, block 1 shifted) in float64."""
+
+    def _build(arch: str) -> nn.Module:
+        model = getattr(tiny_sr, arch)()
+        with torch.no_grad():  # a bias table far from its 0.02 init, so that it matters
+            for name, p in model.named_parameters():
+                if name.endswith("relative_position_bias_table"):
+                    p.normal_(0.0, 1.0)
+        return model.double()
+
+    return _build
 
 
 def attentions(model: nn.Module) -> dict[str, nn.Module]:
@@ -76,10 +73,10 @@ def lr_batch(height: int = 16, width: int = 16, seed: int = 1) -> torch.Tensor:
 # -- a whole model against PEFT on the original modules --
 
 
-def _peft_twin(arch: str, ours: nn.Module) -> nn.Module:
-    """The same base with PEFT LoRA on the same layers and our A, B (non-zero) copied in."""
+def _peft_twin(arch: str, ours: nn.Module, base: nn.Module) -> nn.Module:
+    """``base`` with PEFT LoRA on the same layers as ``ours`` and our A, B (non-zero) copied in."""
     config = LoraConfig(r=4, lora_alpha=8, target_modules=PRESETS[arch], init_lora_weights=False)
-    twin = inject_adapter_in_model(config, build(arch)).double()
+    twin = inject_adapter_in_model(config, base).double()
     peft_layers = {n: m for n, m in twin.named_modules() if isinstance(m, PeftLoraLayer)}
     ours_layers = dict(adaptsr.lora_layers(ours))
     assert set(peft_layers) == set(ours_layers)
@@ -115,7 +112,7 @@ def _step(model: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> dict[str, 
 @pytest.mark.parametrize("size", [(16, 16), (12, 20)], ids=["img_size", "other-size"])
 @pytest.mark.parametrize("name", list(BACKENDS))
 @pytest.mark.parametrize("arch", ["swinir", "hat"])
-def test_model_matches_peft_on_spandrel_modules(arch, name, size, assert_close):
+def test_model_matches_peft_on_spandrel_modules(arch, name, size, assert_close, build):
     """Output and every gradient (input, A, B, bias tables) equal PEFT's on the original modules, float64.
 
     The second input size makes spandrel build the shift mask per call (15 windows per image).
@@ -128,7 +125,7 @@ def test_model_matches_peft_on_spandrel_modules(arch, name, size, assert_close):
     assert summary.window_attention == list(found)
     assert {m.architecture for m in found.values()} == {"SwinIR" if arch == "swinir" else "HAT"}
     assert all(isinstance(m.qkv, LoRALinear) and isinstance(m.proj, LoRALinear) for m in found.values())
-    twin = _peft_twin(arch, ours)
+    twin = _peft_twin(arch, ours, build(arch))
     assert all(type(m) is ORIGINALS[arch] for m in attentions(twin).values())
 
     x = lr_batch(*size)
@@ -148,7 +145,7 @@ def test_model_matches_peft_on_spandrel_modules(arch, name, size, assert_close):
 
 
 @pytest.mark.parametrize("arch", ["swinir", "hat"])
-def test_unmerged_merged_unloaded_agree_and_spandrel_loads_it(arch, tmp_path, assert_close):
+def test_unmerged_merged_unloaded_agree_and_spandrel_loads_it(arch, tmp_path, assert_close, build):
     base = build(arch).eval()
     base_keys = list(base.state_dict())
     x = lr_batch(seed=4)
@@ -190,7 +187,7 @@ def test_unmerged_merged_unloaded_agree_and_spandrel_loads_it(arch, tmp_path, as
         torch.testing.assert_close(loaded.model(x.float()), unloaded.float(), rtol=1e-4, atol=1e-5)
 
 
-def test_save_model_of_a_lora_model_restores_spandrel_modules(tmp_path):
+def test_save_model_of_a_lora_model_restores_spandrel_modules(tmp_path, build):
     model = build("swinir")
     adaptsr.inject_lora(model, preset="swinir", rank=2, init_lora_weights=False)
     adaptsr.save_model(model.float(), tmp_path / "m.pth")  # merges a copy
@@ -202,7 +199,7 @@ def test_save_model_of_a_lora_model_restores_spandrel_modules(tmp_path):
 # -- adapter files are unchanged --
 
 
-def test_adapter_files_keep_their_keys_and_reload(tmp_path):
+def test_adapter_files_keep_their_keys_and_reload(tmp_path, build):
     model = build("swinir").float()
     adaptsr.inject_lora(model, preset="swinir", rank=2, init_lora_weights=False)
     directory = adaptsr.save_adapter(model, tmp_path / "adapter")
@@ -223,7 +220,7 @@ def test_adapter_files_keep_their_keys_and_reload(tmp_path):
 # -- inject_lora's window_attention keyword --
 
 
-def test_window_attention_keyword():
+def test_window_attention_keyword(build):
     model = build("swinir")
     summary = adaptsr.inject_lora(model, preset="swinir", rank=2, window_attention=False)
     assert summary.window_attention == []
@@ -243,7 +240,7 @@ def test_window_attention_keyword():
     assert all(type(m) is SwinIRWindowAttention for m in attentions(model).values())
 
 
-def test_failed_injection_leaves_the_attentions_alone():
+def test_failed_injection_leaves_the_attentions_alone(build):
     model = build("swinir")
     with pytest.raises(ValueError, match=r"rank 99 is larger"):
         adaptsr.inject_lora(model, preset="swinir", rank=4, rank_pattern={"fc2": 99})
