@@ -35,10 +35,10 @@ if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import adaptsr  # noqa: E402
-from adaptsr.kernels.lora_conv2d import lora_conv2d_fwd, lora_conv2d_lowrank_grads  # noqa: E402
-from adaptsr.kernels.lora_linear import lora_linear_fwd, lora_linear_lowrank_grads  # noqa: E402
 from adaptsr import _cuda  # noqa: E402
 from adaptsr.backend import is_available  # noqa: E402
+from adaptsr.kernels.lora_conv2d import lora_conv2d_fwd, lora_conv2d_lowrank_grads  # noqa: E402
+from adaptsr.kernels.lora_linear import lora_linear_fwd, lora_linear_lowrank_grads  # noqa: E402
 from adaptsr.ops._conv_geometry import ConvGeometry  # noqa: E402
 from benchmarks.shapes import GPU_CONV_SHAPES, GPU_LINEAR_SHAPES, GPU_RANKS  # noqa: E402
 
