@@ -101,6 +101,12 @@ CONV_CASES = {
     # 330 pixels: runs of two tiles, the last one ragged (a thread still checking the previous
     # tile's pixels while another sets the next tile's shows here)
     "rank12-runs-of-two-tiles": (5, 6, (1, 1), (1, 1), (0, 0), (1, 1), 1, 12, 1, 15, 22, 1),
+    # channels in multiples of 8: channels-last x and dy staged 16 bytes at a time, with a ragged
+    # last run of 8 channels (72 = 64 + 8) and zero padding at the borders
+    "3x3-72-to-80-vector-loads": (72, 80, (3, 3), (1, 1), (1, 1), (1, 1), 1, 8, 1, 6, 7, 2),
+    "groups2-24-per-group-vector-loads": (48, 32, (3, 3), (1, 1), (1, 1), (1, 1), 2, 4, 1, 5, 6, 1),
+    # a single pixel: no stride constrains the vectors, so 13 and 11 channels end mid-vector
+    "one-pixel-vector-loads-ragged": (13, 11, (1, 1), (1, 1), (0, 0), (1, 1), 1, 3, 1, 1, 1, 1),
 }
 
 

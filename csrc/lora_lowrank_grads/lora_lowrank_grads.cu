@@ -63,8 +63,9 @@ std::tuple<at::Tensor, at::Tensor> lora_lowrank_grads(const at::Tensor& x, const
   TORCH_CHECK_VALUE(out_height == expect_h && out_width == expect_w, op, ": dy of shape ", dy.sizes(),
                     " does not match the convolution of x ", x.sizes(), " (expected ", expect_h, " x ", expect_w,
                     " output pixels)");
-  TORCH_CHECK_VALUE(height < INT32_MAX && width < INT32_MAX && n < INT32_MAX && out_channels < INT32_MAX, op,
-                    ": x or dy is too large for 32-bit coordinates");
+  TORCH_CHECK_VALUE(height < INT32_MAX && width < INT32_MAX && n * out_height * out_width < INT32_MAX &&
+                        out_channels < INT32_MAX,
+                    op, ": x or dy is too large for 32-bit coordinates (at most 2^31 - 1 output pixels)");
 
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t taps = kh * kw;
@@ -81,6 +82,10 @@ std::tuple<at::Tensor, at::Tensor> lora_lowrank_grads(const at::Tensor& x, const
   const ConvShape shape = make_conv_shape(x.sizes().data(), x.strides().data(), dy.sizes().data(),
                                           dy.strides().data(), lora_A.sizes().data(), stride.data(), padding.data(),
                                           dilation.data(), groups);
+  const Staging x_staging = staging_of(reinterpret_cast<std::uintptr_t>(x.data_ptr()), x.sizes().data(),
+                                       x.strides().data(), groups, x.element_size());
+  const Staging dy_staging = staging_of(reinterpret_cast<std::uintptr_t>(dy.data_ptr()), dy.sizes().data(),
+                                        dy.strides().data(), groups, dy.element_size());
   const Launch launch = plan_launch(shape, multiprocessor_count(x));
   TORCH_CHECK_VALUE(launch.z_grid.y <= 65535, op, ": groups x ceil(rank / ", kMaxChunkRank, ") = ", launch.z_grid.y,
                     " is too large (at most 65535)");
@@ -97,45 +102,41 @@ std::tuple<at::Tensor, at::Tensor> lora_lowrank_grads(const at::Tensor& x, const
   // fp16 / bf16 on sm_80 and later: the z and dA kernels on tensor cores
   const bool tensor_cores = x.scalar_type() != at::kFloat && has_tensor_cores(compute_capability_major(x));
   ADAPTSR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), op, [&] {
-    auto run = [&](auto channels_fastest_tag) {
-      constexpr bool kChannelsFastest = decltype(channels_fastest_tag)::value;
-      constexpr bool k16Bit = !std::is_same_v<scalar_t, float>;
-      const scalar_t* xp = x.data_ptr<scalar_t>();
-      // -- z from x --
+    constexpr bool k16Bit = !std::is_same_v<scalar_t, float>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    // -- z from x --
+    with_staging(x_staging, [&](auto staging) {
       if constexpr (k16Bit) {
         if (tensor_cores) {
-          lowrank_z_tc_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.z_grid), kThreads, 0, stream>>>(
+          lowrank_z_tc_kernel<scalar_t, staging.value><<<to_dim3(launch.z_grid), kThreads, 0, stream>>>(
               xp, a_mat.data_ptr<float>(), z.data_ptr<float>(), shape, rank_chunks);
+          return;
         }
       }
-      if (!tensor_cores) {
-        lowrank_z_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.z_grid), kThreads, 0, stream>>>(
-            xp, a_mat.data_ptr<float>(), z.data_ptr<float>(), shape, rank_chunks);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      // -- u and dB from dy --
-      lowrank_u_db_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.u_db_grid), kThreads, 0, stream>>>(
+      lowrank_z_kernel<scalar_t, staging.value><<<to_dim3(launch.z_grid), kThreads, 0, stream>>>(
+          xp, a_mat.data_ptr<float>(), z.data_ptr<float>(), shape, rank_chunks);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // -- u and dB from dy --
+    with_staging(dy_staging, [&](auto staging) {
+      lowrank_u_db_kernel<scalar_t, staging.value><<<to_dim3(launch.u_db_grid), kThreads, 0, stream>>>(
           dy.data_ptr<scalar_t>(), b_mat.data_ptr<float>(), z.data_ptr<float>(), u_part.data_ptr<float>(),
           ws_b.data_ptr<float>(), shape, rank_chunks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      // -- dA from x --
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // -- dA from x --
+    with_staging(x_staging, [&](auto staging) {
       if constexpr (k16Bit) {
         if (tensor_cores) {
-          lowrank_da_tc_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.da_grid), kThreads, 0, stream>>>(
+          lowrank_da_tc_kernel<scalar_t, staging.value><<<to_dim3(launch.da_grid), kThreads, 0, stream>>>(
               xp, u_part.data_ptr<float>(), ws_a.data_ptr<float>(), shape, rank_chunks, o_tiles);
+          return;
         }
       }
-      if (!tensor_cores) {
-        lowrank_da_kernel<scalar_t, kChannelsFastest><<<to_dim3(launch.da_grid), kThreads, 0, stream>>>(
-            xp, u_part.data_ptr<float>(), ws_a.data_ptr<float>(), shape, rank_chunks, o_tiles);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (channels_fastest(shape)) {
-      run(std::true_type{});
-    } else {
-      run(std::false_type{});
-    }
+      lowrank_da_kernel<scalar_t, staging.value><<<to_dim3(launch.da_grid), kThreads, 0, stream>>>(
+          xp, u_part.data_ptr<float>(), ws_a.data_ptr<float>(), shape, rank_chunks, o_tiles);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
   // -- fixed-order sums over pixel runs (and groups: A is shared by every group), then A's layout --

@@ -7,12 +7,27 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <type_traits>
 
 #include "../geometry.h"
 #include "lora_lowrank_grads_kernel.cuh"
 
 namespace adaptsr {
 namespace lowrank {
+
+// Whether the kernels may stage a tensor [N, C, H, W] 16 bytes at a time (Staging::kChannelVectors):
+// channels at unit stride, every stride of a dimension longer than 1 a multiple of the vector's
+// elements, each group's first channel on a vector boundary, and a 16-byte aligned base; then
+// every run of channels a block reads (from a multiple of 64 within its group) starts aligned.
+inline bool vector_loads(std::uintptr_t base, const int64_t* sizes, const int64_t* strides, int64_t groups,
+                         int64_t element_size) {
+  const int64_t vec = 16 / element_size;
+  if (strides[1] != 1 || base % 16 != 0 || (groups > 1 && (sizes[1] / groups) % vec != 0)) return false;
+  for (int d : {0, 2, 3}) {
+    if (sizes[d] > 1 && strides[d] % vec != 0) return false;
+  }
+  return true;
+}
 
 // x [N, C_in, H, W] and dy [N, C_out, HO, WO] with their strides (any layout), lora_A's sizes
 // [r, C_in/g, kh, kw], and the stride, padding and dilation pairs. The caller has checked that
@@ -50,9 +65,26 @@ inline ConvShape make_conv_shape(const int64_t* x_sizes, const int64_t* x_stride
   return shape;
 }
 
-// The kernels' kChannelsFastest: staging is coalesced over channels when they are the unit-stride
-// dimension of x and dy (channels-last images, and the linear layer), over pixels otherwise.
-inline bool channels_fastest(const ConvShape& shape) { return shape.x_sc == 1; }
+// The kernels' Staging for a tensor [N, C, H, W] with these sizes, strides, data pointer and
+// element size, in a convolution of `groups` groups.
+inline Staging staging_of(std::uintptr_t base, const int64_t* sizes, const int64_t* strides, int64_t groups,
+                          int64_t element_size) {
+  if (strides[1] != 1) return Staging::kPixelRuns;
+  return vector_loads(base, sizes, strides, groups, element_size) ? Staging::kChannelVectors : Staging::kChannelRuns;
+}
+
+// f(std::integral_constant<Staging, staging>{}): a run-time Staging as the kernels' template argument.
+template <typename F>
+void with_staging(Staging staging, F&& f) {
+  switch (staging) {
+    case Staging::kPixelRuns:
+      return f(std::integral_constant<Staging, Staging::kPixelRuns>{});
+    case Staging::kChannelRuns:
+      return f(std::integral_constant<Staging, Staging::kChannelRuns>{});
+    case Staging::kChannelVectors:
+      return f(std::integral_constant<Staging, Staging::kChannelVectors>{});
+  }
+}
 
 // Grids and float32 buffers of the three kernels (lora_lowrank_grads_kernel.cuh), blocks of kThreads.
 struct Launch {

@@ -61,6 +61,12 @@ struct ConvShape {
   int64_t dy_sn, dy_sc, dy_sh, dy_sw;
 };
 
+// How a kernel stages [pixels x channels] slabs of x or dy into shared memory, chosen on the host
+// per tensor (staging_of): consecutive threads take consecutive addresses, so pixels when the
+// channels are strided (NCHW), channels when they are the unit-stride dimension (channels-last
+// images, the linear layer), and 16 bytes of channels per thread where that is aligned.
+enum class Staging { kPixelRuns, kChannelRuns, kChannelVectors };
+
 // The block's place in a launch whose grid.z (grid.y for the z kernel) enumerates the
 // (group, rank chunk) pairs: groups * rank_chunks blocks.
 struct GroupChunk {
@@ -101,9 +107,11 @@ __device__ __forceinline__ void set_pixel_tile(PixelTile& tile, const ConvShape&
   for (int p = threadIdx.x; p < kTile; p += kThreads) {
     const int64_t m = first_pixel + p;
     if (m < shape.pixels) {
-      const int64_t per_image = static_cast<int64_t>(shape.out_height) * shape.out_width;
-      const int n = static_cast<int>(m / per_image);
-      const int rem = static_cast<int>(m % per_image);
+      // 32-bit division (the host keeps M below 2^31): a 64-bit one is a called software routine
+      const int pixel = static_cast<int>(m);
+      const int per_image = shape.out_height * shape.out_width;
+      const int n = pixel / per_image;
+      const int rem = pixel % per_image;
       const int oh = rem / shape.out_width;
       const int ow = rem % shape.out_width;
       tile.n[p] = n;
@@ -125,24 +133,53 @@ __device__ __forceinline__ int64_t tap_offset(const PixelTile& tile, const ConvS
   return tile.n[p] * shape.x_sn + c * shape.x_sc + ih * shape.x_sh + iw * shape.x_sw;
 }
 
+// Element j of 16 bytes of scalar_t held as four 32-bit words (a vector load), taken apart by
+// shifts: taking the words' address instead would put them on the stack.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t word_element(const uint32_t (&words)[4], int j) {
+  if constexpr (sizeof(scalar_t) == 4) {
+    return __uint_as_float(words[j]);
+  } else {
+    return scalar_t(static_cast<uint16_t>(words[j / 2] >> (16 * (j % 2))), scalar_t::from_bits());
+  }
+}
+
 // slab[p][c] = src[pixel p, channel c_first + c] (converted to Elem: fp32 for the CUDA-core
 // kernels, x's own 16-bit type for the tensor-core ones), zero for c >= count, for pixels past
 // the end, and where `offset(p, c_global)` returns -1 (the zero padding).
-template <typename scalar_t, bool kChannelsFastest, typename Elem, int kPitch, typename Offset>
+template <typename scalar_t, Staging kStaging, typename Elem, int kPitch, typename Offset>
 __device__ __forceinline__ void stage_slab(Elem (&slab)[kTile][kPitch], const PixelTile& tile,
                                            const scalar_t* __restrict__ src, int c_first, int count, Offset offset) {
   static_assert(kPitch >= kTile, "a slab row holds the tile's 64 channels");
-  for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
-    // Consecutive threads take consecutive addresses: channels when they are the unit-stride
-    // dimension (channels-last images, the linear layer), pixels otherwise.
-    const int p = kChannelsFastest ? i / kTile : i % kTile;
-    const int c = kChannelsFastest ? i % kTile : i / kTile;
-    Elem v = Elem(0.f);
-    if (c < count && tile.n[p] >= 0) {
-      const int64_t off = offset(p, c_first + c);
-      if (off >= 0) v = static_cast<Elem>(src[off]);
+  if constexpr (kStaging == Staging::kChannelVectors) {
+    // 16 bytes of channels per load: the host checked that every run starts aligned (vector_loads)
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    constexpr int kVecsPerRow = kTile / kVec;
+    for (int i = threadIdx.x; i < kTile * kVecsPerRow; i += kThreads) {
+      const int p = i / kVecsPerRow, c = (i % kVecsPerRow) * kVec;
+      const int64_t off = (c < count && tile.n[p] >= 0) ? offset(p, c_first + c) : -1;
+      if (off >= 0 && c + kVec <= count) {
+        const uint4 run = *reinterpret_cast<const uint4*>(src + off);
+        const uint32_t words[4] = {run.x, run.y, run.z, run.w};
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) slab[p][c + j] = static_cast<Elem>(word_element<scalar_t>(words, j));
+      } else {  // padding, past the end, or the ragged last channels
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) slab[p][c + j] = (off >= 0 && c + j < count) ? static_cast<Elem>(src[off + j]) : Elem(0.f);
+      }
     }
-    slab[p][c] = v;
+  } else {
+    constexpr bool kChannelsFirst = kStaging == Staging::kChannelRuns;
+    for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
+      const int p = kChannelsFirst ? i / kTile : i % kTile;
+      const int c = kChannelsFirst ? i % kTile : i / kTile;
+      Elem v = Elem(0.f);
+      if (c < count && tile.n[p] >= 0) {
+        const int64_t off = offset(p, c_first + c);
+        if (off >= 0) v = static_cast<Elem>(src[off]);
+      }
+      slab[p][c] = v;
+    }
   }
 }
 
@@ -200,7 +237,7 @@ struct ZSmem {
   PartScratch scratch;
 };
 
-template <typename scalar_t, bool kChannelsFastest>
+template <typename scalar_t, Staging kStaging>
 __global__ void __launch_bounds__(kThreads)
     lowrank_z_kernel(const scalar_t* __restrict__ x,
                      const float* __restrict__ a_mat,  // [R][taps * C_in/g], (t, c) order
@@ -227,7 +264,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int c0 = 0; c0 < in_pg; c0 += kTile) {
       const int count = min(kTile, in_pg - c0);
       // -- stage x at this tap and A's matching columns --
-      stage_slab<scalar_t, kChannelsFastest>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
+      stage_slab<scalar_t, kStaging>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
       const int64_t col0 = static_cast<int64_t>(t) * in_pg + c0;
       for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
         const int c = i / kMaxChunkRank, k = i % kMaxChunkRank;
@@ -271,7 +308,7 @@ struct UDbSmem {
   PartScratch scratch;
 };
 
-template <typename scalar_t, bool kChannelsFastest>
+template <typename scalar_t, Staging kStaging>
 __global__ void __launch_bounds__(kThreads)
     lowrank_u_db_kernel(const scalar_t* __restrict__ dy,
                         const float* __restrict__ b_mat,  // [C_out][R]
@@ -305,7 +342,7 @@ __global__ void __launch_bounds__(kThreads)
     set_pixel_tile(sm.tile, shape, first_pixel);
     __syncthreads();
     // -- stage the tile's dy and z --
-    stage_slab<scalar_t, kChannelsFastest>(sm.slab, sm.tile, dy, o_first, o_count, dy_offset);
+    stage_slab<scalar_t, kStaging>(sm.slab, sm.tile, dy, o_first, o_count, dy_offset);
     load_rank_rows(sm.z_rows, sm.tile, z + col0, first_pixel, row_stride, gc.chunk_rank);
     __syncthreads();
 
@@ -345,7 +382,7 @@ struct DaSmem {
   PartScratch scratch;
 };
 
-template <typename scalar_t, bool kChannelsFastest>
+template <typename scalar_t, Staging kStaging>
 __global__ void __launch_bounds__(kThreads)
     lowrank_da_kernel(const scalar_t* __restrict__ x,
                       const float* __restrict__ u_part,  // [o_tiles][M][groups * R]
@@ -377,7 +414,7 @@ __global__ void __launch_bounds__(kThreads)
     set_pixel_tile(sm.tile, shape, first_pixel);
     __syncthreads();
     // -- stage x at the tap, and u summed over the u/dB kernel's output tiles (in tile order) --
-    stage_slab<scalar_t, kChannelsFastest>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
+    stage_slab<scalar_t, kStaging>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
     for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
       const int p = i / kMaxChunkRank, k = i % kMaxChunkRank;
       float v = 0.f;

@@ -56,7 +56,7 @@ struct ZTcSmem {
   __align__(32) float out[2][kTile][kMma * 2];          // the halves' (or rank tiles') z, [pixel][rank]
 };
 
-template <typename scalar_t, bool kChannelsFastest>
+template <typename scalar_t, Staging kStaging>
 __global__ void __launch_bounds__(kThreads)
     lowrank_z_tc_kernel(const scalar_t* __restrict__ x,
                         const float* __restrict__ a_mat,  // [R][taps * C_in/g], (t, c) order
@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int c0 = 0; c0 < in_pg; c0 += kTile) {
       const int count = min(kTile, in_pg - c0);
       // -- stage x at this tap and A^T for those channels, both in x's 16-bit type --
-      stage_slab<scalar_t, kChannelsFastest>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
+      stage_slab<scalar_t, kStaging>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
       const int64_t col0 = static_cast<int64_t>(t) * in_pg + c0;
       for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
         const int c = i / kMaxChunkRank, k = i % kMaxChunkRank;
@@ -125,7 +125,7 @@ struct DaTcSmem {
   __align__(32) float out[2][kMma][kTile];            // the halves' (or rank tiles') dA, [rank][channel]
 };
 
-template <typename scalar_t, bool kChannelsFastest>
+template <typename scalar_t, Staging kStaging>
 __global__ void __launch_bounds__(kThreads)
     lowrank_da_tc_kernel(const scalar_t* __restrict__ x,
                          const float* __restrict__ u_part,  // [o_tiles][M][groups * R]
@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(kThreads)
     set_pixel_tile(sm.tile, shape, first_pixel);
     __syncthreads();
     // -- stage x at the tap, and u (summed over output tiles in fp32, then rounded) --
-    stage_slab<scalar_t, kChannelsFastest>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
+    stage_slab<scalar_t, kStaging>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
     for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
       const int p = i / kMaxChunkRank, k = i % kMaxChunkRank;
       float v = 0.f;

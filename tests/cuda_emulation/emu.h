@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -60,6 +61,17 @@ struct Dim3 {
 inline Dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 inline int min(int a, int b) { return a < b ? a : b; }
+
+// CUDA's 16-byte vector type and bit-cast intrinsic.
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
+inline float __uint_as_float(unsigned bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 namespace emu {
 

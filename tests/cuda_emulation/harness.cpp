@@ -56,6 +56,10 @@ std::tuple<at::Tensor, at::Tensor> lowrank(const at::Tensor& x, const at::Tensor
   const int64_t rank = lora_A.size(0), in_pg = lora_A.size(1), kh = lora_A.size(2), kw = lora_A.size(3);
   const ConvShape shape = make_conv_shape(x.sizes().data(), x.strides().data(), dy.sizes().data(), dy.strides().data(),
                                           lora_A.sizes().data(), stride.data(), padding.data(), dilation.data(), groups);
+  const Staging x_staging = staging_of(reinterpret_cast<std::uintptr_t>(x.data_ptr()), x.sizes().data(),
+                                       x.strides().data(), groups, x.element_size());
+  const Staging dy_staging = staging_of(reinterpret_cast<std::uintptr_t>(dy.data_ptr()), dy.sizes().data(),
+                                        dy.strides().data(), groups, dy.element_size());
   const Launch launch = plan_launch(shape, multiprocessors);
   // -- copied: A and B as fp32 matrices --
   const at::Tensor a_mat = lora_A.permute({0, 2, 3, 1}).reshape({rank, launch.k_len}).to(at::kFloat).contiguous();
@@ -76,36 +80,33 @@ std::tuple<at::Tensor, at::Tensor> lowrank(const at::Tensor& x, const at::Tensor
     float* up = u_part.data_ptr<float>();
     float* wa = ws_a.data_ptr<float>();
     float* wb = ws_b.data_ptr<float>();
-    auto run = [&](auto channels_fastest_tag) {
-      constexpr bool kChannelsFastest = decltype(channels_fastest_tag)::value;
-      if constexpr (!std::is_same_v<scalar_t, float>) {
+    constexpr bool k16Bit = !std::is_same_v<scalar_t, float>;
+    with_staging(x_staging, [&](auto staging) {
+      if constexpr (k16Bit) {
         if (tensor_cores) {
           emu_launch(dim3_of(launch.z_grid), kThreads,
-                     [=] { lowrank_z_tc_kernel<scalar_t, kChannelsFastest>(xp, ap, zp, shape, rank_chunks); });
+                     [=] { lowrank_z_tc_kernel<scalar_t, staging.value>(xp, ap, zp, shape, rank_chunks); });
+          return;
         }
       }
-      if (!tensor_cores) {
-        emu_launch(dim3_of(launch.z_grid), kThreads,
-                   [=] { lowrank_z_kernel<scalar_t, kChannelsFastest>(xp, ap, zp, shape, rank_chunks); });
-      }
+      emu_launch(dim3_of(launch.z_grid), kThreads,
+                 [=] { lowrank_z_kernel<scalar_t, staging.value>(xp, ap, zp, shape, rank_chunks); });
+    });
+    with_staging(dy_staging, [&](auto staging) {
       emu_launch(dim3_of(launch.u_db_grid), kThreads,
-                 [=] { lowrank_u_db_kernel<scalar_t, kChannelsFastest>(dyp, bp, zp, up, wb, shape, rank_chunks); });
-      if constexpr (!std::is_same_v<scalar_t, float>) {
+                 [=] { lowrank_u_db_kernel<scalar_t, staging.value>(dyp, bp, zp, up, wb, shape, rank_chunks); });
+    });
+    with_staging(x_staging, [&](auto staging) {
+      if constexpr (k16Bit) {
         if (tensor_cores) {
           emu_launch(dim3_of(launch.da_grid), kThreads,
-                     [=] { lowrank_da_tc_kernel<scalar_t, kChannelsFastest>(xp, up, wa, shape, rank_chunks, o_tiles); });
+                     [=] { lowrank_da_tc_kernel<scalar_t, staging.value>(xp, up, wa, shape, rank_chunks, o_tiles); });
+          return;
         }
       }
-      if (!tensor_cores) {
-        emu_launch(dim3_of(launch.da_grid), kThreads,
-                   [=] { lowrank_da_kernel<scalar_t, kChannelsFastest>(xp, up, wa, shape, rank_chunks, o_tiles); });
-      }
-    };
-    if (channels_fastest(shape)) {
-      run(std::true_type{});
-    } else {
-      run(std::false_type{});
-    }
+      emu_launch(dim3_of(launch.da_grid), kThreads,
+                 [=] { lowrank_da_kernel<scalar_t, staging.value>(xp, up, wa, shape, rank_chunks, o_tiles); });
+    });
   });
   // -- copied: the sums over blocks (torch's sum for sum_partials) and A's layout --
   const at::Tensor grad_a_mat = ws_a.view({launch.da_splits * groups, rank, launch.k_len}).sum(0).mul(scaling);
