@@ -217,17 +217,6 @@ def is_available() -> bool:
 # -- the ops --
 
 
-def _same_layout(x, dy):
-    """x and dy in one memory format (NCHW or channels-last): the kernel reads both with one thread mapping."""
-    import torch
-
-    if x.is_contiguous():
-        return x, dy.contiguous()
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return x, dy.contiguous(memory_format=torch.channels_last)
-    return x.contiguous(), dy.contiguous()
-
-
 def lora_conv2d_lowrank_grads(x, dy, lora_A, lora_B, scaling: float, stride, padding, dilation, groups: int):
     """dA, dB of a LoRA conv from x (already padded where the mode needs it) and dy; no autograd.
 
@@ -238,7 +227,8 @@ def lora_conv2d_lowrank_grads(x, dy, lora_A, lora_B, scaling: float, stride, pad
 
     check_lowrank_grad_inputs("cuda", x, dy, lora_A, lora_B, groups)
     c_out, rank = dy.shape[1], lora_A.shape[0]
-    x, dy = _same_layout(x, dy)
+    # Any strides: the kernels read each tensor through its own (coalesced over pixels for NCHW,
+    # over channels, 16 bytes at a time where aligned, for channels-last).
     return load().lora_lowrank_grads(
         x, dy, lora_A, lora_B.reshape(c_out, rank, 1, 1), float(scaling),
         [int(s) for s in stride], [int(p) for p in padding], [int(d) for d in dilation], int(groups),

@@ -111,9 +111,10 @@ CONV_CASES = {
 
 
 def _lowrank_params():
-    """Every case, layout and dtype on the CUDA-core kernels; the 16-bit ones on the tensor-core z and dA too."""
+    """Every case, layout (mixed: x channels-last, dy NCHW) and dtype on the CUDA-core kernels; the 16-bit ones
+    on the tensor-core z and dA too."""
     for case_name in CONV_CASES:
-        for layout in ("nchw", "channels_last"):
+        for layout in ("nchw", "channels_last", "mixed"):
             for dtype_name in DTYPES:
                 for units in ("cuda_cores", "tensor_cores") if dtype_name != "fp32" else ("cuda_cores",):
                     yield pytest.param(case_name, layout, dtype_name, units, id=f"{case_name}-{layout}-{dtype_name}-{units}")
@@ -133,6 +134,8 @@ def test_lowrank_grads_match_float64(emu, schedule, case_name, layout, dtype_nam
     lora_b = _rounded(gen, (c_out, rank, 1, 1), dtype, rank**-0.5)
     if layout == "channels_last":
         x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    elif layout == "mixed":  # each tensor is staged by its own layout
+        x = x.contiguous(memory_format=torch.channels_last)
     scaling = 0.75
     geometry = ConvGeometry.from_args(kernel, stride, padding, dilation, groups)
 
