@@ -105,6 +105,8 @@ CONV_CASES = {
     # last run of 8 channels (72 = 64 + 8) and zero padding at the borders
     "3x3-72-to-80-vector-loads": (72, 80, (3, 3), (1, 1), (1, 1), (1, 1), 1, 8, 1, 6, 7, 2),
     "groups2-24-per-group-vector-loads": (48, 32, (3, 3), (1, 1), (1, 1), (1, 1), 2, 4, 1, 5, 6, 1),
+    # 36 channels: 8-byte vectors of bf16 (as SwinIR-M's 180), 16-byte of fp32; 18: 8-byte fp32, no bf16 vectors
+    "3x3-36-to-18-8-byte-vectors": (36, 18, (3, 3), (1, 1), (1, 1), (1, 1), 1, 8, 1, 5, 6, 1),
     # a single pixel: no stride constrains the vectors, so 13 and 11 channels end mid-vector
     "one-pixel-vector-loads-ragged": (13, 11, (1, 1), (1, 1), (0, 0), (1, 1), 1, 3, 1, 1, 1, 1),
 }

@@ -15,14 +15,15 @@
 namespace adaptsr {
 namespace lowrank {
 
-// Whether the kernels may stage a tensor [N, C, H, W] 16 bytes at a time (Staging::kChannelVectors):
-// channels at unit stride, every stride of a dimension longer than 1 a multiple of the vector's
-// elements, each group's first channel on a vector boundary, and a 16-byte aligned base; then
-// every run of channels a block reads (from a multiple of 64 within its group) starts aligned.
+// Whether the kernels may stage a tensor [N, C, H, W] `bytes` (16 or 8) at a time
+// (Staging::kChannelVectors16 / 8): channels at unit stride, every stride of a dimension longer
+// than 1 a multiple of the vector's elements, each group's first channel on a vector boundary, and
+// an aligned base; then every run of channels a block reads (from a multiple of 64 within its
+// group) starts aligned.
 inline bool vector_loads(std::uintptr_t base, const int64_t* sizes, const int64_t* strides, int64_t groups,
-                         int64_t element_size) {
-  const int64_t vec = 16 / element_size;
-  if (strides[1] != 1 || base % 16 != 0 || (groups > 1 && (sizes[1] / groups) % vec != 0)) return false;
+                         int64_t element_size, int64_t bytes) {
+  const int64_t vec = bytes / element_size;
+  if (vec < 2 || strides[1] != 1 || base % bytes != 0 || (groups > 1 && (sizes[1] / groups) % vec != 0)) return false;
   for (int d : {0, 2, 3}) {
     if (sizes[d] > 1 && strides[d] % vec != 0) return false;
   }
@@ -70,7 +71,9 @@ inline ConvShape make_conv_shape(const int64_t* x_sizes, const int64_t* x_stride
 inline Staging staging_of(std::uintptr_t base, const int64_t* sizes, const int64_t* strides, int64_t groups,
                           int64_t element_size) {
   if (strides[1] != 1) return Staging::kPixelRuns;
-  return vector_loads(base, sizes, strides, groups, element_size) ? Staging::kChannelVectors : Staging::kChannelRuns;
+  if (vector_loads(base, sizes, strides, groups, element_size, 16)) return Staging::kChannelVectors16;
+  if (vector_loads(base, sizes, strides, groups, element_size, 8)) return Staging::kChannelVectors8;
+  return Staging::kChannelRuns;
 }
 
 // f(std::integral_constant<Staging, staging>{}): a run-time Staging as the kernels' template argument.
@@ -81,8 +84,10 @@ void with_staging(Staging staging, F&& f) {
       return f(std::integral_constant<Staging, Staging::kPixelRuns>{});
     case Staging::kChannelRuns:
       return f(std::integral_constant<Staging, Staging::kChannelRuns>{});
-    case Staging::kChannelVectors:
-      return f(std::integral_constant<Staging, Staging::kChannelVectors>{});
+    case Staging::kChannelVectors8:
+      return f(std::integral_constant<Staging, Staging::kChannelVectors8>{});
+    case Staging::kChannelVectors16:
+      return f(std::integral_constant<Staging, Staging::kChannelVectors16>{});
   }
 }
 

@@ -64,8 +64,13 @@ struct ConvShape {
 // How a kernel stages [pixels x channels] slabs of x or dy into shared memory, chosen on the host
 // per tensor (staging_of): consecutive threads take consecutive addresses, so pixels when the
 // channels are strided (NCHW), channels when they are the unit-stride dimension (channels-last
-// images, the linear layer), and 16 bytes of channels per thread where that is aligned.
-enum class Staging { kPixelRuns, kChannelRuns, kChannelVectors };
+// images, the linear layer), and 16 or 8 bytes of channels per thread where that is aligned
+// (SwinIR-M's 180 channels of bf16 allow 8).
+enum class Staging { kPixelRuns, kChannelRuns, kChannelVectors8, kChannelVectors16 };
+
+constexpr int vector_bytes(Staging staging) {
+  return staging == Staging::kChannelVectors16 ? 16 : staging == Staging::kChannelVectors8 ? 8 : 0;
+}
 
 // The block's place in a launch whose grid.z (grid.y for the z kernel) enumerates the
 // (group, rank chunk) pairs: groups * rank_chunks blocks.
@@ -133,10 +138,10 @@ __device__ __forceinline__ int64_t tap_offset(const PixelTile& tile, const ConvS
   return tile.n[p] * shape.x_sn + c * shape.x_sc + ih * shape.x_sh + iw * shape.x_sw;
 }
 
-// Element j of 16 bytes of scalar_t held as four 32-bit words (a vector load), taken apart by
-// shifts: taking the words' address instead would put them on the stack.
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t word_element(const uint32_t (&words)[4], int j) {
+// Element j of a vector of scalar_t held as 32-bit words (a vector load), taken apart by shifts:
+// taking the words' address instead would put them on the stack.
+template <typename scalar_t, int kWords>
+__device__ __forceinline__ scalar_t word_element(const uint32_t (&words)[kWords], int j) {
   if constexpr (sizeof(scalar_t) == 4) {
     return __uint_as_float(words[j]);
   } else {
@@ -151,16 +156,22 @@ template <typename scalar_t, Staging kStaging, typename Elem, int kPitch, typena
 __device__ __forceinline__ void stage_slab(Elem (&slab)[kTile][kPitch], const PixelTile& tile,
                                            const scalar_t* __restrict__ src, int c_first, int count, Offset offset) {
   static_assert(kPitch >= kTile, "a slab row holds the tile's 64 channels");
-  if constexpr (kStaging == Staging::kChannelVectors) {
-    // 16 bytes of channels per load: the host checked that every run starts aligned (vector_loads)
-    constexpr int kVec = 16 / sizeof(scalar_t);
+  if constexpr (vector_bytes(kStaging) > 0) {
+    // 16 or 8 bytes of channels per load: the host checked that every run starts aligned (vector_loads)
+    constexpr int kVec = vector_bytes(kStaging) / sizeof(scalar_t);
     constexpr int kVecsPerRow = kTile / kVec;
     for (int i = threadIdx.x; i < kTile * kVecsPerRow; i += kThreads) {
       const int p = i / kVecsPerRow, c = (i % kVecsPerRow) * kVec;
       const int64_t off = (c < count && tile.n[p] >= 0) ? offset(p, c_first + c) : -1;
       if (off >= 0 && c + kVec <= count) {
-        const uint4 run = *reinterpret_cast<const uint4*>(src + off);
-        const uint32_t words[4] = {run.x, run.y, run.z, run.w};
+        uint32_t words[vector_bytes(kStaging) / 4];
+        if constexpr (vector_bytes(kStaging) == 16) {
+          const uint4 run = *reinterpret_cast<const uint4*>(src + off);
+          words[0] = run.x, words[1] = run.y, words[2] = run.z, words[3] = run.w;
+        } else {
+          const uint2 run = *reinterpret_cast<const uint2*>(src + off);
+          words[0] = run.x, words[1] = run.y;
+        }
 #pragma unroll
         for (int j = 0; j < kVec; ++j) slab[p][c + j] = static_cast<Elem>(word_element<scalar_t>(words, j));
       } else {  // padding, past the end, or the ragged last channels

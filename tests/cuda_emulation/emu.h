@@ -62,9 +62,12 @@ inline Dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 inline int min(int a, int b) { return a < b ? a : b; }
 
-// CUDA's 16-byte vector type and bit-cast intrinsic.
+// CUDA's 16- and 8-byte vector types and bit-cast intrinsic.
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned x, y;
 };
 
 inline float __uint_as_float(unsigned bits) {
