@@ -20,11 +20,13 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 
-# $FAKE_TESTS_RC: the tests' exit status; $FAKE_BENCH_SLEEP: seconds the benchmarks take.
+# $FAKE_TESTS_RC: the tests' exit status; $FAKE_TESTS_SLEEP, $FAKE_BENCH_SLEEP: seconds the tests and the
+# benchmarks take.
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "$*" >> "$FAKE_CALLS"
 case "$*" in
   *cuda.is_available*) exit 0 ;;
+  "-m pip install"*) exit 0 ;;  # wheels from .whl/, where a developer fetched some
   *"import adaptsr"*) exit 0 ;;
   *"import xdist"*) exit 1 ;;
   *get_device_name*) echo "Fake GPU 80GB" ;;
@@ -36,7 +38,13 @@ case "$*" in
     trap 'kill $!; echo "1 passed, interrupted"; echo "{\"benchmarks\": []}" > "$json"; exit 2' INT
     wait
     echo '{"benchmarks": []}' > "$json"; echo "3 passed" ;;
-  "-m pytest"*) echo "tests run: $*"; echo "7 passed"; exit "${FAKE_TESTS_RC:-0}" ;;
+  "-m pytest"*)
+    sleep "${FAKE_TESTS_SLEEP:-0}" &
+    trap 'kill $!; echo "3 passed, interrupted"; exit 2' INT
+    wait
+    echo "tests run: $*"; echo "7 passed"; exit "${FAKE_TESTS_RC:-0}" ;;
+  *get_device_capability*) echo 90 ;;
+  *ptxas_report.py*) echo "| ptxas table |" ;;
   *to_markdown.py*) echo "| benchmark table |" ;;
   *auto_choice.py*) echo "AUTO_ON_CUDA = {}" ;;
   *kernel_roofline.py*)
@@ -90,16 +98,25 @@ def test_the_budget_cuts_a_long_stage_and_skips_the_rest(tmp_path):
     # 15 s are kept back for the results: a 32 s budget leaves the benchmarks about 17 s of their 60
     start = time.monotonic()
     proc, results = _run(tmp_path, BUDGET_S="32", MIN_STAGE_S="5", FAKE_BENCH_SLEEP="60",
-                         STAGES="tests bench roofline")
+                         STAGES="tests roofline bench ptxas")
     assert time.monotonic() - start < 45, "the budget did not stop the benchmarks"
     assert proc.returncode == 0, proc.stderr
     text = results.read_text()
-    assert "7 passed" in text
-    assert "stage roofline not started" in text  # the results say why
-    assert "roofline table" not in text
+    assert "7 passed" in text and "roofline table" in text  # the stages before the long one
+    assert "stage ptxas not started" in text  # the results say why
+    assert "ptxas table" not in text
     assert "(not run" in text  # the build was not asked for
     # the interrupted benchmarks still reported (pytest writes its JSON on SIGINT)
     assert "| benchmark table |" in text
+
+
+def test_tests_get_their_share_and_the_measurements_still_run(tmp_path):
+    start = time.monotonic()
+    proc, results = _run(tmp_path, TESTS_MAX_S="3", FAKE_TESTS_SLEEP="60", STAGES="tests roofline")
+    assert time.monotonic() - start < 30, "TESTS_MAX_S did not stop the tests"
+    assert proc.returncode != 0, "tests cut short must fail the run"
+    text = results.read_text()
+    assert "3 passed, interrupted" in text and "roofline table" in text
 
 
 def test_stages_select_what_runs(tmp_path):

@@ -15,12 +15,13 @@
 #   - BUDGET_S (default 540): the whole run's wall-clock budget in seconds; each stage gets what is
 #     left (less 15 s to write the results); a stage with less than MIN_STAGE_S (default 45) left
 #     does not start, and says so; 0: no budget.
-#   - STAGES (default "build tests bench roofline", in priority order; "ptxas" also exists, which CI
-#     already runs for sm_90 on the CPU).
+#   - STAGES (default "build tests roofline bench", run in that order; "ptxas" also exists, which
+#     CI already runs for sm_90 on the CPU).
 #   - TEST_PATHS (default: the test files that exercise the GPU: tests/ops, the extension's tests,
 #     the backend table; the rest of tests/ is CPU-only and runs in CI); TEST_PATHS=tests for all.
 #     TEST_WORKERS (default 4 where pytest-xdist is installed): test processes, which compile the
-#     Triton kernels in parallel. TEST_ARGS: more pytest arguments.
+#     Triton kernels in parallel. TEST_ARGS: more pytest arguments. TESTS_MAX_S (default 240): the
+#     tests' share of the budget at most, so that the measurements after them still run.
 #   - BENCH_ARGS (default '-k "bf16 and not r4 and not r16"': the issues' targets are bf16, rank 8;
 #     BENCH_ARGS='' runs every case, about 180, which needs more than one call).
 #   - ROOFLINE_ARGS (default '--dtypes bf16 --ranks 8').
@@ -40,7 +41,7 @@ raw=$(realpath -m "${RAW_DIR:-$out.d}")
 mkdir -p "$raw" "$(dirname "$out")"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-stages=" ${STAGES:-build tests bench roofline} "
+stages=" ${STAGES:-build tests roofline bench} "
 budget=${BUDGET_S:-540}
 reserve=15
 min_stage=${MIN_STAGE_S:-45}
@@ -61,6 +62,7 @@ within() {
         echo "stage $name not started: ${left} s left of BUDGET_S=$budget (MIN_STAGE_S=$min_stage)" >&2
         return 124
     fi
+    if [ "$name" = tests ] && [ "$left" -gt "${TESTS_MAX_S:-240}" ]; then left=${TESTS_MAX_S:-240}; fi
     echo "stage $name: up to ${left} s (at $(elapsed) s)" >&2
     timeout --signal=INT --kill-after=10 "$left" "$@"
 }
@@ -87,7 +89,7 @@ fi
 section() {  # a results file's part, or why it is missing
     if [ -s "$1" ]; then cat "$1"
     elif [ -f "$2" ]; then echo '```'; tail -n 5 "$2"; echo '```'
-    else echo "(not run: STAGES=\"${STAGES:-build tests bench roofline}\")"; fi
+    else echo "(not run: STAGES=\"${STAGES:-build tests roofline bench}\")"; fi
 }
 
 write_results() {
@@ -160,7 +162,15 @@ if run_stage tests; then
     write_results
 fi
 
-# 3. Benchmarks: pytest-benchmark providers at the GPU shapes, and the "auto" choice they imply.
+# 3. Kernel floors: each kernel alone against bytes / bandwidth and FLOPs / rate (before the
+#    benchmarks: it takes about a minute, and it decides the kernels' design).
+if run_stage roofline; then
+    eval "set -- ${ROOFLINE_ARGS:---dtypes bf16 --ranks 8}"
+    within roofline $py benchmarks/gpu/kernel_roofline.py --out "$raw/roofline.md" "$@" 2>&1 | tee "$raw/roofline.log"
+    write_results
+fi
+
+# 4. Benchmarks: pytest-benchmark providers at the GPU shapes, and the "auto" choice they imply.
 if run_stage bench; then
     eval "set -- ${BENCH_ARGS-"-k \"bf16 and not r4 and not r16\""}"
     within bench $py -m pytest benchmarks -q -p no:cacheprovider --benchmark-only "$@" \
@@ -169,13 +179,6 @@ if run_stage bench; then
         $py benchmarks/to_markdown.py "$raw/bench.json" > "$raw/bench.md" 2>&1
         $py benchmarks/gpu/auto_choice.py "$raw/bench.json" > "$raw/auto.md" 2>&1
     fi
-    write_results
-fi
-
-# 4. Kernel floors: each kernel alone against bytes / bandwidth and FLOPs / rate.
-if run_stage roofline; then
-    eval "set -- ${ROOFLINE_ARGS:---dtypes bf16 --ranks 8}"
-    within roofline $py benchmarks/gpu/kernel_roofline.py --out "$raw/roofline.md" "$@" 2>&1 | tee "$raw/roofline.log"
     write_results
 fi
 
