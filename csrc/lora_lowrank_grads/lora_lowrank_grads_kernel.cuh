@@ -204,6 +204,100 @@ __device__ __forceinline__ void load_rank_rows(float (&rows)[kTile][kMaxChunkRan
   }
 }
 
+// weights[c][k] = A[rank0 + k, c0 + c, tap t] (A^T for channels [c0, c0 + count) at tap t),
+// converted to Elem; zero past `count` channels and past the chunk's ranks.
+template <typename Elem, int kPitch>
+__device__ __forceinline__ void stage_a_columns(Elem (&weights)[kTile][kPitch], const float* __restrict__ a_mat,
+                                                const ConvShape& shape, const GroupChunk& gc, int t, int c0,
+                                                int count) {
+  const int64_t k_len = static_cast<int64_t>(shape.taps) * shape.in_per_group;
+  const float* const column0 = a_mat + static_cast<int64_t>(t) * shape.in_per_group + c0;  // (t, c0) of rank 0
+  for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
+    const int c = i / kMaxChunkRank, k = i % kMaxChunkRank;
+    const float a = (c < count && k < gc.chunk_rank) ? column0[(gc.rank0 + k) * k_len + c] : 0.f;
+    weights[c][k] = static_cast<Elem>(a);
+  }
+}
+
+// rows[p][k] = u of pixel p, rank k of the block's chunk: the u/dB kernel's partials summed over its
+// output tiles in tile order (fp32), then converted to Elem; zero past the chunk and the pixels.
+template <typename Elem, int kPitch>
+__device__ __forceinline__ void stage_u_rows(Elem (&rows)[kTile][kPitch], const PixelTile& tile,
+                                             const float* __restrict__ u_part, const ConvShape& shape,
+                                             const GroupChunk& gc, int64_t first_pixel, int o_tiles) {
+  const int64_t row_stride = static_cast<int64_t>(shape.groups) * shape.rank;
+  const int64_t o_tile_stride = shape.pixels * row_stride;
+  const float* const base = u_part + first_pixel * row_stride + gc.group * shape.rank + gc.rank0;
+  for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
+    const int p = i / kMaxChunkRank, k = i % kMaxChunkRank;
+    float v = 0.f;
+    if (k < gc.chunk_rank && tile.n[p] >= 0) {
+      for (int ob = 0; ob < o_tiles; ++ob) v += base[p * row_stride + k + ob * o_tile_stride];
+    }
+    rows[p][k] = static_cast<Elem>(v);
+  }
+}
+
+// The dA kernels' column tile (grid.x): tap t, at offset (dh, dw), and input channels
+// [c0, c0 + count) of the group.
+struct DaColumn {
+  int t, c0, count, dh, dw;
+};
+
+__device__ __forceinline__ DaColumn da_column(const ConvShape& shape) {
+  const int c_tiles = (shape.in_per_group + kTile - 1) / kTile;
+  const int t = blockIdx.x / c_tiles;
+  const int c0 = (blockIdx.x % c_tiles) * kTile;
+  return {t, c0, min(kTile, shape.in_per_group - c0), (t / shape.kernel_w) * shape.dil_h,
+          (t % shape.kernel_w) * shape.dil_w};
+}
+
+// &ws_a[split blockIdx.y][group][the chunk's first rank][column (t, c0)]: where the block writes
+// its partial of dA, rank rows k_len = taps * C_in/g apart.
+__device__ __forceinline__ float* da_partial(float* ws_a, const ConvShape& shape, const GroupChunk& gc,
+                                             const DaColumn& col) {
+  const int64_t k_len = static_cast<int64_t>(shape.taps) * shape.in_per_group;
+  return ws_a + ((static_cast<int64_t>(blockIdx.y) * shape.groups + gc.group) * shape.rank + gc.rank0) * k_len +
+         static_cast<int64_t>(col.t) * shape.in_per_group + col.c0;
+}
+
+// The z kernels' loop over the taps and 64-channel chunks of the group: stage x at the tap into
+// sm.slab and A^T of those channels into sm.weights, then step(count) between two barriers.
+template <typename scalar_t, Staging kStaging, typename Smem, typename Step>
+__device__ __forceinline__ void for_each_z_chunk(Smem& sm, const scalar_t* __restrict__ x,
+                                                 const float* __restrict__ a_mat, const ConvShape& shape,
+                                                 const GroupChunk& gc, Step step) {
+  const int in_pg = shape.in_per_group;
+  for (int t = 0; t < shape.taps; ++t) {
+    const int dh = (t / shape.kernel_w) * shape.dil_h;
+    const int dw = (t % shape.kernel_w) * shape.dil_w;
+    auto x_offset = [&](int p, int c) { return tap_offset(sm.tile, shape, dh, dw, p, c); };
+    for (int c0 = 0; c0 < in_pg; c0 += kTile) {
+      const int count = min(kTile, in_pg - c0);
+      stage_slab<scalar_t, kStaging>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
+      stage_a_columns(sm.weights, a_mat, shape, gc, t, c0, count);
+      __syncthreads();
+      step(count);
+      __syncthreads();
+    }
+  }
+}
+
+// The dA kernels' operands for one pixel tile, between two barriers: x at the block's tap and
+// u of the tile's pixels (`sm`: DaSmem or the tensor-core kernel's DaTcSmem).
+template <typename scalar_t, Staging kStaging, typename Smem>
+__device__ __forceinline__ void stage_da_tile(Smem& sm, const scalar_t* __restrict__ x,
+                                              const float* __restrict__ u_part, const ConvShape& shape,
+                                              const GroupChunk& gc, const DaColumn& col, int64_t first_pixel,
+                                              int o_tiles) {
+  set_pixel_tile(sm.tile, shape, first_pixel);
+  __syncthreads();
+  auto x_offset = [&](int p, int c) { return tap_offset(sm.tile, shape, col.dh, col.dw, p, c); };
+  stage_slab<scalar_t, kStaging>(sm.slab, sm.tile, x, gc.group * shape.in_per_group + col.c0, col.count, x_offset);
+  stage_u_rows(sm.u_rows, sm.tile, u_part, shape, gc, first_pixel, o_tiles);
+  __syncthreads();
+}
+
 // Sums acc over the parts of this thread's pixel or column `index`; the result is valid in the
 // thread with part 0. Ends with a barrier: the scratch can be reused at once.
 __device__ __forceinline__ void sum_parts(PartScratch& scratch, float (&acc)[kRanksPerThread], const LaneSplit& ls,
@@ -257,8 +351,6 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ ZSmem sm;
   const GroupChunk gc = group_chunk(shape, blockIdx.y, rank_chunks);
   const LaneSplit ls = lane_split(gc.chunk_rank);
-  const int in_pg = shape.in_per_group;
-  const int64_t k_len = static_cast<int64_t>(shape.taps) * in_pg;
   const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kTile;
   const int my_pixel = threadIdx.x % kTile;
 
@@ -268,27 +360,12 @@ __global__ void __launch_bounds__(kThreads)
   float acc[kRanksPerThread];
 #pragma unroll
   for (int j = 0; j < kRanksPerThread; ++j) acc[j] = 0.f;
-  for (int t = 0; t < shape.taps; ++t) {
-    const int dh = (t / shape.kernel_w) * shape.dil_h;
-    const int dw = (t % shape.kernel_w) * shape.dil_w;
-    auto x_offset = [&](int p, int c) { return tap_offset(sm.tile, shape, dh, dw, p, c); };
-    for (int c0 = 0; c0 < in_pg; c0 += kTile) {
-      const int count = min(kTile, in_pg - c0);
-      // -- stage x at this tap and A's matching columns --
-      stage_slab<scalar_t, kStaging>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
-      const int64_t col0 = static_cast<int64_t>(t) * in_pg + c0;
-      for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
-        const int c = i / kMaxChunkRank, k = i % kMaxChunkRank;
-        sm.weights[c][k] = (c < count && k < gc.chunk_rank) ? a_mat[(gc.rank0 + k) * k_len + col0 + c] : 0.f;
-      }
-      __syncthreads();
-      // -- this thread's channels (every parts-th) of its pixel's dot products --
-      for (int c = ls.part; c < count; c += ls.parts) {
-        accumulate_ranks(acc, sm.slab[my_pixel][c], &sm.weights[c][ls.rank_base]);
-      }
-      __syncthreads();
+  for_each_z_chunk<scalar_t, kStaging>(sm, x, a_mat, shape, gc, [&](int count) {
+    // this thread's channels (every parts-th) of its pixel's dot products
+    for (int c = ls.part; c < count; c += ls.parts) {
+      accumulate_ranks(acc, sm.slab[my_pixel][c], &sm.weights[c][ls.rank_base]);
     }
-  }
+  });
   sum_parts(sm.scratch, acc, ls, my_pixel);
   if (ls.part == 0 && sm.tile.n[my_pixel] >= 0) {
     float* row = z + (first_pixel + my_pixel) * (static_cast<int64_t>(shape.groups) * shape.rank) +
@@ -402,40 +479,15 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ DaSmem sm;
   const GroupChunk gc = group_chunk(shape, blockIdx.z, rank_chunks);
   const LaneSplit ls = lane_split(gc.chunk_rank);
-  const int in_pg = shape.in_per_group;
-  const int c_tiles = (in_pg + kTile - 1) / kTile;
-  const int t = blockIdx.x / c_tiles;
-  const int c0 = (blockIdx.x % c_tiles) * kTile;
-  const int count = min(kTile, in_pg - c0);
-  const int dh = (t / shape.kernel_w) * shape.dil_h;
-  const int dw = (t % shape.kernel_w) * shape.dil_w;
-  const int64_t row_stride = static_cast<int64_t>(shape.groups) * shape.rank;
-  const int64_t col0 = gc.group * shape.rank + gc.rank0;
-  const int64_t o_tile_stride = shape.pixels * row_stride;
+  const DaColumn col = da_column(shape);
   const int my_channel = threadIdx.x % kTile;
-
-  auto x_offset = [&](int p, int c) { return tap_offset(sm.tile, shape, dh, dw, p, c); };
 
   float acc[kRanksPerThread];
 #pragma unroll
   for (int j = 0; j < kRanksPerThread; ++j) acc[j] = 0.f;
   const PixelRun run = pixel_run(shape, blockIdx.y, gridDim.y);
   for (int64_t tile = run.first; tile < run.end; ++tile) {
-    const int64_t first_pixel = tile * kTile;
-    set_pixel_tile(sm.tile, shape, first_pixel);
-    __syncthreads();
-    // -- stage x at the tap, and u summed over the u/dB kernel's output tiles (in tile order) --
-    stage_slab<scalar_t, kStaging>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
-    for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
-      const int p = i / kMaxChunkRank, k = i % kMaxChunkRank;
-      float v = 0.f;
-      if (k < gc.chunk_rank && sm.tile.n[p] >= 0) {
-        const float* src = u_part + (first_pixel + p) * row_stride + col0 + k;
-        for (int ob = 0; ob < o_tiles; ++ob) v += src[ob * o_tile_stride];
-      }
-      sm.u_rows[p][k] = v;
-    }
-    __syncthreads();
+    stage_da_tile<scalar_t, kStaging>(sm, x, u_part, shape, gc, col, tile * kTile, o_tiles);
     // -- input channel `my_channel`, every parts-th pixel --
     for (int p = ls.part; p < kTile; p += ls.parts) {
       accumulate_ranks(acc, sm.slab[p][my_channel], &sm.u_rows[p][ls.rank_base]);
@@ -444,11 +496,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   sum_parts(sm.scratch, acc, ls, my_channel);
-  if (ls.part == 0 && my_channel < count) {
-    const int64_t k_len = static_cast<int64_t>(shape.taps) * in_pg;
-    float* col = ws_a + ((static_cast<int64_t>(blockIdx.y) * shape.groups + gc.group) * shape.rank + gc.rank0 + ls.rank_base) * k_len +
-                 static_cast<int64_t>(t) * in_pg + c0 + my_channel;
-    store_ranks(col, k_len, acc, ls, gc);
+  if (ls.part == 0 && my_channel < col.count) {
+    const int64_t k_len = static_cast<int64_t>(shape.taps) * shape.in_per_group;
+    store_ranks(da_partial(ws_a, shape, gc, col) + ls.rank_base * k_len + my_channel, k_len, acc, ls, gc);
   }
 }
 

@@ -66,8 +66,6 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ ZTcSmem<scalar_t> sm;
   const GroupChunk gc = group_chunk(shape, blockIdx.y, rank_chunks);
   const WarpTile wt = warp_tile(gc.chunk_rank);
-  const int in_pg = shape.in_per_group;
-  const int64_t k_len = static_cast<int64_t>(shape.taps) * in_pg;
   const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kTile;
 
   set_pixel_tile(sm.tile, shape, first_pixel);
@@ -75,32 +73,16 @@ __global__ void __launch_bounds__(kThreads)
 
   wmma::fragment<wmma::accumulator, kMma, kMma, kMma, float> acc;
   wmma::fill_fragment(acc, 0.f);
-  for (int t = 0; t < shape.taps; ++t) {
-    const int dh = (t / shape.kernel_w) * shape.dil_h;
-    const int dw = (t % shape.kernel_w) * shape.dil_w;
-    auto x_offset = [&](int p, int c) { return tap_offset(sm.tile, shape, dh, dw, p, c); };
-    for (int c0 = 0; c0 < in_pg; c0 += kTile) {
-      const int count = min(kTile, in_pg - c0);
-      // -- stage x at this tap and A^T for those channels, both in x's 16-bit type --
-      stage_slab<scalar_t, kStaging>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
-      const int64_t col0 = static_cast<int64_t>(t) * in_pg + c0;
-      for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
-        const int c = i / kMaxChunkRank, k = i % kMaxChunkRank;
-        const float a = (c < count && k < gc.chunk_rank) ? a_mat[(gc.rank0 + k) * k_len + col0 + c] : 0.f;
-        sm.weights[c][k] = static_cast<scalar_t>(a);
-      }
-      __syncthreads();
-      // -- this warp's 16 pixels x 16 ranks over its channel steps --
-      for (int step = wt.half; step < kFrags; step += wt.halves) {
-        wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, wmma::row_major> xa;
-        wmma::fragment<wmma::matrix_b, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, wmma::row_major> ab;
-        wmma::load_matrix_sync(xa, as_tensor_core(&sm.slab[wt.frag * kMma][step * kMma]), kSlabPitch);
-        wmma::load_matrix_sync(ab, as_tensor_core(&sm.weights[step * kMma][wt.rank_tile * kMma]), kRankPitch);
-        wmma::mma_sync(acc, xa, ab, acc);
-      }
-      __syncthreads();
+  for_each_z_chunk<scalar_t, kStaging>(sm, x, a_mat, shape, gc, [&](int) {
+    // this warp's 16 pixels x 16 ranks over its channel steps (zero past `count`)
+    for (int step = wt.half; step < kFrags; step += wt.halves) {
+      wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, wmma::row_major> xa;
+      wmma::fragment<wmma::matrix_b, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, wmma::row_major> ab;
+      wmma::load_matrix_sync(xa, as_tensor_core(&sm.slab[wt.frag * kMma][step * kMma]), kSlabPitch);
+      wmma::load_matrix_sync(ab, as_tensor_core(&sm.weights[step * kMma][wt.rank_tile * kMma]), kRankPitch);
+      wmma::mma_sync(acc, xa, ab, acc);
     }
-  }
+  });
   // -- out[half][pixel][rank]: halves side by side in rank tiles' place; then z's rows --
   const int slot = wt.halves == 2 ? wt.half : 0;
   wmma::store_matrix_sync(&sm.out[slot][wt.frag * kMma][wt.rank_tile * kMma], acc, kMma * 2, wmma::mem_row_major);
@@ -135,37 +117,14 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ DaTcSmem<scalar_t> sm;
   const GroupChunk gc = group_chunk(shape, blockIdx.z, rank_chunks);
   const WarpTile wt = warp_tile(gc.chunk_rank);
-  const int in_pg = shape.in_per_group;
-  const int c_tiles = (in_pg + kTile - 1) / kTile;
-  const int t = blockIdx.x / c_tiles;
-  const int c0 = (blockIdx.x % c_tiles) * kTile;
-  const int count = min(kTile, in_pg - c0);
-  const int dh = (t / shape.kernel_w) * shape.dil_h;
-  const int dw = (t % shape.kernel_w) * shape.dil_w;
-  const int64_t row_stride = static_cast<int64_t>(shape.groups) * shape.rank;
-  const int64_t col0 = gc.group * shape.rank + gc.rank0;
-  const int64_t o_tile_stride = shape.pixels * row_stride;
-  auto x_offset = [&](int p, int c) { return tap_offset(sm.tile, shape, dh, dw, p, c); };
+  const DaColumn col = da_column(shape);
 
   wmma::fragment<wmma::accumulator, kMma, kMma, kMma, float> acc;
   wmma::fill_fragment(acc, 0.f);
   const PixelRun run = pixel_run(shape, blockIdx.y, gridDim.y);
   for (int64_t tile = run.first; tile < run.end; ++tile) {
-    const int64_t first_pixel = tile * kTile;
-    set_pixel_tile(sm.tile, shape, first_pixel);
-    __syncthreads();
-    // -- stage x at the tap, and u (summed over output tiles in fp32, then rounded) --
-    stage_slab<scalar_t, kStaging>(sm.slab, sm.tile, x, gc.group * in_pg + c0, count, x_offset);
-    for (int i = threadIdx.x; i < kTile * kMaxChunkRank; i += kThreads) {
-      const int p = i / kMaxChunkRank, k = i % kMaxChunkRank;
-      float v = 0.f;
-      if (k < gc.chunk_rank && sm.tile.n[p] >= 0) {
-        const float* src = u_part + (first_pixel + p) * row_stride + col0 + k;
-        for (int ob = 0; ob < o_tiles; ++ob) v += src[ob * o_tile_stride];
-      }
-      sm.u_rows[p][k] = static_cast<scalar_t>(v);
-    }
-    __syncthreads();
+    // u summed over output tiles in fp32, then rounded to x's type for the tensor cores
+    stage_da_tile<scalar_t, kStaging>(sm, x, u_part, shape, gc, col, tile * kTile, o_tiles);
     // -- this warp's 16 ranks x 16 channels over its pixel steps: u^T is u_rows read column-major --
     for (int step = wt.half; step < kFrags; step += wt.halves) {
       wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, wmma::col_major> ua;
@@ -181,12 +140,11 @@ __global__ void __launch_bounds__(kThreads)
   const int slot = wt.halves == 2 ? wt.half : wt.rank_tile;
   wmma::store_matrix_sync(&sm.out[slot][0][wt.frag * kMma], acc, kTile, wmma::mem_row_major);
   __syncthreads();
-  const int64_t k_len = static_cast<int64_t>(shape.taps) * in_pg;
-  float* const dst = ws_a + ((static_cast<int64_t>(blockIdx.y) * shape.groups + gc.group) * shape.rank + gc.rank0) * k_len +
-                     static_cast<int64_t>(t) * in_pg + c0;
+  const int64_t k_len = static_cast<int64_t>(shape.taps) * shape.in_per_group;
+  float* const dst = da_partial(ws_a, shape, gc, col);
   for (int i = threadIdx.x; i < gc.chunk_rank * kTile; i += kThreads) {
     const int k = i / kTile, c = i % kTile;
-    if (c >= count) continue;
+    if (c >= col.count) continue;
     const float v = wt.halves == 2 ? sm.out[0][k][c] + sm.out[1][k][c] : sm.out[k / kMma][k % kMma][c];
     dst[k * k_len + c] = v;
   }
