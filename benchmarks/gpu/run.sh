@@ -89,7 +89,7 @@ fi
 section() {  # a results file's part, or why it is missing
     if [ -s "$1" ]; then cat "$1"
     elif [ -f "$2" ]; then echo '```'; tail -n 5 "$2"; echo '```'
-    else echo "(not run: STAGES=\"${STAGES:-build tests roofline bench}\")"; fi
+    else echo "(not run: STAGES=\"$(echo $stages)\")"; fi
 }
 
 write_results() {
