@@ -213,23 +213,37 @@ ATTENTION_CASES = {
     # row 3 is fully masked (-inf: o = 0, lse = -inf, no NaN anywhere) and row 5 half masked
     "N49-ragged-bias-mask-dead-row": (4, 2, 49, 30, 2, True, 5),
     "N256-bias-mask": (2, 1, 256, 30, 1, True, 2),
+    # the largest head dimension (four 16-wide tensor-core steps), 4 x 4 windows: one key tile,
+    # three of the four warps past the last row
+    "N16-d64-bias": (3, 2, 16, 64, 0, True, 2),
+    # one padded head step (d = 8 of 16), 72 keys: the last 32-key tile of the forward holds 8
+    "N72-d8-mask": (2, 3, 72, 8, 2, False, 1),
 }
+# the dtypes of each case; the 16-bit ones run on both kernels unless listed as tensor-core only
 _ATTENTION_DTYPES = {
     "N64-bias-mask": ["fp32", "fp16", "bf16"],
-    "N64-plain": ["fp32"],
+    "N64-plain": ["fp32", "bf16"],
     "N49-ragged-bias-mask-dead-row": ["fp32", "bf16"],
-    "N256-bias-mask": ["fp32"],
+    "N256-bias-mask": ["fp32", "bf16"],
+    "N16-d64-bias": ["fp32", "fp16"],
+    "N72-d8-mask": ["bf16"],
 }
+_ATTENTION_TENSOR_CORES_ONLY = {("N64-plain", "bf16"), ("N256-bias-mask", "bf16"), ("N72-d8-mask", "bf16")}
 
 
 def _attention_params():
     for name, dtypes in _ATTENTION_DTYPES.items():
         for dtype_name in dtypes:
-            yield pytest.param(name, dtype_name, id=f"{name}-{dtype_name}")
+            for units in ("cuda_cores", "tensor_cores") if dtype_name != "fp32" else ("cuda_cores",):
+                if units == "cuda_cores" and (name, dtype_name) in _ATTENTION_TENSOR_CORES_ONLY:
+                    continue
+                yield pytest.param(name, dtype_name, units, id=f"{name}-{dtype_name}-{units}")
 
 
-@pytest.mark.parametrize("case_name, dtype_name", list(_attention_params()))
-def test_window_attention_fwd_bwd_match_float64(emu, schedule, case_name, dtype_name, assert_close_to_reference):
+@pytest.mark.parametrize("case_name, dtype_name, units", list(_attention_params()))
+def test_window_attention_fwd_bwd_match_float64(
+    emu, schedule, case_name, dtype_name, units, assert_close_to_reference
+):
     windows, heads, n, d, num_masks, with_bias, sms = ATTENTION_CASES[case_name]
     dtype = DTYPES[dtype_name]
     gen = torch.Generator().manual_seed(_seed(case_name, dtype_name))
@@ -244,9 +258,10 @@ def test_window_attention_fwd_bwd_match_float64(emu, schedule, case_name, dtype_
         mask = mask.to(dtype)
     scale = d**-0.5
 
-    o, lse = emu.window_attention_fwd(q, k, v, f32(bias), f32(mask), scale)
+    tensor_cores = units == "tensor_cores"
+    o, lse = emu.window_attention_fwd(q, k, v, f32(bias), f32(mask), scale, tensor_cores)
     dq, dk, dv, _delta, dbias = emu.window_attention_bwd(
-        do, q, k, v, o, lse, f32(bias), f32(mask), scale, with_bias, sms
+        do, q, k, v, o, lse, f32(bias), f32(mask), scale, with_bias, sms, tensor_cores
     )
     got = {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv, **({"dbias": dbias} if with_bias else {})}
     assert (dbias is None) == (not with_bias)
@@ -273,7 +288,7 @@ def test_window_attention_fwd_bwd_match_float64(emu, schedule, case_name, dtype_
             assert torch.equal(torch.isneginf(value), dead), "lse: -inf on other rows than the fully masked ones"
             value, r64, plain_value, m = value[~dead], r64[~dead], plain_value[~dead], m[~dead]
         assert_close_to_reference(
-            value, r64, plain_value, f"emulated {key} {case_name} ({schedule})", dtype=dtype, magnitude=m
+            value, r64, plain_value, f"emulated {key} {case_name} ({units}, {schedule})", dtype=dtype, magnitude=m
         )
     if "dead-row" in case_name:
         assert torch.equal(o[0::2, :, 3], torch.zeros_like(o[0::2, :, 3])), "o of a fully masked row must be 0"

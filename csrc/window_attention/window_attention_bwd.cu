@@ -21,6 +21,7 @@
 #include "window_attention_checks.h"
 #include "window_attention_bwd_kernel.cuh"
 #include "window_attention_geometry.h"
+#include "window_attention_tc_kernel.cuh"
 
 namespace adaptsr {
 
@@ -61,7 +62,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
 
   // The SM count only sizes the dbias splits: ask the GPU only when there are some.
   const int64_t multiprocessors = need_dbias ? multiprocessor_count(q) : 1;
-  const wa::BwdLaunch launch = wa::plan_bwd(dims.windows, dims.heads, dims.seq, need_dbias, multiprocessors);
+  // fp16 and bf16 on sm_80 and later run on tensor cores; fp32 (and older GPUs) on CUDA cores.
+  const bool tensor_cores = q.scalar_type() != at::kFloat && has_tensor_cores(compute_capability_major(q));
+  const wa::BwdLaunch launch =
+      wa::plan_bwd(dims.windows, dims.heads, dims.seq, need_dbias, multiprocessors, tensor_cores);
   const int64_t rows = launch.rows;
   at::Tensor delta = at::empty({rows}, f32);
   at::Tensor dbias_parts;
@@ -78,13 +82,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
         grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), delta.data_ptr<float>(), rows, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    wa::window_attention_dq_kernel<scalar_t><<<to_dim3(launch.dq), wa::kThreads, 0, stream>>>(
+    wa::dq_kernel<scalar_t>(tensor_cores)<<<to_dim3(launch.dq), wa::kThreads, 0, stream>>>(
         grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), delta.data_ptr<float>(), bias_ptr, mask_ptr, grad_q.data_ptr<scalar_t>(),
         need_dbias ? dbias_parts.data_ptr<float>() : nullptr, dims.windows, heads, n, d, num_masks, scale_f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    wa::window_attention_dkdv_kernel<scalar_t><<<to_dim3(launch.dkdv), wa::kThreads, 0, stream>>>(
+    wa::dkdv_kernel<scalar_t>(tensor_cores)<<<to_dim3(launch.dkdv), wa::kThreads, 0, stream>>>(
         grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), delta.data_ptr<float>(), bias_ptr, mask_ptr, grad_k.data_ptr<scalar_t>(),
         grad_v.data_ptr<scalar_t>(), heads, n, d, num_masks, scale_f);

@@ -19,6 +19,8 @@
 //   3. dk and dv: one block per (window, head, key tile), looping over the query tiles.
 // dq and dk, dv come from separate kernels (the score tile is recomputed in each) so that every
 // output row has exactly one writer.
+// Kernels 2 and 3 here are for fp32 inputs and GPUs before sm_80; fp16 and bf16 on sm_80 and
+// later run window_attention_tc_kernel.cuh's tensor-core versions (kernel 1 is shared).
 
 #pragma once
 

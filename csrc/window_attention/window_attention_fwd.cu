@@ -20,6 +20,7 @@
 #include "window_attention_checks.h"
 #include "window_attention_fwd_kernel.cuh"
 #include "window_attention_geometry.h"
+#include "window_attention_tc_kernel.cuh"
 
 namespace adaptsr {
 
@@ -36,14 +37,17 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& q, con
   if (dims.windows == 0 || dims.heads == 0) return {out, lse};
   TORCH_CHECK_VALUE(dims.windows <= INT32_MAX, op, ": too many windows (", dims.windows, ")");
 
-  const dim3 grid = to_dim3(wa::fwd_grid(dims.windows, dims.heads, dims.seq));
+  // fp16 and bf16 on sm_80 and later run on tensor cores; fp32 (and older GPUs) on CUDA cores.
+  const bool tensor_cores = q.scalar_type() != at::kFloat && has_tensor_cores(compute_capability_major(q));
+  const dim3 grid = to_dim3(wa::fwd_grid(dims.windows, dims.heads, dims.seq, tensor_cores));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int heads = static_cast<int>(dims.heads), n = static_cast<int>(dims.seq), d = static_cast<int>(dims.head_dim);
+  const int num_masks = wa::mask_planes(dims.num_masks);
+  const float scale_f = static_cast<float>(scale);
   ADAPTSR_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), op, [&] {
-    wa::window_attention_fwd_kernel<scalar_t><<<grid, wa::kThreads, 0, stream>>>(
+    wa::fwd_kernel<scalar_t>(tensor_cores)<<<grid, wa::kThreads, 0, stream>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), wa::optional_ptr(bias),
-        wa::optional_ptr(mask), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), static_cast<int>(dims.heads),
-        static_cast<int>(dims.seq), static_cast<int>(dims.head_dim), wa::mask_planes(dims.num_masks),
-        static_cast<float>(scale));
+        wa::optional_ptr(mask), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), heads, n, d, num_masks, scale_f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse};

@@ -10,6 +10,8 @@
 //
 // q, k, v are read from global memory once per block (k and v once per query tile of the window,
 // the repeats served from L2); S and P stay on chip. fp32 throughout; o is rounded once.
+// This is the kernel for fp32 inputs and GPUs before sm_80; fp16 and bf16 on sm_80 and later run
+// window_attention_tc_kernel.cuh's tensor-core version.
 
 #pragma once
 

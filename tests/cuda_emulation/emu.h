@@ -10,7 +10,7 @@
 //     returned are dropped, as on current GPUs); a barrier that the live threads can never all
 //     reach (one inside divergent code) raises an error instead of hanging;
 //   - __shfl_xor_sync() exchanges values within a warp of 32 lanes (a warp barrier before and
-//     after the exchange);
+//     after the exchange); __syncwarp() is a barrier over the warp's lanes;
 //   - __shared__ variables are function statics: one copy, shared by the threads of the block,
 //     reused by the next block (blocks run one after another);
 //   - launch limits: at most 1024 threads, a multiple of 32, grid.y and grid.z <= 65535;
@@ -161,6 +161,13 @@ void run_body(void* kernel) {
 
 inline void __syncthreads() { emu::arrive_and_wait(emu::g_block->block_barrier); }
 
+inline void __syncwarp(unsigned /*mask: the kernels synchronise full warps*/ = 0xffffffffu) {
+  emu::BlockState& b = *emu::g_block;
+  emu::Barrier& bar = b.warp_barriers[threadIdx.x / emu::kWarpSize];
+  if (bar.expected != emu::kWarpSize) emu::fail("__syncwarp in a warp with exited lanes");
+  emu::arrive_and_wait(bar);
+}
+
 inline float __shfl_xor_sync(unsigned /*mask: the kernels shuffle full warps*/, float value, int lane_mask) {
   emu::BlockState& b = *emu::g_block;
   const unsigned t = threadIdx.x;
@@ -276,6 +283,16 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* ptr,
       f.v[i][j] = static_cast<float>(std::is_same_v<Layout, col_major> ? ptr[i + j * ldm] : ptr[i * ldm + j]);
 }
 
+// An accumulator from fp32 memory (the kernels keep running sums there between products).
+template <int M, int N, int K>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* ptr, unsigned ldm,
+                             layout_t layout) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0) emu::fail("load_matrix_sync: pointer not 256-bit aligned");
+  if (ldm % 4 != 0) emu::fail("load_matrix_sync: ldm not a multiple of 16 bytes");
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) f.v[i][j] = layout == mem_col_major ? ptr[i + j * ldm] : ptr[i * ldm + j];
+}
+
 template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB>
 inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
                      const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
@@ -293,6 +310,7 @@ template <int M, int N, int K>
 inline void store_matrix_sync(float* ptr, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
                               layout_t layout) {
   if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0) emu::fail("store_matrix_sync: pointer not 256-bit aligned");
+  if (ldm % 4 != 0) emu::fail("store_matrix_sync: ldm not a multiple of 16 bytes");
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) (layout == mem_col_major ? ptr[i + j * ldm] : ptr[i * ldm + j]) = f.v[i][j];
 }

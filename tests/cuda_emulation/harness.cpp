@@ -33,6 +33,7 @@
 #include "lora_lowrank_grads/lora_lowrank_grads_geometry.h"
 #include "lora_lowrank_grads/lora_lowrank_grads_tc_kernel.cuh"
 #include "window_attention/window_attention_geometry.h"
+#include "window_attention/window_attention_tc_kernel.cuh"
 
 namespace {
 
@@ -118,8 +119,10 @@ std::tuple<at::Tensor, at::Tensor> lowrank(const at::Tensor& x, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         const std::optional<at::Tensor>& bias,
-                                                        const std::optional<at::Tensor>& mask, double scale) {
+                                                        const std::optional<at::Tensor>& mask, double scale,
+                                                        bool tensor_cores) {
   namespace wa = adaptsr::window_attention;
+  TORCH_CHECK(!tensor_cores || q.scalar_type() != at::kFloat, "the tensor-core kernels take 16-bit inputs");
   const int64_t windows = q.size(0), heads = q.size(1), seq = q.size(2), d = q.size(3);
   const int num_masks = wa::mask_planes(mask.has_value() ? mask->size(0) : 0);
   at::Tensor out = poisoned(at::empty_like(q));
@@ -134,8 +137,9 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& q, con
     float* lp = lse.data_ptr<float>();
     const int h = static_cast<int>(heads), n = static_cast<int>(seq), dd = static_cast<int>(d);
     const float sc = static_cast<float>(scale);
-    emu_launch(dim3_of(wa::fwd_grid(windows, heads, seq)), wa::kThreads,
-               [=] { wa::window_attention_fwd_kernel<scalar_t>(qp, kp, vp, bp, mp, op, lp, h, n, dd, num_masks, sc); });
+    const auto kernel = wa::fwd_kernel<scalar_t>(tensor_cores);
+    emu_launch(dim3_of(wa::fwd_grid(windows, heads, seq, tensor_cores)), wa::kThreads,
+               [=] { kernel(qp, kp, vp, bp, mp, op, lp, h, n, dd, num_masks, sc); });
   });
   return {out, lse};
 }
@@ -144,11 +148,12 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& q, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window_attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask, double scale,
-    bool need_dbias, int64_t multiprocessors) {
+    bool need_dbias, int64_t multiprocessors, bool tensor_cores) {
   namespace wa = adaptsr::window_attention;
+  TORCH_CHECK(!tensor_cores || q.scalar_type() != at::kFloat, "the tensor-core kernels take 16-bit inputs");
   const int64_t windows = q.size(0), heads = q.size(1), seq = q.size(2), d = q.size(3);
   const int num_masks = wa::mask_planes(mask.has_value() ? mask->size(0) : 0);
-  const wa::BwdLaunch launch = wa::plan_bwd(windows, heads, seq, need_dbias, multiprocessors);
+  const wa::BwdLaunch launch = wa::plan_bwd(windows, heads, seq, need_dbias, multiprocessors, tensor_cores);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor grad_q = poisoned(at::empty_like(q));
   at::Tensor grad_k = poisoned(at::empty_like(k));
@@ -174,12 +179,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Ten
     const float sc = static_cast<float>(scale);
     const int64_t rows = launch.rows;
     emu_launch(dim3_of(launch.delta), wa::kThreads, [=] { wa::attention_delta_kernel<scalar_t>(gp, op, dp, rows, dd); });
-    emu_launch(dim3_of(launch.dq), wa::kThreads, [=] {
-      wa::window_attention_dq_kernel<scalar_t>(gp, qp, kp, vp, lp, dp, bp, mp, dqp, dbp, windows, h, n, dd, num_masks, sc);
-    });
-    emu_launch(dim3_of(launch.dkdv), wa::kThreads, [=] {
-      wa::window_attention_dkdv_kernel<scalar_t>(gp, qp, kp, vp, lp, dp, bp, mp, dkp, dvp, h, n, dd, num_masks, sc);
-    });
+    const auto dq_kernel = wa::dq_kernel<scalar_t>(tensor_cores);
+    const auto dkdv_kernel = wa::dkdv_kernel<scalar_t>(tensor_cores);
+    emu_launch(dim3_of(launch.dq), wa::kThreads,
+               [=] { dq_kernel(gp, qp, kp, vp, lp, dp, bp, mp, dqp, dbp, windows, h, n, dd, num_masks, sc); });
+    emu_launch(dim3_of(launch.dkdv), wa::kThreads,
+               [=] { dkdv_kernel(gp, qp, kp, vp, lp, dp, bp, mp, dkp, dvp, h, n, dd, num_masks, sc); });
   });
   std::optional<at::Tensor> grad_bias;
   if (need_dbias) grad_bias = dbias_parts.sum(0);  // copied: sum_partials(dbias_parts, 1.0)
@@ -198,10 +203,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scaling"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"),
         py::arg("multiprocessors"), py::arg("tensor_cores"));
   m.def("window_attention_fwd", &window_attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"),
-        py::arg("mask"), py::arg("scale"));
+        py::arg("mask"), py::arg("scale"), py::arg("tensor_cores"));
   m.def("window_attention_bwd", &window_attention_bwd, py::arg("do"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("o"), py::arg("lse"), py::arg("bias"), py::arg("mask"), py::arg("scale"), py::arg("need_dbias"),
-        py::arg("multiprocessors"));
+        py::arg("multiprocessors"), py::arg("tensor_cores"));
   m.def("set_descending_schedule", &set_descending_schedule,
         "run the threads of a block in descending index order between barriers (default: ascending)",
         py::arg("descending"));
