@@ -31,6 +31,16 @@ __all__ = ["linear_delta_weight", "lora_linear", "lora_linear_ref"]
 
 # Thin matmuls (r columns) run below peak; the low-rank pass must win by this factor.
 _THIN_MATMUL_PENALTY = 1.5
+# On a GPU the torch backend's thin pass reads x and dy twice (z = x A^T, then dA = (dy B)^T x;
+# u = dy B, then dB = dy^T z), where the full weight gradient dy^T x reads each once and, for
+# SR-sized layers, is bound by those bytes rather than its FLOPs. So the full gradient is faster
+# until its FLOPs per byte read, in*out / ((in + out) * element size), pass the GPU's FLOPs per
+# byte of bandwidth: about 256 for 16-bit tensor-core matmuls on an H100/H200, 22 for fp32
+# (no TF32). Measured on an H100 (benchmarks/results/gpu-h100-2026-11-25*.md), 180->360 and
+# 180->540 on 65,536 tokens, ranks 4-16: bf16 full 0.077-0.118 ms vs thin 0.103-0.142 ms (full
+# wins, in*out/(in+out) = 120-135 < 2 * 256); fp32 full 0.35-0.46 ms vs thin 0.21-0.29 ms
+# (thin wins, > 4 * 22).
+_CUDA_MATMUL_FLOPS_PER_BYTE = {torch.float16: 256.0, torch.bfloat16: 256.0, torch.float32: 22.0}
 # The triton backend's forward: True runs y = x W'^T + b and z = x A^T as one Triton GEMM (one pass
 # over x); False leaves y to cuBLAS and z to a thin cuBLAS matmul. Which is faster is the GPU
 # benchmark's call (benchmarks/gpu/kernel_roofline.py); not measured yet.
@@ -75,8 +85,14 @@ def _check_shapes(x, weight, bias, lora_A, lora_B) -> None:
         raise ValueError(f"lora_linear: bias must have shape [{out_features}], got {tuple(bias.shape)}")
 
 
-def _prefer_low_rank(weight: torch.Tensor, rank: int) -> bool:
+def _prefer_low_rank(weight: torch.Tensor, rank: int, impl: str, device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the backward takes the low-rank pass (u = dy B, z = x A^T) over the full weight gradient,
+    for inputs of ``dtype`` on a ``device_type`` device."""
     out_features, in_features = weight.shape
+    flops_per_byte = _CUDA_MATMUL_FLOPS_PER_BYTE.get(dtype)
+    if impl == "torch" and device_type == "cuda" and flops_per_byte is not None:
+        intensity = in_features * out_features / (in_features + out_features) / dtype.itemsize
+        return intensity > flops_per_byte
     return 2 * rank * (in_features + out_features) * _THIN_MATMUL_PENALTY < out_features * in_features
 
 
@@ -93,7 +109,9 @@ class _LoRALinearFunction(torch.autograd.Function):
         # W' = W + s B A in one launch (see lora_conv2d's _merged_weight)
         w_merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
         # The backward's pass is chosen here, once: the triton forward needs to know whether to emit z.
-        low_rank = _prefer_low_rank(weight, lora_A.shape[0]) and not ctx.needs_input_grad[1]
+        low_rank = (
+            _prefer_low_rank(weight, lora_A.shape[0], impl, x.device.type, x.dtype) and not ctx.needs_input_grad[1]
+        )
         z = None
         if impl == "triton" and x.dtype != torch.float64:
             from adaptsr.kernels.lora_linear import lora_linear_fwd
@@ -154,7 +172,6 @@ class _LoRALinearFunction(torch.autograd.Function):
             None,
             None,
         )
-
 
 
 # -- functional entry point --

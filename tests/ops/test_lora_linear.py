@@ -61,9 +61,7 @@ def _runs_custom_function(y: torch.Tensor) -> bool:
     return forward_cls is not None and forward_cls.__module__ == linear_op.__name__
 
 
-def _run(
-    backend: str, case, tensors: dict, dy64, dtype: torch.dtype, force_low_rank=None, autocast=None, device="cpu"
-):
+def _run(backend: str, case, tensors: dict, dy64, dtype: torch.dtype, force_low_rank=None, autocast=None, device="cpu"):
     """Forward and every gradient under ``backend``; ``force_low_rank`` forces the backward pass;
     ``autocast``: run the forward under ``torch.autocast(device, dtype=autocast)``; ``device``: where
     the op runs (the results come back on the CPU)."""
@@ -216,7 +214,10 @@ def test_gpu_backend_matches_float64_reference(
             assert got.keys() == ref64.keys()
             for name in got:
                 assert_close_to_reference(
-                    got[name], ref64[name], plain[name], f"{name} ({backend}, low_rank={force_low_rank})",
+                    got[name],
+                    ref64[name],
+                    plain[name],
+                    f"{name} ({backend}, low_rank={force_low_rank})",
                     magnitude=magnitude[name],
                 )
 
@@ -260,6 +261,28 @@ def test_auto_backend_on_cpu_is_torch_and_finite(dtype):
     y.backward(torch.randn_like(y))
     for t in (y, x.grad, lora_A.grad, lora_B.grad):
         assert t.dtype == dtype and torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize(
+    "features, impl, device_type, dtype, expected",
+    [
+        # the H100's measured choices (benchmarks/results/gpu-h100-2026-11-25*.md): bf16 full gradient, fp32 thin pass
+        ((540, 180), "torch", "cuda", torch.bfloat16, False),
+        ((360, 180), "torch", "cuda", torch.float16, False),
+        ((540, 180), "torch", "cuda", torch.float32, True),
+        # a layer whose full gradient is bound by its FLOPs: the thin pass again
+        ((4096, 4096), "torch", "cuda", torch.bfloat16, True),
+        # the CPU, float64 on a GPU, and the triton/cuda backends' own low-rank kernels: the FLOP-ratio rule
+        ((540, 180), "torch", "cpu", torch.bfloat16, True),
+        ((540, 180), "torch", "cuda", torch.float64, True),
+        ((540, 180), "triton", "cuda", torch.bfloat16, True),
+        ((540, 180), "cuda", "cuda", torch.bfloat16, True),
+        ((12, 16), "torch", "cpu", torch.float32, False),  # rank 8 on 16 features: no saving
+    ],
+)
+def test_pass_choice_follows_the_device_and_dtype(features, impl, device_type, dtype, expected):
+    weight = torch.empty(features, device="meta")
+    assert linear_op._prefer_low_rank(weight, 8, impl, device_type, dtype) is expected
 
 
 # -- shape validation --
