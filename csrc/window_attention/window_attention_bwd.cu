@@ -82,13 +82,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
         grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), delta.data_ptr<float>(), rows, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    wa::dq_kernel<scalar_t>(tensor_cores)<<<to_dim3(launch.dq), wa::kThreads, 0, stream>>>(
+    const wa::AttentionKernels<scalar_t> kernels = wa::attention_kernels<scalar_t>(tensor_cores);
+    kernels.dq<<<to_dim3(launch.dq), wa::kThreads, 0, stream>>>(
         grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), delta.data_ptr<float>(), bias_ptr, mask_ptr, grad_q.data_ptr<scalar_t>(),
         need_dbias ? dbias_parts.data_ptr<float>() : nullptr, dims.windows, heads, n, d, num_masks, scale_f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    wa::dkdv_kernel<scalar_t>(tensor_cores)<<<to_dim3(launch.dkdv), wa::kThreads, 0, stream>>>(
+    kernels.dkdv<<<to_dim3(launch.dkdv), wa::kThreads, 0, stream>>>(
         grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), delta.data_ptr<float>(), bias_ptr, mask_ptr, grad_k.data_ptr<scalar_t>(),
         grad_v.data_ptr<scalar_t>(), heads, n, d, num_masks, scale_f);

@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& q, con
   const int num_masks = wa::mask_planes(dims.num_masks);
   const float scale_f = static_cast<float>(scale);
   ADAPTSR_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), op, [&] {
-    wa::fwd_kernel<scalar_t>(tensor_cores)<<<grid, wa::kThreads, 0, stream>>>(
+    wa::attention_kernels<scalar_t>(tensor_cores).fwd<<<grid, wa::kThreads, 0, stream>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), wa::optional_ptr(bias),
         wa::optional_ptr(mask), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), heads, n, d, num_masks, scale_f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

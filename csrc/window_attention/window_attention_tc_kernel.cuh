@@ -509,35 +509,27 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// which kernel a launch runs: the tensor-core one for 16-bit inputs on a GPU that has them (the
-// host decides `tensor_cores`); fp32 always on CUDA cores. Both take the same arguments.
+// the kernels a launch runs: the tensor-core ones for 16-bit inputs on a GPU that has them (the
+// host decides `tensor_cores`), fp32 always on CUDA cores; each pair takes the same arguments
 // ---------------------------------------------------------------------------------------------
 
 template <typename scalar_t>
-inline auto fwd_kernel(bool tensor_cores) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return &window_attention_fwd_kernel<scalar_t>;
-  } else {
-    return tensor_cores ? &window_attention_fwd_tc_kernel<scalar_t> : &window_attention_fwd_kernel<scalar_t>;
-  }
-}
+struct AttentionKernels {
+  decltype(&window_attention_fwd_kernel<scalar_t>) fwd;
+  decltype(&window_attention_dq_kernel<scalar_t>) dq;
+  decltype(&window_attention_dkdv_kernel<scalar_t>) dkdv;
+};
 
 template <typename scalar_t>
-inline auto dq_kernel(bool tensor_cores) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return &window_attention_dq_kernel<scalar_t>;
-  } else {
-    return tensor_cores ? &window_attention_dq_tc_kernel<scalar_t> : &window_attention_dq_kernel<scalar_t>;
+inline AttentionKernels<scalar_t> attention_kernels(bool tensor_cores) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (tensor_cores) {
+      return {&window_attention_fwd_tc_kernel<scalar_t>, &window_attention_dq_tc_kernel<scalar_t>,
+              &window_attention_dkdv_tc_kernel<scalar_t>};
+    }
   }
-}
-
-template <typename scalar_t>
-inline auto dkdv_kernel(bool tensor_cores) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return &window_attention_dkdv_kernel<scalar_t>;
-  } else {
-    return tensor_cores ? &window_attention_dkdv_tc_kernel<scalar_t> : &window_attention_dkdv_kernel<scalar_t>;
-  }
+  return {&window_attention_fwd_kernel<scalar_t>, &window_attention_dq_kernel<scalar_t>,
+          &window_attention_dkdv_kernel<scalar_t>};
 }
 
 }  // namespace window_attention

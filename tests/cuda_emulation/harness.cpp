@@ -137,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& q, con
     float* lp = lse.data_ptr<float>();
     const int h = static_cast<int>(heads), n = static_cast<int>(seq), dd = static_cast<int>(d);
     const float sc = static_cast<float>(scale);
-    const auto kernel = wa::fwd_kernel<scalar_t>(tensor_cores);
+    const auto kernel = wa::attention_kernels<scalar_t>(tensor_cores).fwd;
     emu_launch(dim3_of(wa::fwd_grid(windows, heads, seq, tensor_cores)), wa::kThreads,
                [=] { kernel(qp, kp, vp, bp, mp, op, lp, h, n, dd, num_masks, sc); });
   });
@@ -179,12 +179,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Ten
     const float sc = static_cast<float>(scale);
     const int64_t rows = launch.rows;
     emu_launch(dim3_of(launch.delta), wa::kThreads, [=] { wa::attention_delta_kernel<scalar_t>(gp, op, dp, rows, dd); });
-    const auto dq_kernel = wa::dq_kernel<scalar_t>(tensor_cores);
-    const auto dkdv_kernel = wa::dkdv_kernel<scalar_t>(tensor_cores);
+    const auto kernels = wa::attention_kernels<scalar_t>(tensor_cores);
     emu_launch(dim3_of(launch.dq), wa::kThreads,
-               [=] { dq_kernel(gp, qp, kp, vp, lp, dp, bp, mp, dqp, dbp, windows, h, n, dd, num_masks, sc); });
+               [=] { kernels.dq(gp, qp, kp, vp, lp, dp, bp, mp, dqp, dbp, windows, h, n, dd, num_masks, sc); });
     emu_launch(dim3_of(launch.dkdv), wa::kThreads,
-               [=] { dkdv_kernel(gp, qp, kp, vp, lp, dp, bp, mp, dkp, dvp, h, n, dd, num_masks, sc); });
+               [=] { kernels.dkdv(gp, qp, kp, vp, lp, dp, bp, mp, dkp, dvp, h, n, dd, num_masks, sc); });
   });
   std::optional<at::Tensor> grad_bias;
   if (need_dbias) grad_bias = dbias_parts.sum(0);  // copied: sum_partials(dbias_parts, 1.0)
