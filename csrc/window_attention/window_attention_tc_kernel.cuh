@@ -273,17 +273,53 @@ constexpr int kTcPairsPerLane = kMma / 2;  // a lane's entries of a 16 x 16 tile
 template <typename scalar_t>
 using PairStrip = ScoreStrip<scalar_t, kMma>;  // a 16 x 16 tile's scores; 16 bits: two tiles side by side
 
+// 16 query rows of q and dO, with their lse and delta: what both backward kernels stage per step.
+template <typename scalar_t>
+struct QueryTile {
+  __align__(32) scalar_t q[kMma][kHeadPitch];
+  __align__(32) scalar_t dout[kMma][kHeadPitch];
+  float lse[kMma];
+  float delta[kMma];
+};
+
+// Block-wide: rows q0 .. q0 + 15 of window-head bh (its q, dO at base), zero past n.
+template <typename scalar_t>
+__device__ __forceinline__ void stage_query_tile(QueryTile<scalar_t>& tile, const scalar_t* __restrict__ q,
+                                                 const scalar_t* __restrict__ grad_out, const float* __restrict__ lse,
+                                                 const float* __restrict__ delta, int64_t bh, int q0, int n, int d) {
+  const int64_t base = bh * n * d;
+  load_head_tile(tile.q, q + base, q0, kMma, n, d, threadIdx.x, kThreads);
+  load_head_tile(tile.dout, grad_out + base, q0, kMma, n, d, threadIdx.x, kThreads);
+  for (int e = threadIdx.x; e < kMma; e += kThreads) {
+    const bool ok = q0 + e < n;
+    tile.lse[e] = ok ? lse[bh * n + q0 + e] : 0.f;
+    tile.delta[e] = ok ? delta[bh * n + q0 + e] : 0.f;
+  }
+}
+
+// This lane's entries of the 16 x 16 product a_rows . b_rows^T (row lane / 2, columns lane % 2 + 2t),
+// computed on tensor cores and read back through the warp's strip.
+template <typename scalar_t>
+__device__ __forceinline__ void lane_entries_of_product(float (&entries)[kTcPairsPerLane], PairStrip<scalar_t>& strip,
+                                                        const scalar_t (*a_rows)[kHeadPitch],
+                                                        const scalar_t (*b_rows)[kHeadPitch], int steps, int lane) {
+  FragAcc frag;
+  rows_dot_rows(frag, a_rows, b_rows, steps);
+  wmma::store_matrix_sync(&strip.f32[0][0], frag, PairStrip<scalar_t>::kPitch, wmma::mem_row_major);
+  __syncwarp();
+#pragma unroll
+  for (int t = 0; t < kTcPairsPerLane; ++t) entries[t] = strip.f32[lane / 2][lane % 2 + 2 * t];
+  __syncwarp();  // every lane has read before the strip is written again
+}
+
 template <typename scalar_t>
 struct DqTcSmem {
-  __align__(32) scalar_t q[kTcDqBlockQ][kHeadPitch];
-  __align__(32) scalar_t dout[kTcDqBlockQ][kHeadPitch];
+  QueryTile<scalar_t> query;
   WarpRows<scalar_t> rows[kWarps];     // the warp's key tile of k and v, then its dq partial
   PairStrip<scalar_t> pair[kWarps];    // S, then dP (fp32), then dS (16 bits)
   // dS of the block's rows summed over the split's windows; entry (i, key) is only ever touched
   // by one lane (of the warp that owns the key's tile): no races, a fixed order.
   float dbias[kTcDqBlockQ][kMaxSeq];
-  float lse[kTcDqBlockQ];
-  float delta[kTcDqBlockQ];
 };
 static_assert(sizeof(DqTcSmem<c10::BFloat16>) <= kMaxStaticShared, "DqTcSmem must fit in static shared memory");
 
@@ -315,13 +351,7 @@ __global__ void __launch_bounds__(kThreads)
     const float* mask_w = mask != nullptr ? mask + (b % num_masks) * n * n : nullptr;
 
     __syncthreads();  // the previous window's readers of q, dO and the dq partials are done
-    load_head_tile(sm.q, q + base, q0, kTcDqBlockQ, n, d, tid, kThreads);
-    load_head_tile(sm.dout, grad_out + base, q0, kTcDqBlockQ, n, d, tid, kThreads);
-    for (int e = tid; e < kTcDqBlockQ; e += kThreads) {
-      const bool ok = q0 + e < n;
-      sm.lse[e] = ok ? lse[bh * n + q0 + e] : 0.f;
-      sm.delta[e] = ok ? delta[bh * n + q0 + e] : 0.f;
-    }
+    stage_query_tile(sm.query, q, grad_out, lse, delta, bh, q0, n, d);
     __syncthreads();
 
     FragAcc dq_frag[kMaxHeadSteps];
@@ -332,21 +362,10 @@ __global__ void __launch_bounds__(kThreads)
       load_head_tile(own.kv.v, v + base, k0, kMma, n, d, lane, kWarpSize);
       __syncwarp();
 
-      // -- S = q k^T, then dP = dO v^T, each through the strip --
-      FragAcc frag;
+      // -- S = q k^T, then dP = dO v^T: this lane's entries --
       float s_pair[kTcPairsPerLane], dp_pair[kTcPairsPerLane];
-      rows_dot_rows(frag, sm.q, own.kv.k, steps);
-      wmma::store_matrix_sync(&pair.f32[0][0], frag, PairStrip<scalar_t>::kPitch, wmma::mem_row_major);
-      __syncwarp();
-#pragma unroll
-      for (int t = 0; t < kTcPairsPerLane; ++t) s_pair[t] = pair.f32[i][half + 2 * t];
-      __syncwarp();
-      rows_dot_rows(frag, sm.dout, own.kv.v, steps);
-      wmma::store_matrix_sync(&pair.f32[0][0], frag, PairStrip<scalar_t>::kPitch, wmma::mem_row_major);
-      __syncwarp();
-#pragma unroll
-      for (int t = 0; t < kTcPairsPerLane; ++t) dp_pair[t] = pair.f32[i][half + 2 * t];
-      __syncwarp();
+      lane_entries_of_product(s_pair, pair, sm.query.q, own.kv.k, steps, lane);
+      lane_entries_of_product(dp_pair, pair, sm.query.dout, own.kv.v, steps, lane);
 
       // -- dS = P (dP - delta), into the dbias sum and, in 16 bits, the strip --
 #pragma unroll
@@ -354,8 +373,8 @@ __global__ void __launch_bounds__(kThreads)
         const int j = half + 2 * t, key = k0 + j;
         float ds = 0.f;
         if (row < n && key < n) {
-          const float p = prob(score(s_pair[t], scale, bias_h, mask_w, row, key, n), sm.lse[i]);
-          ds = p * (dp_pair[t] - sm.delta[i]);
+          const float p = prob(score(s_pair[t], scale, bias_h, mask_w, row, key, n), sm.query.lse[i]);
+          ds = p * (dp_pair[t] - sm.query.delta[i]);
         }
         if (want_dbias && key < n) sm.dbias[i][key] += ds;
         pair.b16[i][j] = from_float<scalar_t>(ds);
@@ -401,15 +420,13 @@ __global__ void __launch_bounds__(kThreads)
 
 constexpr int kTcKvBlockK = kWarps * kMma;
 constexpr int kTcKvBlockQ = kMma;
+static_assert(kTcDqBlockQ == kMma && kTcKvBlockQ == kMma, "both kernels stage QueryTile's 16 rows");
 
 template <typename scalar_t>
 struct DkdvTcSmem {
-  __align__(32) scalar_t q[kTcKvBlockQ][kHeadPitch];
-  __align__(32) scalar_t dout[kTcKvBlockQ][kHeadPitch];
+  QueryTile<scalar_t> query;
   WarpRows<scalar_t> rows[kWarps];   // the warp's k and v rows, then its dk and dv strips
   PairStrip<scalar_t> pair[kWarps];  // S^T, then dP^T (fp32), then P^T | dS^T (16 bits)
-  float lse[kTcKvBlockQ];
-  float delta[kTcKvBlockQ];
 };
 static_assert(sizeof(DkdvTcSmem<c10::BFloat16>) <= kMaxStaticShared, "DkdvTcSmem must fit in static shared memory");
 
@@ -448,30 +465,13 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int q0 = 0; q0 < n; q0 += kTcKvBlockQ) {
     __syncthreads();  // the warps' k, v are loaded; the previous query tile's readers are done
-    load_head_tile(sm.q, q + base, q0, kTcKvBlockQ, n, d, tid, kThreads);
-    load_head_tile(sm.dout, grad_out + base, q0, kTcKvBlockQ, n, d, tid, kThreads);
-    for (int e = tid; e < kTcKvBlockQ; e += kThreads) {
-      const bool ok = q0 + e < n;
-      sm.lse[e] = ok ? lse[bh * n + q0 + e] : 0.f;
-      sm.delta[e] = ok ? delta[bh * n + q0 + e] : 0.f;
-    }
+    stage_query_tile(sm.query, q, grad_out, lse, delta, bh, q0, n, d);
     __syncthreads();
 
-    // -- S^T = k q^T, then dP^T = v dO^T, each through the strip --
-    FragAcc frag;
+    // -- S^T = k q^T, then dP^T = v dO^T: this lane's entries --
     float s_pair[kTcPairsPerLane], dp_pair[kTcPairsPerLane];
-    rows_dot_rows(frag, own.kv.k, sm.q, steps);
-    wmma::store_matrix_sync(&pair.f32[0][0], frag, PairStrip<scalar_t>::kPitch, wmma::mem_row_major);
-    __syncwarp();
-#pragma unroll
-    for (int t = 0; t < kTcPairsPerLane; ++t) s_pair[t] = pair.f32[j][half + 2 * t];
-    __syncwarp();
-    rows_dot_rows(frag, own.kv.v, sm.dout, steps);
-    wmma::store_matrix_sync(&pair.f32[0][0], frag, PairStrip<scalar_t>::kPitch, wmma::mem_row_major);
-    __syncwarp();
-#pragma unroll
-    for (int t = 0; t < kTcPairsPerLane; ++t) dp_pair[t] = pair.f32[j][half + 2 * t];
-    __syncwarp();
+    lane_entries_of_product(s_pair, pair, own.kv.k, sm.query.q, steps, lane);
+    lane_entries_of_product(dp_pair, pair, own.kv.v, sm.query.dout, steps, lane);
 
     // -- P^T and dS^T = P^T (dP^T - delta) in 16 bits, side by side in the strip --
 #pragma unroll
@@ -479,8 +479,8 @@ __global__ void __launch_bounds__(kThreads)
       const int i = half + 2 * t, row = q0 + i;
       float p = 0.f, ds = 0.f;
       if (row < n && key < n) {
-        p = prob(score(s_pair[t], scale, bias_h, mask_w, row, key, n), sm.lse[i]);
-        ds = p * (dp_pair[t] - sm.delta[i]);
+        p = prob(score(s_pair[t], scale, bias_h, mask_w, row, key, n), sm.query.lse[i]);
+        ds = p * (dp_pair[t] - sm.query.delta[i]);
       }
       pair.b16[j][i] = from_float<scalar_t>(p);
       pair.b16[j][kDsColumn + i] = from_float<scalar_t>(ds);
@@ -488,8 +488,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncwarp();
 
     // -- dv += P^T dO,  dk += dS^T q over the tile's 16 queries --
-    accumulate_weighted_rows(dv_frag, &pair.b16[0][0], PairStrip<scalar_t>::kPitch16, sm.dout, steps);
-    accumulate_weighted_rows(dk_frag, &pair.b16[0][kDsColumn], PairStrip<scalar_t>::kPitch16, sm.q, steps);
+    accumulate_weighted_rows(dv_frag, &pair.b16[0][0], PairStrip<scalar_t>::kPitch16, sm.query.dout, steps);
+    accumulate_weighted_rows(dk_frag, &pair.b16[0][kDsColumn], PairStrip<scalar_t>::kPitch16, sm.query.q, steps);
   }
 
   // -- dk (times scale), then dv, through the warp's strip, where its k and v rows were (the
