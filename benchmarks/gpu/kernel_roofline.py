@@ -9,7 +9,12 @@ For each SR-training shape, with the card's measured copy bandwidth and matmul r
   plus the Triton z-only kernel, against the floor max(FLOPs / rate, bytes / bandwidth). This is
   the measurement behind ``_DENSE_FORWARD_IN_TRITON`` in ``adaptsr/ops/lora_conv2d.py``;
 - whole layers' fwd+bwd (input gradient on, base frozen): frozen, torch backend, triton backend
-  (both forward compositions), cuda backend, against the frozen layer's FLOP floor.
+  (both forward compositions), cuda backend, against the frozen layer's FLOP floor;
+- the Swin window-attention core (``adaptsr.ops.window_attention``: relative-position bias, shift
+  mask, trainable table) at the window-attention benchmark's GPU shapes, forward alone and
+  forward + backward per backend, against the floor: q, k, v read and o written once (forward),
+  and q, k, v, o, dO read and dq, dk, dv written once more (backward). This is the measurement
+  behind ``AUTO_ON_CUDA["window_attention"]``.
 
 The cuda columns (the CUDA C++ extension's z, u/dB and dA kernels) read "n/a" where it does not run.
 
@@ -40,7 +45,14 @@ from adaptsr.backend import is_available  # noqa: E402
 from adaptsr.kernels.lora_conv2d import lora_conv2d_fwd, lora_conv2d_lowrank_grads  # noqa: E402
 from adaptsr.kernels.lora_linear import lora_linear_fwd, lora_linear_lowrank_grads  # noqa: E402
 from adaptsr.ops._conv_geometry import ConvGeometry  # noqa: E402
-from benchmarks.shapes import GPU_CONV_SHAPES, GPU_LINEAR_SHAPES, GPU_RANKS  # noqa: E402
+from adaptsr.ops.window_attention import window_attention  # noqa: E402
+from benchmarks.shapes import (  # noqa: E402
+    GPU_CONV_SHAPES,
+    GPU_LINEAR_SHAPES,
+    GPU_RANKS,
+    GPU_WINDOW_ATTENTION_SHAPES,
+    WindowAttentionShape,
+)
 
 # the module, not the function of the same name that adaptsr.ops re-exports
 conv_op = importlib.import_module("adaptsr.ops.lora_conv2d")
@@ -53,6 +65,11 @@ CONV_SIZES = sorted({(s.batch, s.channels, s.height, s.width) for s in GPU_CONV_
 LINEAR_SIZES = sorted({(s.num_tokens, s.in_features, s.out_features) for s in GPU_LINEAR_SHAPES})
 SMOKE_CONV_SIZES = [(1, 16, 8, 8)]
 SMOKE_LINEAR_SIZES = [(64, 16, 48)]
+# The window-attention shapes, once each whatever their benchmark dtype (the report's dtypes apply).
+ATTENTION_SHAPES = sorted({WindowAttentionShape(s.batch, s.tokens, s.dim, s.heads, s.window, s.shifted)
+                           for s in GPU_WINDOW_ATTENTION_SHAPES}, key=lambda s: (s.window, s.shifted))
+SMOKE_ATTENTION_SHAPES = [WindowAttentionShape(batch=1, tokens=8, dim=16, heads=2, window=4, shifted=True)]
+ATTENTION_BACKENDS = ("reference", "torch", "triton", "cuda")
 
 
 class Bench:
@@ -224,6 +241,72 @@ def linear_rows(bench: Bench, dtype: torch.dtype, sizes, ranks):
     return rows
 
 
+def attention_rows(bench: Bench, dtype: torch.dtype, shapes):
+    """Window-attention core per backend: forward (no grad) and forward + backward, ms, with the floors."""
+    rows = []
+    dev = bench.device
+    for shape in shapes:
+        module = shape.build().to(dev)
+        windows, n = shape.batch * shape.windows_per_image, shape.window * shape.window
+        d = shape.dim // shape.heads
+        q, k, v = (torch.randn(windows, shape.heads, n, d, device=dev, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        table = module.relative_position_bias_table.detach().to(dtype).requires_grad_(True)
+        index = module.relative_position_index
+        mask = shape.mask()
+        mask = mask.to(dev, dtype) if mask is not None else None
+        scale = d**-0.5
+        do = torch.randn_like(q)
+
+        def forward(backend):
+            def run():
+                with adaptsr.set_backend(backend), torch.no_grad():
+                    window_attention(q, k, v, table, index, mask, scale)
+            return run
+
+        def forward_backward(backend):
+            def run():
+                with adaptsr.set_backend(backend):
+                    o = window_attention(q, k, v, table, index, mask, scale)
+                torch.autograd.grad(o, (q, k, v, table), do)
+            return run
+
+        row = {"shape": f"{windows} windows x {shape.heads} heads, N {n}, d {d}, "
+                        f"{'shifted' if shape.shifted else 'unshifted'}",
+               "dtype": str(dtype).split(".")[-1]}
+        for backend in ATTENTION_BACKENDS:
+            if backend == "cuda" and not CUDA_KERNELS:
+                continue
+            row[f"fwd_{backend}"] = bench.ms(forward(backend))
+            row[f"fwd_bwd_{backend}"] = bench.ms(forward_backward(backend))
+        # S = q k^T and o = P v: 2 N^2 d FLOPs each per window and head; the backward recomputes S and
+        # adds dP, dv, dq and dk (five products)
+        products = 2 * windows * shape.heads * n * n * d
+        qkv_bytes = _nbytes(q)
+        row["fwd_floor"] = bench.floor_ms(2 * products, 4 * qkv_bytes, dtype)
+        row["fwd_bwd_floor"] = bench.floor_ms(7 * products, 12 * qkv_bytes, dtype)
+        rows.append(row)
+    return rows
+
+
+def render_attention(rows) -> str:
+    lines = [
+        "",
+        "Window-attention core (adaptsr.ops.window_attention), ms; floor: max(FLOPs / rate, bytes / bandwidth), "
+        "the bytes q, k, v read and o written (forward), and q, k, v, o, dO read and dq, dk, dv written (backward):",
+        "",
+        "| shape | dtype | pass | " + " | ".join(ATTENTION_BACKENDS) + " | floor | fastest |",
+        "|---|---|---|" + "---|" * (len(ATTENTION_BACKENDS) + 2),
+    ]
+    for r in rows:
+        for label, key in (("forward", "fwd"), ("forward + backward", "fwd_bwd")):
+            timed = {b: r[f"{key}_{b}"] for b in ATTENTION_BACKENDS if f"{key}_{b}" in r}
+            cells = [_ms_or_na(r, f"{key}_{b}") for b in ATTENTION_BACKENDS]
+            lines.append(f"| {r['shape']} | {r['dtype']} | {label} | " + " | ".join(cells)
+                         + f" | {r[f'{key}_floor']:.3f} | {min(timed, key=timed.get)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _ratio(value: float, base: float) -> str:
     return f"{value:.3f} ({value / base:.2f}x)"
 
@@ -286,19 +369,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         device, conv_sizes, linear_sizes, ranks, dtypes = "cpu", SMOKE_CONV_SIZES, SMOKE_LINEAR_SIZES, (4,), "fp32"
+        attention_shapes = SMOKE_ATTENTION_SHAPES
     elif torch.cuda.is_available():
         device, conv_sizes, linear_sizes, dtypes = "cuda", CONV_SIZES, LINEAR_SIZES, args.dtypes
         ranks = tuple(int(r) for r in args.ranks.split(","))
+        attention_shapes = ATTENTION_SHAPES
     else:
         print("kernel_roofline.py needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     bench = Bench(device)
     names = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    rows = []
+    rows, attention = [], []
     for dtype in (names[name] for name in dtypes.split(",")):
         rows += conv_rows(bench, dtype, conv_sizes, ranks) + linear_rows(bench, dtype, linear_sizes, ranks)
-    report = render(rows, bench)
+    for dtype in (names[name] for name in dtypes.split(",")):
+        attention += attention_rows(bench, dtype, attention_shapes)
+    report = render(rows, bench) + render_attention(attention)
     print(report)
     if args.out:
         with open(args.out, "w") as f:
