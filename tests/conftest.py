@@ -134,6 +134,26 @@ def assert_close_to_reference():
     return _check_close_to_reference
 
 
+def _check_backend_against_reference(run, magnitudes, backend, case, tensors, dtype, **run_kwargs):
+    ref64 = run("reference", case, tensors, torch.float64)
+    plain = run("reference", case, tensors, dtype)
+    magnitude = magnitudes(case, tensors)
+    got = run(backend, case, tensors, dtype, **run_kwargs)
+    assert got.keys() == ref64.keys()
+    for key, value in got.items():
+        assert value.dtype == dtype, f"{key}: {value.dtype}"
+        _check_close_to_reference(value, ref64[key], plain[key], f"{backend} {key}", magnitude=magnitude[key])
+
+
+@pytest.fixture(scope="session")
+def check_backend_against_reference():
+    """``check(run, magnitudes, backend, case, tensors, dtype, **run_kwargs)``, for op test modules that define
+    ``run(backend, case, tensors, dtype, **run_kwargs) -> {output name: tensor}`` and ``magnitudes(case,
+    tensors)``: every output of ``backend`` is in ``dtype`` and meets the tolerance rule against the float64
+    reference, plain torch in ``dtype`` (both ``run("reference", ...)``) and the magnitudes."""
+    return _check_backend_against_reference
+
+
 @pytest.fixture(scope="session")
 def assert_close():
     """``assert_close(actual, expected, name)``: same-dtype agreement within the ``_DIRECT`` tolerances."""

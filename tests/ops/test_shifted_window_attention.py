@@ -188,34 +188,23 @@ def magnitudes(case: Case, t: dict) -> dict:
     return {key: value.to(DEVICE) for key, value in out.items()}
 
 
-def check_backend(backend, case, tensors, dtype, assert_close_to_reference, **kwargs):
-    ref64 = run("reference", case, tensors, torch.float64)
-    plain = run("reference", case, tensors, dtype)
-    magnitude = magnitudes(case, tensors)
-    got = run(backend, case, tensors, dtype, **kwargs)
-    assert got.keys() == ref64.keys()
-    for key, value in got.items():
-        assert value.dtype == dtype, f"{key}: {value.dtype}"
-        assert_close_to_reference(value, ref64[key], plain[key], f"{backend} {key}", magnitude=magnitude[key])
-
-
 # -- every backend against the float64 oracle --
 
 
 @pytest.mark.parametrize("backend, case, dtype_name", _matrix())
 def test_backend_matches_float64_reference(
-    backend, case, dtype_name, poisoned_window_attention, assert_close_to_reference
+    backend, case, dtype_name, poisoned_window_attention, check_backend_against_reference
 ):
     dtype = DTYPES[dtype_name]
-    check_backend(backend, case, make_tensors(case, dtype), dtype, assert_close_to_reference)
+    check_backend_against_reference(run, magnitudes, backend, case, make_tensors(case, dtype), dtype)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=_marks("triton", torch.float16))])
-def test_float32_mask_with_half_activations(backend, assert_close_to_reference):
+def test_float32_mask_with_half_activations(backend, check_backend_against_reference):
     """SwinIR keeps its shift mask as a float32 buffer whatever the activations' dtype."""
     case = CASES[0]
     tensors = make_tensors(case, torch.float16)
-    check_backend(backend, case, tensors, torch.float16, assert_close_to_reference, mask_dtype=torch.float32)
+    check_backend_against_reference(run, magnitudes, backend, case, tensors, torch.float16, mask_dtype=torch.float32)
 
 
 # -- a whole spandrel block through the op --

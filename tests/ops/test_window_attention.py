@@ -227,41 +227,29 @@ def reference_runs(case: Case, tensors: dict, dtype: torch.dtype):
     return ref64, plain, magnitudes(case, tensors)
 
 
-def check_backend(name, case, tensors, dtype, assert_close_to_reference, **kwargs):
-    ref64, plain, magnitude = reference_runs(case, tensors, dtype)
-    got = run(name, case, tensors, dtype, **kwargs)
-    assert got.keys() == ref64.keys()
-    for key, value in got.items():
-        assert value.dtype == dtype, f"{key}: {value.dtype}"
-        assert_close_to_reference(value, ref64[key], plain[key], f"{name} {key}", magnitude=magnitude[key])
-
-
 # -- every backend against the float64 oracle --
 
 
 @pytest.mark.parametrize("name, case, dtype_name", _matrix())
 def test_backend_matches_float64_reference(
-    name, case, dtype_name, poisoned_window_attention, assert_close_to_reference
+    name, case, dtype_name, poisoned_window_attention, check_backend_against_reference
 ):
     dtype = DTYPES[dtype_name]
-    check_backend(name, case, make_tensors(case, dtype), dtype, assert_close_to_reference)
+    check_backend_against_reference(run, magnitudes, name, case, make_tensors(case, dtype), dtype)
 
 
 @pytest.mark.parametrize("name", ["torch-matmul", "torch-sdpa", _backend_param("triton"), _backend_param("cuda")])
-def test_float32_mask_with_other_dtypes(name, assert_close_to_reference):
+def test_float32_mask_with_other_dtypes(name, check_backend_against_reference):
     """SwinIR keeps its shift mask as a float32 buffer whatever the activations' dtype."""
     case = CASES[0]
     for dtype in (torch.float16, torch.float32) if BACKENDS[name][0] in _FUSED else (torch.float64, torch.float16):
         tensors = make_tensors(case, dtype)
-        ref64, plain, magnitude = reference_runs(case, tensors, dtype)
-        got = run(name, case, tensors, dtype, mask_dtype=torch.float32)
-        for key, value in got.items():
-            assert_close_to_reference(value, ref64[key], plain[key], f"{name} {key} {dtype}", magnitude=magnitude[key])
+        check_backend_against_reference(run, magnitudes, name, case, tensors, dtype, mask_dtype=torch.float32)
 
 
 @settings(max_examples=25, **_SETTINGS)
 @given(data=st.data())
-def test_torch_backend_random_shapes(data, assert_close_to_reference):
+def test_torch_backend_random_shapes(data, check_backend_against_reference):
     """Random shapes on both torch paths: window 1-9, any head dim, any number of windows per mask."""
     window = data.draw(st.integers(1, 9), label="window")
     num_masks = data.draw(st.sampled_from((0, 1, 2, 3, 5)), label="nW")
@@ -279,7 +267,7 @@ def test_torch_backend_random_shapes(data, assert_close_to_reference):
     dtype = data.draw(st.sampled_from((torch.float64, torch.float32, torch.float16, torch.bfloat16)), label="dtype")
     tensors = make_tensors(case, dtype)
     for name in ("torch-matmul", "torch-sdpa"):
-        check_backend(name, case, tensors, dtype, assert_close_to_reference)
+        check_backend_against_reference(run, magnitudes, name, case, tensors, dtype)
 
 
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=str)
