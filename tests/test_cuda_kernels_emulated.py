@@ -218,6 +218,8 @@ ATTENTION_CASES = {
     "N16-d64-bias": (3, 2, 16, 64, 0, True, 2),
     # one padded head step (d = 8 of 16), 72 keys: the last 32-key tile of the forward holds 8
     "N72-d8-mask": (2, 3, 72, 8, 2, False, 1),
+    # a one-token window (P = 1), the head dimension one whole tensor-core step
+    "N1-d16-bias": (3, 2, 1, 16, 0, True, 2),
 }
 # the dtypes of each case; the 16-bit ones run on both kernels unless listed as tensor-core only
 _ATTENTION_DTYPES = {
@@ -227,6 +229,7 @@ _ATTENTION_DTYPES = {
     "N256-bias-mask": ["fp32", "bf16"],
     "N16-d64-bias": ["fp32", "fp16"],
     "N72-d8-mask": ["bf16"],
+    "N1-d16-bias": ["fp32", "bf16"],
 }
 _ATTENTION_TENSOR_CORES_ONLY = {("N64-plain", "bf16"), ("N256-bias-mask", "bf16"), ("N72-d8-mask", "bf16")}
 
