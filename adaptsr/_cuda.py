@@ -48,6 +48,7 @@ __all__ = [
     "unavailable_reason",
     "window_attention_bwd",
     "window_attention_fwd",
+    "window_attention_takes",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -263,3 +264,14 @@ def window_attention_bwd(do, q, k, v, o, lse, bias, mask, scale: float, need_dbi
         do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), lse.float().contiguous(),
         _f32(bias), _f32(mask), float(scale), bool(need_dbias),
     ))
+
+
+def window_attention_takes(dtype, n: int, head_dim: int) -> bool:
+    """Whether the window-attention kernels take q, k, v of ``dtype`` in windows of ``n`` tokens with heads of
+    ``head_dim`` (the sizes are the limits the extension exports: csrc/window_attention/window_attention_limits.h)."""
+    import torch
+
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    ext = load()
+    return 1 <= n <= ext.window_attention_max_seq and 1 <= head_dim <= ext.window_attention_max_head_dim

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
@@ -109,11 +110,13 @@ AUTO_ON_CUDA: dict[str, str] = {
 }
 
 
-def resolve(device: torch.device, op: str | None = None) -> str:
+def resolve(device: torch.device, op: str | None = None, takes: Callable[[str], bool] | None = None) -> str:
     """The concrete backend that op ``op`` on ``device`` runs under the current setting.
 
-    An explicit setting applies to every op. "auto" runs "torch" off CUDA, and on CUDA the
-    measured choice for the op in ``AUTO_ON_CUDA`` where that backend is available here.
+    An explicit setting applies to every op (a backend that cannot take some input says so in its
+    error). "auto" runs "torch" off CUDA, and on CUDA the measured choice for the op in
+    ``AUTO_ON_CUDA`` where that backend is available here and, when the op passes ``takes``,
+    ``takes(choice)`` says its kernels take this call's inputs (dtype, sizes); "torch" otherwise.
     """
     name = get_backend()
     if name != "auto":
@@ -121,4 +124,8 @@ def resolve(device: torch.device, op: str | None = None) -> str:
     if torch.device(device).type != "cuda" or op is None:
         return "torch"
     choice = AUTO_ON_CUDA.get(op, "torch")
-    return choice if choice in ("reference", "torch") or is_available(choice) else "torch"
+    if choice in ("reference", "torch"):
+        return choice
+    if not is_available(choice) or (takes is not None and not takes(choice)):
+        return "torch"
+    return choice

@@ -6,6 +6,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "ops.h"
+#include "window_attention/window_attention_limits.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adaptsr CUDA kernels: the LoRA low-rank gradient pass and Swin window attention";
@@ -20,4 +21,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(dq, dk, dv, dbias or None) of window attention from do, q, k, v, o, lse", py::arg("do"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("bias"), py::arg("mask"), py::arg("scale"),
         py::arg("need_dbias"));
+  m.attr("window_attention_max_seq") = adaptsr::window_attention::kMaxSeq;
+  m.attr("window_attention_max_head_dim") = adaptsr::window_attention::kMaxHeadDim;
 }

@@ -48,6 +48,27 @@ def test_extension_exposes_the_bindings(ext):
         assert callable(getattr(ext, name, None)), f"adaptsr._C has no {name}"
 
 
+def test_window_attention_limits_come_from_the_extension(ext):
+    """The sizes the kernels take, as the extension exports them (what "auto" asks before it picks cuda):
+    Swin's 8 x 8 and 16 x 16 windows with SwinIR's and HAT's head dim 30 fit; one past a limit does not."""
+    max_seq, max_head_dim = ext.window_attention_max_seq, ext.window_attention_max_head_dim
+    assert max_seq >= 256 and max_head_dim >= 30
+    assert _cuda.window_attention_takes(torch.bfloat16, max_seq, max_head_dim)
+    assert not _cuda.window_attention_takes(torch.bfloat16, max_seq + 1, max_head_dim)
+    assert not _cuda.window_attention_takes(torch.float16, max_seq, max_head_dim + 1)
+    assert not _cuda.window_attention_takes(torch.float64, 64, 30)
+
+
+@needs_cuda_backend
+def test_window_attention_kernels_reject_what_the_limits_exclude(ext):
+    """The exported limits are the host checks' own: one token or one head channel more is refused, by name."""
+    for n, d, what in ((ext.window_attention_max_seq + 1, 8, "window length"),
+                       (16, ext.window_attention_max_head_dim + 1, "head dimension")):
+        q = torch.randn(1, 1, n, d, device="cuda")
+        with pytest.raises(ValueError, match=what):
+            _cuda.window_attention_fwd(q, q, q, None, None, 1.0)
+
+
 def test_kernels_neither_spill_nor_use_a_stack(ext):
     """Every kernel in the built extension keeps its state in registers and shared memory.
 

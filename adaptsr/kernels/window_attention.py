@@ -102,6 +102,11 @@ _QKV_MAX_FP32_TOKENS = 64
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def window_attention_takes(dtype: torch.dtype, n: int, head_dim: int) -> bool:
+    """Whether these kernels take q, k, v of ``dtype`` with heads of ``head_dim`` (any window length n)."""
+    return dtype in _DTYPES and n >= 1 and 1 <= head_dim <= _MAX_HEAD_DIM
+
+
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every output and workspace buffer of the launchers (tests replace this to poison them)."""
     return torch.empty(shape, dtype=dtype, device=device)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptsr.backend import resolve
-from adaptsr.ops.window_attention import _gather_bias, window_attention
+from adaptsr.ops.window_attention import _fused_takes, _gather_bias, window_attention
 
 __all__ = ["qkv_window_attention"]
 
@@ -92,7 +92,8 @@ def qkv_window_attention(
             f"qkv_window_attention: x must be [B_, N, C] with C divisible by {num_heads} heads and w_qkv "
             f"[3C, C]; got x {tuple(x.shape)}, w_qkv {tuple(w_qkv.shape)}"
         )
-    if resolve(x.device, "window_attention") != "triton":
+    n, head_dim = x.shape[1], x.shape[-1] // num_heads
+    if resolve(x.device, "window_attention", lambda name: _fused_takes(name, x.dtype, n, head_dim)) != "triton":
         return _two_step(x, w_qkv, b_qkv, num_heads, bias_table, index, mask, scale)
     # Under autocast the kernel runs in autocast's dtype, as the F.linear of the two steps would.
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype

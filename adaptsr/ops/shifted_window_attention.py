@@ -56,7 +56,7 @@ import functools
 import torch
 
 from adaptsr.backend import resolve
-from adaptsr.ops.window_attention import _gather_bias, window_attention, window_attention_ref
+from adaptsr.ops.window_attention import _fused_takes, _gather_bias, window_attention, window_attention_ref
 
 __all__ = ["shifted_window_attention", "shifted_window_attention_ref"]
 
@@ -268,7 +268,10 @@ def shifted_window_attention(
     if mask is not None:
         mask = mask.detach()
     scale = float(scale)
-    backend = resolve(qkv.device, "shifted_window_attention")
+    n, head_dim = window_size * window_size, qkv.shape[-1] // (3 * num_heads)
+    backend = resolve(
+        qkv.device, "shifted_window_attention", lambda name: _fused_takes(name, qkv.dtype, n, head_dim)
+    )
     args = (qkv, bias_table, index, mask, scale, window_size, shift_size, num_heads)
     if backend == "reference":
         return shifted_window_attention_ref(*args)

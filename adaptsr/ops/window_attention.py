@@ -284,6 +284,18 @@ def _torch_window_attention(q, k, v, bias, mask, scale):
 # -- the fused backends (triton, cuda) --
 
 
+def _fused_takes(backend: str, dtype: torch.dtype, n: int, head_dim: int) -> bool:
+    """Whether ``backend``'s kernels take windows of ``n`` tokens, heads of ``head_dim``, in ``dtype``: where
+    they do not, "auto" runs the torch path (``resolve``'s ``takes``)."""
+    if backend == "triton":
+        from adaptsr.kernels.window_attention import window_attention_takes
+    elif backend == "cuda":
+        from adaptsr._cuda import window_attention_takes
+    else:
+        return True
+    return window_attention_takes(dtype, n, head_dim)
+
+
 def _kernel_launchers(backend: str):
     """``(window_attention_fwd, window_attention_bwd)`` of the backend, imported on first use.
 
@@ -369,7 +381,8 @@ def window_attention(
     if mask is not None:
         mask = mask.detach()
     scale = float(scale)
-    backend = resolve(q.device, "window_attention")
+    n, head_dim = q.shape[2], q.shape[3]
+    backend = resolve(q.device, "window_attention", lambda name: _fused_takes(name, q.dtype, n, head_dim))
     if backend == "reference":
         return window_attention_ref(q, k, v, bias_table, index, mask, scale)
     if backend not in ("torch", "triton", "cuda"):

@@ -14,14 +14,13 @@
 #include <cstdint>
 
 #include "../common.cuh"
+#include "window_attention_limits.h"
 
 namespace adaptsr {
 namespace window_attention {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kMaxSeq = 256;
-constexpr int kMaxHeadDim = 64;
 constexpr int kRowPad = kMaxHeadDim + 1;  // row stride of [rows][d] tiles: a column walk hits 32 banks
 
 // tile[r][c] = src[(row0 + r) * d + c] in fp32 for r < rows, c < d; zero rows past n.
