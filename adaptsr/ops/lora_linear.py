@@ -29,18 +29,22 @@ from adaptsr.ops._autocast import apply_in_one_dtype
 
 __all__ = ["linear_delta_weight", "lora_linear", "lora_linear_ref"]
 
-# Thin matmuls (r columns) run below peak; the low-rank pass must win by this factor.
+# The backward's choice of pass. The low-rank pass has the fewer FLOPs, 4 M r (in + out) against the
+# full weight gradient's 2 M in out; the thin matmuls run below peak, so it must win by this factor:
 _THIN_MATMUL_PENALTY = 1.5
-# On a GPU the torch backend's thin pass reads x and dy twice (z = x A^T, then dA = (dy B)^T x;
-# u = dy B, then dB = dy^T z), where the full weight gradient dy^T x reads each once and, for
-# SR-sized layers, is bound by those bytes rather than its FLOPs. So the full gradient is faster
-# until its FLOPs per byte read, in*out / ((in + out) * element size), pass the GPU's FLOPs per
-# byte of bandwidth: about 256 for 16-bit tensor-core matmuls on an H100/H200, 22 for fp32
-# (no TF32). Measured on an H100 (benchmarks/results/gpu-h100-2026-11-25*.md), 180->360 and
-# 180->540 on 65,536 tokens, ranks 4-16: bf16 full 0.077-0.118 ms vs thin 0.103-0.142 ms (full
-# wins, in*out/(in+out) = 120-135 < 2 * 256); fp32 full 0.35-0.46 ms vs thin 0.21-0.29 ms
-# (thin wins, > 4 * 22).
-_CUDA_MATMUL_FLOPS_PER_BYTE = {torch.float16: 256.0, torch.bfloat16: 256.0, torch.float32: 22.0}
+# But the torch backend's low-rank pass reads x and dy twice (z = x A^T and dA = u^T x; u^T = B^T dy^T
+# and dB = (z^T dy)^T), where the full gradient dy^T x reads each once and, for SR-sized layers, is
+# bound by those bytes rather than its FLOPs. So the full gradient is also faster until its FLOPs per
+# element read, in*out / (in + out), pass a bound set by the device's FLOPs per byte:
+#   - CPU (2-core EPYC, torch 2.14, 16,384 tokens, r = 8; fp32, bf16 and fp64 alike): the full
+#     gradient faster up to 36 (48->144 fp32: 1.7 vs 3.2 ms), the low-rank pass from 90 on
+#     (180->180: 9.3 vs 12.7 ms; 180->540: 19.6 vs 22.3 ms; 256->256 bf16: 3.1 vs 7.4 ms);
+#   - H100 (benchmarks/results/gpu-h100-2026-11-25*.md: 180->360 and 180->540 on 65,536 tokens,
+#     r = 4-16): bf16 full 0.077-0.118 ms vs low-rank 0.103-0.142 ms at 120-135 (16-bit tensor-core
+#     matmuls do ~256 FLOPs per byte of bandwidth: bound 2 x 256), fp32 low-rank 0.21-0.29 ms vs
+#     full 0.35-0.46 ms (~22 FLOPs per byte without TF32: bound 4 x 22).
+_LOW_RANK_MIN_INTENSITY_CPU = 64.0
+_LOW_RANK_MIN_INTENSITY_CUDA = {torch.float16: 512.0, torch.bfloat16: 512.0, torch.float32: 88.0}
 # The triton backend's forward: True runs y = x W'^T + b and z = x A^T as one Triton GEMM (one pass
 # over x); False leaves y to cuBLAS and z to a thin cuBLAS matmul. Which is faster is the GPU
 # benchmark's call (benchmarks/gpu/kernel_roofline.py); not measured yet.
@@ -87,13 +91,18 @@ def _check_shapes(x, weight, bias, lora_A, lora_B) -> None:
 
 def _prefer_low_rank(weight: torch.Tensor, rank: int, impl: str, device_type: str, dtype: torch.dtype) -> bool:
     """Whether the backward takes the low-rank pass (u = dy B, z = x A^T) over the full weight gradient,
-    for inputs of ``dtype`` on a ``device_type`` device."""
+    for inputs of ``dtype`` on a ``device_type`` device (the triton and cuda backends' own low-rank kernels
+    read x and dy once: for them the FLOPs decide)."""
     out_features, in_features = weight.shape
-    flops_per_byte = _CUDA_MATMUL_FLOPS_PER_BYTE.get(dtype)
-    if impl == "torch" and device_type == "cuda" and flops_per_byte is not None:
-        intensity = in_features * out_features / (in_features + out_features) / dtype.itemsize
-        return intensity > flops_per_byte
-    return 2 * rank * (in_features + out_features) * _THIN_MATMUL_PENALTY < out_features * in_features
+    if 2 * rank * (in_features + out_features) * _THIN_MATMUL_PENALTY >= out_features * in_features:
+        return False
+    if impl != "torch":
+        return True
+    if device_type == "cuda":
+        bound = _LOW_RANK_MIN_INTENSITY_CUDA.get(dtype, 0.0)
+    else:
+        bound = _LOW_RANK_MIN_INTENSITY_CPU
+    return in_features * out_features / (in_features + out_features) > bound
 
 
 class _LoRALinearFunction(torch.autograd.Function):
@@ -157,8 +166,11 @@ class _LoRALinearFunction(torch.autograd.Function):
 
                 grad_a, grad_b = lora_linear_lowrank_grads(x2, dy2, lora_A, lora_B, s, z)
             elif low_rank:
-                grad_a = s * ((dy2 @ lora_B).t() @ x2)
-                grad_b = s * (dy2.t() @ (x2 @ lora_A.t()))
+                # Each product with r on the outside of the result (u^T = B^T dy^T, then u^T x; z^T dy): on
+                # the CPU the same products as dy B, u^T x, dy^T z are up to 2x faster this way round.
+                u_t = lora_B.t() @ dy2.t()
+                grad_a = s * (u_t @ x2)
+                grad_b = s * ((x2 @ lora_A.t()).t() @ dy2).t()
             else:
                 grad_a = s * (lora_B.t() @ grad_w)
                 grad_b = s * (grad_w @ lora_A.t())

@@ -272,8 +272,12 @@ def test_auto_backend_on_cpu_is_torch_and_finite(dtype):
         ((540, 180), "torch", "cuda", torch.float32, True),
         # a layer whose full gradient is bound by its FLOPs: the thin pass again
         ((4096, 4096), "torch", "cuda", torch.bfloat16, True),
-        # the CPU, float64 on a GPU, and the triton/cuda backends' own low-rank kernels: the FLOP-ratio rule
+        # the CPU's measured choices (see lora_linear.py): SwinIR-light's qkv the full gradient, SwinIR-M's the thin pass
+        ((144, 48), "torch", "cpu", torch.float32, False),
+        ((540, 180), "torch", "cpu", torch.float32, True),
         ((540, 180), "torch", "cpu", torch.bfloat16, True),
+        # float64 on a GPU, and the triton/cuda backends' own low-rank kernels: the FLOP-ratio rule
+        ((144, 48), "triton", "cpu", torch.float32, True),
         ((540, 180), "torch", "cuda", torch.float64, True),
         ((540, 180), "triton", "cuda", torch.bfloat16, True),
         ((540, 180), "cuda", "cuda", torch.bfloat16, True),
@@ -281,6 +285,8 @@ def test_auto_backend_on_cpu_is_torch_and_finite(dtype):
     ],
 )
 def test_pass_choice_follows_the_device_and_dtype(features, impl, device_type, dtype, expected):
+    """The torch backend's choice between the low-rank pass and the full weight gradient (a bytes model per
+    device, measured), and the FLOP ratio alone for the fused backends' own low-rank kernels."""
     weight = torch.empty(features, device="meta")
     assert linear_op._prefer_low_rank(weight, 8, impl, device_type, dtype) is expected
 
