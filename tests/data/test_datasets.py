@@ -279,6 +279,40 @@ def test_hr_folder_deterministic_and_resumable(hr_folder):
     assert not same(epoch0, items(plain))
 
 
+def test_hr_folder_caches_decoded_images_within_its_budget(hr_folder, monkeypatch):
+    from adaptsr.data import datasets
+
+    reads = []
+    real_read = datasets.read_image
+    monkeypatch.setattr(datasets, "read_image", lambda path: reads.append(path) or real_read(path))
+
+    def degrade_in_place(hr, scale, generator):  # a careless degradation that scribbles on its input
+        out = F.avg_pool2d(hr, scale)
+        hr.zero_()
+        return out
+
+    # HR crops of the whole 64 x 64 photo, unaugmented: the crop is the decoded image itself unless copied
+    def make(**kwargs):
+        return HRFolderDataset(hr_folder, 2, 32, degrade_in_place, seed=3, augment=False, samples_per_epoch=6, **kwargs)
+
+    uncached = make(cache_bytes=0)
+    expected = [uncached[i] for i in range(6)]
+    assert len(reads) == 6  # no cache: every item decodes its image
+    reads.clear()
+
+    cached = make()
+    for _ in range(2):
+        got = [cached[i] for i in range(6)]
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, expected))
+    assert sorted(reads) == sorted(cached.paths)  # each image decoded once, then served from memory
+    reads.clear()
+
+    one_image = 3 * 64 * 64 * 4  # the fixture's photos are 64 x 64: a budget for exactly one
+    partial = make(cache_bytes=one_image)
+    [partial[i] for i in range(6)]
+    assert reads.count(partial.paths[0]) == 1 and reads.count(partial.paths[1]) == 2  # only the first fits
+
+
 def test_hr_folder_errors(tmp_path, hr_folder, astronaut):
     small = np.asarray(Image.fromarray(astronaut).resize((20, 24)))
     _save(small, hr_folder / "small.png")
