@@ -369,6 +369,13 @@ def test_paired_parallel_folders(tmp_path, photos):
     again = PairedFolderDataset(tmp_path / "lr", tmp_path / "hr", scale=4, lr_patch=6, seed=3)
     again.set_epoch(2)
     assert torch.equal(again[1][1], crops[1][1])
+    # items are copies of the decoded images kept in memory: writing into one changes no later item
+    for lr_patch in (None, 10):  # whole images, and crops as large as the LR (the image itself, unaugmented)
+        cached = PairedFolderDataset(tmp_path / "lr", tmp_path / "hr", scale=4, lr_patch=lr_patch, augment=False)
+        first = [t.clone() for t in cached[0]]
+        for t in cached[0]:
+            t.zero_()
+        assert all(torch.equal(a, b) for a, b in zip(cached[0], first))
 
 
 def test_paired_realsr_naming(tmp_path, photos):
