@@ -55,5 +55,18 @@ __device__ __forceinline__ float score(float qk, float scale, const float* __res
 // P[i, j] = exp(S[i, j] - lse[i]); a row whose every score is -inf has lse = -inf and P = 0.
 __device__ __forceinline__ float prob(float s, float lse) { return lse == -INFINITY ? 0.f : expf(s - lse); }
 
+// P[i, j] and dS[i, j] = P[i, j] (dP[i, j] - delta_i) from the entry's q_i . k_j and dO_i . v_j; both 0
+// outside the window (row or key past n).
+struct ProbAndGrad {
+  float p, ds;
+};
+__device__ __forceinline__ ProbAndGrad prob_and_grad(float qk, float dov, float scale, const float* __restrict__ bias_h,
+                                                     const float* __restrict__ mask_w, int i, int j, int n,
+                                                     float lse_i, float delta_i) {
+  if (i >= n || j >= n) return {0.f, 0.f};
+  const float p = prob(score(qk, scale, bias_h, mask_w, i, j, n), lse_i);
+  return {p, p * (dov - delta_i)};
+}
+
 }  // namespace window_attention
 }  // namespace adaptsr

@@ -371,11 +371,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int t = 0; t < kTcPairsPerLane; ++t) {
         const int j = half + 2 * t, key = k0 + j;
-        float ds = 0.f;
-        if (row < n && key < n) {
-          const float p = prob(score(s_pair[t], scale, bias_h, mask_w, row, key, n), sm.query.lse[i]);
-          ds = p * (dp_pair[t] - sm.query.delta[i]);
-        }
+        const float ds = prob_and_grad(s_pair[t], dp_pair[t], scale, bias_h, mask_w, row, key, n, sm.query.lse[i],
+                                       sm.query.delta[i]).ds;
         if (want_dbias && key < n) sm.dbias[i][key] += ds;
         pair.b16[i][j] = from_float<scalar_t>(ds);
       }
@@ -476,14 +473,11 @@ __global__ void __launch_bounds__(kThreads)
     // -- P^T and dS^T = P^T (dP^T - delta) in 16 bits, side by side in the strip --
 #pragma unroll
     for (int t = 0; t < kTcPairsPerLane; ++t) {
-      const int i = half + 2 * t, row = q0 + i;
-      float p = 0.f, ds = 0.f;
-      if (row < n && key < n) {
-        p = prob(score(s_pair[t], scale, bias_h, mask_w, row, key, n), sm.query.lse[i]);
-        ds = p * (dp_pair[t] - sm.query.delta[i]);
-      }
-      pair.b16[j][i] = from_float<scalar_t>(p);
-      pair.b16[j][kDsColumn + i] = from_float<scalar_t>(ds);
+      const int i = half + 2 * t;
+      const ProbAndGrad entry = prob_and_grad(s_pair[t], dp_pair[t], scale, bias_h, mask_w, q0 + i, key, n,
+                                              sm.query.lse[i], sm.query.delta[i]);
+      pair.b16[j][i] = from_float<scalar_t>(entry.p);
+      pair.b16[j][kDsColumn + i] = from_float<scalar_t>(entry.ds);
     }
     __syncwarp();
 
