@@ -383,7 +383,6 @@ def main(argv=None) -> int:
     rows, attention = [], []
     for dtype in (names[name] for name in dtypes.split(",")):
         rows += conv_rows(bench, dtype, conv_sizes, ranks) + linear_rows(bench, dtype, linear_sizes, ranks)
-    for dtype in (names[name] for name in dtypes.split(",")):
         attention += attention_rows(bench, dtype, attention_shapes)
     report = render(rows, bench) + render_attention(attention)
     print(report)
