@@ -411,7 +411,7 @@ def _adapt(args: argparse.Namespace) -> int:
     import adaptsr
     from adaptsr.data import degrade, get_preset
     from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFolderDataset
-    from adaptsr.presets import ARCHITECTURE_PRESETS
+    from adaptsr.presets import preset_for_architecture
     from adaptsr.train import TrainConfig, adapt
 
     descriptor = adaptsr.load_model(args.model)
@@ -421,12 +421,7 @@ def _adapt(args: argparse.Namespace) -> int:
     else:
         preset = args.preset
         if preset is None and args.targets is None:
-            preset = ARCHITECTURE_PRESETS.get(descriptor.architecture.id)
-            if preset is None:
-                raise ValueError(
-                    f"no LoRA preset for architecture {descriptor.architecture.id}: pass --targets REGEX "
-                    f"(presets exist for {', '.join(sorted(ARCHITECTURE_PRESETS))})"
-                )
+            preset = preset_for_architecture(descriptor.architecture.id)
         summary = adaptsr.inject_lora(descriptor, preset=preset, targets=args.targets, rank=args.rank, alpha=args.alpha)
         print(summary, flush=True)
 
@@ -459,6 +454,81 @@ def _adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench --
+
+
+def add_bench_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time one training step: frozen, full fine-tuning and LoRA on each backend",
+        description=(
+            "Time the training step 'adaptsr adapt' runs (forward, L1 loss, backward, clipping, AdamW) on random "
+            "batches for the frozen model, full fine-tuning and LoRA under each backend, in interleaved rounds, and "
+            "print medians with their ratio to the frozen model's forward + backward (peak memory on CUDA). Every "
+            "method's input requires grad, so each does at least the frozen network's work."
+        ),
+    )
+    p.add_argument("--model", default="swinir", metavar="CKPT",
+                   help="checkpoint (.safetensors/.pth) spandrel loads, or a bundled model: swinir, rrdb (default: swinir)")
+    p.add_argument("--backends", metavar="LIST",
+                   help="comma-separated adaptsr backends for the LoRA rows (default: torch, plus triton and cuda "
+                        "where they run on --device)")
+    p.add_argument("--preset", help="LoRA target preset (default: the one for the model's architecture)")
+    p.add_argument("--targets", metavar="REGEX", help="LoRA targets: a regex matched in full against layer names")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
+    p.add_argument("--no-full-finetune", action="store_true", help="leave out the full fine-tuning row")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size (default: 8)")
+    p.add_argument("--patch", type=int, default=32, help="LR patch size in pixels (default: 32)")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast (auto: on CUDA)")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds, each one step of every method (default: 10)")
+    p.add_argument("--warmup", type=_nonneg_int, default=2, help="untimed steps per method first (default: 2)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
+    _add_device_flag(p)
+    p.set_defaults(func=_bench)
+
+
+def _bench_model(name_or_path: str):
+    import adaptsr
+    from adaptsr.demo import bundled_model_path
+
+    path = Path(name_or_path)
+    if not path.exists() and not path.suffix:  # a bare name: one of the bundled models
+        try:
+            path = bundled_model_path(name_or_path)
+        except ValueError as err:
+            raise CommandError(f"--model {name_or_path} is neither a checkpoint file nor a bundled model: {err}") from err
+    return adaptsr.load_model(path)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from adaptsr.bench import bench_training_step, format_bench_table, rows_as_dicts
+    from adaptsr.io import atomic_write
+
+    descriptor = _bench_model(args.model)
+    backends = args.backends.split(",") if args.backends else None
+    rows = bench_training_step(
+        descriptor, backends=backends, preset=args.preset, targets=args.targets, rank=args.rank, alpha=args.alpha,
+        full_finetune=not args.no_full_finetune, batch_size=args.batch_size, patch=args.patch, device=args.device,
+        amp=args.amp, rounds=args.rounds, warmup=args.warmup,
+    )
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{descriptor.architecture.name} x{descriptor.scale}, batch {args.batch_size} of {args.patch}x{args.patch} "
+          f"LR patches, LoRA rank {args.rank}, {where}, torch {torch.__version__}; medians of {args.rounds} rounds")
+    print(format_bench_table(rows))
+    if args.json:
+        text = json.dumps({"model": args.model, "device": where, "batch_size": args.batch_size, "patch": args.patch,
+                           "rank": args.rank, "amp": args.amp, "rounds": args.rounds, "rows": rows_as_dicts(rows)},
+                          indent=2)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -470,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_command(commands)
     add_upscale_command(commands)
     add_merge_command(commands)
+    add_bench_command(commands)
     return parser
 
 

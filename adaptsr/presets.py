@@ -49,3 +49,14 @@ def preset_pattern(name: str) -> str:
     if key not in PRESETS:
         raise ValueError(f"unknown LoRA preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[key]
+
+
+def preset_for_architecture(architecture_id: str) -> str:
+    """The preset of a spandrel architecture id; a clear error naming the alternative where there is none."""
+    preset = ARCHITECTURE_PRESETS.get(architecture_id)
+    if preset is None:
+        raise ValueError(
+            f"no LoRA preset for architecture {architecture_id}: pass --targets REGEX "
+            f"(presets exist for {', '.join(sorted(ARCHITECTURE_PRESETS))})"
+        )
+    return preset

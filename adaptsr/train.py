@@ -98,6 +98,21 @@ def _load_batch(dataset, indices: list[int], epoch: int, device: torch.device):
     return lr, hr
 
 
+def _training_loss(network: nn.Module, lr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> torch.Tensor:
+    """The L1 loss of one batch, the forward under bf16 autocast when asked (the loss in fp32)."""
+    with torch.autocast(lr.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        return F.l1_loss(network(lr).float(), hr.float())
+
+
+def _apply_gradients(loss: torch.Tensor, params: dict[str, nn.Parameter], optimizer, grad_clip: float) -> None:
+    """Backward, global-norm clipping (``grad_clip`` 0: none), one optimizer step; gradients set to None first."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params.values(), grad_clip)
+    optimizer.step()
+
+
 def _init_distributed(device: torch.device | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device), joining the process group torchrun describes in the environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -259,9 +274,7 @@ def adapt(
     for step in range(start_step, config.steps):
         indices, epoch = _batch_indices(step, len(train_set), config)
         lr, hr = _load_batch(train_set, indices[rank::world], epoch, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = F.l1_loss(network(lr).float(), hr.float())
-        optimizer.zero_grad(set_to_none=True)
+        loss = _training_loss(network, lr, hr, use_bf16)
         finite = torch.isfinite(loss.detach()).float()
         if world > 1:  # every rank must skip together, or DDP's all-reduce waits forever
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -273,10 +286,7 @@ def adapt(
             schedule.step()
             continue
         bad_in_a_row = 0
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params.values(), config.grad_clip)
-        optimizer.step()
+        _apply_gradients(loss, params, optimizer, config.grad_clip)
         schedule.step()
         if world > 1:  # log the global batch's loss, the same on every rank
             loss = loss.detach().clone()

@@ -1,0 +1,221 @@
+"""`adaptsr bench`: what one training step costs on your model and your hardware.
+
+Times the step ``adaptsr adapt`` runs (forward under the same autocast, L1 loss, backward,
+gradient clipping, AdamW) for the frozen model, full fine-tuning and LoRA on each backend asked
+for, on random LR/HR batches of the model's channels and scale (data loading is left out: it is
+the same for every method). Every method's input requires grad, so "frozen" is the frozen
+network's forward and backward, the floor a LoRA step is compared to, and every method does at
+least that work.
+
+The methods are timed in interleaved rounds (frozen, full, LoRA..., frozen, ...), so load that
+drifts while the benchmark runs (a shared machine, a GPU warming up) hits every method alike; the
+table gives medians and their ratio to the frozen median. On CUDA it also gives each method's peak
+memory over one step.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from adaptsr.backend import BACKENDS, _unavailable_reason, is_available, set_backend
+from adaptsr.inject import inject_lora
+from adaptsr.presets import preset_for_architecture
+from adaptsr.train import _apply_gradients, _training_loss
+
+__all__ = ["StepTime", "bench_training_step", "default_backends", "format_bench_table", "rows_as_dicts"]
+
+# Matches TrainConfig's defaults, so the timed step is the step ``adapt`` runs.
+_LR, _GRAD_CLIP = 2e-4, 1.0
+
+
+@dataclass
+class StepTime:
+    """One method's row: what it trains and what its step costs."""
+
+    method: str  # "frozen", "full fine-tuning" or "LoRA"
+    backend: str | None  # the adaptsr backend of a LoRA row
+    trainable_params: int
+    total_params: int
+    median_ms: float
+    ratio_to_frozen: float
+    peak_memory_bytes: int | None  # on CUDA: torch.cuda.max_memory_allocated over one step
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} ({self.backend})" if self.backend else self.method
+
+
+def default_backends(device: str | torch.device) -> list[str]:
+    """The backends worth timing on ``device``: torch everywhere, the fused ones where they run."""
+    if torch.device(device).type != "cuda":
+        return ["torch"]
+    return ["torch"] + [name for name in ("triton", "cuda") if is_available(name)]
+
+
+def _check_backends(backends: list[str], device: torch.device) -> list[str]:
+    names = []
+    for name in backends:
+        name = name.strip().lower()
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+        if name in ("triton", "cuda") and not is_available(name):
+            raise ValueError(f"backend {name!r} is not available here: {_unavailable_reason(name)}")
+        if name == "cuda" and device.type != "cuda":
+            raise ValueError(f"backend 'cuda' runs on CUDA tensors; pass a CUDA device, not {device}")
+        names.append(name)
+    if not names:
+        raise ValueError("no backend to time: pass at least one")
+    return names
+
+
+def _check_patch(descriptor, patch: int) -> None:
+    requirements = descriptor.size_requirements
+    if patch < 1 or not requirements.check(patch, patch):
+        raise ValueError(
+            f"a {patch}x{patch} LR patch does not fit this {descriptor.architecture.id} model: it needs at least "
+            f"{requirements.minimum} pixels, a multiple of {requirements.multiple_of}"
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Method:
+    """A model copy, its optimizer and the backend its steps run under."""
+
+    def __init__(self, method: str, module: nn.Module, backend: str | None) -> None:
+        self.method, self.module, self.backend = method, module, backend
+        self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=_LR) if self.params else None
+        self.times: list[float] = []
+
+    def step(self, lr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> None:
+        lr.grad = None
+        with set_backend(self.backend or "auto"):
+            loss = _training_loss(self.module, lr, hr, use_bf16)
+            if self.optimizer is None:  # frozen: the backward alone, down to the input
+                loss.backward()
+            else:
+                _apply_gradients(loss, self.params, self.optimizer, _GRAD_CLIP)
+
+    def timed_step(self, lr, hr, use_bf16: bool, device: torch.device) -> None:
+        _sync(device)
+        start = time.perf_counter()
+        self.step(lr, hr, use_bf16)
+        _sync(device)
+        self.times.append(time.perf_counter() - start)
+
+    def peak_memory(self, lr, hr, use_bf16: bool, device: torch.device) -> int | None:
+        if device.type != "cuda":
+            return None
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        self.step(lr, hr, use_bf16)
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device)
+
+
+def bench_training_step(
+    descriptor,
+    *,
+    backends: list[str] | None = None,
+    preset: str | None = None,
+    targets: str | None = None,
+    rank: int = 8,
+    alpha: float | None = None,
+    full_finetune: bool = True,
+    batch_size: int = 8,
+    patch: int = 32,
+    device: str | torch.device = "cpu",
+    amp: str = "auto",
+    rounds: int = 10,
+    warmup: int = 2,
+    seed: int = 0,
+) -> list[StepTime]:
+    """Time one training step of each method on ``descriptor`` (a spandrel model, left unchanged).
+
+    Rows: frozen, full fine-tuning (unless ``full_finetune=False``), then LoRA (``preset`` or
+    ``targets``, ``rank``, ``alpha`` as for ``inject_lora``; by default the architecture's preset)
+    under each of ``backends``
+    (default: ``default_backends(device)``). ``amp`` is TrainConfig's: "auto" (bf16 on CUDA),
+    "bf16" or "off". Medians over ``rounds`` interleaved rounds, after ``warmup`` untimed steps
+    each (compilation, autotuning, allocator growth).
+    """
+    device = torch.device(device)
+    if amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
+    if batch_size < 1 or rounds < 1 or warmup < 0:
+        raise ValueError(f"batch_size and rounds must be positive and warmup not negative, got {batch_size}, "
+                         f"{rounds}, {warmup}")
+    backends = _check_backends(default_backends(device) if backends is None else list(backends), device)
+    _check_patch(descriptor, patch)
+    use_bf16 = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+
+    base = descriptor.model
+    total = sum(p.numel() for p in base.parameters())
+    methods = [_Method("frozen", copy.deepcopy(base).requires_grad_(False), None)]
+    if full_finetune:
+        methods.append(_Method("full fine-tuning", copy.deepcopy(base).requires_grad_(True), None))
+    if preset is None and targets is None:
+        preset = preset_for_architecture(descriptor.architecture.id)
+    adapted = copy.deepcopy(base).requires_grad_(False)
+    inject_lora(adapted, preset=preset, targets=targets, rank=rank, alpha=alpha)  # names the fault when none match
+    # One adapted copy serves every backend: the backend is chosen per call, not stored in the layers.
+    methods += [_Method("LoRA", adapted, name) for name in backends]
+    for m in methods:
+        m.module.to(device).train()
+
+    generator = torch.Generator().manual_seed(seed)
+    scale = descriptor.scale
+    lr = torch.rand(batch_size, descriptor.input_channels, patch, patch, generator=generator).to(device)
+    hr = torch.rand(batch_size, descriptor.output_channels, patch * scale, patch * scale, generator=generator)
+    lr, hr = lr.requires_grad_(True), hr.to(device)
+
+    for m in methods:
+        for _ in range(warmup):
+            m.step(lr, hr, use_bf16)
+    for _ in range(rounds):
+        for m in methods:
+            m.timed_step(lr, hr, use_bf16, device)
+
+    frozen_ms = 1e3 * statistics.median(methods[0].times)
+    rows = []
+    for m in methods:
+        median_ms = 1e3 * statistics.median(m.times)
+        rows.append(StepTime(
+            method=m.method, backend=m.backend, trainable_params=sum(p.numel() for p in m.params.values()),
+            total_params=sum(p.numel() for p in m.module.parameters()) if m.method == "LoRA" else total,
+            median_ms=median_ms, ratio_to_frozen=median_ms / frozen_ms,
+            peak_memory_bytes=m.peak_memory(lr, hr, use_bf16, device),
+        ))
+    return rows
+
+
+def _count(n: int) -> str:
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def format_bench_table(rows: list[StepTime]) -> str:
+    """A markdown table: method, trainable share, ms per step, ratio to frozen, peak memory."""
+    lines = ["| method | trainable | ms / step | x frozen | peak MB |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        share = f"{_count(r.trainable_params)} ({100 * r.trainable_params / r.total_params:.1f}%)" if r.trainable_params else "0"
+        peak = f"{r.peak_memory_bytes / 2**20:.0f}" if r.peak_memory_bytes is not None else "-"
+        lines.append(f"| {r.label} | {share} | {r.median_ms:.1f} | {r.ratio_to_frozen:.2f} | {peak} |")
+    return "\n".join(lines)
+
+
+def rows_as_dicts(rows: list[StepTime]) -> list[dict]:
+    """The rows as JSON-ready dicts (``label`` included)."""
+    return [{**asdict(r), "label": r.label} for r in rows]
