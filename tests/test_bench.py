@@ -14,7 +14,7 @@ from adaptsr.cli import main
 from adaptsr.demo import bundled_model_path
 from adaptsr.inject import lora_layers
 
-TINY = dict(batch_size=1, patch=16, rounds=2, warmup=0)
+TINY = {"batch_size": 1, "patch": 16, "rounds": 2, "warmup": 0}
 
 
 @pytest.fixture
