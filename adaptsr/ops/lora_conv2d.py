@@ -39,10 +39,16 @@ from adaptsr.ops._conv_geometry import ConvGeometry, memory_format_of
 
 __all__ = ["conv_delta_weight", "lora_conv2d", "lora_conv2d_ref"]
 
-# Thin convolutions (r output channels) run well below the machine's peak rate: on a 2-core
-# CPU the rank-8 pieces of a 64->64 3x3 layer took about 1.2x their FLOP share of the full
-# weight gradient (DESIGN.md section 5). The low-rank pass must win by this factor to be chosen.
+# Thin convolutions (r output channels) run well below the machine's peak rate, so the low-rank
+# pass must win on FLOPs by this factor to be chosen. On CUDA, and for the triton and cuda
+# backends' own kernels: 1.5 (DESIGN.md section 5; the GPU runs are in benchmarks/gpu/NOTES.md).
 _THIN_CONV_PENALTY = 1.5
+# The torch backend on the CPU (oneDNN): on the 2-core CPU, 3x3 convs at batch 8-16 of 32x32, r = 8,
+# the low-rank pass cost 1.8-5.8x its FLOP share of the full weight gradient (measured beside a
+# convolution_backward that returns dx and dW' together). The full gradient won or tied at 24-152 -> 24-48
+# channels (RRDB's dense blocks, a light SwinIR's 48; any penalty >= 2.7 picks it there), the low-rank
+# pass won or tied from 64 -> 64 (any penalty < 3.6 keeps it there).
+_THIN_CONV_PENALTY_CPU = 3.0
 # The triton backend's forward: True runs y = conv(x, W') and z = conv(x, A) as one Triton implicit
 # GEMM (one pass over x); False leaves y to cuDNN and runs only z's r channels in Triton. Which
 # is faster is the GPU benchmark's call (benchmarks/gpu/run.sh); not measured yet.
@@ -119,14 +125,16 @@ def _check_shapes(x, weight, bias, lora_A, lora_B, geometry: ConvGeometry) -> No
         raise ValueError(f"lora_conv2d: bias must have shape [{out_channels}], got {tuple(bias.shape)}")
 
 
-def _prefer_low_rank(weight: torch.Tensor, rank: int, groups: int) -> bool:
-    """Whether the low-rank pass costs fewer (penalised) FLOPs per output pixel than the full wgrad."""
+def _prefer_low_rank(weight: torch.Tensor, rank: int, groups: int, impl: str, device_type: str) -> bool:
+    """Whether the low-rank pass costs fewer (penalised) FLOPs per output pixel than the full wgrad,
+    for backend ``impl`` on a ``device_type`` device."""
     out_channels, in_per_group, kh, kw = weight.shape
     in_channels, taps = in_per_group * groups, kh * kw
     full = out_channels * in_per_group * taps
     # z = conv(x, A) and the weight-grad into A: r*in*taps each; u = B^T dy and dB: out*r each.
     low_rank = 2 * rank * in_channels * taps + 2 * out_channels * rank
-    return low_rank * _THIN_CONV_PENALTY < full
+    penalty = _THIN_CONV_PENALTY_CPU if impl == "torch" and device_type != "cuda" else _THIN_CONV_PENALTY
+    return low_rank * penalty < full
 
 
 def _weight_grad(x_padded, dy, weight_like, geometry: ConvGeometry, groups: int):
@@ -247,7 +255,8 @@ class _LoRAConv2dFunction(torch.autograd.Function):
         w_merged = _merged_weight(weight, lora_A, lora_B, scaling)
         x_padded = geometry.pad_input(x)
         # The backward's pass is chosen here, once: the triton forward needs to know whether to emit z.
-        low_rank = _prefer_low_rank(weight, lora_A.shape[0], geometry.groups) and not ctx.needs_input_grad[1]
+        low_rank = (_prefer_low_rank(weight, lora_A.shape[0], geometry.groups, impl, x.device.type)
+                    and not ctx.needs_input_grad[1])
         z = None
         if impl == "triton" and x.dtype != torch.float64:
             # z (r channels per pixel) is worth saving only when the backward takes the low-rank pass.

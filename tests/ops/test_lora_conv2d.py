@@ -449,3 +449,28 @@ def test_backend_channels_last(monkeypatch, backend, groups, force_low_rank):
             results[name] = [t.double().cpu() for t in (y, *grads)]
     for name, got, ref in zip(("y", "dx", "dA", "dB"), results[backend], results["reference"]):
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=f"{name} differs for channels-last input")
+
+
+@pytest.mark.parametrize(
+    ("channels", "groups", "impl", "device_type", "expected"),
+    [
+        # the CPU's measured choices (see lora_conv2d.py): narrow layers the full gradient, wide ones the thin pass
+        ((32, 24), 1, "torch", "cpu", False),  # RRDB's first dense-block conv
+        ((24, 152), 1, "torch", "cpu", False),  # RRDB's last
+        ((48, 48), 1, "torch", "cpu", False),  # a light SwinIR's body conv
+        ((64, 64), 1, "torch", "cpu", True),
+        ((180, 180), 1, "torch", "cpu", True),
+        # on CUDA and for the fused backends' own kernels, the FLOP ratio with the GPU's penalty
+        ((48, 48), 1, "torch", "cuda", True),
+        ((48, 48), 1, "triton", "cpu", True),
+        ((48, 48), 1, "cuda", "cuda", True),
+        ((16, 16), 1, "torch", "cuda", False),  # rank 8 on 16 channels: no saving anywhere
+        # grouped: the full gradient is per group, the thin pass reads every input channel
+        ((64, 64), 4, "torch", "cuda", False),
+    ],
+)
+def test_pass_choice_follows_the_device(channels, groups, impl, device_type, expected):
+    """The backward's choice between the low-rank pass and the full weight gradient, at rank 8, 3x3."""
+    out_channels, in_channels = channels
+    weight = torch.empty(out_channels, in_channels // groups, 3, 3, device="meta")
+    assert conv_op._prefer_low_rank(weight, 8, groups, impl, device_type) is expected
