@@ -44,6 +44,7 @@ case "$*" in
     wait
     echo "tests run: $*"; echo "7 passed"; exit "${FAKE_TESTS_RC:-0}" ;;
   *get_device_capability*) echo 90 ;;
+  "-m adaptsr bench"*) echo "| adaptsr bench table $* |" ;;
   *ptxas_report.py*) echo "| ptxas table |" ;;
   *to_markdown.py*) echo "| benchmark table |" ;;
   *auto_choice.py*) echo "AUTO_ON_CUDA = {}" ;;
@@ -79,13 +80,16 @@ def test_every_stage_lands_in_the_results_file(tmp_path):
     assert "adaptsr._C ready" in text and "7 passed" in text
     assert "| roofline table" in text and "--dtypes bf16 --ranks 8 |" in text
     assert "| benchmark table |" in text and "AUTO_ON_CUDA = {}" in text
+    # the bundled model's whole step on the GPU, with the default flags
+    assert "| adaptsr bench table -m adaptsr bench --model swinir --device cuda" in text
+    assert "--batch-size 16 --patch 48 --rounds 10 |" in text
     calls = (tmp_path / "calls").read_text()
     # the default test selection and benchmark filter of the lease
     assert "-m pytest tests/ops tests/test_cuda_extension.py tests/test_backend.py" in calls
     assert "-k bf16 and not r4 and not r16" in calls
     with tarfile.open(f"{results}.raw.tgz") as archive:
         names = {Path(n).name for n in archive.getnames()}
-    assert {"build.log", "tests.log", "bench.json", "bench.md", "auto.md", "roofline.md"} <= names
+    assert {"build.log", "tests.log", "bench.json", "bench.md", "auto.md", "roofline.md", "model.md"} <= names
 
 
 def test_a_failed_test_fails_the_run_and_the_rest_still_runs(tmp_path):

@@ -15,8 +15,10 @@
 #   - BUDGET_S (default 540): the whole run's wall-clock budget in seconds; each stage gets what is
 #     left (less 15 s to write the results); a stage with less than MIN_STAGE_S (default 45) left
 #     does not start, and says so; 0: no budget.
-#   - STAGES (default "build tests roofline bench", run in that order; "ptxas" also exists, which
-#     CI already runs for sm_90 on the CPU).
+#   - STAGES (default "build tests roofline model bench", run in that order; "ptxas" also exists,
+#     which CI already runs for sm_90 on the CPU). "model" is `adaptsr bench` on the bundled SwinIR:
+#     the whole training step per backend, as a user would time it (MODEL_ARGS: its flags, default
+#     "--batch-size 16 --patch 48 --rounds 10").
 #   - TEST_PATHS (default: the test files that exercise the GPU: tests/ops, the extension's tests,
 #     the backend table; the rest of tests/ is CPU-only and runs in CI); TEST_PATHS=tests for all.
 #     TEST_WORKERS (default 4 where pytest-xdist is installed): test processes, which compile the
@@ -41,7 +43,7 @@ raw=$(realpath -m "${RAW_DIR:-$out.d}")
 mkdir -p "$raw" "$(dirname "$out")"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-stages=" ${STAGES:-build tests roofline bench} "
+stages=" ${STAGES:-build tests roofline model bench} "
 budget=${BUDGET_S:-540}
 reserve=15
 min_stage=${MIN_STAGE_S:-45}
@@ -118,6 +120,10 @@ write_results() {
         echo
         section "$raw/roofline.md" "$raw/roofline.log"
         echo
+        echo "## The bundled SwinIR's training step per backend (adaptsr bench)"
+        echo
+        section "$raw/model.md" "$raw/model.log"
+        echo
         echo "## pytest-benchmark providers"
         echo
         section "$raw/bench.md" "$raw/bench.log"
@@ -170,7 +176,16 @@ if run_stage roofline; then
     write_results
 fi
 
-# 4. Benchmarks: pytest-benchmark providers at the GPU shapes, and the "auto" choice they imply.
+# 4. A whole model's training step (forward, loss, backward, AdamW) for frozen, full fine-tuning and
+#    LoRA on every backend that runs here: adaptsr bench on the bundled SwinIR, a minute at most.
+if run_stage model; then
+    eval "set -- ${MODEL_ARGS:---batch-size 16 --patch 48 --rounds 10}"
+    within model $py -m adaptsr bench --model swinir --device cuda --json "$raw/model.json" "$@" \
+        > "$raw/model.md" 2> "$raw/model.log"
+    write_results
+fi
+
+# 5. Benchmarks: pytest-benchmark providers at the GPU shapes, and the "auto" choice they imply.
 if run_stage bench; then
     eval "set -- ${BENCH_ARGS-"-k \"bf16 and not r4 and not r16\""}"
     within bench $py -m pytest benchmarks -q -p no:cacheprovider --benchmark-only "$@" \
@@ -182,7 +197,7 @@ if run_stage bench; then
     write_results
 fi
 
-# 5. Register spills and shared memory of every Triton kernel for this card's architecture.
+# 6. Register spills and shared memory of every Triton kernel for this card's architecture.
 if run_stage ptxas; then
     arch=$($py -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')
     within ptxas $py benchmarks/gpu/ptxas_report.py --archs "$arch" > "$raw/ptxas.md" 2> "$raw/ptxas.log"
