@@ -48,6 +48,17 @@ def _add_device_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_lora_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="LoRA target preset (default: the one for the model's architecture)")
+    parser.add_argument("--targets", metavar="REGEX", help="LoRA targets: a regex matched in full against layer names")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
+    parser.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, so scaling 1)")
+
+
+def _add_amp_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast (auto: on CUDA)")
+
+
 def _load(args: argparse.Namespace, *, merge: bool = True):
     """The model (spandrel descriptor) with the adapter loaded and, by default, merged for speed."""
     import adaptsr
@@ -388,10 +399,7 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--val-hr", metavar="DIR", help="validation HR folder, degraded once (fixed seed) and cached")
     p.add_argument("--val-pairs", nargs=2, metavar=("LR_DIR", "HR_DIR"), help="validation LR/HR pairs")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created; reused with --resume)")
-    p.add_argument("--preset", help="LoRA target preset (default: the one for the model's architecture)")
-    p.add_argument("--targets", metavar="REGEX", help="LoRA targets: a regex matched in full against layer names")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, so scaling 1)")
+    _add_lora_flags(p)
     p.add_argument("--full-finetune", action="store_true", help="train every weight instead of adapters (baseline)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch size, split over processes (default: 8)")
@@ -400,7 +408,7 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--patch", type=int, default=32, help="LR patch size of the training crops (default: 32)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
     p.add_argument("--val-every", type=int, default=0, help="steps between validations (default: only at the end)")
-    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast (auto: on CUDA)")
+    _add_amp_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seed for crops, degradations and batches (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -473,14 +481,11 @@ def add_bench_command(subparsers) -> None:
     p.add_argument("--backends", metavar="LIST",
                    help="comma-separated adaptsr backends for the LoRA rows (default: torch, plus triton and cuda "
                         "where they run on --device)")
-    p.add_argument("--preset", help="LoRA target preset (default: the one for the model's architecture)")
-    p.add_argument("--targets", metavar="REGEX", help="LoRA targets: a regex matched in full against layer names")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
+    _add_lora_flags(p)
     p.add_argument("--no-full-finetune", action="store_true", help="leave out the full fine-tuning row")
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default: 8)")
     p.add_argument("--patch", type=int, default=32, help="LR patch size in pixels (default: 32)")
-    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast (auto: on CUDA)")
+    _add_amp_flag(p)
     p.add_argument("--rounds", type=int, default=10, help="timed rounds, each one step of every method (default: 10)")
     p.add_argument("--warmup", type=_nonneg_int, default=2, help="untimed steps per method first (default: 2)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
