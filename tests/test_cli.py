@@ -120,6 +120,31 @@ def test_upscale_file_and_folder(files, capsys, tmp_path):
     assert [p.name for p in (tmp_path / "swin").iterdir()] == ["b_LR2.png"]
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_upscale_in_16_bits(files, capsys, tmp_path, monkeypatch, precision, dtype):
+    """--precision runs the merged model in 16 bits: the library's result with the model cast."""
+    import adaptsr.infer
+
+    ran_in = []
+
+    def spy(model, *args, **kwargs):
+        ran_in.append({p.dtype for p in model.model.parameters()})
+        return upscale(model, *args, **kwargs)
+
+    monkeypatch.setattr(adaptsr.infer, "upscale", spy)
+    code, _, err = _run(capsys, "upscale", files / "lr" / "a_LR2.png", "--model", files / "base.safetensors",
+                        "--adapter", files / "adapter", "--out", tmp_path / "sr", "--precision", precision)
+    assert code == 0, err
+    assert ran_in == [{dtype}]
+    sr = read_image(tmp_path / "sr" / "a_LR2.png")
+    model = adaptsr.load_model(files / "base.safetensors")
+    adaptsr.load_adapter(model, files / "adapter")
+    adaptsr.merge_lora(model)
+    lr = read_image(files / "lr" / "a_LR2.png")[None]
+    low = upscale(model.to(dtype), lr)[0]
+    assert (sr - low).abs().max() <= 1 / 255 + 1e-4
+
+
 def test_eval_pairs(files, capsys, tmp_path):
     code, out, err = _run(
         capsys,
@@ -179,6 +204,10 @@ def test_eval_missing_weights_still_reports_psnr(files, capsys, tmp_path):
         ),
         (["upscale", "{f}/broken.png", "--model", "{f}/base.safetensors", "--out", "{t}/o"], "broken.png"),
         (["upscale", "{f}/missing.png", "--model", "{f}/base.safetensors", "--out", "{t}/o"], "does not exist"),
+        (
+            ["upscale", "{f}/lr", "--model", "{f}/swinir.pth", "--out", "{t}/o", "--precision", "fp16"],
+            "does not run in fp16: spandrel marks it unsupported; use --precision fp32 or bf16",
+        ),
         (
             [
                 "eval",
