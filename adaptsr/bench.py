@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,7 +29,10 @@ from adaptsr.inject import inject_lora
 from adaptsr.presets import preset_for_architecture
 from adaptsr.train import _apply_gradients, _training_loss
 
-__all__ = ["StepTime", "bench_training_step", "default_backends", "format_bench_table", "rows_as_dicts"]
+__all__ = [
+    "StepTime", "bench_training_step", "default_backends", "format_bench_table", "rows_as_dicts",
+    "saved_activation_bytes",
+]
 
 # Matches TrainConfig's defaults, so the timed step is the step ``adapt`` runs.
 _LR, _GRAD_CLIP = 2e-4, 1.0
@@ -44,6 +48,7 @@ class StepTime:
     total_params: int
     median_ms: float
     ratio_to_frozen: float
+    saved_activation_bytes: int  # what autograd keeps for the backward in one step (parameters excluded)
     peak_memory_bytes: int | None  # on CUDA: torch.cuda.max_memory_allocated over one step
 
     @property
@@ -88,6 +93,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def saved_activation_bytes(
+    step_forward: Callable[[], torch.Tensor], grad_out: torch.Tensor | None, model: nn.Module
+) -> int:
+    """Bytes of the unique storages autograd saves for the backward of ``step_forward()`` (then run with
+    ``grad_out``; None for a scalar loss): the activation memory a training step holds, ``model``'s
+    parameters and buffers excluded."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without a storage (e.g. subclasses)
+            return t
+        ptr = storage.data_ptr()
+        if ptr not in own:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = step_forward()
+    y.backward(grad_out)
+    return sum(seen.values())
+
+
 class _Method:
     """A model copy, its optimizer and the backend its steps run under."""
 
@@ -112,6 +142,14 @@ class _Method:
         self.step(lr, hr, use_bf16)
         _sync(device)
         self.times.append(time.perf_counter() - start)
+
+    def saved_bytes(self, lr, hr, use_bf16: bool) -> int:
+        lr.grad = None
+        with set_backend(self.backend or "auto"):
+            saved = saved_activation_bytes(lambda: _training_loss(self.module, lr, hr, use_bf16), None, self.module)
+        for p in self.params.values():
+            p.grad = None
+        return saved
 
     def peak_memory(self, lr, hr, use_bf16: bool, device: torch.device) -> int | None:
         if device.type != "cuda":
@@ -194,6 +232,7 @@ def bench_training_step(
             method=m.method, backend=m.backend, trainable_params=sum(p.numel() for p in m.params.values()),
             total_params=sum(p.numel() for p in m.module.parameters()) if m.method == "LoRA" else total,
             median_ms=median_ms, ratio_to_frozen=median_ms / frozen_ms,
+            saved_activation_bytes=m.saved_bytes(lr, hr, use_bf16),
             peak_memory_bytes=m.peak_memory(lr, hr, use_bf16, device),
         ))
     return rows
@@ -207,12 +246,13 @@ def _count(n: int) -> str:
 
 
 def format_bench_table(rows: list[StepTime]) -> str:
-    """A markdown table: method, trainable share, ms per step, ratio to frozen, peak memory."""
-    lines = ["| method | trainable | ms / step | x frozen | peak MB |", "|---|---:|---:|---:|---:|"]
+    """A markdown table: method, trainable share, ms per step, ratio to frozen, saved activations, peak memory."""
+    lines = ["| method | trainable | ms / step | x frozen | saved MB | peak MB |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         share = f"{_count(r.trainable_params)} ({100 * r.trainable_params / r.total_params:.1f}%)" if r.trainable_params else "0"
         peak = f"{r.peak_memory_bytes / 2**20:.0f}" if r.peak_memory_bytes is not None else "-"
-        lines.append(f"| {r.label} | {share} | {r.median_ms:.1f} | {r.ratio_to_frozen:.2f} | {peak} |")
+        saved = f"{r.saved_activation_bytes / 2**20:.1f}"
+        lines.append(f"| {r.label} | {share} | {r.median_ms:.1f} | {r.ratio_to_frozen:.2f} | {saved} | {peak} |")
     return "\n".join(lines)
 
 

@@ -41,6 +41,7 @@ from torch import nn
 
 from adaptsr import inject_lora, set_backend
 from adaptsr.backend import _unavailable_reason, is_available
+from adaptsr.bench import saved_activation_bytes
 from benchmarks.shapes import FUSED_PROVIDERS, Case
 
 # -- timing policy --
@@ -126,27 +127,6 @@ def build_provider(
 def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def saved_activation_bytes(step_forward: Callable[[], torch.Tensor], grad_out: torch.Tensor, model: nn.Module) -> int:
-    """Bytes of the unique storages autograd saves for backward in one step (parameters and buffers excluded)."""
-    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        try:
-            storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensors without a storage (e.g. subclasses)
-            return t
-        ptr = storage.data_ptr()
-        if ptr not in own:
-            seen[ptr] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = step_forward()
-    y.backward(grad_out)
-    return sum(seen.values())
 
 
 def record_memory(info: dict, forward, step, clear_grads, grad_out, model, device: torch.device) -> None:

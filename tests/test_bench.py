@@ -55,6 +55,8 @@ def test_rows_count_what_each_method_trains(swinir):
     for r in rows:
         assert r.median_ms > 0 and r.ratio_to_frozen == pytest.approx(r.median_ms / rows[0].median_ms)
         assert r.peak_memory_bytes is None  # CPU: no peak-memory counter
+    # a frozen linear layer keeps only its weight for dx; one with an adapter keeps its input for dA
+    assert 0 < rows[0].saved_activation_bytes < rows[2].saved_activation_bytes
 
     # The user's model is left as it was: no adapters, the same weights.
     assert not list(lora_layers(swinir.model))
@@ -84,7 +86,9 @@ def test_table_has_a_row_per_method(swinir):
     rows = bench_training_step(swinir, backends=["torch"], **TINY)
     table = format_bench_table(rows).splitlines()
     assert len(table) == 2 + len(rows)
+    assert table[0].split(" | ")[4] == "saved MB"
     assert table[2].startswith("| frozen | 0 |") and "| 1.00 |" in table[2]
+    assert table[2].split(" | ")[4] == f"{rows[0].saved_activation_bytes / 2**20:.1f}"
     assert table[-1].startswith("| LoRA (torch) | ") and "(16.6%)" in table[-1]
 
 
