@@ -1,7 +1,7 @@
 """Activation memory of one SwinIR-M window-attention module per provider, measured on any machine.
 
 What autograd saves for the backward depends on the shapes and the code path, not on the device:
-counted here (``benchmarks.conftest.saved_activation_bytes``: unique storages saved in one step,
+counted here (``adaptsr.bench.saved_activation_bytes``: unique storages saved in one step,
 parameters excluded) with the Triton kernels under the interpreter when there is no GPU, on one
 and two images of the SwinIR-M block shape (dim 180, 6 heads, window 8, 64x64 tokens: 64 windows
 per image). The difference is the per-image part; what is left (the shift mask, shared by the
@@ -19,11 +19,14 @@ import sys
 
 import torch
 
+# Run as a file (python benchmarks/window_attention_memory.py): the repository's benchmarks package from here.
+if not __package__:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
 
 from adaptsr.backend import is_available  # noqa: E402
-from benchmarks.conftest import saved_activation_bytes  # noqa: E402
+from adaptsr.bench import saved_activation_bytes  # noqa: E402
 from benchmarks.shapes import Case, WindowAttentionShape  # noqa: E402
 from benchmarks.test_bench_window_attention import PROVIDER_CONTEXTS, _build, _mask  # noqa: E402
 

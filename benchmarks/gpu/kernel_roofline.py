@@ -35,6 +35,9 @@ import time
 
 import torch
 
+# Run as a file (python benchmarks/gpu/kernel_roofline.py): the repository's benchmarks package from here.
+if not __package__:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 # The smoke run needs the interpreter set before the kernels are imported.
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
