@@ -177,11 +177,13 @@ def bench_training_step(
     rounds: int = 10,
     warmup: int = 2,
     seed: int = 0,
+    **lora_options,
 ) -> list[StepTime]:
     """Time one training step of each method on ``descriptor`` (a spandrel model, left unchanged).
 
     Rows: frozen, full fine-tuning (unless ``full_finetune=False``), then LoRA (``preset`` or
-    ``targets``, ``rank``, ``alpha`` as for ``inject_lora``; by default the architecture's preset)
+    ``targets``, ``rank``, ``alpha`` and any other ``lora_options`` as for ``inject_lora``; by default
+    the architecture's preset)
     under each of ``backends``
     (default: ``default_backends(device)``). ``amp`` is TrainConfig's: "auto" (bf16 on CUDA),
     "bf16" or "off". Medians over ``rounds`` interleaved rounds, after ``warmup`` untimed steps
@@ -205,7 +207,8 @@ def bench_training_step(
     if preset is None and targets is None:
         preset = preset_for_architecture(descriptor.architecture.id)
     adapted = copy.deepcopy(base).requires_grad_(False)
-    inject_lora(adapted, preset=preset, targets=targets, rank=rank, alpha=alpha)  # names the fault when none match
+    # inject_lora names the fault when the targets match nothing
+    inject_lora(adapted, preset=preset, targets=targets, rank=rank, alpha=alpha, **lora_options)
     # One adapted copy serves every backend: the backend is chosen per call, not stored in the layers.
     methods += [_Method("LoRA", adapted, name) for name in backends]
     for m in methods:

@@ -48,11 +48,47 @@ def _add_device_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _pattern_value(cast):
+    """argparse type for ``REGEX=VALUE`` (PEFT's rank_pattern / alpha_pattern entries)."""
+
+    def parse(text: str) -> tuple[str, float]:
+        pattern, sep, value = text.rpartition("=")
+        try:
+            if not sep or not pattern:
+                raise ValueError
+            return pattern, cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not REGEX={cast.__name__.upper()}") from None
+
+    return parse
+
+
 def _add_lora_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="LoRA target preset (default: the one for the model's architecture)")
     parser.add_argument("--targets", metavar="REGEX", help="LoRA targets: a regex matched in full against layer names")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     parser.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, so scaling 1)")
+    parser.add_argument(
+        "--rank-pattern", type=_pattern_value(int), action="append", default=[], metavar="REGEX=RANK",
+        help="another rank for the layers whose name ends in a match of REGEX (PEFT's rank_pattern); repeatable",
+    )
+    parser.add_argument(
+        "--alpha-pattern", type=_pattern_value(float), action="append", default=[], metavar="REGEX=ALPHA",
+        help="another alpha for the layers whose name ends in a match of REGEX (PEFT's alpha_pattern); repeatable",
+    )
+    parser.add_argument("--use-rslora", action="store_true", help="scaling alpha/sqrt(rank) instead of alpha/rank")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, metavar="P",
+                        help="dropout on the adapters' input while training (default: 0; above 0 the adapters run "
+                             "as a second path, the reference form)")
+
+
+def _lora_options(args: argparse.Namespace) -> dict:
+    """inject_lora's keyword arguments from the LoRA flags."""
+    return {
+        "preset": args.preset, "targets": args.targets, "rank": args.rank, "alpha": args.alpha,
+        "rank_pattern": dict(args.rank_pattern) or None, "alpha_pattern": dict(args.alpha_pattern) or None,
+        "use_rslora": args.use_rslora, "lora_dropout": args.lora_dropout,
+    }
 
 
 def _add_amp_flag(parser: argparse.ArgumentParser) -> None:
@@ -452,10 +488,10 @@ def _adapt(args: argparse.Namespace) -> int:
     if args.full_finetune:
         descriptor.model.requires_grad_(True)
     else:
-        preset = args.preset
-        if preset is None and args.targets is None:
-            preset = preset_for_architecture(descriptor.architecture.id)
-        summary = adaptsr.inject_lora(descriptor, preset=preset, targets=args.targets, rank=args.rank, alpha=args.alpha)
+        options = _lora_options(args)
+        if options["preset"] is None and options["targets"] is None:
+            options["preset"] = preset_for_architecture(descriptor.architecture.id)
+        summary = adaptsr.inject_lora(descriptor, **options)
         print(summary, flush=True)
 
     degradation = get_preset(args.degradation)
@@ -542,7 +578,7 @@ def _bench(args: argparse.Namespace) -> int:
     descriptor = _bench_model(args.model)
     backends = args.backends.split(",") if args.backends else None
     rows = bench_training_step(
-        descriptor, backends=backends, preset=args.preset, targets=args.targets, rank=args.rank, alpha=args.alpha,
+        descriptor, backends=backends, **_lora_options(args),
         full_finetune=not args.no_full_finetune, batch_size=args.batch_size, patch=args.patch, device=args.device,
         amp=args.amp, rounds=args.rounds, warmup=args.warmup,
     )

@@ -82,3 +82,36 @@ def test_adapt_full_finetune_baseline(setup):
     x = torch.rand(1, 3, 12, 12)
     with torch.no_grad():
         assert not torch.allclose(base(x), tuned(x))
+
+
+def test_adapt_peft_lora_options(setup):
+    """--rank-pattern, --alpha-pattern, --use-rslora and --lora-dropout reach the layers and the adapter files."""
+    from safetensors import safe_open
+
+    tmp_path, hr_dir, checkpoint = setup
+    run_dir = tmp_path / "patterns"
+    extra = ["--rank-pattern", r"conv1\.0=2", "--alpha-pattern", r"conv1\.0=8", "--use-rslora", "--lora-dropout", "0.1"]
+    assert main(_args(checkpoint, hr_dir, run_dir, *extra)) == 0
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is True and config["lora_dropout"] == 0.1
+    with safe_open(str(run_dir / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        ranks = {key: f.get_slice(key).get_shape()[0] for key in f.keys() if key.endswith("lora_A.weight")}
+    conv1 = {k: r for k, r in ranks.items() if ".conv1.0." in k}
+    assert conv1 and set(conv1.values()) == {2}
+    assert {r for k, r in ranks.items() if k not in conv1} == {4}
+    # the per-layer alpha and rsLoRA scaling survive the round trip into a fresh base
+    base = adaptsr.load_model(checkpoint)
+    adaptsr.load_adapter(base, run_dir / "adapter")
+    scalings = {name: layer.scaling for name, layer in adaptsr.lora_layers(base)}
+    for name, scaling in scalings.items():
+        assert scaling == pytest.approx(8 / 2**0.5 if name.endswith("conv1.0") else 4 / 4**0.5), name
+
+
+@pytest.mark.parametrize("flag, value", [("--rank-pattern", "conv1"), ("--rank-pattern", "conv1=two"),
+                                         ("--alpha-pattern", "=3")])
+def test_adapt_bad_pattern_is_a_usage_error(setup, capsys, flag, value):
+    tmp_path, hr_dir, checkpoint = setup
+    with pytest.raises(SystemExit) as exit_info:
+        main(_args(checkpoint, hr_dir, tmp_path / "run", flag, value))
+    assert exit_info.value.code == 2
+    assert f"{value!r} is not REGEX=" in capsys.readouterr().err
