@@ -96,6 +96,7 @@ def _add_amp_flag(parser: argparse.ArgumentParser) -> None:
 
 
 _PRECISIONS = ("fp32", "fp16", "bf16")
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch dtype names: torch loads lazily
 
 
 def _add_precision_flag(parser: argparse.ArgumentParser) -> None:
@@ -106,9 +107,9 @@ def _add_precision_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace, *, merge: bool = True):
+def _load(args: argparse.Namespace, *, merge: bool = True, precision: str = "fp32"):
     """The model (spandrel descriptor) with the adapter loaded and, by default, merged for speed, in
-    ``args.precision`` where the command has that flag."""
+    ``precision`` (one of ``_PRECISIONS``)."""
     import torch
 
     import adaptsr
@@ -121,7 +122,6 @@ def _load(args: argparse.Namespace, *, merge: bool = True):
             raise CommandError(f"adapter {args.adapter} does not fit model {args.model}: {err}") from err
         if merge:
             adaptsr.merge_lora(descriptor)
-    precision = getattr(args, "precision", "fp32")
     if precision != "fp32":
         # spandrel records per architecture whether it runs in 16 bits (some overflow or call fp32-only ops)
         supported = {"fp32": True, "fp16": descriptor.supports_half, "bf16": descriptor.supports_bfloat16}
@@ -129,7 +129,7 @@ def _load(args: argparse.Namespace, *, merge: bool = True):
             usable = " or ".join(name for name, ok in supported.items() if ok)
             raise CommandError(f"{descriptor.architecture.name} ({args.model}) does not run in {precision}: spandrel "
                                f"marks it unsupported; use --precision {usable}")
-        descriptor.to({"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
+        descriptor.to(getattr(torch, _DTYPES[precision]))
     return descriptor.to(args.device).eval()
 
 
@@ -235,7 +235,7 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = evaluate._check_names(args.metrics.split(","))  # unknown names fail before any work
     if args.pairs is not None:
         files = _paired_files(*args.pairs)
-        model = _load(args)
+        model = _load(args, precision=args.precision)
         dataset = ((name, read_image(lr), read_image(hr)) for name, lr, hr in files)
     else:
         if not args.degradation:
@@ -251,7 +251,7 @@ def _eval(args: argparse.Namespace) -> int:
                 "missing); evaluate on LR/HR pairs with --pairs LR_DIR HR_DIR"
             ) from None
         config = get_preset(args.degradation)  # unknown preset: ValueError naming the available ones
-        model = _load(args)
+        model = _load(args, precision=args.precision)
 
         def degrade_fn(hr, scale, generator):
             return degrade(hr, scale, config, generator)
@@ -366,7 +366,7 @@ def _upscale(args: argparse.Namespace) -> int:
     if len(set(stems)) != len(stems):
         dupes = sorted({s for s in stems if stems.count(s) > 1})
         raise CommandError(f"several inputs would write {dupes[0]}.png; rename them")
-    model = _load(args)
+    model = _load(args, precision=args.precision)
     for path in files:
         image = read_image(path).unsqueeze(0)
         result = upscale(model, image, tile=args.tile or None, overlap=args.overlap)
@@ -412,14 +412,18 @@ def add_upscale_command(subparsers) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    import torch
+
     import adaptsr
 
     out = Path(args.out)
     if out.suffix.lower() not in (".safetensors", ".pth"):
         raise CommandError(f"--out {out} must end in .safetensors or .pth")
     descriptor = _load(args, merge=False)
-    adaptsr.save_model(descriptor, out)  # merges a copy, writes atomically
-    print(f"wrote {out}: {descriptor.architecture.name} x{descriptor.scale} with the adapter merged in")
+    # merges a copy in fp32, then stores it in the precision asked for; writes atomically
+    adaptsr.save_model(descriptor, out, dtype=getattr(torch, _DTYPES[args.precision]))
+    print(f"wrote {out}: {descriptor.architecture.name} x{descriptor.scale} with the adapter merged in"
+          + ("" if args.precision == "fp32" else f", weights in {args.precision}"))
     return 0
 
 
@@ -435,6 +439,11 @@ def add_merge_command(subparsers) -> None:
     )
     _add_model_flags(p, adapter_required=True)
     p.add_argument("--out", required=True, metavar="FILE", help="output checkpoint, .safetensors or .pth")
+    p.add_argument(
+        "--precision", choices=_PRECISIONS, default="fp32",
+        help="store the merged floating-point weights in this precision (merged in fp32 first): fp16/bf16 halve "
+             "the file, and spandrel loads them into an fp32 model as usual (default: fp32)",
+    )
     p.set_defaults(func=_merge, device="cpu")
 
 

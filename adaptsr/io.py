@@ -76,10 +76,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     return descriptor.to(device).eval()
 
 
-def save_model(model, path: str | os.PathLike) -> None:
+def save_model(model, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
     """Write ``model`` (adapters merged in, if any) as a plain checkpoint spandrel opens as the same architecture.
 
-    ``.safetensors`` or ``.pth``; written atomically. The model passed in is not modified.
+    ``.safetensors`` or ``.pth``; written atomically. The model passed in is not modified. ``dtype``
+    (e.g. ``torch.float16``: half the file) stores the floating-point tensors in that type after
+    merging; integer buffers (Swin's relative position index) keep theirs.
     """
     path = Path(path)
     module = unwrap_model(model)
@@ -87,6 +89,8 @@ def save_model(model, path: str | os.PathLike) -> None:
         module = merge_lora(copy.deepcopy(module))
     # safetensors refuses shared storage; clones also drop views into larger buffers.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         atomic_write(path, lambda tmp: save_file(state, tmp))

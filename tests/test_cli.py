@@ -85,6 +85,33 @@ def test_merge(files, capsys, tmp_path):
         torch.testing.assert_close(upscale(merged, x), upscale(adapted, x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_merge_in_16_bits(files, capsys, tmp_path, precision, dtype):
+    """--precision stores the merged weights in 16 bits (merged in fp32 first); integer buffers keep their type."""
+    from safetensors.torch import load_file
+
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    # an adapter for the SwinIR checkpoint, so that the merge has something to fold in
+    swin = adaptsr.load_model(files / "swinir.pth")
+    adaptsr.inject_lora(swin, preset="swinir", rank=2, init_lora_weights=False)
+    adaptsr.save_adapter(swin, tmp_path / "swin-adapter")
+    for out, extra in ((full, []), (half, ["--precision", precision])):
+        code, _, err = _run(capsys, "merge", "--model", files / "swinir.pth", "--adapter", tmp_path / "swin-adapter",
+                            "--out", out, *extra)
+        assert code == 0, err
+    stored, reference = load_file(str(half)), load_file(str(full))
+    assert stored.keys() == reference.keys()
+    for key, tensor in stored.items():
+        if reference[key].is_floating_point():
+            assert tensor.dtype == dtype, key
+            torch.testing.assert_close(tensor, reference[key].to(dtype), rtol=0, atol=0)  # fp32 merge, then cast
+        else:
+            assert torch.equal(tensor, reference[key]), key  # e.g. relative_position_index
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    merged = adaptsr.load_model(half)  # spandrel opens it as the original architecture
+    assert merged.architecture.id == "SwinIR"
+
+
 def test_upscale_file_and_folder(files, capsys, tmp_path):
     code, out, err = _run(
         capsys,
