@@ -46,6 +46,7 @@ case "$*" in
   *get_device_capability*) echo 90 ;;
   "-m adaptsr bench"*) echo "| adaptsr bench table $* |" ;;
   *ptxas_report.py*) echo "| ptxas table |" ;;
+  *profile_layer.py*) echo "== conv: frozen $*" ;;
   *to_markdown.py*) echo "| benchmark table |" ;;
   *auto_choice.py*) echo "AUTO_ON_CUDA = {}" ;;
   *kernel_roofline.py*)
@@ -121,6 +122,15 @@ def test_tests_get_their_share_and_the_measurements_still_run(tmp_path):
     assert proc.returncode != 0, "tests cut short must fail the run"
     text = results.read_text()
     assert "3 passed, interrupted" in text and "roofline table" in text
+
+
+def test_the_profile_stage_on_request(tmp_path):
+    proc, results = _run(tmp_path, STAGES="profile", PROFILE_ARGS="--ops conv")
+    assert proc.returncode == 0, proc.stderr
+    text = results.read_text()
+    assert "## Kernel time per op and backend" in text and "profile_layer.py --ops conv" in text
+    proc, results = _run(tmp_path, STAGES="roofline")
+    assert "Kernel time per op" not in results.read_text()  # not a default stage
 
 
 def test_stages_select_what_runs(tmp_path):

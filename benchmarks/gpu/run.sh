@@ -18,7 +18,9 @@
 #   - STAGES (default "build tests roofline model bench", run in that order; "ptxas" also exists,
 #     which CI already runs for sm_90 on the CPU). "model" is `adaptsr bench` on the bundled SwinIR:
 #     the whole training step per backend, as a user would time it (MODEL_ARGS: its flags, default
-#     "--batch-size 16 --patch 48 --rounds 10").
+#     "--batch-size 16 --patch 48 --rounds 10"). "profile" (not in the default) is
+#     benchmarks/gpu/profile_layer.py: the kernels a conv, linear and attention step spend their time
+#     in, per backend (PROFILE_ARGS: its flags), for the call after a missed target.
 #   - TEST_PATHS (default: the test files that exercise the GPU: tests/ops, the extension's tests,
 #     the backend table; the rest of tests/ is CPU-only and runs in CI); TEST_PATHS=tests for all.
 #     TEST_WORKERS (default 4 where pytest-xdist is installed): test processes, which compile the
@@ -131,6 +133,12 @@ write_results() {
         echo "## \"auto\" per op (benchmarks/gpu/auto_choice.py; copy the dict into adaptsr/backend.py)"
         echo
         section "$raw/auto.md" "$raw/bench.log"
+        if run_stage profile; then
+            echo
+            echo "## Kernel time per op and backend (benchmarks/gpu/profile_layer.py)"
+            echo
+            section "$raw/profile.md" "$raw/profile.log"
+        fi
         if run_stage ptxas; then
             echo
             echo "## Triton kernels: registers and spills (benchmarks/gpu/ptxas_report.py)"
@@ -197,7 +205,15 @@ if run_stage bench; then
     write_results
 fi
 
-# 6. Register spills and shared memory of every Triton kernel for this card's architecture.
+# 6. Kernel time per op and backend (torch.profiler), where a target was missed.
+if run_stage profile; then
+    eval "set -- ${PROFILE_ARGS:-}"
+    within profile $py benchmarks/gpu/profile_layer.py "$@" > "$raw/profile.txt" 2> "$raw/profile.log"
+    if [ -s "$raw/profile.txt" ]; then { echo '```'; cat "$raw/profile.txt"; echo '```'; } > "$raw/profile.md"; fi
+    write_results
+fi
+
+# 7. Register spills and shared memory of every Triton kernel for this card's architecture.
 if run_stage ptxas; then
     arch=$($py -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')
     within ptxas $py benchmarks/gpu/ptxas_report.py --archs "$arch" > "$raw/ptxas.md" 2> "$raw/ptxas.log"
