@@ -118,6 +118,12 @@ def saved_activation_bytes(
     return sum(seen.values())
 
 
+def _fresh_input(lr: torch.Tensor) -> torch.Tensor:
+    """The step's input: a copy of the batch (some models, such as spandrel's RCAN, write into their input),
+    through which the gradient still reaches ``lr``."""
+    return lr.clone()
+
+
 class _Method:
     """A model copy, its optimizer and the backend its steps run under."""
 
@@ -130,7 +136,7 @@ class _Method:
     def step(self, lr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> None:
         lr.grad = None
         with set_backend(self.backend or "auto"):
-            loss = _training_loss(self.module, lr, hr, use_bf16)
+            loss = _training_loss(self.module, _fresh_input(lr), hr, use_bf16)
             if self.optimizer is None:  # frozen: the backward alone, down to the input
                 loss.backward()
             else:
@@ -146,7 +152,8 @@ class _Method:
     def saved_bytes(self, lr, hr, use_bf16: bool) -> int:
         lr.grad = None
         with set_backend(self.backend or "auto"):
-            saved = saved_activation_bytes(lambda: _training_loss(self.module, lr, hr, use_bf16), None, self.module)
+            saved = saved_activation_bytes(lambda: _training_loss(self.module, _fresh_input(lr), hr, use_bf16), None,
+                                           self.module)
         for p in self.params.values():
             p.grad = None
         return saved

@@ -131,3 +131,13 @@ def test_bad_input_one_line(argv, message, capsys, tmp_path):
     assert code == 1
     assert err.startswith("adaptsr bench: error: ") and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["swinir", "hat", "esrgan", "rcan"])
+def test_every_preset_architecture(arch, tiny_sr, tmp_path):
+    """Each architecture with a preset, RCAN included (its forward writes into its input)."""
+    adaptsr.save_model(getattr(tiny_sr, arch)(), tmp_path / "model.safetensors")
+    descriptor = adaptsr.load_model(tmp_path / "model.safetensors")
+    rows = bench_training_step(descriptor, backends=["torch"], **TINY)
+    probe = adaptsr.load_model(tmp_path / "model.safetensors")
+    assert rows[-1].trainable_params == adaptsr.inject_lora(probe, preset=arch, rank=8).trainable_params
