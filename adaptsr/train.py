@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from adaptsr.adapter import save_adapter
+from adaptsr.infer import _run
 from adaptsr.inject import lora_layers, unwrap_model
 from adaptsr.io import atomic_write, save_model
 
@@ -134,7 +135,7 @@ def _super_resolve(module: nn.Module, val_set, device: torch.device) -> list[tup
     triples = []
     for i in range(len(val_set)):
         lr, hr = val_set[i][:2]
-        sr = module(lr[None].to(device)).clamp(0, 1)[0].float().cpu()
+        sr = _run(module, lr[None].to(device)).clamp(0, 1)[0].float().cpu()  # on a copy: RCAN writes into its input
         triples.append((lr, sr, hr))
     module.train(was_training)
     return triples

@@ -155,3 +155,17 @@ def test_schedule_shape():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))  # non-increasing after warm-up
     assert factors[-1] > config.min_lr_ratio and _lr_factor(100, config) == pytest.approx(config.min_lr_ratio)
+
+
+def test_validation_leaves_the_images_alone(tiny_sr):
+    """A model that writes into its input (spandrel's RCAN scales it by 255 in place) runs on a copy: the
+    validation images, and the LR panel of the comparison picture, stay as they were."""
+    from adaptsr.train import _super_resolve
+
+    torch.manual_seed(0)
+    val_set = [(torch.rand(3, 8, 8), torch.rand(3, 16, 16)) for _ in range(2)]
+    originals = [(lr.clone(), hr.clone()) for lr, hr in val_set]
+    triples = _super_resolve(tiny_sr.rcan(), val_set, torch.device("cpu"))
+    for (lr, hr), (lr0, hr0), (lr_out, sr, _) in zip(val_set, originals, triples):
+        assert torch.equal(lr, lr0) and torch.equal(hr, hr0) and torch.equal(lr_out, lr0)
+        assert sr.shape == (3, 16, 16)
