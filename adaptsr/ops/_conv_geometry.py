@@ -80,6 +80,33 @@ class ConvGeometry:
             return x
         return F.pad(x, self.pads, mode=_F_PAD_MODE[self.padding_mode])
 
+    def unpad_grad(self, grad_padded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The adjoint of ``pad_input``: the gradient of x from that of the padded input (border gradients
+        folded back onto the pixels they were copied from).
+
+        Written out rather than through autograd.grad of the pad, which torch.compile cannot trace inside
+        a backward: the aten backward kernels of reflect and replicate padding (those F.pad's own
+        backward runs), slicing for zeros, and the wrapped sums for circular padding.
+        """
+        if not self.prepad:
+            return grad_padded
+        left, right, top, bottom = self.pads
+        mode = self.padding_mode
+        if mode == "reflect":
+            return torch.ops.aten.reflection_pad2d_backward(grad_padded, x, list(self.pads))
+        if mode == "replicate":
+            return torch.ops.aten.replication_pad2d_backward(grad_padded, x, list(self.pads))
+        height, width = x.shape[-2:]
+        if mode == "circular":
+            # padded row i holds row (i - top) mod H: sum the rows onto their source, then the columns
+            rows = torch.arange(-top, height + bottom, device=x.device) % height
+            cols = torch.arange(-left, width + right, device=x.device) % width
+            folded = grad_padded.new_zeros(*grad_padded.shape[:-2], height, grad_padded.shape[-1])
+            folded.index_add_(-2, rows, grad_padded)
+            out = grad_padded.new_zeros(x.shape)
+            return out.index_add_(-1, cols, folded)
+        return grad_padded[..., top:top + height, left:left + width]  # zeros: asymmetric 'same'
+
     def conv(self, x_padded: torch.Tensor, weight: torch.Tensor, bias=None, groups: int | None = None) -> torch.Tensor:
         """F.conv2d of an already pre-padded input (see ``pad_input``) with this geometry."""
         return F.conv2d(

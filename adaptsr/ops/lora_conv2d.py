@@ -277,37 +277,32 @@ class _LoRAConv2dFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dy = dy.contiguous(memory_format=memory_format_of(x))
 
-        # Non-zero padding modes: rebuild the padded input, and keep the graph of the pad so
-        # its adjoint folds the border gradients back into dx.
-        x_leaf = x_padded = x
-        if geometry.prepad:
-            x_leaf = x.detach().requires_grad_(need_x)
-            with torch.enable_grad():
-                x_padded = geometry.pad_input(x_leaf)
+        # Non-zero padding modes: the padded input again (the pad's adjoint, unpad_grad, folds the border
+        # gradients back into dx).
+        x_padded = geometry.pad_input(x)
 
         low_rank = ctx.low_rank
         want_full_wgrad = need_w or ((need_a or need_bb) and not low_rank)
         grad_xp, grad_w_merged, grad_bias = torch.ops.aten.convolution_backward(
-            dy, x_padded.detach(), w_merged, [w_merged.shape[0]] if ctx.has_bias else None,
+            dy, x_padded, w_merged, [w_merged.shape[0]] if ctx.has_bias else None,
             geometry.stride, geometry.conv_padding, geometry.dilation, False, [0, 0], geometry.groups,
             [need_x, want_full_wgrad, need_b and ctx.has_bias],
         )
 
         grad_x = None
         if need_x:
-            grad_x = torch.autograd.grad(x_padded, x_leaf, grad_xp)[0] if geometry.prepad else grad_xp
+            grad_x = geometry.unpad_grad(grad_xp, x)
 
         grad_a = grad_b = None
         if need_a or need_bb:
             if low_rank:
                 # Looked up at call time (module globals), so tests can wrap each pass.
-                x_detached = x_padded.detach()
                 if ctx.impl == "cuda":
-                    grad_a, grad_b = _cuda_low_rank_grads(x_detached, dy, lora_A, lora_B, scaling, geometry)
+                    grad_a, grad_b = _cuda_low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry)
                 elif ctx.impl == "triton":
-                    grad_a, grad_b = _fused_low_rank_grads(x_detached, dy, lora_A, lora_B, scaling, geometry, z)
+                    grad_a, grad_b = _fused_low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry, z)
                 else:
-                    grad_a, grad_b = _low_rank_grads(x_detached, dy, lora_A, lora_B, scaling, geometry)
+                    grad_a, grad_b = _low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry)
             else:
                 grad_a, grad_b = _full_wgrad_to_lora(grad_w_merged, lora_A, lora_B, scaling)
             grad_a, grad_b = grad_a.to(lora_A.dtype), grad_b.to(lora_B.dtype)

@@ -179,10 +179,11 @@ def _fold_windows(t: torch.Tensor, groups: int, padded_dim: int, scale: float = 
     flat = out.view(batch_windows, heads, n, padded_dim)
     if padded_dim > d:
         flat[..., d:].zero_()
-    if scale == 1.0:
-        flat[..., :d].copy_(t)
-    else:
-        torch.mul(t, scale, out=flat[..., :d])
+    flat[..., :d].copy_(t)
+    if scale != 1.0:
+        # in place on the view, not torch.mul(out=the view): torch.compile breaks its graph at an out= that
+        # is not contiguous
+        flat[..., :d].mul_(scale)
     return out
 
 
