@@ -32,20 +32,27 @@ def _conv_and_linear_model() -> nn.Module:
     return Block()
 
 
-def _models(tiny_sr):
-    return {"conv+linear": (_conv_and_linear_model(), r"conv|grouped|mlp\.\d", torch.randn(2, 6, 8, 8)),
-            "swinir": (tiny_sr.swinir(), None, torch.rand(1, 3, 16, 16))}
+def _adapted(name: str, tiny_sr) -> tuple[nn.Module, torch.Tensor]:
+    """The model with LoRA, and an input."""
+    if name == "conv+linear":
+        model = _conv_and_linear_model()
+        adaptsr.inject_lora(model, targets=r"conv|grouped|mlp\.\d", rank=2, init_lora_weights=False)
+        return model, torch.randn(2, 6, 8, 8)
+    arch = name.removesuffix("-shifted")
+    model = getattr(tiny_sr, arch)()
+    adaptsr.inject_lora(model, preset=arch, rank=2, init_lora_weights=False)
+    if name.endswith("-shifted"):  # the block-level op on the un-partitioned map
+        from adaptsr.nn.swin_block import enable_shifted_window_attention
+
+        enable_shifted_window_attention(model)
+    return model, torch.rand(1, 3, 16, 16)
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-@pytest.mark.parametrize("name", ["conv+linear", "swinir"])
+@pytest.mark.parametrize("name", ["conv+linear", "swinir", "swinir-shifted", "hat"])
 def test_compiles_without_graph_breaks(tiny_sr, name, backend):
     torch.manual_seed(0)
-    model, targets, x = _models(tiny_sr)[name]
-    if targets is None:
-        adaptsr.inject_lora(model, preset="swinir", rank=2, init_lora_weights=False)
-    else:
-        adaptsr.inject_lora(model, targets=targets, rank=2, init_lora_weights=False)
+    model, x = _adapted(name, tiny_sr)
     x.requires_grad_(True)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
