@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from adaptsr.nn import LoRAConv2d, LoRALayer, LoRALinear, LoRAWindowAttention
@@ -34,6 +35,31 @@ class LoRASummary:
             f"LoRA on {len(self.layers)} layers: {self.trainable_params:,} trainable of "
             f"{self.total_params:,} parameters ({100 * self.trainable_share:.2f}%)"
         )
+
+
+# The attribute holding the forward pre-hook of _input_requires_grad, so that merge_lora can remove it.
+_INPUT_GRAD_HOOK = "_adaptsr_input_grad_hook"
+
+
+def _checkpointed(module: nn.Module) -> bool:
+    """Whether a block of ``module`` runs under activation checkpointing: spandrel's SwinIR and HAT layers
+    with ``use_checkpoint=True`` call torch's reentrant ``checkpoint``."""
+    return any(getattr(m, "use_checkpoint", False) is True for m in module.modules())
+
+
+def _input_requires_grad(module: nn.Module, args: tuple):
+    """Forward pre-hook: in a training forward of a checkpointed model, its input as a leaf that requires grad.
+
+    Reentrant checkpointing gives a block's parameters gradients only when the block's input requires
+    grad. Behind a frozen stem (SwinIR's conv_first) it does not, and the adapters inside would silently
+    get none (PEFT's models need ``enable_input_require_grads`` for the same reason). The cost is the
+    stem's input gradient, computed and dropped.
+    """
+    if not (args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point()):
+        return None
+    if args[0].requires_grad or not torch.is_grad_enabled() or not _checkpointed(module):
+        return None
+    return (args[0].detach().requires_grad_(True), *args[1:])
 
 
 def unwrap_model(model) -> nn.Module:
@@ -186,6 +212,8 @@ def inject_lora(
 
     summary.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     summary.total_params = sum(p.numel() for p in module.parameters())
+    if getattr(module, _INPUT_GRAD_HOOK, None) is None:  # active only while a block is checkpointed
+        setattr(module, _INPUT_GRAD_HOOK, module.register_forward_pre_hook(_input_requires_grad))
     return summary
 
 
@@ -206,6 +234,10 @@ def merge_lora(model, *, unload: bool = True):
             _set_submodule(module, name, layer.to_dense())
         else:
             layer.merge()
+    hook = getattr(module, _INPUT_GRAD_HOOK, None)
+    if unload and hook is not None:  # the original model again, hooks included
+        hook.remove()
+        delattr(module, _INPUT_GRAD_HOOK)
     return model
 
 

@@ -468,3 +468,26 @@ def test_failed_first_save_leaves_no_file(tmp_path, monkeypatch, tiny_sr):
     with pytest.raises(OSError, match="disk full"):
         adaptsr.save_model(tiny_sr.rcan(), tmp_path / "model.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arch", ["swinir", "hat"])
+def test_adapters_train_inside_checkpointed_blocks(arch, tiny_sr):
+    """spandrel's use_checkpoint=True runs each Swin block under torch's reentrant checkpoint, which gives
+    a block's parameters gradients only when its input requires grad; behind the frozen stem it would not.
+    Every adapter gets the gradient it gets without checkpointing, and the merged model has no hook left."""
+    grads = {}
+    for use_checkpoint in (False, True):
+        model = getattr(tiny_sr, arch)(use_checkpoint=use_checkpoint)
+        adaptsr.inject_lora(model, preset=arch, rank=2, init_lora_weights=False)
+        x = torch.rand(1, 3, 16, 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch asks checkpoint's callers to choose use_reentrant
+            model(x).square().sum().backward()
+        assert not x.requires_grad  # the caller's input is left alone
+        grads[use_checkpoint] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads[True].values()), [n for n, g in grads[True].items() if g is None][:3]
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+    adaptsr.merge_lora(model)
+    assert not model._forward_pre_hooks and not hasattr(model, "_adaptsr_input_grad_hook")
