@@ -471,6 +471,9 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created; reused with --resume)")
     _add_lora_flags(p)
     p.add_argument("--full-finetune", action="store_true", help="train every weight instead of adapters (baseline)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="recompute each Swin block's activations in the backward instead of keeping them (spandrel's "
+                        "use_checkpoint, SwinIR and HAT): less memory for a slower step")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch size, split over processes (default: 8)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
@@ -479,13 +482,16 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
     p.add_argument("--val-every", type=int, default=0, help="steps between validations (default: only at the end)")
     _add_amp_flag(p)
-    p.add_argument("--seed", type=int, default=0, help="seed for crops, degradations and batches (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the adapters' initialisation, crops, degradations and batches (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=_adapt)
 
 
 def _adapt(args: argparse.Namespace) -> int:
+    import torch
+
     import adaptsr
     from adaptsr.data import degrade, get_preset
     from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFolderDataset
@@ -500,8 +506,17 @@ def _adapt(args: argparse.Namespace) -> int:
         options = _lora_options(args)
         if options["preset"] is None and options["targets"] is None:
             options["preset"] = preset_for_architecture(descriptor.architecture.id)
+        torch.manual_seed(args.seed)  # the adapters' initial A: the same --seed, the same run
         summary = adaptsr.inject_lora(descriptor, **options)
         print(summary, flush=True)
+
+    if args.checkpointing:
+        blocks = [m for m in descriptor.model.modules() if hasattr(m, "use_checkpoint")]
+        if not blocks:
+            raise ValueError(f"--checkpointing: {descriptor.architecture.name} has no checkpointable blocks "
+                             "(spandrel's use_checkpoint exists for SwinIR and HAT)")
+        for block in blocks:
+            block.use_checkpoint = True
 
     degradation = get_preset(args.degradation)
 

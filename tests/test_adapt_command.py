@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -115,3 +116,29 @@ def test_adapt_bad_pattern_is_a_usage_error(setup, capsys, flag, value):
         main(_args(checkpoint, hr_dir, tmp_path / "run", flag, value))
     assert exit_info.value.code == 2
     assert f"{value!r} is not REGEX=" in capsys.readouterr().err
+
+
+def test_adapt_with_checkpointing_trains_the_same_adapter(setup, tiny_sr):
+    """--checkpointing recomputes the Swin blocks in the backward: the same adapter as without it."""
+    from safetensors.torch import load_file
+
+    tmp_path, hr_dir, _ = setup
+    checkpoint = tmp_path / "swinir.safetensors"
+    adaptsr.save_model(tiny_sr.swinir(), checkpoint)
+    adapters = []
+    for extra in ([], ["--checkpointing"]):
+        run_dir = tmp_path / f"swin{len(extra)}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch asks checkpoint's callers to choose use_reentrant
+            assert main(_args(checkpoint, hr_dir, run_dir, "--steps", "3", *extra)) == 0
+        adapters.append(load_file(str(run_dir / "adapter" / "adapter_model.safetensors")))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert any(key.endswith("lora_B.weight") and v.abs().max() > 0 for key, v in adapters[1].items())  # it trained
+    for key, value in adapters[0].items():
+        torch.testing.assert_close(adapters[1][key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_checkpointing_needs_checkpointable_blocks(setup, capsys):
+    tmp_path, hr_dir, checkpoint = setup
+    assert main(_args(checkpoint, hr_dir, tmp_path / "run", "--checkpointing")) == 1
+    assert "--checkpointing: ESRGAN has no checkpointable blocks" in capsys.readouterr().err
