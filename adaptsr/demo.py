@@ -77,6 +77,7 @@ def run_demo(
     bicubic = _bicubic_scores(val_set)
     base = evaluate_pairs(model=descriptor, dataset=val_set, metrics=("psnr", "ssim"), device=device)["mean"]
 
+    torch.manual_seed(seed)  # the adapters' initial A
     summary = adaptsr.inject_lora(descriptor, preset=model if model != "rrdb" else "esrgan", rank=rank)
     print(summary, flush=True)
     train_set = HRFolderDataset(write_photos(TRAIN, out / "photos"), SCALE, 8 if quick else 32, degrade_fn,
