@@ -449,6 +449,9 @@ def add_merge_command(subparsers) -> None:
 
 # -- adapt --
 
+# The architectures whose spandrel forward runs torch's checkpoint where use_checkpoint is set.
+_CHECKPOINTING_ARCHITECTURES = ("SwinIR",)
+
 
 def add_adapt_command(subparsers) -> None:
     p = subparsers.add_parser(
@@ -473,7 +476,7 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--full-finetune", action="store_true", help="train every weight instead of adapters (baseline)")
     p.add_argument("--checkpointing", action="store_true",
                    help="recompute each Swin block's activations in the backward instead of keeping them (spandrel's "
-                        "use_checkpoint, SwinIR and HAT): less memory for a slower step")
+                        "use_checkpoint; SwinIR): less memory for a slower step")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch size, split over processes (default: 8)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
@@ -511,12 +514,15 @@ def _adapt(args: argparse.Namespace) -> int:
         print(summary, flush=True)
 
     if args.checkpointing:
-        blocks = [m for m in descriptor.model.modules() if hasattr(m, "use_checkpoint")]
-        if not blocks:
-            raise ValueError(f"--checkpointing: {descriptor.architecture.name} has no checkpointable blocks "
-                             "(spandrel's use_checkpoint exists for SwinIR and HAT)")
-        for block in blocks:
-            block.use_checkpoint = True
+        # spandrel's HAT (and others) carry a use_checkpoint flag that their forward ignores: only the
+        # architectures listed here checkpoint when it is set, and the flag must not promise memory it does not save.
+        if descriptor.architecture.id not in _CHECKPOINTING_ARCHITECTURES:
+            supported = ", ".join(_CHECKPOINTING_ARCHITECTURES)
+            raise ValueError(f"--checkpointing: spandrel checkpoints the blocks of {supported} only, "
+                             f"not {descriptor.architecture.name}")
+        for block in descriptor.model.modules():
+            if hasattr(block, "use_checkpoint"):
+                block.use_checkpoint = True
 
     degradation = get_preset(args.degradation)
 
@@ -543,7 +549,8 @@ def _adapt(args: argparse.Namespace) -> int:
     metrics = adapt(descriptor, train_set, args.out, config, val_set=val_set, resume=args.resume, device=args.device)
     val = metrics["val"][-1] if metrics["val"] else None
     psnr = f", validation PSNR {val['psnr']:.2f} dB / SSIM {val['ssim']:.4f} (Y)" if val else ""
-    print(f"adapted in {metrics['train_seconds']:.0f} s, final loss {metrics['final_loss']:.4f}{psnr}; wrote {args.out}")
+    print(f"adapted in {metrics['train_seconds']:.0f} s, final loss {metrics['final_loss']:.4f}{psnr}; "
+          f"wrote {args.out}")
     return 0
 
 
@@ -562,7 +569,8 @@ def add_bench_command(subparsers) -> None:
         ),
     )
     p.add_argument("--model", default="swinir", metavar="CKPT",
-                   help="checkpoint (.safetensors/.pth) spandrel loads, or a bundled model: swinir, rrdb (default: swinir)")
+                   help="checkpoint (.safetensors/.pth) spandrel loads, or a bundled model: swinir, rrdb "
+                        "(default: swinir)")
     p.add_argument("--backends", metavar="LIST",
                    help="comma-separated adaptsr backends for the LoRA rows (default: torch, plus triton and cuda "
                         "where they run on --device)")
@@ -587,7 +595,9 @@ def _bench_model(name_or_path: str):
         try:
             path = bundled_model_path(name_or_path)
         except ValueError as err:
-            raise CommandError(f"--model {name_or_path} is neither a checkpoint file nor a bundled model: {err}") from err
+            raise CommandError(
+                f"--model {name_or_path} is neither a checkpoint file nor a bundled model: {err}"
+            ) from err
     return adaptsr.load_model(path)
 
 

@@ -42,8 +42,8 @@ _INPUT_GRAD_HOOK = "_adaptsr_input_grad_hook"
 
 
 def _checkpointed(module: nn.Module) -> bool:
-    """Whether a block of ``module`` runs under activation checkpointing: spandrel's SwinIR and HAT layers
-    with ``use_checkpoint=True`` call torch's reentrant ``checkpoint``."""
+    """Whether a block of ``module`` may run under activation checkpointing: spandrel's SwinIR layers with
+    ``use_checkpoint=True`` call torch's reentrant ``checkpoint`` (HAT's carry the flag and ignore it)."""
     return any(getattr(m, "use_checkpoint", False) is True for m in module.modules())
 
 

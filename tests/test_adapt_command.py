@@ -138,7 +138,12 @@ def test_adapt_with_checkpointing_trains_the_same_adapter(setup, tiny_sr):
         torch.testing.assert_close(adapters[1][key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
 
 
-def test_checkpointing_needs_checkpointable_blocks(setup, capsys):
-    tmp_path, hr_dir, checkpoint = setup
+@pytest.mark.parametrize("arch", ["esrgan", "hat"])
+def test_checkpointing_only_where_spandrel_checkpoints(setup, capsys, tiny_sr, arch):
+    """ESRGAN has no such blocks; spandrel's HAT has the use_checkpoint flag but its forward ignores it."""
+    tmp_path, hr_dir, _ = setup
+    checkpoint = tmp_path / f"{arch}.safetensors"
+    adaptsr.save_model(getattr(tiny_sr, arch)(), checkpoint)
     assert main(_args(checkpoint, hr_dir, tmp_path / "run", "--checkpointing")) == 1
-    assert "--checkpointing: ESRGAN has no checkpointable blocks" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--checkpointing: spandrel checkpoints the blocks of SwinIR only, not " in err and err.count("\n") == 1

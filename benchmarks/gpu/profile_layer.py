@@ -28,7 +28,8 @@ STEPS = 5
 
 def _conv_layers(device, dtype, smoke: bool):
     batch, channels, size = (2, 8, 16) if smoke else (16, 64, 128)
-    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
     base = torch.nn.Conv2d(channels, channels, 3, padding=1).to(device, dtype).to(memory_format=torch.channels_last)
     return x.requires_grad_(True), base, adaptsr.LoRAConv2d(base_layer=base, rank=8, init_lora_weights=False)
 
@@ -73,13 +74,18 @@ def _steps(op: str, backend: str | None, device, dtype, smoke: bool):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default="conv,linear,attention", help="comma-separated: conv, linear, attention")
-    parser.add_argument("--backends", default="torch,triton,cuda", help="comma-separated; those not available are skipped")
+    parser.add_argument("--backends", default="torch,triton,cuda",
+                        help="comma-separated; those not available are skipped")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    activity, column = (ProfilerActivity.CPU, "cpu_time_total") if args.smoke else (ProfilerActivity.CUDA, "cuda_time_total")
-    backends = [b for b in args.backends.split(",") if b in ("torch", "reference") or (is_available(b) and not args.smoke)]
+    if args.smoke:
+        activity, column = ProfilerActivity.CPU, "cpu_time_total"
+    else:
+        activity, column = ProfilerActivity.CUDA, "cuda_time_total"
+    backends = [b for b in args.backends.split(",")
+                if b in ("torch", "reference") or (is_available(b) and not args.smoke)]
     for op in args.ops.split(","):
         # the attention core has no frozen form: its "frozen" row is the torch backend's
         for backend in ([] if op == "attention" else [None]) + backends:
@@ -93,7 +99,10 @@ def main(argv: list[str] | None = None) -> None:
                     step()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-            label = "frozen" if backend is None else f"backend {backend}" if op == "attention" else f"LoRA, backend {backend}"
+            if backend is None:
+                label = "frozen"
+            else:
+                label = f"backend {backend}" if op == "attention" else f"LoRA, backend {backend}"
             print(f"== {op}: {label}, {STEPS} steps of forward + backward, {str(dtype).removeprefix('torch.')}")
             print(prof.key_averages().table(sort_by=column, row_limit=10, max_name_column_width=70))
             sys.stdout.flush()
