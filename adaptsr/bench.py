@@ -9,8 +9,8 @@ least that work.
 
 The methods are timed in interleaved rounds (frozen, full, LoRA..., frozen, ...), so load that
 drifts while the benchmark runs (a shared machine, a GPU warming up) hits every method alike; the
-table gives medians and their ratio to the frozen median. On CUDA it also gives each method's peak
-memory over one step.
+table gives medians and their ratio to the frozen median, the activation memory autograd keeps
+for each method's backward and, on CUDA, its peak memory over one step.
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ from torch import nn
 from adaptsr.backend import BACKENDS, _unavailable_reason, is_available, set_backend
 from adaptsr.inject import inject_lora
 from adaptsr.presets import preset_for_architecture
-from adaptsr.train import _apply_gradients, _training_loss
+from adaptsr.train import TrainConfig, _apply_gradients, _training_loss
 
 __all__ = [
     "StepTime", "bench_training_step", "default_backends", "format_bench_table", "rows_as_dicts",
     "saved_activation_bytes",
 ]
 
-# Matches TrainConfig's defaults, so the timed step is the step ``adapt`` runs.
-_LR, _GRAD_CLIP = 2e-4, 1.0
+# adapt's defaults (learning rate, clipping), so the timed step is the step ``adapt`` runs.
+_TRAIN = TrainConfig()
 
 
 @dataclass
@@ -130,7 +130,8 @@ class _Method:
     def __init__(self, method: str, module: nn.Module, backend: str | None) -> None:
         self.method, self.module, self.backend = method, module, backend
         self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=_LR) if self.params else None
+        self.optimizer = (torch.optim.AdamW(self.params.values(), lr=_TRAIN.lr, weight_decay=_TRAIN.weight_decay)
+                          if self.params else None)
         self.times: list[float] = []
 
     def step(self, lr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> None:
@@ -140,7 +141,7 @@ class _Method:
             if self.optimizer is None:  # frozen: the backward alone, down to the input
                 loss.backward()
             else:
-                _apply_gradients(loss, self.params, self.optimizer, _GRAD_CLIP)
+                _apply_gradients(loss, self.params, self.optimizer, _TRAIN.grad_clip)
 
     def timed_step(self, lr, hr, use_bf16: bool, device: torch.device) -> None:
         _sync(device)
