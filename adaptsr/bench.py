@@ -10,7 +10,7 @@ least that work.
 The methods are timed in interleaved rounds (frozen, full, LoRA..., frozen, ...), so load that
 drifts while the benchmark runs (a shared machine, a GPU warming up) hits every method alike; the
 table gives medians and their ratio to the frozen median, the activation memory autograd keeps
-for each method's backward and, on CUDA, its peak memory over one step.
+for each method's backward and, on CUDA, the peak memory its step allocates.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ class StepTime:
     median_ms: float
     ratio_to_frozen: float
     saved_activation_bytes: int  # what autograd keeps for the backward in one step (parameters excluded)
-    peak_memory_bytes: int | None  # on CUDA: torch.cuda.max_memory_allocated over one step
+    # on CUDA: the peak memory one step allocates beyond what stays resident (every method's weights, its
+    # optimizer state), so that the methods, all resident at once, compare like with like
+    peak_memory_bytes: int | None
 
     @property
     def label(self) -> str:
@@ -164,9 +166,10 @@ class _Method:
             return None
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
         self.step(lr, hr, use_bf16)
         _sync(device)
-        return torch.cuda.max_memory_allocated(device)
+        return torch.cuda.max_memory_allocated(device) - resident
 
 
 def bench_training_step(
