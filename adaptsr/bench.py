@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from adaptsr.backend import BACKENDS, _unavailable_reason, is_available, set_backend
+from adaptsr.backend import _unavailable_reason, _validate, is_available, set_backend
 from adaptsr.inject import inject_lora
 from adaptsr.presets import preset_for_architecture
-from adaptsr.train import TrainConfig, _apply_gradients, _training_loss
+from adaptsr.train import TrainConfig, _apply_gradients, _training_loss, _uses_bf16
 
 __all__ = [
     "StepTime", "bench_training_step", "default_backends", "format_bench_table", "rows_as_dicts",
@@ -68,9 +68,7 @@ def default_backends(device: str | torch.device) -> list[str]:
 def _check_backends(backends: list[str], device: torch.device) -> list[str]:
     names = []
     for name in backends:
-        name = name.strip().lower()
-        if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+        name = _validate(name)  # an unknown name: ValueError listing the backends
         if name in ("triton", "cuda") and not is_available(name):
             raise ValueError(f"backend {name!r} is not available here: {_unavailable_reason(name)}")
         if name == "cuda" and device.type != "cuda":
@@ -136,10 +134,13 @@ class _Method:
                           if self.params else None)
         self.times: list[float] = []
 
+    def _loss(self, lr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> torch.Tensor:
+        return _training_loss(self.module, _fresh_input(lr), hr, use_bf16)
+
     def step(self, lr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> None:
         lr.grad = None
         with set_backend(self.backend or "auto"):
-            loss = _training_loss(self.module, _fresh_input(lr), hr, use_bf16)
+            loss = self._loss(lr, hr, use_bf16)
             if self.optimizer is None:  # frozen: the backward alone, down to the input
                 loss.backward()
             else:
@@ -155,8 +156,7 @@ class _Method:
     def saved_bytes(self, lr, hr, use_bf16: bool) -> int:
         lr.grad = None
         with set_backend(self.backend or "auto"):
-            saved = saved_activation_bytes(lambda: _training_loss(self.module, _fresh_input(lr), hr, use_bf16), None,
-                                           self.module)
+            saved = saved_activation_bytes(lambda: self._loss(lr, hr, use_bf16), None, self.module)
         for p in self.params.values():
             p.grad = None
         return saved
@@ -193,22 +193,19 @@ def bench_training_step(
     """Time one training step of each method on ``descriptor`` (a spandrel model, left unchanged).
 
     Rows: frozen, full fine-tuning (unless ``full_finetune=False``), then LoRA (``preset`` or
-    ``targets``, ``rank``, ``alpha`` and any other ``lora_options`` as for ``inject_lora``; by default
-    the architecture's preset)
-    under each of ``backends``
-    (default: ``default_backends(device)``). ``amp`` is TrainConfig's: "auto" (bf16 on CUDA),
-    "bf16" or "off". Medians over ``rounds`` interleaved rounds, after ``warmup`` untimed steps
-    each (compilation, autotuning, allocator growth).
+    ``targets``, ``rank``, ``alpha`` and any other ``lora_options`` as for ``inject_lora``; by
+    default the architecture's preset) under each of ``backends`` (default:
+    ``default_backends(device)``). ``amp`` is TrainConfig's: "auto" (bf16 on CUDA), "bf16" or "off".
+    Medians over ``rounds`` interleaved rounds, after ``warmup`` untimed steps each (compilation,
+    autotuning, allocator growth).
     """
     device = torch.device(device)
-    if amp not in ("auto", "bf16", "off"):
-        raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
+    use_bf16 = _uses_bf16(amp, device.type)
     if batch_size < 1 or rounds < 1 or warmup < 0:
         raise ValueError(f"batch_size and rounds must be positive and warmup not negative, got {batch_size}, "
                          f"{rounds}, {warmup}")
     backends = _check_backends(default_backends(device) if backends is None else list(backends), device)
     _check_patch(descriptor, patch)
-    use_bf16 = amp == "bf16" or (amp == "auto" and device.type == "cuda")
 
     base = descriptor.model
     total = sum(p.numel() for p in base.parameters())
@@ -263,7 +260,9 @@ def format_bench_table(rows: list[StepTime]) -> str:
     """A markdown table: method, trainable share, ms per step, ratio to frozen, saved activations, peak memory."""
     lines = ["| method | trainable | ms / step | x frozen | saved MB | peak MB |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        share = f"{_count(r.trainable_params)} ({100 * r.trainable_params / r.total_params:.1f}%)" if r.trainable_params else "0"
+        share = "0"
+        if r.trainable_params:
+            share = f"{_count(r.trainable_params)} ({100 * r.trainable_params / r.total_params:.1f}%)"
         peak = f"{r.peak_memory_bytes / 2**20:.0f}" if r.peak_memory_bytes is not None else "-"
         saved = f"{r.saved_activation_bytes / 2**20:.1f}"
         lines.append(f"| {r.label} | {share} | {r.median_ms:.1f} | {r.ratio_to_frozen:.2f} | {saved} | {peak} |")

@@ -95,8 +95,8 @@ def _add_amp_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast (auto: on CUDA)")
 
 
-_PRECISIONS = ("fp32", "fp16", "bf16")
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch dtype names: torch loads lazily
+_PRECISIONS = tuple(_DTYPES)
 
 
 def _add_precision_flag(parser: argparse.ArgumentParser) -> None:

@@ -67,8 +67,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps} and {self.batch_size}")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        _uses_bf16(self.amp, "cpu")  # a clear error for an unknown amp now, not at the first step
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:
@@ -97,6 +96,13 @@ def _load_batch(dataset, indices: list[int], epoch: int, device: torch.device):
     lr = torch.stack([p[0] for p in pairs]).to(device)
     hr = torch.stack([p[1] for p in pairs]).to(device)
     return lr, hr
+
+
+def _uses_bf16(amp: str, device_type: str) -> bool:
+    """Whether the forward runs under bf16 autocast: TrainConfig's ``amp`` ("auto": on CUDA) on this device."""
+    if amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
+    return amp == "bf16" or (amp == "auto" and device_type == "cuda")
 
 
 def _training_loss(network: nn.Module, lr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> torch.Tensor:
@@ -231,7 +237,7 @@ def adapt(
     network = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None) if world > 1 else module
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
-    use_bf16 = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda")
+    use_bf16 = _uses_bf16(config.amp, device.type)
 
     history = {"loss": [], "val": [], "skipped_steps": 0, "train_seconds": 0.0}
     start_step = 0

@@ -114,7 +114,7 @@ def test_cli_accepts_a_checkpoint_file(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--backends", "fastest"], "unknown backend 'fastest'"),
+        (["--backends", "fastest"], "unknown adaptsr backend 'fastest'"),
         (["--backends", "cuda"], "backend 'cuda'"),
         (["--model", "nothere"], "--model nothere is neither a checkpoint file nor a bundled model"),
         (["--model", "nothere.pth"], "nothere.pth"),
