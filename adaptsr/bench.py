@@ -31,7 +31,7 @@ from adaptsr.train import TrainConfig, _apply_gradients, _training_loss, _uses_b
 
 __all__ = [
     "StepTime", "bench_training_step", "default_backends", "format_bench_table", "rows_as_dicts",
-    "saved_activation_bytes",
+    "saved_activation_bytes", "sync_device",
 ]
 
 # adapt's defaults (learning rate, clipping), so the timed step is the step ``adapt`` runs.
@@ -88,7 +88,8 @@ def _check_patch(descriptor, patch: int) -> None:
         )
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), so a clock read after it is honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -147,10 +148,10 @@ class _Method:
                 _apply_gradients(loss, self.params, self.optimizer, _TRAIN.grad_clip)
 
     def timed_step(self, lr, hr, use_bf16: bool, device: torch.device) -> None:
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         self.step(lr, hr, use_bf16)
-        _sync(device)
+        sync_device(device)
         self.times.append(time.perf_counter() - start)
 
     def saved_bytes(self, lr, hr, use_bf16: bool) -> int:
@@ -164,11 +165,11 @@ class _Method:
     def peak_memory(self, lr, hr, use_bf16: bool, device: torch.device) -> int | None:
         if device.type != "cuda":
             return None
-        _sync(device)
+        sync_device(device)
         torch.cuda.reset_peak_memory_stats(device)
         resident = torch.cuda.memory_allocated(device)
         self.step(lr, hr, use_bf16)
-        _sync(device)
+        sync_device(device)
         return torch.cuda.max_memory_allocated(device) - resident
 
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from adaptsr import inject_lora, set_backend
 from adaptsr.backend import _unavailable_reason, is_available
-from adaptsr.bench import saved_activation_bytes
+from adaptsr.bench import saved_activation_bytes, sync_device
 from benchmarks.shapes import FUSED_PROVIDERS, Case
 
 # -- timing policy --
@@ -122,11 +122,6 @@ def build_provider(
     if set(summary.layers) != set(names):
         raise RuntimeError(f"inject_lora wrapped {sorted(set(summary.layers) ^ set(names))[:4]} differently from the targets")
     return base, lambda: set_backend(provider)
-
-
-def sync_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def record_memory(info: dict, forward, step, clear_grads, grad_out, model, device: torch.device) -> None:

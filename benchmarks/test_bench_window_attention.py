@@ -35,13 +35,12 @@ from spandrel.architectures.SwinIR.__arch.SwinIR import window_partition, window
 
 from adaptsr import LoRAWindowAttention, set_backend
 from adaptsr.backend import is_available
-from adaptsr.bench import saved_activation_bytes
+from adaptsr.bench import saved_activation_bytes, sync_device
 from adaptsr.ops.shifted_window_attention import shifted_window_attention
 from benchmarks.conftest import (
     load_average,
     record_graphed,
     record_memory,
-    sync_device,
     time_interleaved,
 )
 from benchmarks.shapes import (

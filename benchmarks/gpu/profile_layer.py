@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import adaptsr
 from adaptsr.backend import is_available
+from adaptsr.bench import sync_device
 from adaptsr.ops.window_attention import window_attention
 
 STEPS = 5
@@ -92,13 +93,11 @@ def main(argv: list[str] | None = None) -> None:
             step = _steps(op, backend, device, dtype, args.smoke)
             for _ in range(3):  # compilation, autotuning, allocator growth
                 step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync_device(device)
             with profile(activities=[activity]) as prof:
                 for _ in range(STEPS):
                     step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync_device(device)
             if backend is None:
                 label = "frozen"
             else:
