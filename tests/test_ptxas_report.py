@@ -36,7 +36,7 @@ def test_the_report_sees_spills():
 import sys
 sys.path.insert(0, {str(SCRIPT.parent)!r})
 import ptxas_report as report
-case = next(c for c in report.lora_conv2d_cases() if c.autotune_group == "lora fwd conv3x3 180ch 64x64 nhwc fp32")
+case = next(c for c in report.lora_conv2d_cases() if c.autotune_group == "lora fwd conv3x3 180ch 64x64 nhwc fp32 ieee")
 case.constexprs.update(BLOCK_M=128, BLOCK_N=128, BLOCK_C=64)
 case.num_warps, case.num_stages = 8, 3
 print(report.compile_case(case, 90)["spill_bytes"])

@@ -60,29 +60,39 @@ _PROGRAMS_PER_SM = 4
 _INTERPRET_PROGRAMS = 3
 
 
-# Implicit-GEMM tiles for the forward, (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages), per element
-# size: each one compiles without register spills for sm_80/86/90 at the benchmark shapes
-# (benchmarks/gpu/ptxas_report.py --check); float32 tiles need more warps and fewer stages.
+# Implicit-GEMM tiles for the forward, (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages), per kind of
+# product: each one compiles without register spills for sm_80/86/90 at the benchmark shapes
+# (benchmarks/gpu/ptxas_report.py --check). float32 tiles need more warps and fewer stages; in TF32
+# a 128 x 128 tile spills 200 bytes on sm_90 (the wgmma accumulator plus the operands), in IEEE
+# products (CUDA cores) it does not.
 _FWD_TILES = {
-    2: [(128, 64, 32, 4, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (64, 128, 32, 4, 3)],
-    4: [(128, 64, 32, 8, 2), (128, 128, 32, 8, 2), (128, 64, 16, 8, 2), (64, 128, 16, 8, 2)],
+    "16-bit": [(128, 64, 32, 4, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (64, 128, 32, 4, 3)],
+    "fp32 tf32": [(128, 64, 32, 8, 2), (128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 32, 4, 2)],
+    "fp32 ieee": [(128, 64, 32, 8, 2), (128, 128, 32, 8, 2), (128, 64, 16, 8, 2), (64, 128, 16, 8, 2)],
 }
+
+
+def _tile_set(element_size: int, input_precision: str) -> str:
+    if element_size == 2:
+        return "16-bit"
+    return f"fp32 {input_precision}"
 
 
 def _fwd_configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_C": 16, "ELEMENT_SIZE": 0}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_C": 16, "TILE_SET": "any"}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_C": c, "ELEMENT_SIZE": size}, num_warps=w, num_stages=st)
-        for size, tiles in _FWD_TILES.items()
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_C": c, "TILE_SET": name}, num_warps=w, num_stages=st)
+        for name, tiles in _FWD_TILES.items()
         for m, n, c, w, st in tiles
     ]
 
 
-def _configs_for_dtype(configs, named_args, **kwargs):
-    """Autotune only the tiles made for x's element size (the others spill registers)."""
-    size = named_args["x_ptr"].element_size()
-    return [c for c in configs if c.kwargs["ELEMENT_SIZE"] in (0, size)] or configs
+def _configs_for_inputs(configs, named_args, **kwargs):
+    """Autotune only the tiles made for x's element size and the products' precision (the others
+    spill registers)."""
+    wanted = _tile_set(named_args["x_ptr"].element_size(), kwargs["INPUT_PRECISION"])
+    return [c for c in configs if c.kwargs["TILE_SET"] in ("any", wanted)] or configs
 
 
 # Phase 2 tiles (BLOCK_M, BLOCK_C, warps) per element size: spill-free for sm_80/86/90 in both
@@ -129,8 +139,8 @@ def _tap_rows(x_ptr, rows, row_ok, t, H, W, HO, WO, KW, STRIDE_H, STRIDE_W, PAD_
 # -- forward: y = conv(x, W') + bias and z = conv(x, A) in one implicit GEMM --
 
 
-@triton.autotune(configs=_fwd_configs(), key=["C_IN_G", "N_COLS", "KH", "KW"],
-                 prune_configs_by={"early_config_prune": _configs_for_dtype})
+@triton.autotune(configs=_fwd_configs(), key=["C_IN_G", "N_COLS", "KH", "KW", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _configs_for_inputs})
 @triton.jit
 def _lora_conv2d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr,
@@ -141,7 +151,7 @@ def _lora_conv2d_fwd_kernel(
     stride_zn, stride_zc, stride_zh, stride_zw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, KH, KW,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ELEMENT_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, TILE_SET: tl.constexpr,
 ):
     # Pixel indices stay int32 (the host checks M < 2**31); pointer offsets go int64 in the helpers.
     pid_m = tl.program_id(0)
@@ -297,8 +307,17 @@ def _phase2_tiles(c_in_g: int, element_size: int) -> tuple[int, int, int]:
     return block_m, _pow2_block(c_in_g, block_c), warps
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+def _precision(dtype: torch.dtype, allow_tf32: bool | None) -> str:
+    """tl.dot's input precision: float32 products in TF32 where torch would run this op in TF32.
+
+    ``allow_tf32`` None means a convolution's setting, ``torch.backends.cudnn.allow_tf32`` (on by
+    default: cuDNN runs float32 convs, the frozen model's among them, in TF32); the linear layers
+    pass the matmul setting, ``torch.backends.cuda.matmul.allow_tf32`` (off by default). 16-bit
+    inputs are unaffected.
+    """
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cudnn.allow_tf32
+    return "tf32" if dtype != torch.float32 or allow_tf32 else "ieee"
 
 
 def _splits(rows: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:
@@ -336,12 +355,14 @@ def lora_conv2d_fwd(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     groups: int,
+    *,
+    allow_tf32: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(y, z): ``conv(x, W') + bias`` and ``conv(x, A)`` (``g r`` channels) from one pass over x.
 
     ``w_merged`` None gives z only; ``lora_A`` None gives y only. x is already padded where the
     mode needs it; ``padding`` is the symmetric zero padding the kernel applies itself. y and z
-    come back in x's memory format.
+    come back in x's memory format. ``allow_tf32``: see ``_precision`` (None: as torch's convs).
     """
     n, c_in, h, w = x.shape
     ref = w_merged if w_merged is not None else lora_A
@@ -377,7 +398,7 @@ def lora_conv2d_fwd(
         m, h, w, ho, wo, c_in_g, c_out_g, rank, n_cols,
         *x.stride(), *y_arg.stride(), *z_arg.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], kh, kw,
-        HAS_BIAS=bias is not None, INPUT_PRECISION=_precision(x.dtype), UPCAST=_INTERPRET,
+        HAS_BIAS=bias is not None, INPUT_PRECISION=_precision(x.dtype, allow_tf32), UPCAST=_INTERPRET,
     )
     return y, z
 
@@ -393,18 +414,21 @@ def lora_conv2d_lowrank_grads(
     dilation: tuple[int, int],
     groups: int,
     z: torch.Tensor | None = None,
+    *,
+    allow_tf32: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dA, dB of a LoRA conv from x (already padded where the mode needs it) and dy; no autograd.
 
     ``padding`` is the symmetric zero padding the kernel applies itself. ``z`` = conv(x, A)
     (``g r`` channels) when the forward saved it; otherwise it is computed here (one more pass over x).
+    ``allow_tf32``: see ``_precision`` (None: as torch's convs).
     """
     check_lowrank_grad_inputs("triton", x, dy, lora_A, lora_B, groups)
     n, _, h, w = x.shape
     _, c_out, ho, wo = dy.shape
     rank, c_in_g, kh, kw = lora_A.shape
     if z is None:
-        _, z = lora_conv2d_fwd(x, None, None, lora_A, stride, padding, dilation, groups)
+        _, z = lora_conv2d_fwd(x, None, None, lora_A, stride, padding, dilation, groups, allow_tf32=allow_tf32)
     elif tuple(z.shape) != (n, groups * rank, ho, wo):
         raise ValueError(
             f"lora_conv2d triton grads: z must have shape {(n, groups * rank, ho, wo)}, got {tuple(z.shape)}"
@@ -414,7 +438,7 @@ def lora_conv2d_lowrank_grads(
     b_mat = lora_B.reshape(c_out, rank).to(x.dtype).contiguous()  # a view of B, as a rule
     m = n * ho * wo
     _check_pixels(m)
-    precision = _precision(x.dtype)
+    precision = _precision(x.dtype, allow_tf32)
 
     # -- phase 1: u (x's dtype; partials per output tile in float32 when there are several) and dB --
     block_o = _pow2_block(c_out_g, _MAX_BLOCK_O)

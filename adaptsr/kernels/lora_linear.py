@@ -7,6 +7,8 @@ With rows p of x ``[M, in]`` and dy ``[M, out]``::
 
 The rows are an M x 1 x 1 "image" (a 2-D ``[M, C]`` tensor viewed as ``[M, C, 1, 1]`` with the
 same strides), so the conv kernels run unchanged: one set of kernels to tune and test, not two.
+Their float32 products follow the matmul TF32 setting, as torch's linear layers do, not the
+convolution one.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def lora_linear_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y ``[M, out]``, z ``[M, r]`` or None) from 2-D x ``[M, in]``, W' ``[out, in]`` and A ``[r, in]``."""
     a4 = None if lora_A is None else _as_pixels(lora_A)
-    y, z = lora_conv2d_fwd(_as_pixels(x2.contiguous()), _as_pixels(w_merged), bias, a4, *_ONE)
+    y, z = lora_conv2d_fwd(_as_pixels(x2.contiguous()), _as_pixels(w_merged), bias, a4, *_ONE,
+                           allow_tf32=torch.backends.cuda.matmul.allow_tf32)
     return y[:, :, 0, 0], (None if z is None else z[:, :, 0, 0])
 
 
@@ -42,6 +45,6 @@ def lora_linear_lowrank_grads(
     """dA ``[r, in]`` and dB ``[out, r]`` from 2-D x ``[M, in]``, dy ``[M, out]`` (and z ``[M, r]``); no autograd."""
     grad_a, grad_b = lora_conv2d_lowrank_grads(
         _as_pixels(x2), _as_pixels(dy2), _as_pixels(lora_A), _as_pixels(lora_B), scaling, *_ONE,
-        z=None if z2 is None else _as_pixels(z2),
+        z=None if z2 is None else _as_pixels(z2), allow_tf32=torch.backends.cuda.matmul.allow_tf32,
     )
     return grad_a.reshape(lora_A.shape), grad_b.reshape(lora_B.shape)

@@ -147,10 +147,12 @@ def lora_conv2d_cases() -> list[KernelCase]:
         ("conv3x3 180ch 64x64", 16, 180, 64, 64, 3, 16),
         ("linear 180->540 (1x1)", 65536, 180, 1, 1, 1, 8),
     ]
-    for dtype in ("bf16", "fp32"):
+    # float32 twice: TF32 products (convs under torch's default cudnn.allow_tf32) and IEEE ones (linear
+    # layers under the default matmul setting, and convs with TF32 switched off); see kernels._precision.
+    for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
         ptr = f"*{dtype}"
-        precision = {"bf16": "tf32", "fp32": "ieee"}[dtype]
         size = {"bf16": 2, "fp32": 4}[dtype]
+        label_dtype = dtype if dtype == "bf16" else f"{dtype} {precision}"
         for label, n, c, h, w, k, rank in shapes:
             c_out = 3 * c if label.startswith("linear") else c
             for channels_last in (True, False) if k > 1 else (True,):
@@ -158,25 +160,26 @@ def lora_conv2d_cases() -> list[KernelCase]:
                 m, pad = n * h * w, k // 2
                 geometry = dict(STRIDE_H=1, STRIDE_W=1, PAD_H=pad, PAD_W=pad, DIL_H=1, DIL_W=1, KH=k, KW=k)
                 x_strides = _conv_strides("x", c, h, w, channels_last)
-                for config in (c for c in conv_kernels._fwd_configs() if c.kwargs["ELEMENT_SIZE"] == size):
+                tile_set = conv_kernels._tile_set(size, precision)
+                for config in (c for c in conv_kernels._fwd_configs() if c.kwargs["TILE_SET"] == tile_set):
                     ints = dict(M=m, H=h, W=w, HO=h, WO=w, C_IN_G=c, C_OUT_G=c_out, R=rank, N_COLS=c_out + rank,
                                 **x_strides, **_conv_strides("y", c_out, h, w, channels_last),
                                 **_conv_strides("z", rank, h, w, channels_last), **geometry)
                     tiles = "x".join(str(config.kwargs[key]) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_C"))
                     tiles += f" w{config.num_warps} s{config.num_stages}"
                     cases.append(KernelCase(
-                        f"lora fwd {label} {layout} {dtype} tile {tiles}", conv_kernels._lora_conv2d_fwd_kernel,
+                        f"lora fwd {label} {layout} {label_dtype} tile {tiles}", conv_kernels._lora_conv2d_fwd_kernel,
                         dict(x_ptr=ptr, w_ptr=ptr, bias_ptr=ptr, y_ptr=ptr, z_ptr=ptr),
                         dict(HAS_BIAS=True, INPUT_PRECISION=precision, UPCAST=False, **config.kwargs), ints,
                         config.num_warps, config.num_stages,
-                        autotune_group=f"lora fwd {label} {layout} {dtype}",
+                        autotune_group=f"lora fwd {label} {layout} {label_dtype}",
                     ))
                 r_pad = conv_kernels._pow2_block(rank, 1 << 30)
                 block_o = conv_kernels._pow2_block(c_out, conv_kernels._MAX_BLOCK_O)
                 block_m = conv_kernels._phase1_block_m(block_o, size)
                 rows = 4096  # a multiple of every pixel step; its value does not change the code
                 cases.append(KernelCase(
-                    f"lora grad phase 1 (u, dB) {label} {layout} {dtype} tile {block_m}x{block_o} w8",
+                    f"lora grad phase 1 (u, dB) {label} {layout} {label_dtype} tile {block_m}x{block_o} w8",
                     conv_kernels._lowrank_u_db_kernel,
                     dict(dy_ptr=ptr, b_ptr=ptr, z_ptr=ptr, u_ptr=ptr, ws_b_ptr="*fp32"),
                     dict(R_PAD=r_pad, BLOCK_M=block_m, BLOCK_O=block_o, INPUT_PRECISION=precision, UPCAST=False),
@@ -186,7 +189,7 @@ def lora_conv2d_cases() -> list[KernelCase]:
                 ))
                 block_m, block_c, warps = conv_kernels._phase2_tiles(c, size)
                 cases.append(KernelCase(
-                    f"lora grad phase 2 (dA) {label} {layout} {dtype} tile {block_m}x{block_c} w{warps}",
+                    f"lora grad phase 2 (dA) {label} {layout} {label_dtype} tile {block_m}x{block_c} w{warps}",
                     conv_kernels._lowrank_da_kernel,
                     dict(x_ptr=ptr, u_ptr=ptr, ws_a_ptr="*fp32"),
                     dict(R_PAD=r_pad, BLOCK_M=block_m, BLOCK_C=block_c, INPUT_PRECISION=precision, UPCAST=False),

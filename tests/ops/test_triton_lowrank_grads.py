@@ -50,9 +50,21 @@ GPU_CASES = [
 # Relative (to the largest reference entry) error allowed per dtype: the kernels accumulate in
 # fp32; the Triton kernel rounds u and z once to a low-precision input dtype before the second
 # product (the CUDA kernel keeps them in fp32, so it sits well inside these bounds).
-# End-to-end float32 on a GPU: cuDNN runs the dense convolutions in TF32 (torch's default).
-END_TO_END_TOL = 5e-3 if ON_GPU and torch.backends.cudnn.allow_tf32 else 1e-5
+# End-to-end float32: IEEE products everywhere (the _ieee_float32 fixture below).
+END_TO_END_TOL = 1e-5 if not ON_GPU else 2e-5
+# float32 in TF32 (10-bit mantissas in the products, float32 sums).
+TF32_REL_TOL = 5e-3
 REL_TOL = {torch.float32: 1e-5 if not ON_GPU else 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def _ieee_float32():
+    """float32 products at IEEE precision on a GPU for every test here (torch's convs default to TF32,
+    and the Triton conv kernels follow that setting), unless a test turns TF32 on itself."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _dtypes():
@@ -259,3 +271,71 @@ def test_triton_grads_from_saved_z(case):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="z must have shape"):
         lora_conv2d_lowrank_grads(x, dy, a, b, 0.5, stride, padding, dilation, groups, z=z[:, :, :1])
+
+
+# -- float32 precision: TF32 where torch would use it --
+
+
+class _PrecisionRecorder:
+    """Stands in for a kernel: records the INPUT_PRECISION of each launch and computes nothing."""
+
+    def __init__(self, seen: list):
+        self.seen = seen
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.seen.append(kwargs["INPUT_PRECISION"])
+
+
+@pytest.mark.parametrize("conv_tf32, matmul_tf32", [(True, False), (False, True), (False, False), (True, True)])
+def test_triton_float32_precision_follows_torch_settings(monkeypatch, conv_tf32, matmul_tf32):
+    """A conv's kernels take cudnn.allow_tf32, as cuDNN's own float32 convs do; a linear layer's take
+    cuda.matmul.allow_tf32, as cuBLAS's do; 16-bit inputs are not affected."""
+    from adaptsr.kernels import lora_conv2d as conv_kernels
+    from adaptsr.kernels.lora_linear import lora_linear_fwd, lora_linear_lowrank_grads
+
+    seen: list = []
+    for name in ("_lora_conv2d_fwd_kernel", "_lowrank_u_db_kernel", "_lowrank_da_kernel"):
+        monkeypatch.setattr(conv_kernels, name, _PrecisionRecorder(seen))
+    # (the _ieee_float32 fixture restores both settings)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv_tf32, matmul_tf32
+
+    x, w, a = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    b, dy = torch.randn(6, 2, 1, 1), torch.randn(1, 6, 5, 5)
+    conv_kernels.lora_conv2d_fwd(x, w, None, a, (1, 1), (1, 1), (1, 1), 1)
+    conv_kernels.lora_conv2d_lowrank_grads(x, dy, a, b, 1.0, (1, 1), (1, 1), (1, 1), 1)
+    conv_expected = "tf32" if conv_tf32 else "ieee"
+    assert seen == [conv_expected] * 4  # the forward, z recomputed, phases 1 and 2
+
+    seen.clear()
+    x2, dy2, a2, b2 = torch.randn(7, 4), torch.randn(7, 6), torch.randn(2, 4), torch.randn(6, 2)
+    lora_linear_fwd(x2, torch.randn(6, 4), None, a2)
+    lora_linear_lowrank_grads(x2, dy2, a2, b2, 1.0)
+    assert seen == ["tf32" if matmul_tf32 else "ieee"] * 4
+
+    seen.clear()
+    conv_kernels.lora_conv2d_fwd(x.half(), w.half(), None, a.half(), (1, 1), (1, 1), (1, 1), 1)
+    assert seen == ["tf32"]  # ignored by tl.dot for 16-bit operands
+
+
+@pytest.mark.skipif(not ON_GPU, reason="TF32 products need a GPU (the interpreter computes float32 exactly)")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", GPU_CASES[:2], ids=lambda c: f"{c[0]}to{c[1]}k{c[2][0]}r{c[7]}")
+def test_triton_tf32_conv_on_gpu(case, channels_last):
+    """The TF32 tiles (the float32 default for convs) at full size: y, z, dA and dB within TF32's error."""
+    from adaptsr.kernels.lora_conv2d import lora_conv2d_fwd, lora_conv2d_lowrank_grads
+
+    c_in, c_out, kernel, stride, padding, dilation, groups, rank, *_ = case
+    x, weight, a, bias = _conv_case_tensors(case, torch.float32, channels_last)
+    y, z = lora_conv2d_fwd(x, weight, bias, a, stride, padding, dilation, groups, allow_tf32=True)
+    dy = torch.randn_like(y)
+    b = torch.randn(c_out, rank, 1, 1, device=DEVICE)
+    grad_a, grad_b = lora_conv2d_lowrank_grads(x, dy, a, b, 0.5, stride, padding, dilation, groups, z=z,
+                                               allow_tf32=True)
+    x64, dy64 = x.double().cpu(), dy.double().cpu()
+    geometry = ConvGeometry.from_args(kernel, stride, padding, dilation, groups)
+    ref_y = torch.nn.functional.conv2d(x64, weight.double().cpu(), bias.double().cpu(), stride, padding, dilation, groups)
+    ref_z = torch.nn.functional.conv2d(x64, a.double().cpu(), None, stride, padding, dilation, groups)
+    ref_a, ref_b = _low_rank_grads(x64, dy64, a.double().cpu(), b.double().cpu(), 0.5, geometry)
+    for name, got, ref in (("y", y, ref_y), ("z", z, ref_z), ("dA", grad_a, ref_a), ("dB", grad_b, ref_b)):
+        err = (got.double().cpu() - ref).abs().max().item() / ref.abs().max().item()
+        assert err <= TF32_REL_TOL, f"{name}: relative error {err:.2e} in TF32 for {case}"
