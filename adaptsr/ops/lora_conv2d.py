@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from adaptsr.backend import resolve
 from adaptsr.ops._autocast import apply_in_one_dtype
 from adaptsr.ops._conv_geometry import ConvGeometry, memory_format_of
+from adaptsr.ops._scaled_mm import scaled_mm
 
 __all__ = ["conv_delta_weight", "lora_conv2d", "lora_conv2d_ref"]
 
@@ -189,9 +190,10 @@ def _full_wgrad_to_lora(grad_w_merged, lora_A, lora_B, scaling):
     """dA = s B^T dW', dB = s dW' A^T."""
     rank, out_channels = lora_A.shape[0], lora_B.shape[0]
     flat = grad_w_merged.reshape(out_channels, -1)
-    grad_a = (lora_B.reshape(out_channels, rank).t() @ flat).reshape(lora_A.shape)
-    grad_b = (flat @ lora_A.reshape(rank, -1).t()).reshape(lora_B.shape)
-    return scaling * grad_a, scaling * grad_b
+    a_rows, b_cols = lora_A.reshape(rank, -1), lora_B.reshape(out_channels, rank)
+    grad_a = scaled_mm(b_cols.t(), flat, scaling, like=a_rows)
+    grad_b = scaled_mm(flat, a_rows.t(), scaling, like=b_cols)
+    return grad_a.view(lora_A.shape), grad_b.view(lora_B.shape)
 
 
 def _triton_forward(x_padded, w_merged, bias, lora_A, geometry: ConvGeometry, want_z: bool):
