@@ -192,7 +192,10 @@ class _PermuteTokens(torch.autograd.Function):
 def _gathered_window_attention(qkv, bias_table, index, mask, scale, window_size, shift_size, num_heads):
     """The torch (and cuda) path: rows into window order, the ``window_attention`` op, rows back."""
     batch, height, width, three_c = qkv.shape
-    to_windows, to_map = _token_maps(height, width, window_size, shift_size, qkv.device)
+    # Under torch.compile the maps are traced into the graph (a few aranges) instead of cached: Dynamo
+    # would skip the lru_cache anyway, with a warning about silent incorrectness for every user who compiles.
+    token_maps = _token_maps.__wrapped__ if torch.compiler.is_compiling() else _token_maps
+    to_windows, to_map = token_maps(height, width, window_size, shift_size, qkv.device)
     n = window_size * window_size
     # [B, H W, 3C] -> [B, nW N, 3C] = [B nW, N, 3C]: the layout spandrel's qkv linear produces
     windows = _PermuteTokens.apply(qkv.reshape(batch, height * width, three_c), to_windows, to_map)
