@@ -484,6 +484,9 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--patch", type=int, default=32, help="LR patch size of the training crops (default: 32)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
     p.add_argument("--val-every", type=int, default=0, help="steps between validations (default: only at the end)")
+    p.add_argument("--val-tile", type=int, default=0, metavar="N",
+                   help="validate in N x N LR-pixel tiles, overlapping by min(32, N/4) and blended as upscale --tile "
+                        "blends them, to bound memory on large validation images (default: whole images)")
     _add_amp_flag(p)
     p.add_argument("--seed", type=int, default=0,
                    help="seed for the adapters' initialisation, crops, degradations and batches (default: 0)")
@@ -545,6 +548,7 @@ def _adapt(args: argparse.Namespace) -> int:
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         checkpoint_every=args.checkpoint_every, val_every=args.val_every, seed=args.seed, amp=args.amp,
+        val_tile=args.val_tile,
     )
     metrics = adapt(descriptor, train_set, args.out, config, val_set=val_set, resume=args.resume, device=args.device)
     val = metrics["val"][-1] if metrics["val"] else None

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from adaptsr.adapter import save_adapter
-from adaptsr.infer import _run
+from adaptsr.infer import upscale
 from adaptsr.inject import lora_layers, unwrap_model
 from adaptsr.io import atomic_write, save_model
 
@@ -63,10 +63,13 @@ class TrainConfig:
     log_every: int = 10  # steps between loss updates on the progress bar; 0: no progress bar
     seed: int = 0
     amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16", "off"
+    val_tile: int = 0  # validate in overlapping tiles of this many LR pixels (adaptsr.infer.upscale); 0: whole images
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps} and {self.batch_size}")
+        if self.val_tile < 0:
+            raise ValueError(f"val_tile must be 0 (whole images) or a tile size in pixels, got {self.val_tile}")
         _uses_bf16(self.amp, "cpu")  # a clear error for an unknown amp now, not at the first step
 
 
@@ -134,24 +137,32 @@ def _init_distributed(device: torch.device | None) -> tuple[int, int, torch.devi
 
 
 @torch.no_grad()
-def _super_resolve(module: nn.Module, val_set, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(lr, sr, hr) on the CPU for every validation item, the model in eval mode."""
+def _super_resolve(model, val_set, device: torch.device, tile: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """(lr, sr, hr) on the CPU for every validation item, the model in eval mode.
+
+    Through ``upscale``, as ``adaptsr upscale`` and ``eval`` run it: the model's size requirements met by
+    padding, the input copied (spandrel's RCAN writes into it), and with ``tile`` > 0 the image cut into
+    overlapping tiles, so a large validation image cannot run the GPU out of memory halfway through a run.
+    """
+    module = unwrap_model(model)
     was_training = module.training
     module.eval()
     triples = []
     for i in range(len(val_set)):
         lr, hr = val_set[i][:2]
-        sr = _run(module, lr[None].to(device)).clamp(0, 1)[0].float().cpu()  # on a copy: RCAN writes into its input
+        scale = hr.shape[-1] // lr.shape[-1]
+        # overlap as upscale's default (32) where the tile allows, so small tiles work too
+        sr = upscale(model, lr[None].to(device), scale, tile=tile or None, overlap=min(32, tile // 4))[0].float().cpu()
         triples.append((lr, sr, hr))
     module.train(was_training)
     return triples
 
 
-def _validate(module: nn.Module, val_set, device: torch.device) -> dict[str, float]:
+def _validate(model, val_set, device: torch.device, tile: int = 0) -> dict[str, float]:
     """Mean PSNR and SSIM on the Y channel, border cropped by the scale (pyiqa, the SR convention)."""
     from adaptsr.evaluate import evaluate_pairs
 
-    triples = _super_resolve(module, val_set, device)
+    triples = _super_resolve(model, val_set, device, tile)
     scale = triples[0][2].shape[-1] // triples[0][0].shape[-1]
     result = evaluate_pairs([(sr, hr) for _, sr, hr in triples], ("psnr", "ssim"), scale)
     return result["mean"]
@@ -272,7 +283,8 @@ def adapt(
 
     # The base model's outputs, for the comparison crops (only on a fresh start: after a resume
     # the model is no longer the base).
-    before = _super_resolve(module, val_set, device) if val_set is not None and rank == 0 and not resume else None
+    fresh_validation = val_set is not None and rank == 0 and not resume
+    before = _super_resolve(model, val_set, device, config.val_tile) if fresh_validation else None
 
     # tqdm shows it/s and the ETA; rank 0 only, and silent with log_every=0.
     progress = tqdm(total=config.steps, initial=start_step, unit="step", disable=rank != 0 or not config.log_every)
@@ -304,8 +316,9 @@ def adapt(
         progress.update(1)
         if config.log_every and done % config.log_every == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}")
-        if val_set is not None and config.val_every and done % config.val_every == 0:
-            history["val"].append({"step": done, **_validate(module, val_set, device)})
+        # the last step validates before its checkpoint, so a later --resume keeps this run's final scores
+        if val_set is not None and (config.val_every and done % config.val_every == 0 or done == config.steps):
+            history["val"].append({"step": done, **_validate(model, val_set, device, config.val_tile)})
         if done % config.checkpoint_every == 0 or done == config.steps:
             history["train_seconds"] += time.perf_counter() - clock
             clock = time.perf_counter()
@@ -313,7 +326,7 @@ def adapt(
 
     progress.close()
     if val_set is not None and not (history["val"] and history["val"][-1]["step"] == config.steps):
-        history["val"].append({"step": config.steps, **_validate(module, val_set, device)})
+        history["val"].append({"step": config.steps, **_validate(model, val_set, device, config.val_tile)})
     metrics = {
         "steps": config.steps,
         "final_loss": history["loss"][-1] if history["loss"] else None,
@@ -329,7 +342,8 @@ def adapt(
         _write_json(run_dir / "metrics.json", metrics)
         _write_curves(run_dir / "curves.png", history)
         if before is not None:
-            _write_comparison(run_dir / "comparison.png", before, _super_resolve(module, val_set, device))
+            after = _super_resolve(model, val_set, device, config.val_tile)
+            _write_comparison(run_dir / "comparison.png", before, after)
     if world > 1:
         dist.barrier()  # no rank leaves (and reads the run folder) before rank 0 has written it
     return metrics

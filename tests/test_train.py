@@ -169,3 +169,47 @@ def test_validation_leaves_the_images_alone(tiny_sr):
     for (lr, hr), (lr0, hr0), (lr_out, sr, _) in zip(val_set, originals, triples):
         assert torch.equal(lr, lr0) and torch.equal(hr, hr0) and torch.equal(lr_out, lr0)
         assert sr.shape == (3, 16, 16)
+
+
+class _SizeRecorder(torch.nn.Module):
+    """A x2 model with a 3x3 receptive field that records the input sizes it is run on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 12, 3, padding=1, padding_mode="replicate")
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        return torch.nn.functional.pixel_shuffle(self.conv(x), 2)
+
+
+def test_validation_in_tiles():
+    """With a tile size, validation never runs the model on more than a tile (bounded memory), and for a
+    model whose receptive field fits in the tiles' overlap the outputs equal the whole-image ones."""
+    from adaptsr.train import _super_resolve
+
+    torch.manual_seed(1)
+    val_set = [(torch.rand(3, 37, 29), torch.rand(3, 74, 58))]
+    model = _SizeRecorder()
+    whole = _super_resolve(model, val_set, torch.device("cpu"))
+    assert model.seen == [(37, 29)]
+    model.seen.clear()
+    tiled = _super_resolve(model, val_set, torch.device("cpu"), tile=16)
+    assert len(model.seen) > 1 and all(h <= 16 and w <= 16 for h, w in model.seen), model.seen
+    torch.testing.assert_close(tiled[0][1], whole[0][1], rtol=1e-5, atol=1e-5)
+    assert model.training  # back to training mode afterwards
+
+
+def test_validation_tile_reaches_adapt(tmp_path):
+    """TrainConfig(val_tile=...) is what adapt's validations use."""
+    model = _SizeRecorder()
+    adaptsr.inject_lora(model, targets="conv", rank=2)
+    train_set = [(torch.rand(3, 8, 8), torch.rand(3, 16, 16)) for _ in range(4)]
+    val_set = [(torch.rand(3, 40, 40), torch.rand(3, 80, 80))]
+    adapt(model, train_set, tmp_path, _config(steps=2, val_tile=16, val_every=1), val_set=val_set, device="cpu")
+    validation_sizes = [size for size in model.seen if size != (8, 8)]
+    assert validation_sizes and max(max(size) for size in validation_sizes) <= 16
+    with pytest.raises(ValueError, match="val_tile"):
+        _config(val_tile=-1)
