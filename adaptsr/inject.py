@@ -37,29 +37,35 @@ class LoRASummary:
         )
 
 
-# The attribute holding the forward pre-hook of _input_requires_grad, so that merge_lora can remove it.
+# The attribute holding the forward pre-hook (_InputRequiresGrad), so that merge_lora can remove it.
 _INPUT_GRAD_HOOK = "_adaptsr_input_grad_hook"
 
 
-def _checkpointed(module: nn.Module) -> bool:
-    """Whether a block of ``module`` may run under activation checkpointing: spandrel's SwinIR layers with
-    ``use_checkpoint=True`` call torch's reentrant ``checkpoint`` (HAT's carry the flag and ignore it)."""
-    return any(getattr(m, "use_checkpoint", False) is True for m in module.modules())
-
-
-def _input_requires_grad(module: nn.Module, args: tuple):
+class _InputRequiresGrad:
     """Forward pre-hook: in a training forward of a checkpointed model, its input as a leaf that requires grad.
 
     Reentrant checkpointing gives a block's parameters gradients only when the block's input requires
     grad. Behind a frozen stem (SwinIR's conv_first) it does not, and the adapters inside would silently
     get none (PEFT's models need ``enable_input_require_grads`` for the same reason). The cost is the
     stem's input gradient, computed and dropped.
+
+    Whether a block is checkpointed is read at each forward (spandrel's SwinIR layers run torch's
+    reentrant ``checkpoint`` while ``use_checkpoint`` is True; HAT's carry the flag and ignore it), but
+    from the modules that carry the flag, found once: walking the whole model every step cost about
+    half a millisecond of host time per step on the bundled SwinIR.
     """
-    if not (args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point()):
-        return None
-    if args[0].requires_grad or not torch.is_grad_enabled() or not _checkpointed(module):
-        return None
-    return (args[0].detach().requires_grad_(True), *args[1:])
+
+    def __init__(self, flag_holders: list[nn.Module]) -> None:
+        self.flag_holders = flag_holders
+
+    def __call__(self, module: nn.Module, args: tuple):
+        if not (args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point()):
+            return None
+        if args[0].requires_grad or not torch.is_grad_enabled():
+            return None
+        if not any(holder.use_checkpoint is True for holder in self.flag_holders):
+            return None
+        return (args[0].detach().requires_grad_(True), *args[1:])
 
 
 def unwrap_model(model) -> nn.Module:
@@ -212,8 +218,10 @@ def inject_lora(
 
     summary.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     summary.total_params = sum(p.numel() for p in module.parameters())
-    if getattr(module, _INPUT_GRAD_HOOK, None) is None:  # active only while a block is checkpointed
-        setattr(module, _INPUT_GRAD_HOOK, module.register_forward_pre_hook(_input_requires_grad))
+    flag_holders = [m for m in module.modules() if hasattr(m, "use_checkpoint")]
+    if flag_holders and getattr(module, _INPUT_GRAD_HOOK, None) is None:  # active only while a block is checkpointed
+        hook = module.register_forward_pre_hook(_InputRequiresGrad(flag_holders))
+        setattr(module, _INPUT_GRAD_HOOK, hook)
     return summary
 
 
