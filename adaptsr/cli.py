@@ -107,6 +107,17 @@ def _add_precision_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_tile_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tile", type=_nonneg_int, default=0, metavar="N",
+        help="upscale in N x N input-pixel tiles to bound memory (0, the default: whole images at once)",
+    )
+    parser.add_argument(
+        "--overlap", type=_nonneg_int, default=32, metavar="N",
+        help="overlap of neighbouring tiles in input pixels, blended smoothly (default: 32; at most N/2)",
+    )
+
+
 def _load(args: argparse.Namespace, *, merge: bool = True, precision: str = "fp32"):
     """The model (spandrel descriptor) with the adapter loaded and, by default, merged for speed, in
     ``precision`` (one of ``_PRECISIONS``)."""
@@ -270,7 +281,7 @@ def _eval(args: argparse.Namespace) -> int:
         metrics=metrics,
         model=model,
         dataset=dataset,
-        tile=args.tile,
+        tile=args.tile or None,
         overlap=args.overlap,
         device=args.device,
         download=not args.offline,
@@ -325,20 +336,7 @@ def add_eval_command(subparsers) -> None:
         help="comma-separated pyiqa metric names (default: psnr,ssim); e.g. psnr,ssim,lpips,dists,niqe",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json and metrics.csv")
-    p.add_argument(
-        "--tile",
-        type=_nonneg_int,
-        default=None,
-        metavar="N",
-        help="upscale in N x N input-pixel tiles to bound memory (default: whole images)",
-    )
-    p.add_argument(
-        "--overlap",
-        type=_nonneg_int,
-        default=32,
-        metavar="N",
-        help="overlap of neighbouring tiles in pixels (default: 32)",
-    )
+    _add_tile_flags(p)
     p.add_argument(
         "--offline",
         action="store_true",
@@ -389,20 +387,7 @@ def add_upscale_command(subparsers) -> None:
     p.add_argument("input", metavar="INPUT", help="an image file (png, jpg, bmp, tif, webp) or a folder of them")
     _add_model_flags(p)
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the upscaled PNGs (created if missing)")
-    p.add_argument(
-        "--tile",
-        type=_nonneg_int,
-        default=0,
-        metavar="N",
-        help="process N x N input-pixel tiles (0, the default: the whole image at once)",
-    )
-    p.add_argument(
-        "--overlap",
-        type=_nonneg_int,
-        default=32,
-        metavar="N",
-        help="overlap of neighbouring tiles in input pixels, blended smoothly (default: 32; at most N/2)",
-    )
+    _add_tile_flags(p)
     _add_device_flag(p)
     _add_precision_flag(p)
     p.set_defaults(func=_upscale)
@@ -484,7 +469,7 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--patch", type=int, default=32, help="LR patch size of the training crops (default: 32)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
     p.add_argument("--val-every", type=int, default=0, help="steps between validations (default: only at the end)")
-    p.add_argument("--val-tile", type=int, default=0, metavar="N",
+    p.add_argument("--val-tile", type=_nonneg_int, default=0, metavar="N",
                    help="validate in N x N LR-pixel tiles, overlapping by min(32, N/4) and blended as upscale --tile "
                         "blends them, to bound memory on large validation images (default: whole images)")
     _add_amp_flag(p)

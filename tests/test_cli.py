@@ -191,6 +191,14 @@ def test_eval_pairs(files, capsys, tmp_path):
     assert [r["name"] for r in doc["images"]] == ["a_LR2", "b_LR2"] and doc["scale"] == 2
     assert "mean" in out and "psnr" in out
     assert (tmp_path / "ev" / "metrics.csv").read_text().splitlines()[0] == "image,psnr,ssim"
+    # --tile 0 means whole images, as for upscale; tiles give nearly the same scores
+    for tile, folder in (("0", "whole"), ("8", "tiled")):
+        args = ["eval", "--model", files / "base.safetensors", "--pairs", files / "lr", files / "hr",
+                "--metrics", "psnr", "--out", tmp_path / folder, "--tile", tile, "--overlap", "4"]
+        code, _, err = _run(capsys, *args)
+        assert code == 0, err
+    scores = [json.loads((tmp_path / f / "metrics.json").read_text())["images"][0]["psnr"] for f in ("whole", "tiled")]
+    assert scores[0] == pytest.approx(doc["images"][0]["psnr"]) and scores[1] == pytest.approx(scores[0], abs=0.5)
 
 
 def test_eval_missing_weights_still_reports_psnr(files, capsys, tmp_path):
