@@ -350,7 +350,17 @@ def add_eval_command(subparsers) -> None:
 # -- upscale --
 
 
+def _upscale_alpha(alpha, size):
+    """A transparency channel at the output size: bicubic, not the SR model, which was trained on colour
+    (and a second model pass would double the time for a channel that is mostly flat)."""
+    import torch.nn.functional as F
+
+    return F.interpolate(alpha, size=tuple(size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
 def _upscale(args: argparse.Namespace) -> int:
+    import torch
+
     from adaptsr.data.images import image_size, read_image, write_png
     from adaptsr.infer import upscale
 
@@ -366,8 +376,10 @@ def _upscale(args: argparse.Namespace) -> int:
         raise CommandError(f"several inputs would write {dupes[0]}.png; rename them")
     model = _load(args, precision=args.precision)
     for path in files:
-        image = read_image(path).unsqueeze(0)
-        result = upscale(model, image, tile=args.tile or None, overlap=args.overlap)
+        image = read_image(path, alpha=True).unsqueeze(0)
+        result = upscale(model, image[:, :3], tile=args.tile or None, overlap=args.overlap)
+        if image.shape[1] == 4:
+            result = torch.cat([result, _upscale_alpha(image[:, 3:], result.shape[-2:])], dim=1)
         target = out / f"{path.stem}.png"
         write_png(result[0], target)
         print(f"{path} -> {target} ({result.shape[-1]}x{result.shape[-2]})")
@@ -381,7 +393,8 @@ def add_upscale_command(subparsers) -> None:
         description=(
             "Upscale INPUT (an image file, or every image in a folder) with the model (base, base + adapter, "
             "or merged) and write <name>.png to --out. --tile bounds memory on large images: tiles overlap and "
-            "are blended, so no seams show."
+            "are blended, so no seams show. Transparent images stay transparent: the model upscales the colour, "
+            "bicubic interpolation the alpha channel."
         ),
     )
     p.add_argument("input", metavar="INPUT", help="an image file (png, jpg, bmp, tif, webp) or a folder of them")

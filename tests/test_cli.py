@@ -172,6 +172,27 @@ def test_upscale_in_16_bits(files, capsys, tmp_path, monkeypatch, precision, dty
     assert (sr - low).abs().max() <= 1 / 255 + 1e-4
 
 
+def test_upscale_keeps_transparency(files, capsys, tmp_path):
+    """An RGBA input gives an RGBA output: the colour as for the RGB image, the alpha upscaled bicubically."""
+    rgb = read_image(files / "lr" / "a_LR2.png")
+    alpha = torch.linspace(0, 1, rgb.shape[1] * rgb.shape[2]).reshape(1, *rgb.shape[1:])
+    rgba = (torch.cat([rgb, alpha]) * 255).round().byte().permute(1, 2, 0).numpy()
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "in" / "a.png")
+    code, _, err = _run(capsys, "upscale", tmp_path / "in" / "a.png", "--model", files / "base.safetensors",
+                        "--out", tmp_path / "sr")
+    assert code == 0, err
+    assert Image.open(tmp_path / "sr" / "a.png").mode == "RGBA"
+    sr = read_image(tmp_path / "sr" / "a.png", alpha=True)
+    model = adaptsr.load_model(files / "base.safetensors")
+    expect_rgb = upscale(model, read_image(tmp_path / "in" / "a.png")[None])[0]
+    expect_alpha = torch.nn.functional.interpolate(read_image(tmp_path / "in" / "a.png", alpha=True)[None, 3:],
+                                                   scale_factor=2, mode="bicubic").clamp(0, 1)[0]
+    assert sr.shape == (4, 40, 36)
+    assert (sr[:3] - expect_rgb).abs().max() <= 1 / 255 + 1e-4
+    assert (sr[3:] - expect_alpha).abs().max() <= 1 / 255 + 1e-4
+
+
 def test_eval_pairs(files, capsys, tmp_path):
     code, out, err = _run(
         capsys,

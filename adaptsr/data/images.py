@@ -6,7 +6,8 @@ Conventions (the same for every dataset in :mod:`adaptsr.data.datasets`):
 - Grey images are replicated to three channels; palette, CMYK, YCbCr, ... are converted to RGB.
 - An alpha channel is dropped (the colour channels are kept as stored, not composited on a
   background): SR models work on RGB, and compositing would invent pixel values the HR/LR pair
-  does not share.
+  does not share. ``read_image(path, alpha=True)`` keeps it as a fourth channel instead (what
+  ``adaptsr upscale`` uses, so transparent images stay transparent).
 - 16-bit images (grey, RGB, RGBA; PNG or TIFF) are scaled by 1/65535, 8-bit ones by 1/255. Pillow
   silently reduces 16-bit colour images to 8 bits, so those are decoded with OpenCV (installed
   with pyiqa), which keeps every bit.
@@ -112,10 +113,11 @@ def _decode_high_depth(path: Path) -> np.ndarray | None:
     return np.ascontiguousarray(arr)
 
 
-def _pixels(img: Image.Image, path: Path, high_depth: bool) -> tuple[np.ndarray, float]:
+def _pixels(img: Image.Image, path: Path, high_depth: bool, alpha: bool) -> tuple[np.ndarray, float]:
     """The decoded pixels as an array [H, W] or [H, W, C] and the value that means white.
 
-    ``high_depth``: the file stores 16-bit colour, which Pillow reduced to 8 bits.
+    ``high_depth``: the file stores 16-bit colour, which Pillow reduced to 8 bits. ``alpha``: keep
+    an alpha channel (grey + alpha or RGBA) where the image has one.
     """
     if high_depth:
         arr = _decode_high_depth(path)
@@ -134,11 +136,15 @@ def _pixels(img: Image.Image, path: Path, high_depth: bool) -> tuple[np.ndarray,
     if mode in ("L", "RGB"):
         return np.asarray(img), 255.0
     if mode in ("LA", "La"):
-        return np.asarray(img.convert("LA"))[:, :, 0], 255.0  # drop alpha
+        grey_alpha = np.asarray(img.convert("LA"))
+        return (grey_alpha if alpha else grey_alpha[:, :, 0]), 255.0
     if mode in ("RGBA", "RGBa"):
-        return np.asarray(img.convert("RGBA"))[:, :, :3], 255.0  # drop alpha
+        rgba = np.asarray(img.convert("RGBA"))
+        return (rgba if alpha else rgba[:, :, :3]), 255.0
     if mode == "1":
         return np.asarray(img.convert("L")), 255.0
+    if alpha and (mode == "PA" or "transparency" in img.info):  # a palette with transparent entries
+        return np.asarray(img.convert("RGBA")), 255.0
     # P, PA, CMYK, YCbCr, LAB, HSV, ...: Pillow's conversion (alpha in a palette is dropped too)
     return np.asarray(img.convert("RGB")), 255.0
 
@@ -163,8 +169,11 @@ def _apply_orientation(x: torch.Tensor, orientation: int) -> torch.Tensor:
     return x
 
 
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as a float32 tensor [3, H, W] with values in [0, 1] (see the module docstring)."""
+def read_image(path: str | os.PathLike, *, alpha: bool = False) -> torch.Tensor:
+    """An image file as a float32 tensor [3, H, W] with values in [0, 1] (see the module docstring).
+
+    ``alpha=True``: [4, H, W] (RGB, then alpha) for an image with an alpha channel, [3, H, W] otherwise.
+    """
     path = Path(path)
     with _open(path) as img:
         # the raw mode is only known before decoding (load() clears the tile list)
@@ -173,7 +182,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
         try:
             img.seek(0)
             img.load()  # decodes everything now: a truncated or corrupt file fails here
-            arr, white = _pixels(img, path, high_depth)
+            arr, white = _pixels(img, path, high_depth, alpha)
         except ValueError as err:
             if str(path) in str(err):
                 raise
@@ -182,9 +191,9 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
             raise ValueError(f"image {path} is truncated or corrupt ({type(err).__name__}: {err})") from err
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    if arr.shape[2] == 2:  # grey + alpha from OpenCV
-        arr = arr[:, :, :1]
-    elif arr.shape[2] == 4:
+    if arr.shape[2] == 2:  # grey + alpha (from Pillow when asked for, or from OpenCV): grey to RGB
+        arr = arr[:, :, [0, 0, 0, 1]] if alpha else arr[:, :, :1]
+    elif arr.shape[2] == 4 and not alpha:
         arr = arr[:, :, :3]
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"image {path} has no pixels (size {arr.shape[1]}x{arr.shape[0]})")
@@ -199,8 +208,8 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
 def write_png(image: torch.Tensor, path: str | os.PathLike) -> None:
     """Write an image tensor with values in [0, 1] as an 8-bit PNG, atomically.
 
-    ``image``: [3, H, W] or [1, 3, H, W] (RGB), or [H, W] / [1, H, W] (grey); values are clamped
-    to [0, 1] and rounded to the nearest of the 256 levels, so 8-bit values round-trip exactly.
+    ``image``: [3, H, W] or [1, 3, H, W] (RGB), [4, H, W] (RGBA), or [H, W] / [1, H, W] (grey); values
+    are clamped to [0, 1] and rounded to the nearest of the 256 levels, so 8-bit values round-trip exactly.
     """
     path = Path(path)
     x = image.detach()
@@ -208,8 +217,10 @@ def write_png(image: torch.Tensor, path: str | os.PathLike) -> None:
         x = x[0]
     if x.dim() == 2:
         x = x[None]
-    if x.dim() != 3 or x.shape[0] not in (1, 3) or x.shape[1] == 0 or x.shape[2] == 0:
-        raise ValueError(f"cannot write {path}: expected an image tensor [3, H, W] or [H, W], got {tuple(image.shape)}")
+    if x.dim() != 3 or x.shape[0] not in (1, 3, 4) or x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(
+            f"cannot write {path}: expected an image tensor [3, H, W], [4, H, W] or [H, W], got {tuple(image.shape)}"
+        )
     x = x.to(device="cpu", dtype=torch.float32)
     if not torch.isfinite(x).all():
         raise ValueError(f"cannot write {path}: the image holds NaN or inf values")

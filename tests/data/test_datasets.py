@@ -102,6 +102,41 @@ def test_alpha_is_dropped(tmp_path, astronaut):
     assert torch.equal(read_image(tmp_path / "la.png"), _as_tensor(grey))
 
 
+def test_alpha_kept_on_request(tmp_path, astronaut):
+    """read_image(alpha=True): RGB then alpha for RGBA, grey + alpha, a palette with a transparent entry and
+    16-bit RGBA; plain RGB stays three channels; write_png writes RGBA back exactly."""
+    alpha = np.linspace(0, 255, 64 * 64).reshape(64, 64).astype(np.uint8)
+    rgba = np.dstack([astronaut, alpha])
+    x = read_image(_save(rgba, tmp_path / "rgba.png"), alpha=True)
+    assert x.shape == (4, 64, 64) and torch.equal(x, _as_tensor(rgba))
+    write_png(x, tmp_path / "back.png")
+    assert Image.open(tmp_path / "back.png").mode == "RGBA"
+    assert torch.equal(read_image(tmp_path / "back.png", alpha=True), x)
+
+    grey = astronaut[:, :, 1]
+    Image.merge("LA", [Image.fromarray(grey), Image.fromarray(alpha)]).save(tmp_path / "la.png")
+    x = read_image(tmp_path / "la.png", alpha=True)
+    assert x.shape == (4, 64, 64)
+    assert torch.equal(x[:3], _as_tensor(grey)) and torch.equal(x[3], _as_tensor(alpha)[0])
+
+    pal = Image.fromarray(astronaut).quantize(colors=8)
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "p.png", transparency=0)
+    x = read_image(tmp_path / "p.png", alpha=True)
+    expected = np.asarray(Image.open(tmp_path / "p.png").convert("RGBA"))
+    assert x.shape == (4, 64, 64) and torch.equal(x, _as_tensor(expected)) and (x[3] == 0).any()
+
+    assert read_image(_save(astronaut, tmp_path / "rgb.png"), alpha=True).shape == (3, 64, 64)
+
+
+def test_16bit_alpha_kept_on_request(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    rgba = (np.arange(12 * 10 * 4).reshape(12, 10, 4) * 181 + 3).astype(np.uint16)
+    assert cv2.imwrite(str(tmp_path / "c16a.png"), rgba[:, :, [2, 1, 0, 3]].copy())
+    x = read_image(tmp_path / "c16a.png", alpha=True)
+    torch.testing.assert_close(x, torch.from_numpy(rgba.astype(np.float32) / 65535).permute(2, 0, 1), rtol=0, atol=1e-7)
+
+
 def test_palette(tmp_path, astronaut):
     pal = Image.fromarray(astronaut).quantize(colors=32)
     pal.save(tmp_path / "p.png")
