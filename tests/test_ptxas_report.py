@@ -45,3 +45,23 @@ print(report.compile_case(case, 90)["spill_bytes"])
     if result.returncode != 0:
         pytest.fail(result.stderr[-4000:])
     assert int(result.stdout.strip().splitlines()[-1]) > 0
+
+
+def test_the_report_counts_tensor_core_instructions():
+    """bf16 products compile to tensor-core instructions and IEEE float32 ones do not, so a 16-bit or TF32
+    kernel whose dots fell back to FMAs is caught by --check."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(SCRIPT.parent)!r})
+import ptxas_report as report
+cases = report.lora_conv2d_cases()
+for group in ("lora fwd linear 180->540 (1x1) nhwc bf16", "lora fwd linear 180->540 (1x1) nhwc fp32 ieee"):
+    case = next(c for c in cases if c.autotune_group == group)
+    print(report.wants_tensor_cores(case), report.compile_case(case, 80)["tensor_core_ops"])
+"""
+    result = _run("-c", code)
+    if result.returncode != 0:
+        pytest.fail(result.stderr[-4000:])
+    (bf16_wants, bf16_ops), (ieee_wants, ieee_ops) = [line.split() for line in result.stdout.strip().splitlines()[-2:]]
+    assert bf16_wants == "True" and int(bf16_ops) > 0
+    assert ieee_wants == "False" and int(ieee_ops) == 0

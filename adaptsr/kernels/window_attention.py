@@ -754,7 +754,9 @@ def _window_attention_bwd_into(do, q, k, v, o, lse, bias, mask, scale, need_dbia
             *common_strides, *bias_strides, *mask_strides,
             HAS_MASK=mask is not None, BLOCK=block, D_PAD=d_pad, UPCAST=upcast, INPUT_PRECISION=precision,
             **token_map.kernel_args(),
-            num_warps=_BWD_WARPS,
+            # two pipeline stages: with Triton's default three, ptxas gives the float32 kernel on the spatial
+            # map 32 registers and 3 KB of spills for sm_80 (benchmarks/gpu/ptxas_report.py); clean with two
+            num_warps=_BWD_WARPS, num_stages=2,
         )
     if not need_dbias:
         return None

@@ -8,7 +8,8 @@ constants, integers divisible by 16 and every pointer carry the divisibility-16 
 integer values come from a representative SR-training shape (SwinIR-M / RRDB sizes).
 
     python benchmarks/gpu/ptxas_report.py            # markdown table on stdout
-    python benchmarks/gpu/ptxas_report.py --check    # exit 1 on a kernel that spills or overflows shared memory
+    python benchmarks/gpu/ptxas_report.py --check    # exit 1 on a kernel that spills, overflows shared memory
+                                                     # or has 16-bit/TF32 products off the tensor cores
 
 --check holds a kernel with a fixed launch configuration to no spills on every architecture; for
 an @autotune kernel, whose tuner times every candidate and keeps the fastest, it asks that every
@@ -125,7 +126,20 @@ def compile_case(case: KernelCase, arch: int) -> dict:
         "spill_bytes": number(r"(\d+) bytes spill stores") + number(r"(\d+) bytes spill loads"),
         "stack_bytes": number(r"(\d+) bytes stack frame"),
         "shared_bytes": compiled.metadata.shared,
+        "tensor_core_ops": len(_TENSOR_CORE_OP.findall(compiled.asm["ptx"])),
     }
+
+
+# Tensor-core instructions in PTX: mma.sync (Ampere and later) and wgmma (Hopper's warpgroup MMA).
+_TENSOR_CORE_OP = re.compile(r"\b(?:mma\.sync|wgmma\.mma_async)\b")
+
+
+def wants_tensor_cores(case: KernelCase) -> bool:
+    """Whether the case's products should run on tensor cores: 16-bit operands, or float32 ones in TF32.
+    A dot that falls back to FMAs (a tile edge under 16, an operand upcast by mistake) runs several times
+    slower and still compiles cleanly, so only this column shows it."""
+    sixteen_bit = any(t in ("*bf16", "*fp16") for t in case.pointers.values())
+    return sixteen_bit or case.constexprs.get("INPUT_PRECISION") == "tf32"
 
 
 # -- the cases: each launcher's tile choices at representative shapes --
@@ -318,15 +332,16 @@ def all_cases() -> list[KernelCase]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 on any spill or shared-memory overflow")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 on any spill, shared-memory overflow or 16-bit/TF32 kernel without tensor cores")
     parser.add_argument("--archs", default=",".join(map(str, DEFAULT_ARCHS)), help="compute capabilities, e.g. 80,90")
     parser.add_argument("-k", default="", help="only the cases whose name contains this text")
     args = parser.parse_args(argv)
     archs = [int(a) for a in args.archs.split(",")]
     print(f"Triton {triton.__version__}; ptxas {ptxas_path()}")
     print()
-    print("| kernel | sm | registers | spill bytes | stack bytes | shared KB | verdict |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel | sm | registers | spill bytes | stack bytes | shared KB | tensor-core ops | verdict |")
+    print("|---|---|---|---|---|---|---|---|")
     failures = 0
     clean_candidates: dict[tuple[str, int], int] = {}  # (autotune group, arch) -> clean candidates
     for case in (c for c in all_cases() if args.k in c.name):
@@ -337,6 +352,8 @@ def main(argv=None) -> int:
                 problems.append("spills")
             if r["shared_bytes"] > SHARED_LIMIT.get(arch, 99 * 1024):
                 problems.append("shared memory over the limit")
+            if wants_tensor_cores(case) and not r["tensor_core_ops"]:
+                problems.append("no tensor-core instruction")
             verdict = ", ".join(problems) or ("ok (minor spill)" if r["spill_bytes"] else "ok")
             if case.autotune_group is not None:
                 key = (case.autotune_group, arch)
@@ -346,13 +363,14 @@ def main(argv=None) -> int:
                     problems = []
             failures += bool(problems)
             print(f"| {case.name} | {arch} | {r['registers']} | {r['spill_bytes']} | {r['stack_bytes']} | "
-                  f"{r['shared_bytes'] / 1024:.0f} | {verdict} |", flush=True)
+                  f"{r['shared_bytes'] / 1024:.0f} | {r['tensor_core_ops']} | {verdict} |", flush=True)
     for (group, arch), clean in clean_candidates.items():
         if not clean:
             print(f"{group}: no autotune candidate compiles cleanly for sm_{arch}", file=sys.stderr)
             failures += 1
     if failures:
-        print(f"\n{failures} kernel configuration(s) spill or overflow shared memory", file=sys.stderr)
+        print(f"\n{failures} kernel configuration(s) spill, overflow shared memory or miss the tensor cores",
+              file=sys.stderr)
     return 1 if failures and args.check else 0
 
 
