@@ -339,3 +339,23 @@ def test_triton_tf32_conv_on_gpu(case, channels_last):
     for name, got, ref in (("y", y, ref_y), ("z", z, ref_z), ("dA", grad_a, ref_a), ("dB", grad_b, ref_b)):
         err = (got.double().cpu() - ref).abs().max().item() / ref.abs().max().item()
         assert err <= TF32_REL_TOL, f"{name}: relative error {err:.2e} in TF32 for {case}"
+
+
+@pytest.mark.parametrize("dtype, precision, tile_set", [
+    (torch.bfloat16, "tf32", "16-bit"), (torch.float16, "tf32", "16-bit"),
+    (torch.float32, "tf32", "fp32 tf32"), (torch.float32, "ieee", "fp32 ieee"),
+])
+def test_forward_autotunes_the_tiles_made_for_its_products(dtype, precision, tile_set):
+    """The forward's autotuner times only the tiles made (spill-free) for the operands' size and the products'
+    precision, and keys its choice on the precision too, so a TF32 call never reuses an IEEE call's tile."""
+    import triton
+
+    from adaptsr.kernels import lora_conv2d as conv_kernels
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_C": c, "TILE_SET": name}, num_warps=w, num_stages=s)
+               for name, tiles in conv_kernels._FWD_TILES.items() for m, n, c, w, s in tiles]
+    x = torch.empty(1, 1, 1, 1, dtype=dtype)
+    kept = conv_kernels._configs_for_inputs(configs, {"x_ptr": x}, INPUT_PRECISION=precision, HAS_BIAS=True)
+    assert {c.kwargs["TILE_SET"] for c in kept} == {tile_set}
+    assert len(kept) == len(conv_kernels._FWD_TILES[tile_set])
+    assert "INPUT_PRECISION" in conv_kernels._lora_conv2d_fwd_kernel.keys
