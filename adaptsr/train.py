@@ -256,10 +256,20 @@ def adapt(
     if resume:
         if not checkpoint_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        try:
+            state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        except Exception as err:  # torch.load's errors (zip, pickle, truncation) come as several types
+            raise ValueError(f"--resume: checkpoint {checkpoint_path} could not be read ({err})") from err
         missing = set(params) - set(state["trainable"])
         if missing:
             raise ValueError(f"checkpoint {checkpoint_path} does not match the model: no weights for {sorted(missing)[:3]}")
+        for name, p in params.items():
+            saved = state["trainable"][name]
+            if saved.shape != p.shape:
+                raise ValueError(
+                    f"checkpoint {checkpoint_path} does not match the model: {name} is {tuple(saved.shape)} there and "
+                    f"{tuple(p.shape)} here; resume with the run's own LoRA options (rank, targets), or start a new run"
+                )
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state["trainable"][name])

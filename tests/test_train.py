@@ -147,6 +147,27 @@ def test_bad_input(tmp_path):
         TrainConfig(amp="fp8")
 
 
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    """A rank changed between the runs, or a damaged checkpoint: an error naming the file (and the layer), and
+    the checkpoint left as it was."""
+    adapt(make_model(), NoisyPairs(), tmp_path, _config(steps=4), device="cpu")
+    checkpoint = tmp_path / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+    torch.manual_seed(0)
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    other_rank = ESRGAN(num_filters=8, num_blocks=1, scale=2)
+    adaptsr.inject_lora(other_rank, targets="model[.].*", rank=2)
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint\.pt does not match the model: .*lora_A.* is \(3, "):
+        adapt(other_rank, NoisyPairs(), tmp_path, _config(steps=8), device="cpu", resume=True)
+    assert checkpoint.read_bytes() == before
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "checkpoint.pt").write_bytes(before[: len(before) // 2])
+    with pytest.raises(ValueError, match=r"damaged/checkpoint\.pt could not be read"):
+        adapt(make_model(), NoisyPairs(), damaged, _config(steps=8), device="cpu", resume=True)
+
+
 def test_schedule_shape():
     from adaptsr.train import _lr_factor
 
