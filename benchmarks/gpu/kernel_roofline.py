@@ -170,10 +170,16 @@ def _cuda_lowrank_grads(x, dy, lora):
     return _cuda.lora_conv2d_lowrank_grads(x, dy, a, b, 1.0, (1, 1), (1, 1), (1, 1), 1)
 
 
+def _ms(value: float) -> str:
+    """Milliseconds to three decimals; below that (floors of the smoke run's tiny shapes) in scientific
+    notation, so no positive time prints as 0.000."""
+    return f"{value:.3f}" if value >= 1e-3 else f"{value:.1e}"
+
+
 def _ms_or_na(row: dict, key: str, base: float | None = None) -> str:
     if key not in row:
         return "n/a"
-    return _ratio(row[key], base) if base is not None else f"{row[key]:.3f}"
+    return _ratio(row[key], base) if base is not None else _ms(row[key])
 
 
 def conv_rows(bench: Bench, dtype: torch.dtype, sizes, ranks):
@@ -306,7 +312,7 @@ def render_attention(rows) -> str:
             timed = {b: r[f"{key}_{b}"] for b in ATTENTION_BACKENDS if f"{key}_{b}" in r}
             cells = [_ms_or_na(r, f"{key}_{b}") for b in ATTENTION_BACKENDS]
             lines.append(f"| {r['shape']} | {r['dtype']} | {label} | " + " | ".join(cells)
-                         + f" | {r[f'{key}_floor']:.3f} | {min(timed, key=timed.get)} |")
+                         + f" | {_ms(r[f'{key}_floor'])} | {min(timed, key=timed.get)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -331,7 +337,7 @@ def render(rows, bench: Bench) -> str:
         lines.append(
             f"| {r['op']} | {r['rank']} | {r['dtype']} | {r['grad_saved_z']:.3f} | {100 * r['grad_floor'] / r['grad_saved_z']:.0f}% "
             f"| {r['grad_recompute_z']:.3f} | {_ms_or_na(r, 'grad_cuda')} | {r['grad_thin_torch']:.3f} "
-            f"| {r['grad_full_wgrad']:.3f} | {r['grad_floor']:.3f} |"
+            f"| {r['grad_full_wgrad']:.3f} | {_ms(r['grad_floor'])} |"
         )
     lines += [
         "",
@@ -343,7 +349,7 @@ def render(rows, bench: Bench) -> str:
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['rank']} | {r['dtype']} | {r['triton_y_z']:.3f} | {r['dense_y']:.3f} | "
-            f"{r['dense_y_triton_z']:.3f} | {r['fwd_floor']:.3f} |"
+            f"{r['dense_y_triton_z']:.3f} | {_ms(r['fwd_floor'])} |"
         )
     lines += [
         "",
@@ -358,7 +364,7 @@ def render(rows, bench: Bench) -> str:
         lines.append(
             f"| {r['op']} | {r['rank']} | {r['dtype']} | {r['frozen']:.3f} | {_ratio(r['torch_layer'], r['frozen'])} | "
             f"{_ratio(r['triton_layer'], r['frozen'])} | {_ratio(r['triton_cudnn_layer'], r['frozen'])} | "
-            f"{_ms_or_na(r, 'cuda_layer', r['frozen'])} | {r['layer_floor']:.3f} |"
+            f"{_ms_or_na(r, 'cuda_layer', r['frozen'])} | {_ms(r['layer_floor'])} |"
         )
     return "\n".join(lines) + "\n"
 
