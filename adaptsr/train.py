@@ -158,14 +158,15 @@ def _super_resolve(model, val_set, device: torch.device, tile: int = 0) -> list[
     return triples
 
 
-def _validate(model, val_set, device: torch.device, tile: int = 0) -> dict[str, float]:
-    """Mean PSNR and SSIM on the Y channel, border cropped by the scale (pyiqa, the SR convention)."""
+def _validate(model, val_set, device: torch.device, tile: int = 0) -> tuple[dict[str, float], list]:
+    """Mean PSNR and SSIM on the Y channel, border cropped by the scale (pyiqa, the SR convention), and the
+    (lr, sr, hr) triples they were scored on."""
     from adaptsr.evaluate import evaluate_pairs
 
     triples = _super_resolve(model, val_set, device, tile)
     scale = triples[0][2].shape[-1] // triples[0][0].shape[-1]
     result = evaluate_pairs([(sr, hr) for _, sr, hr in triples], ("psnr", "ssim"), scale)
-    return result["mean"]
+    return result["mean"], triples
 
 
 def _write_curves(path: Path, history: dict) -> None:
@@ -251,6 +252,13 @@ def adapt(
     use_bf16 = _uses_bf16(config.amp, device.type)
 
     history = {"loss": [], "val": [], "skipped_steps": 0, "train_seconds": 0.0}
+    final_outputs = None  # the last validation's (lr, sr, hr): the comparison picture's "after"
+
+    def validate(step: int) -> None:
+        nonlocal final_outputs
+        scores, final_outputs = _validate(model, val_set, device, config.val_tile)
+        history["val"].append({"step": step, **scores})
+
     start_step = 0
     checkpoint_path = run_dir / _CHECKPOINT
     if resume:
@@ -328,7 +336,7 @@ def adapt(
             progress.set_postfix(loss=f"{loss.item():.4f}")
         # the last step validates before its checkpoint, so a later --resume keeps this run's final scores
         if val_set is not None and (config.val_every and done % config.val_every == 0 or done == config.steps):
-            history["val"].append({"step": done, **_validate(model, val_set, device, config.val_tile)})
+            validate(done)
         if done % config.checkpoint_every == 0 or done == config.steps:
             history["train_seconds"] += time.perf_counter() - clock
             clock = time.perf_counter()
@@ -336,7 +344,7 @@ def adapt(
 
     progress.close()
     if val_set is not None and not (history["val"] and history["val"][-1]["step"] == config.steps):
-        history["val"].append({"step": config.steps, **_validate(model, val_set, device, config.val_tile)})
+        validate(config.steps)
     metrics = {
         "steps": config.steps,
         "final_loss": history["loss"][-1] if history["loss"] else None,
@@ -351,9 +359,8 @@ def adapt(
         save_model(model, run_dir / "model_merged.safetensors")
         _write_json(run_dir / "metrics.json", metrics)
         _write_curves(run_dir / "curves.png", history)
-        if before is not None:
-            after = _super_resolve(model, val_set, device, config.val_tile)
-            _write_comparison(run_dir / "comparison.png", before, after)
+        if before is not None:  # a fresh run: it validated at its last step
+            _write_comparison(run_dir / "comparison.png", before, final_outputs)
     if world > 1:
         dist.barrier()  # no rank leaves (and reads the run folder) before rank 0 has written it
     return metrics
