@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from adaptsr.train import TrainConfig, adapt
 
-TASK = (Path(__file__).parent / "train_task.py").read_text()
+TASK = (Path(__file__).parent / "train_task.py").read_text() + textwrap.dedent(
+    """
+    class RecordingPairs(NoisyPairs):
+        # a validation set that remembers which items this process read
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.read = []
+
+        def __getitem__(self, i):
+            self.read.append(i)
+            return super().__getitem__(i)
+    """
+)
 CONFIG = dict(steps=6, batch_size=4, lr=2e-3, warmup_steps=2, checkpoint_every=3, log_every=0, seed=3)
 
 
@@ -25,14 +39,17 @@ def test_torchrun_two_cpu_processes(tmp_path):
         TASK
         + textwrap.dedent(
             f"""
-            import os, sys
+            import json, os, sys
             torch.set_num_threads(1)
             from adaptsr.train import TrainConfig, adapt
             model = make_model()
-            adapt(model, NoisyPairs(), sys.argv[1], TrainConfig(**{CONFIG!r}), device="cpu")
+            val_set = RecordingPairs(n=3, seed=9)
+            adapt(model, NoisyPairs(), sys.argv[1], TrainConfig(**{CONFIG!r}), val_set=val_set, device="cpu")
             rank = int(os.environ["RANK"])
             lora = {{k: v for k, v in model.state_dict().items() if "lora_" in k}}
             torch.save(lora, os.path.join(sys.argv[1], f"rank{{rank}}.pt"))
+            with open(os.path.join(sys.argv[1], f"validated{{rank}}.json"), "w") as f:
+                json.dump(sorted(set(val_set.read)), f)
             """
         )
     )
@@ -49,14 +66,25 @@ def test_torchrun_two_cpu_processes(tmp_path):
         assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
     # rank 0 alone wrote the run folder
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / "metrics.json").is_file()
+    # each rank super-resolved its share of the validation set only
+    assert json.loads((run_dir / "validated0.json").read_text()) == [0, 2]
+    assert json.loads((run_dir / "validated1.json").read_text()) == [1]
 
     # Two ranks with half batches each and averaged gradients = one process with the whole batch.
     namespace: dict = {}
     exec(TASK, namespace)
     torch.set_num_threads(1)
     single = namespace["make_model"]()
-    adapt(single, namespace["NoisyPairs"](), tmp_path / "single", TrainConfig(**CONFIG), device="cpu")
+    single_metrics = adapt(
+        single, namespace["NoisyPairs"](), tmp_path / "single", TrainConfig(**CONFIG),
+        val_set=namespace["NoisyPairs"](n=3, seed=9), device="cpu",
+    )
     expected = _adapters(single)
     assert any(v.abs().max() > 0 for k, v in expected.items() if k.endswith("lora_B"))
     for key, value in expected.items():
         torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=f"DDP differs from one process on {key}")
+    # the gathered validation scores are the whole set's, as one process measures them
+    ddp_val = json.loads((run_dir / "metrics.json").read_text())["val"]
+    assert [v["step"] for v in ddp_val] == [v["step"] for v in single_metrics["val"]] == [CONFIG["steps"]]
+    for metric in ("psnr", "ssim"):
+        assert ddp_val[0][metric] == pytest.approx(single_metrics["val"][0][metric], rel=1e-4)
