@@ -17,13 +17,17 @@ architecture: set ``TORCH_CUDA_ARCH_LIST`` (e.g. ``9.0``).
 
 The ops, with the contracts of the Triton launchers in ``adaptsr/kernels/`` (no autograd)::
 
-    lora_conv2d_lowrank_grads(x, dy, lora_A, lora_B, scaling, stride, padding, dilation, groups) -> (dA, dB)
-    lora_linear_lowrank_grads(x2, dy2, lora_A, lora_B, scaling) -> (dA, dB)
+    lora_conv2d_lowrank_grads(x, dy, lora_A, lora_B, scaling, stride, padding, dilation, groups, allow_tf32=None)
+        -> (dA, dB)
+    lora_linear_lowrank_grads(x2, dy2, lora_A, lora_B, scaling, allow_tf32=None) -> (dA, dB)
     window_attention_fwd(q, k, v, bias, mask, scale) -> (o, lse)
     window_attention_bwd(do, q, k, v, o, lse, bias, mask, scale, need_dbias) -> (dq, dk, dv, dbias or None)
 
 The math of each is written above its kernel in ``csrc/``. The kernels take float32, float16 and
-bfloat16 and accumulate in float32; every reduction runs in a fixed order (deterministic).
+bfloat16 and accumulate in float32; every reduction runs in a fixed order (deterministic). On sm_80
+and later the low-rank pass multiplies float32 in TF32 on tensor cores where torch would
+(``allow_tf32`` None: ``torch.backends.cudnn.allow_tf32`` for convolutions,
+``torch.backends.cuda.matmul.allow_tf32`` for linear layers), as the Triton kernels do.
 
 This module imports only the standard library at the top: ``setup.py`` loads it by path to share
 the toolkit discovery, before the package (or even torch) is importable.
@@ -218,12 +222,17 @@ def is_available() -> bool:
 # -- the ops --
 
 
-def lora_conv2d_lowrank_grads(x, dy, lora_A, lora_B, scaling: float, stride, padding, dilation, groups: int):
+def lora_conv2d_lowrank_grads(
+    x, dy, lora_A, lora_B, scaling: float, stride, padding, dilation, groups: int, allow_tf32: bool | None = None
+):
     """dA, dB of a LoRA conv from x (already padded where the mode needs it) and dy; no autograd.
 
-    ``padding`` is the symmetric zero padding the kernel applies itself. Same contract as
+    ``padding`` is the symmetric zero padding the kernel applies itself. ``allow_tf32``: float32 products
+    in TF32 (None: as torch's convolutions, ``torch.backends.cudnn.allow_tf32``). Same contract as
     ``adaptsr.kernels.lora_conv2d.lora_conv2d_lowrank_grads``.
     """
+    import torch
+
     from adaptsr.ops._conv_geometry import check_lowrank_grad_inputs
 
     check_lowrank_grad_inputs("cuda", x, dy, lora_A, lora_B, groups)
@@ -233,14 +242,22 @@ def lora_conv2d_lowrank_grads(x, dy, lora_A, lora_B, scaling: float, stride, pad
     return load().lora_lowrank_grads(
         x, dy, lora_A, lora_B.reshape(c_out, rank, 1, 1), float(scaling),
         [int(s) for s in stride], [int(p) for p in padding], [int(d) for d in dilation], int(groups),
+        bool(torch.backends.cudnn.allow_tf32 if allow_tf32 is None else allow_tf32),
     )
 
 
-def lora_linear_lowrank_grads(x2, dy2, lora_A, lora_B, scaling: float):
-    """dA ``[r, in]`` and dB ``[out, r]`` from 2-D x ``[M, in]`` and dy ``[M, out]``: the 1x1 conv case."""
+def lora_linear_lowrank_grads(x2, dy2, lora_A, lora_B, scaling: float, allow_tf32: bool | None = None):
+    """dA ``[r, in]`` and dB ``[out, r]`` from 2-D x ``[M, in]`` and dy ``[M, out]``: the 1x1 conv case.
+
+    ``allow_tf32`` None: as torch's matmuls, ``torch.backends.cuda.matmul.allow_tf32``.
+    """
+    import torch
+
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     grad_a, grad_b = lora_conv2d_lowrank_grads(
         x2.contiguous()[:, :, None, None], dy2.contiguous()[:, :, None, None],
-        lora_A[:, :, None, None], lora_B[:, :, None, None], scaling, (1, 1), (0, 0), (1, 1), 1,
+        lora_A[:, :, None, None], lora_B[:, :, None, None], scaling, (1, 1), (0, 0), (1, 1), 1, allow_tf32,
     )
     return grad_a.reshape(lora_A.shape), grad_b.reshape(lora_B.shape)
 

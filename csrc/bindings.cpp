@@ -11,9 +11,10 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adaptsr CUDA kernels: the LoRA low-rank gradient pass and Swin window attention";
   m.def("lora_lowrank_grads", &adaptsr::lora_lowrank_grads,
-        "(dA, dB) of a LoRA conv from x (pre-padded), dy, lora_A, lora_B, scaling, stride, padding, dilation, groups",
+        "(dA, dB) of a LoRA conv from x (pre-padded), dy, lora_A, lora_B, scaling, stride, padding, dilation, groups; "
+        "allow_tf32: fp32 products in TF32 on tensor cores",
         py::arg("x"), py::arg("dy"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"), py::arg("stride"),
-        py::arg("padding"), py::arg("dilation"), py::arg("groups"));
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("allow_tf32"));
   m.def("window_attention_fwd", &adaptsr::window_attention_fwd,
         "(o, lse) of softmax(scale q k^T + bias + mask) v over windows [B_, heads, N, d]", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("bias"), py::arg("mask"), py::arg("scale"));

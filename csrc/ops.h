@@ -12,12 +12,13 @@ namespace adaptsr {
 
 // dA [r, C_in/g, kh, kw] and dB [C_out, r, 1, 1] of a LoRA convolution from x [N, C_in, H, W]
 // (already padded for non-zero padding modes) and dy [N, C_out, HO, WO]; `padding` is the
-// symmetric zero padding of the convolution itself. Deterministic.
+// symmetric zero padding of the convolution itself; `allow_tf32`: fp32 products in TF32 on tensor
+// cores (sm_80 and later), else IEEE fp32 on CUDA cores. Deterministic.
 std::tuple<at::Tensor, at::Tensor> lora_lowrank_grads(const at::Tensor& x, const at::Tensor& dy,
                                                       const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                       double scaling, std::vector<int64_t> stride,
                                                       std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                                                      int64_t groups);
+                                                      int64_t groups, bool allow_tf32);
 
 // o = softmax(scale q k^T + bias[h] + mask[b % nW]) v and its row log-sum-exp, per window b and head h.
 std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

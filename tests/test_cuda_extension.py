@@ -109,7 +109,7 @@ def test_bindings_reject_cpu_tensors(ext):
     """The device check runs first, before any launch, and names the op and the argument."""
     x, dy, a, b = _cpu_conv_args()
     with pytest.raises(RuntimeError, match=r"lora_lowrank_grads: x must be a CUDA tensor, got a tensor on cpu"):
-        ext.lora_lowrank_grads(x, dy, a, b, 1.0, [1, 1], [1, 1], [1, 1], 1)
+        ext.lora_lowrank_grads(x, dy, a, b, 1.0, [1, 1], [1, 1], [1, 1], 1, False)
     q, k, v, bias, mask = _cpu_attention_args()
     with pytest.raises(RuntimeError, match=r"window_attention_fwd: q must be a CUDA tensor, got a tensor on cpu"):
         ext.window_attention_fwd(q, k, v, bias, mask, 0.125)
@@ -137,6 +137,36 @@ def test_conv_wrapper_names_inconsistent_shapes():
     x, dy, a, _ = _cpu_conv_args()
     with pytest.raises(ValueError, match=r"dy \(1, 6, 5, 5\)"):
         _cuda.lora_conv2d_lowrank_grads(x, dy, a, torch.randn(7, 2, 1, 1), 1.0, (1, 1), (1, 1), (1, 1), 1)
+
+
+class _RecordingExtension:
+    """Stands in for adaptsr._C: records the allow_tf32 each lora_lowrank_grads call gets, computes nothing."""
+
+    def __init__(self):
+        self.allow_tf32 = []
+
+    def lora_lowrank_grads(self, x, dy, lora_A, lora_B, *args):
+        self.allow_tf32.append(args[-1])
+        return torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+
+
+@pytest.mark.parametrize("conv_tf32, matmul_tf32", [(True, False), (False, True), (False, False), (True, True)])
+def test_float32_precision_follows_torch_settings(monkeypatch, conv_tf32, matmul_tf32):
+    """The wrappers ask for TF32 where torch would use it: a conv's pass takes cudnn.allow_tf32 (as cuDNN's
+    float32 convs), a linear layer's cuda.matmul.allow_tf32 (as cuBLAS's); an explicit allow_tf32 wins."""
+    fake = _RecordingExtension()
+    monkeypatch.setattr(_cuda, "load", lambda: fake)
+    x, dy, a, b = _cpu_conv_args()
+    # (torch.backends.cuda.matmul is no plain module: monkeypatch cannot set its flag)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv_tf32, matmul_tf32
+    try:
+        _cuda.lora_conv2d_lowrank_grads(x, dy, a, b, 1.0, (1, 1), (1, 1), (1, 1), 1)
+        _cuda.lora_linear_lowrank_grads(torch.randn(7, 4), torch.randn(7, 6), torch.randn(2, 4), torch.randn(6, 2), 1.0)
+        _cuda.lora_conv2d_lowrank_grads(x, dy, a, b, 1.0, (1, 1), (1, 1), (1, 1), 1, allow_tf32=not conv_tf32)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert fake.allow_tf32 == [conv_tf32, matmul_tf32, not conv_tf32]
 
 
 def test_toolkit_discovery_skips_a_wrapper_nvcc(tmp_path, monkeypatch):
@@ -230,6 +260,34 @@ def test_cuda_kernels_are_deterministic():
     a, b = torch.randn(8, 32, 3, 3, device="cuda"), torch.randn(48, 8, 1, 1, device="cuda")
     runs = [_cuda.lora_conv2d_lowrank_grads(x, dy, a, b, 0.5, (1, 1), (1, 1), (1, 1), 1) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_float32_lowrank_grads_in_tf32_on_gpu(channels_last):
+    """float32 with TF32 allowed: on sm_80 and later the z and dA kernels run on tensor cores in TF32, within
+    TF32's error of float64; with it refused, IEEE float32 on CUDA cores, within float32's."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(8, 64, 48, 48, device="cuda", generator=gen)
+    dy = torch.randn(8, 64, 48, 48, device="cuda", generator=gen)
+    if channels_last:
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    a = torch.randn(8, 64, 3, 3, device="cuda", generator=gen) / 24
+    b = torch.randn(64, 8, 1, 1, device="cuda", generator=gen) / 3
+    ref_a, ref_b = _lowrank_grads_ref(x, dy, a, b, 0.5)
+    for allow_tf32, tol in ((True, 5e-3), (False, 2e-5)):
+        grad_a, grad_b = _cuda.lora_conv2d_lowrank_grads(x, dy, a, b, 0.5, (1, 1), (1, 1), (1, 1), 1, allow_tf32)
+        for name, got, ref in (("dA", grad_a, ref_a), ("dB", grad_b, ref_b)):
+            err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
+            assert err <= tol, f"{name}: relative error {err:.2e} with allow_tf32={allow_tf32}"
+
+
+def _lowrank_grads_ref(x, dy, a, b, scaling):
+    """dA, dB of a 3x3 stride-1 padding-1 LoRA conv in float64 through autograd."""
+    x64, dy64 = x.double(), dy.double()
+    a64, b64 = a.double().requires_grad_(True), b.double().requires_grad_(True)
+    out = scaling * torch.nn.functional.conv2d(torch.nn.functional.conv2d(x64, a64, padding=1), b64)
+    return torch.autograd.grad(out, (a64, b64), dy64)
 
 
 @needs_cuda_backend

@@ -154,6 +154,64 @@ def test_lowrank_grads_match_float64(emu, schedule, case_name, layout, dtype_nam
         assert_close_to_reference(got, r64, p, f"emulated {name} {case_name} {layout} ({schedule})", magnitude=m)
 
 
+def _tf32(t: torch.Tensor) -> torch.Tensor:
+    """float32 rounded to TF32 as cvt.rna.tf32.f32 rounds (nearest, ties away from zero; 10-bit mantissa), on
+    the bits: adding half of the dropped 13 bits' range to the magnitude and clearing them."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def test_tf32_rounding_of_the_test():
+    """The rounding the TF32 checks below rely on: to nearest, ties away from zero, 10 mantissa bits."""
+    one_ulp = 2.0**-10
+    values = torch.tensor([1.0, 1 + one_ulp / 4, 1 + one_ulp / 2, 1 + 3 * one_ulp / 4, -(1 + one_ulp / 2),
+                           2.0**-20 * (1 + one_ulp / 2 - 2.0**-23), 2.0**-20 * (3 - one_ulp / 2)])
+    expected = torch.tensor([1.0, 1.0, 1 + one_ulp, 1 + one_ulp, -(1 + one_ulp), 2.0**-20, 2.0**-20 * 3])
+    assert torch.equal(_tf32(values), expected)
+
+
+# TF32's unit roundoff: products of two rounded operands are off by at most about twice it.
+_TF32_UNIT_ROUNDOFF = 2.0**-11
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case_name", list(CONV_CASES))
+def test_lowrank_grads_tf32_tensor_cores(emu, schedule, case_name, layout, assert_close_to_reference):
+    """fp32 inputs on the tensor-core kernels (the host takes them where torch allows TF32): x and A rounded to
+    TF32 for z, u and x for dA, everything else fp32. dB (from z on the CUDA-core kernel) matches the float64
+    reference of TF32-rounded x and A to fp32 accuracy, which a kernel that truncates (skips the rounding) or
+    runs in IEEE fails; dA is within TF32's error of the exact float64 result."""
+    c_in, c_out, kernel, stride, padding, dilation, groups, rank, batch, height, width, sms = CONV_CASES[case_name]
+    gen = torch.Generator().manual_seed(_seed(case_name, layout, "tf32"))
+    out_h = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    fan_in = c_in // groups * kernel[0] * kernel[1]
+    x = _rounded(gen, (batch, c_in, height, width), torch.float32)
+    dy = _rounded(gen, (batch, c_out, out_h, out_w), torch.float32)
+    lora_a = _rounded(gen, (rank, c_in // groups, *kernel), torch.float32, fan_in**-0.5)
+    lora_b = _rounded(gen, (c_out, rank, 1, 1), torch.float32, rank**-0.5)
+    if layout == "channels_last":
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    scaling = 0.75
+    geometry = ConvGeometry.from_args(kernel, stride, padding, dilation, groups)
+
+    grad_a, grad_b = emu.lora_lowrank_grads(x, dy, lora_a, lora_b, scaling, stride, padding, dilation, groups, sms, True)
+    assert grad_a.dtype == grad_b.dtype == torch.float32
+
+    label = f"emulated TF32 {case_name} {layout} ({schedule})"
+    magnitude = _low_rank_grads(*(t.double().abs() for t in (x, dy, lora_a, lora_b)), scaling, geometry)
+    # dB = s dy^T z, z from TF32 operands: exact up to fp32 sums against the float64 result of the rounded operands
+    rounded = (_tf32(x), dy, _tf32(lora_a), lora_b)
+    ref_b = _low_rank_grads(*(t.double() for t in rounded), scaling, geometry)[1]
+    plain_b = _low_rank_grads(*rounded, scaling, geometry)[1]
+    assert_close_to_reference(grad_b, ref_b, plain_b, f"{label} dB", magnitude=magnitude[1])
+    # dA = s tf32(u)^T tf32(x): within TF32's rounding of the exact result
+    exact_a = _low_rank_grads(*(t.double() for t in (x, dy, lora_a, lora_b)), scaling, geometry)[0]
+    err = (grad_a.double() - exact_a).abs().max().item()
+    bound = 3 * _TF32_UNIT_ROUNDOFF * magnitude[0].max().item()
+    assert err <= bound, f"{label} dA: max abs error {err:.3e} > TF32 bound {bound:.3e}"
+
+
 # -- window attention forward and backward (csrc/window_attention/) --
 
 

@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> lora_lowrank_grads(const at::Tensor& x, const
                                                       const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                       double scaling, std::vector<int64_t> stride,
                                                       std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                                                      int64_t groups) {
+                                                      int64_t groups, bool allow_tf32) {
   using namespace lowrank;  // tile sizes, ConvShape, the launch geometry and the kernel
   constexpr const char* op = "lora_lowrank_grads";
   // -- checks: devices and dtypes first, then shapes --
@@ -99,19 +99,19 @@ std::tuple<at::Tensor, at::Tensor> lora_lowrank_grads(const at::Tensor& x, const
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int rank_chunks = static_cast<int>(launch.rank_chunks);
   const int o_tiles = static_cast<int>(launch.o_tiles);
-  // fp16 / bf16 on sm_80 and later: the z and dA kernels on tensor cores
-  const bool tensor_cores = x.scalar_type() != at::kFloat && has_tensor_cores(compute_capability_major(x));
+  // On sm_80 and later the z and dA kernels run on tensor cores: fp16 / bf16 always, fp32 in TF32
+  // where the caller allows it (torch's own setting for the layer: cuDNN's for convs, cuBLAS's for
+  // linear layers), else on CUDA cores in IEEE fp32.
+  const bool tensor_cores =
+      has_tensor_cores(compute_capability_major(x)) && (x.scalar_type() != at::kFloat || allow_tf32);
   ADAPTSR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), op, [&] {
-    constexpr bool k16Bit = !std::is_same_v<scalar_t, float>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     // -- z from x --
     with_staging(x_staging, [&](auto staging) {
-      if constexpr (k16Bit) {
-        if (tensor_cores) {
-          lowrank_z_tc_kernel<scalar_t, staging.value><<<to_dim3(launch.z_grid), kThreads, 0, stream>>>(
-              xp, a_mat.data_ptr<float>(), z.data_ptr<float>(), shape, rank_chunks);
-          return;
-        }
+      if (tensor_cores) {
+        lowrank_z_tc_kernel<scalar_t, staging.value><<<to_dim3(launch.z_grid), kThreads, 0, stream>>>(
+            xp, a_mat.data_ptr<float>(), z.data_ptr<float>(), shape, rank_chunks);
+        return;
       }
       lowrank_z_kernel<scalar_t, staging.value><<<to_dim3(launch.z_grid), kThreads, 0, stream>>>(
           xp, a_mat.data_ptr<float>(), z.data_ptr<float>(), shape, rank_chunks);
@@ -126,12 +126,10 @@ std::tuple<at::Tensor, at::Tensor> lora_lowrank_grads(const at::Tensor& x, const
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // -- dA from x --
     with_staging(x_staging, [&](auto staging) {
-      if constexpr (k16Bit) {
-        if (tensor_cores) {
-          lowrank_da_tc_kernel<scalar_t, staging.value><<<to_dim3(launch.da_grid), kThreads, 0, stream>>>(
-              xp, u_part.data_ptr<float>(), ws_a.data_ptr<float>(), shape, rank_chunks, o_tiles);
-          return;
-        }
+      if (tensor_cores) {
+        lowrank_da_tc_kernel<scalar_t, staging.value><<<to_dim3(launch.da_grid), kThreads, 0, stream>>>(
+            xp, u_part.data_ptr<float>(), ws_a.data_ptr<float>(), shape, rank_chunks, o_tiles);
+        return;
       }
       lowrank_da_kernel<scalar_t, staging.value><<<to_dim3(launch.da_grid), kThreads, 0, stream>>>(
           xp, u_part.data_ptr<float>(), ws_a.data_ptr<float>(), shape, rank_chunks, o_tiles);

@@ -1,10 +1,11 @@
 // Tensor-core versions of the z and dA kernels (lora_lowrank_grads_kernel.cuh has the math, the
-// grids and the u/dB kernel) for fp16 and bf16 inputs on sm_80 and later.
+// grids and the u/dB kernel) for fp16 and bf16 inputs, and for fp32 inputs in TF32 where torch's
+// own products would be (the host decides), on sm_80 and later.
 //
 // The two are the pass's 9-tap work (2 M r taps C_in/g multiply-adds each, ten times the u/dB
 // kernel's at 3x3), which on CUDA cores is compute-bound far above the bytes' floor. Per 64-pixel
-// tile both are one [64 x 64] x [64 x r] product in 16 x 16 x 16 tiles, fp32 accumulators kept in
-// the warps' fragments across the block's whole loop:
+// tile both are one [64 x 64] x [64 x r] product in 16 x 16 x k tiles (k = 16 for 16-bit, 8 for
+// TF32), fp32 accumulators kept in the warps' fragments across the block's whole loop:
 //
 //     z  [64 pixels x r]   += X [64 pixels x 64 channels] . A^T [64 channels x r]   (per tap, channel tile)
 //     dA [r x 64 channels] += u^T [r x 64 pixels] . X [64 pixels x 64 channels]    (per pixel tile)
@@ -13,7 +14,8 @@
 // channels) of the block's tile, times two rank tiles when the chunk has more than 16 ranks;
 // with 16 or fewer, the two sets of four split the reduction (z: channels, dA: pixels) in halves
 // that are added at the end. The operands X and A, or u, are rounded to x's 16-bit type, as the
-// thin convolutions of plain torch round them; everything else stays fp32.
+// thin convolutions of plain torch round them, or for fp32 x to TF32 as cuDNN's do with
+// allow_tf32; everything else stays fp32.
 
 #pragma once
 
@@ -25,8 +27,11 @@ namespace lowrank {
 
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kFrags = kTile / kMma;  // 16-wide fragments across a 64-wide tile
-// Row pitches of the 16-bit tiles: load_matrix_sync wants 32-byte aligned rows of a multiple of
-// 8 elements; 8 more than the width also spreads the rows over the shared-memory banks.
+// k-steps of the tensor-core tiles across a 64-long reduction: 4 of 16 (16-bit), 8 of 8 (TF32).
+template <typename scalar_t>
+constexpr int kSteps = kTile / TensorCoreTile<scalar_t>::kDepth;
+// Row pitches of the tiles: load_matrix_sync wants 32-byte aligned rows of a multiple of 16
+// bytes; 8 elements more than the width also spread the rows over the shared-memory banks.
 constexpr int kSlabPitch = kTile + 8;
 constexpr int kRankPitch = kMaxChunkRank + 8;
 static_assert(kWarps == 2 * kFrags && kMaxChunkRank == 2 * kMma, "two sets of four warps, two rank tiles");
@@ -71,15 +76,16 @@ __global__ void __launch_bounds__(kThreads)
   set_pixel_tile(sm.tile, shape, first_pixel);
   __syncthreads();
 
-  wmma::fragment<wmma::accumulator, kMma, kMma, kMma, float> acc;
+  constexpr int kDepth = TensorCoreTile<scalar_t>::kDepth;
+  AccumulatorFragment<scalar_t> acc;
   wmma::fill_fragment(acc, 0.f);
   for_each_z_chunk<scalar_t, kStaging>(sm, x, a_mat, shape, gc, [&](int) {
     // this warp's 16 pixels x 16 ranks over its channel steps (zero past `count`)
-    for (int step = wt.half; step < kFrags; step += wt.halves) {
-      wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, wmma::row_major> xa;
-      wmma::fragment<wmma::matrix_b, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, wmma::row_major> ab;
-      wmma::load_matrix_sync(xa, as_tensor_core(&sm.slab[wt.frag * kMma][step * kMma]), kSlabPitch);
-      wmma::load_matrix_sync(ab, as_tensor_core(&sm.weights[step * kMma][wt.rank_tile * kMma]), kRankPitch);
+    for (int step = wt.half; step < kSteps<scalar_t>; step += wt.halves) {
+      OperandFragment<wmma::matrix_a, scalar_t, wmma::row_major> xa;
+      OperandFragment<wmma::matrix_b, scalar_t, wmma::row_major> ab;
+      load_operand(xa, &sm.slab[wt.frag * kMma][step * kDepth], kSlabPitch);
+      load_operand(ab, &sm.weights[step * kDepth][wt.rank_tile * kMma], kRankPitch);
       wmma::mma_sync(acc, xa, ab, acc);
     }
   });
@@ -96,6 +102,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 #endif
 }
+
+// Static shared memory ends at 48 KB; the fp32 (TF32) tiles are the larger.
+static_assert(sizeof(ZTcSmem<float>) <= 48 * 1024, "the z kernel's fp32 shared memory passes the static 48 KB");
 
 // -- dA kernel on tensor cores --
 
@@ -119,18 +128,19 @@ __global__ void __launch_bounds__(kThreads)
   const WarpTile wt = warp_tile(gc.chunk_rank);
   const DaColumn col = da_column(shape);
 
-  wmma::fragment<wmma::accumulator, kMma, kMma, kMma, float> acc;
+  constexpr int kDepth = TensorCoreTile<scalar_t>::kDepth;
+  AccumulatorFragment<scalar_t> acc;
   wmma::fill_fragment(acc, 0.f);
   const PixelRun run = pixel_run(shape, blockIdx.y, gridDim.y);
   for (int64_t tile = run.first; tile < run.end; ++tile) {
-    // u summed over output tiles in fp32, then rounded to x's type for the tensor cores
+    // u summed over output tiles in fp32, then rounded to x's type (or to TF32) for the tensor cores
     stage_da_tile<scalar_t, kStaging>(sm, x, u_part, shape, gc, col, tile * kTile, o_tiles);
     // -- this warp's 16 ranks x 16 channels over its pixel steps: u^T is u_rows read column-major --
-    for (int step = wt.half; step < kFrags; step += wt.halves) {
-      wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, wmma::col_major> ua;
-      wmma::fragment<wmma::matrix_b, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, wmma::row_major> xb;
-      wmma::load_matrix_sync(ua, as_tensor_core(&sm.u_rows[step * kMma][wt.rank_tile * kMma]), kRankPitch);
-      wmma::load_matrix_sync(xb, as_tensor_core(&sm.slab[step * kMma][wt.frag * kMma]), kSlabPitch);
+    for (int step = wt.half; step < kSteps<scalar_t>; step += wt.halves) {
+      OperandFragment<wmma::matrix_a, scalar_t, wmma::col_major> ua;
+      OperandFragment<wmma::matrix_b, scalar_t, wmma::row_major> xb;
+      load_operand(ua, &sm.u_rows[step * kDepth][wt.rank_tile * kMma], kRankPitch);
+      load_operand(xb, &sm.slab[step * kDepth][wt.frag * kMma], kSlabPitch);
       wmma::mma_sync(acc, ua, xb, acc);
     }
     __syncthreads();

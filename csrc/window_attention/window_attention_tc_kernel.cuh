@@ -75,9 +75,9 @@ __device__ __forceinline__ void store_head_strip(scalar_t* __restrict__ dst, con
 
 template <typename scalar_t>
 using HeadFragA =
-    wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, wmma::row_major>;
+    wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, typename TensorCoreTile<scalar_t>::element, wmma::row_major>;
 template <typename scalar_t, typename Layout>
-using FragB = wmma::fragment<wmma::matrix_b, kMma, kMma, kMma, typename TensorCoreType<scalar_t>::type, Layout>;
+using FragB = wmma::fragment<wmma::matrix_b, kMma, kMma, kMma, typename TensorCoreTile<scalar_t>::element, Layout>;
 using FragAcc = wmma::fragment<wmma::accumulator, kMma, kMma, kMma, float>;
 
 // acc = a_rows (16 x head dim) . b_rows^T, b_rows a [16][head dim] tile: the rows' dot products

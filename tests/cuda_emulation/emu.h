@@ -14,8 +14,8 @@
 //   - __shared__ variables are function statics: one copy, shared by the threads of the block,
 //     reused by the next block (blocks run one after another);
 //   - launch limits: at most 1024 threads, a multiple of 32, grid.y and grid.z <= 65535;
-//   - nvcuda::wmma's 16 x 16 x 16 fragments (at the end of this file), with the alignment and
-//     leading-dimension rules of load_matrix_sync and store_matrix_sync checked.
+//   - nvcuda::wmma's 16 x 16 x 16 fragments and TF32's 16 x 16 x 8 (at the end of this file), with
+//     the alignment and leading-dimension rules of load_matrix_sync and store_matrix_sync checked.
 // Fibers run one at a time in a fixed order (ascending or descending thread index, see
 // EmuSchedule) up to their next barrier: deterministic, and a missing __syncthreads between a
 // write and a read of shared memory by other threads shows as a wrong result in one order or the
@@ -240,13 +240,16 @@ void emu_launch(Dim3 grid, unsigned threads, Kernel kernel) {
   g_block = nullptr;
 }
 
-// -- tensor-core matrix products (nvcuda::wmma), 16 x 16 x 16 tiles --
+// -- tensor-core matrix products (nvcuda::wmma): 16 x 16 x 16 tiles of 16-bit types, 16 x 16 x 8 of TF32 --
 //
 // Warp-collective on the GPU, each lane holding a slice of a tile in a layout the kernels never
-// look at (they only load, multiply-accumulate and store whole fragments). Here every lane holds
-// the whole tile as floats (exact for 16-bit inputs) and does the whole product itself, so the
-// result is the same whichever lanes run; the tensor cores' summation order inside one product
-// is not reproduced (fp32 sums in k order here).
+// look at (they only load, multiply-accumulate and store whole fragments, and round TF32
+// operands element by element). Here every lane holds the whole tile as floats (exact for
+// 16-bit inputs) and does the whole product itself, so the result is the same whichever lanes
+// run; the tensor cores' summation order inside one product is not reproduced (fp32 sums in k
+// order here). TF32 operands are fp32 in memory and in the fragment; the kernel rounds them with
+// __float_to_tf32, and mma_sync, as the hardware, reads only their top 19 bits (a kernel that
+// forgets the rounding truncates instead, which the tests see).
 using __half = c10::Half;
 using __nv_bfloat16 = c10::BFloat16;
 
@@ -259,28 +262,64 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+
+// The type a fragment of element type T is loaded from: T itself, fp32 for TF32.
+template <typename T>
+struct memory_type {
+  using type = T;
+};
+template <>
+struct memory_type<precision::tf32> {
+  using type = float;
+};
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static constexpr int kRows = std::is_same_v<Use, matrix_b> ? K : M;
   static constexpr int kCols = std::is_same_v<Use, matrix_a> ? K : N;
-  float v[kRows][kCols];
+  static constexpr int num_elements = kRows * kCols;
+  float x[num_elements];  // row-major [kRows][kCols]
+  float& at(int i, int j) { return x[i * kCols + j]; }
+  float at(int i, int j) const { return x[i * kCols + j]; }
 };
 
-template <typename Use, int M, int N, int K, typename T, typename Layout>
-inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float value) {
-  for (auto& row : f.v)
-    for (float& e : row) e = value;
+// cvt.rna.tf32.f32: round to nearest with ties away from zero, keeping a 10-bit mantissa.
+inline float __float_to_tf32(float value) {
+  if (!std::isfinite(value)) return value;
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  bits = (bits + 0x1000u) & 0xFFFFE000u;
+  std::memcpy(&value, &bits, sizeof bits);
+  return value;
+}
+
+// What the tensor cores read of a TF32 operand: its top 19 bits (sign, exponent, 10-bit mantissa).
+inline float tf32_operand(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  bits &= 0xFFFFE000u;
+  std::memcpy(&value, &bits, sizeof bits);
+  return value;
 }
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* ptr, unsigned ldm) {
+inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float value) {
+  for (float& e : f.x) e = value;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const typename memory_type<T>::type* ptr,
+                             unsigned ldm) {
   using Frag = fragment<Use, M, N, K, T, Layout>;
+  using Memory = typename memory_type<T>::type;
   if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0) emu::fail("load_matrix_sync: pointer not 256-bit aligned");
-  if (ldm % (16 / sizeof(T)) != 0) emu::fail("load_matrix_sync: ldm not a multiple of 16 bytes");
+  if (ldm % (16 / sizeof(Memory)) != 0) emu::fail("load_matrix_sync: ldm not a multiple of 16 bytes");
   for (int i = 0; i < Frag::kRows; ++i)
     for (int j = 0; j < Frag::kCols; ++j)
-      f.v[i][j] = static_cast<float>(std::is_same_v<Layout, col_major> ? ptr[i + j * ldm] : ptr[i * ldm + j]);
+      f.at(i, j) = static_cast<float>(std::is_same_v<Layout, col_major> ? ptr[i + j * ldm] : ptr[i * ldm + j]);
 }
 
 // An accumulator from fp32 memory (the kernels keep running sums there between products).
@@ -290,18 +329,24 @@ inline void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const flo
   if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0) emu::fail("load_matrix_sync: pointer not 256-bit aligned");
   if (ldm % 4 != 0) emu::fail("load_matrix_sync: ldm not a multiple of 16 bytes");
   for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) f.v[i][j] = layout == mem_col_major ? ptr[i + j * ldm] : ptr[i * ldm + j];
+    for (int j = 0; j < N; ++j) f.at(i, j) = layout == mem_col_major ? ptr[i + j * ldm] : ptr[i * ldm + j];
 }
 
 template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB>
 inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
                      const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  static_assert(std::is_same_v<TA, TB>, "mma_sync: both operands of one type");
+  static_assert(!std::is_same_v<TA, precision::tf32> || K == 8, "TF32 tiles are 16 x 16 x 8");
+  static_assert(std::is_same_v<TA, precision::tf32> || K == 16, "16-bit tiles are 16 x 16 x 16");
+  constexpr bool kTf32 = std::is_same_v<TA, precision::tf32>;
   fragment<accumulator, M, N, K, float> out;
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) {
-      float s = c.v[i][j];
-      for (int k = 0; k < K; ++k) s += a.v[i][k] * b.v[k][j];
-      out.v[i][j] = s;
+      float s = c.at(i, j);
+      for (int k = 0; k < K; ++k) {
+        s += kTf32 ? tf32_operand(a.at(i, k)) * tf32_operand(b.at(k, j)) : a.at(i, k) * b.at(k, j);
+      }
+      out.at(i, j) = s;
     }
   d = out;
 }
@@ -312,7 +357,7 @@ inline void store_matrix_sync(float* ptr, const fragment<accumulator, M, N, K, f
   if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0) emu::fail("store_matrix_sync: pointer not 256-bit aligned");
   if (ldm % 4 != 0) emu::fail("store_matrix_sync: ldm not a multiple of 16 bytes");
   for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) (layout == mem_col_major ? ptr[i + j * ldm] : ptr[i * ldm + j]) = f.v[i][j];
+    for (int j = 0; j < N; ++j) (layout == mem_col_major ? ptr[i + j * ldm] : ptr[i * ldm + j]) = f.at(i, j);
 }
 
 }  // namespace wmma

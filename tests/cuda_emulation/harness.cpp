@@ -51,8 +51,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank(const at::Tensor& x, const at::Tensor
                                            const at::Tensor& lora_B, double scaling, std::vector<int64_t> stride,
                                            std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
                                            int64_t multiprocessors, bool tensor_cores) {
-  using namespace adaptsr::lowrank;
-  TORCH_CHECK(!tensor_cores || x.scalar_type() != at::kFloat, "the tensor-core kernels take 16-bit inputs");
+  using namespace adaptsr::lowrank;  // tensor_cores with fp32 x: the TF32 kernels
   const int64_t out_channels = dy.size(1);
   const int64_t rank = lora_A.size(0), in_pg = lora_A.size(1), kh = lora_A.size(2), kw = lora_A.size(3);
   const ConvShape shape = make_conv_shape(x.sizes().data(), x.strides().data(), dy.sizes().data(), dy.strides().data(),
@@ -81,14 +80,11 @@ std::tuple<at::Tensor, at::Tensor> lowrank(const at::Tensor& x, const at::Tensor
     float* up = u_part.data_ptr<float>();
     float* wa = ws_a.data_ptr<float>();
     float* wb = ws_b.data_ptr<float>();
-    constexpr bool k16Bit = !std::is_same_v<scalar_t, float>;
     with_staging(x_staging, [&](auto staging) {
-      if constexpr (k16Bit) {
-        if (tensor_cores) {
-          emu_launch(dim3_of(launch.z_grid), kThreads,
-                     [=] { lowrank_z_tc_kernel<scalar_t, staging.value>(xp, ap, zp, shape, rank_chunks); });
-          return;
-        }
+      if (tensor_cores) {
+        emu_launch(dim3_of(launch.z_grid), kThreads,
+                   [=] { lowrank_z_tc_kernel<scalar_t, staging.value>(xp, ap, zp, shape, rank_chunks); });
+        return;
       }
       emu_launch(dim3_of(launch.z_grid), kThreads,
                  [=] { lowrank_z_kernel<scalar_t, staging.value>(xp, ap, zp, shape, rank_chunks); });
@@ -98,12 +94,10 @@ std::tuple<at::Tensor, at::Tensor> lowrank(const at::Tensor& x, const at::Tensor
                  [=] { lowrank_u_db_kernel<scalar_t, staging.value>(dyp, bp, zp, up, wb, shape, rank_chunks); });
     });
     with_staging(x_staging, [&](auto staging) {
-      if constexpr (k16Bit) {
-        if (tensor_cores) {
-          emu_launch(dim3_of(launch.da_grid), kThreads,
-                     [=] { lowrank_da_tc_kernel<scalar_t, staging.value>(xp, up, wa, shape, rank_chunks, o_tiles); });
-          return;
-        }
+      if (tensor_cores) {
+        emu_launch(dim3_of(launch.da_grid), kThreads,
+                   [=] { lowrank_da_tc_kernel<scalar_t, staging.value>(xp, up, wa, shape, rank_chunks, o_tiles); });
+        return;
       }
       emu_launch(dim3_of(launch.da_grid), kThreads,
                  [=] { lowrank_da_kernel<scalar_t, staging.value>(xp, up, wa, shape, rank_chunks, o_tiles); });
