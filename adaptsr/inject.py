@@ -68,6 +68,26 @@ class _InputRequiresGrad:
         return (args[0].detach().requires_grad_(True), *args[1:])
 
 
+# The attribute of each frozen normalisation layer holding its _frozen_statistics hook.
+_FROZEN_STATISTICS_HOOK = "_adaptsr_frozen_statistics_hook"
+
+
+def _frozen_statistics(norm: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a frozen batch norm: normalise with the running statistics, in training too.
+
+    In training mode a batch norm normalises with the batch's statistics and moves its running ones
+    towards them. An adapter file carries no statistics, so base + adapter would not be the model that
+    was trained, and the merged model's outputs would drift from it (DAT's attention convs, for one).
+    Setting the flag here, before each call, holds whatever ``model.train()`` did to it.
+    """
+    norm.training = False
+
+
+def _running_statistics_layers(module: nn.Module) -> list[nn.Module]:
+    """The batch (and instance) norm layers that keep running statistics."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
 def unwrap_model(model) -> nn.Module:
     """The nn.Module inside a spandrel ModelDescriptor, or the module itself."""
     inner = getattr(model, "model", None)
@@ -147,7 +167,9 @@ def inject_lora(
     Targets come from a ``preset`` (see ``adaptsr.presets``), from ``targets`` (a regex matched
     in full against module names, or a list of names / name suffixes), or both. ``alpha``
     defaults to the rank (scaling 1). ``rank_pattern`` / ``alpha_pattern`` override them per
-    layer (PEFT's semantics). Everything but the adapters is frozen.
+    layer (PEFT's semantics). Everything but the adapters is frozen, batch-norm statistics included:
+    those layers normalise with their running statistics in training mode too (a forward pre-hook;
+    ``merge_lora`` removes it), so the base model plus the adapter file is the model that was trained.
 
     Swin window attentions (spandrel's SwinIR and HAT ``WindowAttention``) become
     ``LoRAWindowAttention``: same parameters, keys and function, the attention core on adaptsr's
@@ -160,7 +182,7 @@ def inject_lora(
         raise ValueError("inject_lora needs a preset or targets (a regex or a list of layer names)")
     matchers = []
     if preset is not None:
-        matchers.append(_name_matcher(preset_pattern(preset)))
+        matchers.append(_name_matcher(preset_pattern(preset, module)))
     if targets is not None:
         matchers.append(_name_matcher(targets))
     existing = [name for name, _ in lora_layers(module)]
@@ -218,6 +240,9 @@ def inject_lora(
 
     summary.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     summary.total_params = sum(p.numel() for p in module.parameters())
+    for norm in _running_statistics_layers(module):  # frozen like every base weight: statistics included
+        if getattr(norm, _FROZEN_STATISTICS_HOOK, None) is None:
+            setattr(norm, _FROZEN_STATISTICS_HOOK, norm.register_forward_pre_hook(_frozen_statistics))
     flag_holders = [m for m in module.modules() if hasattr(m, "use_checkpoint")]
     if flag_holders and getattr(module, _INPUT_GRAD_HOOK, None) is None:  # active only while a block is checkpointed
         hook = module.register_forward_pre_hook(_InputRequiresGrad(flag_holders))
@@ -242,10 +267,14 @@ def merge_lora(model, *, unload: bool = True):
             _set_submodule(module, name, layer.to_dense())
         else:
             layer.merge()
-    hook = getattr(module, _INPUT_GRAD_HOOK, None)
-    if unload and hook is not None:  # the original model again, hooks included
-        hook.remove()
-        delattr(module, _INPUT_GRAD_HOOK)
+    if unload:  # the original model again, hooks included
+        for holder, attribute in [(module, _INPUT_GRAD_HOOK)] + [
+            (norm, _FROZEN_STATISTICS_HOOK) for norm in _running_statistics_layers(module)
+        ]:
+            hook = getattr(holder, attribute, None)
+            if hook is not None:
+                hook.remove()
+                delattr(holder, attribute)
     return model
 
 

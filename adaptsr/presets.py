@@ -6,7 +6,9 @@ they are: those see pixels, not features, and are tiny. Tiny channel-attention 1
 (squeeze to C/16 channels) are skipped too: a rank-8 adapter would be as large as the layer.
 
 Each preset is a regular expression matched in full against module names (as PEFT does with a
-string ``target_modules``); only nn.Conv2d and nn.Linear modules among the matches are wrapped.
+string ``target_modules``), or, where the layers to leave out depend on the configuration (the
+last conv of a Compact model), a function of the model that returns one; only nn.Conv2d and
+nn.Linear modules among the matches are wrapped.
 
 The swinir and hat presets adapt every block's ``attn.qkv`` and ``attn.proj``, so ``inject_lora``
 also replaces every block's ``WindowAttention`` by ``LoRAWindowAttention`` (the attention core on
@@ -16,7 +18,23 @@ overlapping cross-attention (OCAB) is a different module and stays as it is.
 
 from __future__ import annotations
 
-PRESETS: dict[str, str] = {
+import re
+from typing import Callable, Union
+
+from torch import nn
+
+
+def _compact_body(model: nn.Module) -> str:
+    """Compact (Real-ESRGAN's SRVGGNetCompact) is one sequence ``body``: conv, activation, then
+    ``num_conv`` x (conv, activation), then the conv that makes the pixel-shuffled output. The first
+    conv reads pixels and the last writes them; the body is the convs between."""
+    convs = [name for name, m in model.named_modules() if re.fullmatch(r"body\.\d+", name) and type(m) is nn.Conv2d]
+    return "|".join(re.escape(name) for name in convs[1:-1])
+
+
+Preset = Union[str, Callable[[nn.Module], str]]
+
+PRESETS: dict[str, Preset] = {
     # SwinIR: per block attn.qkv, attn.proj, mlp.fc1, mlp.fc2; each RSTB's conv ('1conv') or
     # convs ('3conv': conv.0, conv.2, conv.4); the conv after the body.
     "swinir": (
@@ -37,18 +55,44 @@ PRESETS: dict[str, str] = {
     "esrgan": r"model\.1\.sub\.\d+\.RDB\d\.conv\d\.0|model\.1\.sub\.\d+",
     # RCAN: the two convs of every RCAB, each residual group's closing conv, the body's closing conv.
     "rcan": r"body\.\d+\.body\.\d+\.body\.[02]|body\.\d+\.body\.\d+|body\.\d+",
+    # Compact (SRVGGNetCompact: realesr-general-x4v3, realesr-animevideov3, ...): the body's convs
+    # between the first and the last (see _compact_body).
+    "compact": _compact_body,
+    # DAT: per block the attention's qkv and proj (spatial-window and channel blocks alike) and the
+    # FFN's fc1 / fc2; each residual group's conv; the conv after the body. Left out: the dynamic
+    # position bias MLPs (inputs of 2 coordinates), the depthwise conv and the tiny interaction
+    # convs of the adaptive interaction module (down to 1 channel), and the spatial gate's
+    # depthwise conv.
+    "dat": r"layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|ffn\.fc[12])|layers\.\d+\.conv|conv_after_body",
+    # Swin2SR: as SwinIR, but without attn.qkv: spandrel's Swin2SR applies it as
+    # F.linear(x, self.qkv.weight, q_bias + v_bias), never calling the module, so an adapter there
+    # would never run. The continuous position bias MLP (cpb_mlp, 2 inputs) stays frozen too.
+    "swin2sr": (
+        r"layers\.\d+\.residual_group\.blocks\.\d+\.(attn\.proj|mlp\.fc[12])"
+        r"|layers\.\d+\.conv(\.\d+)?"
+        r"|conv_after_body"
+    ),
 }
 
 # spandrel's architecture ids for the presets above, so a preset can be picked from a model.
-ARCHITECTURE_PRESETS: dict[str, str] = {"SwinIR": "swinir", "HAT": "hat", "ESRGAN": "esrgan", "RCAN": "rcan"}
+ARCHITECTURE_PRESETS: dict[str, str] = {
+    "SwinIR": "swinir", "HAT": "hat", "ESRGAN": "esrgan", "RCAN": "rcan",
+    "Compact": "compact", "DAT": "dat", "Swin2SR": "swin2sr",
+}
 
 
-def preset_pattern(name: str) -> str:
-    """The target regex of preset ``name``; a clear error for an unknown one."""
+def preset_pattern(name: str, model: nn.Module | None = None) -> str:
+    """The target regex of preset ``name`` (for ``model``, where the preset depends on it); a clear error
+    for an unknown one."""
     key = name.strip().lower()
     if key not in PRESETS:
         raise ValueError(f"unknown LoRA preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
-    return PRESETS[key]
+    preset = PRESETS[key]
+    if callable(preset):
+        if model is None:
+            raise ValueError(f"LoRA preset {key!r} depends on the model's configuration: pass the model")
+        return preset(model)
+    return preset
 
 
 def preset_for_architecture(architecture_id: str) -> str:

@@ -393,12 +393,22 @@ _TINY_SR = SimpleNamespace(
     ),
     esrgan=_tiny("ESRGAN", num_filters=8, num_blocks=1, scale=2),
     rcan=_tiny("RCAN", scale=2, n_resgroups=1, n_resblocks=2, n_feats=16, reduction=4),
+    compact=_tiny("Compact", num_in_ch=3, num_out_ch=3, num_feat=16, num_conv=3, upscale=2),
+    dat=_tiny(
+        "DAT", img_size=16, embed_dim=24, depth=[2], num_heads=[2], split_size=[2, 4], expansion_factor=2.0,
+        upscale=2, drop_path_rate=0.0,
+    ),
+    swin2sr=_tiny(
+        "Swin2SR", img_size=16, embed_dim=24, depths=[2], num_heads=[2], window_size=4, upscale=2,
+        upsampler="pixelshuffle", drop_path_rate=0.0,
+    ),
 )
 
 
 @pytest.fixture(scope="session")
 def tiny_sr():
-    """``tiny_sr.swinir / .hat / .esrgan / .rcan(seed=0, **overrides)``: small seeded random spandrel models."""
+    """``tiny_sr.swinir / .hat / .esrgan / .rcan / .compact / .dat / .swin2sr(seed=0, **overrides)``: small
+    seeded random spandrel models."""
     return _TINY_SR
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 import adaptsr
 import adaptsr.io
+import adaptsr.presets
 from adaptsr import LoRAConv2d, LoRALinear
 from adaptsr.presets import PRESETS
 
@@ -211,7 +212,7 @@ def test_outputs_match_peft_with_the_same_adapter_weights(which, tiny_sr):
 
 
 def test_unknown_preset_lists_the_available_ones(tiny_sr):
-    with pytest.raises(ValueError, match=r"unknown LoRA preset 'edsr'.*esrgan, hat, rcan, swinir"):
+    with pytest.raises(ValueError, match=r"unknown LoRA preset .edsr.*compact, dat, esrgan, hat, rcan, swin2sr, swinir"):
         adaptsr.inject_lora(tiny_sr.rcan(), preset="edsr")
 
 
@@ -491,3 +492,62 @@ def test_adapters_train_inside_checkpointed_blocks(arch, tiny_sr):
 
     adaptsr.merge_lora(model)
     assert not model._forward_pre_hooks and not hasattr(model, "_adaptsr_input_grad_hook")
+
+
+# -- batch norm in the base: its statistics are frozen too --
+
+
+def _conv_bn_net() -> nn.Module:
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1))
+    with torch.no_grad():  # statistics that are not the training batches' own
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def test_batch_norm_statistics_stay_frozen_and_the_adapter_reproduces_the_model(tmp_path):
+    """A base model's batch norm neither updates its running statistics nor normalises with the batch's while
+    the adapters train (the adapter file carries no statistics), so base + saved adapter, merged, is exactly
+    the trained model; after merge_lora the layer is plain again and follows model.train()."""
+    model = _conv_bn_net()
+    stats = {k: v.clone() for k, v in model[1].state_dict().items()}
+    adaptsr.inject_lora(model, targets=["0", "3"], rank=2)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    x = torch.randn(4, 3, 6, 6) * 3 + 1
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    for key, value in model[1].state_dict().items():
+        assert torch.equal(value, stats[key]), f"batch norm {key} changed in training"
+    train_mode_out = model(x).detach()
+    model.eval()
+    trained = model(x).detach()
+    torch.testing.assert_close(train_mode_out, trained, rtol=0, atol=0)
+
+    adaptsr.save_adapter(model, tmp_path / "adapter")
+    reloaded = _conv_bn_net()
+    adaptsr.load_adapter(reloaded, tmp_path / "adapter")
+    adaptsr.merge_lora(reloaded)
+    assert all(type(m) in (nn.Conv2d, nn.BatchNorm2d, nn.ReLU) for m in reloaded)
+    torch.testing.assert_close(reloaded.eval()(x), trained, rtol=1e-5, atol=1e-6)
+
+    adaptsr.merge_lora(model)
+    assert not model[1]._forward_pre_hooks  # the original module again
+    model.train()
+    model(x)
+    assert not torch.equal(model[1].running_mean, stats["running_mean"])  # a plain batch norm updates again
+
+
+@pytest.mark.parametrize("num_conv", [1, 5])
+def test_compact_preset_follows_the_configuration(tiny_sr, num_conv):
+    """Compact's body is one sequence whose last conv (the pixel-shuffled output) moves with num_conv: the
+    preset adapts the convs between the first and the last, whatever their number."""
+    model = tiny_sr.compact(num_conv=num_conv)
+    adaptsr.inject_lora(model, preset="compact", rank=2)
+    assert _wrapped(model) == [f"body.{2 * i}" for i in range(1, num_conv + 1)]
+    assert type(model.body[0]) is nn.Conv2d and type(model.body[2 * num_conv + 2]) is nn.Conv2d
+    with pytest.raises(ValueError, match="depends on the model's configuration"):
+        adaptsr.presets.preset_pattern("compact")

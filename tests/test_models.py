@@ -60,6 +60,38 @@ ARCHS = {
         {f"body.0.body.{b}.body.{c}" for b in (0, 1) for c in (0, 2)} | {"body.0.body.2", "body.1"},
         {"head.0", "body.0.body.0.body.3.conv_du.0", "body.0.body.0.body.3.conv_du.2", "tail.0.0", "tail.1"},
     ),
+    # num_conv=3: body.0 reads pixels, body.2/4/6 are the body, body.8 makes the 3 x 2^2 output channels
+    "compact": ({}, "Compact", {"body.2", "body.4", "body.6"}, {"body.0", "body.8"}),
+    "dat": (
+        {},
+        "DAT",
+        {f"layers.0.blocks.{b}.{p}" for b in (0, 1) for p in ("attn.qkv", "attn.proj", "ffn.fc1", "ffn.fc2")}
+        | {"layers.0.conv", "conv_after_body"},
+        {
+            "conv_first",
+            "layers.0.blocks.0.attn.attns.0.pos.pos_proj",  # dynamic position bias (2 coordinates in)
+            "layers.0.blocks.0.attn.dwconv.0",
+            "layers.0.blocks.0.attn.spatial_interaction.3",  # down to one channel
+            "layers.0.blocks.0.ffn.sg.conv",
+            "conv_before_upsample.0",
+            "upsample.0",
+            "conv_last",
+        },
+    ),
+    "swin2sr": (
+        {},
+        "Swin2SR",
+        {f"layers.0.residual_group.blocks.{b}.{p}" for b in (0, 1) for p in ("attn.proj", "mlp.fc1", "mlp.fc2")}
+        | {"layers.0.conv", "conv_after_body"},
+        {
+            "conv_first",
+            "layers.0.residual_group.blocks.0.attn.qkv",  # applied through its weight: an adapter would never run
+            "layers.0.residual_group.blocks.0.attn.cpb_mlp.0",
+            "conv_before_upsample.0",
+            "upsample.0",
+            "conv_last",
+        },
+    ),
 }
 
 SCALE = 2
