@@ -124,6 +124,23 @@ def _apply_gradients(loss: torch.Tensor, params: dict[str, nn.Parameter], optimi
     optimizer.step()
 
 
+def _check_adapters_run(module: nn.Module) -> None:
+    """After the first backward: every adapter got a gradient, or its layer is never called.
+
+    A model can use a layer's weight without calling the layer (spandrel's Swin2SR applies attn.qkv as
+    F.linear(x, qkv.weight, ...)); an adapter there trains nothing, and under DDP its gradient never
+    arrives, which fails a step later with an unhelpful message. Say which layers, once, up front.
+    """
+    idle = [name for name, layer in lora_layers(module) if layer.lora_B.grad is None and layer.lora_A.grad is None]
+    if idle:
+        raise ValueError(
+            f"the adapters on {len(idle)} layer(s) got no gradient in the first training step, so the model never "
+            f"calls those layers: {', '.join(idle[:4])}{', ...' if len(idle) > 4 else ''}; leave them out of the "
+            "targets (a model that uses a layer's weight directly, as spandrel's Swin2SR does with attn.qkv, "
+            "bypasses its adapter)"
+        )
+
+
 def _init_distributed(device: torch.device | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device), joining the process group torchrun describes in the environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -324,6 +341,7 @@ def adapt(
     # tqdm shows it/s and the ETA; rank 0 only, and silent with log_every=0.
     progress = tqdm(total=config.steps, initial=start_step, unit="step", disable=rank != 0 or not config.log_every)
     bad_in_a_row = 0
+    adapters_checked = False
     clock = time.perf_counter()
     for step in range(start_step, config.steps):
         indices, epoch = _batch_indices(step, len(train_set), config)
@@ -341,6 +359,9 @@ def adapt(
             continue
         bad_in_a_row = 0
         _apply_gradients(loss, params, optimizer, config.grad_clip)
+        if not adapters_checked:  # this run's first step that trained
+            _check_adapters_run(module)
+            adapters_checked = True
         schedule.step()
         if world > 1:  # log the global batch's loss, the same on every rank
             loss = loss.detach().clone()

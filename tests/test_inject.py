@@ -551,3 +551,15 @@ def test_compact_preset_follows_the_configuration(tiny_sr, num_conv):
     assert type(model.body[0]) is nn.Conv2d and type(model.body[2 * num_conv + 2]) is nn.Conv2d
     with pytest.raises(ValueError, match="depends on the model's configuration"):
         adaptsr.presets.preset_pattern("compact")
+
+
+def test_a_model_that_reads_an_adapted_layers_weight_is_told_why(tiny_sr):
+    """spandrel's Swin2SR applies attn.qkv as F.linear(x, qkv.weight, ...): an adapter there would be bypassed.
+    Its preset leaves qkv out; targeting it anyway fails at the first forward with the reason, not a bare
+    missing attribute."""
+    model = tiny_sr.swin2sr()
+    adaptsr.inject_lora(model, targets=r".*attn\.qkv", rank=2)
+    with pytest.raises(AttributeError, match=r"LoRALinear has no 'weight': the model reads this layer's weight"):
+        model(torch.rand(1, 3, 16, 16))
+    layer = model.layers[0].residual_group.blocks[0].attn.qkv
+    assert not hasattr(layer, "weight") and hasattr(layer.base_layer, "weight")

@@ -147,6 +147,31 @@ def test_bad_input(tmp_path):
         TrainConfig(amp="fp8")
 
 
+class _SpareLayer(torch.nn.Module):
+    """Holds a layer its forward never calls (spandrel's SPAN keeps such convs for its inference form)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 12, 3, padding=1)
+        self.spare = torch.nn.Conv2d(12, 12, 1)
+        self.shuffle = torch.nn.PixelShuffle(2)
+
+    def forward(self, x):
+        return self.shuffle(self.conv(x))
+
+
+def test_adapters_on_layers_the_model_never_calls_are_refused(tmp_path):
+    """An adapter whose layer is never called trains nothing (and would stall DDP): the first step says which."""
+    model = _SpareLayer()
+    adaptsr.inject_lora(model, targets=["conv", "spare"], rank=2)
+    with pytest.raises(ValueError, match=r"adapters on 1 layer\(s\) got no gradient .*never calls those layers: spare;"):
+        adapt(model, NoisyPairs(), tmp_path, _config(), device="cpu")
+    assert not (tmp_path / "checkpoint.pt").exists()
+    adaptsr.merge_lora(model)
+    adaptsr.inject_lora(model, targets=["conv"], rank=2)  # the called layer alone trains
+    adapt(model, NoisyPairs(), tmp_path / "conv-only", _config(steps=2), device="cpu")
+
+
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     """A rank changed between the runs, or a damaged checkpoint: an error naming the file (and the layer), and
     the checkpoint left as it was."""

@@ -57,6 +57,21 @@ class LoRALayer(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(b_shape, dtype=weight.dtype, device=weight.device))
         self.reset_lora_parameters(init_lora_weights)
 
+    # Model code that reads a layer's weight or bias instead of calling it (spandrel's Swin2SR does
+    # F.linear(x, self.qkv.weight, ...)) would bypass the adapter; instead of torch's bare "no
+    # attribute", say so. (Reached only where normal lookup fails: parameters, submodules and these.)
+    def __getattr__(self, name: str):
+        if name in ("weight", "bias"):
+            raise AttributeError(self._bypass_message(name))
+        return nn.Module.__getattr__(self, name)
+
+    def _bypass_message(self, name: str) -> str:
+        return (
+            f"{type(self).__name__} has no {name!r}: the model reads this layer's {name} instead of calling the "
+            f"layer, so an adapter here would never run; leave the layer out of the LoRA targets (the frozen "
+            f"{name} is base_layer.{name})"
+        )
+
     # -- what subclasses provide --
 
     @staticmethod
