@@ -127,17 +127,17 @@ def _apply_gradients(loss: torch.Tensor, params: dict[str, nn.Parameter], optimi
 def _check_adapters_run(module: nn.Module) -> None:
     """After the first backward: every adapter got a gradient, or its layer is never called.
 
-    A model can use a layer's weight without calling the layer (spandrel's Swin2SR applies attn.qkv as
-    F.linear(x, qkv.weight, ...)); an adapter there trains nothing, and under DDP its gradient never
-    arrives, which fails a step later with an unhelpful message. Say which layers, once, up front.
+    A model can hold layers its training forward never calls (spandrel's SPAN keeps convs for its
+    inference form); an adapter there trains nothing, and under DDP its gradient never arrives, which
+    fails a step later with an unhelpful message. Say which layers, once, up front. (A model that reads
+    an adapted layer's weight instead of calling it fails in the forward already: see LoRALayer.)
     """
     idle = [name for name, layer in lora_layers(module) if layer.lora_B.grad is None and layer.lora_A.grad is None]
     if idle:
         raise ValueError(
             f"the adapters on {len(idle)} layer(s) got no gradient in the first training step, so the model never "
             f"calls those layers: {', '.join(idle[:4])}{', ...' if len(idle) > 4 else ''}; leave them out of the "
-            "targets (a model that uses a layer's weight directly, as spandrel's Swin2SR does with attn.qkv, "
-            "bypasses its adapter)"
+            "LoRA targets"
         )
 
 
@@ -336,7 +336,9 @@ def adapt(
     # The base model's outputs, for the comparison crops (only on a fresh start: after a resume
     # the model is no longer the base): rank 0's validation share, the images its final validation returns.
     fresh_validation = val_set is not None and rank == 0 and not resume
-    before = _super_resolve(model, val_set, device, config.val_tile, _validation_share(len(val_set), 0, world)) if fresh_validation else None
+    before = None
+    if fresh_validation:
+        before = _super_resolve(model, val_set, device, config.val_tile, _validation_share(len(val_set), 0, world))
 
     # tqdm shows it/s and the ETA; rank 0 only, and silent with log_every=0.
     progress = tqdm(total=config.steps, initial=start_step, unit="step", disable=rank != 0 or not config.log_every)
