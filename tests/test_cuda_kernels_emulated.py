@@ -122,11 +122,11 @@ def _lowrank_params():
                     yield pytest.param(case_name, layout, dtype_name, units, id=f"{case_name}-{layout}-{dtype_name}-{units}")
 
 
-@pytest.mark.parametrize("case_name, layout, dtype_name, units", list(_lowrank_params()))
-def test_lowrank_grads_match_float64(emu, schedule, case_name, layout, dtype_name, units, assert_close_to_reference):
-    c_in, c_out, kernel, stride, padding, dilation, groups, rank, batch, height, width, sms = CONV_CASES[case_name]
-    dtype = DTYPES[dtype_name]
-    gen = torch.Generator().manual_seed(_seed(case_name, layout, dtype_name))
+def _lowrank_case(case_name: str, layout: str, dtype: torch.dtype, seed_label: str):
+    """(x, dy, lora_A, lora_B, geometry) of CONV_CASES[case_name] in ``dtype``; x and dy in ``layout`` ("mixed":
+    x channels-last, dy NCHW)."""
+    c_in, c_out, kernel, stride, padding, dilation, groups, rank, batch, height, width, _ = CONV_CASES[case_name]
+    gen = torch.Generator().manual_seed(_seed(case_name, layout, seed_label))
     out_h = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     out_w = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
     fan_in = c_in // groups * kernel[0] * kernel[1]
@@ -138,8 +138,15 @@ def test_lowrank_grads_match_float64(emu, schedule, case_name, layout, dtype_nam
         x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
     elif layout == "mixed":  # each tensor is staged by its own layout
         x = x.contiguous(memory_format=torch.channels_last)
+    return x, dy, lora_a, lora_b, ConvGeometry.from_args(kernel, stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("case_name, layout, dtype_name, units", list(_lowrank_params()))
+def test_lowrank_grads_match_float64(emu, schedule, case_name, layout, dtype_name, units, assert_close_to_reference):
+    _, _, _, stride, padding, dilation, groups, *_, sms = CONV_CASES[case_name]
+    dtype = DTYPES[dtype_name]
+    x, dy, lora_a, lora_b, geometry = _lowrank_case(case_name, layout, dtype, dtype_name)
     scaling = 0.75
-    geometry = ConvGeometry.from_args(kernel, stride, padding, dilation, groups)
 
     grad_a, grad_b = emu.lora_lowrank_grads(
         x, dy, lora_a, lora_b, scaling, stride, padding, dilation, groups, sms, units == "tensor_cores"
@@ -181,19 +188,9 @@ def test_lowrank_grads_tf32_tensor_cores(emu, schedule, case_name, layout, asser
     TF32 for z, u and x for dA, everything else fp32. dB (from z on the CUDA-core kernel) matches the float64
     reference of TF32-rounded x and A to fp32 accuracy, which a kernel that truncates (skips the rounding) or
     runs in IEEE fails; dA is within TF32's error of the exact float64 result."""
-    c_in, c_out, kernel, stride, padding, dilation, groups, rank, batch, height, width, sms = CONV_CASES[case_name]
-    gen = torch.Generator().manual_seed(_seed(case_name, layout, "tf32"))
-    out_h = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    out_w = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    fan_in = c_in // groups * kernel[0] * kernel[1]
-    x = _rounded(gen, (batch, c_in, height, width), torch.float32)
-    dy = _rounded(gen, (batch, c_out, out_h, out_w), torch.float32)
-    lora_a = _rounded(gen, (rank, c_in // groups, *kernel), torch.float32, fan_in**-0.5)
-    lora_b = _rounded(gen, (c_out, rank, 1, 1), torch.float32, rank**-0.5)
-    if layout == "channels_last":
-        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    _, _, _, stride, padding, dilation, groups, *_, sms = CONV_CASES[case_name]
+    x, dy, lora_a, lora_b, geometry = _lowrank_case(case_name, layout, torch.float32, "tf32")
     scaling = 0.75
-    geometry = ConvGeometry.from_args(kernel, stride, padding, dilation, groups)
 
     grad_a, grad_b = emu.lora_lowrank_grads(x, dy, lora_a, lora_b, scaling, stride, padding, dilation, groups, sms, True)
     assert grad_a.dtype == grad_b.dtype == torch.float32
