@@ -19,6 +19,8 @@ import torch
 
 from adaptsr import _cuda
 from adaptsr.backend import _unavailable_reason, is_available, set_backend
+from adaptsr.ops._conv_geometry import ConvGeometry
+from adaptsr.ops.lora_conv2d import _low_rank_grads
 
 BINDINGS = ("lora_lowrank_grads", "window_attention_fwd", "window_attention_bwd")
 ON_GPU = torch.cuda.is_available()
@@ -274,20 +276,13 @@ def test_float32_lowrank_grads_in_tf32_on_gpu(channels_last):
         x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
     a = torch.randn(8, 64, 3, 3, device="cuda", generator=gen) / 24
     b = torch.randn(64, 8, 1, 1, device="cuda", generator=gen) / 3
-    ref_a, ref_b = _lowrank_grads_ref(x, dy, a, b, 0.5)
+    geometry = ConvGeometry.from_args((3, 3), (1, 1), (1, 1), (1, 1), 1)
+    ref_a, ref_b = _low_rank_grads(x.double(), dy.double(), a.double(), b.double(), 0.5, geometry)
     for allow_tf32, tol in ((True, 5e-3), (False, 2e-5)):
         grad_a, grad_b = _cuda.lora_conv2d_lowrank_grads(x, dy, a, b, 0.5, (1, 1), (1, 1), (1, 1), 1, allow_tf32)
         for name, got, ref in (("dA", grad_a, ref_a), ("dB", grad_b, ref_b)):
             err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
             assert err <= tol, f"{name}: relative error {err:.2e} with allow_tf32={allow_tf32}"
-
-
-def _lowrank_grads_ref(x, dy, a, b, scaling):
-    """dA, dB of a 3x3 stride-1 padding-1 LoRA conv in float64 through autograd."""
-    x64, dy64 = x.double(), dy.double()
-    a64, b64 = a.double().requires_grad_(True), b.double().requires_grad_(True)
-    out = scaling * torch.nn.functional.conv2d(torch.nn.functional.conv2d(x64, a64, padding=1), b64)
-    return torch.autograd.grad(out, (a64, b64), dy64)
 
 
 @needs_cuda_backend
