@@ -268,14 +268,18 @@ def merge_lora(model, *, unload: bool = True):
         else:
             layer.merge()
     if unload:  # the original model again, hooks included
-        for holder, attribute in [(module, _INPUT_GRAD_HOOK)] + [
-            (norm, _FROZEN_STATISTICS_HOOK) for norm in _running_statistics_layers(module)
-        ]:
-            hook = getattr(holder, attribute, None)
-            if hook is not None:
-                hook.remove()
-                delattr(holder, attribute)
+        _remove_hook(module, _INPUT_GRAD_HOOK)
+        for norm in _running_statistics_layers(module):
+            _remove_hook(norm, _FROZEN_STATISTICS_HOOK)
     return model
+
+
+def _remove_hook(holder: nn.Module, attribute: str) -> None:
+    """Remove the hook whose handle ``holder`` keeps in ``attribute``, if it has one."""
+    hook = getattr(holder, attribute, None)
+    if hook is not None:
+        hook.remove()
+        delattr(holder, attribute)
 
 
 def unmerge_lora(model):

@@ -29,9 +29,9 @@ namespace wmma = nvcuda::wmma;
 
 constexpr int kMma = 16;  // m = n = k of one tensor-core tile
 
-// Each input type's tensor-core tile: `element` is the WMMA fragment type, `Storage` what the
-// shared-memory tiles hold (x's own type: 16-bit tiles are handed to load_matrix_sync through a
-// pointer cast, as PyTorch's own kernels do), kDepth the tile's k.
+// Each input type's tensor-core tile: `element` is the WMMA fragment type, kDepth the tile's k.
+// Shared-memory tiles hold x's own type (16-bit ones are handed to load_matrix_sync through a
+// pointer cast, as PyTorch's own kernels do; fp32 ones as they are).
 template <typename scalar_t>
 struct TensorCoreTile;
 template <>
