@@ -10,7 +10,7 @@ string ``target_modules``), or, where the layers to leave out depend on the conf
 last conv of a Compact model), a function of the model that returns one; only nn.Conv2d and
 nn.Linear modules among the matches are wrapped.
 
-The swinir and hat presets adapt every block's ``attn.qkv`` and ``attn.proj``, so ``inject_lora``
+The swinir, hat and drct presets adapt every block's ``attn.qkv`` and ``attn.proj``, so ``inject_lora``
 also replaces every block's ``WindowAttention`` by ``LoRAWindowAttention`` (the attention core on
 adaptsr's backends; ``inject_lora(..., window_attention=False)`` keeps spandrel's). HAT's
 overlapping cross-attention (OCAB) is a different module and stays as it is.
@@ -72,12 +72,41 @@ PRESETS: dict[str, Preset] = {
         r"|layers\.\d+\.conv(\.\d+)?"
         r"|conv_after_body"
     ),
+    # DRCT: each residual dense group's five Swin blocks (attn.qkv, attn.proj, mlp.fc1, mlp.fc2) and
+    # the 1x1 convs (adjust1..5) that squeeze each block's output into the dense growth channels; the
+    # conv after the body. DRCT's WindowAttention is SwinIR's, so it becomes LoRAWindowAttention too.
+    "drct": r"layers\.\d+\.(swin\d+\.(attn\.(qkv|proj)|mlp\.fc[12])|adjust\d+)|conv_after_body",
+    # ATD: per block the window attention's qkv (wqkv, shared with the category attention) and proj,
+    # the token-dictionary attention's value projection, the category attention's proj and the
+    # conv FFN's fc1 / fc2; each residual group's conv; the conv after the body. Left out: the
+    # dictionary attention's q / k, which project to reducted_dim (10 in the released models)
+    # channels, so a rank-8 adapter would be nearly as large as the layer, and the FFN's depthwise conv.
+    "atd": (
+        r"layers\.\d+\.residual_group\.layers\.\d+\.(wqkv|attn_win\.proj|attn_atd\.wv|attn_aca\.proj|convffn\.fc[12])"
+        r"|layers\.\d+\.conv"
+        r"|conv_after_body"
+    ),
+    # RGT: the rectangle-window blocks' qkv and proj, the recursive-generalization blocks' q, k, v,
+    # proj and 1x1 reduction conv, every block's MLP fc1 / fc2; each residual group's conv; the conv
+    # after the body. Left out: the depthwise convs (get_v, dwconv, cpe, the strided reduction1,
+    # the spatial gate's conv) and the dynamic position bias MLPs (inputs of 2 coordinates).
+    "rgt": (
+        r"layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj|q|k|v|conv)|mlp\.fc[12])"
+        r"|layers\.\d+\.conv"
+        r"|conv_after_body"
+    ),
+    # PLKSR and RealPLKSR (one spandrel architecture): per block the channel mixer's two convs
+    # (PLKSR spells it channe_mixer), the element-wise attention's conv and the 1x1 refine conv.
+    # Left out: the partial large-kernel conv, which acts on dim/4 channels (16 in the released
+    # models), so a rank-8 adapter would be half the layer's rank.
+    "plksr": r"feats\.\d+\.(channel?_mixer\.[02]|attn\.f\.0|refine)",
 }
 
 # spandrel's architecture ids for the presets above, so a preset can be picked from a model.
 ARCHITECTURE_PRESETS: dict[str, str] = {
     "SwinIR": "swinir", "HAT": "hat", "ESRGAN": "esrgan", "RCAN": "rcan",
-    "Compact": "compact", "DAT": "dat", "Swin2SR": "swin2sr",
+    "Compact": "compact", "DAT": "dat", "Swin2SR": "swin2sr", "DRCT": "drct", "ATD": "atd", "RGT": "rgt",
+    "PLKSR": "plksr",
 }
 
 

@@ -363,8 +363,9 @@ def make_linear_tensors():
 # -- tiny spandrel models --
 
 
-def _tiny(name: str, **defaults):
-    """A builder of a small random-init spandrel ``name`` model: ``build(seed=0, **overrides)``.
+def _tiny(name: str, package: str | None = None, **defaults):
+    """A builder of a small random-init spandrel ``name`` model (from ``spandrel.architectures.<package>``,
+    default ``name``): ``build(seed=0, **overrides)``.
 
     It seeds the global RNG first, so two calls give the same weights (tests build a model twice to
     compare with PEFT or with the base). spandrel is imported on first use: it takes seconds to
@@ -372,7 +373,7 @@ def _tiny(name: str, **defaults):
     """
 
     def build(seed: int = 0, **overrides):
-        arch = importlib.import_module(f"spandrel.architectures.{name}")
+        arch = importlib.import_module(f"spandrel.architectures.{package or name}")
         torch.manual_seed(seed)
         return getattr(arch, name)(**{**defaults, **overrides})
 
@@ -402,13 +403,28 @@ _TINY_SR = SimpleNamespace(
         "Swin2SR", img_size=16, embed_dim=24, depths=[2], num_heads=[2], window_size=4, upscale=2,
         upsampler="pixelshuffle", drop_path_rate=0.0,
     ),
+    # one residual dense group: five Swin blocks, alternately unshifted and shifted
+    drct=_tiny(
+        "DRCT", img_size=16, embed_dim=24, depths=[1], num_heads=[2], window_size=4, gc=8, upscale=2,
+        upsampler="pixelshuffle", drop_path_rate=0.0,
+    ),
+    atd=_tiny(
+        "ATD", img_size=16, embed_dim=24, depths=[2], num_heads=[2], window_size=4, category_size=16, num_tokens=8,
+        reducted_dim=4, upscale=2, upsampler="pixelshuffledirect",
+    ),
+    # block 0 rectangle-window attention, block 1 recursive-generalization attention
+    rgt=_tiny(
+        "RGT", img_size=16, embed_dim=24, depth=[2], num_heads=[2], split_size=[2, 4], upscale=2, drop_path_rate=0.0,
+    ),
+    plksr=_tiny("PLKSR", dim=16, n_blocks=2, upscaling_factor=2, kernel_size=7),
+    realplksr=_tiny("RealPLKSR", "PLKSR", dim=16, n_blocks=2, upscaling_factor=2, kernel_size=7),
 )
 
 
 @pytest.fixture(scope="session")
 def tiny_sr():
-    """``tiny_sr.swinir / .hat / .esrgan / .rcan / .compact / .dat / .swin2sr(seed=0, **overrides)``: small
-    seeded random spandrel models."""
+    """``tiny_sr.swinir / .hat / .esrgan / .rcan / .compact / .dat / .swin2sr / .drct / .atd / .rgt / .plksr /
+    .realplksr(seed=0, **overrides)``: small seeded random spandrel models."""
     return _TINY_SR
 
 

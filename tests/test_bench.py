@@ -133,7 +133,9 @@ def test_bad_input_one_line(argv, message, capsys, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("arch", ["swinir", "hat", "esrgan", "rcan", "compact", "dat", "swin2sr"])
+@pytest.mark.parametrize(
+    "arch", ["swinir", "hat", "esrgan", "rcan", "compact", "dat", "swin2sr", "drct", "atd", "rgt", "plksr"]
+)
 def test_every_preset_architecture(arch, tiny_sr, tmp_path):
     """Each architecture with a preset, RCAN included (its forward writes into its input). Batches of 2: DAT's
     channel interaction ends in a batch norm over 1 x 1 maps, which cannot train on a single image."""

@@ -92,7 +92,66 @@ ARCHS = {
             "conv_last",
         },
     ),
+    "drct": (
+        {},
+        "DRCT",
+        {f"layers.0.swin{b}.{p}" for b in range(1, 6) for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+        | {f"layers.0.adjust{b}" for b in range(1, 6)}
+        | {"conv_after_body"},
+        {"conv_first", "conv_before_upsample.0", "upsample.0", "conv_last"},
+    ),
+    "atd": (
+        {},
+        "ATD",
+        {
+            f"layers.0.residual_group.layers.{b}.{p}"
+            for b in (0, 1)
+            for p in ("wqkv", "attn_win.proj", "attn_atd.wv", "attn_aca.proj", "convffn.fc1", "convffn.fc2")
+        }
+        | {"layers.0.conv", "conv_after_body"},
+        {
+            "conv_first",
+            "layers.0.residual_group.layers.0.attn_atd.wq",  # down to reducted_dim channels
+            "layers.0.residual_group.layers.0.attn_atd.wk",
+            "layers.0.residual_group.layers.0.convffn.dwconv.depthwise_conv.0",
+            "upsample.0",
+        },
+    ),
+    "rgt": (
+        {},
+        "RGT",
+        {f"layers.0.blocks.0.{p}" for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+        | {f"layers.0.blocks.1.attn.{p}" for p in ("q", "k", "v", "conv", "proj")}
+        | {"layers.0.blocks.1.mlp.fc1", "layers.0.blocks.1.mlp.fc2", "layers.0.conv", "conv_after_body"},
+        {
+            "conv_first",
+            "layers.0.blocks.0.attn.get_v",  # depthwise
+            "layers.0.blocks.0.attn.attns.0.pos.pos_proj",  # dynamic position bias (2 coordinates in)
+            "layers.0.blocks.0.mlp.sg.conv",
+            "layers.0.blocks.1.attn.reduction1",
+            "layers.0.blocks.1.attn.dwconv",
+            "layers.0.blocks.1.attn.cpe",
+            "conv_before_upsample.0",
+            "upsample.0",
+            "conv_last",
+        },
+    ),
+    "plksr": (
+        {},
+        "PLKSR",
+        {f"feats.{b}.{p}" for b in (1, 2) for p in ("channe_mixer.0", "channe_mixer.2", "attn.f.0", "refine")},
+        {"feats.0", "feats.1.lk.conv", "feats.2.lk.conv", "feats.3"},
+    ),
+    # RealPLKSR is spandrel's PLKSR architecture too (the plksr preset); the channel mixer is spelt right
+    "realplksr": (
+        {},
+        "PLKSR",
+        {f"feats.{b}.{p}" for b in (1, 2) for p in ("channel_mixer.0", "channel_mixer.2", "attn.f.0", "refine")},
+        {"feats.0", "feats.1.lk.conv", "feats.2.lk.conv", "feats.4"},
+    ),
 }
+# the preset of each entry of ARCHS, where its name is not one
+PRESET_OF = {"realplksr": "plksr"}
 
 SCALE = 2
 
@@ -100,6 +159,11 @@ SCALE = 2
 @pytest.fixture(params=sorted(ARCHS))
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def preset(arch) -> str:
+    return PRESET_OF.get(arch, arch)
 
 
 @pytest.fixture
@@ -136,13 +200,13 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 # -- the presets --
 
 
-def test_preset_wraps_exactly_the_body_layers(arch, base):
+def test_preset_wraps_exactly_the_body_layers(arch, preset, base):
     model = copy.deepcopy(base.model)
     plain = {name: type(m) for name, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)}
     _, _, wanted, skipped = ARCHS[arch]
     assert wanted <= plain.keys() and skipped <= plain.keys()  # the expectations name real layers
 
-    summary = adaptsr.inject_lora(model, preset=arch, rank=4)
+    summary = adaptsr.inject_lora(model, preset=preset, rank=4)
 
     assert set(summary.layers) == wanted
     assert set(summary.layers.values()) == {4}
@@ -154,17 +218,17 @@ def test_preset_wraps_exactly_the_body_layers(arch, base):
         assert type(wrapped[name].base_layer) is plain[name]
     for name in skipped:
         assert type(model.get_submodule(name)) is plain[name], f"{name} should stay a plain layer"
-    if arch in ("swinir", "hat"):  # the Swin presets cover attention, MLP and convolutions
+    if arch in ("swinir", "hat", "drct"):  # the Swin presets cover attention, MLP and convolutions
         kinds = {name.split(".")[-1] for name, m in wrapped.items() if isinstance(m, LoRALinear)}
         assert {"qkv", "proj", "fc1", "fc2"} <= kinds
         assert any(isinstance(m, LoRAConv2d) for m in wrapped.values())
 
 
-def test_summary_counts_and_only_adapters_train(arch, base):
+def test_summary_counts_and_only_adapters_train(arch, preset, base):
     model = copy.deepcopy(base.model)
     base_params = sum(p.numel() for p in model.parameters())
 
-    summary = adaptsr.inject_lora(base, preset=arch, rank=4)  # the descriptor works as well as its module
+    summary = adaptsr.inject_lora(base, preset=preset, rank=4)  # the descriptor works as well as its module
 
     model = base.model
     lora_params = [p for _, m in adaptsr.lora_layers(model) for p in (m.lora_A, m.lora_B)]
@@ -180,17 +244,17 @@ def test_summary_counts_and_only_adapters_train(arch, base):
     assert len(trainable) == len(lora_params)
 
 
-def test_output_equals_base_at_init(arch, base):
+def test_output_equals_base_at_init(arch, preset, base):
     x = _lr_batch()
     expected = _run(base.model, x)
 
     model = copy.deepcopy(base.model)
-    adaptsr.inject_lora(model, preset=arch, rank=4)
+    adaptsr.inject_lora(model, preset=preset, rank=4)
     _assert_close(_run(model, x), expected)
 
     # With a non-zero B the same comparison fails: the check above is not vacuous.
     perturbed = copy.deepcopy(base.model)
-    adaptsr.inject_lora(perturbed, preset=arch, rank=4, init_lora_weights=False)
+    adaptsr.inject_lora(perturbed, preset=preset, rank=4, init_lora_weights=False)
     assert _max_diff(_run(perturbed, x), expected) > 1e-3
 
 
@@ -214,14 +278,14 @@ def _train(model: nn.Module, steps: int = 6) -> list[float]:
     return losses
 
 
-def test_train_merge_save_and_reload_through_spandrel(arch, base, tmp_path):
+def test_train_merge_save_and_reload_through_spandrel(arch, preset, base, tmp_path):
     x = _lr_batch(seed=3)
     base_out = _run(base.model, x)
     base_keys = list(base.model.state_dict())
     base_weights = {k: v.clone() for k, v in base.model.state_dict().items()}
 
     model = copy.deepcopy(base.model)
-    adaptsr.inject_lora(model, preset=arch, rank=4)
+    adaptsr.inject_lora(model, preset=preset, rank=4)
     frozen_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     losses = _train(model)
 
@@ -262,13 +326,13 @@ def test_train_merge_save_and_reload_through_spandrel(arch, base, tmp_path):
         assert _max_diff(loaded_out, base_out) > 1e-4, f"{file_name} is the base model again"
 
 
-def test_merge_unmerge_unload_agree(arch, base):
+def test_merge_unmerge_unload_agree(arch, preset, base):
     """unmerged == merged == unmerged again == unloaded, with non-zero B; all differ from the base."""
     x = _lr_batch(seed=4)
     base_out = _run(base.model, x)
     model = copy.deepcopy(base.model)
     torch.manual_seed(5)
-    adaptsr.inject_lora(model, preset=arch, rank=4, init_lora_weights=False)
+    adaptsr.inject_lora(model, preset=preset, rank=4, init_lora_weights=False)
     wrapped_keys = list(model.state_dict())
     base_weights = {name: layer.base_layer.weight.clone() for name, layer in adaptsr.lora_layers(model)}
 

@@ -1,8 +1,8 @@
-"""LoRAWindowAttention: Swin window attention (SwinIR's and HAT's) with the attention core on adaptsr's backends.
+"""LoRAWindowAttention: Swin window attention (SwinIR's, HAT's, DRCT's) with the attention core on adaptsr's backends.
 
 It replaces spandrel's ``WindowAttention`` in place: the same parameters, buffers and state-dict
-keys (``qkv``, ``proj``, ``relative_position_bias_table`` and, for SwinIR, the
-``relative_position_index`` buffer), the same call (SwinIR ``forward(x, mask=None)``, HAT
+keys (``qkv``, ``proj``, ``relative_position_bias_table`` and, for SwinIR and DRCT, the
+``relative_position_index`` buffer), the same call (SwinIR and DRCT ``forward(x, mask=None)``, HAT
 ``forward(x, rpi, mask=None)``) and the same function. ``qkv`` and ``proj`` stay what they were
 (``LoRALinear`` after ``inject_lora``, so their merged-weight forward runs through
 ``adaptsr.ops.lora_linear``, or plain ``nn.Linear``); the softmax core runs through
@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from spandrel.architectures.DRCT.__arch.drct_arch import WindowAttention as DRCTWindowAttention
 from spandrel.architectures.HAT.__arch.HAT import WindowAttention as HATWindowAttention
 from spandrel.architectures.SwinIR.__arch.SwinIR import WindowAttention as SwinIRWindowAttention
 from torch import nn
@@ -23,12 +24,15 @@ from adaptsr.nn._lora_layer import LoRALayer
 from adaptsr.ops.qkv_window_attention import qkv_window_attention
 from adaptsr.ops.window_attention import window_attention
 
-# spandrel's window-attention classes this module replaces, with the architecture they belong to
-_ORIGINALS: dict[type[nn.Module], str] = {SwinIRWindowAttention: "SwinIR", HATWindowAttention: "HAT"}
+# spandrel's window-attention classes this module replaces, with the architecture they belong to.
+# DRCT's is a copy of SwinIR's (same parameters, buffers, constructor and call).
+_ORIGINALS: dict[type[nn.Module], str] = {
+    SwinIRWindowAttention: "SwinIR", HATWindowAttention: "HAT", DRCTWindowAttention: "DRCT",
+}
 
 
 def _swinir_call(mask: torch.Tensor | None = None) -> torch.Tensor | None:
-    """SwinIR's ``forward(x, mask=None)`` after x: the relative position index is a buffer."""
+    """SwinIR's and DRCT's ``forward(x, mask=None)`` after x: the relative position index is a buffer."""
     return mask
 
 
@@ -41,7 +45,7 @@ class LoRAWindowAttention(nn.Module):
     """Window multi-head self-attention with relative position bias, drop-in for spandrel's.
 
     Build it with ``LoRAWindowAttention.from_module(attn)`` (or ``LoRAWindowAttention(attention=attn)``)
-    from a SwinIR or HAT ``WindowAttention``; it shares that module's parameters, buffers and
+    from a SwinIR, HAT or DRCT ``WindowAttention``; it shares that module's parameters, buffers and
     ``qkv`` / ``proj`` layers rather than copying them.
     """
 
@@ -74,12 +78,12 @@ class LoRAWindowAttention(nn.Module):
 
     @staticmethod
     def can_wrap(module: nn.Module) -> bool:
-        """Whether ``module`` is a spandrel window attention this class replaces (SwinIR's or HAT's)."""
+        """Whether ``module`` is a spandrel window attention this class replaces (SwinIR's, HAT's or DRCT's)."""
         return type(module) in _ORIGINALS
 
     @classmethod
     def from_module(cls, attention: nn.Module) -> LoRAWindowAttention:
-        """Replace ``attention`` (spandrel's SwinIR or HAT ``WindowAttention``); it is left as it is."""
+        """Replace ``attention`` (spandrel's SwinIR, HAT or DRCT ``WindowAttention``); it is left as it is."""
         return cls(attention=attention)
 
     @property
@@ -89,7 +93,7 @@ class LoRAWindowAttention(nn.Module):
     # -- forward --
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``x: [B_, N, C]`` windows of tokens; then ``mask=None`` (SwinIR) or ``rpi, mask=None`` (HAT)."""
+        """``x: [B_, N, C]`` windows of tokens; then ``mask=None`` (SwinIR, DRCT) or ``rpi, mask=None`` (HAT)."""
         if self.index_passed_in:
             index, mask = _hat_call(*args, **kwargs)
         else:

@@ -1,4 +1,4 @@
-"""Opt-in: spandrel SwinIR and HAT blocks that run their attention on the un-partitioned map.
+"""Opt-in: spandrel SwinIR, DRCT and HAT blocks that run their attention on the un-partitioned map.
 
 spandrel's ``SwinTransformerBlock.forward`` rolls the normed map, partitions it into windows,
 runs ``WindowAttention`` (qkv, attention core, proj) on the windows, pastes them back and rolls
@@ -10,7 +10,7 @@ position-wise, so the block can apply them on the map itself and leave the rest 
 
 HAT's hybrid attention block (``HAB``) adds a convolution branch on the normed map, which it
 keeps. ``enable_shifted_window_attention(model)`` switches every eligible block of a model (a
-SwinIR ``SwinTransformerBlock`` or a HAT ``HAB`` whose ``attn`` is spandrel's ``WindowAttention`` of
+SwinIR or DRCT ``SwinTransformerBlock`` or a HAT ``HAB`` whose ``attn`` is spandrel's ``WindowAttention`` of
 that architecture or a ``LoRAWindowAttention`` wrapping one) to that forward; ``disable_shifted_window_attention(model)`` switches
 them back. Only the blocks' ``forward`` changes: parameters, buffers, state-dict keys and the
 blocks' classes stay spandrel's, so merging, saving and loading are unaffected. ``qkv`` and
@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 
 import torch
+from spandrel.architectures.DRCT.__arch.drct_arch import SwinTransformerBlock as DRCTSwinTransformerBlock
+from spandrel.architectures.DRCT.__arch.drct_arch import WindowAttention as DRCTWindowAttention
 from spandrel.architectures.HAT.__arch.HAT import HAB
 from spandrel.architectures.HAT.__arch.HAT import WindowAttention as HATWindowAttention
 from spandrel.architectures.SwinIR.__arch.SwinIR import SwinTransformerBlock
@@ -41,12 +43,17 @@ __all__ = [
     "shifted_hab_forward",
 ]
 
-# block class -> the window-attention class it holds
-_BLOCKS = {SwinTransformerBlock: SwinIRWindowAttention, HAB: HATWindowAttention}
+# block class -> the window-attention class it holds. DRCT's block is a copy of SwinIR's (same
+# attributes, same forward), so shifted_block_forward serves both.
+_BLOCKS = {
+    SwinTransformerBlock: SwinIRWindowAttention,
+    DRCTSwinTransformerBlock: DRCTWindowAttention,
+    HAB: HATWindowAttention,
+}
 
 
 def can_use_shifted_window_attention(module: nn.Module) -> bool:
-    """Whether ``module`` is a SwinIR or HAT block whose attention these forwards know how to run."""
+    """Whether ``module`` is a SwinIR, DRCT or HAT block whose attention these forwards know how to run."""
     attention_type = _BLOCKS.get(type(module))
     if attention_type is None:
         return False
@@ -65,14 +72,14 @@ def _attention_on_map(block: nn.Module, normed: torch.Tensor, index: torch.Tenso
     return attn.proj_drop(attn.proj(out)).view(batch, height * width, channels)
 
 
-def shifted_block_forward(block: SwinTransformerBlock, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
-    """spandrel's ``SwinTransformerBlock.forward(x, x_size)`` without the roll / partition copies.
+def shifted_block_forward(block: nn.Module, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
+    """spandrel's SwinIR / DRCT ``SwinTransformerBlock.forward(x, x_size)`` without the roll / partition copies.
 
     ``x: [B, H*W, C]`` tokens of an ``x_size = (H, W)`` map; returns the block's output, same shape.
     """
     attn = block.attn
     if attn.training and attn.attn_drop.p > 0:
-        return SwinTransformerBlock.forward(block, x, x_size)
+        return type(block).forward(block, x, x_size)
     height, width = x_size
     batch, _, channels = x.shape
     # the mask as spandrel picks it: the cached buffer at the build resolution, else rebuilt
@@ -102,7 +109,7 @@ def shifted_hab_forward(block: HAB, x: torch.Tensor, x_size: tuple[int, int], rp
 
 
 def enable_shifted_window_attention(model: nn.Module) -> list[str]:
-    """Switch every eligible SwinIR / HAT block of ``model`` to the forwards above; the names switched.
+    """Switch every eligible SwinIR / DRCT / HAT block of ``model`` to the forwards above; the names switched.
 
     The forward is set on the instance (a ``functools.partial``, which pickles and deep-copies
     with the module); the class and every key stay spandrel's.

@@ -1,4 +1,4 @@
-"""LoRAWindowAttention: a drop-in for spandrel's SwinIR and HAT WindowAttention.
+"""LoRAWindowAttention: a drop-in for spandrel's SwinIR, HAT and DRCT WindowAttention.
 
 The referees: spandrel's own module (same function, same keys, same call), PEFT (a whole model
 with LoRA on the original modules computes what ours computes, gradients included) and spandrel's
@@ -17,6 +17,7 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer as PeftLoraLayer
+from spandrel.architectures.DRCT.__arch.drct_arch import WindowAttention as DRCTWindowAttention
 from spandrel.architectures.HAT.__arch.HAT import WindowAttention as HATWindowAttention
 from spandrel.architectures.SwinIR.__arch.SwinIR import WindowAttention as SwinIRWindowAttention
 from torch import nn
@@ -30,7 +31,8 @@ warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
 
 attention_op = importlib.import_module("adaptsr.ops.window_attention")
 
-ORIGINALS = {"swinir": SwinIRWindowAttention, "hat": HATWindowAttention}
+ORIGINALS = {"swinir": SwinIRWindowAttention, "hat": HATWindowAttention, "drct": DRCTWindowAttention}
+ARCHITECTURE_IDS = {"swinir": "SwinIR", "hat": "HAT", "drct": "DRCT"}
 # backend name -> (adaptsr backend, torch path forced)
 BACKENDS = {"reference": ("reference", None), "torch-matmul": ("torch", "matmul"), "torch-sdpa": ("torch", "sdpa")}
 
@@ -49,7 +51,8 @@ def backend(name: str):
 
 @pytest.fixture
 def build(tiny_sr):
-    """``build(arch)``: conftest's tiny SwinIR or HAT (window 4, block 0 unshifted, block 1 shifted) in float64."""
+    """``build(arch)``: conftest's tiny SwinIR, HAT or DRCT (window 4, alternately unshifted and shifted blocks)
+    in float64."""
 
     def _build(arch: str) -> nn.Module:
         model = getattr(tiny_sr, arch)()
@@ -111,7 +114,7 @@ def _step(model: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> dict[str, 
 
 @pytest.mark.parametrize("size", [(16, 16), (12, 20)], ids=["img_size", "other-size"])
 @pytest.mark.parametrize("name", list(BACKENDS))
-@pytest.mark.parametrize("arch", ["swinir", "hat"])
+@pytest.mark.parametrize("arch", list(ORIGINALS))
 def test_model_matches_peft_on_spandrel_modules(arch, name, size, assert_close, build):
     """Output and every gradient (input, A, B, bias tables) equal PEFT's on the original modules, float64.
 
@@ -123,7 +126,7 @@ def test_model_matches_peft_on_spandrel_modules(arch, name, size, assert_close, 
     found = attentions(ours)
     assert found and all(type(m) is LoRAWindowAttention for m in found.values())
     assert summary.window_attention == list(found)
-    assert {m.architecture for m in found.values()} == {"SwinIR" if arch == "swinir" else "HAT"}
+    assert {m.architecture for m in found.values()} == {ARCHITECTURE_IDS[arch]}
     assert all(isinstance(m.qkv, LoRALinear) and isinstance(m.proj, LoRALinear) for m in found.values())
     twin = _peft_twin(arch, ours, build(arch))
     assert all(type(m) is ORIGINALS[arch] for m in attentions(twin).values())
@@ -134,7 +137,8 @@ def test_model_matches_peft_on_spandrel_modules(arch, name, size, assert_close, 
     with backend(name):
         got = _step(ours, x, weight)
     assert got.keys() == expected.keys()
-    assert {f"layers.0.residual_group.blocks.{b}.attn.relative_position_bias_table" for b in (0, 1)} <= got.keys()
+    tables = {f"{attention}.relative_position_bias_table" for attention in found}
+    assert len(tables) >= 2 and tables <= got.keys()  # an unshifted and a shifted block's
     for key, value in got.items():
         assert value.abs().max() > 0, f"{key}: zero, the comparison would be vacuous"
         assert_close(value, expected[key], f"{arch} {name} {key}")
@@ -144,7 +148,7 @@ def test_model_matches_peft_on_spandrel_modules(arch, name, size, assert_close, 
 # -- merge, unmerge, unload; spandrel loads the result --
 
 
-@pytest.mark.parametrize("arch", ["swinir", "hat"])
+@pytest.mark.parametrize("arch", list(ORIGINALS))
 def test_unmerged_merged_unloaded_agree_and_spandrel_loads_it(arch, tmp_path, assert_close, build):
     base = build(arch).eval()
     base_keys = list(base.state_dict())
@@ -181,7 +185,7 @@ def test_unmerged_merged_unloaded_agree_and_spandrel_loads_it(arch, tmp_path, as
     path = tmp_path / f"{arch}.safetensors"
     adaptsr.save_model(model.float(), path)
     loaded = adaptsr.load_model(path)
-    assert loaded.architecture.id == ("SwinIR" if arch == "swinir" else "HAT")
+    assert loaded.architecture.id == ARCHITECTURE_IDS[arch]
     assert all(type(m) is ORIGINALS[arch] for m in attentions(loaded.model).values())
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x.float()), unloaded.float(), rtol=1e-4, atol=1e-5)
@@ -272,7 +276,7 @@ def _mask(num_masks: int = 3) -> torch.Tensor:
 
 def _calls(arch: str, x: torch.Tensor, mask):
     """The ways spandrel's blocks (and users) call the module: positional and keyword arguments."""
-    if arch == "swinir":
+    if arch != "hat":
         return [((x,), {}), ((x, mask), {}), ((x,), {"mask": mask})] if mask is not None else [((x,), {})]
     rpi = _index()
     return [((x, rpi), {"mask": mask}), ((x, rpi, mask), {}), ((x,), {"rpi": rpi, "mask": mask})]
@@ -280,7 +284,7 @@ def _calls(arch: str, x: torch.Tensor, mask):
 
 @pytest.mark.parametrize("name", list(BACKENDS))
 @pytest.mark.parametrize("shifted", [False, True], ids=["unshifted", "shifted"])
-@pytest.mark.parametrize("arch", ["swinir", "hat"])
+@pytest.mark.parametrize("arch", list(ORIGINALS))
 def test_module_computes_what_spandrel_computes(arch, shifted, name, assert_close):
     original = _spandrel_attention(arch).eval()
     ours = LoRAWindowAttention.from_module(original)
@@ -291,7 +295,7 @@ def test_module_computes_what_spandrel_computes(arch, shifted, name, assert_clos
             assert_close(ours(*args, **kwargs), original(*args, **kwargs), f"{args[1:]} {sorted(kwargs)}")
 
 
-@pytest.mark.parametrize("arch", ["swinir", "hat"])
+@pytest.mark.parametrize("arch", list(ORIGINALS))
 def test_module_keeps_keys_parameters_and_calls(arch):
     original = _spandrel_attention(arch, qkv_bias=False)
     ours = LoRAWindowAttention(attention=original)
@@ -301,7 +305,7 @@ def test_module_keeps_keys_parameters_and_calls(arch):
     assert (ours.dim, ours.window_size, ours.num_heads, ours.scale) == (12, (4, 4), 3, original.scale)
     assert ours.index_passed_in == (arch == "hat")
     assert "dim=12, window_size=(4, 4), num_heads=3" in repr(ours)
-    assert f"architecture={'SwinIR' if arch == 'swinir' else 'HAT'}" in repr(ours)
+    assert f"architecture={ARCHITECTURE_IDS[arch]}" in repr(ours)
     x = torch.randn(3, 16, 12, dtype=torch.float64)
     with pytest.raises(TypeError):
         ours(x, _index(), _mask(), "one too many")
@@ -315,14 +319,14 @@ def test_flops_match_spandrel():
     assert LoRAWindowAttention.from_module(original).flops(16) == original.flops(16)
 
 
-@pytest.mark.parametrize("arch", ["swinir", "hat"])
+@pytest.mark.parametrize("arch", list(ORIGINALS))
 def test_to_dense_gives_spandrel_module_back(arch, assert_close):
     original = _spandrel_attention(arch)
     lora = LoRAWindowAttention.from_module(copy.deepcopy(original))
     torch.manual_seed(9)
     lora.qkv = LoRALinear(base_layer=lora.qkv, rank=2, init_lora_weights=False)
     x = torch.randn(6, 16, 12, dtype=torch.float64)
-    call = (x, _mask()) if arch == "swinir" else (x, _index(), _mask())
+    call = (x, _index(), _mask()) if arch == "hat" else (x, _mask())
     with torch.no_grad():
         expected = lora.eval()(*call)
     rng = torch.get_rng_state()
@@ -338,13 +342,13 @@ def test_to_dense_gives_spandrel_module_back(arch, assert_close):
         assert (dense(*call) - original.eval()(*call)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["swinir", "hat"])
+@pytest.mark.parametrize("arch", list(ORIGINALS))
 def test_attention_dropout_matches_spandrel_in_training(arch, assert_close):
     original = _spandrel_attention(arch, attn_drop=0.3).train()
     ours = LoRAWindowAttention.from_module(original)
     assert ours.training
     x = torch.randn(6, 16, 12, dtype=torch.float64)
-    call = (x, _mask()) if arch == "swinir" else (x, _index(), _mask())
+    call = (x, _index(), _mask()) if arch == "hat" else (x, _mask())
     torch.manual_seed(10)
     expected = original(*call)
     torch.manual_seed(10)
@@ -354,5 +358,7 @@ def test_attention_dropout_matches_spandrel_in_training(arch, assert_close):
 
 def test_only_spandrel_window_attention_is_accepted():
     assert not LoRAWindowAttention.can_wrap(nn.Linear(4, 4))
-    with pytest.raises(TypeError, match=r"replaces spandrel's SwinIR WindowAttention, HAT WindowAttention; got Linear"):
+    with pytest.raises(
+        TypeError, match=r"replaces spandrel's SwinIR WindowAttention, HAT WindowAttention, DRCT WindowAttention; got Linear"
+    ):
         LoRAWindowAttention.from_module(nn.Linear(4, 4))

@@ -1,4 +1,4 @@
-"""enable_shifted_window_attention: SwinIR and HAT blocks on the un-partitioned map compute what spandrel's do.
+"""enable_shifted_window_attention: SwinIR, HAT and DRCT blocks on the un-partitioned map compute what spandrel's do.
 
 The referee is spandrel's own block forward on the same model: output and the
 gradients of the input and of every trainable parameter, plain and with LoRA, at the build
@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from spandrel.architectures.DRCT import DRCT
 from spandrel.architectures.HAT import HAT
 from spandrel.architectures.SwinIR import SwinIR
 from spandrel.architectures.SwinIR.__arch.SwinIR import SwinTransformerBlock
@@ -31,15 +32,26 @@ warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
 _TRITON = pytest.param("triton", marks=pytest.mark.skipif(not is_available("triton"), reason="triton unavailable"))
 
 
+# arch -> the names of its tiny model's Swin blocks, in order (alternately unshifted and shifted)
+BLOCKS = {
+    "swinir": ["layers.0.residual_group.blocks.0", "layers.0.residual_group.blocks.1"],
+    "hat": ["layers.0.residual_group.blocks.0", "layers.0.residual_group.blocks.1"],
+    "drct": [f"layers.0.swin{b}" for b in range(1, 6)],
+}
+
+
 def build(dtype: torch.dtype = torch.float64, arch: str = "swinir", **kwargs) -> nn.Module:
-    """A tiny random SwinIR or HAT: window 4, two blocks (block 0 unshifted, block 1 shifted)."""
+    """A tiny random SwinIR or HAT (window 4, two blocks: 0 unshifted, 1 shifted) or DRCT (one residual dense
+    group of five blocks, 12 to 28 channels)."""
     torch.manual_seed(0)
     config = {"img_size": 16, "embed_dim": 12, "depths": [2], "num_heads": [2], "window_size": 4, "upscale": 2,
               "drop_path_rate": 0.0, **kwargs}
     if arch == "swinir":
         model = SwinIR(upsampler="pixelshuffledirect", **config)
-    else:
+    elif arch == "hat":
         model = HAT(num_feat=8, compress_ratio=3, squeeze_factor=4, **config)
+    else:
+        model = DRCT(upsampler="pixelshuffle", gc=4, **{**config, "depths": [1]})
     with torch.no_grad():  # a bias table far from its 0.02 init, so that it matters
         for name, p in model.named_parameters():
             if name.endswith("relative_position_bias_table"):
@@ -56,15 +68,14 @@ def step(model: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> dict[str, t
     return {"y": y.detach(), "dx": grads[0], **dict(zip(params, grads[1:]))}
 
 
-def _compare(model: nn.Module, backend: str, size: tuple[int, int], assert_close) -> None:
+def _compare(model: nn.Module, arch: str, backend: str, size: tuple[int, int], assert_close) -> None:
     dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(2, 3, *size, generator=gen, dtype=torch.float64).to(dtype)
     weight = torch.randn(2, 3, 2 * size[0], 2 * size[1], generator=gen, dtype=torch.float64).to(dtype)
     with set_backend(backend):
         expected = step(model, x, weight)
-        assert enable_shifted_window_attention(model) == ["layers.0.residual_group.blocks.0",
-                                                          "layers.0.residual_group.blocks.1"]
+        assert enable_shifted_window_attention(model) == BLOCKS[arch]
         try:
             got = step(model, x, weight)
         finally:
@@ -74,16 +85,16 @@ def _compare(model: nn.Module, backend: str, size: tuple[int, int], assert_close
         assert_close(got[key], expected[key], key)
 
 
-@pytest.mark.parametrize("arch", ["swinir", "hat"])
+@pytest.mark.parametrize("arch", list(BLOCKS))
 @pytest.mark.parametrize("size", [(16, 16), (12, 20)], ids=["img_size", "other-size"])
 @pytest.mark.parametrize("backend", ["reference", "torch", _TRITON])
 def test_plain_model_matches_spandrel(backend, size, arch, assert_close):
     """Every parameter trainable (full fine-tuning): the gradients of all of them agree."""
     dtype = torch.float32 if backend == "triton" else torch.float64
-    _compare(build(dtype, arch), backend, size, assert_close)
+    _compare(build(dtype, arch), arch, backend, size, assert_close)
 
 
-@pytest.mark.parametrize("arch", ["swinir", "hat"])
+@pytest.mark.parametrize("arch", list(BLOCKS))
 @pytest.mark.parametrize("size", [(16, 16), (12, 20)], ids=["img_size", "other-size"])
 def test_lora_model_matches_spandrel(size, arch, assert_close):
     """inject_lora (LoRAWindowAttention, LoRALinear qkv / proj with non-zero B): adapters and tables agree.
@@ -96,11 +107,12 @@ def test_lora_model_matches_spandrel(size, arch, assert_close):
     for name, p in model.named_parameters():
         if name.endswith("relative_position_bias_table"):
             p.requires_grad_(True)
-    _compare(model, backend, size, assert_close)
+    _compare(model, arch, backend, size, assert_close)
 
 
-def test_attention_dropout_in_training_falls_back_to_spandrel(assert_close):
-    model = build(attn_drop_rate=0.5).train()
+@pytest.mark.parametrize("arch", ["swinir", "drct"])
+def test_attention_dropout_in_training_falls_back_to_spandrel(arch, assert_close):
+    model = build(arch=arch, attn_drop_rate=0.5).train()
     x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
     torch.manual_seed(3)
     expected = model(x)
