@@ -100,13 +100,27 @@ PRESETS: dict[str, Preset] = {
     # Left out: the partial large-kernel conv, which acts on dim/4 channels (16 in the released
     # models), so a rank-8 adapter would be half the layer's rank.
     "plksr": r"feats\.\d+\.(channel?_mixer\.[02]|attn\.f\.0|refine)",
+    # SAFMN: per block the feature modulation's 1x1 aggregation conv and the convolutional channel
+    # mixer's two convs. Left out: the multi-scale depthwise convs (mfr).
+    "safmn": r"feats\.\d+\.(safm\.aggr|ccm\.ccm\.[02])",
+    # OmniSR: per Omni block the MBConv's expand and project 1x1 convs, the window and grid attentions'
+    # to_qkv / to_out, the channel attentions' qkv and project_out, the gated FFNs' project_in /
+    # project_out; each residual group's closing 1x1 conv; the conv closing the body (output). Left
+    # out: depthwise convs, the MBConv's squeeze-excitation gate (down to C/4) and the ESA convs
+    # (a 16-channel bottleneck).
+    "omnisr": (
+        r"residual_layer\.\d+\.residual_layer\.\d+\.layer\.\d+\.fn\."
+        r"(0|5|to_qkv|to_out\.0|qkv|project_in|project_out)"
+        r"|residual_layer\.\d+\.residual_layer\.\d+"
+        r"|output"
+    ),
 }
 
 # spandrel's architecture ids for the presets above, so a preset can be picked from a model.
 ARCHITECTURE_PRESETS: dict[str, str] = {
     "SwinIR": "swinir", "HAT": "hat", "ESRGAN": "esrgan", "RCAN": "rcan",
     "Compact": "compact", "DAT": "dat", "Swin2SR": "swin2sr", "DRCT": "drct", "ATD": "atd", "RGT": "rgt",
-    "PLKSR": "plksr",
+    "PLKSR": "plksr", "SAFMN": "safmn", "OmniSR": "omnisr",
 }
 
 

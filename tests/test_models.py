@@ -149,6 +149,40 @@ ARCHS = {
         {f"feats.{b}.{p}" for b in (1, 2) for p in ("channel_mixer.0", "channel_mixer.2", "attn.f.0", "refine")},
         {"feats.0", "feats.1.lk.conv", "feats.2.lk.conv", "feats.4"},
     ),
+    "safmn": (
+        {},
+        "SAFMN",
+        {f"feats.{b}.{p}" for b in (0, 1) for p in ("safm.aggr", "ccm.ccm.0", "ccm.ccm.2")},
+        {"to_feat", "feats.0.safm.mfr.0", "to_img.0"},
+    ),
+    "omnisr": (
+        {},
+        "OmniSR",
+        {
+            f"residual_layer.0.residual_layer.0.layer.{layer}.fn.{p}"
+            for layer, parts in {
+                0: ("0", "5"),  # MBConv expand / project
+                2: ("to_qkv", "to_out.0"),  # window attention
+                5: ("qkv", "project_out"),  # channel attention
+                8: ("to_qkv", "to_out.0"),  # grid attention
+                11: ("qkv", "project_out"),
+            }.items()
+            for p in parts
+        }
+        | {f"residual_layer.0.residual_layer.0.layer.{layer}.fn.{p}" for layer in (4, 6, 10, 12)
+           for p in ("project_in", "project_out")}  # gated FFNs
+        | {"residual_layer.0.residual_layer.1", "output"},
+        {
+            "input",
+            "residual_layer.0.residual_layer.0.layer.0.fn.2",  # depthwise
+            "residual_layer.0.residual_layer.0.layer.0.fn.4.gate.1",  # squeeze-excitation
+            "residual_layer.0.residual_layer.0.layer.4.fn.dwconv",
+            "residual_layer.0.residual_layer.0.layer.5.fn.qkv_dwconv",
+            "residual_layer.0.esa.conv1",
+            "residual_layer.0.esa.conv2",
+            "up.0",
+        },
+    ),
 }
 # the preset of each entry of ARCHS, where its name is not one
 PRESET_OF = {"realplksr": "plksr"}
