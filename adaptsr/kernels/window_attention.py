@@ -79,6 +79,12 @@ _BWD_WARPS = 8
 #   dots are FMA loops over register operands) they spilled 700-18000 B on sm_80 and overflowed
 #   sm_86's 99 KB of shared memory; 32 x 32 is clean (96-112 registers).
 _FWD_TILE = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
+# Warps of the forward: 4. The exception: on the shifted-window map (_TokenMap.spatial) the 16-bit
+# 64 x 64 tile at 4 warps hit 255 registers and spilled 80 B on sm_86 when shifted (the token-row
+# arithmetic of the rolled frame on top of the tile); at 8 warps it is clean on sm_80/86/90, shifted
+# or not (157-188 registers, 124-135 on sm_90). fp32's 32 x 32 tile is clean at 4.
+_FWD_WARPS = 4
+_SPATIAL_16BIT_FWD_WARPS = 8
 # Window-group size: enough programs to fill the GPU (about 8 resident per SM on a 132-SM H100)
 # and no more, so the float32 dbias partials (one [heads, N, N] per group) stay a small fraction
 # of the bytes of q, k, v, do.
@@ -717,7 +723,7 @@ def _window_attention_fwd_into(q, k, v, bias, mask, scale, o, lse, token_map: _T
         BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=_head_pad(d),
         UPCAST=_upcast(q.dtype), INPUT_PRECISION=_precision(q.dtype),
         **token_map.kernel_args(),
-        num_warps=4,
+        num_warps=_SPATIAL_16BIT_FWD_WARPS if token_map.spatial and q.dtype != torch.float32 else _FWD_WARPS,
     )
 
 
