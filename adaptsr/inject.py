@@ -171,10 +171,10 @@ def inject_lora(
     those layers normalise with their running statistics in training mode too (a forward pre-hook;
     ``merge_lora`` removes it), so the base model plus the adapter file is the model that was trained.
 
-    Swin window attentions (spandrel's SwinIR, HAT and DRCT ``WindowAttention``) become
+    Swin window attentions (spandrel's SwinIR, HAT, DRCT and ATD ``WindowAttention``) become
     ``LoRAWindowAttention``: same parameters, keys and function, the attention core on adaptsr's
     backends. ``window_attention=None`` (default) replaces those whose ``qkv`` or ``proj`` gets an
-    adapter (all of them with the swinir, hat and drct presets), ``True`` every one, ``False`` none.
+    adapter (all of them with the swinir, hat, drct and atd presets), ``True`` every one, ``False`` none.
     ``merge_lora`` gives spandrel's modules back.
     """
     module = unwrap_model(model)

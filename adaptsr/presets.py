@@ -10,9 +10,10 @@ string ``target_modules``), or, where the layers to leave out depend on the conf
 last conv of a Compact model), a function of the model that returns one; only nn.Conv2d and
 nn.Linear modules among the matches are wrapped.
 
-The swinir, hat and drct presets adapt every block's ``attn.qkv`` and ``attn.proj``, so ``inject_lora``
-also replaces every block's ``WindowAttention`` by ``LoRAWindowAttention`` (the attention core on
-adaptsr's backends; ``inject_lora(..., window_attention=False)`` keeps spandrel's). HAT's
+The swinir, hat and drct presets adapt every block's ``attn.qkv`` and ``attn.proj`` (atd: its
+``attn_win.proj``), so ``inject_lora`` also replaces every block's ``WindowAttention`` by
+``LoRAWindowAttention`` (the attention core on adaptsr's backends;
+``inject_lora(..., window_attention=False)`` keeps spandrel's). HAT's
 overlapping cross-attention (OCAB) is a different module and stays as it is.
 """
 

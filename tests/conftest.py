@@ -408,8 +408,9 @@ _TINY_SR = SimpleNamespace(
         "DRCT", img_size=16, embed_dim=24, depths=[1], num_heads=[2], window_size=4, gc=8, upscale=2,
         upsampler="pixelshuffle", drop_path_rate=0.0,
     ),
+    # category_size 256: what spandrel assumes when it loads an ATD (the weights do not record it)
     atd=_tiny(
-        "ATD", img_size=16, embed_dim=24, depths=[2], num_heads=[2], window_size=4, category_size=16, num_tokens=8,
+        "ATD", img_size=16, embed_dim=24, depths=[2], num_heads=[2], window_size=4, category_size=256, num_tokens=8,
         reducted_dim=4, upscale=2, upsampler="pixelshuffledirect",
     ),
     # block 0 rectangle-window attention, block 1 recursive-generalization attention

@@ -1,12 +1,15 @@
-"""LoRAWindowAttention: Swin window attention (SwinIR's, HAT's, DRCT's) with the attention core on adaptsr's backends.
+"""LoRAWindowAttention: Swin window attention (SwinIR's, HAT's, DRCT's, ATD's) with the attention core on adaptsr's
+backends.
 
 It replaces spandrel's ``WindowAttention`` in place: the same parameters, buffers and state-dict
 keys (``qkv``, ``proj``, ``relative_position_bias_table`` and, for SwinIR and DRCT, the
 ``relative_position_index`` buffer), the same call (SwinIR and DRCT ``forward(x, mask=None)``, HAT
-``forward(x, rpi, mask=None)``) and the same function. ``qkv`` and ``proj`` stay what they were
-(``LoRALinear`` after ``inject_lora``, so their merged-weight forward runs through
-``adaptsr.ops.lora_linear``, or plain ``nn.Linear``); the softmax core runs through
-``adaptsr.ops.window_attention``. ``to_dense()`` gives back spandrel's own module.
+``forward(x, rpi, mask=None)``, ATD ``forward(qkv, rpi, mask=None)``) and the same function. ATD's
+block projects qkv itself (its ``wqkv`` feeds the category attention too), so ATD's attention has
+no ``qkv`` layer and no dropout. ``qkv`` and ``proj`` stay what they were (``LoRALinear`` after
+``inject_lora``, so their merged-weight forward runs through ``adaptsr.ops.lora_linear``, or plain
+``nn.Linear``); the softmax core runs through ``adaptsr.ops.window_attention``. ``to_dense()``
+gives back spandrel's own module.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from spandrel.architectures.ATD.__arch.atd_arch import WindowAttention as ATDWindowAttention
 from spandrel.architectures.DRCT.__arch.drct_arch import WindowAttention as DRCTWindowAttention
 from spandrel.architectures.HAT.__arch.HAT import WindowAttention as HATWindowAttention
 from spandrel.architectures.SwinIR.__arch.SwinIR import WindowAttention as SwinIRWindowAttention
@@ -27,7 +31,7 @@ from adaptsr.ops.window_attention import window_attention
 # spandrel's window-attention classes this module replaces, with the architecture they belong to.
 # DRCT's is a copy of SwinIR's (same parameters, buffers, constructor and call).
 _ORIGINALS: dict[type[nn.Module], str] = {
-    SwinIRWindowAttention: "SwinIR", HATWindowAttention: "HAT", DRCTWindowAttention: "DRCT",
+    SwinIRWindowAttention: "SwinIR", HATWindowAttention: "HAT", DRCTWindowAttention: "DRCT", ATDWindowAttention: "ATD",
 }
 
 
@@ -37,7 +41,8 @@ def _swinir_call(mask: torch.Tensor | None = None) -> torch.Tensor | None:
 
 
 def _hat_call(rpi: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """HAT's ``forward(x, rpi, mask=None)`` after x: the model passes the relative position index in."""
+    """HAT's ``forward(x, rpi, mask=None)`` (and ATD's ``forward(qkv, rpi, mask=None)``) after the first
+    argument: the model passes the relative position index in."""
     return rpi, mask
 
 
@@ -45,7 +50,7 @@ class LoRAWindowAttention(nn.Module):
     """Window multi-head self-attention with relative position bias, drop-in for spandrel's.
 
     Build it with ``LoRAWindowAttention.from_module(attn)`` (or ``LoRAWindowAttention(attention=attn)``)
-    from a SwinIR, HAT or DRCT ``WindowAttention``; it shares that module's parameters, buffers and
+    from a SwinIR, HAT, DRCT or ATD ``WindowAttention``; it shares that module's parameters, buffers and
     ``qkv`` / ``proj`` layers rather than copying them.
     """
 
@@ -65,10 +70,13 @@ class LoRAWindowAttention(nn.Module):
         if not self.index_passed_in:
             persistent = "relative_position_index" not in attention._non_persistent_buffers_set
             self.register_buffer("relative_position_index", attention.relative_position_index, persistent=persistent)
-        self.qkv = attention.qkv
-        self.attn_drop = attention.attn_drop
+        # ATD: the caller hands in the projected qkv tokens; there is no qkv layer and no dropout.
+        self.qkv_passed_in = "qkv" not in attention._modules
+        self.qkv_bias = attention.qkv_bias if self.qkv_passed_in else None  # for ATD's constructor (to_dense)
+        self.qkv = None if self.qkv_passed_in else attention.qkv
+        self.attn_drop = getattr(attention, "attn_drop", None)
         self.proj = attention.proj
-        self.proj_drop = attention.proj_drop
+        self.proj_drop = getattr(attention, "proj_drop", None)
         # On the triton backend: the qkv projection inside the attention kernel (q, k, v never in
         # memory) instead of a separate matmul. True / False force it on / off; None follows the
         # GPU measurement recorded in adaptsr.backend.AUTO_ON_CUDA["qkv_window_attention"]
@@ -78,12 +86,12 @@ class LoRAWindowAttention(nn.Module):
 
     @staticmethod
     def can_wrap(module: nn.Module) -> bool:
-        """Whether ``module`` is a spandrel window attention this class replaces (SwinIR's, HAT's or DRCT's)."""
+        """Whether ``module`` is a spandrel window attention this class replaces (SwinIR's, HAT's, DRCT's or ATD's)."""
         return type(module) in _ORIGINALS
 
     @classmethod
     def from_module(cls, attention: nn.Module) -> LoRAWindowAttention:
-        """Replace ``attention`` (spandrel's SwinIR, HAT or DRCT ``WindowAttention``); it is left as it is."""
+        """Replace ``attention`` (spandrel's SwinIR, HAT, DRCT or ATD ``WindowAttention``); it is left as it is."""
         return cls(attention=attention)
 
     @property
@@ -93,26 +101,35 @@ class LoRAWindowAttention(nn.Module):
     # -- forward --
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``x: [B_, N, C]`` windows of tokens; then ``mask=None`` (SwinIR, DRCT) or ``rpi, mask=None`` (HAT)."""
+        """``x: [B_, N, C]`` windows of tokens (ATD: their qkv projection, ``[B_, N, 3C]``); then ``mask=None``
+        (SwinIR, DRCT) or ``rpi, mask=None`` (HAT, ATD)."""
         if self.index_passed_in:
             index, mask = _hat_call(*args, **kwargs)
         else:
             index, mask = self.relative_position_index, _swinir_call(*args, **kwargs)
-        batch_windows, n, channels = x.shape
-        qkv_weight = self._single_pass_weight()
-        if qkv_weight is not None and not (self.training and self.attn_drop.p > 0):
-            out = qkv_window_attention(x, *qkv_weight, self.num_heads, self.relative_position_bias_table, index,
-                                       mask, self.scale)
-            return self.proj_drop(self.proj(out))
-        head_dim = channels // self.num_heads
-        qkv = self.qkv(x).reshape(batch_windows, n, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        dropout = self.training and self.attn_drop is not None and self.attn_drop.p > 0
+        if self.qkv_passed_in:
+            qkv = x
+        else:
+            qkv_weight = self._single_pass_weight()
+            if qkv_weight is not None and not dropout:
+                out = qkv_window_attention(x, *qkv_weight, self.num_heads, self.relative_position_bias_table, index,
+                                           mask, self.scale)
+                return self._project(out)
+            qkv = self.qkv(x)
+        batch_windows, n, qkv_channels = qkv.shape
+        channels = qkv_channels // 3
+        qkv = qkv.reshape(batch_windows, n, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if self.training and self.attn_drop.p > 0:
+        if dropout:
             out = self._attention_with_dropout(q, k, v, index, mask)
         else:
             out = window_attention(q, k, v, self.relative_position_bias_table, index, mask, self.scale)
-        out = out.transpose(1, 2).reshape(batch_windows, n, channels)
-        return self.proj_drop(self.proj(out))
+        return self._project(out.transpose(1, 2).reshape(batch_windows, n, channels))
+
+    def _project(self, out: torch.Tensor) -> torch.Tensor:
+        out = self.proj(out)
+        return out if self.proj_drop is None else self.proj_drop(out)
 
     def _single_pass_weight(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(w_qkv, b_qkv) for the single pass, W + s B A formed differentiably so autograd carries
@@ -124,6 +141,8 @@ class LoRAWindowAttention(nn.Module):
         if not wanted or resolve(self.relative_position_bias_table.device, "window_attention") != "triton":
             return None
         qkv = self.qkv
+        if qkv is None:
+            return None
         if isinstance(qkv, nn.Linear):
             return qkv.weight, qkv.bias
         if isinstance(qkv, LoRALayer) and (qkv.merged or not (self.training and qkv.lora_dropout > 0)):
@@ -174,20 +193,24 @@ class LoRAWindowAttention(nn.Module):
         qkv, proj = (m.to_dense() if isinstance(m, LoRALayer) else copy.deepcopy(m) for m in (self.qkv, self.proj))
         # The constructor initialises the table with trunc_normal_: keep the caller's random stream.
         with torch.random.fork_rng(devices=[]):
-            dense = self.original_type(
-                self.dim,
-                self.window_size,
-                self.num_heads,
-                qkv_bias=qkv.bias is not None,
-                qk_scale=self.scale,
-                attn_drop=self.attn_drop.p,
-                proj_drop=self.proj_drop.p,
-            )
+            if self.qkv_passed_in:  # ATD's: no qkv layer, no dropout, the scale from the head dim
+                dense = self.original_type(self.dim, self.window_size, self.num_heads, qkv_bias=self.qkv_bias)
+            else:
+                dense = self.original_type(
+                    self.dim,
+                    self.window_size,
+                    self.num_heads,
+                    qkv_bias=qkv.bias is not None,
+                    qk_scale=self.scale,
+                    attn_drop=self.attn_drop.p,
+                    proj_drop=self.proj_drop.p,
+                )
+                dense.qkv = qkv
         table = self.relative_position_bias_table
         dense.relative_position_bias_table = nn.Parameter(table.detach().clone(), requires_grad=table.requires_grad)
         if not self.index_passed_in:
             dense.relative_position_index = self.relative_position_index.clone()
-        dense.qkv, dense.proj = qkv, proj
+        dense.proj = proj
         return dense.train(self.training)
 
     def flops(self, n: int) -> int:

@@ -1,4 +1,4 @@
-"""LoRAWindowAttention: a drop-in for spandrel's SwinIR, HAT and DRCT WindowAttention.
+"""LoRAWindowAttention: a drop-in for spandrel's SwinIR, HAT, DRCT and ATD WindowAttention.
 
 The referees: spandrel's own module (same function, same keys, same call), PEFT (a whole model
 with LoRA on the original modules computes what ours computes, gradients included) and spandrel's
@@ -17,6 +17,7 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer as PeftLoraLayer
+from spandrel.architectures.ATD.__arch.atd_arch import WindowAttention as ATDWindowAttention
 from spandrel.architectures.DRCT.__arch.drct_arch import WindowAttention as DRCTWindowAttention
 from spandrel.architectures.HAT.__arch.HAT import WindowAttention as HATWindowAttention
 from spandrel.architectures.SwinIR.__arch.SwinIR import WindowAttention as SwinIRWindowAttention
@@ -31,8 +32,15 @@ warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
 
 attention_op = importlib.import_module("adaptsr.ops.window_attention")
 
-ORIGINALS = {"swinir": SwinIRWindowAttention, "hat": HATWindowAttention, "drct": DRCTWindowAttention}
-ARCHITECTURE_IDS = {"swinir": "SwinIR", "hat": "HAT", "drct": "DRCT"}
+ORIGINALS = {
+    "swinir": SwinIRWindowAttention, "hat": HATWindowAttention, "drct": DRCTWindowAttention, "atd": ATDWindowAttention,
+}
+ARCHITECTURE_IDS = {"swinir": "SwinIR", "hat": "HAT", "drct": "DRCT", "atd": "ATD"}
+# ATD's attention takes the projected qkv tokens and the index: no qkv layer, no dropout
+QKV_PASSED_IN = {"atd"}
+INDEX_PASSED_IN = {"hat", "atd"}
+# the attentions that own a dropout (the constructor takes attn_drop)
+WITH_DROPOUT = [arch for arch in ORIGINALS if arch not in QKV_PASSED_IN]
 # backend name -> (adaptsr backend, torch path forced)
 BACKENDS = {"reference": ("reference", None), "torch-matmul": ("torch", "matmul"), "torch-sdpa": ("torch", "sdpa")}
 
@@ -51,8 +59,8 @@ def backend(name: str):
 
 @pytest.fixture
 def build(tiny_sr):
-    """``build(arch)``: conftest's tiny SwinIR, HAT or DRCT (window 4, alternately unshifted and shifted blocks)
-    in float64."""
+    """``build(arch)``: conftest's tiny SwinIR, HAT, DRCT or ATD (window 4, alternately unshifted and shifted
+    blocks) in float64."""
 
     def _build(arch: str) -> nn.Module:
         model = getattr(tiny_sr, arch)()
@@ -127,7 +135,11 @@ def test_model_matches_peft_on_spandrel_modules(arch, name, size, assert_close, 
     assert found and all(type(m) is LoRAWindowAttention for m in found.values())
     assert summary.window_attention == list(found)
     assert {m.architecture for m in found.values()} == {ARCHITECTURE_IDS[arch]}
-    assert all(isinstance(m.qkv, LoRALinear) and isinstance(m.proj, LoRALinear) for m in found.values())
+    assert all(isinstance(m.proj, LoRALinear) for m in found.values())
+    if arch in QKV_PASSED_IN:
+        assert all(m.qkv is None for m in found.values())
+    else:
+        assert all(isinstance(m.qkv, LoRALinear) for m in found.values())
     twin = _peft_twin(arch, ours, build(arch))
     assert all(type(m) is ORIGINALS[arch] for m in attentions(twin).values())
 
@@ -163,7 +175,7 @@ def test_unmerged_merged_unloaded_agree_and_spandrel_loads_it(arch, tmp_path, as
     plain_lora = build(arch)
     adaptsr.inject_lora(plain_lora, preset=arch, rank=4, window_attention=False)
     assert list(model.state_dict()) == list(plain_lora.state_dict())
-    assert any(key.endswith("attn.qkv.lora_A") for key in model.state_dict())
+    assert any(key.endswith(("attn.qkv.lora_A", "attn_win.proj.lora_A")) for key in model.state_dict())
 
     with torch.no_grad():
         unmerged = model(x)
@@ -257,7 +269,8 @@ def test_failed_injection_leaves_the_attentions_alone(build):
 
 def _spandrel_attention(arch: str, *, attn_drop: float = 0.0, qkv_bias: bool = True) -> nn.Module:
     torch.manual_seed(7)
-    attn = ORIGINALS[arch](12, (4, 4), 3, qkv_bias=qkv_bias, attn_drop=attn_drop).double()
+    dropout = {} if arch in QKV_PASSED_IN else {"attn_drop": attn_drop}
+    attn = ORIGINALS[arch](12, (4, 4), 3, qkv_bias=qkv_bias, **dropout).double()
     with torch.no_grad():
         attn.relative_position_bias_table.normal_()
     return attn
@@ -274,9 +287,16 @@ def _mask(num_masks: int = 3) -> torch.Tensor:
     return torch.where(region[:, :, None] == region[:, None, :], 0.0, -100.0).double()
 
 
+def _tokens(arch: str, windows: int, seed: int = 0) -> torch.Tensor:
+    """The module's first argument for ``windows`` windows of 16 tokens of 12 channels: x, or for ATD
+    their qkv projection (36 channels)."""
+    channels = 36 if arch in QKV_PASSED_IN else 12
+    return torch.randn(windows, 16, channels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 def _calls(arch: str, x: torch.Tensor, mask):
     """The ways spandrel's blocks (and users) call the module: positional and keyword arguments."""
-    if arch != "hat":
+    if arch not in INDEX_PASSED_IN:
         return [((x,), {}), ((x, mask), {}), ((x,), {"mask": mask})] if mask is not None else [((x,), {})]
     rpi = _index()
     return [((x, rpi), {"mask": mask}), ((x, rpi, mask), {}), ((x,), {"rpi": rpi, "mask": mask})]
@@ -288,7 +308,7 @@ def _calls(arch: str, x: torch.Tensor, mask):
 def test_module_computes_what_spandrel_computes(arch, shifted, name, assert_close):
     original = _spandrel_attention(arch).eval()
     ours = LoRAWindowAttention.from_module(original)
-    x = torch.randn(6, 16, 12, dtype=torch.float64)
+    x = _tokens(arch, 6)
     mask = _mask() if shifted else None
     with backend(name):
         for args, kwargs in _calls(arch, x, mask):
@@ -301,17 +321,21 @@ def test_module_keeps_keys_parameters_and_calls(arch):
     ours = LoRAWindowAttention(attention=original)
     assert list(ours.state_dict()) == list(original.state_dict())
     assert ours.relative_position_bias_table is original.relative_position_bias_table
-    assert ours.qkv is original.qkv and ours.proj is original.proj
+    assert ours.proj is original.proj
+    if arch in QKV_PASSED_IN:
+        assert ours.qkv is None and not hasattr(original, "qkv")
+    else:
+        assert ours.qkv is original.qkv
     assert (ours.dim, ours.window_size, ours.num_heads, ours.scale) == (12, (4, 4), 3, original.scale)
-    assert ours.index_passed_in == (arch == "hat")
+    assert ours.index_passed_in == (arch in INDEX_PASSED_IN)
     assert "dim=12, window_size=(4, 4), num_heads=3" in repr(ours)
     assert f"architecture={ARCHITECTURE_IDS[arch]}" in repr(ours)
-    x = torch.randn(3, 16, 12, dtype=torch.float64)
+    x = _tokens(arch, 3)
     with pytest.raises(TypeError):
         ours(x, _index(), _mask(), "one too many")
-    if arch == "hat":
+    if arch in INDEX_PASSED_IN:
         with pytest.raises(TypeError, match="rpi"):
-            ours(x)  # HAT passes the index in
+            ours(x)  # HAT and ATD pass the index in
 
 
 def test_flops_match_spandrel():
@@ -324,31 +348,32 @@ def test_to_dense_gives_spandrel_module_back(arch, assert_close):
     original = _spandrel_attention(arch)
     lora = LoRAWindowAttention.from_module(copy.deepcopy(original))
     torch.manual_seed(9)
-    lora.qkv = LoRALinear(base_layer=lora.qkv, rank=2, init_lora_weights=False)
-    x = torch.randn(6, 16, 12, dtype=torch.float64)
-    call = (x, _index(), _mask()) if arch == "hat" else (x, _mask())
+    adapted = "proj" if arch in QKV_PASSED_IN else "qkv"
+    setattr(lora, adapted, LoRALinear(base_layer=getattr(lora, adapted), rank=2, init_lora_weights=False))
+    x = _tokens(arch, 6)
+    call = (x, _index(), _mask()) if arch in INDEX_PASSED_IN else (x, _mask())
     with torch.no_grad():
         expected = lora.eval()(*call)
     rng = torch.get_rng_state()
     dense = lora.to_dense()
     assert torch.equal(torch.get_rng_state(), rng)  # the constructor's random init did not touch the caller's stream
-    assert type(dense) is ORIGINALS[arch] and type(dense.qkv) is nn.Linear
+    assert type(dense) is ORIGINALS[arch] and type(getattr(dense, adapted)) is nn.Linear
     assert list(dense.state_dict()) == list(original.state_dict())
     assert dense.relative_position_bias_table is not lora.relative_position_bias_table
     assert torch.equal(dense.relative_position_bias_table, lora.relative_position_bias_table)
-    assert isinstance(lora.qkv, LoRALinear) and not lora.merged  # to_dense leaves the module as it was
+    assert isinstance(getattr(lora, adapted), LoRALinear) and not lora.merged  # to_dense leaves the module as it was
     with torch.no_grad():
         assert_close(dense.eval()(*call), expected, "to_dense")
         assert (dense(*call) - original.eval()(*call)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", list(ORIGINALS))
+@pytest.mark.parametrize("arch", WITH_DROPOUT)
 def test_attention_dropout_matches_spandrel_in_training(arch, assert_close):
     original = _spandrel_attention(arch, attn_drop=0.3).train()
     ours = LoRAWindowAttention.from_module(original)
     assert ours.training
     x = torch.randn(6, 16, 12, dtype=torch.float64)
-    call = (x, _index(), _mask()) if arch == "hat" else (x, _mask())
+    call = (x, _index(), _mask()) if arch in INDEX_PASSED_IN else (x, _mask())
     torch.manual_seed(10)
     expected = original(*call)
     torch.manual_seed(10)
@@ -358,7 +383,6 @@ def test_attention_dropout_matches_spandrel_in_training(arch, assert_close):
 
 def test_only_spandrel_window_attention_is_accepted():
     assert not LoRAWindowAttention.can_wrap(nn.Linear(4, 4))
-    with pytest.raises(
-        TypeError, match=r"replaces spandrel's SwinIR WindowAttention, HAT WindowAttention, DRCT WindowAttention; got Linear"
-    ):
+    supported = "SwinIR WindowAttention, HAT WindowAttention, DRCT WindowAttention, ATD WindowAttention"
+    with pytest.raises(TypeError, match=rf"replaces spandrel's {supported}; got Linear"):
         LoRAWindowAttention.from_module(nn.Linear(4, 4))
