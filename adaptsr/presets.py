@@ -80,8 +80,8 @@ PRESETS: dict[str, Preset] = {
     # ATD: per block the window attention's qkv (wqkv, shared with the category attention) and proj,
     # the token-dictionary attention's value projection, the category attention's proj and the
     # conv FFN's fc1 / fc2; each residual group's conv; the conv after the body. Left out: the
-    # dictionary attention's q / k, which project to reducted_dim (10 in the released models)
-    # channels, so a rank-8 adapter would be nearly as large as the layer, and the FFN's depthwise conv.
+    # dictionary attention's q / k, which project to reducted_dim channels (a handful: spandrel's
+    # default is 4), so a rank-8 adapter would be larger than the layer, and the FFN's depthwise conv.
     "atd": (
         r"layers\.\d+\.residual_group\.layers\.\d+\.(wqkv|attn_win\.proj|attn_atd\.wv|attn_aca\.proj|convffn\.fc[12])"
         r"|layers\.\d+\.conv"
