@@ -65,11 +65,11 @@ PRESETS: dict[str, Preset] = {
     # convs of the adaptive interaction module (down to 1 channel), and the spatial gate's
     # depthwise conv.
     "dat": r"layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|ffn\.fc[12])|layers\.\d+\.conv|conv_after_body",
-    # Swin2SR: as SwinIR, but without attn.qkv: spandrel's Swin2SR applies it as
-    # F.linear(x, self.qkv.weight, q_bias + v_bias), never calling the module, so an adapter there
-    # would never run. The continuous position bias MLP (cpb_mlp, 2 inputs) stays frozen too.
+    # Swin2SR: as SwinIR. spandrel's Swin2SR applies attn.qkv as F.linear(x, self.qkv.weight,
+    # q_bias + v_bias) without calling it; a LoRA layer's weight is W + s B A, so its adapter takes
+    # part all the same. The continuous position bias MLP (cpb_mlp, 2 inputs) stays frozen.
     "swin2sr": (
-        r"layers\.\d+\.residual_group\.blocks\.\d+\.(attn\.proj|mlp\.fc[12])"
+        r"layers\.\d+\.residual_group\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
         r"|layers\.\d+\.conv(\.\d+)?"
         r"|conv_after_body"
     ),
@@ -101,6 +101,12 @@ PRESETS: dict[str, Preset] = {
     # Left out: the partial large-kernel conv, which acts on dim/4 channels (16 in the released
     # models), so a rank-8 adapter would be half the layer's rank.
     "plksr": r"feats\.\d+\.(channel?_mixer\.[02]|attn\.f\.0|refine)",
+    # SPAN: the re-parameterised 3x3 convs (Conv3XC) of the six blocks and the one closing the body:
+    # the training branches they are made of (sk, conv.0-2) and the 1x1 conv merging the features.
+    # In evaluation each Conv3XC folds its branches' weights into eval_conv, reading the adapted
+    # weights of the LoRA layers (LoRALayer.weight), so train and eval modes agree; eval_conv itself
+    # is never trained. Left out: conv_1, which reads the pixels.
+    "span": r"(block_\d+\.c[123]_r|conv_2)\.(sk|conv\.[012])|conv_cat",
     # SAFMN: per block the feature modulation's 1x1 aggregation conv and the convolutional channel
     # mixer's two convs. Left out: the multi-scale depthwise convs (mfr).
     "safmn": r"feats\.\d+\.(safm\.aggr|ccm\.ccm\.[02])",
@@ -121,7 +127,7 @@ PRESETS: dict[str, Preset] = {
 ARCHITECTURE_PRESETS: dict[str, str] = {
     "SwinIR": "swinir", "HAT": "hat", "ESRGAN": "esrgan", "RCAN": "rcan",
     "Compact": "compact", "DAT": "dat", "Swin2SR": "swin2sr", "DRCT": "drct", "ATD": "atd", "RGT": "rgt",
-    "PLKSR": "plksr", "SAFMN": "safmn", "OmniSR": "omnisr",
+    "PLKSR": "plksr", "SAFMN": "safmn", "OmniSR": "omnisr", "SPAN": "span",
 }
 
 

@@ -130,7 +130,7 @@ def _check_adapters_run(module: nn.Module) -> None:
     A model can hold layers its training forward never calls (spandrel's SPAN keeps convs for its
     inference form); an adapter there trains nothing, and under DDP its gradient never arrives, which
     fails a step later with an unhelpful message. Say which layers, once, up front. (A model that reads
-    an adapted layer's weight instead of calling it fails in the forward already: see LoRALayer.)
+    an adapted layer's weight instead of calling it trains the adapter through ``LoRALayer.weight``.)
     """
     idle = [name for name, layer in lora_layers(module) if layer.lora_B.grad is None and layer.lora_A.grad is None]
     if idle:

@@ -420,6 +420,7 @@ _TINY_SR = SimpleNamespace(
     plksr=_tiny("PLKSR", dim=16, n_blocks=2, upscaling_factor=2, kernel_size=7),
     realplksr=_tiny("RealPLKSR", "PLKSR", dim=16, n_blocks=2, upscaling_factor=2, kernel_size=7),
     safmn=_tiny("SAFMN", dim=16, n_blocks=2, upscaling_factor=2),
+    span=_tiny("SPAN", num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=2),
     omnisr=_tiny("OmniSR", num_feat=16, block_num=1, window_size=4, up_scale=2),
 )
 
@@ -427,7 +428,7 @@ _TINY_SR = SimpleNamespace(
 @pytest.fixture(scope="session")
 def tiny_sr():
     """``tiny_sr.swinir / .hat / .esrgan / .rcan / .compact / .dat / .swin2sr / .drct / .atd / .rgt / .plksr /
-    .realplksr / .safmn / .omnisr(seed=0, **overrides)``: small seeded random spandrel models."""
+    .realplksr / .safmn / .span / .omnisr(seed=0, **overrides)``: small seeded random spandrel models."""
     return _TINY_SR
 
 

@@ -135,7 +135,10 @@ def test_bad_input_one_line(argv, message, capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "arch",
-    ["swinir", "hat", "esrgan", "rcan", "compact", "dat", "swin2sr", "drct", "atd", "rgt", "plksr", "safmn", "omnisr"],
+    [
+        "swinir", "hat", "esrgan", "rcan", "compact", "dat", "swin2sr", "drct", "atd", "rgt", "plksr", "safmn", "span",
+        "omnisr",
+    ],
 )
 def test_every_preset_architecture(arch, tiny_sr, tmp_path):
     """Each architecture with a preset, RCAN included (its forward writes into its input). Batches of 2: DAT's

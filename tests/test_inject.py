@@ -212,7 +212,7 @@ def test_outputs_match_peft_with_the_same_adapter_weights(which, tiny_sr):
 
 
 def test_unknown_preset_lists_the_available_ones(tiny_sr):
-    available = "atd, compact, dat, drct, esrgan, hat, omnisr, plksr, rcan, rgt, safmn, swin2sr, swinir"
+    available = "atd, compact, dat, drct, esrgan, hat, omnisr, plksr, rcan, rgt, safmn, span, swin2sr, swinir"
     with pytest.raises(ValueError, match=rf"unknown LoRA preset .edsr.*{available}"):
         adaptsr.inject_lora(tiny_sr.rcan(), preset="edsr")
 
@@ -554,13 +554,19 @@ def test_compact_preset_follows_the_configuration(tiny_sr, num_conv):
         adaptsr.presets.preset_pattern("compact")
 
 
-def test_a_model_that_reads_an_adapted_layers_weight_is_told_why(tiny_sr):
-    """spandrel's Swin2SR applies attn.qkv as F.linear(x, qkv.weight, ...): an adapter there would be bypassed.
-    Its preset leaves qkv out; targeting it anyway fails at the first forward with the reason, not a bare
-    missing attribute."""
-    model = tiny_sr.swin2sr()
-    adaptsr.inject_lora(model, targets=r".*attn\.qkv", rank=2)
-    with pytest.raises(AttributeError, match=r"LoRALinear has no 'weight': the model reads this layer's weight"):
-        model(torch.rand(1, 3, 16, 16))
-    layer = model.layers[0].residual_group.blocks[0].attn.qkv
-    assert not hasattr(layer, "weight") and hasattr(layer.base_layer, "weight")
+def test_a_model_that_reads_an_adapted_layers_weight_gets_the_adapted_weight(tiny_sr):
+    """spandrel's Swin2SR applies attn.qkv as F.linear(x, qkv.weight, ...) without calling the layer. Its
+    adapter takes part all the same: the LoRA model computes what the model with W + s B A in place of
+    qkv's weight computes, and the adapter gets gradients."""
+    model = tiny_sr.swin2sr().double()
+    adaptsr.inject_lora(model, targets=r".*attn\.qkv", rank=2, init_lora_weights=False)
+    twin = tiny_sr.swin2sr().double()
+    for name, layer in adaptsr.lora_layers(model):
+        twin.get_submodule(name).weight.data.copy_(layer.to_dense().weight)
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    y = model(x)
+    torch.testing.assert_close(y, twin(x))
+    assert (y - tiny_sr.swin2sr().double()(x)).abs().max() > 1e-3  # the adapters change the output
+    y.sum().backward()
+    for name, layer in adaptsr.lora_layers(model):
+        assert torch.count_nonzero(layer.lora_A.grad) > 0 and torch.count_nonzero(layer.lora_B.grad) > 0, name

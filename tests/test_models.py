@@ -81,11 +81,9 @@ ARCHS = {
     "swin2sr": (
         {},
         "Swin2SR",
-        {f"layers.0.residual_group.blocks.{b}.{p}" for b in (0, 1) for p in ("attn.proj", "mlp.fc1", "mlp.fc2")}
-        | {"layers.0.conv", "conv_after_body"},
+        _swin_blocks("layers.0.residual_group", 2) | {"layers.0.conv", "conv_after_body"},
         {
             "conv_first",
-            "layers.0.residual_group.blocks.0.attn.qkv",  # applied through its weight: an adapter would never run
             "layers.0.residual_group.blocks.0.attn.cpb_mlp.0",
             "conv_before_upsample.0",
             "upsample.0",
@@ -154,6 +152,14 @@ ARCHS = {
         "SAFMN",
         {f"feats.{b}.{p}" for b in (0, 1) for p in ("safm.aggr", "ccm.ccm.0", "ccm.ccm.2")},
         {"to_feat", "feats.0.safm.mfr.0", "to_img.0"},
+    ),
+    "span": (
+        {},
+        "SPAN",
+        {f"{conv}.{p}" for conv in [f"block_{b}.c{c}_r" for b in range(1, 7) for c in (1, 2, 3)] + ["conv_2"]
+         for p in ("sk", "conv.0", "conv.1", "conv.2")}
+        | {"conv_cat"},
+        {"conv_1.sk", "conv_1.conv.1", "conv_1.eval_conv", "block_1.c1_r.eval_conv", "conv_2.eval_conv", "upsampler.0"},
     ),
     "omnisr": (
         {},

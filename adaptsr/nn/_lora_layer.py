@@ -57,20 +57,23 @@ class LoRALayer(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(b_shape, dtype=weight.dtype, device=weight.device))
         self.reset_lora_parameters(init_lora_weights)
 
-    # Model code that reads a layer's weight or bias instead of calling it (spandrel's Swin2SR does
-    # F.linear(x, self.qkv.weight, ...)) would bypass the adapter; instead of torch's bare "no
-    # attribute", say so. (Reached only where normal lookup fails: parameters, submodules and these.)
-    def __getattr__(self, name: str):
-        if name in ("weight", "bias"):
-            raise AttributeError(self._bypass_message(name))
-        return nn.Module.__getattr__(self, name)
+    # Model code that reads a layer's weight instead of calling it (spandrel's Swin2SR applies its qkv
+    # as F.linear(x, self.qkv.weight, ...); SPAN folds its training branches' weights into one conv
+    # for evaluation) gets the effective weight, so the adapter takes part there too, gradients
+    # included. PEFT hands out the base weight, which silently leaves the adapter out.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight W + s B A, differentiable in A and B (the frozen W once merged, which
+        already holds the adapter). Read-only: a copy computed on each access, so writing into it changes
+        nothing; the frozen weight itself is ``base_layer.weight``."""
+        if self.merged:
+            return self.base_layer.weight
+        return self.base_layer.weight + self.get_delta_weight()
 
-    def _bypass_message(self, name: str) -> str:
-        return (
-            f"{type(self).__name__} has no {name!r}: the model reads this layer's {name} instead of calling the "
-            f"layer, so an adapter here would never run; leave the layer out of the LoRA targets (the frozen "
-            f"{name} is base_layer.{name})"
-        )
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (LoRA leaves it as it is)."""
+        return self.base_layer.bias
 
     # -- what subclasses provide --
 

@@ -279,6 +279,39 @@ def test_state_dict_keys(kind, kwargs):
     )
 
 
+# -- model code that reads the weight instead of calling the layer --
+
+
+@pytest.mark.parametrize("kind, kwargs", _ALL_LAYERS, ids=_ALL_IDS)
+def test_reading_the_weight_gives_the_adapted_layer(kind, kwargs, assert_close):
+    """spandrel's Swin2SR calls F.linear(x, qkv.weight, ...) and SPAN folds its convs' weights: ``weight`` is
+    W + s B A, so such code computes what the layer computes, gradients of the adapter included."""
+    base, layer, x = _make(kind, kwargs, init_lora_weights=False)
+    expected_weight = _merged_ground_truth(base, layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling).weight
+    assert_close(layer.weight.detach(), expected_weight, "weight")
+    assert layer.bias is layer.base_layer.bias
+
+    def through_weight(inputs):  # what model code does with a layer's weight and bias
+        if kind == "conv":
+            return layer.base_layer._conv_forward(inputs, layer.weight, layer.bias)
+        return nn.functional.linear(inputs, layer.weight, layer.bias)
+
+    results = {}
+    for name, run in (("called", layer), ("read", through_weight)):
+        layer.zero_grad(set_to_none=True)
+        y = run(x)
+        y.backward(torch.ones_like(y))
+        results[name] = (y.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+    for name, a, b in zip(("y", "dA", "dB"), results["read"], results["called"]):
+        assert_close(a, b, name)
+    assert torch.count_nonzero(results["read"][1]) > 0
+
+    with pytest.raises((AttributeError, KeyError), match="weight"):  # read-only: the frozen one is base_layer.weight
+        layer.weight = nn.Parameter(torch.zeros_like(base.weight))
+    layer.merge()
+    assert layer.weight is layer.base_layer.weight  # merged: the base weight already holds the adapter
+
+
 # -- backends agree through the module --
 
 
