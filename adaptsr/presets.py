@@ -107,6 +107,14 @@ PRESETS: dict[str, Preset] = {
     # weights of the LoRA layers (LoRALayer.weight), so train and eval modes agree; eval_conv itself
     # is never trained. Left out: conv_1, which reads the pixels.
     "span": r"(block_\d+\.c[123]_r|conv_2)\.(sk|conv\.[012])|conv_cat",
+    # FDAT: per block the attention's qkv and proj (spatial-window and channel blocks alike) and the
+    # FFN's fc1 / fc2; each group's conv; the conv after the body. Left out: the depthwise convs
+    # (conv, the FFN's smix) and the interaction module's tiny convs (down to 1 and C/8 channels).
+    "fdat": r"groups\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|ffn\.fc[12])|groups\.\d+\.conv|conv_after",
+    # MoSR: the gated CNN blocks' fc1 / fc2 convs and the convs that close the body (the sequence
+    # gblocks past its first conv, which reads the pixels). Left out: the blocks' depthwise convs and
+    # the shortcut branch, which works on the pixels.
+    "mosr": r"gblocks\.[1-9]\d*(\.fc[12])?",
     # SAFMN: per block the feature modulation's 1x1 aggregation conv and the convolutional channel
     # mixer's two convs. Left out: the multi-scale depthwise convs (mfr).
     "safmn": r"feats\.\d+\.(safm\.aggr|ccm\.ccm\.[02])",
@@ -127,7 +135,7 @@ PRESETS: dict[str, Preset] = {
 ARCHITECTURE_PRESETS: dict[str, str] = {
     "SwinIR": "swinir", "HAT": "hat", "ESRGAN": "esrgan", "RCAN": "rcan",
     "Compact": "compact", "DAT": "dat", "Swin2SR": "swin2sr", "DRCT": "drct", "ATD": "atd", "RGT": "rgt",
-    "PLKSR": "plksr", "SAFMN": "safmn", "OmniSR": "omnisr", "SPAN": "span",
+    "PLKSR": "plksr", "SAFMN": "safmn", "OmniSR": "omnisr", "SPAN": "span", "FDAT": "fdat", "MoSR": "mosr",
 }
 
 

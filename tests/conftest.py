@@ -421,6 +421,11 @@ _TINY_SR = SimpleNamespace(
     realplksr=_tiny("RealPLKSR", "PLKSR", dim=16, n_blocks=2, upscaling_factor=2, kernel_size=7),
     safmn=_tiny("SAFMN", dim=16, n_blocks=2, upscaling_factor=2),
     span=_tiny("SPAN", num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=2),
+    fdat=_tiny(
+        "FDAT", embed_dim=16, num_groups=1, depth_per_group=2, num_heads=2, window_size=4, scale=2, mid_dim=16,
+        drop_path_rate=0.0,
+    ),
+    mosr=_tiny("MoSR", n_block=2, dim=16, upscale=2),
     omnisr=_tiny("OmniSR", num_feat=16, block_num=1, window_size=4, up_scale=2),
 )
 
@@ -428,7 +433,7 @@ _TINY_SR = SimpleNamespace(
 @pytest.fixture(scope="session")
 def tiny_sr():
     """``tiny_sr.swinir / .hat / .esrgan / .rcan / .compact / .dat / .swin2sr / .drct / .atd / .rgt / .plksr /
-    .realplksr / .safmn / .span / .omnisr(seed=0, **overrides)``: small seeded random spandrel models."""
+    .realplksr / .safmn / .span / .omnisr / .fdat / .mosr(seed=0, **overrides)``: small seeded random spandrel models."""
     return _TINY_SR
 
 

@@ -137,7 +137,7 @@ def test_bad_input_one_line(argv, message, capsys, tmp_path):
     "arch",
     [
         "swinir", "hat", "esrgan", "rcan", "compact", "dat", "swin2sr", "drct", "atd", "rgt", "plksr", "safmn", "span",
-        "omnisr",
+        "omnisr", "fdat", "mosr",
     ],
 )
 def test_every_preset_architecture(arch, tiny_sr, tmp_path):

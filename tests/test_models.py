@@ -161,6 +161,27 @@ ARCHS = {
         | {"conv_cat"},
         {"conv_1.sk", "conv_1.conv.1", "conv_1.eval_conv", "block_1.c1_r.eval_conv", "conv_2.eval_conv", "upsampler.0"},
     ),
+    # depth_per_group=2: blocks 0-3, spatial-window and channel attention alternately
+    "fdat": (
+        {},
+        "FDAT",
+        {f"groups.0.blocks.{b}.{p}" for b in range(4) for p in ("attn.qkv", "attn.proj", "ffn.fc1", "ffn.fc2")}
+        | {"groups.0.conv", "conv_after"},
+        {
+            "conv_first",
+            "groups.0.blocks.0.conv.0",  # depthwise
+            "groups.0.blocks.0.inter.sg.0",  # down to one channel
+            "groups.0.blocks.0.ffn.smix",
+            "upsampler.1",
+        },
+    ),
+    # n_block=2: gblocks.0 reads the pixels, gblocks.1-2 are gated CNN blocks, gblocks.3/5/7 close the body
+    "mosr": (
+        {},
+        "MoSR",
+        {"gblocks.1.fc1", "gblocks.1.fc2", "gblocks.2.fc1", "gblocks.2.fc2", "gblocks.3", "gblocks.5", "gblocks.7"},
+        {"gblocks.0", "gblocks.1.conv", "shortcut.block.0", "shortcut.block.2", "shortcut.conv11", "upsampler.0"},
+    ),
     "omnisr": (
         {},
         "OmniSR",
