@@ -432,8 +432,8 @@ _TINY_SR = SimpleNamespace(
 
 @pytest.fixture(scope="session")
 def tiny_sr():
-    """``tiny_sr.swinir / .hat / .esrgan / .rcan / .compact / .dat / .swin2sr / .drct / .atd / .rgt / .plksr /
-    .realplksr / .safmn / .span / .omnisr / .fdat / .mosr(seed=0, **overrides)``: small seeded random spandrel models."""
+    """``tiny_sr.<name>(seed=0, **overrides)``: small seeded random spandrel models, one per name above (swinir,
+    hat, esrgan, rcan, compact, dat, swin2sr, drct, atd, rgt, plksr, realplksr, safmn, span, fdat, mosr, omnisr)."""
     return _TINY_SR
 
 
