@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from spandrel.architectures.SPAN.__arch.span import Conv3XC
 from torch import nn
 
 from adaptsr.nn import LoRAConv2d, LoRALayer, LoRALinear, LoRAWindowAttention
@@ -267,11 +268,23 @@ def merge_lora(model, *, unload: bool = True):
             _set_submodule(module, name, layer.to_dense())
         else:
             layer.merge()
+    _refold_reparameterised(module)
     if unload:  # the original model again, hooks included
         _remove_hook(module, _INPUT_GRAD_HOOK)
         for norm in _running_statistics_layers(module):
             _remove_hook(norm, _FROZEN_STATISTICS_HOOK)
     return model
+
+
+@torch.no_grad()
+def _refold_reparameterised(module: nn.Module) -> None:
+    """Re-parameterised layers keep an inference form folded from their training branches (SPAN's
+    Conv3XC: eval_conv from sk and conv.0-2). They refold at every eval-mode forward, but until then
+    the inference weights are the fold of whatever weights the last evaluation saw, and a checkpoint
+    written right after merging would carry those: fold the merged weights now."""
+    for m in module.modules():
+        if type(m) is Conv3XC:
+            m.update_params()
 
 
 def _remove_hook(holder: nn.Module, attribute: str) -> None:

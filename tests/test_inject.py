@@ -571,3 +571,21 @@ def test_a_model_that_reads_an_adapted_layers_weight_gets_the_adapted_weight(tin
     y.sum().backward()
     for name, layer in adaptsr.lora_layers(model):
         assert torch.count_nonzero(layer.lora_A.grad) > 0 and torch.count_nonzero(layer.lora_B.grad) > 0, name
+
+
+@pytest.mark.parametrize("unload", [True, False], ids=["unload", "keep-modules"])
+def test_merging_refolds_spans_inference_convs(tiny_sr, unload):
+    """SPAN's Conv3XC folds its training branches into eval_conv at each eval-mode forward; after merging, the
+    eval_conv weights (what a checkpoint holds) are already the fold of the merged branches."""
+    model = tiny_sr.span().train()
+    adaptsr.inject_lora(model, preset="span", rank=2, init_lora_weights=False)
+    stale = model.block_1.c1_r.eval_conv.weight.clone()  # as built: SPAN folds only in eval mode
+    adaptsr.merge_lora(model, unload=unload)
+    convs = [m for m in model.modules() if type(m).__name__ == "Conv3XC"]
+    assert convs
+    for conv in convs:
+        refolded = copy.deepcopy(conv)
+        refolded.update_params()
+        assert torch.equal(conv.eval_conv.weight, refolded.eval_conv.weight)
+        assert torch.equal(conv.eval_conv.bias, refolded.eval_conv.bias)
+    assert (model.block_1.c1_r.eval_conv.weight - stale).abs().max() > 1e-3
