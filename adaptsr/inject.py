@@ -11,6 +11,11 @@ from spandrel.architectures.SPAN.__arch.span import Conv3XC
 from torch import nn
 
 from adaptsr.nn import LoRAConv2d, LoRALayer, LoRALinear, LoRAWindowAttention
+from adaptsr.nn.rectangle_window_attention import (
+    can_fuse_rectangle_attention,
+    disable_fused_rectangle_attention,
+    enable_fused_rectangle_attention,
+)
 from adaptsr.presets import preset_pattern
 
 __all__ = ["LoRASummary", "inject_lora", "lora_layers", "merge_lora", "unmerge_lora"]
@@ -25,7 +30,8 @@ class LoRASummary:
     layers: dict[str, int] = field(default_factory=dict)  # layer name -> rank
     trainable_params: int = 0
     total_params: int = 0
-    window_attention: list[str] = field(default_factory=list)  # Swin attentions now LoRAWindowAttention
+    # window attentions now on adaptsr's op: Swin ones replaced by LoRAWindowAttention, DAT / RGT ones switched
+    window_attention: list[str] = field(default_factory=list)
 
     @property
     def trainable_share(self) -> float:
@@ -145,6 +151,21 @@ def _window_attention_swaps(
     return swaps
 
 
+def _rectangle_attentions_to_fuse(module: nn.Module, adapted: set[str], mode: bool | None) -> set[str]:
+    """The DAT / RGT rectangle-window attentions to switch to adaptsr's op: every one (``mode=True``),
+    none (``False``), or those whose parent's qkv or proj gets an adapter (``None``; they sit in the
+    parent's ``attns`` list)."""
+    if mode is False:
+        return set()
+    names = set()
+    for name, child in module.named_modules():
+        if can_fuse_rectangle_attention(child):
+            parent = name.rsplit(".attns.", 1)[0]
+            if mode or {f"{parent}.qkv", f"{parent}.proj"} & adapted:
+                names.add(name)
+    return names
+
+
 def _window_attentions(module: nn.Module) -> list[tuple[str, LoRAWindowAttention]]:
     return [(name, m) for name, m in module.named_modules() if name and isinstance(m, LoRAWindowAttention)]
 
@@ -174,9 +195,11 @@ def inject_lora(
 
     Swin window attentions (spandrel's SwinIR, HAT, DRCT and ATD ``WindowAttention``) become
     ``LoRAWindowAttention``: same parameters, keys and function, the attention core on adaptsr's
-    backends. ``window_attention=None`` (default) replaces those whose ``qkv`` or ``proj`` gets an
-    adapter (all of them with the swinir, hat, drct and atd presets), ``True`` every one, ``False`` none.
-    ``merge_lora`` gives spandrel's modules back.
+    backends. DAT's and RGT's rectangle-window attentions keep their modules and run their core on the
+    same op (``adaptsr.nn.rectangle_window_attention``). ``window_attention=None`` (default) does this
+    for the attentions whose ``qkv`` or ``proj`` (DAT / RGT: their parent's) gets an adapter (all of
+    them with the presets), ``True`` for every one, ``False`` for none. ``merge_lora`` gives
+    spandrel's modules and forwards back.
     """
     module = unwrap_model(model)
     if preset is None and targets is None:
@@ -238,6 +261,8 @@ def inject_lora(
     for name, wrapped in wrapped_layers:
         _set_submodule(module, name, wrapped)
         summary.layers[name] = wrapped.rank
+    rectangles = _rectangle_attentions_to_fuse(module, {name for name, _ in chosen}, window_attention)
+    summary.window_attention += enable_fused_rectangle_attention(module, rectangles)
 
     summary.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     summary.total_params = sum(p.numel() for p in module.parameters())
@@ -255,9 +280,10 @@ def merge_lora(model, *, unload: bool = True):
     """Fold every adapter into its base weight.
 
     ``unload=True`` (default) replaces each LoRA module by a plain layer with dense weights and
-    each ``LoRAWindowAttention`` by spandrel's own ``WindowAttention``, so the model is the
-    original architecture again; ``unload=False`` keeps the LoRA modules in merged state
-    (``unmerge_lora`` takes the adapters back out). Returns ``model``.
+    each ``LoRAWindowAttention`` by spandrel's own ``WindowAttention`` (and gives DAT / RGT attentions
+    spandrel's forward back), so the model is the original architecture again; ``unload=False``
+    keeps the LoRA modules in merged state (``unmerge_lora`` takes the adapters back out). Returns
+    ``model``.
     """
     module = unwrap_model(model)
     if unload:  # the attentions first: to_dense() merges their qkv / proj adapters too
@@ -269,7 +295,8 @@ def merge_lora(model, *, unload: bool = True):
         else:
             layer.merge()
     _refold_reparameterised(module)
-    if unload:  # the original model again, hooks included
+    if unload:  # the original model again, hooks and forwards included
+        disable_fused_rectangle_attention(module)
         _remove_hook(module, _INPUT_GRAD_HOOK)
         for norm in _running_statistics_layers(module):
             _remove_hook(norm, _FROZEN_STATISTICS_HOOK)
