@@ -231,9 +231,8 @@ def lora_conv2d_lowrank_grads(
     in TF32 (None: as torch's convolutions, ``torch.backends.cudnn.allow_tf32``). Same contract as
     ``adaptsr.kernels.lora_conv2d.lora_conv2d_lowrank_grads``.
     """
-    import torch
-
     from adaptsr.ops._conv_geometry import check_lowrank_grad_inputs
+    from adaptsr.ops._tf32 import conv_allows_tf32
 
     check_lowrank_grad_inputs("cuda", x, dy, lora_A, lora_B, groups)
     c_out, rank = dy.shape[1], lora_A.shape[0]
@@ -242,7 +241,7 @@ def lora_conv2d_lowrank_grads(
     return load().lora_lowrank_grads(
         x, dy, lora_A, lora_B.reshape(c_out, rank, 1, 1), float(scaling),
         [int(s) for s in stride], [int(p) for p in padding], [int(d) for d in dilation], int(groups),
-        bool(torch.backends.cudnn.allow_tf32 if allow_tf32 is None else allow_tf32),
+        conv_allows_tf32(allow_tf32),
     )
 
 
@@ -251,13 +250,12 @@ def lora_linear_lowrank_grads(x2, dy2, lora_A, lora_B, scaling: float, allow_tf3
 
     ``allow_tf32`` None: as torch's matmuls, ``torch.backends.cuda.matmul.allow_tf32``.
     """
-    import torch
+    from adaptsr.ops._tf32 import matmul_allows_tf32
 
-    if allow_tf32 is None:
-        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     grad_a, grad_b = lora_conv2d_lowrank_grads(
         x2.contiguous()[:, :, None, None], dy2.contiguous()[:, :, None, None],
-        lora_A[:, :, None, None], lora_B[:, :, None, None], scaling, (1, 1), (0, 0), (1, 1), 1, allow_tf32,
+        lora_A[:, :, None, None], lora_B[:, :, None, None], scaling, (1, 1), (0, 0), (1, 1), 1,
+        matmul_allows_tf32(allow_tf32),
     )
     return grad_a.reshape(lora_A.shape), grad_b.reshape(lora_B.shape)
 

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from adaptsr.ops._conv_geometry import check_lowrank_grad_inputs, memory_format_of
+from adaptsr.ops._tf32 import conv_allows_tf32
 
 # The interpreter needs powers of two and is slow per element: keep tiles minimal there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -310,14 +311,10 @@ def _phase2_tiles(c_in_g: int, element_size: int) -> tuple[int, int, int]:
 def _precision(dtype: torch.dtype, allow_tf32: bool | None) -> str:
     """tl.dot's input precision: float32 products in TF32 where torch would run this op in TF32.
 
-    ``allow_tf32`` None means a convolution's setting, ``torch.backends.cudnn.allow_tf32`` (on by
-    default: cuDNN runs float32 convs, the frozen model's among them, in TF32); the linear layers
-    pass the matmul setting, ``torch.backends.cuda.matmul.allow_tf32`` (off by default). 16-bit
-    inputs are unaffected.
+    ``allow_tf32`` None means a convolution's setting (``adaptsr.ops._tf32``); the linear layers pass
+    the matmul setting. 16-bit inputs are unaffected.
     """
-    if allow_tf32 is None:
-        allow_tf32 = torch.backends.cudnn.allow_tf32
-    return "tf32" if dtype != torch.float32 or allow_tf32 else "ieee"
+    return "tf32" if dtype != torch.float32 or conv_allows_tf32(allow_tf32) else "ieee"
 
 
 def _splits(rows: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:

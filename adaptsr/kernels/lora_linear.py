@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from adaptsr.kernels.lora_conv2d import lora_conv2d_fwd, lora_conv2d_lowrank_grads
+from adaptsr.ops._tf32 import matmul_allows_tf32
 
 _ONE = ((1, 1), (0, 0), (1, 1), 1)  # stride, padding, dilation, groups of the 1x1 view
 
@@ -30,7 +31,7 @@ def lora_linear_fwd(
     """(y ``[M, out]``, z ``[M, r]`` or None) from 2-D x ``[M, in]``, W' ``[out, in]`` and A ``[r, in]``."""
     a4 = None if lora_A is None else _as_pixels(lora_A)
     y, z = lora_conv2d_fwd(_as_pixels(x2.contiguous()), _as_pixels(w_merged), bias, a4, *_ONE,
-                           allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+                           allow_tf32=matmul_allows_tf32())
     return y[:, :, 0, 0], (None if z is None else z[:, :, 0, 0])
 
 
@@ -45,6 +46,6 @@ def lora_linear_lowrank_grads(
     """dA ``[r, in]`` and dB ``[out, r]`` from 2-D x ``[M, in]``, dy ``[M, out]`` (and z ``[M, r]``); no autograd."""
     grad_a, grad_b = lora_conv2d_lowrank_grads(
         _as_pixels(x2), _as_pixels(dy2), _as_pixels(lora_A), _as_pixels(lora_B), scaling, *_ONE,
-        z=None if z2 is None else _as_pixels(z2), allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        z=None if z2 is None else _as_pixels(z2), allow_tf32=matmul_allows_tf32(),
     )
     return grad_a.reshape(lora_A.shape), grad_b.reshape(lora_B.shape)

@@ -55,6 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
+from adaptsr.ops._tf32 import matmul_allows_tf32
+
 # Triton's CPU interpreter (TRITON_INTERPRET=1): slow per operation, so the tiled path uses
 # smaller tiles there; and its bf16 tl.dot gives wrong results, so bf16 dot operands are upcast
 # to fp32 there (DESIGN.md section 5).
@@ -640,7 +642,7 @@ def _fwd_tile(n: int, dtype: torch.dtype) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    return "ieee" if dtype == torch.float32 and not matmul_allows_tf32() else "tf32"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
