@@ -38,6 +38,7 @@ from torch import nn
 from adaptsr.inject import _WRAPPERS, LoRASummary, _pattern_value, inject_lora, lora_layers, unwrap_model
 from adaptsr.io import atomic_write, load_state_dict
 from adaptsr.nn import LoRAConv2d, LoRALinear
+from adaptsr.nn.reparameterised import derived_parameter_names
 
 __all__ = ["load_adapter", "save_adapter"]
 
@@ -121,12 +122,14 @@ def _base_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's parameters under its original state-dict keys (LoRA wrappers looked through).
 
     Buffers are left out: in SR models they are derived from the architecture and input size
-    (attention masks, position indices), not trained.
+    (attention masks, position indices), not trained. So are parameters the model derives from
+    others (SPAN's folded inference convs, rewritten at every evaluation: adaptsr.nn.reparameterised).
     """
     lora_names = [name for name, _ in lora_layers(module)]
+    derived = derived_parameter_names(module)
     params: dict[str, torch.Tensor] = {}
     for key, value in module.state_dict(keep_vars=True).items():
-        if not isinstance(value, nn.Parameter):
+        if not isinstance(value, nn.Parameter) or key in derived:
             continue
         owner = next((n for n in lora_names if key.startswith(n + ".")), None)
         if owner is not None:

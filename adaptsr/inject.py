@@ -7,7 +7,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from spandrel.architectures.SPAN.__arch.span import Conv3XC
 from torch import nn
 
 from adaptsr.nn import LoRAConv2d, LoRALayer, LoRALinear, LoRAWindowAttention
@@ -16,6 +15,7 @@ from adaptsr.nn.rectangle_window_attention import (
     disable_fused_rectangle_attention,
     enable_fused_rectangle_attention,
 )
+from adaptsr.nn.reparameterised import refold
 from adaptsr.presets import preset_pattern
 
 __all__ = ["LoRASummary", "inject_lora", "lora_layers", "merge_lora", "unmerge_lora"]
@@ -294,24 +294,13 @@ def merge_lora(model, *, unload: bool = True):
             _set_submodule(module, name, layer.to_dense())
         else:
             layer.merge()
-    _refold_reparameterised(module)
+    refold(module)  # SPAN's inference convs from the merged branches (adaptsr.nn.reparameterised)
     if unload:  # the original model again, hooks and forwards included
         disable_fused_rectangle_attention(module)
         _remove_hook(module, _INPUT_GRAD_HOOK)
         for norm in _running_statistics_layers(module):
             _remove_hook(norm, _FROZEN_STATISTICS_HOOK)
     return model
-
-
-@torch.no_grad()
-def _refold_reparameterised(module: nn.Module) -> None:
-    """Re-parameterised layers keep an inference form folded from their training branches (SPAN's
-    Conv3XC: eval_conv from sk and conv.0-2). They refold at every eval-mode forward, but until then
-    the inference weights are the fold of whatever weights the last evaluation saw, and a checkpoint
-    written right after merging would carry those: fold the merged weights now."""
-    for m in module.modules():
-        if type(m) is Conv3XC:
-            m.update_params()
 
 
 def _remove_hook(holder: nn.Module, attribute: str) -> None:

@@ -21,7 +21,7 @@ from spandrel.architectures.ESRGAN import ESRGAN
 from spandrel.architectures.SwinIR import SwinIR
 from torch import nn
 
-from adaptsr import inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from adaptsr import inject_lora, load_adapter, load_model, lora_layers, merge_lora, save_adapter, save_model
 from adaptsr.inject import unwrap_model
 
 WEIGHTS = "adapter_model.safetensors"
@@ -440,3 +440,19 @@ def test_save_refuses_plain_and_merged_models(tmp_path):
     with pytest.raises(ValueError, match="unmerge_lora"):
         save_adapter(model, tmp_path / "merged")
     assert not (tmp_path / "plain").exists() and not (tmp_path / "merged").exists()
+
+
+def test_adapter_of_a_span_model_fits_its_base_after_evaluating(tiny_sr, tmp_path):
+    """SPAN rewrites its folded inference convs (eval_conv) at every evaluation, so they are not base weights:
+    an adapter saved after the model evaluated still fits the checkpoint it was trained on."""
+    save_model(tiny_sr.span(), tmp_path / "span.safetensors")
+    model = load_model(tmp_path / "span.safetensors")
+    inject_lora(model, preset="span", rank=2, init_lora_weights=False)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = model.model.eval()(x)  # rewrites every eval_conv from the adapted branches
+    save_adapter(model, tmp_path / "adapter")
+    fresh = load_model(tmp_path / "span.safetensors")
+    load_adapter(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.model.eval()(x), expected)
