@@ -10,9 +10,9 @@ position-wise, so the block can apply them on the map itself and leave the rest 
 
 HAT's hybrid attention block (``HAB``) adds a convolution branch on the normed map, which it
 keeps. ``enable_shifted_window_attention(model)`` switches every eligible block of a model (a
-SwinIR or DRCT ``SwinTransformerBlock`` or a HAT ``HAB`` whose ``attn`` is spandrel's ``WindowAttention`` of
-that architecture or a ``LoRAWindowAttention`` wrapping one) to that forward; ``disable_shifted_window_attention(model)`` switches
-them back. Only the blocks' ``forward`` changes: parameters, buffers, state-dict keys and the
+SwinIR or DRCT ``SwinTransformerBlock`` or a HAT ``HAB`` whose ``attn`` is spandrel's
+``WindowAttention`` of that architecture or a ``LoRAWindowAttention`` wrapping one) to that
+forward; ``disable_shifted_window_attention(model)`` switches them back. Only the blocks' ``forward`` changes: parameters, buffers, state-dict keys and the
 blocks' classes stay spandrel's, so merging, saving and loading are unaffected. ``qkv`` and
 ``proj`` are whatever modules they are (``LoRALinear`` after ``inject_lora``: their merged-weight
 forward and LoRA dropout apply as usual). A block in training with attention dropout falls back
