@@ -21,14 +21,13 @@ bias, or in training with attention dropout, runs spandrel's own forward.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from spandrel.architectures.DAT.__arch.DAT import Spatial_Attention as DATSpatialAttention
 from spandrel.architectures.DAT.__arch.DAT import windows2img
 from spandrel.architectures.RGT.__arch.rgt import WindowAttention as RGTWindowAttention
 from torch import nn
 
+from adaptsr.nn._instance_forward import restore_forwards, set_forward
 from adaptsr.ops.window_attention import window_attention
 
 __all__ = [
@@ -70,17 +69,11 @@ def enable_fused_rectangle_attention(model: nn.Module, names: set[str] | None = 
     switched = []
     for name, module in model.named_modules():
         if can_fuse_rectangle_attention(module) and (names is None or name in names):
-            module.forward = functools.partial(fused_forward, module)
+            set_forward(module, fused_forward)
             switched.append(name)
     return switched
 
 
 def disable_fused_rectangle_attention(model: nn.Module) -> list[str]:
     """Give every attention switched by :func:`enable_fused_rectangle_attention` spandrel's forward back; the names."""
-    names = []
-    for name, module in model.named_modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, functools.partial) and forward.func is fused_forward:
-            del module.forward
-            names.append(name)
-    return names
+    return restore_forwards(model, (fused_forward,))

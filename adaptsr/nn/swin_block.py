@@ -21,8 +21,6 @@ to spandrel's forward (the op has no dropout on the attention weights).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from spandrel.architectures.DRCT.__arch.drct_arch import SwinTransformerBlock as DRCTSwinTransformerBlock
 from spandrel.architectures.DRCT.__arch.drct_arch import WindowAttention as DRCTWindowAttention
@@ -32,6 +30,7 @@ from spandrel.architectures.SwinIR.__arch.SwinIR import SwinTransformerBlock
 from spandrel.architectures.SwinIR.__arch.SwinIR import WindowAttention as SwinIRWindowAttention
 from torch import nn
 
+from adaptsr.nn._instance_forward import restore_forwards, set_forward
 from adaptsr.nn.lora_window_attention import LoRAWindowAttention
 from adaptsr.ops.shifted_window_attention import shifted_window_attention
 
@@ -117,18 +116,11 @@ def enable_shifted_window_attention(model: nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
         if can_use_shifted_window_attention(module):
-            forward = shifted_hab_forward if type(module) is HAB else shifted_block_forward
-            module.forward = functools.partial(forward, module)
+            set_forward(module, shifted_hab_forward if type(module) is HAB else shifted_block_forward)
             names.append(name)
     return names
 
 
 def disable_shifted_window_attention(model: nn.Module) -> list[str]:
     """Give every block switched by :func:`enable_shifted_window_attention` spandrel's forward back; the names."""
-    names = []
-    for name, module in model.named_modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, functools.partial) and forward.func in (shifted_block_forward, shifted_hab_forward):
-            del module.forward
-            names.append(name)
-    return names
+    return restore_forwards(model, (shifted_block_forward, shifted_hab_forward))

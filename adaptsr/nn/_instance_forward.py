@@ -1,0 +1,30 @@
+"""Swapping a module's forward on the instance, its class and keys left as they are.
+
+``adaptsr.nn.swin_block`` and ``adaptsr.nn.rectangle_window_attention`` run spandrel modules through
+adaptsr's ops this way: the forward is a ``functools.partial`` bound to the module (it pickles and
+deep-copies with it), and deleting the instance attribute gives the class's forward back.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Collection
+
+from torch import nn
+
+
+def set_forward(module: nn.Module, forward: Callable) -> None:
+    """Make ``module(...)`` call ``forward(module, ...)``."""
+    module.forward = functools.partial(forward, module)
+
+
+def restore_forwards(model: nn.Module, forwards: Collection[Callable]) -> list[str]:
+    """Give every module of ``model`` whose forward was set to one of ``forwards`` its class's forward
+    back; the names restored."""
+    names = []
+    for name, module in model.named_modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func in forwards:
+            del module.forward
+            names.append(name)
+    return names
