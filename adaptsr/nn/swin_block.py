@@ -12,10 +12,11 @@ HAT's hybrid attention block (``HAB``) adds a convolution branch on the normed m
 keeps. ``enable_shifted_window_attention(model)`` switches every eligible block of a model (a
 SwinIR or DRCT ``SwinTransformerBlock`` or a HAT ``HAB`` whose ``attn`` is spandrel's
 ``WindowAttention`` of that architecture or a ``LoRAWindowAttention`` wrapping one) to that
-forward; ``disable_shifted_window_attention(model)`` switches them back. Only the blocks' ``forward`` changes: parameters, buffers, state-dict keys and the
-blocks' classes stay spandrel's, so merging, saving and loading are unaffected. ``qkv`` and
-``proj`` are whatever modules they are (``LoRALinear`` after ``inject_lora``: their merged-weight
-forward and LoRA dropout apply as usual). A block in training with attention dropout falls back
+forward; ``disable_shifted_window_attention(model)`` switches them back. Only the blocks'
+``forward`` changes: parameters, buffers, state-dict keys and the blocks' classes stay
+spandrel's, so merging, saving and loading are unaffected. ``qkv`` and ``proj`` are whatever
+modules they are (``LoRALinear`` after ``inject_lora``: their merged-weight forward and LoRA
+dropout apply as usual). A block in training with attention dropout falls back
 to spandrel's forward (the op has no dropout on the attention weights).
 """
 
