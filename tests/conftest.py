@@ -154,6 +154,44 @@ def check_backend_against_reference():
     return _check_backend_against_reference
 
 
+def _output_and_grads(model: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Output and the gradients of sum(y * weight) for the input and every parameter that requires grad."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    grads = torch.autograd.grad((y * weight).sum(), [x, *params.values()])
+    return {"y": y.detach(), "dx": grads[0], **dict(zip(params, grads[1:]))}
+
+
+def _check_switched_forward(model: torch.nn.Module, enable, disable, backend: str, size: tuple[int, int]) -> list[str]:
+    """An x2 SR ``model`` computes the same output and gradients (input, every trainable parameter) on a
+    random 2-image ``size`` batch with its own forwards and after ``enable(model)`` (``_DIRECT`` tolerances),
+    both on ``backend``; ``disable(model)`` switches back. Returns the names ``enable`` switched."""
+    from adaptsr.backend import set_backend  # (adaptsr after TRITON_INTERPRET is settled, above)
+
+    dtype = next(model.parameters()).dtype
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, *size, generator=gen, dtype=torch.float64).to(dtype)
+    weight = torch.randn(2, 3, 2 * size[0], 2 * size[1], generator=gen, dtype=torch.float64).to(dtype)
+    with set_backend(backend):
+        expected = _output_and_grads(model, x, weight)
+        names = enable(model)
+        try:
+            got = _output_and_grads(model, x, weight)
+        finally:
+            disable(model)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        _check_close(got[key], expected[key], key)
+    return names
+
+
+@pytest.fixture(scope="session")
+def check_switched_forward():
+    """``check_switched_forward(model, enable, disable, backend, size) -> names``: see _check_switched_forward."""
+    return _check_switched_forward
+
+
 @pytest.fixture(scope="session")
 def assert_close():
     """``assert_close(actual, expected, name)``: same-dtype agreement within the ``_DIRECT`` tolerances."""

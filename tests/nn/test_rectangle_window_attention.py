@@ -18,7 +18,7 @@ from spandrel.architectures.RGT import RGT
 from torch import nn
 
 import adaptsr
-from adaptsr.backend import is_available, set_backend
+from adaptsr.backend import is_available
 from adaptsr.nn.rectangle_window_attention import (
     can_fuse_rectangle_attention,
     disable_fused_rectangle_attention,
@@ -51,57 +51,37 @@ def build(arch: str, dtype: torch.dtype = torch.float64, **kwargs) -> nn.Module:
     return model.to(dtype)
 
 
-def step(model: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Output and the gradients of the input and of every parameter that requires grad."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    x = x.clone().requires_grad_(True)
-    y = model(x)
-    grads = torch.autograd.grad((y * weight).sum(), [x, *params.values()])
-    return {"y": y.detach(), "dx": grads[0], **dict(zip(params, grads[1:]))}
-
-
-def _compare(model: nn.Module, backend: str, size: tuple[int, int], assert_close) -> None:
-    dtype = next(model.parameters()).dtype
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(2, 3, *size, generator=gen, dtype=torch.float64).to(dtype)
-    weight = torch.randn(2, 3, 2 * size[0], 2 * size[1], generator=gen, dtype=torch.float64).to(dtype)
+def _compare(model: nn.Module, backend: str, size: tuple[int, int], check_switched_forward) -> None:
     model.eval()  # DAT's channel interaction has a batch norm: keep its statistics out of the comparison
-    with set_backend(backend):
-        expected = step(model, x, weight)
-        assert enable_fused_rectangle_attention(model) == NAMES
-        try:
-            got = step(model, x, weight)
-        finally:
-            disable_fused_rectangle_attention(model)
-    assert got.keys() == expected.keys()
-    for key in expected:
-        assert_close(got[key], expected[key], key)
+    switched = check_switched_forward(model, enable_fused_rectangle_attention, disable_fused_rectangle_attention,
+                                      backend, size)
+    assert switched == NAMES
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("size", [(16, 16), (16, 24)], ids=["img_size", "other-size"])
 @pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_plain_model_matches_spandrel(arch, backend, size, assert_close):
+def test_plain_model_matches_spandrel(arch, backend, size, check_switched_forward):
     """Every parameter trainable (full fine-tuning): the gradients of all of them agree, the position-bias
     MLPs' included (their output is the op's bias table)."""
     model = build(arch)
     assert any(".attns.0.pos.pos_proj.weight" in name for name, _ in model.named_parameters())
-    _compare(model, backend, size, assert_close)
+    _compare(model, backend, size, check_switched_forward)
 
 
 @pytest.mark.skipif(not is_available("triton"), reason="triton unavailable")
-def test_triton_path_matches_spandrel(assert_close):
+def test_triton_path_matches_spandrel(check_switched_forward):
     """The op's triton kernels under the interpreter (half a minute a model, so DAT only: RGT's attention is
     the same code, and the op's own tests cover the kernels' range)."""
-    _compare(build("dat", torch.float32), "triton", (16, 16), assert_close)
+    _compare(build("dat", torch.float32), "triton", (16, 16), check_switched_forward)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("size", [(16, 16), (16, 24)], ids=["img_size", "other-size"])
-def test_lora_model_matches_spandrel(arch, size, assert_close):
+def test_lora_model_matches_spandrel(arch, size, check_switched_forward):
     model = build(arch)
     adaptsr.inject_lora(model, preset=arch, rank=2, init_lora_weights=False, window_attention=False)
-    _compare(model, "torch", size, assert_close)
+    _compare(model, "torch", size, check_switched_forward)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -20,7 +20,7 @@ from spandrel.architectures.SwinIR.__arch.SwinIR import SwinTransformerBlock
 from torch import nn
 
 import adaptsr
-from adaptsr.backend import is_available, set_backend
+from adaptsr.backend import is_available
 from adaptsr.nn.swin_block import (
     can_use_shifted_window_attention,
     disable_shifted_window_attention,
@@ -59,44 +59,24 @@ def build(dtype: torch.dtype = torch.float64, arch: str = "swinir", **kwargs) ->
     return model.to(dtype)
 
 
-def step(model: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Output and the gradients of the input and of every parameter that requires grad."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    x = x.clone().requires_grad_(True)
-    y = model(x)
-    grads = torch.autograd.grad((y * weight).sum(), [x, *params.values()])
-    return {"y": y.detach(), "dx": grads[0], **dict(zip(params, grads[1:]))}
-
-
-def _compare(model: nn.Module, arch: str, backend: str, size: tuple[int, int], assert_close) -> None:
-    dtype = next(model.parameters()).dtype
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(2, 3, *size, generator=gen, dtype=torch.float64).to(dtype)
-    weight = torch.randn(2, 3, 2 * size[0], 2 * size[1], generator=gen, dtype=torch.float64).to(dtype)
-    with set_backend(backend):
-        expected = step(model, x, weight)
-        assert enable_shifted_window_attention(model) == BLOCKS[arch]
-        try:
-            got = step(model, x, weight)
-        finally:
-            disable_shifted_window_attention(model)
-    assert got.keys() == expected.keys()
-    for key in expected:
-        assert_close(got[key], expected[key], key)
+def _compare(model: nn.Module, arch: str, backend: str, size: tuple[int, int], check_switched_forward) -> None:
+    switched = check_switched_forward(model, enable_shifted_window_attention, disable_shifted_window_attention,
+                                      backend, size)
+    assert switched == BLOCKS[arch]
 
 
 @pytest.mark.parametrize("arch", list(BLOCKS))
 @pytest.mark.parametrize("size", [(16, 16), (12, 20)], ids=["img_size", "other-size"])
 @pytest.mark.parametrize("backend", ["reference", "torch", _TRITON])
-def test_plain_model_matches_spandrel(backend, size, arch, assert_close):
+def test_plain_model_matches_spandrel(backend, size, arch, check_switched_forward):
     """Every parameter trainable (full fine-tuning): the gradients of all of them agree."""
     dtype = torch.float32 if backend == "triton" else torch.float64
-    _compare(build(dtype, arch), arch, backend, size, assert_close)
+    _compare(build(dtype, arch), arch, backend, size, check_switched_forward)
 
 
 @pytest.mark.parametrize("arch", list(BLOCKS))
 @pytest.mark.parametrize("size", [(16, 16), (12, 20)], ids=["img_size", "other-size"])
-def test_lora_model_matches_spandrel(size, arch, assert_close):
+def test_lora_model_matches_spandrel(size, arch, check_switched_forward):
     """inject_lora (LoRAWindowAttention, LoRALinear qkv / proj with non-zero B): adapters and tables agree.
 
     On the torch backend only: under triton every LoRA layer of the model would run its own
@@ -107,7 +87,7 @@ def test_lora_model_matches_spandrel(size, arch, assert_close):
     for name, p in model.named_parameters():
         if name.endswith("relative_position_bias_table"):
             p.requires_grad_(True)
-    _compare(model, arch, backend, size, assert_close)
+    _compare(model, arch, backend, size, check_switched_forward)
 
 
 @pytest.mark.parametrize("arch", ["swinir", "drct"])
