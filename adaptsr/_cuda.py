@@ -281,12 +281,13 @@ def window_attention_bwd(do, q, k, v, o, lse, bias, mask, scale: float, need_dbi
     ))
 
 
-def window_attention_takes(dtype, n: int, head_dim: int) -> bool:
+def window_attention_takes(dtype, n: int, head_dim: int, n_keys: int | None = None) -> bool:
     """Whether the window-attention kernels take q, k, v of ``dtype`` in windows of ``n`` tokens with heads of
-    ``head_dim`` (the sizes are the limits the extension exports: csrc/window_attention/window_attention_limits.h)."""
+    ``head_dim`` (the sizes are the limits the extension exports: csrc/window_attention/window_attention_limits.h).
+    They take square windows only: ``n_keys``, where given, must be ``n``."""
     import torch
 
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16) or n_keys not in (None, n):
         return False
     ext = load()
     return 1 <= n <= ext.window_attention_max_seq and 1 <= head_dim <= ext.window_attention_max_head_dim

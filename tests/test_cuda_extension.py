@@ -59,6 +59,9 @@ def test_window_attention_limits_come_from_the_extension(ext):
     assert not _cuda.window_attention_takes(torch.bfloat16, max_seq + 1, max_head_dim)
     assert not _cuda.window_attention_takes(torch.float16, max_seq, max_head_dim + 1)
     assert not _cuda.window_attention_takes(torch.float64, 64, 30)
+    # square windows only (HAT's overlapping cross-attention, 64 queries x 144 keys, runs elsewhere)
+    assert _cuda.window_attention_takes(torch.bfloat16, 64, 30, 64)
+    assert not _cuda.window_attention_takes(torch.bfloat16, 64, 30, 144)
 
 
 @needs_cuda_backend

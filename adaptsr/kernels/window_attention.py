@@ -17,7 +17,9 @@ and, given do = dL/do::
     dk    = scale * dS^T q
     dbias[h] = sum_b dS                            (summed over every window)
 
-The N x N matrices (S, P, dP, dS) only ever live in registers: the forward keeps a running
+Keys may come from larger windows than the queries (HAT's overlapping cross-attention: ``N_K``
+keys per window, ``N`` queries; bias ``[heads, N, N_K]``); the kernels tile the two lengths
+separately. The N x N_K matrices (S, P, dP, dS) only ever live in registers: the forward keeps a running
 maximum and row sum over key tiles (online softmax) and saves the logsumexp; the backward
 recomputes P from it. Logits are kept in base 2 inside the kernels (``exp2`` is the native
 instruction): ``S * log2(e)``; the saved ``lse`` is in natural log.
@@ -25,13 +27,14 @@ instruction): ``S * log2(e)``; the saved ``lse`` is in natural log.
 Programs and reductions (no atomics anywhere, so every result is bitwise reproducible):
 
 - forward: one program per (window, head, query tile of BLOCK_M rows), looping over key tiles.
-- backward: one program per (window group, head, key tile); for each window of its group it
-  accumulates dk, dv of its key tile over the query tiles. When the whole window is one tile
-  (N <= 32) the same pass also writes dq and accumulates dbias over the group's windows in
+- backward: one program per (window group, head, tile index t); for each window of its group it
+  accumulates dk, dv of key tile t over the query tiles. When the whole window is one tile
+  (N, N_K <= 32) the same pass also writes dq and accumulates dbias over the group's windows in
   registers. Otherwise (windows 8 and 16: 2 x 2 and 8 x 8 tiles of 32) the program then computes
-  dq of the query tile with the same index (square tiles, the flash-attention-2 split), and a third kernel owns one
+  dq of query tile t (square tiles, the flash-attention-2 split; with more key tiles than query
+  tiles the programs past the last query tile skip this), and a third kernel owns one
   (head, query tile, key tile) of dbias per window group.
-- dbias: each window group writes one float32 partial ``[heads, N, N]``; the host sums the
+- dbias: each window group writes one float32 partial ``[heads, N, N_K]``; the host sums the
   partials over groups (a torch reduction over a fixed shape: deterministic).
 
 Token rows: the kernels find the rows of window b through ``_token_rows``. By default windows
@@ -110,9 +113,9 @@ _QKV_MAX_FP32_TOKENS = 64
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def window_attention_takes(dtype: torch.dtype, n: int, head_dim: int) -> bool:
-    """Whether these kernels take q, k, v of ``dtype`` with heads of ``head_dim`` (any window length n)."""
-    return dtype in _DTYPES and n >= 1 and 1 <= head_dim <= _MAX_HEAD_DIM
+def window_attention_takes(dtype: torch.dtype, n: int, head_dim: int, n_keys: int | None = None) -> bool:
+    """Whether these kernels take q, k, v of ``dtype`` with heads of ``head_dim`` (any window lengths n, n_keys)."""
+    return dtype in _DTYPES and n >= 1 and (n_keys is None or n_keys >= 1) and 1 <= head_dim <= _MAX_HEAD_DIM
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -166,7 +169,7 @@ def _token_rows(b, offs, SPATIAL: tl.constexpr, WS: tl.constexpr, SHIFT, IMG_H, 
 def _logits_log2(q, kT, bias_ptr, mask_ptr, h, w, offs_m, offs_n, row_ok, col_ok, qk_scale,
                  stride_bh, stride_bm, stride_bn, stride_mw, stride_mm, stride_mn,
                  HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """S * log2(e) for a [BLOCK_M, BLOCK_N] tile; -inf in the columns past the window's N keys."""
+    """S * log2(e) for a [BLOCK_M, BLOCK_N] tile; -inf in the columns past the window's N_K keys."""
     s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
@@ -217,7 +220,7 @@ def _query_side(q_base, do_base, o_base, lse_base, offs_m, rows_m, row_ok, offs_
 @triton.jit
 def _window_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, o_ptr, lse_ptr,
-    N, HEAD_DIM, HEADS, NUM_MASKS, M_TILES, qk_scale,
+    N, N_K, HEAD_DIM, HEADS, NUM_MASKS, M_TILES, qk_scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -255,9 +258,9 @@ def _window_attention_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, N_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
+        col_ok = offs_n < N_K
         _slot, k_rows = _token_rows(b, offs_n, SPATIAL, WS, SHIFT, IMG_H, IMG_W)
         k = _load_rows(k_base, k_rows, col_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
         v = _load_rows(v_base, k_rows, col_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
@@ -287,13 +290,13 @@ def _window_attention_fwd_kernel(
 
 
 # dv = P^T do;  dk = scale dS^T q  (per key tile, over the query tiles);
-# SINGLE_TILE (N <= BLOCK): also dq = scale dS k and, with FUSED_DBIAS, dbias_partial[g] = sum_b dS;
+# SINGLE_TILE (N, N_K <= BLOCK): also dq = scale dS k and, with FUSED_DBIAS, dbias_partial[g] = sum_b dS;
 # otherwise also dq = scale sum_n dS k_n for the query tile with this program's tile index.
 @triton.jit
 def _window_attention_bwd_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, do_ptr, o_ptr, lse_ptr,
     dq_ptr, dk_ptr, dv_ptr, dbias_ws_ptr,
-    B, N, HEAD_DIM, HEADS, NUM_MASKS, N_TILES, WINDOWS_PER_PROGRAM, scale, qk_scale,
+    B, N, N_K, HEAD_DIM, HEADS, NUM_MASKS, M_TILES, N_TILES, TILES, WINDOWS_PER_PROGRAM, scale, qk_scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -316,22 +319,26 @@ def _window_attention_bwd_kernel(
         tl.static_assert(SINGLE_TILE)
         tl.static_assert(HAS_BIAS)
     pid = tl.program_id(0).to(tl.int64)
-    tile = pid % N_TILES
-    rest = pid // N_TILES
+    tile = pid % TILES  # max(M_TILES, N_TILES)
+    rest = pid // TILES
     h = rest % HEADS
     g = rest // HEADS
     w_start = g * WINDOWS_PER_PROGRAM
     w_end = tl.minimum(w_start + WINDOWS_PER_PROGRAM, B)
+    # more query than key tiles, or the other way round (N != N_K): a program past the shorter
+    # count skips that phase (its window loop runs empty)
+    k_end = tl.where(tile < N_TILES, w_end, w_start)
+    q_end = tl.where(tile < M_TILES, w_end, w_start)
 
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
     offs_n = tile * BLOCK + tl.arange(0, BLOCK)
-    col_ok = offs_n < N
+    col_ok = offs_n < N_K
     if FUSED_DBIAS:
         dbias_acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
 
     # -- phase 1: dk, dv of key tile `tile` (and dq, dbias when the window is one tile) --
-    for b in range(w_start, w_end):
+    for b in range(w_start, k_end):
         w = b % NUM_MASKS
         slot, k_rows = _token_rows(b, offs_n, SPATIAL, WS, SHIFT, IMG_H, IMG_W)
         k = _load_rows(k_ptr + slot * stride_kb + h * stride_kh, k_rows, col_ok, stride_kn, offs_d, d_ok, stride_kd,
@@ -375,15 +382,15 @@ def _window_attention_bwd_kernel(
     if FUSED_DBIAS:
         # -- store this window group's dbias partial (the single tile is rows 0.. and columns offs_n) --
         offs_r = tl.arange(0, BLOCK)
-        ws = dbias_ws_ptr + (g * HEADS + h) * N * N
-        tl.store(ws + offs_r[:, None] * N + offs_n[None, :], dbias_acc,
+        ws = dbias_ws_ptr + (g * HEADS + h) * N * N_K
+        tl.store(ws + offs_r[:, None] * N_K + offs_n[None, :], dbias_acc,
                  mask=(offs_r < N)[:, None] & col_ok[None, :])
 
     if not SINGLE_TILE:
-        # -- phase 2: dq of query tile `tile` (square tiles: as many query tiles as key tiles) --
+        # -- phase 2: dq of query tile `tile` (square tiles: query tile t pairs with key tile t) --
         offs_m = tile * BLOCK + tl.arange(0, BLOCK)
         row_ok = offs_m < N
-        for b in range(w_start, w_end):
+        for b in range(w_start, q_end):
             w = b % NUM_MASKS
             slot, q_rows = _token_rows(b, offs_m, SPATIAL, WS, SHIFT, IMG_H, IMG_W)
             q, do, lse, delta = _query_side(
@@ -392,9 +399,9 @@ def _window_attention_bwd_kernel(
                 offs_m, q_rows, row_ok, offs_d, d_ok,
                 stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_ln, UPCAST)
             dq = tl.zeros((BLOCK, D_PAD), dtype=tl.float32)
-            for start_n in range(0, N, BLOCK):
+            for start_n in range(0, N_K, BLOCK):
                 offs_kn = start_n + tl.arange(0, BLOCK)
-                kn_ok = offs_kn < N
+                kn_ok = offs_kn < N_K
                 _slot, kn_rows = _token_rows(b, offs_kn, SPATIAL, WS, SHIFT, IMG_H, IMG_W)
                 k = _load_rows(k_ptr + slot * stride_kb + h * stride_kh, kn_rows, kn_ok, stride_kn, offs_d, d_ok,
                                stride_kd, UPCAST)
@@ -415,7 +422,7 @@ def _window_attention_bwd_kernel(
 @triton.jit
 def _window_attention_bwd_dbias_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, do_ptr, o_ptr, lse_ptr, dbias_ws_ptr,
-    B, N, HEAD_DIM, HEADS, NUM_MASKS, N_TILES, WINDOWS_PER_PROGRAM, qk_scale,
+    B, N, N_K, HEAD_DIM, HEADS, NUM_MASKS, M_TILES, N_TILES, WINDOWS_PER_PROGRAM, qk_scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -431,8 +438,8 @@ def _window_attention_bwd_dbias_kernel(
     tl.static_assert(D_PAD >= 16)
     tl.static_assert(BLOCK >= 16)
     pid = tl.program_id(0).to(tl.int64)
-    pair = pid % (N_TILES * N_TILES)
-    rest = pid // (N_TILES * N_TILES)
+    pair = pid % (M_TILES * N_TILES)
+    rest = pid // (M_TILES * N_TILES)
     h = rest % HEADS
     g = rest // HEADS
     w_start = g * WINDOWS_PER_PROGRAM
@@ -443,7 +450,7 @@ def _window_attention_bwd_dbias_kernel(
     offs_m = (pair // N_TILES) * BLOCK + tl.arange(0, BLOCK)
     row_ok = offs_m < N
     offs_n = (pair % N_TILES) * BLOCK + tl.arange(0, BLOCK)
-    col_ok = offs_n < N
+    col_ok = offs_n < N_K
 
     # -- sum dS of this tile over the group's windows, in window order --
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
@@ -467,8 +474,8 @@ def _window_attention_bwd_dbias_kernel(
         acc += ds
 
     # -- store the partial --
-    ws = dbias_ws_ptr + (g * HEADS + h) * N * N
-    tl.store(ws + offs_m[:, None] * N + offs_n[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+    ws = dbias_ws_ptr + (g * HEADS + h) * N * N_K
+    tl.store(ws + offs_m[:, None] * N_K + offs_n[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,17 +584,19 @@ def _check_device(name: str, t: torch.Tensor) -> None:
         )
 
 
-def _check_bias_mask(bias, mask, batch_windows: int, heads: int, n: int, device: torch.device) -> None:
-    if bias is not None and (bias.shape != (heads, n, n) or bias.dtype != torch.float32 or bias.device != device):
+def _check_bias_mask(bias, mask, batch_windows: int, heads: int, n: int, device: torch.device,
+                     n_keys: int | None = None) -> None:
+    n_keys = n if n_keys is None else n_keys
+    if bias is not None and (bias.shape != (heads, n, n_keys) or bias.dtype != torch.float32 or bias.device != device):
         raise ValueError(
-            f"window attention (triton): bias must be float32 [heads, N, N] = {(heads, n, n)} on {device}, "
+            f"window attention (triton): bias must be float32 [heads, N, N_k] = {(heads, n, n_keys)} on {device}, "
             f"got {bias.dtype} {tuple(bias.shape)} on {bias.device}"
         )
     if mask is not None:
-        if mask.dim() != 3 or mask.shape[1:] != (n, n) or mask.dtype != torch.float32 or mask.device != device:
+        if mask.dim() != 3 or mask.shape[1:] != (n, n_keys) or mask.dtype != torch.float32 or mask.device != device:
             raise ValueError(
-                f"window attention (triton): mask must be float32 [nW, N, N] with N = {n} on {device}, "
-                f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}"
+                f"window attention (triton): mask must be float32 [nW, N, N_k] with (N, N_k) = {(n, n_keys)} on "
+                f"{device}, got {mask.dtype} {tuple(mask.shape)} on {mask.device}"
             )
         if mask.shape[0] == 0 or batch_windows % mask.shape[0] != 0:
             raise ValueError(
@@ -597,15 +606,16 @@ def _check_bias_mask(bias, mask, batch_windows: int, heads: int, n: int, device:
 
 
 def _check_inputs(q, k, v, bias, mask) -> tuple[int, int, int, int]:
-    """Shapes (B_, heads, N, d) after checking q, k, v, bias and mask; ValueError says what is wrong."""
+    """Shapes (B_, heads, N, d) of q after checking q, k, v (``[B_, heads, N_k, d]``), bias and mask;
+    ValueError says what is wrong."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"window attention (triton): {name} must be a [B_, heads, N, d] tensor, got {got}")
-    if not (q.shape == k.shape == v.shape):
+    if not (k.shape == v.shape and q.shape[:2] == k.shape[:2] and q.shape[3] == k.shape[3]):
         raise ValueError(
-            f"window attention (triton): q, k, v must have the same shape, got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
+            f"window attention (triton): q must be [B_, heads, N, d] and k, v one shape [B_, heads, N_k, d], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype):
         raise ValueError(
@@ -616,14 +626,14 @@ def _check_inputs(q, k, v, bias, mask) -> tuple[int, int, int, int]:
         raise ValueError(f"window attention (triton): q, k, v on different devices: {q.device}, {k.device}, {v.device}")
     _check_device("q", q)
     batch_windows, heads, n, d = q.shape
-    if min(batch_windows, heads, n, d) == 0:
-        raise ValueError(f"window attention (triton): empty input of shape {tuple(q.shape)}")
+    if min(batch_windows, heads, n, d, k.shape[2]) == 0:
+        raise ValueError(f"window attention (triton): empty input of shapes {tuple(q.shape)}, {tuple(k.shape)}")
     if d > _MAX_HEAD_DIM:
         raise ValueError(
             f"window attention (triton): head dim {d} > {_MAX_HEAD_DIM} is not supported (registers would spill); "
             "use the torch backend"
         )
-    _check_bias_mask(bias, mask, batch_windows, heads, n, q.device)
+    _check_bias_mask(bias, mask, batch_windows, heads, n, q.device, k.shape[2])
     return batch_windows, heads, n, d
 
 
@@ -681,6 +691,11 @@ class _TokenMap(NamedTuple):
 _WINDOWED = _TokenMap()
 
 
+def _keys_per_window(k: torch.Tensor, n: int, token_map: _TokenMap) -> int:
+    """N_k: the rows of each window of k, or N on the shifted-window map (whose k holds every pixel)."""
+    return n if token_map.spatial else k.shape[-2]
+
+
 def _windows_per_program(batch_windows: int, heads: int, tiles: int) -> int:
     """Windows each backward program walks (in order): the fewest that still leave ~_TARGET_PROGRAMS programs."""
     if _INTERPRET:
@@ -698,8 +713,8 @@ def window_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """o = softmax(q k^T * scale + bias + mask[b % nW]) v and the row logsumexp; no autograd.
 
-    q, k, v: ``[B_, heads, N, d]`` (any strides, one of float32/float16/bfloat16);
-    bias: float32 ``[heads, N, N]`` or None; mask: float32 ``[nW, N, N]`` or None.
+    q: ``[B_, heads, N, d]``, k, v: ``[B_, heads, N_k, d]`` (any strides, one of float32/float16/bfloat16);
+    bias: float32 ``[heads, N, N_k]`` or None; mask: float32 ``[nW, N, N_k]`` or None.
     Returns o ``[B_, heads, N, d]`` in q's dtype and lse ``[B_, heads, N]`` float32.
     """
     batch_windows, heads, n, d = _check_inputs(q, k, v, bias, mask)
@@ -712,14 +727,15 @@ def window_attention_fwd(
 def _window_attention_fwd_into(q, k, v, bias, mask, scale, o, lse, token_map: _TokenMap = _WINDOWED) -> None:
     """The forward launch, writing o and lse (``[B_, heads, N]``, which gives the window count)."""
     batch_windows, heads, n = lse.shape
-    d = q.shape[-1]
-    block_n = _fwd_tile(n, q.dtype)
+    d, n_keys = q.shape[-1], _keys_per_window(k, n, token_map)
+    # square tiles, the shapes ptxas_report.py checks
+    block_n = _fwd_tile(max(n, n_keys), q.dtype)
     block_m = block_n
     m_tiles = triton.cdiv(n, block_m)
     bias_arg, bias_strides, mask_arg, mask_strides, num_masks = _bias_mask_args(bias, mask, q)
     _window_attention_fwd_kernel[(batch_windows * heads * m_tiles,)](
         q, k, v, bias_arg, mask_arg, o, lse,
-        n, d, heads, num_masks, m_tiles, float(scale) * 1.4426950408889634,
+        n, n_keys, d, heads, num_masks, m_tiles, float(scale) * 1.4426950408889634,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(), *bias_strides, *mask_strides,
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=_head_pad(d),
@@ -734,13 +750,14 @@ def _window_attention_bwd_into(do, q, k, v, o, lse, bias, mask, scale, need_dbia
     """The backward launches, writing dq, dk, dv into the given (possibly strided) tensors; lse
     (``[B_, heads, N]``) gives the window count."""
     batch_windows, heads, n = lse.shape
-    d = q.shape[-1]
-    block = _tile(n)
-    tiles = triton.cdiv(n, block)
+    d, n_keys = q.shape[-1], _keys_per_window(k, n, token_map)
+    block = _tile(max(n, n_keys))
+    m_tiles, n_tiles = triton.cdiv(n, block), triton.cdiv(n_keys, block)
+    tiles = max(m_tiles, n_tiles)
     single_tile = tiles == 1
     wpp = _windows_per_program(batch_windows, heads, tiles)
     groups = triton.cdiv(batch_windows, wpp)
-    dbias_ws = _alloc((groups, heads, n, n), torch.float32, q.device) if need_dbias else lse
+    dbias_ws = _alloc((groups, heads, n, n_keys), torch.float32, q.device) if need_dbias else lse
     bias_arg, bias_strides, mask_arg, mask_strides, num_masks = _bias_mask_args(bias, mask, q)
     d_pad = _head_pad(d)
     upcast, precision = _upcast(q.dtype), _precision(q.dtype)
@@ -748,7 +765,8 @@ def _window_attention_bwd_into(do, q, k, v, o, lse, bias, mask, scale, need_dbia
     common_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *o.stride(), *lse.stride())
     _window_attention_bwd_kernel[(groups * heads * tiles,)](
         q, k, v, bias_arg, mask_arg, do, o, lse, dq, dk, dv, dbias_ws,
-        batch_windows, n, d, heads, num_masks, tiles, wpp, float(scale), float(scale) * 1.4426950408889634,
+        batch_windows, n, n_keys, d, heads, num_masks, m_tiles, n_tiles, tiles, wpp, float(scale),
+        float(scale) * 1.4426950408889634,
         *common_strides, *dq.stride(), *dk.stride(), *dv.stride(), *bias_strides, *mask_strides,
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SINGLE_TILE=single_tile, FUSED_DBIAS=fused_dbias,
         BLOCK=block, D_PAD=d_pad, UPCAST=upcast, INPUT_PRECISION=precision,
@@ -756,9 +774,9 @@ def _window_attention_bwd_into(do, q, k, v, o, lse, bias, mask, scale, need_dbia
         num_warps=_BWD_WARPS,
     )
     if need_dbias and not single_tile:
-        _window_attention_bwd_dbias_kernel[(groups * heads * tiles * tiles,)](
+        _window_attention_bwd_dbias_kernel[(groups * heads * m_tiles * n_tiles,)](
             q, k, v, bias_arg, mask_arg, do, o, lse, dbias_ws,
-            batch_windows, n, d, heads, num_masks, tiles, wpp, float(scale) * 1.4426950408889634,
+            batch_windows, n, n_keys, d, heads, num_masks, m_tiles, n_tiles, wpp, float(scale) * 1.4426950408889634,
             *common_strides, *bias_strides, *mask_strides,
             HAS_MASK=mask is not None, BLOCK=block, D_PAD=d_pad, UPCAST=upcast, INPUT_PRECISION=precision,
             **token_map.kernel_args(),
@@ -805,16 +823,16 @@ def window_attention_bwd(
     scale: float,
     need_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """dq, dk, dv (``[B_, heads, N, d]``, q's dtype) and, when ``need_dbias``, dbias (float32
-    ``[heads, N, N]``, summed over all windows, deterministic); no autograd.
+    """dq (``[B_, heads, N, d]``), dk, dv (``[B_, heads, N_k, d]``), in q's dtype, and, when ``need_dbias``,
+    dbias (float32 ``[heads, N, N_k]``, summed over all windows, deterministic); no autograd.
 
     ``o`` and ``lse`` are the outputs of :func:`window_attention_fwd` for the same inputs.
     """
     _check_inputs(q, k, v, bias, mask)
     _check_bwd_extras(do, o, lse, q, bias, need_dbias)
     dq = _alloc(tuple(q.shape), q.dtype, q.device)
-    dk = _alloc(tuple(q.shape), q.dtype, q.device)
-    dv = _alloc(tuple(q.shape), q.dtype, q.device)
+    dk = _alloc(tuple(k.shape), q.dtype, q.device)
+    dv = _alloc(tuple(k.shape), q.dtype, q.device)
     dbias = _window_attention_bwd_into(do, q, k, v, o, lse, bias, mask, scale, need_dbias, dq, dk, dv)
     return dq, dk, dv, dbias
 

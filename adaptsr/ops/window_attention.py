@@ -5,6 +5,10 @@ Shapes: ``q, k, v: [B_, heads, N, d]`` with ``B_`` = batch x windows and ``N`` =
 gathered by ``index: [N, N]`` (or its ``N*N`` flattening); the shift mask ``[nW, N, N]`` (0 / -100
 in Swin's shifted windows) or None, window ``b`` using ``mask[b mod nW]``.
 
+Keys may come from larger windows than the queries (HAT's overlapping cross-attention: 16 x 16
+queries attend to the 24 x 24 keys around them): k, v ``[B_, heads, N_k, d]``, index ``[N, N_k]``,
+mask ``[nW, N, N_k]``; everything below holds with j running over the N_k keys.
+
 Forward (window ``b``, head ``h``, ``w = b mod nW``)::
 
     bias[h, i, j] = table[index[i, j], h]
@@ -65,14 +69,15 @@ def window_attention_ref(
     mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """The oracle: spandrel's eager SwinIR ``WindowAttention`` core, in q's dtype."""
+    """The oracle: spandrel's eager SwinIR ``WindowAttention`` core (HAT's ``OCAB`` for N_k != N), in q's dtype."""
     batch_windows, heads, n, _ = q.shape
-    bias = bias_table[index.reshape(-1)].view(n, n, heads).permute(2, 0, 1)
+    n_keys = k.shape[2]
+    bias = bias_table[index.reshape(-1)].view(n, n_keys, heads).permute(2, 0, 1)
     attn = (q * scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
     if mask is not None:
         num_masks = mask.shape[0]
-        attn = attn.view(batch_windows // num_masks, num_masks, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
-        attn = attn.view(batch_windows, heads, n, n)
+        attn = attn.view(batch_windows // num_masks, num_masks, heads, n, n_keys) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(batch_windows, heads, n, n_keys)
     return torch.softmax(attn, dim=-1) @ v
 
 
@@ -85,16 +90,17 @@ def _check_inputs(q, k, v, bias_table, index, mask) -> None:
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"window_attention: {name} must be a [B_, heads, N, d] tensor, got {got}")
-    if not q.shape == k.shape == v.shape:
+    if not (k.shape == v.shape and q.shape[:2] == k.shape[:2] and q.shape[3] == k.shape[3]):
         raise ValueError(
-            f"window_attention: q, k, v must have one shape [B_, heads, N, d], got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
+            f"window_attention: q must be [B_, heads, N, d] and k, v one shape [B_, heads, N_k, d], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if not q.is_floating_point() or not q.dtype == k.dtype == v.dtype:
         raise ValueError(
             f"window_attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     batch_windows, heads, n, _ = q.shape
+    n_keys = k.shape[2]
     if bias_table.dim() != 2 or bias_table.shape[1] != heads:
         raise ValueError(
             f"window_attention: bias_table must be [(2w-1)^2, heads] with heads = {heads} (from q "
@@ -102,15 +108,18 @@ def _check_inputs(q, k, v, bias_table, index, mask) -> None:
         )
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
         raise ValueError(f"window_attention: index must be an integer tensor, got {index.dtype}")
-    if index.numel() != n * n or index.dim() not in (1, 2) or (index.dim() == 2 and tuple(index.shape) != (n, n)):
+    square = (n, n_keys)
+    if index.numel() != n * n_keys or index.dim() not in (1, 2) or (index.dim() == 2 and tuple(index.shape) != square):
+        tokens = f"N = {n} tokens per window" if n == n_keys else f"N = {n} queries and N_k = {n_keys} keys per window"
         raise ValueError(
-            f"window_attention: index must be [N, N] = {(n, n)} or flat [{n * n}] for N = {n} tokens per window "
-            f"(q {tuple(q.shape)}), got {tuple(index.shape)}"
+            f"window_attention: index must be [N, N_k] = {square} or flat [{n * n_keys}] for {tokens} "
+            f"(q {tuple(q.shape)}, k {tuple(k.shape)}), got {tuple(index.shape)}"
         )
     if mask is not None:
-        if mask.dim() != 3 or tuple(mask.shape[1:]) != (n, n) or mask.shape[0] == 0:
+        if mask.dim() != 3 or tuple(mask.shape[1:]) != square or mask.shape[0] == 0:
             raise ValueError(
-                f"window_attention: mask must be [nW, N, N] with N = {n} (q {tuple(q.shape)}), got {tuple(mask.shape)}"
+                f"window_attention: mask must be [nW, N, N_k] with (N, N_k) = {square} (q {tuple(q.shape)}, "
+                f"k {tuple(k.shape)}), got {tuple(mask.shape)}"
             )
         if batch_windows % mask.shape[0] != 0:
             raise ValueError(
@@ -123,7 +132,7 @@ def _check_inputs(q, k, v, bias_table, index, mask) -> None:
 
 
 class _GatherBias(torch.autograd.Function):
-    """``bias[h, i, j] = table[index[i, j], h]`` (contiguous ``[heads, N, N]``); the backward sums
+    """``bias[h, i, j] = table[index[i, j], h]`` (contiguous ``[heads, N, N_k]``); the backward sums
     dbias into the table in a fixed order, in at least float32.
 
     Plain autograd of the indexing accumulates with ``index_put_``, which on a multi-threaded CPU
@@ -131,10 +140,10 @@ class _GatherBias(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, table, index, n):
+    def forward(ctx, table, index, n, n_keys):
         ctx.save_for_backward(index)
         ctx.table_shape, ctx.table_dtype = table.shape, table.dtype
-        return table[index].view(n, n, table.shape[1]).permute(2, 0, 1).contiguous()
+        return table[index].view(n, n_keys, table.shape[1]).permute(2, 0, 1).contiguous()
 
     @staticmethod
     def backward(ctx, dbias):
@@ -148,16 +157,17 @@ class _GatherBias(torch.autograd.Function):
         else:
             # on CUDA index_put_ accumulates after sorting the indices (scatter_add_ uses atomics)
             dtable.index_put_((index,), grad, accumulate=True)
-        return dtable.to(ctx.table_dtype), None, None
+        return dtable.to(ctx.table_dtype), None, None, None
 
 
-def _gather_bias(bias_table: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
-    """``bias[h, i, j] = table[index[i, j], h]``, contiguous ``[heads, N, N]``; gradients reach the table."""
-    return _GatherBias.apply(bias_table, index.reshape(-1).long(), n)
+def _gather_bias(bias_table: torch.Tensor, index: torch.Tensor, n: int, n_keys: int | None = None) -> torch.Tensor:
+    """``bias[h, i, j] = table[index[i, j], h]``, contiguous ``[heads, N, N_k]`` (N_k = N unless given);
+    gradients reach the table."""
+    return _GatherBias.apply(bias_table, index.reshape(-1).long(), n, n if n_keys is None else n_keys)
 
 
 def _additive_mask(bias: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """bias + mask as one contiguous ``[G, heads, N, N]`` in ``dtype``: G = nW, or 1 without a mask."""
+    """bias + mask as one contiguous ``[G, heads, N, N_k]`` in ``dtype``: G = nW, or 1 without a mask."""
     bias = bias.to(dtype).contiguous()
     if mask is None:
         return bias.unsqueeze(0)
@@ -168,7 +178,7 @@ def _additive_mask(bias: torch.Tensor, mask: torch.Tensor | None, dtype: torch.d
 def _fold_windows(t: torch.Tensor, groups: int, padded_dim: int, scale: float = 1.0) -> torch.Tensor:
     """``[B_, heads, N, d]`` -> contiguous ``[B_/G, G*heads, N, padded_dim]``, times ``scale``, zero-padded.
 
-    With window ``b = G m + w`` at batch index ``m`` and head-group ``w``, a ``[1, G*heads, N, N]``
+    With window ``b = G m + w`` at batch index ``m`` and head-group ``w``, a ``[1, G*heads, N, N_k]``
     mask broadcasts over the batch: each window meets its own ``mask[w]`` with no expanded copy.
     """
     batch_windows, heads, n, d = t.shape
@@ -220,21 +230,21 @@ def _sdpa_wins(device: torch.device) -> bool:
 class _MatmulWindowAttention(torch.autograd.Function):
     """softmax(scale q k^T + mask) v with batched matmuls; saves the padded q, k, v and P.
 
-    ``mask``: the additive ``[G, heads, N, N]`` (bias + shift mask) in q's dtype; window b uses
+    ``mask``: the additive ``[G, heads, N, N_k]`` (bias + shift mask) in q's dtype; window b uses
     ``mask[b % G]``. Its gradient (``sum_b dS``) is returned only when it requires grad.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
         batch_windows, heads, n, d = q.shape
-        groups = mask.shape[0]
+        groups, n_keys = mask.shape[0], k.shape[2]
         padded = _padded_head_dim(d, q.device)
         # The scale goes into the copy of q (d columns) rather than onto the N x N logits.
         qs = _fold_windows(q, groups, padded, scale)
         kf = _fold_windows(k, groups, padded)
         vf = _fold_windows(v, groups, padded)
         logits = torch.matmul(qs, kf.transpose(-2, -1))
-        logits += mask.view(1, groups * heads, n, n)
+        logits += mask.view(1, groups * heads, n, n_keys)
         p = torch.softmax(logits, dim=-1)
         del logits
         o = torch.matmul(p, vf)
@@ -262,16 +272,16 @@ class _MatmulWindowAttention(torch.autograd.Function):
             # qs already carries the scale: dk = scale dS^T q = dS^T qs
             dk = _unfold_windows(torch.matmul(ds.transpose(-2, -1), qs), batch_windows, heads, d)
         if need_mask:
-            dmask = ds.sum(0).view(groups, heads, n, n)
+            dmask = ds.sum(0).view(groups, heads, n, kf.shape[2])
         return dq, dk, dv, dmask, None
 
 
 def _sdpa_window_attention(q, k, v, mask, scale):
     """``F.scaled_dot_product_attention`` with the windows folded into heads (see ``_fold_windows``)."""
     batch_windows, heads, n, d = q.shape
-    groups = mask.shape[0]
-    folded = [t.reshape(batch_windows // groups, groups * heads, n, d) for t in (q, k, v)]
-    o = F.scaled_dot_product_attention(*folded, attn_mask=mask.view(1, groups * heads, n, n), scale=scale)
+    groups, n_keys = mask.shape[0], k.shape[2]
+    folded = [t.reshape(batch_windows // groups, groups * heads, t.shape[2], d) for t in (q, k, v)]
+    o = F.scaled_dot_product_attention(*folded, attn_mask=mask.view(1, groups * heads, n, n_keys), scale=scale)
     return o.view(batch_windows, heads, n, d)
 
 
@@ -285,16 +295,16 @@ def _torch_window_attention(q, k, v, bias, mask, scale):
 # -- the fused backends (triton, cuda) --
 
 
-def _fused_takes(backend: str, dtype: torch.dtype, n: int, head_dim: int) -> bool:
-    """Whether ``backend``'s kernels take windows of ``n`` tokens, heads of ``head_dim``, in ``dtype``: where
-    they do not, "auto" runs the torch path (``resolve``'s ``takes``)."""
+def _fused_takes(backend: str, dtype: torch.dtype, n: int, head_dim: int, n_keys: int | None = None) -> bool:
+    """Whether ``backend``'s kernels take windows of ``n`` queries (and ``n_keys`` keys, default ``n``), heads
+    of ``head_dim``, in ``dtype``: where they do not, "auto" runs the torch path (``resolve``'s ``takes``)."""
     if backend == "triton":
         from adaptsr.kernels.window_attention import window_attention_takes
     elif backend == "cuda":
         from adaptsr._cuda import window_attention_takes
     else:
         return True
-    return window_attention_takes(dtype, n, head_dim)
+    return window_attention_takes(dtype, n, head_dim, n if n_keys is None else n_keys)
 
 
 def _kernel_launchers(backend: str):
@@ -313,7 +323,7 @@ def _kernel_launchers(backend: str):
 class _FusedWindowAttention(torch.autograd.Function):
     """The kernels' forward (o, lse) and backward (dq, dk, dv, dbias); P never reaches memory.
 
-    ``bias``: float32 contiguous ``[heads, N, N]``; ``mask``: float32 ``[nW, N, N]`` or None.
+    ``bias``: float32 contiguous ``[heads, N, N_k]``; ``mask``: float32 ``[nW, N, N_k]`` or None.
     """
 
     @staticmethod
@@ -342,7 +352,7 @@ class _FusedWindowAttention(torch.autograd.Function):
 
 
 def _fused_window_attention(q, k, v, bias, mask, scale, backend):
-    # The kernels take the gathered bias as float32 [heads, N, N]; autograd carries their dbias
+    # The kernels take the gathered bias as float32 [heads, N, N_k]; autograd carries their dbias
     # back through this cast and the gather to the table.
     bias32 = bias.to(torch.float32).contiguous()
     mask32 = None if mask is None else mask.to(torch.float32)
@@ -374,23 +384,29 @@ def window_attention(
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + bias_table[index] + mask[b % nW]) v`` on the selected backend.
 
-    q, k, v ``[B_, heads, N, d]``; bias_table ``[(2w-1)^2, heads]``; index ``[N, N]`` (or flat);
-    mask ``[nW, N, N]`` or None. Returns ``[B_, heads, N, d]`` in q's dtype (autocast's dtype
-    under autocast). Gradients reach q, k, v and the table; the mask is a constant.
+    q ``[B_, heads, N, d]``; k, v ``[B_, heads, N_k, d]`` (N_k = N for Swin's windows; more keys than
+    queries for HAT's overlapping cross-attention); bias_table ``[T, heads]``; index ``[N, N_k]`` (or
+    flat); mask ``[nW, N, N_k]`` or None. Returns ``[B_, heads, N, d]`` in q's dtype (autocast's
+    dtype under autocast). Gradients reach q, k, v and the table; the mask is a constant.
     """
     _check_inputs(q, k, v, bias_table, index, mask)
     if mask is not None:
         mask = mask.detach()
     scale = float(scale)
-    n, head_dim = q.shape[2], q.shape[3]
-    backend = resolve(q.device, "window_attention", lambda name: _fused_takes(name, q.dtype, n, head_dim))
+    n, n_keys, head_dim = q.shape[2], k.shape[2], q.shape[3]
+    backend = resolve(q.device, "window_attention", lambda name: _fused_takes(name, q.dtype, n, head_dim, n_keys))
     if backend == "reference":
         return window_attention_ref(q, k, v, bias_table, index, mask, scale)
     if backend not in ("torch", "triton", "cuda"):
         raise NotImplementedError(f"window_attention has no {backend!r} backend")
+    if backend == "cuda" and n_keys != n:
+        raise ValueError(
+            f"window_attention: the cuda backend's kernels take square windows (N_k = N), got q {tuple(q.shape)} "
+            f"and k {tuple(k.shape)}; run this call on the triton or torch backend"
+        )
     (q, k, v), no_autocast = _autocast_qkv(q, k, v)
     with no_autocast:
-        bias = _gather_bias(bias_table, index, q.shape[2])
+        bias = _gather_bias(bias_table, index, n, n_keys)
         if backend == "torch":
             return _torch_window_attention(q, k, v, bias, mask, scale)
         return _fused_window_attention(q, k, v, bias, mask, scale, backend)

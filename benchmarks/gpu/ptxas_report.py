@@ -282,7 +282,8 @@ def window_attention_cases() -> list[KernelCase]:
     run it on a SwinIR-M training batch (dim 180, 6 heads: head dim 30, padded to 32; 16 images of
     64 x 64 tokens), windows 8 (N = 64, one tile) and 16 (N = 256, tiled; HAT's window, and HAT-M's
     head dim is also 30), with and without the shift mask, bf16 and fp32 (fp16 takes the same tiles
-    as bf16), windows stored one after another and SPATIAL (the shifted-window map's token rows)."""
+    as bf16), windows stored one after another, with 2.25 times as many keys as queries (HAT's
+    overlapping cross-attention) and SPATIAL (the shifted-window map's token rows)."""
     batch, tokens, dim, heads = 16, 64, 180, 6
     d = dim // heads
     meta = dict(device="meta")
@@ -308,6 +309,15 @@ def window_attention_cases() -> list[KernelCase]:
                     w_qkv, b_qkv = torch.empty(3 * dim, dim, dtype=dtype, **meta), torch.empty(3 * dim, dtype=dtype, **meta)
                     window_kernels.qkv_window_attention_fwd(x, w_qkv, b_qkv, heads, bias, mask, scale)
                     windowed = len(launches)
+                    if not shifted:
+                        # HAT's overlapping cross-attention: keys from the (1.5 w)^2 window around the queries
+                        n_keys = (window * 3 // 2) ** 2
+                        kv = torch.empty(batch_windows, n_keys, 2, heads, d, dtype=dtype, **meta)
+                        k_ov, v_ov = kv.permute(2, 0, 3, 1, 4).unbind(0)
+                        bias_ov = torch.empty(heads, n, n_keys, **meta)
+                        o, lse = window_kernels.window_attention_fwd(q, k_ov, v_ov, bias_ov, None, scale)
+                        window_kernels.window_attention_bwd(o, q, k_ov, v_ov, o, lse, bias_ov, None, scale, True)
+                    overlapped = len(launches)
                     # SPATIAL: the shifted-window block on the [B, H, W, 3C] map
                     qkv_map = torch.empty(batch, tokens, tokens, 3 * dim, dtype=dtype, **meta)
                     shift = window // 2 if shifted else 0
@@ -317,8 +327,8 @@ def window_attention_cases() -> list[KernelCase]:
                         shifted_kernels.shifted_window_attention_bwd(out, qkv_map, out, lse, bias, mask, scale, window,
                                                                      shift, heads, need_dbias)
                 for i, (kernel, args, kwargs) in enumerate(launches):
-                    case = _case_from_launch(f"{label} {'windowed' if i < windowed else 'spatial'}", kernel, args,
-                                             kwargs)
+                    layout = "windowed" if i < windowed else "overlap" if i < overlapped else "spatial"
+                    case = _case_from_launch(f"{label} {layout}", kernel, args, kwargs)
                     key = (case.name, tuple(sorted(case.ints.items())), tuple(sorted(case.pointers.items())))
                     if key not in seen:  # need_dbias=False and True launch the same tiled backward kernel
                         seen.add(key)

@@ -323,12 +323,16 @@ def test_rejects_bad_inputs():
     q = torch.randn(4, 2, 64, 30, device=DEVICE)
     bias = torch.randn(2, 64, 64, device=DEVICE)
     mask = torch.zeros(3, 64, 64, device=DEVICE)
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match=r"k, v one shape \[B_, heads, N_k, d\].*\(4, 2, 32, 30\), \(4, 2, 64, 30\)"):
         window_attention_fwd(q, q[:, :, :32], q, None, None, 1.0)
+    with pytest.raises(ValueError, match=r"k, v one shape.*\(4, 2, 64, 16\)"):
+        window_attention_fwd(q, q[..., :16], q[..., :16], None, None, 1.0)
     with pytest.raises(ValueError, match="float32/float16/bfloat16"):
         window_attention_fwd(q.double(), q.double(), q.double(), None, None, 1.0)
-    with pytest.raises(ValueError, match=r"bias must be float32 \[heads, N, N\]"):
+    with pytest.raises(ValueError, match=r"bias must be float32 \[heads, N, N_k\] = \(2, 64, 64\)"):
         window_attention_fwd(q, q, q, bias[:1], None, 1.0)
+    with pytest.raises(ValueError, match=r"bias must be float32 \[heads, N, N_k\] = \(2, 64, 32\)"):
+        window_attention_fwd(q, q[:, :, :32], q[:, :, :32], bias, None, 1.0)
     with pytest.raises(ValueError, match="bias must be float32"):
         window_attention_fwd(q, q, q, bias.half(), None, 1.0)
     with pytest.raises(ValueError, match="multiple of the mask's nW = 3"):

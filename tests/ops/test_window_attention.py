@@ -70,16 +70,24 @@ class Case:
     layout: str = "module"  # "module": q, k, v are views of one [B_, N, 3, heads, d] tensor; "contiguous"
     flat_index: bool = False
     seed: int = 0
+    # keys from kv_window x kv_window windows (HAT's overlapping cross-attention), a random index into
+    # the table; None: Swin's square windows and relative position index
+    kv_window: int | None = None
 
     @property
     def n(self) -> int:
         return self.window * self.window
 
     @property
+    def n_keys(self) -> int:
+        return self.n if self.kv_window is None else self.kv_window * self.kv_window
+
+    @property
     def id(self) -> str:
         mask = f"nW{self.num_masks}" if self.num_masks else "unshifted"
         extra = ("" if self.table_grad else "-frozen_table") + ("-flat_index" if self.flat_index else "")
-        return f"B{self.batch_windows}-h{self.heads}-w{self.window}-d{self.head_dim}-{mask}-{self.layout}{extra}"
+        window = f"w{self.window}" if self.kv_window is None else f"w{self.window}-kv{self.kv_window}"
+        return f"B{self.batch_windows}-h{self.heads}-{window}-d{self.head_dim}-{mask}-{self.layout}{extra}"
 
 
 # Small enough for Triton's interpreter; every one also runs on the other backends.
@@ -91,6 +99,11 @@ CASES = [
     Case(3, 1, 7, 20, 3, seed=2),  # window 7 (49 tokens, not a power of two)
     Case(3, 2, 2, 3, 1, layout="contiguous", seed=3),  # 4 tokens, d = 3, one mask shared by every window
     Case(2, 1, 16, 20, 2, seed=4),  # window 16 (256 tokens), kept small in batch
+    # more keys than queries (HAT's OCAB, window 4 and 8 at overlap ratio 0.5): one backward tile, and
+    # 2 query x 5 key tiles
+    Case(5, 2, 4, 12, 0, layout="contiguous", kv_window=6, seed=5),
+    Case(3, 1, 8, 30, 0, kv_window=12, seed=6),
+    Case(3, 2, 6, 5, 3, flat_index=True, kv_window=4, seed=7),  # fewer keys than queries, with a mask
 ]
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -116,6 +129,8 @@ def _matrix() -> list:
             if backend == "triton" and dtype == torch.bfloat16 and not ON_GPU:
                 marks.append(pytest.mark.skip(reason="bf16 Triton dots are wrong in the interpreter: GPU only"))
             for case in CASES:
+                if backend == "cuda" and case.n_keys != case.n:
+                    continue  # square windows only: test_cuda_backend_refuses_more_keys_than_queries
                 params.append(pytest.param(name, case, dtype_name, id=f"{name}-{case.id}-{dtype_name}", marks=marks))
     return params
 
@@ -127,23 +142,34 @@ def relative_position_index(window: int) -> torch.Tensor:
     return rel[:, :, 0] * (2 * window - 1) + rel[:, :, 1]
 
 
-def shift_mask(num_masks: int, n: int, gen: torch.Generator) -> torch.Tensor:
-    """A Swin-like shift mask: 0 between tokens of the same region, -100 across (the diagonal is 0)."""
+def shift_mask(num_masks: int, n: int, gen: torch.Generator, n_keys: int | None = None) -> torch.Tensor:
+    """A Swin-like shift mask: 0 between tokens of the same region, -100 across (the diagonal is 0);
+    with ``n_keys``, ``[nW, n, n_keys]`` and every query row keeps key 0 unmasked."""
     region = torch.randint(0, 3, (num_masks, n), generator=gen)
-    return torch.where(region[:, :, None] == region[:, None, :], 0.0, -100.0).to(torch.float64)
+    if n_keys is None or n_keys == n:
+        return torch.where(region[:, :, None] == region[:, None, :], 0.0, -100.0).to(torch.float64)
+    key_region = torch.randint(0, 3, (num_masks, n_keys), generator=gen)
+    key_region[:, 0] = -1
+    mask = torch.where(region[:, :, None] == key_region[:, None, :], 0.0, -100.0)
+    return mask.to(torch.float64)
 
 
 def make_tensors(case: Case, dtype: torch.dtype) -> dict:
     """Fresh random inputs, drawn in float64 and rounded once to ``dtype`` (held in float64)."""
     gen = torch.Generator().manual_seed(case.seed)
     shape = (case.batch_windows, case.heads, case.n, case.head_dim)
-    q, k, v, do = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(4))
+    key_shape = (case.batch_windows, case.heads, case.n_keys, case.head_dim)
+    q, do = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(key_shape, generator=gen, dtype=torch.float64) for _ in range(2))
     table = torch.randn((2 * case.window - 1) ** 2, case.heads, generator=gen, dtype=torch.float64)
-    index = relative_position_index(case.window)
+    if case.kv_window is None:
+        index = relative_position_index(case.window)
+    else:
+        index = torch.randint(0, table.shape[0], (case.n, case.n_keys), generator=gen)
     out = {"q": q, "k": k, "v": v, "table": table, "do": do}
     out = {key: t.to(dtype).double() for key, t in out.items()}
     out["index"] = index.reshape(-1) if case.flat_index else index
-    out["mask"] = shift_mask(case.num_masks, case.n, gen) if case.num_masks else None
+    out["mask"] = shift_mask(case.num_masks, case.n, gen, case.n_keys) if case.num_masks else None
     return out
 
 
@@ -162,6 +188,11 @@ def _qkv(case: Case, tensors: dict, dtype: torch.dtype):
     q, k, v = (tensors[key].to(DEVICE, dtype, copy=True) for key in ("q", "k", "v"))
     if case.layout == "contiguous":
         return [t.requires_grad_(True) for t in (q, k, v)]
+    if case.n_keys != case.n:
+        # what HAT's overlapping cross-attention hands over: q from its own windows, k and v views of one tensor
+        q_rows = q.transpose(1, 2).contiguous().requires_grad_(True)
+        kv = torch.stack((k, v)).permute(1, 3, 0, 2, 4).contiguous().requires_grad_(True)
+        return [q_rows.transpose(1, 2), *kv.permute(2, 0, 3, 1, 4).unbind(0)]
     # what the module hands over: qkv(x).reshape(B_, N, 3, heads, d).permute(2, 0, 3, 1, 4)
     packed = torch.stack((q, k, v)).permute(1, 3, 0, 2, 4).contiguous().requires_grad_(True)
     return list(packed.permute(2, 0, 3, 1, 4).unbind(0))
@@ -200,16 +231,17 @@ def magnitudes(case: Case, t: dict) -> dict:
     """
     q, k, v, do = (t[key].abs() for key in ("q", "k", "v", "do"))
     batch_windows, heads, n, _ = q.shape
+    n_keys = k.shape[2]
     scale = case.head_dim**-0.5
     index = t["index"].reshape(-1)
-    bias = t["table"][index].view(n, n, heads).permute(2, 0, 1)
+    bias = t["table"][index].view(n, n_keys, heads).permute(2, 0, 1)
     logits = scale * t["q"] @ t["k"].transpose(-2, -1) + bias
     if t["mask"] is not None:
         logits = logits + t["mask"].repeat(batch_windows // t["mask"].shape[0], 1, 1).unsqueeze(1)
     p = torch.softmax(logits, dim=-1)
     a = do @ v.transpose(-2, -1)
     ds_plus = p * (a + (p * a).sum(-1, keepdim=True))
-    dbias = ds_plus.sum(0).permute(1, 2, 0).reshape(n * n, heads)
+    dbias = ds_plus.sum(0).permute(1, 2, 0).reshape(n * n_keys, heads)
     out = {
         "o": p @ v,
         "dq": scale * ds_plus @ k,
@@ -250,8 +282,10 @@ def test_float32_mask_with_other_dtypes(name, check_backend_against_reference):
 @settings(max_examples=25, **_SETTINGS)
 @given(data=st.data())
 def test_torch_backend_random_shapes(data, check_backend_against_reference):
-    """Random shapes on both torch paths: window 1-9, any head dim, any number of windows per mask."""
+    """Random shapes on both torch paths: window 1-9, keys from a window of 1-9 (or the queries' window), any
+    head dim, any number of windows per mask."""
     window = data.draw(st.integers(1, 9), label="window")
+    kv_window = data.draw(st.one_of(st.none(), st.integers(1, 9)), label="kv_window")
     num_masks = data.draw(st.sampled_from((0, 1, 2, 3, 5)), label="nW")
     case = Case(
         batch_windows=max(num_masks, 1) * data.draw(st.integers(1, 3), label="images"),
@@ -263,6 +297,7 @@ def test_torch_backend_random_shapes(data, check_backend_against_reference):
         layout=data.draw(st.sampled_from(("module", "contiguous")), label="layout"),
         flat_index=data.draw(st.booleans(), label="flat_index"),
         seed=data.draw(st.integers(0, 2**31 - 1), label="seed"),
+        kv_window=kv_window,
     )
     dtype = data.draw(st.sampled_from((torch.float64, torch.float32, torch.float16, torch.bfloat16)), label="dtype")
     tensors = make_tensors(case, dtype)
@@ -422,17 +457,19 @@ def _valid_args(batch_windows=4, heads=2, window=4, d=6, num_masks=2):
     "field, bad, message",
     [
         ("mask", torch.zeros(3, 16, 16), r"B_ = 4 .*not a multiple of the mask's nW = 3 \(mask \(3, 16, 16\)\)"),
-        ("mask", torch.zeros(2, 16, 9), r"mask must be \[nW, N, N\] with N = 16.*got \(2, 16, 9\)"),
-        ("mask", torch.zeros(16, 16), r"mask must be \[nW, N, N\].*got \(16, 16\)"),
+        ("mask", torch.zeros(2, 16, 9), r"mask must be \[nW, N, N_k\] with \(N, N_k\) = \(16, 16\).*got \(2, 16, 9\)"),
+        ("mask", torch.zeros(16, 16), r"mask must be \[nW, N, N_k\].*got \(16, 16\)"),
         ("bias_table", torch.zeros(49, 3), r"bias_table must be \[\(2w-1\)\^2, heads\] with heads = 2.*got \(49, 3\)"),
-        ("index", torch.zeros(9, 9, dtype=torch.long), r"index must be \[N, N\] = \(16, 16\) or flat \[256\]"),
+        ("index", torch.zeros(9, 9, dtype=torch.long), r"index must be \[N, N_k\] = \(16, 16\) or flat \[256\]"),
         ("index", torch.zeros(16, 16), r"index must be an integer tensor, got torch\.float32"),
-        ("k", torch.randn(4, 2, 16, 5), r"q, k, v must have one shape.*\(4, 2, 16, 6\), \(4, 2, 16, 5\)"),
+        ("k", torch.randn(4, 2, 16, 5), r"k, v one shape \[B_, heads, N_k, d\].*\(4, 2, 16, 6\), \(4, 2, 16, 5\)"),
+        ("k", torch.randn(4, 2, 36, 6), r"k, v one shape.*\(4, 2, 36, 6\), \(4, 2, 16, 6\)"),
+        ("k", torch.randn(2, 2, 16, 6), r"k, v one shape.*\(2, 2, 16, 6\)"),
         ("q", torch.randn(2, 16, 6), r"q must be a \[B_, heads, N, d\] tensor, got \(2, 16, 6\)"),
         ("v", torch.randn(4, 2, 16, 6, dtype=torch.float64), r"one floating dtype.*float32.*float64"),
     ],
-    ids=["nW-not-dividing", "mask-N", "mask-2d", "table-heads", "index-shape", "index-float", "k-shape", "q-3d",
-         "v-dtype"],
+    ids=["nW-not-dividing", "mask-N", "mask-2d", "table-heads", "index-shape", "index-float", "k-shape",
+         "k-longer-than-v", "k-windows", "q-3d", "v-dtype"],
 )
 def test_errors_name_the_shapes(backend, field, bad, message):
     args = _valid_args()
@@ -441,6 +478,28 @@ def test_errors_name_the_shapes(backend, field, bad, message):
         args[field] = bad
         with pytest.raises(ValueError, match=message):
             window_attention(**args)
+
+
+def test_errors_name_both_lengths_when_keys_outnumber_queries():
+    args = _valid_args(num_masks=1)
+    args["k"], args["v"] = torch.randn(4, 2, 36, 6), torch.randn(4, 2, 36, 6)
+    with pytest.raises(ValueError, match=r"index must be \[N, N_k\] = \(16, 36\) or flat \[576\] for N = 16 queries "
+                                         r"and N_k = 36 keys per window"):
+        window_attention(**args)
+    args["index"] = torch.zeros(16, 36, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"mask must be \[nW, N, N_k\] with \(N, N_k\) = \(16, 36\)"):
+        window_attention(**args)
+    args["mask"] = torch.zeros(1, 16, 36)
+    assert window_attention(**args).shape == (4, 2, 16, 6)
+
+
+def test_cuda_backend_refuses_more_keys_than_queries():
+    args = _valid_args()
+    args["k"], args["v"] = torch.randn(4, 2, 36, 6), torch.randn(4, 2, 36, 6)
+    args["index"], args["mask"] = torch.zeros(16, 36, dtype=torch.long), None
+    square_only = pytest.raises(ValueError, match=r"cuda backend's kernels take square windows.*\(4, 2, 36, 6\)")
+    with mock.patch.object(attention_op, "resolve", lambda *a, **k: "cuda"), square_only:
+        window_attention(**args)
 
 
 def test_error_message_is_readable():
