@@ -10,6 +10,11 @@ import torch
 from torch import nn
 
 from adaptsr.nn import LoRAConv2d, LoRALayer, LoRALinear, LoRAWindowAttention
+from adaptsr.nn.overlapping_cross_attention import (
+    can_fuse_overlapping_attention,
+    disable_fused_overlapping_attention,
+    enable_fused_overlapping_attention,
+)
 from adaptsr.nn.rectangle_window_attention import (
     can_fuse_rectangle_attention,
     disable_fused_rectangle_attention,
@@ -151,19 +156,39 @@ def _window_attention_swaps(
     return swaps
 
 
-def _rectangle_attentions_to_fuse(module: nn.Module, adapted: set[str], mode: bool | None) -> set[str]:
-    """The DAT / RGT rectangle-window attentions to switch to adaptsr's op: every one (``mode=True``),
-    none (``False``), or those whose parent's qkv or proj gets an adapter (``None``; they sit in the
-    parent's ``attns`` list)."""
+def _parents_projections(name: str) -> set[str]:
+    """DAT / RGT: a rectangle-window attention sits in its parent's ``attns`` list; the parent projects."""
+    parent = name.rsplit(".attns.", 1)[0]
+    return {f"{parent}.qkv", f"{parent}.proj"}
+
+
+def _own_projections(name: str) -> set[str]:
+    return {f"{name}.qkv", f"{name}.proj"}
+
+
+# Attentions kept as they are, whose forward inject_lora switches to one that runs the core on adaptsr's op:
+# (which modules, how to switch them, the layers whose adapters call for it)
+_SWITCHED_ATTENTIONS = (
+    (can_fuse_rectangle_attention, enable_fused_rectangle_attention, _parents_projections),
+    (can_fuse_overlapping_attention, enable_fused_overlapping_attention, _own_projections),
+)
+
+
+def _switch_attentions(module: nn.Module, adapted: set[str], mode: bool | None) -> list[str]:
+    """Switch the DAT / RGT rectangle-window attentions and HAT's overlapping cross-attention blocks to
+    adaptsr's op: every one (``mode=True``), none (``False``), or those whose qkv or proj gets an adapter
+    (``None``); the names switched."""
     if mode is False:
-        return set()
-    names = set()
-    for name, child in module.named_modules():
-        if can_fuse_rectangle_attention(child):
-            parent = name.rsplit(".attns.", 1)[0]
-            if mode or {f"{parent}.qkv", f"{parent}.proj"} & adapted:
-                names.add(name)
-    return names
+        return []
+    switched = []
+    for can_switch, enable, projections in _SWITCHED_ATTENTIONS:
+        names = {
+            name
+            for name, child in module.named_modules()
+            if can_switch(child) and (mode or projections(name) & adapted)
+        }
+        switched += enable(module, names)
+    return switched
 
 
 def _window_attentions(module: nn.Module) -> list[tuple[str, LoRAWindowAttention]]:
@@ -195,11 +220,12 @@ def inject_lora(
 
     Swin window attentions (spandrel's SwinIR, HAT, DRCT and ATD ``WindowAttention``) become
     ``LoRAWindowAttention``: same parameters, keys and function, the attention core on adaptsr's
-    backends. DAT's and RGT's rectangle-window attentions keep their modules and run their core on the
-    same op (``adaptsr.nn.rectangle_window_attention``). ``window_attention=None`` (default) does this
-    for the attentions whose ``qkv`` or ``proj`` (DAT / RGT: their parent's) gets an adapter (all of
-    them with the presets), ``True`` for every one, ``False`` for none. ``merge_lora`` gives
-    spandrel's modules and forwards back.
+    backends. DAT's and RGT's rectangle-window attentions and HAT's overlapping cross-attention blocks
+    keep their modules and run their core on the same op (``adaptsr.nn.rectangle_window_attention``,
+    ``adaptsr.nn.overlapping_cross_attention``). ``window_attention=None`` (default) does this for the
+    attentions whose ``qkv`` or ``proj`` (DAT / RGT: their parent's) gets an adapter (all of them with
+    the presets), ``True`` for every one, ``False`` for none. ``merge_lora`` gives spandrel's modules
+    and forwards back.
     """
     module = unwrap_model(model)
     if preset is None and targets is None:
@@ -261,8 +287,7 @@ def inject_lora(
     for name, wrapped in wrapped_layers:
         _set_submodule(module, name, wrapped)
         summary.layers[name] = wrapped.rank
-    rectangles = _rectangle_attentions_to_fuse(module, {name for name, _ in chosen}, window_attention)
-    summary.window_attention += enable_fused_rectangle_attention(module, rectangles)
+    summary.window_attention += _switch_attentions(module, {name for name, _ in chosen}, window_attention)
 
     summary.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     summary.total_params = sum(p.numel() for p in module.parameters())
@@ -281,7 +306,7 @@ def merge_lora(model, *, unload: bool = True):
 
     ``unload=True`` (default) replaces each LoRA module by a plain layer with dense weights and
     each ``LoRAWindowAttention`` by spandrel's own ``WindowAttention`` (and gives DAT / RGT attentions
-    spandrel's forward back), so the model is the original architecture again; ``unload=False``
+    and HAT's OCABs spandrel's forward back), so the model is the original architecture again; ``unload=False``
     keeps the LoRA modules in merged state (``unmerge_lora`` takes the adapters back out). Returns
     ``model``.
     """
@@ -297,6 +322,7 @@ def merge_lora(model, *, unload: bool = True):
     refold(module)  # SPAN's inference convs from the merged branches (adaptsr.nn.reparameterised)
     if unload:  # the original model again, hooks and forwards included
         disable_fused_rectangle_attention(module)
+        disable_fused_overlapping_attention(module)
         _remove_hook(module, _INPUT_GRAD_HOOK)
         for norm in _running_statistics_layers(module):
             _remove_hook(norm, _FROZEN_STATISTICS_HOOK)

@@ -14,7 +14,8 @@ The swinir, hat and drct presets adapt every block's ``attn.qkv`` and ``attn.pro
 ``attn_win.proj``), so ``inject_lora`` also replaces every block's ``WindowAttention`` by
 ``LoRAWindowAttention`` (the attention core on adaptsr's backends;
 ``inject_lora(..., window_attention=False)`` keeps spandrel's). HAT's
-overlapping cross-attention (OCAB) is a different module and stays as it is.
+overlapping cross-attention blocks (OCAB) keep their module and run their attention core on the
+same op (``adaptsr.nn.overlapping_cross_attention``).
 """
 
 from __future__ import annotations

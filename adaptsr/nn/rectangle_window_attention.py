@@ -27,7 +27,7 @@ from spandrel.architectures.DAT.__arch.DAT import windows2img
 from spandrel.architectures.RGT.__arch.rgt import WindowAttention as RGTWindowAttention
 from torch import nn
 
-from adaptsr.nn._instance_forward import restore_forwards, set_forward
+from adaptsr.nn._instance_forward import restore_forwards, set_forwards
 from adaptsr.ops.window_attention import window_attention
 
 __all__ = [
@@ -66,12 +66,7 @@ def fused_forward(
 def enable_fused_rectangle_attention(model: nn.Module, names: set[str] | None = None) -> list[str]:
     """Switch the DAT / RGT rectangle-window attentions of ``model`` (those in ``names``, or all) to
     :func:`fused_forward`; the names switched."""
-    switched = []
-    for name, module in model.named_modules():
-        if can_fuse_rectangle_attention(module) and (names is None or name in names):
-            set_forward(module, fused_forward)
-            switched.append(name)
-    return switched
+    return set_forwards(model, can_fuse_rectangle_attention, fused_forward, names)
 
 
 def disable_fused_rectangle_attention(model: nn.Module) -> list[str]:

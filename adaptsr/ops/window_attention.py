@@ -162,8 +162,12 @@ class _GatherBias(torch.autograd.Function):
 
 def _gather_bias(bias_table: torch.Tensor, index: torch.Tensor, n: int, n_keys: int | None = None) -> torch.Tensor:
     """``bias[h, i, j] = table[index[i, j], h]``, contiguous ``[heads, N, N_k]`` (N_k = N unless given);
-    gradients reach the table."""
-    return _GatherBias.apply(bias_table, index.reshape(-1).long(), n, n if n_keys is None else n_keys)
+    gradients reach the table. Negative entries count from the table's end, as in torch indexing: HAT's
+    overlapping cross-attention index holds some (its offsets are shifted by too little), and spandrel's
+    eager form reads the table that way."""
+    index = index.reshape(-1).long()
+    index = torch.where(index < 0, index + bias_table.shape[0], index)  # the backward's scatter takes no negatives
+    return _GatherBias.apply(bias_table, index, n, n if n_keys is None else n_keys)
 
 
 def _additive_mask(bias: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 import adaptsr
 from adaptsr import LoRALinear, LoRAWindowAttention
 from adaptsr.backend import set_backend
+from adaptsr.nn.overlapping_cross_attention import can_fuse_overlapping_attention
 from adaptsr.presets import PRESETS
 
 warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
@@ -133,7 +134,8 @@ def test_model_matches_peft_on_spandrel_modules(arch, name, size, assert_close, 
     summary = adaptsr.inject_lora(ours, preset=arch, rank=4, alpha=8, init_lora_weights=False)
     found = attentions(ours)
     assert found and all(type(m) is LoRAWindowAttention for m in found.values())
-    assert summary.window_attention == list(found)
+    overlapping = [n for n, m in ours.named_modules() if can_fuse_overlapping_attention(m)]  # HAT's OCABs
+    assert summary.window_attention == list(found) + overlapping
     assert {m.architecture for m in found.values()} == {ARCHITECTURE_IDS[arch]}
     assert all(isinstance(m.proj, LoRALinear) for m in found.values())
     if arch in QKV_PASSED_IN:

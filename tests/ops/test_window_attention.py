@@ -71,7 +71,8 @@ class Case:
     flat_index: bool = False
     seed: int = 0
     # keys from kv_window x kv_window windows (HAT's overlapping cross-attention), a random index into
-    # the table; None: Swin's square windows and relative position index
+    # the table, negative entries counting from its end as HAT's do; None: Swin's square windows and
+    # relative position index
     kv_window: int | None = None
 
     @property
@@ -149,8 +150,8 @@ def shift_mask(num_masks: int, n: int, gen: torch.Generator, n_keys: int | None 
     if n_keys is None or n_keys == n:
         return torch.where(region[:, :, None] == region[:, None, :], 0.0, -100.0).to(torch.float64)
     key_region = torch.randint(0, 3, (num_masks, n_keys), generator=gen)
-    key_region[:, 0] = -1
     mask = torch.where(region[:, :, None] == key_region[:, None, :], 0.0, -100.0)
+    mask[:, :, 0] = 0.0  # (a row masked everywhere would only measure the rounding of its -100s)
     return mask.to(torch.float64)
 
 
@@ -165,7 +166,7 @@ def make_tensors(case: Case, dtype: torch.dtype) -> dict:
     if case.kv_window is None:
         index = relative_position_index(case.window)
     else:
-        index = torch.randint(0, table.shape[0], (case.n, case.n_keys), generator=gen)
+        index = torch.randint(-table.shape[0], table.shape[0], (case.n, case.n_keys), generator=gen)
     out = {"q": q, "k": k, "v": v, "table": table, "do": do}
     out = {key: t.to(dtype).double() for key, t in out.items()}
     out["index"] = index.reshape(-1) if case.flat_index else index
@@ -233,7 +234,7 @@ def magnitudes(case: Case, t: dict) -> dict:
     batch_windows, heads, n, _ = q.shape
     n_keys = k.shape[2]
     scale = case.head_dim**-0.5
-    index = t["index"].reshape(-1)
+    index = t["index"].reshape(-1) % t["table"].shape[0]
     bias = t["table"][index].view(n, n_keys, heads).permute(2, 0, 1)
     logits = scale * t["q"] @ t["k"].transpose(-2, -1) + bias
     if t["mask"] is not None:
