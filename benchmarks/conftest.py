@@ -333,6 +333,65 @@ def run_fwd_bwd(benchmark):
     return run
 
 
+def bench_switched_module(benchmark, *, provider: str, shape_id: str, dtype_name: str, build, call, inputs: list,
+                          grad_out: torch.Tensor, eager_medians: dict) -> None:
+    """Forward + backward of a spandrel attention module whose forward adaptsr switches (``provider``
+    "eager": spandrel's own; otherwise the switched forward on that backend), into ``benchmark``.
+
+    ``build(fused) -> module``: a fresh module, switched when ``fused``; ``call(module, *inputs)``: its
+    output, with ``inputs`` the tensors requiring grad. ``extra_info``: ``ratio_to_eager`` (to the
+    eager median in ``eager_medians``, eager running first per shape; also as ``ratio_to_frozen`` for
+    ``benchmarks/to_markdown.py``), ``ratio_to_eager_interleaved`` (to eager steps timed between this
+    provider's rounds), the saved activation bytes and, on CUDA, the peak memory of a step.
+    """
+    device = inputs[0].device
+    load_before = load_average()
+    module = build(provider != "eager")
+    context = contextlib.nullcontext if provider == "eager" else lambda: set_backend(provider)
+
+    def forward() -> torch.Tensor:
+        with context():
+            return call(module, *inputs)
+
+    def clear_grads() -> None:
+        for t in inputs:
+            t.grad = None
+        sync_device(device)
+
+    def step() -> None:
+        forward().backward(grad_out)
+        sync_device(device)
+
+    benchmark.group = f"{shape_id}-{dtype_name}"
+    extra = benchmark.extra_info
+    extra.update(provider=provider, shape=shape_id, input_shape=list(inputs[0].shape), rank=None, dtype=dtype_name,
+                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 threads=torch.get_num_threads(), torch=torch.__version__)
+    if benchmark.disabled:  # smoke test (--benchmark-disable): one step and the memory probe
+        benchmark.pedantic(step, setup=clear_grads, rounds=1)
+        record_memory(extra, forward, step, clear_grads, grad_out, module, device)
+        return
+
+    twin_step = None
+    if provider != "eager":
+        twin = build(False)
+        twin_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+
+        def twin_step() -> None:
+            call(twin, *twin_inputs).backward(grad_out)
+            for t in twin_inputs:
+                t.grad = None
+
+    median, eager_interleaved = time_interleaved(benchmark, step, clear_grads, twin_step, device)
+    if provider == "eager":
+        eager_medians[shape_id] = median
+    base = eager_medians.get(shape_id)
+    extra["ratio_to_eager"] = extra["ratio_to_frozen"] = median / base if base else None
+    extra["ratio_to_eager_interleaved"] = median / eager_interleaved if eager_interleaved else 1.0
+    record_memory(extra, forward, step, clear_grads, grad_out, module, device)
+    extra["loadavg"] = [load_before, load_average()]
+
+
 def load_average() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)

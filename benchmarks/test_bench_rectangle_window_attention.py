@@ -7,26 +7,20 @@ one of DAT's two spatial attentions: the block's dim 180 split in half (90 chann
 require grad, its weights (the position-bias MLP) do not, as in LoRA training with the adapters in
 the parent's qkv / proj.
 
-``extra_info``: ``ratio_to_eager`` (this median / eager's, eager running first per shape),
-``ratio_to_eager_interleaved`` (to eager steps timed between this provider's rounds), the saved
-activation bytes and, on CUDA, the peak memory of a step. ``ratio_to_frozen`` repeats
-``ratio_to_eager`` for ``benchmarks/to_markdown.py``.
+``extra_info``: see ``benchmarks.conftest.bench_switched_module``.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import pytest
 import torch
 from spandrel.architectures.DAT.__arch.DAT import Spatial_Attention
 
-from adaptsr import set_backend
 from adaptsr.backend import is_available
-from adaptsr.bench import sync_device
 from adaptsr.nn.rectangle_window_attention import enable_fused_rectangle_attention
-from benchmarks.conftest import load_average, record_memory, time_interleaved
+from benchmarks.conftest import bench_switched_module
 from benchmarks.shapes import HAS_CUDA
 
 
@@ -74,49 +68,12 @@ def _build(shape: RectangleShape, device: torch.device, dtype: torch.dtype, fuse
 @pytest.mark.parametrize("shape, provider", _cases())
 def test_bench_rectangle_window_attention(shape, provider, benchmark):
     device, dtype = torch.device(shape.device), DTYPES[shape.dtype]
-    load_before = load_average()
-    module = _build(shape, device, dtype, fused=provider != "eager")
-    context = contextlib.nullcontext if provider == "eager" else lambda: set_backend(provider)
-    qkv_shape = (3, shape.batch, shape.size * shape.size, shape.dim)
-    qkv = torch.randn(qkv_shape, device=device, dtype=dtype, requires_grad=True)
+    qkv = torch.randn(3, shape.batch, shape.size * shape.size, shape.dim, device=device, dtype=dtype,
+                      requires_grad=True)
     grad_out = torch.randn(shape.batch, shape.size, shape.size, shape.dim, device=device, dtype=dtype)
-
-    def forward() -> torch.Tensor:
-        with context():
-            return module(qkv, shape.size, shape.size)
-
-    def clear_grads() -> None:
-        qkv.grad = None
-        sync_device(device)
-
-    def step() -> None:
-        forward().backward(grad_out)
-        sync_device(device)
-
-    benchmark.group = f"{shape.id}-{shape.dtype}"
-    extra = benchmark.extra_info
-    extra.update(provider=provider, shape=shape.id, input_shape=list(qkv_shape), rank=None, dtype=shape.dtype,
-                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 threads=torch.get_num_threads(), torch=torch.__version__)
-    if benchmark.disabled:  # smoke test (--benchmark-disable): one step and the memory probe
-        benchmark.pedantic(step, setup=clear_grads, rounds=1)
-        record_memory(extra, forward, step, clear_grads, grad_out, module, device)
-        return
-
-    twin_step = None
-    if provider != "eager":
-        twin = _build(shape, device, dtype, fused=False)
-        twin_qkv = qkv.detach().clone().requires_grad_(True)
-
-        def twin_step() -> None:
-            twin_qkv.grad = None
-            twin(twin_qkv, shape.size, shape.size).backward(grad_out)
-
-    median, eager_interleaved = time_interleaved(benchmark, step, clear_grads, twin_step, device)
-    if provider == "eager":
-        EAGER_MEDIANS[shape.id] = median
-    base = EAGER_MEDIANS.get(shape.id)
-    extra["ratio_to_eager"] = extra["ratio_to_frozen"] = median / base if base else None
-    extra["ratio_to_eager_interleaved"] = median / eager_interleaved if eager_interleaved else 1.0
-    record_memory(extra, forward, step, clear_grads, grad_out, module, device)
-    extra["loadavg"] = [load_before, load_average()]
+    bench_switched_module(
+        benchmark, provider=provider, shape_id=shape.id, dtype_name=shape.dtype,
+        build=lambda fused: _build(shape, device, dtype, fused),
+        call=lambda module, qkv: module(qkv, shape.size, shape.size),
+        inputs=[qkv], grad_out=grad_out, eager_medians=EAGER_MEDIANS,
+    )
