@@ -53,11 +53,16 @@ from adaptsr.backend import resolve
 
 __all__ = ["window_attention", "window_attention_ref"]
 
-# On the CPU, batched matmuls with a head dim that is not a multiple of the SIMD width run on the
-# BLAS's slow edge path: measured on a 2-core AMD EPYC (AVX2), [192, 64, 64] x [192, 64, 30] took
-# 1.0 ms and the same with 32 columns 0.65 ms. Zero-padding the head dim to a multiple of 8 costs
-# one copy of q, k, v (small next to the N x N logits) and wins back more than that.
+# On the CPU, batched matmuls with a head dim that is not a multiple of the SIMD width ran on the
+# BLAS's slow edge path on a 2-core AMD EPYC (AVX2): [192, 64, 64] x [192, 64, 30] took 1.0 ms and the
+# same with 32 columns 0.65 ms, so zero-padding the head dim to a multiple of 8 (one copy of q, k, v,
+# small next to the N x N logits) won back more than it cost. On a 2-core Intel Xeon (AVX512) it did
+# not: SwinIR-M's core (32 windows, 6 heads, d = 30, fwd + bwd, one thread) took 9.4 ms padded and
+# 8.5 unpadded (shifted 8.0 / 7.4; HAT's 256-token windows 30.3 / 30.0), and where k and v need no
+# copy otherwise (HAT's overlapping cross-attention) the padding adds two. So the CPUs whose widest
+# vector unit is AVX2 pad, the others do not.
 _CPU_HEAD_DIM_MULTIPLE = 8
+_CPU_PADS_HEAD_DIM = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def window_attention_ref(
@@ -208,7 +213,7 @@ def _unfold_windows(t: torch.Tensor, batch_windows: int, heads: int, d: int) -> 
 
 
 def _padded_head_dim(d: int, device: torch.device) -> int:
-    if device.type != "cpu":
+    if device.type != "cpu" or not _CPU_PADS_HEAD_DIM:
         return d
     return -(-d // _CPU_HEAD_DIM_MULTIPLE) * _CPU_HEAD_DIM_MULTIPLE
 
@@ -231,6 +236,28 @@ def _sdpa_wins(device: torch.device) -> bool:
 # -- the torch backend --
 
 
+# How far below its row's maximum a logit may sit (float32 / bfloat16 on the CPU): e^-75 / N stays
+# above float32's smallest normal (1.2e-38) for rows of up to 2e5 keys.
+_LOGIT_FLOOR_BELOW_MAX = 75.0
+
+
+def _raise_far_logits_(logits: torch.Tensor) -> None:
+    """Raise every logit to at least its row's maximum minus ``_LOGIT_FLOOR_BELOW_MAX``, in place, so that
+    no probability is a subnormal (float32 and bfloat16; float16's normal range ends at e^-9.7, where the
+    terms still count, and float64's at e^-708).
+
+    Swin's shift mask (-100) makes P_ij = e^-100 = 3.8e-44 across regions: a float32 subnormal, and on the
+    CPU every operation on one takes a microcode assist. Measured on an Intel Xeon (AVX512), one thread:
+    a [192, 64, 64] x [192, 64, 32] matmul took 0.70 ms with normal P, 0.44 with those entries zero and
+    33 ms with them subnormal; the softmax of SwinIR-M's shifted logits 5.5 ms against 0.8 unshifted.
+    A probability of e^-75 / sum instead of e^-100 / sum (sum >= 1) moves by less than 1e-32 (1e-27 in
+    bfloat16, whose floor rounds to a multiple of 64 for logits near -1e4): far below what either
+    dtype resolves, in o and in the backward (from the saved P) alike.
+    """
+    if logits.dtype in (torch.float32, torch.bfloat16):
+        logits.clamp_(min=logits.amax(dim=-1, keepdim=True) - _LOGIT_FLOOR_BELOW_MAX)
+
+
 class _MatmulWindowAttention(torch.autograd.Function):
     """softmax(scale q k^T + mask) v with batched matmuls; saves the padded q, k, v and P.
 
@@ -249,6 +276,7 @@ class _MatmulWindowAttention(torch.autograd.Function):
         vf = _fold_windows(v, groups, padded)
         logits = torch.matmul(qs, kf.transpose(-2, -1))
         logits += mask.view(1, groups * heads, n, n_keys)
+        _raise_far_logits_(logits)
         p = torch.softmax(logits, dim=-1)
         del logits
         o = torch.matmul(p, vf)

@@ -34,10 +34,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 _SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 
-# (backend name, torch path forced: "matmul" / "sdpa" / None)
+# (backend name, torch path forced: "matmul" / "matmul-padded" (head dim zero-padded to a multiple of 8,
+# what AVX2 CPUs run) / "sdpa" / None)
 BACKENDS = {
     "reference": ("reference", None),
     "torch-matmul": ("torch", "matmul"),
+    "torch-matmul-padded": ("torch", "matmul-padded"),
     "torch-sdpa": ("torch", "sdpa"),
     "triton": ("triton", None),
     "cuda": ("cuda", None),
@@ -176,11 +178,13 @@ def make_tensors(case: Case, dtype: torch.dtype) -> dict:
 
 @contextlib.contextmanager
 def torch_path(path: str | None):
-    """Force the torch backend's CPU matmul Function or its scaled_dot_product_attention path."""
+    """Force the torch backend's CPU matmul Function (with or without the head-dim padding) or its
+    scaled_dot_product_attention path."""
     if path is None:
         yield
         return
-    with mock.patch.object(attention_op, "_sdpa_wins", lambda device: path == "sdpa"):
+    with mock.patch.object(attention_op, "_sdpa_wins", lambda device: path == "sdpa"), \
+            mock.patch.object(attention_op, "_CPU_PADS_HEAD_DIM", path == "matmul-padded"):
         yield
 
 
@@ -302,7 +306,7 @@ def test_torch_backend_random_shapes(data, check_backend_against_reference):
     )
     dtype = data.draw(st.sampled_from((torch.float64, torch.float32, torch.float16, torch.bfloat16)), label="dtype")
     tensors = make_tensors(case, dtype)
-    for name in ("torch-matmul", "torch-sdpa"):
+    for name in ("torch-matmul", "torch-matmul-padded", "torch-sdpa"):
         check_backend_against_reference(run, magnitudes, name, case, tensors, dtype)
 
 
@@ -324,7 +328,7 @@ def test_torch_backend_under_autocast(name, amp_dtype, assert_close_to_reference
         )
 
 
-@pytest.mark.parametrize("name", ["torch-matmul", "torch-sdpa", "reference"])
+@pytest.mark.parametrize("name", ["torch-matmul", "torch-matmul-padded", "torch-sdpa", "reference"])
 def test_float64_agrees_tightly(name, assert_close):
     """In float64 every torch form is the oracle to rounding (the _DIRECT tolerances of conftest)."""
     for case in CASES[:4]:
@@ -333,6 +337,31 @@ def test_float64_agrees_tightly(name, assert_close):
         got = run(name, case, tensors, torch.float64)
         for key in truth:
             assert_close(got[key], truth[key], f"{name} {case.id} {key}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_shift_masked_probabilities_are_not_subnormal(dtype):
+    """The CPU path keeps Swin's e^-100 probabilities out of the subnormal range (where every CPU operation on
+    them is a microcode assist), and changes the probabilities by less than float32 can tell."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 64, 64, generator=gen) * 3
+    logits[..., 1::2] -= 100.0  # half of every row in another region
+    logits[..., 0, :] -= 1e4  # a row masked everywhere
+    logits = logits.to(dtype)
+    plain = torch.softmax(logits, dim=-1)
+    assert ((plain > 0) & (plain < torch.finfo(dtype).tiny)).any()
+    attention_op._raise_far_logits_(logits)
+    p = torch.softmax(logits, dim=-1)
+    assert not ((p > 0) & (p < torch.finfo(dtype).tiny)).any()
+    torch.testing.assert_close(p, plain, rtol=0, atol=1e-27)
+
+
+def test_float16_and_float64_logits_are_left_alone():
+    for dtype in (torch.float16, torch.float64):
+        logits = torch.tensor([[0.0, -100.0, -20.0]], dtype=dtype)
+        kept = logits.clone()
+        attention_op._raise_far_logits_(logits)
+        assert torch.equal(logits, kept)
 
 
 # -- what runs where --
