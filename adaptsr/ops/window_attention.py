@@ -56,11 +56,11 @@ __all__ = ["window_attention", "window_attention_ref"]
 # On the CPU, batched matmuls with a head dim that is not a multiple of the SIMD width ran on the
 # BLAS's slow edge path on a 2-core AMD EPYC (AVX2): [192, 64, 64] x [192, 64, 30] took 1.0 ms and the
 # same with 32 columns 0.65 ms, so zero-padding the head dim to a multiple of 8 (one copy of q, k, v,
-# small next to the N x N logits) won back more than it cost. On a 2-core Intel Xeon (AVX512) it did
-# not: SwinIR-M's core (32 windows, 6 heads, d = 30, fwd + bwd, one thread) took 9.4 ms padded and
-# 8.5 unpadded (shifted 8.0 / 7.4; HAT's 256-token windows 30.3 / 30.0), and where k and v need no
-# copy otherwise (HAT's overlapping cross-attention) the padding adds two. So the CPUs whose widest
-# vector unit is AVX2 pad, the others do not.
+# small next to the N x N logits) won back more than it cost. On a 2-core Intel Xeon (AVX512) it does
+# not: SwinIR-M's core (32 windows, 6 heads, d = 30, fwd + bwd, one thread, CPU time) took 7.5 ms
+# padded and 7.2 unpadded (shifted 8.9 / 8.9; HAT's 256-token windows 32.8 / 32.6), and where k and v
+# need no copy otherwise (HAT's overlapping cross-attention) the padding adds two. So the CPUs whose
+# widest vector unit is AVX2 pad, the others do not.
 _CPU_HEAD_DIM_MULTIPLE = 8
 _CPU_PADS_HEAD_DIM = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
@@ -236,26 +236,28 @@ def _sdpa_wins(device: torch.device) -> bool:
 # -- the torch backend --
 
 
-# How far below its row's maximum a logit may sit (float32 / bfloat16 on the CPU): e^-75 / N stays
-# above float32's smallest normal (1.2e-38) for rows of up to 2e5 keys.
+# Logits further than this below their row's maximum become -inf: e^-75 / N is still a normal float32
+# for rows of up to 2e5 keys, so every probability left is normal, and the rest are exactly zero.
 _LOGIT_FLOOR_BELOW_MAX = 75.0
 
 
-def _raise_far_logits_(logits: torch.Tensor) -> None:
-    """Raise every logit to at least its row's maximum minus ``_LOGIT_FLOOR_BELOW_MAX``, in place, so that
-    no probability is a subnormal (float32 and bfloat16; float16's normal range ends at e^-9.7, where the
-    terms still count, and float64's at e^-708).
+def _drop_far_logits_(logits: torch.Tensor) -> None:
+    """Set the logits more than ``_LOGIT_FLOOR_BELOW_MAX`` below their row's maximum to -inf, in place, so
+    that no probability, and no gradient term P_ij (dP_ij - D_i) of the backward, is a subnormal (float32
+    and bfloat16; float16's normal range ends at e^-9.7, where the terms still count, and float64's at
+    e^-708).
 
     Swin's shift mask (-100) makes P_ij = e^-100 = 3.8e-44 across regions: a float32 subnormal, and on the
     CPU every operation on one takes a microcode assist. Measured on an Intel Xeon (AVX512), one thread:
     a [192, 64, 64] x [192, 64, 32] matmul took 0.70 ms with normal P, 0.44 with those entries zero and
     33 ms with them subnormal; the softmax of SwinIR-M's shifted logits 5.5 ms against 0.8 unshifted.
-    A probability of e^-75 / sum instead of e^-100 / sum (sum >= 1) moves by less than 1e-32 (1e-27 in
-    bfloat16, whose floor rounds to a multiple of 64 for logits near -1e4): far below what either
-    dtype resolves, in o and in the backward (from the saved P) alike.
+    Raising such logits to the floor instead left P normal but made the backward's P (dP - D) subnormal
+    under small loss gradients (the bundled SwinIR's LoRA step went from 218 to 275 ms); zero does not.
+    A probability of zero instead of at most e^-75 is what float32 rounding of e^-100 gives anyway.
     """
     if logits.dtype in (torch.float32, torch.bfloat16):
-        logits.clamp_(min=logits.amax(dim=-1, keepdim=True) - _LOGIT_FLOOR_BELOW_MAX)
+        floor = logits.amax(dim=-1, keepdim=True) - _LOGIT_FLOOR_BELOW_MAX
+        logits.masked_fill_(logits < floor, float("-inf"))
 
 
 class _MatmulWindowAttention(torch.autograd.Function):
@@ -263,10 +265,11 @@ class _MatmulWindowAttention(torch.autograd.Function):
 
     ``mask``: the additive ``[G, heads, N, N_k]`` (bias + shift mask) in q's dtype; window b uses
     ``mask[b % G]``. Its gradient (``sum_b dS``) is returned only when it requires grad.
+    ``shift_masked``: whether a shift mask is in it (see ``_drop_far_logits_``).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
+    def forward(ctx, q, k, v, mask, scale, shift_masked):
         batch_windows, heads, n, d = q.shape
         groups, n_keys = mask.shape[0], k.shape[2]
         padded = _padded_head_dim(d, q.device)
@@ -276,7 +279,8 @@ class _MatmulWindowAttention(torch.autograd.Function):
         vf = _fold_windows(v, groups, padded)
         logits = torch.matmul(qs, kf.transpose(-2, -1))
         logits += mask.view(1, groups * heads, n, n_keys)
-        _raise_far_logits_(logits)
+        if shift_masked:  # (without a shift mask no logit sits that far below its row's maximum in practice)
+            _drop_far_logits_(logits)
         p = torch.softmax(logits, dim=-1)
         del logits
         o = torch.matmul(p, vf)
@@ -295,7 +299,7 @@ class _MatmulWindowAttention(torch.autograd.Function):
         if need_v:
             dv = _unfold_windows(torch.matmul(p.transpose(-2, -1), do_f), batch_windows, heads, d)
         if not (need_q or need_k or need_mask):
-            return dq, dk, dv, dmask, None
+            return dq, dk, dv, dmask, None, None
         # dS = P * (dP - rowsum(P * dP)), dP = do v^T
         ds = torch._softmax_backward_data(torch.matmul(do_f, vf.transpose(-2, -1)), p, -1, p.dtype)
         if need_q:
@@ -305,7 +309,7 @@ class _MatmulWindowAttention(torch.autograd.Function):
             dk = _unfold_windows(torch.matmul(ds.transpose(-2, -1), qs), batch_windows, heads, d)
         if need_mask:
             dmask = ds.sum(0).view(groups, heads, n, kf.shape[2])
-        return dq, dk, dv, dmask, None
+        return dq, dk, dv, dmask, None, None
 
 
 def _sdpa_window_attention(q, k, v, mask, scale):
@@ -321,7 +325,7 @@ def _torch_window_attention(q, k, v, bias, mask, scale):
     additive = _additive_mask(bias, mask, q.dtype)
     if _sdpa_wins(q.device):
         return _sdpa_window_attention(q, k, v, additive, scale)
-    return _MatmulWindowAttention.apply(q, k, v, additive, scale)
+    return _MatmulWindowAttention.apply(q, k, v, additive, scale, mask is not None)
 
 
 # -- the fused backends (triton, cuda) --

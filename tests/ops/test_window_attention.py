@@ -350,17 +350,30 @@ def test_shift_masked_probabilities_are_not_subnormal(dtype):
     logits = logits.to(dtype)
     plain = torch.softmax(logits, dim=-1)
     assert ((plain > 0) & (plain < torch.finfo(dtype).tiny)).any()
-    attention_op._raise_far_logits_(logits)
+    attention_op._drop_far_logits_(logits)
     p = torch.softmax(logits, dim=-1)
     assert not ((p > 0) & (p < torch.finfo(dtype).tiny)).any()
     torch.testing.assert_close(p, plain, rtol=0, atol=1e-27)
+
+
+def test_matmul_path_saves_no_subnormal_probabilities():
+    """With a shift mask the CPU Function drops the far logits before its softmax: the P it saves for the
+    backward holds exact zeros across regions, no subnormals."""
+    case = CASES[0]
+    tensors = make_tensors(case, torch.float32)
+    q, k, v = _qkv(case, tensors, torch.float32)
+    with set_backend("torch"), torch_path("matmul"):
+        o = window_attention(q, k, v, tensors["table"].float(), tensors["index"], tensors["mask"].float(), 0.2)
+    p = o.grad_fn.saved_tensors[-1]
+    assert p.shape[-2:] == (case.n, case.n)
+    assert not ((p > 0) & (p < torch.finfo(p.dtype).tiny)).any() and (p == 0).any()
 
 
 def test_float16_and_float64_logits_are_left_alone():
     for dtype in (torch.float16, torch.float64):
         logits = torch.tensor([[0.0, -100.0, -20.0]], dtype=dtype)
         kept = logits.clone()
-        attention_op._raise_far_logits_(logits)
+        attention_op._drop_far_logits_(logits)
         assert torch.equal(logits, kept)
 
 
