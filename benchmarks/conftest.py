@@ -340,9 +340,9 @@ def bench_switched_module(benchmark, *, provider: str, shape_id: str, dtype_name
 
     ``build(fused) -> module``: a fresh module, switched when ``fused``; ``call(module, *inputs)``: its
     output, with ``inputs`` the tensors requiring grad. ``extra_info``: ``ratio_to_eager`` (to the
-    eager median in ``eager_medians``, eager running first per shape; also as ``ratio_to_frozen`` for
-    ``benchmarks/to_markdown.py``), ``ratio_to_eager_interleaved`` (to eager steps timed between this
-    provider's rounds), the saved activation bytes and, on CUDA, the peak memory of a step.
+    eager median in ``eager_medians``, eager running first per shape), ``ratio_to_eager_interleaved`` (to
+    eager steps timed between this provider's rounds; both also as ``ratio_to_frozen*`` for
+    ``benchmarks/to_markdown.py``), the saved activation bytes and, on CUDA, the peak memory of a step.
     """
     device = inputs[0].device
     load_before = load_average()
@@ -387,7 +387,8 @@ def bench_switched_module(benchmark, *, provider: str, shape_id: str, dtype_name
         eager_medians[shape_id] = median
     base = eager_medians.get(shape_id)
     extra["ratio_to_eager"] = extra["ratio_to_frozen"] = median / base if base else None
-    extra["ratio_to_eager_interleaved"] = median / eager_interleaved if eager_interleaved else 1.0
+    interleaved = median / eager_interleaved if eager_interleaved else 1.0
+    extra["ratio_to_eager_interleaved"] = extra["ratio_to_frozen_interleaved"] = interleaved
     record_memory(extra, forward, step, clear_grads, grad_out, module, device)
     extra["loadavg"] = [load_before, load_average()]
 
