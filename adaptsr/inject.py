@@ -10,6 +10,11 @@ import torch
 from torch import nn
 
 from adaptsr.nn import LoRAConv2d, LoRALayer, LoRALinear, LoRAWindowAttention
+from adaptsr.nn.cosine_window_attention import (
+    can_fuse_cosine_attention,
+    disable_fused_cosine_attention,
+    enable_fused_cosine_attention,
+)
 from adaptsr.nn.overlapping_cross_attention import (
     can_fuse_overlapping_attention,
     disable_fused_overlapping_attention,
@@ -171,13 +176,14 @@ def _own_projections(name: str) -> set[str]:
 _SWITCHED_ATTENTIONS = (
     (can_fuse_rectangle_attention, enable_fused_rectangle_attention, _parents_projections),
     (can_fuse_overlapping_attention, enable_fused_overlapping_attention, _own_projections),
+    (can_fuse_cosine_attention, enable_fused_cosine_attention, _own_projections),
 )
 
 
 def _switch_attentions(module: nn.Module, adapted: set[str], mode: bool | None) -> list[str]:
-    """Switch the DAT / RGT rectangle-window attentions and HAT's overlapping cross-attention blocks to
-    adaptsr's op: every one (``mode=True``), none (``False``), or those whose qkv or proj gets an adapter
-    (``None``); the names switched."""
+    """Switch the DAT / RGT rectangle-window attentions, HAT's overlapping cross-attention blocks and
+    Swin2SR's cosine window attentions to adaptsr's op: every one (``mode=True``), none (``False``), or
+    those whose qkv or proj gets an adapter (``None``); the names switched."""
     if mode is False:
         return []
     switched = []
@@ -220,9 +226,10 @@ def inject_lora(
 
     Swin window attentions (spandrel's SwinIR, HAT, DRCT and ATD ``WindowAttention``) become
     ``LoRAWindowAttention``: same parameters, keys and function, the attention core on adaptsr's
-    backends. DAT's and RGT's rectangle-window attentions and HAT's overlapping cross-attention blocks
-    keep their modules and run their core on the same op (``adaptsr.nn.rectangle_window_attention``,
-    ``adaptsr.nn.overlapping_cross_attention``). ``window_attention=None`` (default) does this for the
+    backends. DAT's and RGT's rectangle-window attentions, HAT's overlapping cross-attention blocks and
+    Swin2SR's cosine window attentions keep their modules and run their core on the same op
+    (``adaptsr.nn.rectangle_window_attention``, ``overlapping_cross_attention``,
+    ``cosine_window_attention``). ``window_attention=None`` (default) does this for the
     attentions whose ``qkv`` or ``proj`` (DAT / RGT: their parent's) gets an adapter (all of them with
     the presets), ``True`` for every one, ``False`` for none. ``merge_lora`` gives spandrel's modules
     and forwards back.
@@ -305,10 +312,10 @@ def merge_lora(model, *, unload: bool = True):
     """Fold every adapter into its base weight.
 
     ``unload=True`` (default) replaces each LoRA module by a plain layer with dense weights and
-    each ``LoRAWindowAttention`` by spandrel's own ``WindowAttention`` (and gives DAT / RGT attentions
-    and HAT's OCABs spandrel's forward back), so the model is the original architecture again; ``unload=False``
-    keeps the LoRA modules in merged state (``unmerge_lora`` takes the adapters back out). Returns
-    ``model``.
+    each ``LoRAWindowAttention`` by spandrel's own ``WindowAttention`` (and gives DAT / RGT attentions,
+    HAT's OCABs and Swin2SR's attentions spandrel's forward back), so the model is the original
+    architecture again; ``unload=False`` keeps the LoRA modules in merged state (``unmerge_lora``
+    takes the adapters back out). Returns ``model``.
     """
     module = unwrap_model(model)
     if unload:  # the attentions first: to_dense() merges their qkv / proj adapters too
@@ -323,6 +330,7 @@ def merge_lora(model, *, unload: bool = True):
     if unload:  # the original model again, hooks and forwards included
         disable_fused_rectangle_attention(module)
         disable_fused_overlapping_attention(module)
+        disable_fused_cosine_attention(module)
         _remove_hook(module, _INPUT_GRAD_HOOK)
         for norm in _running_statistics_layers(module):
             _remove_hook(norm, _FROZEN_STATISTICS_HOOK)

@@ -14,8 +14,9 @@ The swinir, hat and drct presets adapt every block's ``attn.qkv`` and ``attn.pro
 ``attn_win.proj``), so ``inject_lora`` also replaces every block's ``WindowAttention`` by
 ``LoRAWindowAttention`` (the attention core on adaptsr's backends;
 ``inject_lora(..., window_attention=False)`` keeps spandrel's). HAT's
-overlapping cross-attention blocks (OCAB) keep their module and run their attention core on the
-same op (``adaptsr.nn.overlapping_cross_attention``).
+overlapping cross-attention blocks (OCAB), DAT's and RGT's rectangle-window attentions and Swin2SR's
+cosine window attentions keep their modules and run their attention core on the same op
+(``adaptsr.nn.overlapping_cross_attention``, ``rectangle_window_attention``, ``cosine_window_attention``).
 """
 
 from __future__ import annotations

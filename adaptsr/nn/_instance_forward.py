@@ -1,9 +1,9 @@
 """Swapping a module's forward on the instance, its class and keys left as they are.
 
-``adaptsr.nn.swin_block``, ``adaptsr.nn.rectangle_window_attention`` and
-``adaptsr.nn.overlapping_cross_attention`` run spandrel modules through adaptsr's ops this way: the
-forward is a ``functools.partial`` bound to the module (it pickles and deep-copies with it), and
-deleting the instance attribute gives the class's forward back.
+``adaptsr.nn.swin_block``, ``rectangle_window_attention``, ``overlapping_cross_attention`` and
+``cosine_window_attention`` run spandrel modules through adaptsr's ops this way: the forward is a
+``functools.partial`` bound to the module (it pickles and deep-copies with it), and deleting the
+instance attribute gives the class's forward back.
 """
 
 from __future__ import annotations

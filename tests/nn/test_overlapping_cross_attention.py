@@ -100,7 +100,8 @@ def test_inject_lora_switches_them_and_merge_lora_switches_back(assert_close):
         assert (adapted - base(x)).abs().max() > 1e-3
 
     kept = build()
-    assert not set(NAMES) & set(adaptsr.inject_lora(kept, preset="hat", rank=2, window_attention=False).window_attention)
+    summary = adaptsr.inject_lora(kept, preset="hat", rank=2, window_attention=False)
+    assert not set(NAMES) & set(summary.window_attention)
     assert not any("forward" in m.__dict__ for m in kept.modules())
     # default: only the blocks whose own qkv or proj is adapted
     partial = build()
