@@ -42,7 +42,7 @@ from torch import nn
 from adaptsr import inject_lora, set_backend
 from adaptsr.backend import _unavailable_reason, is_available
 from adaptsr.bench import saved_activation_bytes, sync_device
-from benchmarks.shapes import FUSED_PROVIDERS, Case
+from benchmarks.shapes import FUSED_PROVIDERS, HAS_CUDA, Case
 
 # -- timing policy --
 
@@ -331,6 +331,20 @@ def run_fwd_bwd(benchmark):
         return info
 
     return run
+
+
+def switched_module_cases(shapes, case_id: Callable, fused: Sequence[str] = ("triton", "cuda")) -> list:
+    """``pytest.param(shape, provider)`` for the module-switch benchmarks: per shape "eager" first (the
+    others' ratios divide by it), "torch", and on CUDA shapes the ``fused`` backends available here.
+    ``case_id(shape)`` names the case; it must hold the dtype (benchmarks/gpu/run.sh selects with -k "bf16 ...")."""
+    params = []
+    for shape in shapes:
+        marks = [pytest.mark.skipif(not HAS_CUDA, reason="GPU shape: needs CUDA")] if shape.device == "cuda" else []
+        providers = ["eager", "torch"]
+        if shape.device == "cuda":
+            providers += [p for p in fused if is_available(p)]
+        params += [pytest.param(shape, p, id=f"{case_id(shape)}-{p}", marks=marks) for p in providers]
+    return params
 
 
 def bench_switched_module(benchmark, *, provider: str, shape_id: str, dtype_name: str, build, call, inputs: list,

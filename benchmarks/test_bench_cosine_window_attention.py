@@ -15,13 +15,11 @@ import pytest
 import torch
 from spandrel.architectures.Swin2SR.__arch.Swin2SR import WindowAttention
 
-from adaptsr.backend import is_available
 from adaptsr.nn.cosine_window_attention import enable_fused_cosine_attention
-from benchmarks.conftest import bench_switched_module
+from benchmarks.conftest import bench_switched_module, switched_module_cases
 from benchmarks.shapes import (
     CPU_WINDOW_ATTENTION_SHAPES,
     GPU_WINDOW_ATTENTION_SHAPES,
-    HAS_CUDA,
     WindowAttentionShape,
 )
 
@@ -30,16 +28,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EAGER_MEDIANS: dict[str, float] = {}
 
 
-def _cases() -> list:
-    params = []
-    for shape in SHAPES:
-        marks = [pytest.mark.skipif(not HAS_CUDA, reason="GPU shape: needs CUDA")] if shape.device == "cuda" else []
-        providers = ["eager", "torch"]
-        if shape.device == "cuda":
-            providers += [p for p in ("triton", "cuda") if is_available(p)]
-        # the dtype in the id: benchmarks/gpu/run.sh selects its cases with -k "bf16 ..."
-        params += [pytest.param(shape, p, id=f"swin2sr-{shape.id}-{shape.dtype}-{p}", marks=marks) for p in providers]
-    return params
+CASES = switched_module_cases(SHAPES, lambda shape: f"swin2sr-{shape.id}-{shape.dtype}")
 
 
 def _build(shape: WindowAttentionShape, device: torch.device, dtype: torch.dtype, fused: bool) -> torch.nn.Module:
@@ -51,7 +40,7 @@ def _build(shape: WindowAttentionShape, device: torch.device, dtype: torch.dtype
     return attention
 
 
-@pytest.mark.parametrize("shape, provider", _cases())
+@pytest.mark.parametrize("shape, provider", CASES)
 def test_bench_cosine_window_attention(shape, provider, benchmark):
     device, dtype = torch.device(shape.device), DTYPES[shape.dtype]
     mask = shape.mask()

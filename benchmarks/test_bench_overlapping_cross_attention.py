@@ -18,10 +18,8 @@ import pytest
 import torch
 from spandrel.architectures.HAT.__arch.HAT import HAT, OCAB
 
-from adaptsr.backend import is_available
 from adaptsr.nn.overlapping_cross_attention import enable_fused_overlapping_attention
-from benchmarks.conftest import bench_switched_module
-from benchmarks.shapes import HAS_CUDA
+from benchmarks.conftest import bench_switched_module, switched_module_cases
 
 
 @dataclass(frozen=True)
@@ -45,16 +43,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EAGER_MEDIANS: dict[str, float] = {}
 
 
-def _cases() -> list:
-    params = []
-    for shape in SHAPES:
-        marks = [pytest.mark.skipif(not HAS_CUDA, reason="GPU shape: needs CUDA")] if shape.device == "cuda" else []
-        providers = ["eager", "torch"]
-        if shape.device == "cuda" and is_available("triton"):  # (the cuda kernels take square windows only)
-            providers.append("triton")
-        # the dtype in the id: benchmarks/gpu/run.sh selects its cases with -k "bf16 ..."
-        params += [pytest.param(shape, p, id=f"{shape.id}-{shape.dtype}-{p}", marks=marks) for p in providers]
-    return params
+# (the cuda kernels take square windows only)
+CASES = switched_module_cases(SHAPES, lambda shape: f"{shape.id}-{shape.dtype}", ("triton",))
 
 
 def _build(shape: OverlapShape, device: torch.device, dtype: torch.dtype, fused: bool) -> torch.nn.Module:
@@ -66,7 +56,7 @@ def _build(shape: OverlapShape, device: torch.device, dtype: torch.dtype, fused:
     return block
 
 
-@pytest.mark.parametrize("shape, provider", _cases())
+@pytest.mark.parametrize("shape, provider", CASES)
 def test_bench_overlapping_cross_attention(shape, provider, benchmark):
     device, dtype = torch.device(shape.device), DTYPES[shape.dtype]
     # the model's relative_position_index_OCA, from spandrel's own method

@@ -18,10 +18,8 @@ import pytest
 import torch
 from spandrel.architectures.DAT.__arch.DAT import Spatial_Attention
 
-from adaptsr.backend import is_available
 from adaptsr.nn.rectangle_window_attention import enable_fused_rectangle_attention
-from benchmarks.conftest import bench_switched_module
-from benchmarks.shapes import HAS_CUDA
+from benchmarks.conftest import bench_switched_module, switched_module_cases
 
 
 @dataclass(frozen=True)
@@ -44,16 +42,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EAGER_MEDIANS: dict[str, float] = {}
 
 
-def _cases() -> list:
-    params = []
-    for shape in SHAPES:
-        marks = [pytest.mark.skipif(not HAS_CUDA, reason="GPU shape: needs CUDA")] if shape.device == "cuda" else []
-        providers = ["eager", "torch"]
-        if shape.device == "cuda":
-            providers += [p for p in ("triton", "cuda") if is_available(p)]
-        # the dtype in the id: benchmarks/gpu/run.sh selects its cases with -k "bf16 ..."
-        params += [pytest.param(shape, p, id=f"{shape.id}-{shape.dtype}-{p}", marks=marks) for p in providers]
-    return params
+CASES = switched_module_cases(SHAPES, lambda shape: f"{shape.id}-{shape.dtype}")
 
 
 def _build(shape: RectangleShape, device: torch.device, dtype: torch.dtype, fused: bool) -> torch.nn.Module:
@@ -65,7 +54,7 @@ def _build(shape: RectangleShape, device: torch.device, dtype: torch.dtype, fuse
     return attention
 
 
-@pytest.mark.parametrize("shape, provider", _cases())
+@pytest.mark.parametrize("shape, provider", CASES)
 def test_bench_rectangle_window_attention(shape, provider, benchmark):
     device, dtype = torch.device(shape.device), DTYPES[shape.dtype]
     qkv = torch.randn(3, shape.batch, shape.size * shape.size, shape.dim, device=device, dtype=dtype,

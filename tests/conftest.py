@@ -186,6 +186,71 @@ def _check_switched_forward(model: torch.nn.Module, enable, disable, backend: st
     return names
 
 
+def _check_switch_keeps_keys_and_copies(model: torch.nn.Module, enable, disable, can_switch, names: list[str]) -> None:
+    """``enable(model)`` switches exactly ``names`` and keeps the state-dict keys; a deep copy and a pickled
+    copy carry the switched forward, bound to the copy itself; ``disable`` switches them back, once;
+    ``can_switch`` refuses a plain layer."""
+    import copy
+    import io
+
+    model.eval()
+    keys = list(model.state_dict())
+    assert enable(model) == names and list(model.state_dict()) == keys
+    x = torch.rand(1, 3, 16, 16, dtype=next(model.parameters()).dtype)
+    with torch.no_grad():
+        y = model(x)
+        twin = copy.deepcopy(model)
+        switched = twin.get_submodule(names[0])
+        assert switched.forward.args[0] is switched
+        torch.testing.assert_close(twin(x), y)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), y)
+    assert disable(model) == names
+    assert disable(model) == []
+    assert not can_switch(torch.nn.Linear(2, 2))
+
+
+def _check_inject_switches_and_merge_restores(build, preset: str, names: list[str]) -> list[str]:
+    """``inject_lora(build(), preset=preset)`` switches the forwards of ``names`` (and may switch or replace
+    others: returns what its summary lists); ``merge_lora`` switches every forward back, keeps spandrel's
+    keys and gives the adapted function; ``window_attention=False`` switches nothing."""
+    import adaptsr
+
+    base = build().eval()
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    model = build()
+    summary = adaptsr.inject_lora(model, preset=preset, rank=2, init_lora_weights=False)
+    assert all("forward" in model.get_submodule(name).__dict__ for name in names)
+    with torch.no_grad():
+        adapted = model.eval()(x)
+    adaptsr.merge_lora(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert list(model.state_dict()) == list(base.state_dict())
+    with torch.no_grad():
+        _check_close(model(x), adapted, "merged")
+        assert (adapted - base(x)).abs().max() > 1e-3
+
+    kept = build()
+    summary_kept = adaptsr.inject_lora(kept, preset=preset, rank=2, window_attention=False)
+    assert not set(names) & set(summary_kept.window_attention)
+    assert not any("forward" in m.__dict__ for m in kept.modules())
+    return summary.window_attention
+
+
+@pytest.fixture(scope="session")
+def check_inject_switches_and_merge_restores():
+    """``check(build, preset, names) -> summary.window_attention``: see _check_inject_switches_and_merge_restores."""
+    return _check_inject_switches_and_merge_restores
+
+
+@pytest.fixture(scope="session")
+def check_switch_keeps_keys_and_copies():
+    """``check(model, enable, disable, can_switch, names)``: see _check_switch_keeps_keys_and_copies."""
+    return _check_switch_keeps_keys_and_copies
+
+
 @pytest.fixture(scope="session")
 def check_switched_forward():
     """``check_switched_forward(model, enable, disable, backend, size) -> names``: see _check_switched_forward."""

@@ -8,8 +8,6 @@ resolution and at another one (where the blocks build their shift masks per call
 
 from __future__ import annotations
 
-import copy
-import io
 import math
 import warnings
 
@@ -74,22 +72,8 @@ def test_lora_model_matches_spandrel(size, check_switched_forward):
     _compare(model, "torch", size, check_switched_forward)
 
 
-def test_inject_lora_switches_them_and_merge_lora_switches_back(assert_close):
-    base = build().eval()
-    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
-    model = build()
-    summary = adaptsr.inject_lora(model, preset="swin2sr", rank=2, init_lora_weights=False)
-    assert summary.window_attention == NAMES
-    with torch.no_grad():
-        adapted = model.eval()(x)
-    adaptsr.merge_lora(model)
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    assert list(model.state_dict()) == list(base.state_dict())
-    with torch.no_grad():
-        assert_close(model(x), adapted, "merged")
-        assert (adapted - base(x)).abs().max() > 1e-3
-
-    assert adaptsr.inject_lora(build(), preset="swin2sr", rank=2, window_attention=False).window_attention == []
+def test_inject_lora_switches_them_and_merge_lora_switches_back(check_inject_switches_and_merge_restores):
+    assert check_inject_switches_and_merge_restores(build, "swin2sr", NAMES) == NAMES
     # default: only the attentions whose own qkv or proj is adapted
     partial = build()
     summary = adaptsr.inject_lora(partial, targets=["layers.0.residual_group.blocks.1.attn.proj"], rank=2)
@@ -106,21 +90,7 @@ def test_attention_dropout_in_training_falls_back_to_spandrel(assert_close):
     assert_close(model(x), expected, "output with attention dropout")
 
 
-def test_enable_disable_keep_keys_and_copies():
-    model = build().eval()
-    keys = list(model.state_dict())
-    assert enable_fused_cosine_attention(model) == NAMES and list(model.state_dict()) == keys
-    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
-    with torch.no_grad():
-        y = model(x)
-        twin = copy.deepcopy(model)  # copies carry the switched forward, bound to the copy itself
-        attention = twin.get_submodule(NAMES[0])
-        assert attention.forward.args[0] is attention
-        torch.testing.assert_close(twin(x), y)
-        buffer = io.BytesIO()
-        torch.save(model, buffer)
-        buffer.seek(0)
-        torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), y)
-    assert disable_fused_cosine_attention(model) == NAMES
-    assert disable_fused_cosine_attention(model) == []
-    assert not can_fuse_cosine_attention(nn.Linear(2, 2))
+def test_enable_disable_keep_keys_and_copies(check_switch_keeps_keys_and_copies):
+    check_switch_keeps_keys_and_copies(
+        build(), enable_fused_cosine_attention, disable_fused_cosine_attention, can_fuse_cosine_attention, NAMES
+    )

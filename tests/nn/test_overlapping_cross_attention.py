@@ -7,8 +7,6 @@ the build resolution and at one that HAT pads to a multiple of its window.
 
 from __future__ import annotations
 
-import copy
-import io
 import warnings
 
 import pytest
@@ -83,48 +81,18 @@ def test_lora_model_matches_spandrel(size, check_switched_forward):
     _compare(model, "torch", size, check_switched_forward)
 
 
-def test_inject_lora_switches_them_and_merge_lora_switches_back(assert_close):
-    base = build().eval()
-    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
-    model = build()
-    summary = adaptsr.inject_lora(model, preset="hat", rank=2, init_lora_weights=False)
-    assert set(NAMES) <= set(summary.window_attention)
-    assert all("forward" in model.get_submodule(name).__dict__ for name in NAMES)
-    with torch.no_grad():
-        adapted = model.eval()(x)
-    adaptsr.merge_lora(model)
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    assert list(model.state_dict()) == list(base.state_dict())
-    with torch.no_grad():
-        assert_close(model(x), adapted, "merged")
-        assert (adapted - base(x)).abs().max() > 1e-3
-
-    kept = build()
-    summary = adaptsr.inject_lora(kept, preset="hat", rank=2, window_attention=False)
-    assert not set(NAMES) & set(summary.window_attention)
-    assert not any("forward" in m.__dict__ for m in kept.modules())
+def test_inject_lora_switches_them_and_merge_lora_switches_back(check_inject_switches_and_merge_restores):
+    # (the blocks' window attentions become LoRAWindowAttention too)
+    assert set(NAMES) < set(check_inject_switches_and_merge_restores(build, "hat", NAMES))
     # default: only the blocks whose own qkv or proj is adapted
     partial = build()
     summary = adaptsr.inject_lora(partial, targets=["layers.1.residual_group.overlap_attn.proj"], rank=2)
     assert summary.window_attention == NAMES[1:]
 
 
-def test_enable_disable_keep_keys_and_copies():
-    model = build().eval()
-    keys = list(model.state_dict())
-    assert enable_fused_overlapping_attention(model) == NAMES and list(model.state_dict()) == keys
+def test_enable_disable_keep_keys_and_copies(check_switch_keeps_keys_and_copies):
+    check_switch_keeps_keys_and_copies(
+        build(), enable_fused_overlapping_attention, disable_fused_overlapping_attention,
+        can_fuse_overlapping_attention, NAMES,
+    )
     assert enable_fused_overlapping_attention(build(), {NAMES[1]}) == NAMES[1:]
-    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
-    with torch.no_grad():
-        y = model(x)
-        twin = copy.deepcopy(model)  # copies carry the switched forward, bound to the copy itself
-        block = twin.get_submodule(NAMES[0])
-        assert block.forward.args[0] is block
-        torch.testing.assert_close(twin(x), y)
-        buffer = io.BytesIO()
-        torch.save(model, buffer)
-        buffer.seek(0)
-        torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), y)
-    assert disable_fused_overlapping_attention(model) == NAMES
-    assert disable_fused_overlapping_attention(model) == []
-    assert not can_fuse_overlapping_attention(nn.Linear(2, 2))

@@ -7,8 +7,6 @@ build resolution and at another one (where the blocks rebuild their shift masks)
 
 from __future__ import annotations
 
-import copy
-import io
 import warnings
 
 import pytest
@@ -85,25 +83,8 @@ def test_lora_model_matches_spandrel(arch, size, check_switched_forward):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_inject_lora_switches_them_and_merge_lora_switches_back(arch, assert_close):
-    base = build(arch).eval()
-    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
-    model = build(arch)
-    summary = adaptsr.inject_lora(model, preset=arch, rank=2, init_lora_weights=False)
-    assert summary.window_attention == NAMES
-    assert all("forward" in model.get_submodule(name).__dict__ for name in NAMES)
-    with torch.no_grad():
-        adapted = model.eval()(x)
-    adaptsr.merge_lora(model)
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    assert list(model.state_dict()) == list(base.state_dict())
-    with torch.no_grad():
-        assert_close(model(x), adapted, "merged")
-        assert (adapted - base(x)).abs().max() > 1e-3
-
-    kept = build(arch)
-    assert adaptsr.inject_lora(kept, preset=arch, rank=2, window_attention=False).window_attention == []
-    assert not any("forward" in m.__dict__ for m in kept.modules())
+def test_inject_lora_switches_them_and_merge_lora_switches_back(arch, check_inject_switches_and_merge_restores):
+    assert check_inject_switches_and_merge_restores(lambda: build(arch), arch, NAMES) == NAMES
     # default: only the attentions whose parent's qkv or proj is adapted
     partial = build(arch)
     summary = adaptsr.inject_lora(partial, targets=["layers.0.blocks.2.attn.qkv"], rank=2)
@@ -121,21 +102,8 @@ def test_attention_dropout_in_training_falls_back_to_spandrel(arch, assert_close
     assert_close(model(x), expected, "output with attention dropout")
 
 
-def test_enable_disable_keep_keys_and_copies():
-    model = build("dat").eval()
-    keys = list(model.state_dict())
-    assert enable_fused_rectangle_attention(model) == NAMES and list(model.state_dict()) == keys
-    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
-    with torch.no_grad():
-        y = model(x)
-        twin = copy.deepcopy(model)  # copies carry the switched forward, bound to the copy itself
-        attention = twin.get_submodule(NAMES[0])
-        assert attention.forward.args[0] is attention
-        torch.testing.assert_close(twin(x), y)
-        buffer = io.BytesIO()
-        torch.save(model, buffer)
-        buffer.seek(0)
-        torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), y)
-    assert disable_fused_rectangle_attention(model) == NAMES
-    assert disable_fused_rectangle_attention(model) == []
-    assert not can_fuse_rectangle_attention(nn.Linear(2, 2))
+def test_enable_disable_keep_keys_and_copies(check_switch_keeps_keys_and_copies):
+    check_switch_keeps_keys_and_copies(
+        build("dat"), enable_fused_rectangle_attention, disable_fused_rectangle_attention,
+        can_fuse_rectangle_attention, NAMES,
+    )
