@@ -236,28 +236,30 @@ def _sdpa_wins(device: torch.device) -> bool:
 # -- the torch backend --
 
 
-# Logits further than this below their row's maximum become -inf: e^-75 / N is still a normal float32
-# for rows of up to 2e5 keys, so every probability left is normal, and the rest are exactly zero.
-_LOGIT_FLOOR_BELOW_MAX = 75.0
+# Mask entries at or below this become -inf on the CPU (Swin's shift mask holds 0 and -100).
+_HARD_MASK_BELOW = -75.0
 
 
-def _drop_far_logits_(logits: torch.Tensor) -> None:
-    """Set the logits more than ``_LOGIT_FLOOR_BELOW_MAX`` below their row's maximum to -inf, in place, so
-    that no probability, and no gradient term P_ij (dP_ij - D_i) of the backward, is a subnormal (float32
-    and bfloat16; float16's normal range ends at e^-9.7, where the terms still count, and float64's at
-    e^-708).
+def _hard_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The shift mask with its entries of -75 or less made -inf, for the CPU path in float32 / bfloat16
+    (unchanged for other dtypes, or where a row would keep no finite entry).
 
-    Swin's shift mask (-100) makes P_ij = e^-100 = 3.8e-44 across regions: a float32 subnormal, and on the
-    CPU every operation on one takes a microcode assist. Measured on an Intel Xeon (AVX512), one thread:
-    a [192, 64, 64] x [192, 64, 32] matmul took 0.70 ms with normal P, 0.44 with those entries zero and
-    33 ms with them subnormal; the softmax of SwinIR-M's shifted logits 5.5 ms against 0.8 unshifted.
-    Raising such logits to the floor instead left P normal but made the backward's P (dP - D) subnormal
-    under small loss gradients (the bundled SwinIR's LoRA step went from 218 to 275 ms); zero does not.
-    A probability of zero instead of at most e^-75 is what float32 rounding of e^-100 gives anyway.
+    Swin's -100 makes P_ij = e^-100 = 3.8e-44 across regions: a float32 subnormal, and on the CPU every
+    operation on one takes a microcode assist. Measured on an Intel Xeon (AVX512), one thread: a
+    [192, 64, 64] x [192, 64, 32] matmul took 0.70 ms with normal P, 0.44 with those entries zero and
+    33 ms with them subnormal; SwinIR-M's shifted window attention (fwd + bwd) ran 4.8x slower than the
+    unshifted one. With -inf those probabilities are exactly zero (what e^-100 rounds to in float32 short
+    of the subnormals), and so are their terms of the backward. Done on the small [nW, N, N_k] mask: the
+    alternatives measured on the [B_, heads, N, N_k] logits cost more than they saved in inference
+    (masking the logits below their row maximum - 75: three more passes, 31 ms of the bundled SwinIR's
+    forward at 128 x 128 pixels) or moved the subnormals into the backward (raising them to that floor).
     """
-    if logits.dtype in (torch.float32, torch.bfloat16):
-        floor = logits.amax(dim=-1, keepdim=True) - _LOGIT_FLOOR_BELOW_MAX
-        logits.masked_fill_(logits < floor, float("-inf"))
+    if dtype not in (torch.float32, torch.bfloat16):
+        return mask
+    far = mask <= _HARD_MASK_BELOW
+    if not far.any() or far.all(dim=-1).any():
+        return mask
+    return mask.masked_fill(far, float("-inf"))
 
 
 class _MatmulWindowAttention(torch.autograd.Function):
@@ -265,11 +267,10 @@ class _MatmulWindowAttention(torch.autograd.Function):
 
     ``mask``: the additive ``[G, heads, N, N_k]`` (bias + shift mask) in q's dtype; window b uses
     ``mask[b % G]``. Its gradient (``sum_b dS``) is returned only when it requires grad.
-    ``shift_masked``: whether a shift mask is in it (see ``_drop_far_logits_``).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, shift_masked):
+    def forward(ctx, q, k, v, mask, scale):
         batch_windows, heads, n, d = q.shape
         groups, n_keys = mask.shape[0], k.shape[2]
         padded = _padded_head_dim(d, q.device)
@@ -279,8 +280,6 @@ class _MatmulWindowAttention(torch.autograd.Function):
         vf = _fold_windows(v, groups, padded)
         logits = torch.matmul(qs, kf.transpose(-2, -1))
         logits += mask.view(1, groups * heads, n, n_keys)
-        if shift_masked:  # (without a shift mask no logit sits that far below its row's maximum in practice)
-            _drop_far_logits_(logits)
         p = torch.softmax(logits, dim=-1)
         del logits
         o = torch.matmul(p, vf)
@@ -299,7 +298,7 @@ class _MatmulWindowAttention(torch.autograd.Function):
         if need_v:
             dv = _unfold_windows(torch.matmul(p.transpose(-2, -1), do_f), batch_windows, heads, d)
         if not (need_q or need_k or need_mask):
-            return dq, dk, dv, dmask, None, None
+            return dq, dk, dv, dmask, None
         # dS = P * (dP - rowsum(P * dP)), dP = do v^T
         ds = torch._softmax_backward_data(torch.matmul(do_f, vf.transpose(-2, -1)), p, -1, p.dtype)
         if need_q:
@@ -309,7 +308,7 @@ class _MatmulWindowAttention(torch.autograd.Function):
             dk = _unfold_windows(torch.matmul(ds.transpose(-2, -1), qs), batch_windows, heads, d)
         if need_mask:
             dmask = ds.sum(0).view(groups, heads, n, kf.shape[2])
-        return dq, dk, dv, dmask, None, None
+        return dq, dk, dv, dmask, None
 
 
 def _sdpa_window_attention(q, k, v, mask, scale):
@@ -322,10 +321,11 @@ def _sdpa_window_attention(q, k, v, mask, scale):
 
 
 def _torch_window_attention(q, k, v, bias, mask, scale):
-    additive = _additive_mask(bias, mask, q.dtype)
     if _sdpa_wins(q.device):
-        return _sdpa_window_attention(q, k, v, additive, scale)
-    return _MatmulWindowAttention.apply(q, k, v, additive, scale, mask is not None)
+        return _sdpa_window_attention(q, k, v, _additive_mask(bias, mask, q.dtype), scale)
+    if mask is not None:
+        mask = _hard_mask(mask, q.dtype)
+    return _MatmulWindowAttention.apply(q, k, v, _additive_mask(bias, mask, q.dtype), scale)
 
 
 # -- the fused backends (triton, cuda) --

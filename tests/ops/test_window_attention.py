@@ -340,25 +340,35 @@ def test_float64_agrees_tightly(name, assert_close):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_shift_masked_probabilities_are_not_subnormal(dtype):
-    """The CPU path keeps Swin's e^-100 probabilities out of the subnormal range (where every CPU operation on
-    them is a microcode assist), and changes the probabilities by less than float32 can tell."""
+def test_hard_mask_zeroes_the_probabilities_across_regions(dtype):
+    """On the CPU path Swin's -100 becomes -inf: the e^-100 probabilities, subnormal in float32 (where every
+    CPU operation on them is a microcode assist), become exact zeros, and nothing float32 can tell changes."""
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(4, 6, 64, 64, generator=gen) * 3
-    logits[..., 1::2] -= 100.0  # half of every row in another region
-    logits[..., 0, :] -= 1e4  # a row masked everywhere
-    logits = logits.to(dtype)
-    plain = torch.softmax(logits, dim=-1)
-    assert ((plain > 0) & (plain < torch.finfo(dtype).tiny)).any()
-    attention_op._drop_far_logits_(logits)
-    p = torch.softmax(logits, dim=-1)
+    mask = shift_mask(2, 64, gen).float()
+    mask[1, 0, 5] = -10.0  # a soft entry stays as it is
+    hard = attention_op._hard_mask(mask, dtype)
+    assert torch.equal(hard == float("-inf"), mask == -100.0) and hard[1, 0, 5] == -10.0
+    logits = (torch.randn(4, 2, 64, 64, generator=gen) * 3).to(dtype)
+    plain = torch.softmax(logits + mask.to(dtype), dim=-1)
+    if dtype == torch.float32:  # (a bfloat16 softmax on the CPU rounds them to zero itself)
+        assert ((plain > 0) & (plain < torch.finfo(dtype).tiny)).any()
+    p = torch.softmax(logits + hard.to(dtype), dim=-1)
     assert not ((p > 0) & (p < torch.finfo(dtype).tiny)).any()
-    torch.testing.assert_close(p, plain, rtol=0, atol=1e-27)
+    torch.testing.assert_close(p, plain, rtol=0, atol=1e-30)
+
+
+def test_hard_mask_leaves_other_dtypes_and_fully_masked_rows_alone():
+    mask = torch.tensor([[[0.0, -100.0], [-100.0, 0.0]]])
+    for dtype in (torch.float16, torch.float64):
+        assert attention_op._hard_mask(mask, dtype) is mask
+    fully_masked_row = torch.tensor([[[0.0, -100.0], [-100.0, -100.0]]])
+    assert attention_op._hard_mask(fully_masked_row, torch.float32) is fully_masked_row
+    assert attention_op._hard_mask(torch.zeros(1, 2, 2), torch.float32).eq(0).all()
 
 
 def test_matmul_path_saves_no_subnormal_probabilities():
-    """With a shift mask the CPU Function drops the far logits before its softmax: the P it saves for the
-    backward holds exact zeros across regions, no subnormals."""
+    """With a shift mask the CPU Function's softmax sees -inf across regions: the P it saves for the backward
+    holds exact zeros there, no subnormals."""
     case = CASES[0]
     tensors = make_tensors(case, torch.float32)
     q, k, v = _qkv(case, tensors, torch.float32)
@@ -367,14 +377,6 @@ def test_matmul_path_saves_no_subnormal_probabilities():
     p = o.grad_fn.saved_tensors[-1]
     assert p.shape[-2:] == (case.n, case.n)
     assert not ((p > 0) & (p < torch.finfo(p.dtype).tiny)).any() and (p == 0).any()
-
-
-def test_float16_and_float64_logits_are_left_alone():
-    for dtype in (torch.float16, torch.float64):
-        logits = torch.tensor([[0.0, -100.0, -20.0]], dtype=dtype)
-        kept = logits.clone()
-        attention_op._drop_far_logits_(logits)
-        assert torch.equal(logits, kept)
 
 
 # -- what runs where --
