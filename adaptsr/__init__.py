@@ -4,7 +4,7 @@ from adaptsr.adapter import load_adapter, save_adapter
 from adaptsr.backend import get_backend, set_backend
 from adaptsr.evaluate import evaluate_pairs
 from adaptsr.infer import upscale
-from adaptsr.inject import LoRASummary, fuse_attention, inject_lora, lora_layers, merge_lora, unmerge_lora
+from adaptsr.inject import LoRASummary, inject_lora, lora_layers, merge_lora, unmerge_lora
 from adaptsr.io import load_model, save_model
 from adaptsr.nn import LoRAConv2d, LoRALinear, LoRAWindowAttention
 from adaptsr.presets import PRESETS
@@ -18,7 +18,6 @@ __all__ = [
     "LoRASummary",
     "LoRAWindowAttention",
     "evaluate_pairs",
-    "fuse_attention",
     "get_backend",
     "inject_lora",
     "load_adapter",

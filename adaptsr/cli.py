@@ -118,10 +118,9 @@ def _add_tile_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace, *, merge: bool = True, precision: str = "fp32", inference: bool = False):
+def _load(args: argparse.Namespace, *, merge: bool = True, precision: str = "fp32"):
     """The model (spandrel descriptor) with the adapter loaded and, by default, merged for speed, in
-    ``precision`` (one of ``_PRECISIONS``); for ``inference``, its attention cores on adaptsr's op
-    (``adaptsr.fuse_attention``: the same outputs, faster)."""
+    ``precision`` (one of ``_PRECISIONS``)."""
     import torch
 
     import adaptsr
@@ -142,8 +141,6 @@ def _load(args: argparse.Namespace, *, merge: bool = True, precision: str = "fp3
             raise CommandError(f"{descriptor.architecture.name} ({args.model}) does not run in {precision}: spandrel "
                                f"marks it unsupported; use --precision {usable}")
         descriptor.to(getattr(torch, _DTYPES[precision]))
-    if inference:
-        adaptsr.fuse_attention(descriptor)
     return descriptor.to(args.device).eval()
 
 
@@ -249,7 +246,7 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = evaluate._check_names(args.metrics.split(","))  # unknown names fail before any work
     if args.pairs is not None:
         files = _paired_files(*args.pairs)
-        model = _load(args, precision=args.precision, inference=True)
+        model = _load(args, precision=args.precision)
         dataset = ((name, read_image(lr), read_image(hr)) for name, lr, hr in files)
     else:
         if not args.degradation:
@@ -265,7 +262,7 @@ def _eval(args: argparse.Namespace) -> int:
                 "missing); evaluate on LR/HR pairs with --pairs LR_DIR HR_DIR"
             ) from None
         config = get_preset(args.degradation)  # unknown preset: ValueError naming the available ones
-        model = _load(args, precision=args.precision, inference=True)
+        model = _load(args, precision=args.precision)
 
         def degrade_fn(hr, scale, generator):
             return degrade(hr, scale, config, generator)
@@ -377,7 +374,7 @@ def _upscale(args: argparse.Namespace) -> int:
     if len(set(stems)) != len(stems):
         dupes = sorted({s for s in stems if stems.count(s) > 1})
         raise CommandError(f"several inputs would write {dupes[0]}.png; rename them")
-    model = _load(args, precision=args.precision, inference=True)
+    model = _load(args, precision=args.precision)
     for path in files:
         image = read_image(path, alpha=True).unsqueeze(0)
         result = upscale(model, image[:, :3], tile=args.tile or None, overlap=args.overlap)

@@ -28,7 +28,7 @@ from adaptsr.nn.rectangle_window_attention import (
 from adaptsr.nn.reparameterised import refold
 from adaptsr.presets import preset_pattern
 
-__all__ = ["LoRASummary", "fuse_attention", "inject_lora", "lora_layers", "merge_lora", "unmerge_lora"]
+__all__ = ["LoRASummary", "inject_lora", "lora_layers", "merge_lora", "unmerge_lora"]
 
 _WRAPPERS: dict[type[nn.Module], type[LoRALayer]] = {nn.Conv2d: LoRAConv2d, nn.Linear: LoRALinear}
 
@@ -306,26 +306,6 @@ def inject_lora(
         hook = module.register_forward_pre_hook(_InputRequiresGrad(flag_holders))
         setattr(module, _INPUT_GRAD_HOOK, hook)
     return summary
-
-
-def fuse_attention(model) -> list[str]:
-    """Run every attention core of ``model`` that adaptsr knows on its window-attention op, adapters or
-    none, in place: for inference of a plain or merged model. The names switched or replaced.
-
-    The Swin window attentions (SwinIR, HAT, DRCT, ATD) become ``LoRAWindowAttention`` holding the same
-    layers; DAT's and RGT's rectangle windows, HAT's overlapping cross-attention and Swin2SR's cosine
-    attention switch their forward, as ``inject_lora`` does. Keys and outputs stay spandrel's (to
-    rounding). What it buys: on the GPU, the fused kernels or SDPA instead of the eager scores; on an
-    Intel CPU, shifted windows without subnormal probabilities (``adaptsr.ops.window_attention``; the
-    bundled SwinIR upscaled a 128 x 128 image in 1.35 s instead of 1.74 on a 2-core Xeon).
-    ``merge_lora(model)`` gives spandrel's modules and forwards back.
-    """
-    module = unwrap_model(model)
-    names = []
-    for name, attention in _window_attention_swaps(module, set(), True):
-        _set_submodule(module, name, attention)
-        names.append(name)
-    return names + _switch_attentions(module, set(), True)
 
 
 def merge_lora(model, *, unload: bool = True):

@@ -172,27 +172,6 @@ def test_upscale_in_16_bits(files, capsys, tmp_path, monkeypatch, precision, dty
     assert (sr - low).abs().max() <= 1 / 255 + 1e-4
 
 
-def test_upscale_runs_the_attention_on_adaptsrs_op(files, capsys, tmp_path, monkeypatch):
-    """The CLI fuses a Swin model's attention for inference (adaptsr.fuse_attention): the image is spandrel's
-    own model's, to 8-bit rounding."""
-    import adaptsr.infer
-
-    fused = []
-
-    def spy(model, *args, **kwargs):
-        fused.append(any(isinstance(m, adaptsr.LoRAWindowAttention) for m in model.model.modules()))
-        return upscale(model, *args, **kwargs)
-
-    monkeypatch.setattr(adaptsr.infer, "upscale", spy)
-    code, _, err = _run(capsys, "upscale", files / "lr" / "b_LR2.png", "--model", files / "swinir.pth", "--out",
-                        tmp_path / "swin")
-    assert code == 0, err
-    assert fused == [True]
-    sr = read_image(tmp_path / "swin" / "b_LR2.png")
-    expect = upscale(adaptsr.load_model(files / "swinir.pth"), read_image(files / "lr" / "b_LR2.png")[None])[0]
-    assert (sr - expect).abs().max() <= 1 / 255 + 1e-4
-
-
 def test_upscale_keeps_transparency(files, capsys, tmp_path):
     """An RGBA input gives an RGBA output: the colour as for the RGB image, the alpha upscaled bicubically."""
     rgb = read_image(files / "lr" / "a_LR2.png")

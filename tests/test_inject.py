@@ -21,7 +21,7 @@ from torch import nn
 import adaptsr
 import adaptsr.io
 import adaptsr.presets
-from adaptsr import LoRAConv2d, LoRALinear, LoRAWindowAttention
+from adaptsr import LoRAConv2d, LoRALinear
 from adaptsr.presets import PRESETS
 
 warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
@@ -589,34 +589,3 @@ def test_merging_refolds_spans_inference_convs(tiny_sr, unload):
         assert torch.equal(conv.eval_conv.weight, refolded.eval_conv.weight)
         assert torch.equal(conv.eval_conv.bias, refolded.eval_conv.bias)
     assert (model.block_1.c1_r.eval_conv.weight - stale).abs().max() > 1e-3
-
-
-# -- fuse_attention: a plain model's attention cores on adaptsr's op, for inference --
-
-# every architecture with an attention adaptsr runs (HAT: window attentions and the OCABs)
-FUSED_ARCHS = ["swinir", "hat", "drct", "atd", "dat", "rgt", "swin2sr"]
-
-
-@pytest.mark.parametrize("arch", FUSED_ARCHS)
-def test_fuse_attention_keeps_outputs_and_keys_and_merge_lora_undoes_it(arch, tiny_sr, assert_close):
-    base = getattr(tiny_sr, arch)().double().eval()
-    model = getattr(tiny_sr, arch)().double().eval()
-    x = torch.rand(1, 3, 16, 20, dtype=torch.float64)
-    with torch.no_grad():
-        expected = base(x)
-        names = adaptsr.fuse_attention(model)
-        assert names
-        assert all(isinstance(m, LoRAWindowAttention) or "forward" in m.__dict__
-                   for m in (model.get_submodule(name) for name in names))
-        assert list(model.state_dict()) == list(base.state_dict())
-        assert not any(p.requires_grad is False for p in model.parameters())  # nothing frozen: no adapters
-        assert_close(model(x), expected, f"{arch} fused")
-        adaptsr.merge_lora(model)
-        assert not any(isinstance(m, LoRAWindowAttention) or "forward" in m.__dict__ for m in model.modules())
-        assert {type(m) for m in model.modules()} == {type(m) for m in base.modules()}
-        assert_close(model(x), expected, f"{arch} unfused")
-
-
-def test_fuse_attention_leaves_other_models_alone(tiny_sr):
-    model = tiny_sr.rcan()
-    assert adaptsr.fuse_attention(model) == []
