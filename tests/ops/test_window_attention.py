@@ -422,7 +422,8 @@ def test_some_inputs_without_grad(name, wanted, assert_close_to_reference):
     t = make_tensors(case, torch.float32)
     ref64, plain, magnitude = reference_runs(case, t, torch.float32)
     inputs = {
-        key: t[key].to(DEVICE, torch.float32, copy=True).requires_grad_(key in wanted) for key in ("q", "k", "v", "table")
+        key: t[key].to(DEVICE, torch.float32, copy=True).requires_grad_(key in wanted)
+        for key in ("q", "k", "v", "table")
     }
     backend, path = BACKENDS[name]
     with set_backend(backend), torch_path(path):
