@@ -33,10 +33,12 @@ Backends:
 - torch: the bias and the mask folded into one additive mask ``[nW, heads, N, N]`` built once per
   call. On the CPU a hand-written autograd Function (two batched matmuls and a softmax, saving
   P) with the windows folded into the head axis, so that mask broadcasts over the batch without
-  copies, and the head dim padded to a multiple of 8; elsewhere ``F.scaled_dot_product_attention``
-  with the same folded layout. See ``_sdpa_wins`` for what was measured.
+  copies, the head dim padded to a multiple of 8 on AVX2 CPUs, and the shift mask's -100 entries
+  taken as -inf (``_hard_mask``: no subnormal probabilities); elsewhere
+  ``F.scaled_dot_product_attention`` with the same folded layout. See ``_sdpa_wins`` for what was
+  measured.
 - triton / cuda: fused kernels (``adaptsr.kernels.window_attention`` / ``adaptsr._cuda``) that
-  never write P to memory.
+  never write P to memory (the cuda kernels for N_k = N only).
 
 Every backend but the reference takes the table's gradient from ``dbias`` through the gather in
 torch, summed in a fixed order (``_GatherBias``): the same bits on every run.
