@@ -32,7 +32,7 @@ case "$*" in
   *get_device_name*) echo "Fake GPU 80GB" ;;
   *"_cuda.load"*) echo "adaptsr._C ready: /fake/adaptsr_C.so" ;;
   *"import torch; print"*|*"import triton; print"*) echo "0.0-fake" ;;
-  "-m pytest benchmarks"*)
+  "-m pytest benchmarks/"*)
     json=$(printf '%s\n' "$@" | sed -n 's/^--benchmark-json=//p')
     sleep "${FAKE_BENCH_SLEEP:-0}" &
     trap 'kill $!; echo "1 passed, interrupted"; echo "{\"benchmarks\": []}" > "$json"; exit 2' INT
@@ -88,6 +88,12 @@ def test_every_stage_lands_in_the_results_file(tmp_path):
     # the default test selection and benchmark filter of the lease
     assert "-m pytest tests/ops tests/test_cuda_extension.py tests/test_backend.py" in calls
     assert "-k bf16 and not r4 and not r16" in calls
+    # the benchmark files: the LoRA layers and the window-attention core first, then every other one once
+    bench_call = next(line for line in calls.splitlines() if line.startswith("-m pytest benchmarks/"))
+    files = [arg for arg in bench_call.split() if arg.startswith("benchmarks/")]
+    assert files[:3] == ["benchmarks/test_bench_lora_conv2d.py", "benchmarks/test_bench_lora_linear.py",
+                         "benchmarks/test_bench_window_attention.py"]
+    assert sorted(files) == sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").glob("test_bench_*.py"))
     with tarfile.open(f"{results}.raw.tgz") as archive:
         names = {Path(n).name for n in archive.getnames()}
     assert {"build.log", "tests.log", "bench.json", "bench.md", "auto.md", "roofline.md", "model.md"} <= names

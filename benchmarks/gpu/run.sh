@@ -27,7 +27,10 @@
 #     Triton kernels in parallel. TEST_ARGS: more pytest arguments. TESTS_MAX_S (default 240): the
 #     tests' share of the budget at most, so that the measurements after them still run.
 #   - BENCH_ARGS (default '-k "bf16 and not r4 and not r16"': the issues' targets are bf16, rank 8;
-#     BENCH_ARGS='' runs every case, about 180, which needs more than one call).
+#     BENCH_ARGS='' runs every case, about 180, which needs more than one call). The benchmark files
+#     run in the order of BENCH_FIRST (default: the LoRA layers, then the window-attention core),
+#     then the others alphabetically (the bundled SwinIR, the spandrel modules whose attention
+#     adaptsr switches), so a cut-off call has measured what the issues' targets need first.
 #   - ROOFLINE_ARGS (default '--dtypes bf16 --ranks 8').
 #   - ADAPTSR_AOT=1 builds adaptsr._C ahead of time in place with setup.py (for ADAPTSR_CUDA_ARCHS)
 #     instead of the default just-in-time build for the visible GPU.
@@ -196,7 +199,12 @@ fi
 # 5. Benchmarks: pytest-benchmark providers at the GPU shapes, and the "auto" choice they imply.
 if run_stage bench; then
     eval "set -- ${BENCH_ARGS-"-k \"bf16 and not r4 and not r16\""}"
-    within bench $py -m pytest benchmarks -q -p no:cacheprovider --benchmark-only "$@" \
+    first=${BENCH_FIRST:-"benchmarks/test_bench_lora_conv2d.py benchmarks/test_bench_lora_linear.py benchmarks/test_bench_window_attention.py"}
+    bench_files=($first)
+    for f in benchmarks/test_bench_*.py; do
+        case " $first " in *" $f "*) ;; *) bench_files+=("$f") ;; esac
+    done
+    within bench $py -m pytest "${bench_files[@]}" -q -p no:cacheprovider --benchmark-only "$@" \
         --benchmark-json="$raw/bench.json" 2>&1 | tee "$raw/bench.log"
     if [ -s "$raw/bench.json" ]; then
         $py benchmarks/to_markdown.py "$raw/bench.json" > "$raw/bench.md" 2>&1
