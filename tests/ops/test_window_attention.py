@@ -357,12 +357,13 @@ def test_hard_mask_zeroes_the_probabilities_across_regions(dtype):
     torch.testing.assert_close(p, plain, rtol=0, atol=1e-30)
 
 
-def test_hard_mask_leaves_other_dtypes_and_fully_masked_rows_alone():
+def test_hard_mask_leaves_other_dtypes_and_rows_masked_everywhere_alone():
     mask = torch.tensor([[[0.0, -100.0], [-100.0, 0.0]]])
     for dtype in (torch.float16, torch.float64):
         assert attention_op._hard_mask(mask, dtype) is mask
-    fully_masked_row = torch.tensor([[[0.0, -100.0], [-100.0, -100.0]]])
-    assert attention_op._hard_mask(fully_masked_row, torch.float32) is fully_masked_row
+    one_row_masked_everywhere = torch.tensor([[[0.0, -100.0], [-100.0, -100.0]]])
+    hard = attention_op._hard_mask(one_row_masked_everywhere, torch.float32)
+    assert hard[0, 0].tolist() == [0.0, float("-inf")] and hard[0, 1].tolist() == [-100.0, -100.0]
     assert attention_op._hard_mask(torch.zeros(1, 2, 2), torch.float32).eq(0).all()
 
 
