@@ -171,12 +171,15 @@ def _own_projections(name: str) -> set[str]:
     return {f"{name}.qkv", f"{name}.proj"}
 
 
-# Attentions kept as they are, whose forward inject_lora switches to one that runs the core on adaptsr's op:
-# (which modules, how to switch them, the layers whose adapters call for it)
+# Attentions kept as they are, whose forward inject_lora switches to one that runs the core on adaptsr's op
+# and merge_lora switches back: (which modules, how to switch them, how to switch back, the layers whose
+# adapters call for it)
 _SWITCHED_ATTENTIONS = (
-    (can_fuse_rectangle_attention, enable_fused_rectangle_attention, _parents_projections),
-    (can_fuse_overlapping_attention, enable_fused_overlapping_attention, _own_projections),
-    (can_fuse_cosine_attention, enable_fused_cosine_attention, _own_projections),
+    (can_fuse_rectangle_attention, enable_fused_rectangle_attention, disable_fused_rectangle_attention,
+     _parents_projections),
+    (can_fuse_overlapping_attention, enable_fused_overlapping_attention, disable_fused_overlapping_attention,
+     _own_projections),
+    (can_fuse_cosine_attention, enable_fused_cosine_attention, disable_fused_cosine_attention, _own_projections),
 )
 
 
@@ -187,7 +190,7 @@ def _switch_attentions(module: nn.Module, adapted: set[str], mode: bool | None) 
     if mode is False:
         return []
     switched = []
-    for can_switch, enable, projections in _SWITCHED_ATTENTIONS:
+    for can_switch, enable, _disable, projections in _SWITCHED_ATTENTIONS:
         names = {
             name
             for name, child in module.named_modules()
@@ -328,9 +331,8 @@ def merge_lora(model, *, unload: bool = True):
             layer.merge()
     refold(module)  # SPAN's inference convs from the merged branches (adaptsr.nn.reparameterised)
     if unload:  # the original model again, hooks and forwards included
-        disable_fused_rectangle_attention(module)
-        disable_fused_overlapping_attention(module)
-        disable_fused_cosine_attention(module)
+        for _can_switch, _enable, disable, _projections in _SWITCHED_ATTENTIONS:
+            disable(module)
         _remove_hook(module, _INPUT_GRAD_HOOK)
         for norm in _running_statistics_layers(module):
             _remove_hook(norm, _FROZEN_STATISTICS_HOOK)

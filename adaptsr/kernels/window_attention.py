@@ -587,8 +587,9 @@ def _check_device(name: str, t: torch.Tensor) -> None:
 def _check_bias_mask(bias, mask, batch_windows: int, heads: int, n: int, device: torch.device,
                      n_keys: int | None = None) -> None:
     n_keys = n if n_keys is None else n_keys
-    wrong_bias = bias is not None and (bias.shape != (heads, n, n_keys) or bias.dtype != torch.float32)
-    if wrong_bias or (bias is not None and bias.device != device):
+    if bias is not None and (
+        bias.shape != (heads, n, n_keys) or bias.dtype != torch.float32 or bias.device != device
+    ):
         raise ValueError(
             f"window attention (triton): bias must be float32 [heads, N, N_k] = {(heads, n, n_keys)} on {device}, "
             f"got {bias.dtype} {tuple(bias.shape)} on {bias.device}"
