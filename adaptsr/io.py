@@ -57,7 +57,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as err:  # the loaders raise many types for a corrupt file
         raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+        # a ValueError, as for every unreadable checkpoint: the CLI reports those as one line
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")  # noqa: TRY004
     return state
 
 
@@ -76,6 +77,20 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     return descriptor.to(device).eval()
 
 
+def _configuration_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers left out of ``state_dict()`` that spandrel needs to detect the configuration.
+
+    spandrel's GRL keeps its attention tables and indices as non-persistent buffers of the top-level module;
+    the official checkpoints hold them, and spandrel reads the window size, the stripe size and the anchor
+    down factor from their shapes (then drops them). A checkpoint without them loads with a guessed
+    configuration (window 32, stripes 64 x 64 for SR), a different model unless the guess is right.
+    """
+    if not (type(module).__name__ == "GRL" and type(module).__module__.startswith("spandrel.")):
+        return {}
+    persistent = module.state_dict(keep_vars=True)
+    return {name: buffer for name, buffer in module.named_buffers(recurse=False) if name not in persistent}
+
+
 def save_model(model, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
     """Write ``model`` (adapters merged in, if any) as a plain checkpoint spandrel opens as the same architecture.
 
@@ -88,7 +103,8 @@ def save_model(model, path: str | os.PathLike, *, dtype: torch.dtype | None = No
     if any(True for _ in lora_layers(module)):
         module = merge_lora(copy.deepcopy(module))
     # safetensors refuses shared storage; clones also drop views into larger buffers.
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    tensors = {**module.state_dict(), **_configuration_buffers(module)}
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     suffix = path.suffix.lower()

@@ -131,6 +131,68 @@ PRESETS: dict[str, Preset] = {
         r"|residual_layer\.\d+\.residual_layer\.\d+"
         r"|output"
     ),
+    # GRL: per block the mixed attention's qkv projection, its anchor projection (dim -> dim/2, the
+    # stripe attention's anchors) and proj, and the MLP's fc1 / fc2; each residual group's conv(s);
+    # the conv after the body. Left out: the continuous position bias MLPs (cpb_mlp, 2 coordinates in).
+    "grl": (
+        r"layers\.\d+\.blocks\.\d+\.(attn\.(qkv\.body|anchor\.body\.\d+(\.reduction)?|proj)|mlp\.fc[12])"
+        r"|layers\.\d+\.conv(\.\d+)?"
+        r"|conv_after_body"
+    ),
+    # CRAFT: the shifted-rectangle window blocks' qkv, proj and MLP; the high-frequency enhancement
+    # blocks' convs (fc, conv and last_fc; fc and conv act on half the channels); the high-frequency
+    # attention blocks' q, kv and project_out, and their FFN's project_in / project_out; each residual
+    # group's conv; the conv after the body. Left out: the depthwise convs (get_v, q_dwconv, kv_dwconv,
+    # the FFN's dwconv) and the dynamic position bias MLPs.
+    "craft": (
+        r"layers\.\d+\.residual_group\."
+        r"(srwa_blocks\.\d+\.(qkv|proj|mlp\.fc[12])"
+        r"|hfer_blocks\.\d+\.(fc|conv|last_fc)"
+        r"|hf_blocks\.\d+\.(attn\.(q|kv|project_out)|ffn\.project_(in|out)))"
+        r"|layers\.\d+\.conv"
+        r"|conv_after_body"
+    ),
+    # SeemoRe: per block the local block's 3x3 / 1x1 convs (conv_1), the 1x1 after its depthwise conv
+    # and its proj; the global block's to_qv and proj; both gated FFNs' fn_1 / fn_2; conv_2, which
+    # closes the body. Left out: the depthwise convs and the mixture of experts (each expert is
+    # already low-rank, down to a few channels, and its gate has as many outputs as experts).
+    "seemore": (
+        r"body\.\d+\.(local_block\.block\.(conv_1\.[02]|conv\.1|proj)"
+        r"|global_block\.block\.(to_qv\.0|proj)"
+        r"|(local|global)_block\.ffn\.fn_[12]\.0)"
+        r"|conv_2"
+    ),
+    # DITN: the transformer layers' (ITL) qkv and project_out, the spatial-aware layers' (SAL) 1x1
+    # convs (the last of the dilated conv stack, proj_first, proj_last), every layer's conv1 / conv2
+    # and FFN project_in / project_out; the conv after the body. Left out: the depthwise convs.
+    "ditn": (
+        r"UFONE\.\d+\."
+        r"(ITLs\.\d+\.attn\.(qkv|project_out)"
+        r"|SALs\.\d+\.SDA\.(DConvs\.2|proj_first\.0|proj_last\.0)"
+        r"|(ITLs|SALs)\.\d+\.(conv[12]|ffn\.project_(in|out)))"
+        r"|conv_after_body"
+    ),
+    # MoESR: the gated CNN blocks' fc1 / fc2 (3x3 convs), those of each block's multi-scale branch
+    # and the conv that brings that branch back up. Left out: the depthwise convs and the branch's
+    # down conv (to dim/4 channels: a rank-8 adapter would be half its size).
+    "moesr": r"blocks\.\d+\.(blocks\.\d+\.fc[12]|msg\.(gated\.\d+\.fc[12]|up\.0))",
+    # DCTLSA: per transformer block the attention's qkv, proj and the 1x1 convs of its local branch,
+    # and the MLP's fc1 / fc2; the 1x1 convs fusing the modules' outputs (c, c1..c5); LR_conv, which
+    # closes the body. Left out: the local branch's depthwise conv.
+    "dctlsa": (
+        r"B\d+\.body\.\d+\.transformer_body\.\d+\.blocks\.\d+\."
+        r"(attn\.(qkv|proj|local\.pointwise_conv_[01])|mlp\.fc[12])"
+        r"|c\d*\.0"
+        r"|LR_conv"
+    ),
+    # SwiftSRGAN: the pointwise (1x1) convs of the residual blocks' depthwise-separable convs and of the
+    # conv closing the body. Left out: the depthwise convs, the first conv (pixels) and the upsampler.
+    "swiftsrgan": r"(residual\.\d+\.block[12]|convblock)\.cnn\.pointwise",
+    # Real-CUGAN (UpCunet 2x / 3x / 4x / 2x fast): the convs inside both U-Nets, up and down convs
+    # included. Left out: each U-Net's first and last conv (in 2x and 3x they read and write the
+    # pixels; one rule for every variant), the squeeze-excitation convs (C/8 channels) and the
+    # transposed convs (LoRA wraps Conv2d and Linear layers only).
+    "realcugan": r"unet[12]\.(conv1\.conv\.2|conv[2-4]\.conv\.[02]|conv\d_down|conv[35])",
 }
 
 # spandrel's architecture ids for the presets above, so a preset can be picked from a model.
@@ -138,6 +200,8 @@ ARCHITECTURE_PRESETS: dict[str, str] = {
     "SwinIR": "swinir", "HAT": "hat", "ESRGAN": "esrgan", "RCAN": "rcan",
     "Compact": "compact", "DAT": "dat", "Swin2SR": "swin2sr", "DRCT": "drct", "ATD": "atd", "RGT": "rgt",
     "PLKSR": "plksr", "SAFMN": "safmn", "OmniSR": "omnisr", "SPAN": "span", "FDAT": "fdat", "MoSR": "mosr",
+    "GRL": "grl", "CRAFT": "craft", "SeemoRe": "seemore", "DITN": "ditn", "MoESR": "moesr", "DCTLSA": "dctlsa",
+    "SwiftSRGAN": "swiftsrgan", "RealCUGAN": "realcugan",
 }
 
 

@@ -304,10 +304,10 @@ class _ConvCase:
 
     @property
     def conv_kwargs(self) -> dict:
-        return dict(
-            stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
-            padding_mode=self.padding_mode,
-        )
+        return {
+            "stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups,
+            "padding_mode": self.padding_mode,
+        }
 
 
 def _pads_of(kernel, padding, dilation) -> tuple[int, int, int, int]:
@@ -387,7 +387,7 @@ def _make_conv_tensors(case: _ConvCase, dtype: torch.dtype) -> dict[str, torch.T
     bias = _randn((case.out_channels,), gen) if case.bias else None
     lora_A = _randn((case.rank, case.in_channels // case.groups, kh, kw), gen, fan_in**-0.5)
     lora_B = _randn((case.out_channels, case.rank, 1, 1), gen, case.rank**-0.5)
-    out = dict(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    out = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
     out = {k: (v.to(dtype) if v is not None else None) for k, v in out.items()}
     if case.channels_last:
         out["x"] = out["x"].contiguous(memory_format=torch.channels_last)
@@ -447,7 +447,7 @@ def _make_linear_tensors(case: _LinearCase, dtype: torch.dtype) -> dict[str, tor
     bias = _randn((case.out_features,), gen) if case.bias else None
     lora_A = _randn((case.rank, case.in_features), gen, case.in_features**-0.5)
     lora_B = _randn((case.out_features, case.rank), gen, case.rank**-0.5)
-    out = dict(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    out = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
     return {k: (v.to(dtype) if v is not None else None) for k, v in out.items()}
 
 
@@ -466,9 +466,10 @@ def make_linear_tensors():
 # -- tiny spandrel models --
 
 
-def _tiny(name: str, package: str | None = None, **defaults):
+def _tiny(name: str, package: str | None = None, *, finish=None, **defaults):
     """A builder of a small random-init spandrel ``name`` model (from ``spandrel.architectures.<package>``,
-    default ``name``): ``build(seed=0, **overrides)``.
+    default ``name``): ``build(seed=0, **overrides)``; ``finish(model)``, if given, then sets what a trained
+    model has and a fresh one lacks.
 
     It seeds the global RNG first, so two calls give the same weights (tests build a model twice to
     compare with PEFT or with the base). spandrel is imported on first use: it takes seconds to
@@ -478,13 +479,25 @@ def _tiny(name: str, package: str | None = None, **defaults):
     def build(seed: int = 0, **overrides):
         arch = importlib.import_module(f"spandrel.architectures.{package or name}")
         torch.manual_seed(seed)
-        return getattr(arch, name)(**{**defaults, **overrides})
+        model = getattr(arch, name)(**{**defaults, **overrides})
+        if finish is not None:
+            with torch.no_grad():
+                finish(model)
+        return model
 
     build.__name__ = name.lower()
     return build
 
 
-# x2 models of 5k-300k parameters (ESRGAN is the largest), fast on 16-pixel inputs.
+def _ditn_output_scales(model: torch.nn.Module) -> None:
+    """DITN starts each spatial-aware attention (SDA) with its output scale at zero, so in a fresh model no
+    gradient reaches the layers inside it; a trained model has learned the scales."""
+    for name, parameter in model.named_parameters():
+        if name.endswith("SDA.scale"):
+            parameter.uniform_(0.5, 1.0)
+
+
+# x2 models of 5k-300k parameters (Real-CUGAN, which has no size knobs: 1.3M), fast on 16-pixel inputs.
 # drop_path_rate=0.0: spandrel's Swin default (0.1) makes train-mode outputs random.
 _TINY_SR = SimpleNamespace(
     swinir=_tiny(
@@ -530,13 +543,29 @@ _TINY_SR = SimpleNamespace(
     ),
     mosr=_tiny("MoSR", n_block=2, dim=16, upscale=2),
     omnisr=_tiny("OmniSR", num_feat=16, block_num=1, window_size=4, up_scale=2),
+    grl=_tiny(
+        "GRL", img_size=16, embed_dim=24, depths=[2], num_heads_window=[2], num_heads_stripe=[2], window_size=4,
+        stripe_size=[4, 4], mlp_ratio=2.0, upscale=2, upsampler="pixelshuffle", drop_path_rate=0.0,
+    ),
+    # window_size, DITN's patch_size, DCTLSA's num_head and SeemoRe's recursive: spandrel's defaults, which it
+    # assumes on loading (the weights do not record them)
+    craft=_tiny("CRAFT", window_size=16, embed_dim=32, depths=[2], num_heads=[4], split_size_0=2, split_size_1=4, upscale=2),
+    seemore=_tiny("SeemoRe", scale=2, num_experts=2, num_layers=2, embedding_dim=16),
+    ditn=_tiny("DITN", finish=_ditn_output_scales, dim=16, ITL_blocks=1, SAL_blocks=1, upscale=2),
+    moesr=_tiny("MoESR", dim=16, n_blocks=2, n_block=2, scale=2, upsample_dim=16),
+    # spandrel's DCTLSA always builds six modules: num_modules must say 6 for its fusion conv to fit
+    dctlsa=_tiny("DCTLSA", nf=20, num_modules=6, upscale=2),
+    swiftsrgan=_tiny("SwiftSRGAN", num_channels=16, num_blocks=2, upscale_factor=2),
+    # Real-CUGAN has no size knobs: the smallest model, UpCunet2x (1.3M parameters), on 32-pixel inputs
+    realcugan=_tiny("UpCunet2x", "RealCUGAN"),
 )
 
 
 @pytest.fixture(scope="session")
 def tiny_sr():
     """``tiny_sr.<name>(seed=0, **overrides)``: small seeded random spandrel models, one per name above (swinir,
-    hat, esrgan, rcan, compact, dat, swin2sr, drct, atd, rgt, plksr, realplksr, safmn, span, fdat, mosr, omnisr)."""
+    hat, esrgan, rcan, compact, dat, swin2sr, drct, atd, rgt, plksr, realplksr, safmn, span, fdat, mosr, omnisr,
+    grl, craft, seemore, ditn, moesr, dctlsa, swiftsrgan, realcugan)."""
     return _TINY_SR
 
 
