@@ -16,6 +16,7 @@ from torch import nn
 
 import adaptsr
 from adaptsr import LoRAConv2d, LoRALinear
+from adaptsr.presets import preset_for_architecture
 
 warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
 
@@ -417,6 +418,11 @@ def test_preset_wraps_exactly_the_body_layers(arch, preset, base):
         kinds = {name.split(".")[-1] for name, m in wrapped.items() if isinstance(m, LoRALinear)}
         assert {"qkv", "proj", "fc1", "fc2"} <= kinds
         assert any(isinstance(m, LoRAConv2d) for m in wrapped.values())
+
+
+def test_the_architecture_picks_its_preset(preset, base):
+    """What ``adaptsr adapt`` does without --preset: the preset of the architecture spandrel detects."""
+    assert preset_for_architecture(base.architecture.id) == preset
 
 
 def test_summary_counts_and_only_adapters_train(arch, preset, base):
