@@ -131,11 +131,14 @@ PRESETS: dict[str, Preset] = {
         r"|residual_layer\.\d+\.residual_layer\.\d+"
         r"|output"
     ),
-    # GRL: per block the mixed attention's qkv projection, its anchor projection (dim -> dim/2, the
-    # stripe attention's anchors) and proj, and the MLP's fc1 / fc2; each residual group's conv(s);
-    # the conv after the body. Left out: the continuous position bias MLPs (cpb_mlp, 2 coordinates in).
+    # GRL: per block the mixed attention's qkv projection (the pointwise conv where it is a separable
+    # conv), its anchor projection (dim -> dim/2, the stripe attention's anchors) and proj, the MLP's
+    # fc1 / fc2 and, with local_connection, the conv branch's two convs (as HAT's); each residual group's
+    # conv(s); the conv after the body. Left out: the continuous position bias MLPs (cpb_mlp, 2
+    # coordinates in), depthwise convs and the conv branch's channel attention.
     "grl": (
-        r"layers\.\d+\.blocks\.\d+\.(attn\.(qkv\.body|anchor\.body\.\d+(\.reduction)?|proj)|mlp\.fc[12])"
+        r"layers\.\d+\.blocks\.\d+\."
+        r"(attn\.(qkv\.body(\.1)?|anchor\.body\.\d+(\.reduction)?|proj)|mlp\.fc[12]|conv\.cab\.[02])"
         r"|layers\.\d+\.conv(\.\d+)?"
         r"|conv_after_body"
     ),

@@ -545,7 +545,14 @@ _TINY_SR = SimpleNamespace(
     omnisr=_tiny("OmniSR", num_feat=16, block_num=1, window_size=4, up_scale=2),
     grl=_tiny(
         "GRL", img_size=16, embed_dim=24, depths=[2], num_heads_window=[2], num_heads_stripe=[2], window_size=4,
-        stripe_size=[4, 4], mlp_ratio=2.0, upscale=2, upsampler="pixelshuffle", drop_path_rate=0.0,
+        stripe_size=[4, 4], mlp_ratio=2.0, upscale=2, upsampler="pixelshuffle", local_connection=True,
+        drop_path_rate=0.0,
+    ),
+    # GRL's other projection layouts: qkv as a depthwise-separable conv, the anchors through a strided conv
+    grl_separable=_tiny(
+        "GRL", img_size=16, embed_dim=24, depths=[2], num_heads_window=[2], num_heads_stripe=[2], window_size=4,
+        stripe_size=[4, 4], mlp_ratio=2.0, upscale=2, upsampler="pixelshuffle", qkv_proj_type="separable_conv",
+        anchor_proj_type="conv2d", anchor_window_down_factor=2, drop_path_rate=0.0,
     ),
     # window_size, DITN's patch_size, DCTLSA's num_head and SeemoRe's recursive: spandrel's defaults, which it
     # assumes on loading (the weights do not record them)
@@ -565,7 +572,7 @@ _TINY_SR = SimpleNamespace(
 def tiny_sr():
     """``tiny_sr.<name>(seed=0, **overrides)``: small seeded random spandrel models, one per name above (swinir,
     hat, esrgan, rcan, compact, dat, swin2sr, drct, atd, rgt, plksr, realplksr, safmn, span, fdat, mosr, omnisr,
-    grl, craft, seemore, ditn, moesr, dctlsa, swiftsrgan, realcugan)."""
+    grl, grl_separable, craft, seemore, ditn, moesr, dctlsa, swiftsrgan, realcugan)."""
     return _TINY_SR
 
 

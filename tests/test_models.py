@@ -215,16 +215,26 @@ ARCHS = {
         {},
         "GRL",
         {f"layers.0.blocks.{b}.{p}" for b in (0, 1)
-         for p in ("attn.qkv.body", "attn.anchor.body.0.reduction", "attn.proj", "mlp.fc1", "mlp.fc2")}
+         for p in ("attn.qkv.body", "attn.anchor.body.0.reduction", "attn.proj", "mlp.fc1", "mlp.fc2",
+                   "conv.cab.0", "conv.cab.2")}
         | {"layers.0.conv", "conv_after_body"},
         {
             "conv_first",
+            "layers.0.blocks.0.conv.cab.3.attention.1",  # channel attention squeeze
             "layers.0.blocks.0.attn.window_attn.attn_transform.cpb_mlp.0",  # 2 coordinates in
             "layers.0.blocks.0.attn.stripe_attn.attn_transform1.cpb_mlp.2",
             "conv_before_upsample.0",
             "upsample.up.0",
             "conv_last",
         },
+    ),
+    "grl_separable": (
+        {},
+        "GRL",
+        {f"layers.0.blocks.{b}.{p}" for b in (0, 1)
+         for p in ("attn.qkv.body.1", "attn.anchor.body.0", "attn.proj", "mlp.fc1", "mlp.fc2")}
+        | {"layers.0.conv", "conv_after_body"},
+        {"conv_first", "layers.0.blocks.0.attn.qkv.body.0"},  # depthwise
     ),
     "craft": (
         {},
@@ -319,7 +329,7 @@ ARCHS = {
     ),
 }
 # the preset of each entry of ARCHS, where its name is not one
-PRESET_OF = {"realplksr": "plksr"}
+PRESET_OF = {"realplksr": "plksr", "grl_separable": "grl"}
 
 SCALE = 2
 
