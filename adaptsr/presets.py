@@ -227,7 +227,7 @@ def preset_for_architecture(architecture_id: str) -> str:
     preset = ARCHITECTURE_PRESETS.get(architecture_id)
     if preset is None:
         raise ValueError(
-            f"no LoRA preset for architecture {architecture_id}: pass --targets REGEX "
-            f"(presets exist for {', '.join(sorted(ARCHITECTURE_PRESETS))})"
+            f"no LoRA preset for architecture {architecture_id}: pass --targets REGEX ('adaptsr layers --model "
+            f"CKPT' lists the layer names; presets exist for {', '.join(sorted(ARCHITECTURE_PRESETS))})"
         )
     return preset

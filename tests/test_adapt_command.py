@@ -75,6 +75,19 @@ def test_adapt_bad_input(setup, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_adapt_without_a_preset_names_the_way_out(setup, capsys):
+    """An architecture with no preset (DnCNN, scale 1): --targets, and the command that lists the layer names."""
+    from spandrel.architectures.DnCNN import DnCNN
+
+    tmp_path, hr_dir, _ = setup
+    checkpoint = tmp_path / "dncnn.safetensors"
+    adaptsr.save_model(DnCNN(in_nc=3, out_nc=3, nc=8, nb=17), checkpoint)  # spandrel knows 17 or 20 layers
+    assert main(_args(checkpoint, hr_dir, tmp_path / "run")) == 1
+    err = capsys.readouterr().err
+    assert "no LoRA preset for architecture DnCNN: pass --targets REGEX ('adaptsr layers --model CKPT'" in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
 def test_adapt_full_finetune_baseline(setup):
     tmp_path, hr_dir, checkpoint = setup
     run_dir = tmp_path / "full"
@@ -100,7 +113,7 @@ def test_adapt_peft_lora_options(setup):
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["use_rslora"] is True and config["lora_dropout"] == 0.1
     with safe_open(str(run_dir / "adapter" / "adapter_model.safetensors"), "pt") as f:
-        ranks = {key: f.get_slice(key).get_shape()[0] for key in f.keys() if key.endswith("lora_A.weight")}
+        ranks = {key: f.get_slice(key).get_shape()[0] for key in f.keys() if key.endswith("lora_A.weight")}  # noqa: SIM118 (safe_open has keys(), no __iter__)
     conv1 = {k: r for k, r in ranks.items() if ".conv1.0." in k}
     assert conv1 and set(conv1.values()) == {2}
     assert {r for k, r in ranks.items() if k not in conv1} == {4}
