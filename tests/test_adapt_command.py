@@ -113,7 +113,8 @@ def test_adapt_peft_lora_options(setup):
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["use_rslora"] is True and config["lora_dropout"] == 0.1
     with safe_open(str(run_dir / "adapter" / "adapter_model.safetensors"), "pt") as f:
-        ranks = {key: f.get_slice(key).get_shape()[0] for key in f.keys() if key.endswith("lora_A.weight")}  # noqa: SIM118 (safe_open has keys(), no __iter__)
+        # safe_open has keys() and no __iter__
+        ranks = {key: f.get_slice(key).get_shape()[0] for key in f.keys() if key.endswith("lora_A.weight")}  # noqa: SIM118
     conv1 = {k: r for k, r in ranks.items() if ".conv1.0." in k}
     assert conv1 and set(conv1.values()) == {2}
     assert {r for k, r in ranks.items() if k not in conv1} == {4}
