@@ -543,8 +543,9 @@ _TINY_SR = SimpleNamespace(
     ),
     mosr=_tiny("MoSR", n_block=2, dim=16, upscale=2),
     omnisr=_tiny("OmniSR", num_feat=16, block_num=1, window_size=4, up_scale=2),
+    # embed_dim 32: the local conv branch squeezes to a quarter, 8 channels, which takes a rank-8 adapter
     grl=_tiny(
-        "GRL", img_size=16, embed_dim=24, depths=[2], num_heads_window=[2], num_heads_stripe=[2], window_size=4,
+        "GRL", img_size=16, embed_dim=32, depths=[2], num_heads_window=[2], num_heads_stripe=[2], window_size=4,
         stripe_size=[4, 4], mlp_ratio=2.0, upscale=2, upsampler="pixelshuffle", local_connection=True,
         drop_path_rate=0.0,
     ),
