@@ -4,7 +4,7 @@ from adaptsr.adapter import load_adapter, save_adapter
 from adaptsr.backend import get_backend, set_backend
 from adaptsr.evaluate import evaluate_pairs
 from adaptsr.infer import upscale
-from adaptsr.inject import LoRASummary, inject_lora, lora_layers, merge_lora, unmerge_lora
+from adaptsr.inject import LoRASummary, inject_lora, lora_layers, merge_lora, set_adapter_strength, unmerge_lora
 from adaptsr.io import load_model, save_model
 from adaptsr.nn import LoRAConv2d, LoRALinear, LoRAWindowAttention
 from adaptsr.presets import PRESETS
@@ -26,6 +26,7 @@ __all__ = [
     "merge_lora",
     "save_adapter",
     "save_model",
+    "set_adapter_strength",
     "set_backend",
     "unmerge_lora",
     "upscale",

@@ -209,6 +209,12 @@ def save_adapter(model, directory: str | os.PathLike) -> Path:
                 f"layer {name!r} has its adapter merged into the base weight, so the base model is not "
                 "available to record; call adaptsr.unmerge_lora(model) before save_adapter"
             )
+        if layer.strength != 1.0:
+            # the file holds the adapter as trained; a strength is a choice made where it is used
+            raise ValueError(
+                f"layer {name!r} runs its adapter at strength {layer.strength:g}, which an adapter file does not "
+                "record; call adaptsr.set_adapter_strength(model, 1) before save_adapter"
+            )
     rslora = {layer.use_rslora for _, layer in layers}
     if len(rslora) > 1:
         raise ValueError("the model mixes rsLoRA and plain LoRA layers; one adapter file holds one kind")

@@ -11,6 +11,7 @@ outputs are written atomically, so a failed run leaves no half-written file. Hea
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import warnings
@@ -40,6 +41,21 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, adapter_required: bool 
         help="LoRA adapter directory (adapter_config.json + adapter_model.safetensors) trained on --model"
         + ("" if adapter_required else "; omit to use the model as it is"),
     )
+    parser.add_argument(
+        "--strength", type=_finite_float, default=1.0, metavar="S",
+        help="scale the adapter's update: 1 (default) as trained, 0 the base model, in between a blend of the two "
+             "(e.g. 0.7 when the adapted model overdoes it on your images)",
+    )
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _add_device_flag(parser: argparse.ArgumentParser) -> None:
@@ -126,11 +142,15 @@ def _load(args: argparse.Namespace, *, merge: bool = True, precision: str = "fp3
     import adaptsr
 
     descriptor = adaptsr.load_model(args.model)
+    strength = getattr(args, "strength", 1.0)
+    if not getattr(args, "adapter", None) and strength != 1.0:
+        raise CommandError(f"--strength {strength:g} scales an adapter: pass --adapter DIR")
     if getattr(args, "adapter", None):
         try:
             adaptsr.load_adapter(descriptor, args.adapter)
         except ValueError as err:
             raise CommandError(f"adapter {args.adapter} does not fit model {args.model}: {err}") from err
+        adaptsr.set_adapter_strength(descriptor, strength)
         if merge:
             adaptsr.merge_lora(descriptor)
     if precision != "fp32":
@@ -421,6 +441,7 @@ def _merge(args: argparse.Namespace) -> int:
     # merges a copy in fp32, then stores it in the precision asked for; writes atomically
     adaptsr.save_model(descriptor, out, dtype=getattr(torch, _DTYPES[args.precision]))
     print(f"wrote {out}: {descriptor.architecture.name} x{descriptor.scale} with the adapter merged in"
+          + ("" if args.strength == 1.0 else f" at strength {args.strength:g}")
           + ("" if args.precision == "fp32" else f", weights in {args.precision}"))
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from adaptsr.nn.rectangle_window_attention import (
 from adaptsr.nn.reparameterised import refold
 from adaptsr.presets import preset_pattern
 
-__all__ = ["LoRASummary", "inject_lora", "lora_layers", "merge_lora", "unmerge_lora"]
+__all__ = ["LoRASummary", "inject_lora", "lora_layers", "merge_lora", "set_adapter_strength", "unmerge_lora"]
 
 _WRAPPERS: dict[type[nn.Module], type[LoRALayer]] = {nn.Conv2d: LoRAConv2d, nn.Linear: LoRALinear}
 
@@ -345,6 +346,29 @@ def _remove_hook(holder: nn.Module, attribute: str) -> None:
     if hook is not None:
         hook.remove()
         delattr(holder, attribute)
+
+
+def set_adapter_strength(model, strength: float):
+    """Scale every adapter's update: each layer computes W + strength * s B A from then on.
+
+    1 is the adapter as trained, 0 the base model; values in between blend the adapted model with
+    the base one (the update is linear in the strength), which trades the adaptation against the
+    base model's behaviour on images unlike the training data; above 1 extrapolates. Set it before
+    merging: ``merge_lora`` folds in the scaled update. The strength is not part of an adapter file
+    (``save_adapter`` refuses a model whose strength is not 1). Returns ``model``.
+    """
+    strength = float(strength)
+    if not math.isfinite(strength):
+        raise ValueError(f"adapter strength must be a finite number, got {strength}")
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to scale")
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise ValueError(f"adapter strength: the adapters are merged (e.g. {merged[0]!r}); unmerge them first")
+    for _, layer in layers:
+        layer.strength = strength
+    return model
 
 
 def unmerge_lora(model):

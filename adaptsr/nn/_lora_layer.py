@@ -50,6 +50,8 @@ class LoRALayer(nn.Module):
         self.alpha = float(rank if alpha is None else alpha)
         self.use_rslora = use_rslora
         self.lora_dropout = lora_dropout
+        # a multiplier of the update (PEFT's scale_layer): set it through adaptsr.set_adapter_strength
+        self.strength = 1.0
         self.merged = False
         weight = base_layer.weight
         a_shape, b_shape = self._adapter_shapes(base_layer, rank)
@@ -109,7 +111,8 @@ class LoRALayer(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        """alpha / r (alpha / sqrt(r) with rsLoRA), times the adapter's strength."""
+        return self.strength * self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     @classmethod
     def from_module(cls, module: nn.Module, **kwargs) -> LoRALayer:
@@ -168,6 +171,8 @@ class LoRALayer(nn.Module):
         extra = f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
         if self.use_rslora:
             extra += ", use_rslora=True"
+        if self.strength != 1.0:
+            extra += f", strength={self.strength:g}"
         if self.lora_dropout:
             extra += f", lora_dropout={self.lora_dropout:g}"
         if self.merged:
