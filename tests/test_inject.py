@@ -207,6 +207,14 @@ def test_outputs_match_peft_with_the_same_adapter_weights(which, tiny_sr):
     assert (out - base_out).abs().max() > 1e-3
     torch.testing.assert_close(out, peft_out, rtol=1e-4, atol=1e-5)
 
+    # our adapter strength is PEFT's scale_layer
+    adaptsr.set_adapter_strength(model, 0.3)
+    for layer in peft_layers.values():
+        layer.scale_layer(0.3)
+    scaled = _run(model, x)
+    assert (scaled - out).abs().max() > 1e-4
+    torch.testing.assert_close(scaled, _run(peft_model, x), rtol=1e-4, atol=1e-5)
+
 
 # -- errors --
 
