@@ -6,7 +6,7 @@ from adaptsr.evaluate import evaluate_pairs
 from adaptsr.infer import upscale
 from adaptsr.inject import LoRASummary, inject_lora, lora_layers, merge_lora, set_adapter_strength, unmerge_lora
 from adaptsr.io import load_model, save_model
-from adaptsr.nn import LoRAConv2d, LoRALinear, LoRAWindowAttention
+from adaptsr.nn import LoRAConv2d, LoRAConvTranspose2d, LoRALinear, LoRAWindowAttention
 from adaptsr.presets import PRESETS
 
 __version__ = "0.1.0"
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "LoRAConv2d",
+    "LoRAConvTranspose2d",
     "LoRALinear",
     "LoRASummary",
     "LoRAWindowAttention",

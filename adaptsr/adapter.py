@@ -37,7 +37,7 @@ from torch import nn
 
 from adaptsr.inject import _WRAPPERS, LoRASummary, _pattern_value, inject_lora, lora_layers, unwrap_model
 from adaptsr.io import atomic_write, load_state_dict
-from adaptsr.nn import LoRAConv2d, LoRALinear
+from adaptsr.nn import LoRAConv2d, LoRAConvTranspose2d, LoRALinear
 from adaptsr.nn.reparameterised import derived_parameter_names
 
 __all__ = ["load_adapter", "save_adapter"]
@@ -167,6 +167,14 @@ def _geometry(layer: nn.Module) -> dict:
             groups=layer.groups,
             padding_mode=layer.padding_mode,
         )
+    elif isinstance(layer, nn.ConvTranspose2d):
+        geometry.update(
+            stride=list(layer.stride),
+            padding=list(layer.padding),
+            output_padding=list(layer.output_padding),
+            dilation=list(layer.dilation),
+            groups=layer.groups,
+        )
     return geometry
 
 
@@ -174,7 +182,7 @@ def _peft_computes_the_same(layer: nn.Module) -> bool:
     """PEFT's conv adapter uses groups=1, dilation=1 and zero padding whatever the base layer has."""
     if isinstance(layer, nn.Conv2d):
         return layer.groups == 1 and tuple(layer.dilation) == (1, 1) and layer.padding_mode == "zeros"
-    return True
+    return not isinstance(layer, nn.ConvTranspose2d)  # PEFT has no LoRA for transposed convs
 
 
 def _most_common(values):
@@ -200,9 +208,10 @@ def save_adapter(model, directory: str | os.PathLike) -> Path:
     if not layers:
         raise ValueError(f"{type(module).__name__} has no LoRA layers to save; call inject_lora first")
     for name, layer in layers:
-        if not isinstance(layer, (LoRAConv2d, LoRALinear)):
+        if not isinstance(layer, (LoRAConv2d, LoRALinear, LoRAConvTranspose2d)):
             raise ValueError(
-                f"cannot save layer {name!r}: adapter files hold LoRAConv2d and LoRALinear, not {type(layer).__name__}"
+                f"cannot save layer {name!r}: adapter files hold LoRAConv2d, LoRALinear and LoRAConvTranspose2d, "
+                f"not {type(layer).__name__}"
             )
         if layer.merged:
             raise ValueError(
@@ -365,10 +374,10 @@ def _check_layer(path: Path, info: dict | None, module: nn.Module, name: str, pa
     if type(layer) not in _WRAPPERS:
         raise ValueError(
             f"adapter {path} has weights for layer {name!r}, but in this model it is a {type(layer).__name__}; "
-            "adapters load into nn.Conv2d and nn.Linear layers only"
+            "adapters load into nn.Conv2d, nn.Linear and nn.ConvTranspose2d layers only"
         )
     A, B = parts["A"], parts["B"]
-    rank = A.shape[0] if A.dim() > 0 else 0
+    rank = _WRAPPERS[type(layer)]._rank_of(A)
     want_A, want_B = _WRAPPERS[type(layer)]._adapter_shapes(layer, rank)
     if tuple(A.shape) != want_A or tuple(B.shape) != want_B:
         recorded = ((info or {}).get("layers") or {}).get(name, {}).get("weight_shape")

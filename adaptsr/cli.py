@@ -482,15 +482,14 @@ def _layer_shape(layer) -> str:
 
 
 def _layers(args: argparse.Namespace) -> int:
-    from torch import nn
-
     import adaptsr
+    from adaptsr.inject import _WRAPPERS
     from adaptsr.presets import ARCHITECTURE_PRESETS
 
     descriptor = adaptsr.load_model(args.model)
     architecture = descriptor.architecture
     # the names and shapes before injection: a wrapped layer keeps its name, its base layer moves one level down
-    plain = [(name, m) for name, m in descriptor.model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    plain = [(name, m) for name, m in descriptor.model.named_modules() if type(m) in _WRAPPERS]
     options = _lora_options(args)
     if options["preset"] is None and options["targets"] is None:
         options["preset"] = ARCHITECTURE_PRESETS.get(architecture.id)
@@ -506,7 +505,7 @@ def _layers(args: argparse.Namespace) -> int:
         if options["targets"]:
             chosen += (" and " if chosen else "") + f"--targets {options['targets']}"
         headline = f"{chosen}: {summary}"
-    print(f"{architecture.name} x{descriptor.scale} ({args.model}), {len(plain)} Conv2d / Linear layers; {headline}")
+    print(f"{architecture.name} x{descriptor.scale} ({args.model}), {len(plain)} layers LoRA can wrap; {headline}")
 
     rows = [("layer", "type", "shape", "rank", "adapter params")]
     for name, layer in plain:
@@ -525,11 +524,12 @@ def _layers(args: argparse.Namespace) -> int:
 def add_layers_command(subparsers) -> None:
     p = subparsers.add_parser(
         "layers",
-        help="list the model's Conv2d / Linear layers and the ones LoRA adapts",
+        help="list the model's conv and linear layers and the ones LoRA adapts",
         description=(
-            "A dry run of the adapters 'adaptsr adapt' would train: every Conv2d and Linear layer of the model "
-            "(the layer types LoRA wraps) with its shape, and the rank and adapter size of those the preset or "
-            "--targets selects. Use it to check a preset, or to write --targets for an architecture without one."
+            "A dry run of the adapters 'adaptsr adapt' would train: every Conv2d, ConvTranspose2d and Linear layer "
+            "of the model (the layer types LoRA wraps) with its shape, and the rank and adapter size of those the "
+            "preset or --targets selects. Use it to check a preset, or to write --targets for an architecture "
+            "without one."
         ),
     )
     p.add_argument("--model", required=True, metavar="CKPT",

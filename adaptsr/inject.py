@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from adaptsr.nn import LoRAConv2d, LoRALayer, LoRALinear, LoRAWindowAttention
+from adaptsr.nn import LoRAConv2d, LoRAConvTranspose2d, LoRALayer, LoRALinear, LoRAWindowAttention
 from adaptsr.nn.cosine_window_attention import (
     can_fuse_cosine_attention,
     disable_fused_cosine_attention,
@@ -31,7 +31,9 @@ from adaptsr.presets import preset_pattern
 
 __all__ = ["LoRASummary", "inject_lora", "lora_layers", "merge_lora", "set_adapter_strength", "unmerge_lora"]
 
-_WRAPPERS: dict[type[nn.Module], type[LoRALayer]] = {nn.Conv2d: LoRAConv2d, nn.Linear: LoRALinear}
+_WRAPPERS: dict[type[nn.Module], type[LoRALayer]] = {
+    nn.Conv2d: LoRAConv2d, nn.Linear: LoRALinear, nn.ConvTranspose2d: LoRAConvTranspose2d,
+}
 
 
 @dataclass

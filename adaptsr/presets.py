@@ -191,11 +191,11 @@ PRESETS: dict[str, Preset] = {
     # SwiftSRGAN: the pointwise (1x1) convs of the residual blocks' depthwise-separable convs and of the
     # conv closing the body. Left out: the depthwise convs, the first conv (pixels) and the upsampler.
     "swiftsrgan": r"(residual\.\d+\.block[12]|convblock)\.cnn\.pointwise",
-    # Real-CUGAN (UpCunet 2x / 3x / 4x / 2x fast): the convs inside both U-Nets, up and down convs
-    # included. Left out: each U-Net's first and last conv (in 2x and 3x they read and write the
-    # pixels; one rule for every variant), the squeeze-excitation convs (C/8 channels) and the
-    # transposed convs (LoRA wraps Conv2d and Linear layers only).
-    "realcugan": r"unet[12]\.(conv1\.conv\.2|conv[2-4]\.conv\.[02]|conv\d_down|conv[35])",
+    # Real-CUGAN (UpCunet 2x / 3x / 4x / 2x fast): the convs inside both U-Nets, the strided down convs
+    # and the transposed up-sampling convs (LoRAConvTranspose2d) included. Left out: each U-Net's first
+    # and last layer (in 2x and 3x they read and write the pixels; one rule for every variant) and the
+    # squeeze-excitation convs (C/8 channels).
+    "realcugan": r"unet[12]\.(conv1\.conv\.2|conv[2-4]\.conv\.[02]|conv\d_(down|up)|conv[35])",
 }
 
 # spandrel's architecture ids for the presets above, so a preset can be picked from a model.

@@ -557,7 +557,9 @@ _TINY_SR = SimpleNamespace(
     ),
     # window_size, DITN's patch_size, DCTLSA's num_head and SeemoRe's recursive: spandrel's defaults, which it
     # assumes on loading (the weights do not record them)
-    craft=_tiny("CRAFT", window_size=16, embed_dim=32, depths=[2], num_heads=[4], split_size_0=2, split_size_1=4, upscale=2),
+    craft=_tiny(
+        "CRAFT", window_size=16, embed_dim=32, depths=[2], num_heads=[4], split_size_0=2, split_size_1=4, upscale=2
+    ),
     seemore=_tiny("SeemoRe", scale=2, num_experts=2, num_layers=2, embedding_dim=16),
     ditn=_tiny("DITN", finish=_ditn_output_scales, dim=16, ITL_blocks=1, SAL_blocks=1, upscale=2),
     moesr=_tiny("MoESR", dim=16, n_blocks=2, n_block=2, scale=2, upsample_dim=16),

@@ -158,6 +158,43 @@ def test_round_trip_grouped_dilated_and_padded_convs(tmp_path):
     assert info["layers"]["dilated"]["padding_mode"] == "reflect"
 
 
+class _UpSampler(nn.Module):
+    """Transposed convs, which PEFT has no adapter for: a grouped up-sampling one and one with output padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2)
+        self.out = nn.ConvTranspose2d(6, 3, 3, stride=2, padding=1, output_padding=1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.up(x)))
+
+
+def test_round_trip_transposed_convs(tmp_path):
+    torch.manual_seed(0)
+    base = _UpSampler().eval()
+    adapted = copy.deepcopy(base)
+    inject_lora(adapted, targets=["up", "out"], rank=2, alpha=3, init_lora_weights=False)
+    save_adapter(adapted, tmp_path)
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path)
+
+    _assert_same_adapters(adapted, fresh)
+    assert {name: layer.rank for name, layer in lora_layers(fresh)} == {"up": 2, "out": 2}
+    x = _image(channels=4, size=5)
+    assert torch.equal(_out(fresh, x), _out(adapted, x))
+    assert not torch.allclose(_out(fresh, x), _out(base, x), atol=1e-3)  # the adapter matters
+    info = _metadata(tmp_path)
+    assert info["peft_compatible"] is False
+    assert info["layers"]["up"]["groups"] == 2 and info["layers"]["out"]["output_padding"] == [1, 1]
+    # an adapter for another width names the shapes it needs, A's rank in its second dimension
+    narrower = _UpSampler()
+    narrower.out = nn.ConvTranspose2d(6, 2, 3, stride=2, padding=1, output_padding=1)
+    needs = r"needs lora_A \[6, 2, 3, 3\] and lora_B \[2, 2, 1, 1\]"
+    with pytest.raises(ValueError, match=rf"'out'.*lora_B \[3, 2, 1, 1\].*{needs}"):
+        load_adapter(narrower, tmp_path, strict_base=False)
+
+
 def test_round_trip_through_a_spandrel_descriptor(tmp_path):
     base = _esrgan()
     descriptor = ModelLoader().load_from_state_dict(base.state_dict())
@@ -365,7 +402,7 @@ def test_adapter_on_a_layer_that_is_not_conv_or_linear(tmp_path):
     norm = "layers.0.residual_group.blocks.0.norm1"
     tensors = {k.replace(name + ".", norm + "."): v for k, v in tensors.items()}
     save_file(tensors, str(path))
-    with pytest.raises(ValueError, match=rf"{norm}.*LayerNorm.*nn\.Conv2d and nn\.Linear"):
+    with pytest.raises(ValueError, match=rf"{norm}.*LayerNorm.*nn\.Conv2d, nn\.Linear and nn\.ConvTranspose2d"):
         load_adapter(copy.deepcopy(base), tmp_path, strict_base=False)
 
 

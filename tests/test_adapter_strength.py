@@ -103,7 +103,8 @@ def test_strength_flag_errors(checkpoint_and_adapter, tmp_path, capsys):
     from PIL import Image
 
     Image.new("RGB", (12, 12)).save(image)
-    assert main(["upscale", str(image), "--model", str(checkpoint), "--strength", "0.5", "--out", str(tmp_path / "o")]) == 1
+    argv = ["upscale", str(image), "--model", str(checkpoint), "--strength", "0.5", "--out", str(tmp_path / "o")]
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("adaptsr upscale: error: --strength 0.5 scales an adapter: pass --adapter DIR")
     assert not (tmp_path / "o").exists()

@@ -1,4 +1,4 @@
-"""``adaptsr layers``: the model's Conv2d / Linear layers and the adapters ``adaptsr adapt`` would give them."""
+"""``adaptsr layers``: the model's conv and linear layers and the adapters ``adaptsr adapt`` would give them."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _table(out: str) -> dict[str, list[str]]:
 
 def _plain_layers(path) -> dict[str, nn.Module]:
     model = adaptsr.load_model(path).model
-    return {name: m for name, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)}
+    return {name: m for name, m in model.named_modules() if type(m) in (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)}
 
 
 def test_lists_every_layer_and_the_preset_adapters(checkpoints, capsys):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import adaptsr
-from adaptsr import LoRAConv2d, LoRALinear
+from adaptsr import LoRAConv2d, LoRAConvTranspose2d, LoRALinear
 from adaptsr.presets import preset_for_architecture
 
 warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
@@ -239,7 +239,8 @@ ARCHS = {
     "craft": (
         {},
         "CRAFT",
-        {f"layers.0.residual_group.srwa_blocks.{b}.{p}" for b in range(4) for p in ("qkv", "proj", "mlp.fc1", "mlp.fc2")}
+        {f"layers.0.residual_group.srwa_blocks.{b}.{p}" for b in range(4)
+         for p in ("qkv", "proj", "mlp.fc1", "mlp.fc2")}
         | {f"layers.0.residual_group.hfer_blocks.{b}.{p}" for b in (0, 1) for p in ("fc", "conv", "last_fc")}
         | {f"layers.0.residual_group.hf_blocks.{b}.{p}" for b in (0, 1)
            for p in ("attn.q", "attn.kv", "attn.project_out", "ffn.project_in", "ffn.project_out")}
@@ -281,7 +282,8 @@ ARCHS = {
         | {f"UFONE.0.SALs.0.{p}" for p in ("SDA.DConvs.2", "SDA.proj_first.0", "SDA.proj_last.0", "conv1", "conv2",
                                            "ffn.project_in", "ffn.project_out")}
         | {"conv_after_body"},
-        {"sft", "UFONE.0.ITLs.0.ffn.dwconv", "UFONE.0.SALs.0.SDA.DConvs.0", "UFONE.0.SALs.0.SDA.DConvs.1", "upsample.0"},
+        {"sft", "UFONE.0.ITLs.0.ffn.dwconv", "UFONE.0.SALs.0.SDA.DConvs.0", "UFONE.0.SALs.0.SDA.DConvs.1",
+         "upsample.0"},
     ),
     "moesr": (
         {},
@@ -316,13 +318,15 @@ ARCHS = {
     "realcugan": (
         {},
         "RealCUGAN",
-        {f"unet1.{p}" for p in ("conv1.conv.2", "conv1_down", "conv2.conv.0", "conv2.conv.2", "conv3")}
+        {f"unet1.{p}" for p in ("conv1.conv.2", "conv1_down", "conv2.conv.0", "conv2.conv.2", "conv2_up", "conv3")}
         | {f"unet2.{p}" for p in ("conv1.conv.2", "conv1_down", "conv2.conv.0", "conv2.conv.2", "conv2_down",
-                                  "conv3.conv.0", "conv3.conv.2", "conv4.conv.0", "conv4.conv.2", "conv5")},
+                                  "conv3.conv.0", "conv3.conv.2", "conv3_up", "conv4.conv.0", "conv4.conv.2",
+                                  "conv4_up", "conv5")},
         {
             "unet1.conv1.conv.0",  # reads the pixels
             "unet2.conv1.conv.0",
             "unet2.conv_bottom",  # writes them
+            "unet1.conv_bottom",  # a transposed conv that writes them
             "unet1.conv2.seblock.conv1",  # squeeze-excitation
             "unet2.conv3.seblock.conv2",
         },
@@ -408,7 +412,8 @@ def test_save_and_load_keep_the_model(arch, tiny_sr, lr_size, eval_batch, tmp_pa
 
 def test_preset_wraps_exactly_the_body_layers(arch, preset, base):
     model = copy.deepcopy(base.model)
-    plain = {name: type(m) for name, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)}
+    wrappers = {nn.Conv2d: LoRAConv2d, nn.Linear: LoRALinear, nn.ConvTranspose2d: LoRAConvTranspose2d}
+    plain = {name: type(m) for name, m in model.named_modules() if type(m) in wrappers}
     _, _, wanted, skipped = ARCHS[arch]
     assert wanted <= plain.keys() and skipped <= plain.keys()  # the expectations name real layers
 
@@ -419,7 +424,7 @@ def test_preset_wraps_exactly_the_body_layers(arch, preset, base):
     wrapped = dict(adaptsr.lora_layers(model))
     assert set(wrapped) == wanted
     for name in wanted:
-        expected_type = LoRALinear if plain[name] is nn.Linear else LoRAConv2d
+        expected_type = wrappers[plain[name]]
         assert type(wrapped[name]) is expected_type, name
         assert type(wrapped[name].base_layer) is plain[name]
     for name in skipped:

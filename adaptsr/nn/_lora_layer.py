@@ -92,6 +92,11 @@ class LoRALayer(nn.Module):
         """B A in the base weight's shape (unscaled)."""
         raise NotImplementedError
 
+    @staticmethod
+    def _rank_of(lora_A: torch.Tensor) -> int:
+        """The rank an adapter's A has (its first dimension, as PEFT lays A out)."""
+        return lora_A.shape[0] if lora_A.dim() > 0 else 0
+
     def _two_path(self, x: torch.Tensor, lora_input: torch.Tensor) -> torch.Tensor:
         """The reference form ``base(x) + s B(A(lora_input))`` (the only one that supports dropout)."""
         raise NotImplementedError

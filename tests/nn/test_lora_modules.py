@@ -1,4 +1,5 @@
-"""LoRAConv2d / LoRALinear: init, merge round trips, options, freezing, state dicts, PEFT equivalence."""
+"""LoRAConv2d / LoRAConvTranspose2d / LoRALinear: init, merge round trips, options, freezing, state dicts, PEFT
+equivalence."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from adaptsr.backend import set_backend
-from adaptsr.nn import LoRAConv2d, LoRALinear
+from adaptsr.nn import LoRAConv2d, LoRAConvTranspose2d, LoRALinear
 
 # nn.Conv2d options: groups, every padding mode, dilation, 'same' (odd and even kernels), strides
 _CONV_GRID = [
@@ -26,6 +27,13 @@ _CONV_GRID = [
     dict(in_channels=4, out_channels=4, kernel_size=(3, 5), stride=2, padding=(1, 2), padding_mode="circular"),
     dict(in_channels=3, out_channels=8, kernel_size=(1, 3), stride=(2, 1), padding="valid", groups=1, bias=False),
 ]
+# nn.ConvTranspose2d options: up-sampling strides, output padding, groups, dilation, rectangular kernels
+_CONV_T_GRID = [
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
+    dict(in_channels=5, out_channels=5, kernel_size=2, stride=2),
+    dict(in_channels=6, out_channels=4, kernel_size=3, stride=2, padding=1, output_padding=1, groups=2, bias=False),
+    dict(in_channels=3, out_channels=4, kernel_size=(3, 2), stride=(1, 2), padding=(2, 0), dilation=2),
+]
 _LINEAR_GRID = [dict(in_features=7, out_features=5), dict(in_features=4, out_features=9, bias=False)]
 _DTYPES = [torch.float32, torch.float64]
 
@@ -37,6 +45,8 @@ def _conv_id(kwargs):
 def _max_rank(base: nn.Module) -> int:
     if isinstance(base, nn.Conv2d):
         return min(base.out_channels, base.weight[0].numel())
+    if isinstance(base, nn.ConvTranspose2d):  # weight [in, out/g, kh, kw]
+        return min(base.weight.shape[1], base.weight.shape[0] // base.groups * base.weight[0, 0].numel())
     return min(base.in_features, base.out_features)
 
 
@@ -47,6 +57,10 @@ def _make(kind: str, kwargs: dict, dtype=torch.float64, rank=None, seed=0, **lor
         base = nn.Conv2d(**kwargs, dtype=dtype)
         x = torch.randn(2, base.in_channels, 9, 8, dtype=dtype)
         wrapper = LoRAConv2d
+    elif kind == "convT":
+        base = nn.ConvTranspose2d(**kwargs, dtype=dtype)
+        x = torch.randn(2, base.in_channels, 5, 6, dtype=dtype)
+        wrapper = LoRAConvTranspose2d
     else:
         base = nn.Linear(**kwargs, dtype=dtype)
         x = torch.randn(2, 3, base.in_features, dtype=dtype)
@@ -62,6 +76,12 @@ def _merged_ground_truth(base: nn.Module, lora_A, lora_B, scaling: float) -> nn.
     with torch.no_grad():
         if isinstance(base, nn.Conv2d):
             dense.weight += scaling * torch.einsum("ok,kihw->oihw", lora_B[:, :, 0, 0], lora_A)
+        elif isinstance(base, nn.ConvTranspose2d):
+            # input channel i updates the outputs of its group: B's rows of that group
+            in_per_group, out_per_group = base.in_channels // base.groups, base.out_channels // base.groups
+            rows = lora_B[:, :, 0, 0].reshape(base.groups, out_per_group, -1)
+            rows_of_input = rows[torch.arange(base.in_channels) // in_per_group]
+            dense.weight += scaling * torch.einsum("ikhw,iok->iohw", lora_A, rows_of_input)
         else:
             dense.weight += scaling * torch.einsum("ok,ki->oi", lora_B, lora_A)
     return dense
@@ -72,8 +92,16 @@ def _assert_differs(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert gap > 1e-2 * max(1.0, b.abs().max().item()), f"{what}: outputs should differ, max gap {gap:.2e}"
 
 
-_ALL_LAYERS = [("conv", kw) for kw in _CONV_GRID] + [("linear", kw) for kw in _LINEAR_GRID]
-_ALL_IDS = [f"conv[{_conv_id(kw)}]" for kw in _CONV_GRID] + [f"linear[{kw}]" for kw in _LINEAR_GRID]
+_ALL_LAYERS = (
+    [("conv", kw) for kw in _CONV_GRID]
+    + [("convT", kw) for kw in _CONV_T_GRID]
+    + [("linear", kw) for kw in _LINEAR_GRID]
+)
+_ALL_IDS = (
+    [f"conv[{_conv_id(kw)}]" for kw in _CONV_GRID]
+    + [f"convT[{_conv_id(kw)}]" for kw in _CONV_T_GRID]
+    + [f"linear[{kw}]" for kw in _LINEAR_GRID]
+)
 
 
 # -- initialisation --
@@ -164,11 +192,14 @@ def test_merge_round_trip(kind, kwargs, dtype, backend, assert_close):
         lambda: nn.Conv2d(4, 8, 1, groups=4),  # limited by in/groups = 1
         lambda: nn.Linear(5, 3),
         lambda: nn.Linear(2, 6),
+        lambda: nn.ConvTranspose2d(8, 3, 2, stride=2),  # limited by out/groups = 3
+        lambda: nn.ConvTranspose2d(4, 8, 1, groups=4),  # limited by in/groups * kh * kw = 1
     ],
 )
 def test_rank_larger_than_the_layer_allows_raises(make_base):
     base = make_base()
-    wrapper = LoRAConv2d if isinstance(base, nn.Conv2d) else LoRALinear
+    wrappers = {nn.Conv2d: LoRAConv2d, nn.ConvTranspose2d: LoRAConvTranspose2d, nn.Linear: LoRALinear}
+    wrapper = wrappers[type(base)]
     limit = _max_rank(base)
     wrapper(base_layer=copy.deepcopy(base), rank=limit)  # the largest rank is fine
     with pytest.raises(ValueError, match=re.escape(str(tuple(base.weight.shape)))):
@@ -225,8 +256,13 @@ def test_from_module_equals_constructor(kind, kwargs, assert_close):
 # -- dropout --
 
 
+_FIRST_CONV_T = len(_CONV_GRID)
+
+
 @pytest.mark.parametrize(
-    "kind, kwargs", [_ALL_LAYERS[0], _ALL_LAYERS[3], _ALL_LAYERS[-1]], ids=[_ALL_IDS[0], _ALL_IDS[3], _ALL_IDS[-1]]
+    "kind, kwargs",
+    [_ALL_LAYERS[i] for i in (0, 3, _FIRST_CONV_T + 2, -1)],
+    ids=[_ALL_IDS[i] for i in (0, 3, _FIRST_CONV_T + 2, -1)],
 )
 def test_dropout_in_train_mode_only(kind, kwargs, assert_close):
     base, layer, x = _make(kind, kwargs, lora_dropout=0.5, init_lora_weights=False)
@@ -271,11 +307,15 @@ def test_state_dict_keys(kind, kwargs):
     base, layer, _ = _make(kind, kwargs)
     expected = {"base_layer.weight", "lora_A", "lora_B"} | ({"base_layer.bias"} if base.bias is not None else set())
     assert set(layer.state_dict()) == expected
-    assert tuple(layer.lora_A.shape) == (
-        (layer.rank, *base.weight.shape[1:]) if kind == "conv" else (layer.rank, base.in_features)
-    )
+    if kind == "linear":
+        expected_a = (layer.rank, base.in_features)
+    elif kind == "convT":
+        expected_a = (base.in_channels, layer.rank, *base.weight.shape[2:])
+    else:
+        expected_a = (layer.rank, *base.weight.shape[1:])
+    assert tuple(layer.lora_A.shape) == expected_a
     assert tuple(layer.lora_B.shape) == (
-        (base.out_channels, layer.rank, 1, 1) if kind == "conv" else (base.out_features, layer.rank)
+        (base.out_features, layer.rank) if kind == "linear" else (base.out_channels, layer.rank, 1, 1)
     )
 
 
@@ -294,6 +334,10 @@ def test_reading_the_weight_gives_the_adapted_layer(kind, kwargs, assert_close):
     def through_weight(inputs):  # what model code does with a layer's weight and bias
         if kind == "conv":
             return layer.base_layer._conv_forward(inputs, layer.weight, layer.bias)
+        if kind == "convT":
+            b = layer.base_layer
+            return nn.functional.conv_transpose2d(inputs, layer.weight, layer.bias, b.stride, b.padding,
+                                                  b.output_padding, b.groups, b.dilation)
         return nn.functional.linear(inputs, layer.weight, layer.bias)
 
     results = {}
@@ -328,6 +372,24 @@ def test_backends_agree_through_the_module(kind, kwargs, assert_close):
         results[backend] = (y.detach(), xb.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
     for name, a, b in zip(("y", "dx", "dA", "dB"), results["torch"], results["reference"]):
         assert_close(a, b, name)
+
+
+# -- transposed convs: nn.ConvTranspose2d's output_size --
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_conv_transpose_output_size(backend, assert_close):
+    """forward(x, output_size) picks the output padding as nn.ConvTranspose2d does, merged or not."""
+    base, layer, x = _make("convT", _CONV_T_GRID[2], init_lora_weights=False)
+    truth = _merged_ground_truth(base, layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling)
+    size = [2 * x.shape[2], 2 * x.shape[3]]  # output_padding 1 gives these; the layer's own setting is 1 too
+    with set_backend(backend), torch.no_grad():
+        for output_size in (size, [size[0] - 1, size[1] - 1]):
+            y = layer(x, output_size=output_size)
+            assert list(y.shape[2:]) == output_size
+            assert_close(y, truth(x, output_size=output_size), f"output_size {output_size}")
+        layer.merge()
+        assert_close(layer(x, [size[0] - 1, size[1]]), truth(x, [size[0] - 1, size[1]]), "merged, output_size")
 
 
 # -- PEFT, the referee --

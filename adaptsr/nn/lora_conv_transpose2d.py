@@ -1,0 +1,69 @@
+"""LoRAConvTranspose2d: an nn.ConvTranspose2d with a trainable low-rank update, exact for every option."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptsr.nn._lora_layer import LoRALayer
+from adaptsr.ops.lora_conv_transpose2d import (
+    conv_transpose_delta_weight,
+    lora_conv_transpose2d,
+    lora_conv_transpose2d_ref,
+)
+
+
+class LoRAConvTranspose2d(LoRALayer):
+    """``conv_transpose(x, W + s DeltaW) + b`` around a frozen ``nn.ConvTranspose2d`` (``base_layer``).
+
+    ``lora_A: [in, r, kh, kw]`` is a transposed conv like the base (stride, padding, output padding,
+    dilation, groups), ``lora_B: [out, r, 1, 1]`` a 1x1 conv; with groups the update is
+    block-structured, so ``merge()`` and ``to_dense()`` are exact (``adaptsr.ops.lora_conv_transpose2d``
+    has the math). ``forward(x, output_size=None)`` as nn.ConvTranspose2d's. PEFT has no LoRA for
+    transposed convs, so adapter files holding one are adaptsr's own.
+    """
+
+    base_type = nn.ConvTranspose2d
+
+    @staticmethod
+    def _max_rank(base_layer: nn.ConvTranspose2d) -> int:
+        in_channels, out_per_group, kh, kw = base_layer.weight.shape
+        return min(out_per_group, in_channels // base_layer.groups * kh * kw)
+
+    @staticmethod
+    def _adapter_shapes(base_layer: nn.ConvTranspose2d, rank: int):
+        in_channels, _, kh, kw = base_layer.weight.shape
+        return (in_channels, rank, kh, kw), (base_layer.out_channels, rank, 1, 1)
+
+    @staticmethod
+    def _rank_of(lora_A: torch.Tensor) -> int:
+        return lora_A.shape[1] if lora_A.dim() > 1 else 0
+
+    def _delta(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+        return conv_transpose_delta_weight(lora_A, lora_B, self.base_layer.groups)
+
+    def _options(self, x: torch.Tensor, output_size) -> dict:
+        base = self.base_layer
+        # nn.ConvTranspose2d's own rule for the output padding that gives output_size
+        output_padding = base._output_padding(x, output_size, base.stride, base.padding, base.kernel_size, 2,
+                                              base.dilation)
+        return {"stride": base.stride, "padding": base.padding, "output_padding": output_padding,
+                "groups": base.groups, "dilation": base.dilation}
+
+    def _two_path(self, x: torch.Tensor, lora_input: torch.Tensor, output_size=None) -> torch.Tensor:
+        base = self.base_layer
+        return lora_conv_transpose2d_ref(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling,
+                                         **self._options(x, output_size), lora_input=lora_input)
+
+    def _functional(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        base = self.base_layer
+        return lora_conv_transpose2d(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling,
+                                     **self._options(x, output_size))
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x, output_size)
+        if self.training and self.lora_dropout > 0.0:
+            return self._two_path(x, F.dropout(x, self.lora_dropout, training=True), output_size)
+        return self._functional(x, output_size)
