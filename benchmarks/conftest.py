@@ -58,8 +58,8 @@ FROZEN_GRAPHED_MEDIANS: dict[tuple[str, str], float] = {}
 
 
 def _targets_list(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
-    """The Conv2d / Linear module names that ``targets`` selects (a regex matched in full, or names)."""
-    kinds = (nn.Conv2d, nn.Linear)
+    """The names of the layers LoRA wraps that ``targets`` selects (a regex matched in full, or names)."""
+    kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
     if isinstance(targets, str):
         pattern = re.compile(targets)
         return [n for n, m in model.named_modules() if type(m) in kinds and pattern.fullmatch(n)]
@@ -97,7 +97,7 @@ def build_provider(
     else:
         names = _targets_list(base, targets)
     if not names:
-        raise ValueError(f"benchmark targets {targets or preset!r} select no Conv2d/Linear layer")
+        raise ValueError(f"benchmark targets {targets or preset!r} select no layer LoRA wraps")
 
     if provider == "peft":
         from peft import LoraConfig, get_peft_model

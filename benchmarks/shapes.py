@@ -64,6 +64,31 @@ class ConvStackShape:
 
 
 @dataclass(frozen=True)
+class UpDownStackShape:
+    """``depth`` x (transposed conv kxk stride k up, ReLU, conv kxk stride k back down) at ``channels`` on an
+    ``[batch, channels, height, width]`` input: Real-CUGAN's up-sampling layers, kept at one size."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    depth: int
+    kernel: int = 2
+    dtype: str = "fp32"
+    device: str = "cpu"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.channels, self.height, self.width)
+
+    @property
+    def id(self) -> str:
+        k = self.kernel
+        size = f"{self.batch}x{self.channels}x{self.height}x{self.width}"
+        return f"{self.depth}xup{k}x{k}conv{self.channels}-{size}-{self.device}"
+
+
+@dataclass(frozen=True)
 class LinearShape:
     """One linear in_features->out_features on ``[*tokens, in_features]``."""
 
@@ -136,6 +161,7 @@ CPU_CONV_SHAPES = tuple(
 )
 CPU_LINEAR_SHAPES = (LinearShape(tokens=(4, 1024), in_features=180, out_features=540),)
 CPU_SWINIR_SHAPES = (SwinIRShape(batch=2, patch=48, embed_dim=48, depths=(4, 4), num_heads=(4, 4)),)
+CPU_UP_DOWN_SHAPES = (UpDownStackShape(batch=4, channels=64, height=32, width=32, depth=4),)
 
 # -- GPU shapes: SwinIR-M-like widths at training batch sizes; ranks 4, 8, 16; bf16 and fp32 --
 
@@ -161,7 +187,7 @@ GPU_SWINIR_SHAPES = tuple(
 class Case:
     """One benchmark: a shape, a provider and (for LoRA providers) a rank."""
 
-    shape: ConvStackShape | LinearShape | SwinIRShape
+    shape: ConvStackShape | UpDownStackShape | LinearShape | SwinIRShape
     provider: str
     rank: int | None
 
@@ -205,6 +231,8 @@ def cases(shapes: Iterable, ranks: Sequence[int], providers: Sequence[str] | Non
 CONV_CASES = cases(CPU_CONV_SHAPES, CPU_RANKS) + cases(GPU_CONV_SHAPES, GPU_RANKS)
 LINEAR_CASES = cases(CPU_LINEAR_SHAPES, CPU_RANKS) + cases(GPU_LINEAR_SHAPES, GPU_RANKS)
 SWINIR_CASES = cases(CPU_SWINIR_SHAPES, CPU_RANKS) + cases(GPU_SWINIR_SHAPES, (8,))
+# PEFT has no LoRA for transposed convs; adaptsr has no kernels of its own for them (no fused providers)
+CONV_TRANSPOSE_CASES = cases(CPU_UP_DOWN_SHAPES, CPU_RANKS, providers=("frozen", "full_ft", "reference", "torch"))
 
 
 # -- Swin window attention (benchmarks/test_bench_window_attention.py) --
