@@ -474,8 +474,8 @@ def _layer_shape(layer) -> str:
     if not hasattr(layer, "kernel_size"):
         return f"{layer.in_features} -> {layer.out_features}"
     text = f"{layer.in_channels} -> {layer.out_channels}, {'x'.join(map(str, layer.kernel_size))}"
-    for option, default in (("stride", (1, 1)), ("dilation", (1, 1)), ("groups", 1)):
-        value = getattr(layer, option)
+    for option, default in (("stride", (1, 1)), ("output_padding", (0, 0)), ("dilation", (1, 1)), ("groups", 1)):
+        value = getattr(layer, option, default)
         if value != default:
             text += f", {option} {'x'.join(map(str, value)) if isinstance(value, tuple) else value}"
     return text

@@ -106,3 +106,14 @@ def test_bad_input_one_line(checkpoints, capsys, argv, message):
     code, out, err = _run(capsys, *(a.format(c=checkpoints) for a in argv))
     assert code == 1 and out == ""
     assert err.startswith("adaptsr layers: error: ") and message in err and err.count("\n") == 1
+
+
+def test_transposed_convs_are_listed_and_adapted(tiny_sr, tmp_path, capsys):
+    """Real-CUGAN's up-sampling layers: ConvTranspose2d rows, with their stride, adapted by the preset."""
+    adaptsr.save_model(tiny_sr.realcugan(), tmp_path / "realcugan.safetensors")
+    code, out, err = _run(capsys, "--model", tmp_path / "realcugan.safetensors")
+    assert code == 0, err
+    rows = _table(out)
+    up = rows["unet1.conv2_up"]
+    assert up[:3] == ["ConvTranspose2d", "64 -> 64, 2x2, stride 2x2", "8"]
+    assert rows["unet1.conv_bottom"][0] == "ConvTranspose2d" and rows["unet1.conv_bottom"][2] == "-"
