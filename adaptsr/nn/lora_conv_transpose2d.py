@@ -40,6 +40,7 @@ class LoRAConvTranspose2d(LoRALayer):
     def _rank_of(lora_A: torch.Tensor) -> int:
         return lora_A.shape[1] if lora_A.dim() > 1 else 0
 
+    # an instance method, not static as in the other layers: the update's block structure follows the base's groups
     def _delta(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
         return conv_transpose_delta_weight(lora_A, lora_B, self.base_layer.groups)
 
