@@ -196,6 +196,15 @@ PRESETS: dict[str, Preset] = {
     # and last layer (in 2x and 3x they read and write the pixels; one rule for every variant) and the
     # squeeze-excitation convs (C/8 channels).
     "realcugan": r"unet[12]\.(conv1\.conv\.2|conv[2-4]\.conv\.[02]|conv\d_(down|up)|conv[35])",
+    # SCUNet (a blind real-world denoiser, scale 1: the same recipe adapts it to one camera's noise): per
+    # Swin-conv block the transformer branch's qkv (embedding_layer), proj (linear) and MLP, the conv
+    # branch's two 3x3 convs and the two 1x1 convs that split and merge the branches; the strided down
+    # convs and the transposed up convs between the U-Net's stages. Left out: m_head and m_tail (pixels).
+    "scunet": (
+        r"m_(down[1-3]|body|up[1-3])\.\d+\."
+        r"(trans_block\.(msa\.(embedding_layer|linear)|mlp\.[02])|conv1_[12]|conv_block\.[02])"
+        r"|m_down[1-3]\.\d+|m_up[1-3]\.0"
+    ),
 }
 
 # spandrel's architecture ids for the presets above, so a preset can be picked from a model.
@@ -204,7 +213,7 @@ ARCHITECTURE_PRESETS: dict[str, str] = {
     "Compact": "compact", "DAT": "dat", "Swin2SR": "swin2sr", "DRCT": "drct", "ATD": "atd", "RGT": "rgt",
     "PLKSR": "plksr", "SAFMN": "safmn", "OmniSR": "omnisr", "SPAN": "span", "FDAT": "fdat", "MoSR": "mosr",
     "GRL": "grl", "CRAFT": "craft", "SeemoRe": "seemore", "DITN": "ditn", "MoESR": "moesr", "DCTLSA": "dctlsa",
-    "SwiftSRGAN": "swiftsrgan", "RealCUGAN": "realcugan",
+    "SwiftSRGAN": "swiftsrgan", "RealCUGAN": "realcugan", "SCUNet": "scunet",
 }
 
 

@@ -568,6 +568,9 @@ _TINY_SR = SimpleNamespace(
     swiftsrgan=_tiny("SwiftSRGAN", num_channels=16, num_blocks=2, upscale_factor=2),
     # Real-CUGAN has no size knobs: the smallest model, UpCunet2x (1.3M parameters), on 32-pixel inputs
     realcugan=_tiny("UpCunet2x", "RealCUGAN"),
+    # a denoiser (scale 1); its transformer branches take 32-channel heads of half the width, so dim 64 (5.5M
+    # parameters, the largest here) with one block per stage; spandrel asks for inputs of 40 pixels at least
+    scunet=_tiny("SCUNet", config=[1, 1, 1, 1, 1, 1, 1], dim=64),
 )
 
 
@@ -575,7 +578,7 @@ _TINY_SR = SimpleNamespace(
 def tiny_sr():
     """``tiny_sr.<name>(seed=0, **overrides)``: small seeded random spandrel models, one per name above (swinir,
     hat, esrgan, rcan, compact, dat, swin2sr, drct, atd, rgt, plksr, realplksr, safmn, span, fdat, mosr, omnisr,
-    grl, grl_separable, craft, seemore, ditn, moesr, dctlsa, swiftsrgan, realcugan)."""
+    grl, grl_separable, craft, seemore, ditn, moesr, dctlsa, swiftsrgan, realcugan, scunet)."""
     return _TINY_SR
 
 

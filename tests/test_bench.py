@@ -138,12 +138,13 @@ def test_bad_input_one_line(argv, message, capsys, tmp_path):
     [
         "swinir", "hat", "esrgan", "rcan", "compact", "dat", "swin2sr", "drct", "atd", "rgt", "plksr", "safmn", "span",
         "omnisr", "fdat", "mosr", "grl", "craft", "seemore", "ditn", "moesr", "dctlsa", "swiftsrgan", "realcugan",
+        "scunet",
     ],
 )
 def test_every_preset_architecture(arch, tiny_sr, tmp_path):
     """Each architecture with a preset, RCAN included (its forward writes into its input). Batches of 2: DAT's
-    channel interaction ends in a batch norm over 1 x 1 maps, which cannot train on a single image. Real-CUGAN
-    takes 32-pixel patches at the least."""
+    channel interaction ends in a batch norm over 1 x 1 maps, which cannot train on a single image. Real-CUGAN and
+    SCUNet take patches of 32 and 40 pixels at the least."""
     adaptsr.save_model(getattr(tiny_sr, arch)(), tmp_path / "model.safetensors")
     descriptor = adaptsr.load_model(tmp_path / "model.safetensors")
     patch = max(TINY["patch"], descriptor.size_requirements.minimum)

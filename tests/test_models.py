@@ -315,6 +315,16 @@ ARCHS = {
             "final_conv.pointwise",
         },
     ),
+    "scunet": (
+        {},
+        "SCUNet",
+        # down stages: the block, then the strided conv; up stages: the transposed conv, then the block
+        {f"m_{stage}.{p}" for stage in ("down1.0", "down2.0", "down3.0", "body.0", "up3.1", "up2.1", "up1.1")
+         for p in ("trans_block.msa.embedding_layer", "trans_block.msa.linear", "trans_block.mlp.0",
+                   "trans_block.mlp.2", "conv1_1", "conv1_2", "conv_block.0", "conv_block.2")}
+        | {"m_down1.1", "m_down2.1", "m_down3.1", "m_up3.0", "m_up2.0", "m_up1.0"},
+        {"m_head.0", "m_tail.0"},
+    ),
     "realcugan": (
         {},
         "RealCUGAN",
@@ -335,7 +345,8 @@ ARCHS = {
 # the preset of each entry of ARCHS, where its name is not one
 PRESET_OF = {"realplksr": "plksr", "grl_separable": "grl"}
 
-SCALE = 2
+SCALE = 2  # every model here upscales x2 but the denoisers
+SCALE_OF = {"scunet": 1}
 
 
 @pytest.fixture(params=sorted(ARCHS))
@@ -355,7 +366,7 @@ def base(arch, tmp_path, tiny_sr):
     adaptsr.save_model(getattr(tiny_sr, arch)(**ARCHS[arch][0]), path)
     descriptor = adaptsr.load_model(path)
     assert descriptor.architecture.id == ARCHS[arch][1]
-    assert descriptor.scale == SCALE
+    assert descriptor.scale == SCALE_OF.get(arch, SCALE)
     return descriptor
 
 
@@ -477,10 +488,10 @@ def test_output_equals_base_at_init(arch, preset, base, lr_size, eval_batch):
 # -- train, merge, save, load --
 
 
-def _train(model: nn.Module, size: int, steps: int = 6) -> list[float]:
+def _train(model: nn.Module, size: int, scale: int, steps: int = 6) -> list[float]:
     torch.manual_seed(2)
     lr_img = torch.rand(2, 3, size, size)
-    hr_img = torch.rand(2, 3, size * SCALE, size * SCALE)
+    hr_img = torch.rand(2, 3, size * scale, size * scale)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     model.train()
@@ -503,7 +514,7 @@ def test_train_merge_save_and_reload_through_spandrel(arch, preset, base, lr_siz
     model = copy.deepcopy(base.model)
     adaptsr.inject_lora(model, preset=preset, rank=4)
     frozen_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
-    losses = _train(model, lr_size)
+    losses = _train(model, lr_size, base.scale)
 
     assert losses[-1] < losses[0], losses
     for name, layer in adaptsr.lora_layers(model):
@@ -534,7 +545,7 @@ def test_train_merge_save_and_reload_through_spandrel(arch, preset, base, lr_siz
             adaptsr.save_model(merged, path)
         loaded = adaptsr.load_model(path)
         assert loaded.architecture.id == base.architecture.id, file_name
-        assert loaded.scale == base.scale == SCALE
+        assert loaded.scale == base.scale == SCALE_OF.get(arch, SCALE)
         assert type(loaded.model) is type(base.model)
         assert list(loaded.model.state_dict()) == base_keys
         loaded_out = _run(loaded.model, x)
