@@ -205,6 +205,11 @@ PRESETS: dict[str, Preset] = {
         r"(trans_block\.(msa\.(embedding_layer|linear)|mlp\.[02])|conv1_[12]|conv_block\.[02])"
         r"|m_down[1-3]\.\d+|m_up[1-3]\.0"
     ),
+    # NAFNet (denoising and deblurring, scale 1): per block the four 1x1 convs (conv1 / conv3 around the
+    # gated depthwise conv, conv4 / conv5 of the FFN); the strided down convs and the 1x1 convs before each
+    # pixel shuffle up. Left out: intro and ending (pixels), the depthwise conv2 and the simplified channel
+    # attention's conv on globally pooled features (sca).
+    "nafnet": r"(encoders\.\d+|decoders\.\d+|middle_blks)\.\d+\.conv[1345]|downs\.\d+|ups\.\d+\.0",
 }
 
 # spandrel's architecture ids for the presets above, so a preset can be picked from a model.
@@ -214,6 +219,7 @@ ARCHITECTURE_PRESETS: dict[str, str] = {
     "PLKSR": "plksr", "SAFMN": "safmn", "OmniSR": "omnisr", "SPAN": "span", "FDAT": "fdat", "MoSR": "mosr",
     "GRL": "grl", "CRAFT": "craft", "SeemoRe": "seemore", "DITN": "ditn", "MoESR": "moesr", "DCTLSA": "dctlsa",
     "SwiftSRGAN": "swiftsrgan", "RealCUGAN": "realcugan", "SCUNet": "scunet",
+    "NAFNet": "nafnet",
 }
 
 

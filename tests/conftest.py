@@ -16,8 +16,8 @@ gradients whatever the reduction behind them. NaN and inf never pass.
 The helpers are handed to tests as fixtures (``assert_close_to_reference``, ``assert_close``,
 ``abs_inputs``, ``conv_case_strategy``, ``linear_case_strategy``, ``make_conv_tensors``,
 ``make_linear_tensors``, ``tiny_sr``; all session-scoped, so hypothesis tests can take them; the
-session-wide autouse ``single_threaded``; and the per-test ``poisoned_window_attention``) rather than imported, so the test files work under every
-pytest import mode and next to other ``conftest.py`` files.
+session-wide autouse ``single_threaded``; and the per-test ``poisoned_window_attention``) rather than
+imported, so the test files work under every pytest import mode and next to other ``conftest.py`` files.
 """
 
 from __future__ import annotations
@@ -489,12 +489,17 @@ def _tiny(name: str, package: str | None = None, *, finish=None, **defaults):
     return build
 
 
-def _ditn_output_scales(model: torch.nn.Module) -> None:
-    """DITN starts each spatial-aware attention (SDA) with its output scale at zero, so in a fresh model no
-    gradient reaches the layers inside it; a trained model has learned the scales."""
-    for name, parameter in model.named_parameters():
-        if name.endswith("SDA.scale"):
-            parameter.uniform_(0.5, 1.0)
+def _learned_scales(*suffixes: str):
+    """A ``finish`` that gives the parameters named ``*<suffix>`` values in [0.5, 1]: the residual scales some
+    architectures start at zero (DITN's SDA.scale, NAFNet's beta and gamma), which in a fresh model keep every
+    gradient from the layers they scale; a trained model has learned them."""
+
+    def finish(model: torch.nn.Module) -> None:
+        for name, parameter in model.named_parameters():
+            if name.endswith(suffixes):
+                parameter.uniform_(0.5, 1.0)
+
+    return finish
 
 
 # x2 models of 5k-300k parameters (Real-CUGAN, which has no size knobs: 1.3M), fast on 16-pixel inputs.
@@ -561,7 +566,7 @@ _TINY_SR = SimpleNamespace(
         "CRAFT", window_size=16, embed_dim=32, depths=[2], num_heads=[4], split_size_0=2, split_size_1=4, upscale=2
     ),
     seemore=_tiny("SeemoRe", scale=2, num_experts=2, num_layers=2, embedding_dim=16),
-    ditn=_tiny("DITN", finish=_ditn_output_scales, dim=16, ITL_blocks=1, SAL_blocks=1, upscale=2),
+    ditn=_tiny("DITN", finish=_learned_scales("SDA.scale"), dim=16, ITL_blocks=1, SAL_blocks=1, upscale=2),
     moesr=_tiny("MoESR", dim=16, n_blocks=2, n_block=2, scale=2, upsample_dim=16),
     # spandrel's DCTLSA always builds six modules: num_modules must say 6 for its fusion conv to fit
     dctlsa=_tiny("DCTLSA", nf=20, num_modules=6, upscale=2),
@@ -571,6 +576,10 @@ _TINY_SR = SimpleNamespace(
     # a denoiser (scale 1); its transformer branches take 32-channel heads of half the width, so dim 64 (5.5M
     # parameters, the largest here) with one block per stage; spandrel asks for inputs of 40 pixels at least
     scunet=_tiny("SCUNet", config=[1, 1, 1, 1, 1, 1, 1], dim=64),
+    nafnet=_tiny(  # scale 1 too
+        "NAFNet", finish=_learned_scales(".beta", ".gamma"), width=16, enc_blk_nums=[1, 1], middle_blk_num=1,
+        dec_blk_nums=[1, 1],
+    ),
 )
 
 
@@ -578,7 +587,7 @@ _TINY_SR = SimpleNamespace(
 def tiny_sr():
     """``tiny_sr.<name>(seed=0, **overrides)``: small seeded random spandrel models, one per name above (swinir,
     hat, esrgan, rcan, compact, dat, swin2sr, drct, atd, rgt, plksr, realplksr, safmn, span, fdat, mosr, omnisr,
-    grl, grl_separable, craft, seemore, ditn, moesr, dctlsa, swiftsrgan, realcugan, scunet)."""
+    grl, grl_separable, craft, seemore, ditn, moesr, dctlsa, swiftsrgan, realcugan, scunet, nafnet)."""
     return _TINY_SR
 
 

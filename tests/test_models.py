@@ -325,6 +325,14 @@ ARCHS = {
         | {"m_down1.1", "m_down2.1", "m_down3.1", "m_up3.0", "m_up2.0", "m_up1.0"},
         {"m_head.0", "m_tail.0"},
     ),
+    "nafnet": (
+        {},
+        "NAFNet",
+        {f"{block}.{c}" for block in ("encoders.0.0", "encoders.1.0", "middle_blks.0", "decoders.0.0", "decoders.1.0")
+         for c in ("conv1", "conv3", "conv4", "conv5")}
+        | {"downs.0", "downs.1", "ups.0.0", "ups.1.0"},
+        {"intro", "ending", "encoders.0.0.conv2", "encoders.0.0.sca.1"},  # pixels; depthwise; pooled attention
+    ),
     "realcugan": (
         {},
         "RealCUGAN",
@@ -346,7 +354,7 @@ ARCHS = {
 PRESET_OF = {"realplksr": "plksr", "grl_separable": "grl"}
 
 SCALE = 2  # every model here upscales x2 but the denoisers
-SCALE_OF = {"scunet": 1}
+SCALE_OF = {"scunet": 1, "nafnet": 1}
 
 
 @pytest.fixture(params=sorted(ARCHS))
