@@ -1,4 +1,5 @@
-"""torch.compile traces the LoRA layers' ops whole: no graph break, and eager's outputs and gradients.
+"""torch.compile traces the LoRA layers' ops (conv, transposed conv, linear, window attention) whole: no graph
+break, and eager's outputs and gradients.
 
 A graph break splits a compiled training step where our ops sit, so the compiler cannot fuse across
 them; one in the window-attention op (an ``out=`` into a strided view) went unnoticed until this test.
@@ -23,10 +24,13 @@ def _conv_and_linear_model() -> nn.Module:
             super().__init__()
             self.conv = nn.Conv2d(6, 6, 3, padding=1, padding_mode="reflect")
             self.grouped = nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=2)
+            self.up = nn.ConvTranspose2d(6, 6, 2, stride=2, groups=2)
+            self.down = nn.Conv2d(6, 6, 2, stride=2)
             self.mlp = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6))
 
         def forward(self, x):
             x = self.grouped(torch.relu(self.conv(x)))
+            x = self.down(torch.relu(self.up(x)))
             return self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     return Block()
@@ -36,7 +40,7 @@ def _adapted(name: str, tiny_sr) -> tuple[nn.Module, torch.Tensor]:
     """The model with LoRA, and an input."""
     if name == "conv+linear":
         model = _conv_and_linear_model()
-        adaptsr.inject_lora(model, targets=r"conv|grouped|mlp\.\d", rank=2, init_lora_weights=False)
+        adaptsr.inject_lora(model, targets=r"conv|grouped|up|mlp\.\d", rank=2, init_lora_weights=False)
         return model, torch.randn(2, 6, 8, 8)
     arch = name.removesuffix("-shifted")
     model = getattr(tiny_sr, arch)()
