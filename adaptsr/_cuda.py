@@ -265,29 +265,45 @@ def _f32(t):
 
 
 def window_attention_fwd(q, k, v, bias, mask, scale: float):
-    """``(o, lse)``: o = softmax(scale q k^T + bias[h] + mask[b % nW]) v over windows ``[B_, heads, N, d]``.
+    """``(o, lse)``: o = softmax(scale q k^T + bias[h] + mask[b % nW]) v over windows, q ``[B_, heads, N, d]``,
+    k and v ``[B_, heads, N_k, d]``.
 
-    bias ``[heads, N, N]`` and mask ``[nW, N, N]`` are optional (float32); lse ``[B_, heads, N]`` float32.
+    bias ``[heads, N, N_k]`` and mask ``[nW, N, N_k]`` are optional (float32); lse ``[B_, heads, N]`` float32.
     """
     return tuple(load().window_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), _f32(bias), _f32(mask),
                                              float(scale)))
 
 
 def window_attention_bwd(do, q, k, v, o, lse, bias, mask, scale: float, need_dbias: bool):
-    """``(dq, dk, dv, dbias)`` of window attention; dbias ``[heads, N, N]`` float32 summed over windows, or None."""
+    """``(dq, dk, dv, dbias)`` of window attention; dbias ``[heads, N, N_k]`` float32 summed over windows, or None."""
     return tuple(load().window_attention_bwd(
         do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), lse.float().contiguous(),
         _f32(bias), _f32(mask), float(scale), bool(need_dbias),
     ))
 
 
-def window_attention_takes(dtype, n: int, head_dim: int, n_keys: int | None = None) -> bool:
-    """Whether the window-attention kernels take q, k, v of ``dtype`` in windows of ``n`` tokens with heads of
-    ``head_dim`` (the sizes are the limits the extension exports: csrc/window_attention/window_attention_limits.h).
-    They take square windows only: ``n_keys``, where given, must be ``n``."""
+def window_attention_takes(
+    dtype, n: int, head_dim: int, n_keys: int | None = None, need_dbias: bool = True, tensor_cores: bool | None = None
+) -> bool:
+    """Whether the window-attention kernels take q of ``dtype`` in windows of ``n`` queries and ``n_keys`` keys
+    (default ``n``), with heads of ``head_dim`` (the extension's limits: csrc/window_attention/window_attention_limits.h).
+
+    Up to ``window_attention_max_seq`` keys on every path; more (HAT's overlapping cross-attention: 576) only on
+    the tensor-core kernels, which stream the keys, and only without the bias table's gradient (``need_dbias``
+    False): the CUDA-core kernels and the dbias sum keep whole rows of scores in shared memory.
+    ``tensor_cores``: whether fp16 / bf16 run on tensor cores (sm_80 and later); None asks the current GPU.
+    """
     import torch
 
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16) or n_keys not in (None, n):
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     ext = load()
-    return 1 <= n <= ext.window_attention_max_seq and 1 <= head_dim <= ext.window_attention_max_head_dim
+    max_seq = ext.window_attention_max_seq
+    if not (1 <= n <= max_seq and 1 <= head_dim <= ext.window_attention_max_head_dim):
+        return False
+    n_keys = n if n_keys is None else n_keys
+    if n_keys <= max_seq:
+        return n_keys >= 1
+    if tensor_cores is None:
+        tensor_cores = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    return dtype != torch.float32 and tensor_cores and not need_dbias

@@ -59,9 +59,13 @@ def test_window_attention_limits_come_from_the_extension(ext):
     assert not _cuda.window_attention_takes(torch.bfloat16, max_seq + 1, max_head_dim)
     assert not _cuda.window_attention_takes(torch.float16, max_seq, max_head_dim + 1)
     assert not _cuda.window_attention_takes(torch.float64, 64, 30)
-    # square windows only (HAT's overlapping cross-attention, 64 queries x 144 keys, runs elsewhere)
-    assert _cuda.window_attention_takes(torch.bfloat16, 64, 30, 64)
-    assert not _cuda.window_attention_takes(torch.bfloat16, 64, 30, 144)
+    # keys from larger windows: up to max_seq everywhere; HAT's 576 on tensor cores with a frozen bias table only
+    assert _cuda.window_attention_takes(torch.float32, 64, 30, 144)
+    assert _cuda.window_attention_takes(torch.bfloat16, 36, 30, 16)
+    assert _cuda.window_attention_takes(torch.bfloat16, 256, 30, 576, need_dbias=False, tensor_cores=True)
+    assert not _cuda.window_attention_takes(torch.bfloat16, 256, 30, 576, need_dbias=True, tensor_cores=True)
+    assert not _cuda.window_attention_takes(torch.bfloat16, 256, 30, 576, need_dbias=False, tensor_cores=False)
+    assert not _cuda.window_attention_takes(torch.float32, 256, 30, 576, need_dbias=False, tensor_cores=True)
 
 
 @needs_cuda_backend

@@ -275,7 +275,18 @@ ATTENTION_CASES = {
     "N72-d8-mask": (2, 3, 72, 8, 2, False, 1),
     # a one-token window (P = 1), the head dimension one whole tensor-core step
     "N1-d16-bias": (3, 2, 1, 16, 0, True, 2),
+    # keys from larger windows than the queries (HAT's overlapping cross-attention, N_k below)
+    "N16-Nk36-bias-mask": (3, 2, 16, 30, 2, True, 2),
+    "N64-Nk144-bias": (2, 2, 64, 30, 0, True, 1),  # 1 query tile x 5 key tiles of the forward, 3 of dk/dv
+    "N36-Nk16-mask": (2, 2, 36, 16, 1, False, 1),  # fewer keys than queries
+    # HAT's own sizes: 256 queries, 576 keys, more than the shared-memory score rows hold, so tensor cores
+    # only and with a frozen bias table (no dbias)
+    "N256-Nk576-frozen-bias": (1, 1, 256, 30, 0, True, 1),
 }
+# keys per window where they are not the N queries
+ATTENTION_KEYS = {"N16-Nk36-bias-mask": 36, "N64-Nk144-bias": 144, "N36-Nk16-mask": 16, "N256-Nk576-frozen-bias": 576}
+# cases whose bias gets no gradient (the kernels take N_k > 256 keys only then)
+_FROZEN_BIAS = {"N256-Nk576-frozen-bias"}
 # the dtypes of each case; the 16-bit ones run on both kernels unless listed as tensor-core only
 _ATTENTION_DTYPES = {
     "N64-bias-mask": ["fp32", "fp16", "bf16"],
@@ -285,8 +296,15 @@ _ATTENTION_DTYPES = {
     "N16-d64-bias": ["fp32", "fp16"],
     "N72-d8-mask": ["bf16"],
     "N1-d16-bias": ["fp32", "bf16"],
+    "N16-Nk36-bias-mask": ["fp32", "bf16"],
+    "N64-Nk144-bias": ["fp32", "bf16"],
+    "N36-Nk16-mask": ["fp32", "fp16"],
+    "N256-Nk576-frozen-bias": ["bf16"],
 }
-_ATTENTION_TENSOR_CORES_ONLY = {("N64-plain", "bf16"), ("N256-bias-mask", "bf16"), ("N72-d8-mask", "bf16")}
+_ATTENTION_TENSOR_CORES_ONLY = {
+    ("N64-plain", "bf16"), ("N256-bias-mask", "bf16"), ("N72-d8-mask", "bf16"), ("N64-Nk144-bias", "bf16"),
+    ("N256-Nk576-frozen-bias", "bf16"),
+}
 
 
 def _attention_params():
@@ -303,13 +321,16 @@ def test_window_attention_fwd_bwd_match_float64(
     emu, schedule, case_name, dtype_name, units, assert_close_to_reference
 ):
     windows, heads, n, d, num_masks, with_bias, sms = ATTENTION_CASES[case_name]
+    n_keys = ATTENTION_KEYS.get(case_name, n)
+    need_dbias = with_bias and case_name not in _FROZEN_BIAS
     dtype = DTYPES[dtype_name]
     gen = torch.Generator().manual_seed(_seed(case_name, dtype_name))
-    q, k, v, do = (_rounded(gen, (windows, heads, n, d), dtype) for _ in range(4))
-    bias = _rounded(gen, (heads, n, n), dtype) if with_bias else None
+    q, do = (_rounded(gen, (windows, heads, n, d), dtype) for _ in range(2))
+    k, v = (_rounded(gen, (windows, heads, n_keys, d), dtype) for _ in range(2))
+    bias = _rounded(gen, (heads, n, n_keys), dtype) if with_bias else None
     mask = None
     if num_masks:
-        mask = torch.where(torch.rand(num_masks, n, n, generator=gen) < 0.3, -100.0, 0.0)
+        mask = torch.where(torch.rand(num_masks, n, n_keys, generator=gen) < 0.3, -100.0, 0.0)
         if "dead-row" in case_name:
             mask[0, 3, :] = -float("inf")
             mask[0, 5, ::2] = -float("inf")
@@ -319,10 +340,10 @@ def test_window_attention_fwd_bwd_match_float64(
     tensor_cores = units == "tensor_cores"
     o, lse = emu.window_attention_fwd(q, k, v, f32(bias), f32(mask), scale, tensor_cores)
     dq, dk, dv, _delta, dbias = emu.window_attention_bwd(
-        do, q, k, v, o, lse, f32(bias), f32(mask), scale, with_bias, sms, tensor_cores
+        do, q, k, v, o, lse, f32(bias), f32(mask), scale, need_dbias, sms, tensor_cores
     )
-    got = {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv, **({"dbias": dbias} if with_bias else {})}
-    assert (dbias is None) == (not with_bias)
+    got = {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv, **({"dbias": dbias} if need_dbias else {})}
+    assert (dbias is None) == (not need_dbias)
 
     def reference(run_dtype):
         leaves = [t.to(run_dtype).requires_grad_(True) for t in (q, k, v)]
@@ -330,7 +351,7 @@ def test_window_attention_fwd_bwd_match_float64(
         out, lse_ = _attention(*leaves, b, None if mask is None else mask.to(run_dtype), scale)
         grads = torch.autograd.grad(out, leaves + ([b] if with_bias else []), do.to(run_dtype))
         result = {"o": out, "lse": lse_, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
-        if with_bias:
+        if need_dbias:
             result["dbias"] = grads[3].float() if run_dtype != torch.float64 else grads[3]
         return {key: value.detach() for key, value in result.items()}
 

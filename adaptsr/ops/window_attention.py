@@ -38,7 +38,8 @@ Backends:
   ``F.scaled_dot_product_attention`` with the same folded layout. See ``_sdpa_wins`` for what was
   measured.
 - triton / cuda: fused kernels (``adaptsr.kernels.window_attention`` / ``adaptsr._cuda``) that
-  never write P to memory (the cuda kernels for N_k = N only).
+  never write P to memory. The cuda kernels take more than 256 keys per window (HAT's 576) on tensor cores
+  only, with a frozen bias table; their host checks say so otherwise.
 
 Every backend but the reference takes the table's gradient from ``dbias`` through the gather in
 torch, summed in a fixed order (``_GatherBias``): the same bits on every run.
@@ -332,16 +333,22 @@ def _torch_window_attention(q, k, v, bias, mask, scale):
 # -- the fused backends (triton, cuda) --
 
 
-def _fused_takes(backend: str, dtype: torch.dtype, n: int, head_dim: int, n_keys: int | None = None) -> bool:
+def _fused_takes(
+    backend: str, dtype: torch.dtype, n: int, head_dim: int, n_keys: int | None = None, need_dbias: bool = True
+) -> bool:
     """Whether ``backend``'s kernels take windows of ``n`` queries (and ``n_keys`` keys, default ``n``), heads
-    of ``head_dim``, in ``dtype``: where they do not, "auto" runs the torch path (``resolve``'s ``takes``)."""
+    of ``head_dim``, in ``dtype``, with (``need_dbias``) or without the bias table's gradient: where they do
+    not, "auto" runs the torch path (``resolve``'s ``takes``)."""
+    n_keys = n if n_keys is None else n_keys
     if backend == "triton":
         from adaptsr.kernels.window_attention import window_attention_takes
-    elif backend == "cuda":
+
+        return window_attention_takes(dtype, n, head_dim, n_keys)
+    if backend == "cuda":
         from adaptsr._cuda import window_attention_takes
-    else:
-        return True
-    return window_attention_takes(dtype, n, head_dim, n if n_keys is None else n_keys)
+
+        return window_attention_takes(dtype, n, head_dim, n_keys, need_dbias)
+    return True
 
 
 def _kernel_launchers(backend: str):
@@ -431,16 +438,14 @@ def window_attention(
         mask = mask.detach()
     scale = float(scale)
     n, n_keys, head_dim = q.shape[2], k.shape[2], q.shape[3]
-    backend = resolve(q.device, "window_attention", lambda name: _fused_takes(name, q.dtype, n, head_dim, n_keys))
+    need_dbias = bias_table.requires_grad and torch.is_grad_enabled()
+    backend = resolve(
+        q.device, "window_attention", lambda name: _fused_takes(name, q.dtype, n, head_dim, n_keys, need_dbias)
+    )
     if backend == "reference":
         return window_attention_ref(q, k, v, bias_table, index, mask, scale)
     if backend not in ("torch", "triton", "cuda"):
         raise NotImplementedError(f"window_attention has no {backend!r} backend")
-    if backend == "cuda" and n_keys != n:
-        raise ValueError(
-            f"window_attention: the cuda backend's kernels take square windows (N_k = N), got q {tuple(q.shape)} "
-            f"and k {tuple(k.shape)}; run this call on the triton or torch backend"
-        )
     (q, k, v), no_autocast = _autocast_qkv(q, k, v)
     with no_autocast:
         bias = _gather_bias(bias_table, index, n, n_keys)

@@ -1,14 +1,16 @@
 // What the window-attention forward and backward kernels share: sizes, the tile loader and the
 // score formula (device code; the host-side checks are in window_attention_checks.h).
 //
-// Per window b (of B_) and head h, with q, k, v: [N, d] rows of that window and head:
+// Per window b (of B_) and head h, with q: [N, d] and k, v: [N_k, d] rows of that window and head
+// (N_k = N in Swin's windows; HAT's overlapping cross-attention has more keys than queries):
 //
-//     S[i, j] = scale * q_i . k_j + bias[h, i, j] + mask[b % nW, i, j]     (bias, mask optional)
+//     S[i, j] = scale * q_i . k_j + bias[h, i, j] + mask[b % nW, i, j]     (bias, mask optional: [N, N_k] planes)
 //     P       = softmax_j(S)          lse[i] = log sum_j exp S[i, j]
 //     o       = P v
 //
-// N <= kMaxSeq (Swin windows: 64 or 256 tokens) and d <= kMaxHeadDim. The score rows of one
-// block's queries live in shared memory; neither S nor P ever reaches global memory.
+// N <= kMaxSeq (Swin windows: 64 or 256 tokens) and d <= kMaxHeadDim; N_k <= kMaxSeq where a kernel
+// keeps whole score rows in shared memory (the CUDA-core kernels, and the dbias sum), any N_k on the
+// tensor-core path otherwise. Neither S nor P ever reaches global memory.
 #pragma once
 
 #include <cstdint>
@@ -42,11 +44,11 @@ __device__ __forceinline__ float dot_row(const float* a, const float* b, int d) 
   return acc;
 }
 
-// S[i, j] from the dot product q_i . k_j; bias_h and mask_w point at [N, N] planes or are null.
+// S[i, j] from the dot product q_i . k_j; bias_h and mask_w point at [N, N_k] planes or are null.
 __device__ __forceinline__ float score(float qk, float scale, const float* __restrict__ bias_h,
-                                       const float* __restrict__ mask_w, int i, int j, int n) {
+                                       const float* __restrict__ mask_w, int i, int j, int n_keys) {
   float s = qk * scale;
-  const int64_t at = static_cast<int64_t>(i) * n + j;
+  const int64_t at = static_cast<int64_t>(i) * n_keys + j;
   if (bias_h != nullptr) s += bias_h[at];
   if (mask_w != nullptr) s += mask_w[at];
   return s;
@@ -56,15 +58,15 @@ __device__ __forceinline__ float score(float qk, float scale, const float* __res
 __device__ __forceinline__ float prob(float s, float lse) { return lse == -INFINITY ? 0.f : expf(s - lse); }
 
 // P[i, j] and dS[i, j] = P[i, j] (dP[i, j] - delta_i) from the entry's q_i . k_j and dO_i . v_j; both 0
-// outside the window (row or key past n).
+// outside the window (row past n or key past n_keys).
 struct ProbAndGrad {
   float p, ds;
 };
 __device__ __forceinline__ ProbAndGrad prob_and_grad(float qk, float dov, float scale, const float* __restrict__ bias_h,
                                                      const float* __restrict__ mask_w, int i, int j, int n,
-                                                     float lse_i, float delta_i) {
-  if (i >= n || j >= n) return {0.f, 0.f};
-  const float p = prob(score(qk, scale, bias_h, mask_w, i, j, n), lse_i);
+                                                     int n_keys, float lse_i, float delta_i) {
+  if (i >= n || j >= n_keys) return {0.f, 0.f};
+  const float p = prob(score(qk, scale, bias_h, mask_w, i, j, n_keys), lse_i);
   return {p, p * (dov - delta_i)};
 }
 

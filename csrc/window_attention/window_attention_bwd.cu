@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
   std::optional<at::Tensor> grad_bias;
   const auto f32 = q.options().dtype(at::kFloat);
   if (dims.windows == 0 || dims.heads == 0) {
-    if (need_dbias) grad_bias = at::zeros({dims.heads, dims.seq, dims.seq}, f32);
+    if (need_dbias) grad_bias = at::zeros({dims.heads, dims.seq, dims.keys}, f32);
     return {grad_q, grad_k, grad_v, grad_bias};
   }
   TORCH_CHECK_VALUE(dims.windows <= INT32_MAX, op, ": too many windows (", dims.windows, ")");
@@ -64,14 +64,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
   const int64_t multiprocessors = need_dbias ? multiprocessor_count(q) : 1;
   // fp16 and bf16 on sm_80 and later run on tensor cores; fp32 (and older GPUs) on CUDA cores.
   const bool tensor_cores = q.scalar_type() != at::kFloat && has_tensor_cores(compute_capability_major(q));
+  wa::check_keys(op, dims, tensor_cores, need_dbias);
   const wa::BwdLaunch launch =
-      wa::plan_bwd(dims.windows, dims.heads, dims.seq, need_dbias, multiprocessors, tensor_cores);
+      wa::plan_bwd(dims.windows, dims.heads, dims.seq, dims.keys, need_dbias, multiprocessors, tensor_cores);
   const int64_t rows = launch.rows;
   at::Tensor delta = at::empty({rows}, f32);
   at::Tensor dbias_parts;
   if (need_dbias) dbias_parts = at::empty(launch.dbias_parts_sizes, f32);
 
   const int heads = static_cast<int>(dims.heads), n = static_cast<int>(dims.seq), d = static_cast<int>(dims.head_dim);
+  const int n_keys = static_cast<int>(dims.keys);
   const int num_masks = wa::mask_planes(dims.num_masks);
   const float scale_f = static_cast<float>(scale);
   const float* bias_ptr = wa::optional_ptr(bias);
@@ -86,13 +88,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
     kernels.dq<<<to_dim3(launch.dq), wa::kThreads, 0, stream>>>(
         grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), delta.data_ptr<float>(), bias_ptr, mask_ptr, grad_q.data_ptr<scalar_t>(),
-        need_dbias ? dbias_parts.data_ptr<float>() : nullptr, dims.windows, heads, n, d, num_masks, scale_f);
+        need_dbias ? dbias_parts.data_ptr<float>() : nullptr, dims.windows, heads, n, n_keys, d, num_masks, scale_f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     kernels.dkdv<<<to_dim3(launch.dkdv), wa::kThreads, 0, stream>>>(
         grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), delta.data_ptr<float>(), bias_ptr, mask_ptr, grad_k.data_ptr<scalar_t>(),
-        grad_v.data_ptr<scalar_t>(), heads, n, d, num_masks, scale_f);
+        grad_v.data_ptr<scalar_t>(), heads, n, n_keys, d, num_masks, scale_f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (need_dbias) grad_bias = sum_partials(dbias_parts, 1.0);

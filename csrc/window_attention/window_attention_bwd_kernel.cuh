@@ -14,7 +14,7 @@
 // Three kernels, none with atomics, so every result is deterministic:
 //   1. delta: one warp per row.
 //   2. dq and dbias: one block per (window split, head, query tile); it loops over the windows of
-//      its split in a fixed order, keeps its [tile x N] share of dbias in shared memory across
+//      its split in a fixed order, keeps its [tile x N_k] share of dbias in shared memory across
 //      them, and writes one partial per split; a fixed-order sum over splits gives dbias.
 //   3. dk and dv: one block per (window, head, key tile), looping over the query tiles.
 // dq and dk, dv come from separate kernels (the score tile is recomputed in each) so that every
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads)
                                const float* __restrict__ lse, const float* __restrict__ delta,
                                const float* __restrict__ bias, const float* __restrict__ mask,
                                scalar_t* __restrict__ grad_q, float* __restrict__ dbias_parts, int64_t windows,
-                               int heads, int n, int d, int num_masks, float scale) {
+                               int heads, int n, int n_keys, int d, int num_masks, float scale) {
   __shared__ float q_s[kDqBlockQ][kRowPad];
   __shared__ float do_s[kDqBlockQ][kRowPad];
   __shared__ float kv_s[kDqBlockK][kRowPad];
@@ -76,14 +76,15 @@ __global__ void __launch_bounds__(kThreads)
   const int split = blockIdx.x, num_splits = gridDim.x, h = blockIdx.y, q0 = blockIdx.z * kDqBlockQ;
   const int tid = threadIdx.x;
   const bool want_dbias = dbias_parts != nullptr;
-  const float* bias_h = bias != nullptr ? bias + static_cast<int64_t>(h) * n * n : nullptr;
+  // (the [N, N_k] plane's size is recomputed where it is used: held across the window loop, it cost a stack slot)
+  const float* bias_h = bias != nullptr ? bias + static_cast<int64_t>(h) * n * n_keys : nullptr;
 
   for (int e = tid; e < kDqBlockQ * kMaxSeq; e += kThreads) dbias_s[e / kMaxSeq][e % kMaxSeq] = 0.f;
 
   for (int64_t b = split; b < windows; b += num_splits) {
     const int64_t bh = b * heads + h;
-    const int64_t base = bh * n * d;
-    const float* mask_w = mask != nullptr ? mask + (b % num_masks) * n * n : nullptr;
+    const int64_t base = bh * n * d, kv_base = bh * n_keys * d;
+    const float* mask_w = mask != nullptr ? mask + (b % num_masks) * n * n_keys : nullptr;
 
     __syncthreads();  // the previous window's readers of every tile are done
     load_rows(q_s, q + base, q0, kDqBlockQ, n, d);
@@ -95,9 +96,9 @@ __global__ void __launch_bounds__(kThreads)
     }
 
     // -- dS[i, j] for every key: P from q, k and lse; dP from dO and v --
-    for (int k0 = 0; k0 < n; k0 += kDqBlockK) {
+    for (int k0 = 0; k0 < n_keys; k0 += kDqBlockK) {
       __syncthreads();  // q_s, do_s, lse_s, delta_s loaded; the previous tile's readers are done
-      load_rows(kv_s, k + base, k0, kDqBlockK, n, d);
+      load_rows(kv_s, k + kv_base, k0, kDqBlockK, n_keys, d);
       __syncthreads();
       float p[kDqScoresPerThread];
 #pragma unroll
@@ -106,20 +107,20 @@ __global__ void __launch_bounds__(kThreads)
         const int i = e / kDqBlockK, j = e % kDqBlockK;  // consecutive threads: consecutive keys
         const int row = q0 + i, key = k0 + j;
         p[a] = 0.f;
-        if (row < n && key < n) {
-          const float s = score(dot_row(q_s[i], kv_s[j], d), scale, bias_h, mask_w, row, key, n);
+        if (row < n && key < n_keys) {
+          const float s = score(dot_row(q_s[i], kv_s[j], d), scale, bias_h, mask_w, row, key, n_keys);
           p[a] = prob(s, lse_s[i]);
         }
       }
       __syncthreads();
-      load_rows(kv_s, v + base, k0, kDqBlockK, n, d);
+      load_rows(kv_s, v + kv_base, k0, kDqBlockK, n_keys, d);
       __syncthreads();
 #pragma unroll
       for (int a = 0; a < kDqScoresPerThread; ++a) {
         const int e = tid + a * kThreads;
         const int i = e / kDqBlockK, j = e % kDqBlockK;
         const int row = q0 + i, key = k0 + j;
-        if (key < n) {
+        if (key < n_keys) {
           const float ds = row < n ? p[a] * (dot_row(do_s[i], kv_s[j], d) - delta_s[i]) : 0.f;
           ds_s[i][key] = ds;
           if (want_dbias) dbias_s[i][key] += ds;
@@ -131,11 +132,11 @@ __global__ void __launch_bounds__(kThreads)
     float acc[kDqOutPerThread];
 #pragma unroll
     for (int a = 0; a < kDqOutPerThread; ++a) acc[a] = 0.f;
-    for (int k0 = 0; k0 < n; k0 += kDqBlockK) {
+    for (int k0 = 0; k0 < n_keys; k0 += kDqBlockK) {
       __syncthreads();  // ds_s is complete; the previous tile's readers are done
-      load_rows(kv_s, k + base, k0, kDqBlockK, n, d);
+      load_rows(kv_s, k + kv_base, k0, kDqBlockK, n_keys, d);
       __syncthreads();
-      const int keys = min(kDqBlockK, n - k0);
+      const int keys = min(kDqBlockK, n_keys - k0);
 #pragma unroll
       for (int a = 0; a < kDqOutPerThread; ++a) {
         const int e = tid + a * kThreads;
@@ -158,10 +159,10 @@ __global__ void __launch_bounds__(kThreads)
   // -- this split's dbias partial: dbias_parts[split][h][i][j], one writer per entry --
   if (want_dbias) {
     __syncthreads();
-    float* part = dbias_parts + (static_cast<int64_t>(split) * heads + h) * n * n;
-    for (int e = tid; e < kDqBlockQ * n; e += kThreads) {
-      const int i = e / n, key = e % n;
-      if (q0 + i < n) part[static_cast<int64_t>(q0 + i) * n + key] = dbias_s[i][key];
+    float* part = dbias_parts + (static_cast<int64_t>(split) * heads + h) * n * n_keys;
+    for (int e = tid; e < kDqBlockQ * n_keys; e += kThreads) {
+      const int i = e / n_keys, key = e % n_keys;
+      if (q0 + i < n) part[static_cast<int64_t>(q0 + i) * n_keys + key] = dbias_s[i][key];
     }
   }
 }
@@ -181,8 +182,8 @@ __global__ void __launch_bounds__(kThreads)
                                  const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
                                  const float* __restrict__ lse, const float* __restrict__ delta,
                                  const float* __restrict__ bias, const float* __restrict__ mask,
-                                 scalar_t* __restrict__ grad_k, scalar_t* __restrict__ grad_v, int heads, int n, int d,
-                                 int num_masks, float scale) {
+                                 scalar_t* __restrict__ grad_k, scalar_t* __restrict__ grad_v, int heads, int n,
+                                 int n_keys, int d, int num_masks, float scale) {
   __shared__ float k_s[kKvBlockK][kRowPad];
   __shared__ float v_s[kKvBlockK][kRowPad];
   __shared__ float q_s[kKvBlockQ][kRowPad];
@@ -195,12 +196,13 @@ __global__ void __launch_bounds__(kThreads)
   const int b = blockIdx.x, h = blockIdx.y, k0 = blockIdx.z * kKvBlockK;
   const int tid = threadIdx.x;
   const int64_t bh = static_cast<int64_t>(b) * heads + h;
-  const int64_t base = bh * n * d;
-  const float* bias_h = bias != nullptr ? bias + static_cast<int64_t>(h) * n * n : nullptr;
-  const float* mask_w = mask != nullptr ? mask + static_cast<int64_t>(b % num_masks) * n * n : nullptr;
+  const int64_t base = bh * n * d, kv_base = bh * n_keys * d;
+  const int64_t plane = static_cast<int64_t>(n) * n_keys;
+  const float* bias_h = bias != nullptr ? bias + h * plane : nullptr;
+  const float* mask_w = mask != nullptr ? mask + (b % num_masks) * plane : nullptr;
 
-  load_rows(k_s, k + base, k0, kKvBlockK, n, d);
-  load_rows(v_s, v + base, k0, kKvBlockK, n, d);
+  load_rows(k_s, k + kv_base, k0, kKvBlockK, n_keys, d);
+  load_rows(v_s, v + kv_base, k0, kKvBlockK, n_keys, d);
 
   // Thread owns entries (j, c) = e / kMaxHeadDim, e % kMaxHeadDim of dk and dv.
   float dk_acc[kKvOutPerThread], dv_acc[kKvOutPerThread];
@@ -225,8 +227,8 @@ __global__ void __launch_bounds__(kThreads)
       const int j = e % kKvBlockK, i = e / kKvBlockK;  // consecutive threads: consecutive keys (bias rows)
       const int row = q0 + i, key = k0 + j;
       float p = 0.f, ds = 0.f;
-      if (row < n && key < n) {
-        const float s = score(dot_row(q_s[i], k_s[j], d), scale, bias_h, mask_w, row, key, n);
+      if (row < n && key < n_keys) {
+        const float s = score(dot_row(q_s[i], k_s[j], d), scale, bias_h, mask_w, row, key, n_keys);
         p = prob(s, lse_s[i]);
         ds = p * (dot_row(do_s[i], v_s[j], d) - delta_s[i]);
       }
@@ -257,8 +259,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int a = 0; a < kKvOutPerThread; ++a) {
     const int e = tid + a * kThreads;
     const int j = e / kMaxHeadDim, c = e % kMaxHeadDim;
-    if (c < d && k0 + j < n) {
-      const int64_t at = base + static_cast<int64_t>(k0 + j) * d + c;
+    if (c < d && k0 + j < n_keys) {
+      const int64_t at = kv_base + static_cast<int64_t>(k0 + j) * d + c;
       grad_k[at] = from_float<scalar_t>(scale * dk_acc[a]);
       grad_v[at] = from_float<scalar_t>(dv_acc[a]);
     }

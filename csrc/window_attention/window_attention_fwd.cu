@@ -39,15 +39,18 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& q, con
 
   // fp16 and bf16 on sm_80 and later run on tensor cores; fp32 (and older GPUs) on CUDA cores.
   const bool tensor_cores = q.scalar_type() != at::kFloat && has_tensor_cores(compute_capability_major(q));
+  wa::check_keys(op, dims, tensor_cores, false);
   const dim3 grid = to_dim3(wa::fwd_grid(dims.windows, dims.heads, dims.seq, tensor_cores));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int heads = static_cast<int>(dims.heads), n = static_cast<int>(dims.seq), d = static_cast<int>(dims.head_dim);
+  const int n_keys = static_cast<int>(dims.keys);
   const int num_masks = wa::mask_planes(dims.num_masks);
   const float scale_f = static_cast<float>(scale);
   ADAPTSR_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), op, [&] {
     wa::attention_kernels<scalar_t>(tensor_cores).fwd<<<grid, wa::kThreads, 0, stream>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), wa::optional_ptr(bias),
-        wa::optional_ptr(mask), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), heads, n, d, num_masks, scale_f);
+        wa::optional_ptr(mask), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), heads, n, n_keys, d, num_masks,
+        scale_f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse};

@@ -1,7 +1,7 @@
 // Window attention forward: o = softmax(S) v and lse, S as in window_attention.cuh.
 //
 // One block per (window b, head h, tile of kBlockQ query rows). For its rows it writes the whole
-// score row block S[rows, 0:N] into shared memory (N <= 256, so it fits: no online rescaling is
+// score row block S[rows, 0:N_k] into shared memory (N_k <= 256, so it fits: no online rescaling is
 // needed), takes the exact row max and sum there, and multiplies by v one key tile at a time:
 //
 //     S_s[i, j] = scale q_i . k_j + bias[h, i, j] + mask[b % nW, i, j]      key tile by key tile
@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads)
     window_attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                 const scalar_t* __restrict__ v, const float* __restrict__ bias,
                                 const float* __restrict__ mask, scalar_t* __restrict__ out, float* __restrict__ lse,
-                                int heads, int n, int d, int num_masks, float scale) {
+                                int heads, int n, int n_keys, int d, int num_masks, float scale) {
   __shared__ float q_s[kBlockQ][kRowPad];
   __shared__ float kv_s[kBlockK][kRowPad];
   __shared__ float s_s[kBlockQ][kMaxSeq];
@@ -42,25 +42,27 @@ __global__ void __launch_bounds__(kThreads)
   const int b = blockIdx.x, h = blockIdx.y, q0 = blockIdx.z * kBlockQ;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int64_t bh = static_cast<int64_t>(b) * heads + h;
-  const int64_t base = bh * n * d;  // first element of this window and head in q, k, v, out
-  const float* bias_h = bias != nullptr ? bias + static_cast<int64_t>(h) * n * n : nullptr;
-  const float* mask_w = mask != nullptr ? mask + static_cast<int64_t>(b % num_masks) * n * n : nullptr;
+  const int64_t base = bh * n * d;         // first element of this window and head in q and out
+  const int64_t kv_base = bh * n_keys * d;  // ... in k and v
+  const int64_t plane = static_cast<int64_t>(n) * n_keys;
+  const float* bias_h = bias != nullptr ? bias + h * plane : nullptr;
+  const float* mask_w = mask != nullptr ? mask + (b % num_masks) * plane : nullptr;
 
   // -- load the query tile --
   load_rows(q_s, q + base, q0, kBlockQ, n, d);
 
   // -- scores S_s[i, j] for every key, one k tile at a time --
-  for (int k0 = 0; k0 < n; k0 += kBlockK) {
+  for (int k0 = 0; k0 < n_keys; k0 += kBlockK) {
     __syncthreads();  // q_s is loaded; the previous k tile's readers are done
-    load_rows(kv_s, k + base, k0, kBlockK, n, d);
+    load_rows(kv_s, k + kv_base, k0, kBlockK, n_keys, d);
     __syncthreads();
     for (int e = tid; e < kBlockQ * kBlockK; e += kThreads) {
       const int i = e / kBlockK, j = e % kBlockK;  // consecutive threads: consecutive keys
       const int row = q0 + i, key = k0 + j;
-      if (key < n) {
+      if (key < n_keys) {
         const float qk = dot_row(q_s[i], kv_s[j], d);
         // Rows past n hold zeros in q_s; they get finite scores and are never written out.
-        s_s[i][key] = row < n ? score(qk, scale, bias_h, mask_w, row, key, n) : 0.f;
+        s_s[i][key] = row < n ? score(qk, scale, bias_h, mask_w, row, key, n_keys) : 0.f;
       }
     }
   }
@@ -69,11 +71,11 @@ __global__ void __launch_bounds__(kThreads)
   // -- exact row softmax in shared memory: one warp per row --
   for (int i = warp; i < kBlockQ; i += kWarps) {
     float m = -INFINITY;
-    for (int j = lane; j < n; j += kWarpSize) m = fmaxf(m, s_s[i][j]);
+    for (int j = lane; j < n_keys; j += kWarpSize) m = fmaxf(m, s_s[i][j]);
     m = warp_max(m);
     const float m_safe = m == -INFINITY ? 0.f : m;  // a fully masked row: P = 0, not NaN
     float l = 0.f;
-    for (int j = lane; j < n; j += kWarpSize) {
+    for (int j = lane; j < n_keys; j += kWarpSize) {
       const float p = expf(s_s[i][j] - m_safe);
       s_s[i][j] = p;
       l += p;
@@ -89,11 +91,11 @@ __global__ void __launch_bounds__(kThreads)
   float acc[kOutPerThread];
 #pragma unroll
   for (int a = 0; a < kOutPerThread; ++a) acc[a] = 0.f;
-  for (int k0 = 0; k0 < n; k0 += kBlockK) {
+  for (int k0 = 0; k0 < n_keys; k0 += kBlockK) {
     __syncthreads();  // P is final; the previous v tile's readers are done
-    load_rows(kv_s, v + base, k0, kBlockK, n, d);
+    load_rows(kv_s, v + kv_base, k0, kBlockK, n_keys, d);
     __syncthreads();
-    const int keys = min(kBlockK, n - k0);
+    const int keys = min(kBlockK, n_keys - k0);
 #pragma unroll
     for (int a = 0; a < kOutPerThread; ++a) {
       const int e = tid + a * kThreads;

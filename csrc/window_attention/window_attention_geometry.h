@@ -17,7 +17,7 @@ namespace adaptsr {
 namespace window_attention {
 
 // Blocks the dq kernel aims at when it reduces dbias over windows: enough to fill the GPU a few
-// times over; each split adds one [heads, N, N] fp32 partial to the workspace.
+// times over; each split adds one [heads, N, N_k] fp32 partial to the workspace.
 constexpr int kDqBlocksPerSM = 4;
 
 // The kernels' num_masks: they read mask plane b % num_masks, and take 1 when there is no mask.
@@ -35,14 +35,14 @@ struct BwdLaunch {
   LaunchGrid delta;      // kernel 1: one warp per row
   LaunchGrid dq;         // kernel 2: (splits, heads, query tiles of kDqBlockQ or kTcDqBlockQ)
   LaunchGrid dkdv;       // kernel 3: (windows, heads, key tiles of kKvBlockK or kTcKvBlockK)
-  std::array<int64_t, 4> dbias_parts_sizes;  // float32 [splits, heads, N, N] (only with dbias)
+  std::array<int64_t, 4> dbias_parts_sizes;  // float32 [splits, heads, N, N_k] (only with dbias)
 };
 
 // Without dbias every window gets its own dq block; with it, a few blocks per SM, each summing the
-// dS of its windows so the partials stay few. At least one window and one head. tensor_cores: the
-// tiles of the tensor-core kernels (window_attention_tc_kernel.cuh).
-inline BwdLaunch plan_bwd(int64_t windows, int64_t heads, int64_t seq, bool need_dbias, int64_t multiprocessors,
-                          bool tensor_cores) {
+// dS of its windows so the partials stay few. At least one window and one head; seq queries and keys
+// keys per window. tensor_cores: the tiles of the tensor-core kernels (window_attention_tc_kernel.cuh).
+inline BwdLaunch plan_bwd(int64_t windows, int64_t heads, int64_t seq, int64_t keys, bool need_dbias,
+                          int64_t multiprocessors, bool tensor_cores) {
   BwdLaunch launch;
   launch.rows = windows * heads * seq;
   const int64_t q_tiles = ceil_div(seq, tensor_cores ? kTcDqBlockQ : kDqBlockQ);
@@ -53,8 +53,8 @@ inline BwdLaunch plan_bwd(int64_t windows, int64_t heads, int64_t seq, bool need
   }
   launch.delta = LaunchGrid{ceil_div(launch.rows, kWarps), 1, 1};
   launch.dq = LaunchGrid{launch.splits, heads, q_tiles};
-  launch.dkdv = LaunchGrid{windows, heads, ceil_div(seq, tensor_cores ? kTcKvBlockK : kKvBlockK)};
-  launch.dbias_parts_sizes = {launch.splits, heads, seq, seq};
+  launch.dkdv = LaunchGrid{windows, heads, ceil_div(keys, tensor_cores ? kTcKvBlockK : kKvBlockK)};
+  launch.dbias_parts_sizes = {launch.splits, heads, seq, keys};
   return launch;
 }
 

@@ -160,16 +160,18 @@ __global__ void __launch_bounds__(kThreads)
     window_attention_fwd_tc_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                    const scalar_t* __restrict__ v, const float* __restrict__ bias,
                                    const float* __restrict__ mask, scalar_t* __restrict__ out,
-                                   float* __restrict__ lse, int heads, int n, int d, int num_masks, float scale) {
+                                   float* __restrict__ lse, int heads, int n, int n_keys, int d, int num_masks,
+                                   float scale) {
 #if ADAPTSR_TENSOR_CORES
   __shared__ FwdTcSmem<scalar_t> sm;
   const int b = blockIdx.x, h = blockIdx.y, q0 = blockIdx.z * kTcFwdBlockQ;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int steps = head_steps(d);
   const int64_t bh = static_cast<int64_t>(b) * heads + h;
-  const int64_t base = bh * n * d;
-  const float* bias_h = bias != nullptr ? bias + static_cast<int64_t>(h) * n * n : nullptr;
-  const float* mask_w = mask != nullptr ? mask + static_cast<int64_t>(b % num_masks) * n * n : nullptr;
+  const int64_t base = bh * n * d, kv_base = bh * n_keys * d;
+  const int64_t plane = static_cast<int64_t>(n) * n_keys;
+  const float* bias_h = bias != nullptr ? bias + h * plane : nullptr;
+  const float* mask_w = mask != nullptr ? mask + (b % num_masks) * plane : nullptr;
   const int rows0 = q0 + warp * kMma;  // the warp's first query row
 
   // -- the warp's q rows as fragments, kept for the whole key loop --
@@ -187,10 +189,10 @@ __global__ void __launch_bounds__(kThreads)
   const int r = lane / 2, half = lane % 2, row = rows0 + r;
   float m = -INFINITY, l = 0.f;
   FragAcc o_frag[kMaxHeadSteps];
-  for (int k0 = 0; k0 < n; k0 += kTcFwdBlockK) {
+  for (int k0 = 0; k0 < n_keys; k0 += kTcFwdBlockK) {
     __syncthreads();  // the previous tile's k and v readers are done
-    load_head_tile(sm.k, k + base, k0, kTcFwdBlockK, n, d, tid, kThreads);
-    load_head_tile(sm.v, v + base, k0, kTcFwdBlockK, n, d, tid, kThreads);
+    load_head_tile(sm.k, k + kv_base, k0, kTcFwdBlockK, n_keys, d, tid, kThreads);
+    load_head_tile(sm.v, v + kv_base, k0, kTcFwdBlockK, n_keys, d, tid, kThreads);
     __syncthreads();
 
     // -- S = q k^T: the warp's 16 rows x the tile's 32 keys --
@@ -218,8 +220,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int t = 0; t < kTcFwdKeysPerLane; ++t) {
       const int key = k0 + half + 2 * t;
-      float s = -INFINITY;  // keys past n get P = 0; rows past n finite scores (never written out)
-      if (key < n) s = row < n ? score(s_strip[r][half + 2 * t], scale, bias_h, mask_w, row, key, n) : 0.f;
+      float s = -INFINITY;  // keys past n_keys get P = 0; rows past n finite scores (never written out)
+      if (key < n_keys) s = row < n ? score(s_strip[r][half + 2 * t], scale, bias_h, mask_w, row, key, n_keys) : 0.f;
       s_row[t] = s;
       tile_max = fmaxf(tile_max, s);
     }
@@ -330,14 +332,15 @@ __global__ void __launch_bounds__(kThreads)
                                   const float* __restrict__ lse, const float* __restrict__ delta,
                                   const float* __restrict__ bias, const float* __restrict__ mask,
                                   scalar_t* __restrict__ grad_q, float* __restrict__ dbias_parts, int64_t windows,
-                                  int heads, int n, int d, int num_masks, float scale) {
+                                  int heads, int n, int n_keys, int d, int num_masks, float scale) {
 #if ADAPTSR_TENSOR_CORES
   __shared__ DqTcSmem<scalar_t> sm;
   const int split = blockIdx.x, num_splits = gridDim.x, h = blockIdx.y, q0 = blockIdx.z * kTcDqBlockQ;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int steps = head_steps(d);
-  const bool want_dbias = dbias_parts != nullptr;
-  const float* bias_h = bias != nullptr ? bias + static_cast<int64_t>(h) * n * n : nullptr;
+  const bool want_dbias = dbias_parts != nullptr;  // only with n_keys <= kMaxSeq (the host checks)
+  const int64_t plane = static_cast<int64_t>(n) * n_keys;
+  const float* bias_h = bias != nullptr ? bias + h * plane : nullptr;
   // Lanes 2i and 2i + 1 take row i of a 16 x 16 tile, every other key.
   const int i = lane / 2, half = lane % 2, row = q0 + i;
   WarpRows<scalar_t>& own = sm.rows[warp];
@@ -347,8 +350,8 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t b = split; b < windows; b += num_splits) {
     const int64_t bh = b * heads + h;
-    const int64_t base = bh * n * d;
-    const float* mask_w = mask != nullptr ? mask + (b % num_masks) * n * n : nullptr;
+    const int64_t base = bh * n * d, kv_base = bh * n_keys * d;
+    const float* mask_w = mask != nullptr ? mask + (b % num_masks) * plane : nullptr;
 
     __syncthreads();  // the previous window's readers of q, dO and the dq partials are done
     stage_query_tile(sm.query, q, grad_out, lse, delta, bh, q0, n, d);
@@ -357,9 +360,9 @@ __global__ void __launch_bounds__(kThreads)
     FragAcc dq_frag[kMaxHeadSteps];
 #pragma unroll
     for (int s = 0; s < kMaxHeadSteps; ++s) wmma::fill_fragment(dq_frag[s], 0.f);
-    for (int k0 = warp * kMma; k0 < n; k0 += kWarps * kMma) {
-      load_head_tile(own.kv.k, k + base, k0, kMma, n, d, lane, kWarpSize);
-      load_head_tile(own.kv.v, v + base, k0, kMma, n, d, lane, kWarpSize);
+    for (int k0 = warp * kMma; k0 < n_keys; k0 += kWarps * kMma) {
+      load_head_tile(own.kv.k, k + kv_base, k0, kMma, n_keys, d, lane, kWarpSize);
+      load_head_tile(own.kv.v, v + kv_base, k0, kMma, n_keys, d, lane, kWarpSize);
       __syncwarp();
 
       // -- S = q k^T, then dP = dO v^T: this lane's entries --
@@ -371,9 +374,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int t = 0; t < kTcPairsPerLane; ++t) {
         const int j = half + 2 * t, key = k0 + j;
-        const float ds = prob_and_grad(s_pair[t], dp_pair[t], scale, bias_h, mask_w, row, key, n, sm.query.lse[i],
-                                       sm.query.delta[i]).ds;
-        if (want_dbias && key < n) sm.dbias[i][key] += ds;
+        const float ds = prob_and_grad(s_pair[t], dp_pair[t], scale, bias_h, mask_w, row, key, n, n_keys,
+                                       sm.query.lse[i], sm.query.delta[i]).ds;
+        if (want_dbias && key < n_keys) sm.dbias[i][key] += ds;
         pair.b16[i][j] = from_float<scalar_t>(ds);
       }
       __syncwarp();
@@ -401,10 +404,10 @@ __global__ void __launch_bounds__(kThreads)
   // -- this split's dbias partial: dbias_parts[split][h][i][j], one writer per entry --
   if (want_dbias) {
     __syncthreads();
-    float* part = dbias_parts + (static_cast<int64_t>(split) * heads + h) * n * n;
-    for (int e = tid; e < kTcDqBlockQ * n; e += kThreads) {
-      const int r = e / n, key = e % n;
-      if (q0 + r < n) part[static_cast<int64_t>(q0 + r) * n + key] = sm.dbias[r][key];
+    float* part = dbias_parts + (static_cast<int64_t>(split) * heads + h) * plane;
+    for (int e = tid; e < kTcDqBlockQ * n_keys; e += kThreads) {
+      const int r = e / n_keys, key = e % n_keys;
+      if (q0 + r < n) part[static_cast<int64_t>(q0 + r) * n_keys + key] = sm.dbias[r][key];
     }
   }
 #endif
@@ -434,16 +437,17 @@ __global__ void __launch_bounds__(kThreads)
                                     const float* __restrict__ lse, const float* __restrict__ delta,
                                     const float* __restrict__ bias, const float* __restrict__ mask,
                                     scalar_t* __restrict__ grad_k, scalar_t* __restrict__ grad_v, int heads, int n,
-                                    int d, int num_masks, float scale) {
+                                    int n_keys, int d, int num_masks, float scale) {
 #if ADAPTSR_TENSOR_CORES
   __shared__ DkdvTcSmem<scalar_t> sm;
   const int b = blockIdx.x, h = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int steps = head_steps(d);
   const int64_t bh = static_cast<int64_t>(b) * heads + h;
-  const int64_t base = bh * n * d;
-  const float* bias_h = bias != nullptr ? bias + static_cast<int64_t>(h) * n * n : nullptr;
-  const float* mask_w = mask != nullptr ? mask + static_cast<int64_t>(b % num_masks) * n * n : nullptr;
+  const int64_t kv_base = bh * n_keys * d;
+  const int64_t plane = static_cast<int64_t>(n) * n_keys;
+  const float* bias_h = bias != nullptr ? bias + h * plane : nullptr;
+  const float* mask_w = mask != nullptr ? mask + (b % num_masks) * plane : nullptr;
   const int k0 = blockIdx.z * kTcKvBlockK + warp * kMma;  // the warp's first key
   // Lanes 2j and 2j + 1 take key row j of a 16 x 16 transposed tile, every other query.
   const int j = lane / 2, half = lane % 2, key = k0 + j;
@@ -451,8 +455,8 @@ __global__ void __launch_bounds__(kThreads)
   PairStrip<scalar_t>& pair = sm.pair[warp];
   constexpr int kDsColumn = kMma;  // dS^T sits beside P^T in the 16-bit view of the strip
 
-  load_head_tile(own.kv.k, k + base, k0, kMma, n, d, lane, kWarpSize);
-  load_head_tile(own.kv.v, v + base, k0, kMma, n, d, lane, kWarpSize);
+  load_head_tile(own.kv.k, k + kv_base, k0, kMma, n_keys, d, lane, kWarpSize);
+  load_head_tile(own.kv.v, v + kv_base, k0, kMma, n_keys, d, lane, kWarpSize);
 
   FragAcc dk_frag[kMaxHeadSteps], dv_frag[kMaxHeadSteps];
 #pragma unroll
@@ -474,7 +478,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int t = 0; t < kTcPairsPerLane; ++t) {
       const int i = half + 2 * t;
-      const ProbAndGrad entry = prob_and_grad(s_pair[t], dp_pair[t], scale, bias_h, mask_w, q0 + i, key, n,
+      const ProbAndGrad entry = prob_and_grad(s_pair[t], dp_pair[t], scale, bias_h, mask_w, q0 + i, key, n, n_keys,
                                               sm.query.lse[i], sm.query.delta[i]);
       pair.b16[j][i] = from_float<scalar_t>(entry.p);
       pair.b16[j][kDsColumn + i] = from_float<scalar_t>(entry.ds);
@@ -492,13 +496,13 @@ __global__ void __launch_bounds__(kThreads)
   for (int s = 0; s < kMaxHeadSteps; ++s)
     if (s < steps) wmma::store_matrix_sync(&own.out[0][s * kMma], dk_frag[s], kHeadPitchF32, wmma::mem_row_major);
   __syncwarp();
-  store_head_strip(grad_k + base, own.out, nullptr, scale, k0, n, d, lane);
+  store_head_strip(grad_k + kv_base, own.out, nullptr, scale, k0, n_keys, d, lane);
   __syncwarp();
 #pragma unroll
   for (int s = 0; s < kMaxHeadSteps; ++s)
     if (s < steps) wmma::store_matrix_sync(&own.out[0][s * kMma], dv_frag[s], kHeadPitchF32, wmma::mem_row_major);
   __syncwarp();
-  store_head_strip(grad_v + base, own.out, nullptr, 1.f, k0, n, d, lane);
+  store_head_strip(grad_v + kv_base, own.out, nullptr, 1.f, k0, n_keys, d, lane);
 #endif
 }
 

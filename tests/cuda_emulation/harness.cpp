@@ -117,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& q, con
                                                         bool tensor_cores) {
   namespace wa = adaptsr::window_attention;
   TORCH_CHECK(!tensor_cores || q.scalar_type() != at::kFloat, "the tensor-core kernels take 16-bit inputs");
-  const int64_t windows = q.size(0), heads = q.size(1), seq = q.size(2), d = q.size(3);
+  const int64_t windows = q.size(0), heads = q.size(1), seq = q.size(2), keys = k.size(2), d = q.size(3);
   const int num_masks = wa::mask_planes(mask.has_value() ? mask->size(0) : 0);
   at::Tensor out = poisoned(at::empty_like(q));
   at::Tensor lse = poisoned(at::empty({windows, heads, seq}, q.options().dtype(at::kFloat)));
@@ -129,11 +129,12 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& q, con
     const float* mp = optional_ptr(mask);
     scalar_t* op = out.data_ptr<scalar_t>();
     float* lp = lse.data_ptr<float>();
-    const int h = static_cast<int>(heads), n = static_cast<int>(seq), dd = static_cast<int>(d);
+    const int h = static_cast<int>(heads), n = static_cast<int>(seq), nk = static_cast<int>(keys);
+    const int dd = static_cast<int>(d);
     const float sc = static_cast<float>(scale);
     const auto kernel = wa::attention_kernels<scalar_t>(tensor_cores).fwd;
     emu_launch(dim3_of(wa::fwd_grid(windows, heads, seq, tensor_cores)), wa::kThreads,
-               [=] { kernel(qp, kp, vp, bp, mp, op, lp, h, n, dd, num_masks, sc); });
+               [=] { kernel(qp, kp, vp, bp, mp, op, lp, h, n, nk, dd, num_masks, sc); });
   });
   return {out, lse};
 }
@@ -145,9 +146,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Ten
     bool need_dbias, int64_t multiprocessors, bool tensor_cores) {
   namespace wa = adaptsr::window_attention;
   TORCH_CHECK(!tensor_cores || q.scalar_type() != at::kFloat, "the tensor-core kernels take 16-bit inputs");
-  const int64_t windows = q.size(0), heads = q.size(1), seq = q.size(2), d = q.size(3);
+  const int64_t windows = q.size(0), heads = q.size(1), seq = q.size(2), keys = k.size(2), d = q.size(3);
   const int num_masks = wa::mask_planes(mask.has_value() ? mask->size(0) : 0);
-  const wa::BwdLaunch launch = wa::plan_bwd(windows, heads, seq, need_dbias, multiprocessors, tensor_cores);
+  const wa::BwdLaunch launch = wa::plan_bwd(windows, heads, seq, keys, need_dbias, multiprocessors, tensor_cores);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor grad_q = poisoned(at::empty_like(q));
   at::Tensor grad_k = poisoned(at::empty_like(k));
@@ -169,15 +170,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Ten
     scalar_t* dkp = grad_k.data_ptr<scalar_t>();
     scalar_t* dvp = grad_v.data_ptr<scalar_t>();
     float* dbp = need_dbias ? dbias_parts.data_ptr<float>() : nullptr;
-    const int h = static_cast<int>(heads), n = static_cast<int>(seq), dd = static_cast<int>(d);
+    const int h = static_cast<int>(heads), n = static_cast<int>(seq), nk = static_cast<int>(keys);
+    const int dd = static_cast<int>(d);
     const float sc = static_cast<float>(scale);
     const int64_t rows = launch.rows;
     emu_launch(dim3_of(launch.delta), wa::kThreads, [=] { wa::attention_delta_kernel<scalar_t>(gp, op, dp, rows, dd); });
     const auto kernels = wa::attention_kernels<scalar_t>(tensor_cores);
-    emu_launch(dim3_of(launch.dq), wa::kThreads,
-               [=] { kernels.dq(gp, qp, kp, vp, lp, dp, bp, mp, dqp, dbp, windows, h, n, dd, num_masks, sc); });
+    emu_launch(dim3_of(launch.dq), wa::kThreads, [=] {
+      kernels.dq(gp, qp, kp, vp, lp, dp, bp, mp, dqp, dbp, windows, h, n, nk, dd, num_masks, sc);
+    });
     emu_launch(dim3_of(launch.dkdv), wa::kThreads,
-               [=] { kernels.dkdv(gp, qp, kp, vp, lp, dp, bp, mp, dkp, dvp, h, n, dd, num_masks, sc); });
+               [=] { kernels.dkdv(gp, qp, kp, vp, lp, dp, bp, mp, dkp, dvp, h, n, nk, dd, num_masks, sc); });
   });
   std::optional<at::Tensor> grad_bias;
   if (need_dbias) grad_bias = dbias_parts.sum(0);  // copied: sum_partials(dbias_parts, 1.0)

@@ -132,8 +132,6 @@ def _matrix() -> list:
             if backend == "triton" and dtype == torch.bfloat16 and not ON_GPU:
                 marks.append(pytest.mark.skip(reason="bf16 Triton dots are wrong in the interpreter: GPU only"))
             for case in CASES:
-                if backend == "cuda" and case.n_keys != case.n:
-                    continue  # square windows only: test_cuda_backend_refuses_more_keys_than_queries
                 params.append(pytest.param(name, case, dtype_name, id=f"{name}-{case.id}-{dtype_name}", marks=marks))
     return params
 
@@ -273,6 +271,21 @@ def test_backend_matches_float64_reference(
 ):
     dtype = DTYPES[dtype_name]
     check_backend_against_reference(run, magnitudes, name, case, make_tensors(case, dtype), dtype)
+
+
+# HAT's own overlapping cross-attention size: 256 queries, 576 keys, table frozen (as in LoRA training)
+HAT_OCAB = Case(2, 2, 16, 30, 0, table_grad=False, layout="contiguous", kv_window=24, seed=8)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="HAT-sized windows: GPU only (the CPU cases above are smaller)")
+@pytest.mark.parametrize("name", ["torch-sdpa", _backend_param("triton"), _backend_param("cuda")])
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp16"])
+def test_hat_overlapping_cross_attention_size(name, dtype_name, poisoned_window_attention,
+                                              check_backend_against_reference):
+    """576 keys per window: more than the cuda kernels' shared-memory score rows hold, which their tensor-core
+    path streams when the table is frozen."""
+    dtype = DTYPES[dtype_name]
+    check_backend_against_reference(run, magnitudes, name, HAT_OCAB, make_tensors(HAT_OCAB, dtype), dtype)
 
 
 @pytest.mark.parametrize("name", ["torch-matmul", "torch-sdpa", _backend_param("triton"), _backend_param("cuda")])
@@ -542,13 +555,32 @@ def test_errors_name_both_lengths_when_keys_outnumber_queries():
     assert window_attention(**args).shape == (4, 2, 16, 6)
 
 
-def test_cuda_backend_refuses_more_keys_than_queries():
+def test_auto_asks_the_cuda_kernels_with_the_keys_and_whether_the_table_needs_a_gradient():
+    """The cuda kernels take more than 256 keys only without dbias: "auto" hands them both facts (the kernels'
+    rule itself: tests/test_cuda_extension.py)."""
+    asked = []
+
+    def takes(dtype, n, head_dim, n_keys, need_dbias):
+        asked.append((n, n_keys, need_dbias))
+        return False
+
+    def resolve(device, op, takes_fn):  # what "auto" does on a GPU: ask the measured choice's kernels
+        takes_fn("cuda")
+        return "torch"
+
     args = _valid_args()
     args["k"], args["v"] = torch.randn(4, 2, 36, 6), torch.randn(4, 2, 36, 6)
     args["index"], args["mask"] = torch.zeros(16, 36, dtype=torch.long), None
-    square_only = pytest.raises(ValueError, match=r"cuda backend's kernels take square windows.*\(4, 2, 36, 6\)")
-    with mock.patch.object(attention_op, "resolve", lambda *a, **k: "cuda"), square_only:
+    cuda_module = importlib.import_module("adaptsr._cuda")
+    with mock.patch.object(attention_op, "resolve", resolve), mock.patch.object(cuda_module, "window_attention_takes",
+                                                                                  takes):
+        args["bias_table"].requires_grad_(True)
         window_attention(**args)
+        with torch.no_grad():
+            window_attention(**args)
+        args["bias_table"].requires_grad_(False)
+        window_attention(**args)
+    assert asked == [(16, 36, True), (16, 36, False), (16, 36, False)]
 
 
 def test_error_message_is_readable():
