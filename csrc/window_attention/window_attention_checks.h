@@ -39,7 +39,7 @@ inline Dims check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, 
   TORCH_CHECK_VALUE(dims.seq >= 1 && dims.seq <= kMaxSeq, op, ": the window length N = q.size(2) must be in [1, ",
                     kMaxSeq, "], got q of shape ", q.sizes());
   TORCH_CHECK_VALUE(dims.keys >= 1 && dims.keys <= INT32_MAX / dims.seq, op,
-                    ": k must hold at least one key per window, got k of shape ", k.sizes());
+                    ": k must hold 1 to 2^31 / N keys per window, got k of shape ", k.sizes());
   TORCH_CHECK_VALUE(dims.head_dim >= 1 && dims.head_dim <= kMaxHeadDim, op,
                     ": the head dimension d = q.size(3) must be in [1, ", kMaxHeadDim, "], got q of shape ",
                     q.sizes());
