@@ -502,7 +502,8 @@ def _learned_scales(*suffixes: str):
     return finish
 
 
-# x2 models of 5k-300k parameters (Real-CUGAN, which has no size knobs: 1.3M), fast on 16-pixel inputs.
+# x2 models (the denoisers x1) of 5k-300k parameters (Real-CUGAN, 1.3M, and SCUNet, 5.5M, have no smaller form),
+# fast on 16-pixel inputs.
 # drop_path_rate=0.0: spandrel's Swin default (0.1) makes train-mode outputs random.
 _TINY_SR = SimpleNamespace(
     swinir=_tiny(
@@ -560,7 +561,7 @@ _TINY_SR = SimpleNamespace(
         stripe_size=[4, 4], mlp_ratio=2.0, upscale=2, upsampler="pixelshuffle", qkv_proj_type="separable_conv",
         anchor_proj_type="conv2d", anchor_window_down_factor=2, drop_path_rate=0.0,
     ),
-    # window_size, DITN's patch_size, DCTLSA's num_head and SeemoRe's recursive: spandrel's defaults, which it
+    # CRAFT's window_size, DITN's patch_size, DCTLSA's num_head and SeemoRe's recursive: spandrel's defaults, which it
     # assumes on loading (the weights do not record them)
     craft=_tiny(
         "CRAFT", window_size=16, embed_dim=32, depths=[2], num_heads=[4], split_size_0=2, split_size_1=4, upscale=2
