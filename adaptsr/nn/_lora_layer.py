@@ -105,12 +105,14 @@ class LoRALayer(nn.Module):
         """The functional op on the selected backend."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``args``, ``kwargs``: what the base layer's forward takes after x (nn.ConvTranspose2d's output_size),
+        handed on."""
         if self.merged:
-            return self.base_layer(x)
+            return self.base_layer(x, *args, **kwargs)
         if self.training and self.lora_dropout > 0.0:
-            return self._two_path(x, F.dropout(x, self.lora_dropout, training=True))
-        return self._functional(x)
+            return self._two_path(x, F.dropout(x, self.lora_dropout, training=True), *args, **kwargs)
+        return self._functional(x, *args, **kwargs)
 
     # -- shared behaviour --
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adaptsr.nn._lora_layer import LoRALayer
@@ -61,10 +60,3 @@ class LoRAConvTranspose2d(LoRALayer):
         base = self.base_layer
         return lora_conv_transpose2d(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling,
                                      **self._options(x, output_size))
-
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        if self.merged:
-            return self.base_layer(x, output_size)
-        if self.training and self.lora_dropout > 0.0:
-            return self._two_path(x, F.dropout(x, self.lora_dropout, training=True), output_size)
-        return self._functional(x, output_size)
