@@ -37,7 +37,6 @@ from torch import nn
 
 from adaptsr.inject import _WRAPPERS, LoRASummary, _pattern_value, inject_lora, lora_layers, unwrap_model
 from adaptsr.io import atomic_write, load_state_dict
-from adaptsr.nn import LoRAConv2d, LoRAConvTranspose2d, LoRALinear
 from adaptsr.nn.reparameterised import derived_parameter_names
 
 __all__ = ["load_adapter", "save_adapter"]
@@ -208,7 +207,7 @@ def save_adapter(model, directory: str | os.PathLike) -> Path:
     if not layers:
         raise ValueError(f"{type(module).__name__} has no LoRA layers to save; call inject_lora first")
     for name, layer in layers:
-        if not isinstance(layer, (LoRAConv2d, LoRALinear, LoRAConvTranspose2d)):
+        if not isinstance(layer, tuple(_WRAPPERS.values())):
             raise ValueError(
                 f"cannot save layer {name!r}: adapter files hold LoRAConv2d, LoRALinear and LoRAConvTranspose2d, "
                 f"not {type(layer).__name__}"

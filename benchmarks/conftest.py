@@ -42,6 +42,7 @@ from torch import nn
 from adaptsr import inject_lora, set_backend
 from adaptsr.backend import _unavailable_reason, is_available
 from adaptsr.bench import saved_activation_bytes, sync_device
+from adaptsr.inject import _WRAPPERS
 from benchmarks.shapes import FUSED_PROVIDERS, HAS_CUDA, Case
 
 # -- timing policy --
@@ -59,7 +60,7 @@ FROZEN_GRAPHED_MEDIANS: dict[tuple[str, str], float] = {}
 
 def _targets_list(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     """The names of the layers LoRA wraps that ``targets`` selects (a regex matched in full, or names)."""
-    kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+    kinds = tuple(_WRAPPERS)
     if isinstance(targets, str):
         pattern = re.compile(targets)
         return [n for n, m in model.named_modules() if type(m) in kinds and pattern.fullmatch(n)]
