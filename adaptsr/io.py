@@ -77,8 +77,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     return descriptor.to(device).eval()
 
 
-def _configuration_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The buffers left out of ``state_dict()`` that spandrel needs to detect the configuration.
+def _configuration_buffers(
+    module: torch.nn.Module, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The buffers left out of ``state`` (the module's ``state_dict()``) that spandrel needs to detect the
+    configuration.
 
     spandrel's GRL keeps its attention tables and indices as non-persistent buffers of the top-level module;
     the official checkpoints hold them, and spandrel reads the window size, the stripe size and the anchor
@@ -87,8 +90,7 @@ def _configuration_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """
     if not (type(module).__name__ == "GRL" and type(module).__module__.startswith("spandrel.")):
         return {}
-    persistent = module.state_dict(keep_vars=True)
-    return {name: buffer for name, buffer in module.named_buffers(recurse=False) if name not in persistent}
+    return {name: buffer for name, buffer in module.named_buffers(recurse=False) if name not in state}
 
 
 def save_model(model, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
@@ -103,7 +105,8 @@ def save_model(model, path: str | os.PathLike, *, dtype: torch.dtype | None = No
     if any(True for _ in lora_layers(module)):
         module = merge_lora(copy.deepcopy(module))
     # safetensors refuses shared storage; clones also drop views into larger buffers.
-    tensors = {**module.state_dict(), **_configuration_buffers(module)}
+    state = module.state_dict()
+    tensors = {**state, **_configuration_buffers(module, state)}
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
