@@ -176,6 +176,13 @@ def _input_images(path: str) -> list[Path]:
     return list_images(p)
 
 
+def _nonneg_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
 def _nonneg_int(text: str) -> int:
     try:
         value = int(text)
@@ -579,6 +586,20 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--val-tile", type=_nonneg_int, default=0, metavar="N",
                    help="validate in N x N LR-pixel tiles, overlapping by min(32, N/4) and blended as upscale --tile "
                         "blends them, to bound memory on large validation images (default: whole images)")
+    loss = p.add_argument_group("loss (adversarial adaptation, AdaptSR-GAN)")
+    loss.add_argument("--gan", action="store_true",
+                      help="Real-ESRGAN's recipe: L1 + VGG perceptual loss (weight 1) + GAN loss (weight 0.1) against a "
+                           "U-Net discriminator trained alongside; the weights below override it")
+    loss.add_argument("--pixel-weight", type=_nonneg_float, default=1.0, metavar="W", help="L1 weight (default: 1)")
+    loss.add_argument("--perceptual-weight", type=_nonneg_float, metavar="W",
+                      help="VGG19 perceptual loss weight (default: 1 with --gan, else 0); its ImageNet weights are "
+                           "downloaded on first use")
+    loss.add_argument("--gan-weight", type=_nonneg_float, metavar="W", help="GAN loss weight (default: 0.1 with --gan, else 0)")
+    loss.add_argument("--discriminator", metavar="CKPT",
+                      help="start the discriminator from these weights (.pth or .safetensors; e.g. Real-ESRGAN's "
+                           "RealESRGAN_x4plus_netD.pth, or a run's discriminator.safetensors) instead of a fresh one")
+    loss.add_argument("--discriminator-lr", type=float, default=1e-4, metavar="LR",
+                      help="the discriminator's Adam learning rate (default: 1e-4)")
     _add_amp_flag(p)
     p.add_argument("--seed", type=int, default=0,
                    help="seed for the adapters' initialisation, crops, degradations and batches (default: 0)")
@@ -593,6 +614,7 @@ def _adapt(args: argparse.Namespace) -> int:
     import adaptsr
     from adaptsr.data import degrade, get_preset
     from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFolderDataset
+    from adaptsr.discriminator import load_discriminator
     from adaptsr.presets import preset_for_architecture
     from adaptsr.train import TrainConfig, adapt
 
@@ -637,12 +659,21 @@ def _adapt(args: argparse.Namespace) -> int:
     elif args.val_pairs:
         val_set = PairedFolderDataset(args.val_pairs[0], args.val_pairs[1], scale=scale)
 
+    perceptual_weight = args.perceptual_weight if args.perceptual_weight is not None else (1.0 if args.gan else 0.0)
+    gan_weight = args.gan_weight if args.gan_weight is not None else (0.1 if args.gan else 0.0)
+    discriminator = None
+    if args.discriminator:
+        if gan_weight == 0:
+            raise CommandError("--discriminator: the run has no GAN loss; add --gan (or --gan-weight W)")
+        discriminator = load_discriminator(args.discriminator, descriptor.output_channels)
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         checkpoint_every=args.checkpoint_every, val_every=args.val_every, seed=args.seed, amp=args.amp,
-        val_tile=args.val_tile,
+        val_tile=args.val_tile, pixel_weight=args.pixel_weight, perceptual_weight=perceptual_weight,
+        gan_weight=gan_weight, discriminator_lr=args.discriminator_lr,
     )
-    metrics = adapt(descriptor, train_set, args.out, config, val_set=val_set, resume=args.resume, device=args.device)
+    metrics = adapt(descriptor, train_set, args.out, config, val_set=val_set, resume=args.resume, device=args.device,
+                    discriminator=discriminator)
     val = metrics["val"][-1] if metrics["val"] else None
     psnr = f", validation PSNR {val['psnr']:.2f} dB / SSIM {val['ssim']:.4f} (Y)" if val else ""
     print(f"adapted in {metrics['train_seconds']:.0f} s, final loss {metrics['final_loss']:.4f}{psnr}; "

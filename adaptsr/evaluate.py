@@ -45,13 +45,14 @@ SR_METRICS: dict[str, dict] = {
 
 
 class MissingWeightsError(RuntimeError):
-    """A metric needs a weight file that is not on this machine and could not be downloaded."""
+    """A metric (or the VGG perceptual loss, ``what``) needs a weight file that is not on this machine and could
+    not be downloaded."""
 
-    def __init__(self, metric: str, url: str, path: str, reason: str | None = None):
+    def __init__(self, metric: str, url: str, path: str, reason: str | None = None, *, what: str | None = None):
         self.metric, self.url, self.path, self.reason = metric, url, path, reason
         why = f" (download failed: {reason})" if reason else " (downloads are off)"
         super().__init__(
-            f"metric {metric!r} needs the weight file {os.path.basename(path)}, which is not at {path}{why}; "
+            f"{what or f'metric {metric!r}'} needs the weight file {os.path.basename(path)}, which is not at {path}{why}; "
             f"download {url} and put it at {path} (pyiqa looks under torch.hub.get_dir()/pyiqa, torchvision "
             "backbones under torch.hub.get_dir()/checkpoints; set TORCH_HOME to move both)"
         )

@@ -2,9 +2,11 @@
 
 ``adapt(model, train_set, run_dir, config)`` trains every parameter of ``model`` that requires
 grad (after ``inject_lora`` those are the adapters) with AdamW, a linear warm-up then cosine
-decay, an L1 loss, gradient clipping and a guard that skips non-finite steps. Every
+decay, an L1 loss, gradient clipping and a guard that skips non-finite steps. Adversarial
+adaptation (AdaptSR-GAN) adds Real-ESRGAN's VGG perceptual loss and a GAN loss against a U-Net
+discriminator trained alongside (``perceptual_weight``, ``gan_weight``; ``adaptsr.objective``). Every
 ``checkpoint_every`` steps it writes ``run_dir/checkpoint.pt`` atomically (trainable weights,
-optimizer, schedule, history); ``resume=True`` continues from it and, on the CPU, ends with the
+optimizer, schedule, history, and the discriminator with its optimizer); ``resume=True`` continues from it and, on the CPU, ends with the
 same weights as an uninterrupted run: batches are a pure function of (seed, step), not of an
 iterator's hidden state.
 
@@ -38,9 +40,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from adaptsr.adapter import save_adapter
+from adaptsr.discriminator import UNetDiscriminator
 from adaptsr.infer import upscale
 from adaptsr.inject import lora_layers, unwrap_model
 from adaptsr.io import atomic_write, save_model
+from adaptsr.objective import Objective
 
 __all__ = ["TrainConfig", "adapt"]
 
@@ -65,10 +69,25 @@ class TrainConfig:
     seed: int = 0
     amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16", "off"
     val_tile: int = 0  # validate in overlapping tiles of this many LR pixels (adaptsr.infer.upscale); 0: whole images
+    # The loss (adaptsr.objective): L1, plus for adversarial adaptation Real-ESRGAN's VGG perceptual loss and a
+    # GAN loss; its recipe is pixel 1, perceptual 1, gan 0.1.
+    pixel_weight: float = 1.0
+    perceptual_weight: float = 0.0
+    gan_weight: float = 0.0
+    discriminator_lr: float = 1e-4  # the discriminator's Adam learning rate (constant)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps} and {self.batch_size}")
+        for name in ("pixel_weight", "perceptual_weight", "gan_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.pixel_weight == 0 and self.perceptual_weight == 0:
+            raise ValueError("pixel_weight and perceptual_weight are both 0: a GAN loss alone does not keep the "
+                             "image's content; give one of them a weight")
+        if not (math.isfinite(self.discriminator_lr) and self.discriminator_lr > 0):
+            raise ValueError(f"discriminator_lr must be positive, got {self.discriminator_lr}")
         if self.val_tile < 0:
             raise ValueError(f"val_tile must be 0 (whole images) or a tile size in pixels, got {self.val_tile}")
         _uses_bf16(self.amp, "cpu")  # a clear error for an unknown amp now, not at the first step
@@ -213,7 +232,7 @@ def _write_curves(path: Path, history: dict) -> None:
     fig, loss_axis = plt.subplots(figsize=(7, 4), dpi=100)
     loss_axis.plot(range(1, len(history["loss"]) + 1), history["loss"], lw=0.8, color="tab:blue")
     loss_axis.set_xlabel("step")
-    loss_axis.set_ylabel("L1 loss", color="tab:blue")
+    loss_axis.set_ylabel("training loss", color="tab:blue")
     if history["val"]:
         psnr_axis = loss_axis.twinx()
         steps = [entry["step"] for entry in history["val"]]
@@ -255,6 +274,21 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, write)
 
 
+def _fresh_discriminator(model, seed: int) -> UNetDiscriminator:
+    """A new U-Net discriminator for the model's output channels (a descriptor's, else RGB), its initial
+    weights (spectral norm's power-iteration vectors included) a function of the seed alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNetDiscriminator(getattr(model, "output_channels", 3))
+
+
+def _save_discriminator(path: Path, discriminator: nn.Module) -> None:
+    from safetensors.torch import save_file
+
+    state = {name: value.detach().cpu().contiguous() for name, value in discriminator.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
 def adapt(
     model,
     train_set,
@@ -264,8 +298,13 @@ def adapt(
     val_set=None,
     resume: bool = False,
     device: str | torch.device | None = None,
+    discriminator: nn.Module | None = None,
 ) -> dict:
     """Train ``model``'s trainable parameters on ``train_set`` (items are (lr, hr) tensors).
+
+    With ``config.gan_weight`` > 0 a discriminator trains alongside: ``discriminator`` (e.g. Real-ESRGAN's,
+    through ``adaptsr.discriminator.load_discriminator``), or a fresh ``UNetDiscriminator`` seeded by
+    ``config.seed``; its weights end in ``run_dir/discriminator.safetensors``.
 
     Returns the metrics written to ``run_dir/metrics.json``.
     """
@@ -284,8 +323,12 @@ def adapt(
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     use_bf16 = _uses_bf16(config.amp, device.type)
+    if config.gan_weight > 0 and discriminator is None:
+        discriminator = _fresh_discriminator(model, config.seed)
+    objective = Objective(config, device, discriminator if config.gan_weight > 0 else None, world)
 
-    history = {"loss": [], "val": [], "skipped_steps": 0, "train_seconds": 0.0}
+    history = {"loss": [], "loss_terms": {name: [] for name in objective.terms}, "val": [], "skipped_steps": 0,
+               "train_seconds": 0.0}
     final_outputs = None  # the last validation's (lr, sr, hr): the comparison picture's "after"
 
     def validate(step: int) -> None:
@@ -315,9 +358,11 @@ def adapt(
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state["trainable"][name])
+        objective.load_state_dict(state.get("discriminator"), str(checkpoint_path))
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         history = state["history"]
+        history.setdefault("loss_terms", {name: [] for name in objective.terms})
         start_step = state["step"]
     if rank == 0:
         _write_json(run_dir / "config.json", asdict(config))
@@ -329,6 +374,7 @@ def adapt(
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
             "history": history,
+            "discriminator": objective.state_dict(),
         }
         if rank == 0:
             atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
@@ -348,7 +394,9 @@ def adapt(
     for step in range(start_step, config.steps):
         indices, epoch = _batch_indices(step, len(train_set), config)
         lr, hr = _load_batch(train_set, indices[rank::world], epoch, device)
-        loss = _training_loss(network, lr, hr, use_bf16)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            sr = network(lr)
+            loss, terms = objective.generator_loss(sr, hr)
         finite = torch.isfinite(loss.detach()).float()
         if world > 1:  # every rank must skip together, or DDP's all-reduce waits forever
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -364,16 +412,21 @@ def adapt(
         if not adapters_checked:  # this run's first step that trained
             _check_adapters_run(module)
             adapters_checked = True
+        if objective.discriminator is not None:
+            terms.update(objective.discriminator_step(sr, hr, use_bf16))
         schedule.step()
-        if world > 1:  # log the global batch's loss, the same on every rank
-            loss = loss.detach().clone()
-            dist.all_reduce(loss)
-            loss /= world
-        history["loss"].append(loss.item())
+        logged = torch.stack([loss.detach().float()] + [terms[name].detach().float() for name in objective.terms])
+        if world > 1:  # log the global batch's losses, the same on every rank
+            dist.all_reduce(logged)
+            logged /= world
+        loss, *term_values = logged.tolist()
+        history["loss"].append(loss)
+        for name, value in zip(objective.terms, term_values):
+            history["loss_terms"][name].append(value)
         done = step + 1
         progress.update(1)
         if config.log_every and done % config.log_every == 0:
-            progress.set_postfix(loss=f"{loss.item():.4f}")
+            progress.set_postfix(loss=f"{loss:.4f}")
         # the last step validates before its checkpoint, so a later --resume keeps this run's final scores
         if val_set is not None and (config.val_every and done % config.val_every == 0 or done == config.steps):
             validate(done)
@@ -397,6 +450,8 @@ def adapt(
         if any(True for _ in lora_layers(module)):
             save_adapter(model, run_dir / "adapter")
         save_model(model, run_dir / "model_merged.safetensors")
+        if objective.discriminator is not None:
+            _save_discriminator(run_dir / "discriminator.safetensors", objective.discriminator)
         _write_json(run_dir / "metrics.json", metrics)
         _write_curves(run_dir / "curves.png", history)
         if before is not None:  # a fresh run: it validated at its last step

@@ -1,0 +1,105 @@
+"""What the adaptation loop minimises: L1, and for adversarial adaptation (AdaptSR-GAN) the VGG
+perceptual loss and a GAN loss against a discriminator trained alongside the adapters.
+
+Generator loss = pixel_weight * L1(sr, hr) + perceptual_weight * VGG(sr, hr) + gan_weight * BCE(D(sr), real).
+After each generator step the discriminator takes one step of its own (Adam, Real-ESRGAN's betas,
+a constant ``discriminator_lr``) on BCE(D(hr), real) + BCE(D(sr), fake), the two halves back-propagated
+one after the other, as Real-ESRGAN does, which keeps one forward per backward under DDP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from adaptsr.losses import gan_loss, vgg_perceptual_loss
+
+__all__ = ["Objective"]
+
+_DISCRIMINATOR_BETAS = (0.9, 0.99)
+
+
+class Objective:
+    """The training losses of one run, and the discriminator with its optimizer when the GAN loss is on."""
+
+    def __init__(self, config, device: torch.device, discriminator: nn.Module | None, world: int = 1) -> None:
+        self.weights = {"pixel": config.pixel_weight, "perceptual": config.perceptual_weight, "gan": config.gan_weight}
+        self.perceptual = vgg_perceptual_loss(device) if config.perceptual_weight > 0 else None
+        self.discriminator = None
+        self.discriminator_network = None
+        self.discriminator_optimizer = None
+        self.world = world
+        if config.gan_weight > 0:
+            if discriminator is None:
+                raise ValueError("gan_weight > 0 needs a discriminator")
+            self.discriminator = discriminator.to(device).train()
+            # under DDP the discriminator's own step averages its gradients over the ranks; the generator
+            # step calls the bare module, whose parameters are frozen there
+            self.discriminator_network = (
+                DistributedDataParallel(discriminator, device_ids=[device] if device.type == "cuda" else None)
+                if world > 1 else discriminator
+            )
+            self.discriminator_optimizer = torch.optim.Adam(
+                discriminator.parameters(), lr=config.discriminator_lr, betas=_DISCRIMINATOR_BETAS
+            )
+
+    @property
+    def terms(self) -> list[str]:
+        """The names of the loss terms this run logs, in order."""
+        names = [name for name, weight in self.weights.items() if weight > 0]
+        return names + (["discriminator_real", "discriminator_fake"] if self.discriminator is not None else [])
+
+    def generator_loss(self, sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(weighted total, each term): in fp32, the networks under the caller's autocast."""
+        terms = {}
+        if self.weights["pixel"] > 0:
+            terms["pixel"] = F.l1_loss(sr.float(), hr.float())
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(sr, hr)
+        if self.discriminator is not None:
+            self.discriminator.requires_grad_(False)  # the generator's gradient only; D steps on its own
+            try:
+                terms["gan"] = gan_loss(self.discriminator(sr), real=True)
+            finally:
+                self.discriminator.requires_grad_(True)
+        total = sum(self.weights[name] * value for name, value in terms.items())
+        return total, terms
+
+    def discriminator_step(self, sr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> dict[str, torch.Tensor]:
+        """One Adam step of the discriminator on this batch (skipped, on every rank, when a loss is not finite)."""
+        optimizer = self.discriminator_optimizer
+        optimizer.zero_grad(set_to_none=True)
+        losses = {}
+        for name, images, real in (("discriminator_real", hr, True), ("discriminator_fake", sr.detach(), False)):
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = self.discriminator_network(images)
+            loss = gan_loss(logits, real)
+            loss.backward()
+            losses[name] = loss.detach()
+        finite = torch.isfinite(torch.stack(list(losses.values()))).all().float()
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item():
+            optimizer.step()
+        return losses
+
+    def state_dict(self) -> dict | None:
+        if self.discriminator is None:
+            return None
+        return {"model": self.discriminator.state_dict(), "optimizer": self.discriminator_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict | None, source: str) -> None:
+        """The discriminator's weights and optimizer from a checkpoint (``source`` names it in errors)."""
+        if (state is None) != (self.discriminator is None):
+            had = "with" if state is not None else "without"
+            raise ValueError(
+                f"checkpoint {source} was trained {had} a GAN loss and this run is not; resume with the run's own "
+                "loss options (gan_weight), or start a new run"
+            )
+        if state is None:
+            return
+        self.discriminator.load_state_dict(state["model"])
+        self.discriminator_optimizer.load_state_dict(state["optimizer"])
