@@ -55,7 +55,7 @@ class VGGPerceptualLoss(nn.Module):
         self.features = _vgg19_features(pretrained)[: last + 1].requires_grad_(False).eval()
         for layer in self.features:
             if isinstance(layer, nn.ReLU):
-                layer.inplace = False  # torchvision's ReLUs overwrite the pre-activation features this loss taps
+                layer.inplace = False  # torchvision's ReLUs would overwrite the pre-activation features tapped here
         self._taps = {VGG19_LAYERS[name]: weight for name, weight in self.layer_weights.items()}
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -75,13 +75,15 @@ class VGGPerceptualLoss(nn.Module):
         x = self._normalise(sr)
         with torch.no_grad():
             y = self._normalise(hr)
-        loss = sr.new_zeros((), dtype=torch.float32)
+        # the distances in fp32 at least, also when the network runs under bf16 autocast
+        dtype = torch.promote_types(sr.dtype, torch.float32)
+        loss = sr.new_zeros((), dtype=dtype)
         for index, layer in enumerate(self.features):
             x = layer(x)
             with torch.no_grad():
                 y = layer(y)
             if index in self._taps:
-                loss = loss + self._taps[index] * F.l1_loss(x.float(), y.float())
+                loss = loss + self._taps[index] * F.l1_loss(x.to(dtype), y.to(dtype))
         return loss
 
 

@@ -355,10 +355,10 @@ def adapt(
                     f"checkpoint {checkpoint_path} does not match the model: {name} is {tuple(saved.shape)} there and "
                     f"{tuple(p.shape)} here; resume with the run's own LoRA options (rank, targets), or start a new run"
                 )
+        objective.load_state_dict(state.get("discriminator"), str(checkpoint_path))  # checks before it loads
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state["trainable"][name])
-        objective.load_state_dict(state.get("discriminator"), str(checkpoint_path))
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         history = state["history"]

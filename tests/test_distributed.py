@@ -88,3 +88,71 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert [v["step"] for v in ddp_val] == [v["step"] for v in single_metrics["val"]] == [CONFIG["steps"]]
     for metric in ("psnr", "ssim"):
         assert ddp_val[0][metric] == pytest.approx(single_metrics["val"][0][metric], rel=1e-4)
+
+
+GAN_TASK = TASK + textwrap.dedent(
+    """
+    import adaptsr.losses
+    from adaptsr.discriminator import UNetDiscriminator
+
+    _build_vgg = adaptsr.losses._vgg19_features
+
+    def _untrained_vgg(pretrained):  # no ImageNet download in the tests: a seeded random VGG19
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            return _build_vgg(False)
+
+    adaptsr.losses._vgg19_features = _untrained_vgg
+
+    def make_discriminator():
+        torch.manual_seed(4)
+        return UNetDiscriminator(3, features=8)
+    """
+)
+GAN_CONFIG = dict(CONFIG, perceptual_weight=0.5, gan_weight=0.1)
+
+
+def test_torchrun_adversarial_adaptation(tmp_path):
+    """With the GAN loss on, the discriminator's step is averaged over the ranks too: both ranks end with the same
+    adapters and discriminator, and they equal one process's on the whole batch."""
+    script = tmp_path / "ddp_gan_run.py"
+    script.write_text(
+        GAN_TASK
+        + textwrap.dedent(
+            f"""
+            import os, sys
+            torch.set_num_threads(1)
+            from adaptsr.train import TrainConfig, adapt
+            model, discriminator = make_model(), make_discriminator()
+            adapt(model, NoisyPairs(), sys.argv[1], TrainConfig(**{GAN_CONFIG!r}), device="cpu",
+                  discriminator=discriminator)
+            state = {{k: v for k, v in model.state_dict().items() if "lora_" in k}}
+            state.update({{"D." + k: v for k, v in discriminator.state_dict().items()}})
+            torch.save(state, os.path.join(sys.argv[1], f"rank{{os.environ['RANK']}}.pt"))
+            """
+        )
+    )
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(run_dir)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(run_dir / "rank0.pt", weights_only=True)
+    rank1 = torch.load(run_dir / "rank1.pt", weights_only=True)
+    assert any(k.startswith("D.") for k in rank0) and any("lora_" in k for k in rank0)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
+    assert (run_dir / "discriminator.safetensors").is_file()
+
+    namespace: dict = {}
+    exec(GAN_TASK, namespace)
+    torch.set_num_threads(1)
+    single, discriminator = namespace["make_model"](), namespace["make_discriminator"]()
+    start = {k: v.clone() for k, v in discriminator.state_dict().items()}
+    adapt(single, namespace["NoisyPairs"](), tmp_path / "single", TrainConfig(**GAN_CONFIG), device="cpu",
+          discriminator=discriminator)
+    expected = {**_adapters(single), **{"D." + k: v for k, v in discriminator.state_dict().items()}}
+    assert not torch.equal(expected["D.conv1.weight_orig"], start["conv1.weight_orig"])
+    for key, value in expected.items():
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=f"DDP differs from one process on {key}")
