@@ -20,7 +20,7 @@ namespace: dict = {}
 exec(TASK, namespace)
 NoisyPairs, make_model = namespace["NoisyPairs"], namespace["make_model"]
 
-GAN = dict(perceptual_weight=0.5, gan_weight=0.1)
+GAN = {"perceptual_weight": 0.5, "gan_weight": 0.1}
 
 
 @pytest.fixture(autouse=True)
