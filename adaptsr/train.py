@@ -128,10 +128,13 @@ def _uses_bf16(amp: str, device_type: str) -> bool:
     return amp == "bf16" or (amp == "auto" and device_type == "cuda")
 
 
-def _training_loss(network: nn.Module, lr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> torch.Tensor:
-    """The L1 loss of one batch, the forward under bf16 autocast when asked (the loss in fp32)."""
+def _training_loss(network: nn.Module, objective: Objective, lr: torch.Tensor, hr: torch.Tensor, use_bf16: bool):
+    """(the objective's generator loss, its terms, the SR batch) of one batch, the forward under bf16 autocast
+    when asked (the losses in fp32)."""
     with torch.autocast(lr.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        return F.l1_loss(network(lr).float(), hr.float())
+        sr = network(lr)
+        loss, terms = objective.generator_loss(sr, hr)
+    return loss, terms, sr
 
 
 def _apply_gradients(loss: torch.Tensor, params: dict[str, nn.Parameter], optimizer, grad_clip: float) -> None:
@@ -394,9 +397,7 @@ def adapt(
     for step in range(start_step, config.steps):
         indices, epoch = _batch_indices(step, len(train_set), config)
         lr, hr = _load_batch(train_set, indices[rank::world], epoch, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            sr = network(lr)
-            loss, terms = objective.generator_loss(sr, hr)
+        loss, terms, sr = _training_loss(network, objective, lr, hr, use_bf16)
         finite = torch.isfinite(loss.detach()).float()
         if world > 1:  # every rank must skip together, or DDP's all-reduce waits forever
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
