@@ -6,9 +6,9 @@ decay, an L1 loss, gradient clipping and a guard that skips non-finite steps. Ad
 adaptation (AdaptSR-GAN) adds Real-ESRGAN's VGG perceptual loss and a GAN loss against a U-Net
 discriminator trained alongside (``perceptual_weight``, ``gan_weight``; ``adaptsr.objective``). Every
 ``checkpoint_every`` steps it writes ``run_dir/checkpoint.pt`` atomically (trainable weights,
-optimizer, schedule, history, and the discriminator with its optimizer); ``resume=True`` continues from it and, on the CPU, ends with the
-same weights as an uninterrupted run: batches are a pure function of (seed, step), not of an
-iterator's hidden state.
+optimizer, schedule, history, and the discriminator with its optimizer); ``resume=True`` continues
+from it and, on the CPU, ends with the same weights as an uninterrupted run: batches are a pure
+function of (seed, step), not of an iterator's hidden state.
 
 Under ``torchrun`` (or with a process group already initialised) the model is wrapped in
 DistributedDataParallel (nccl on GPUs, gloo on CPUs): each step's global batch of
@@ -326,9 +326,11 @@ def adapt(
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     use_bf16 = _uses_bf16(config.amp, device.type)
+    if discriminator is not None and config.gan_weight == 0:
+        raise ValueError("a discriminator was given but gan_weight is 0: the run would not use it")
     if config.gan_weight > 0 and discriminator is None:
         discriminator = _fresh_discriminator(model, config.seed)
-    objective = Objective(config, device, discriminator if config.gan_weight > 0 else None, world)
+    objective = Objective(config, device, discriminator, world)
 
     history = {"loss": [], "loss_terms": {name: [] for name in objective.terms}, "val": [], "skipped_steps": 0,
                "train_seconds": 0.0}

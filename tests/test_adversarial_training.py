@@ -124,6 +124,12 @@ def test_resume_refuses_another_loss_setup(tmp_path):
         adapt(make_model(), NoisyPairs(), tmp_path / "l1", _config(steps=4), device="cpu", resume=True)
 
 
+def test_a_discriminator_without_a_gan_loss_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="a discriminator was given but gan_weight is 0"):
+        adapt(make_model(), NoisyPairs(), tmp_path, _config(gan_weight=0.0), device="cpu",
+              discriminator=UNetDiscriminator(3, features=8))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
