@@ -97,12 +97,18 @@ def _profile(size: int, overlap: int, first: bool, last: bool, device, dtype) ->
     return w
 
 
+def image_of(output):
+    """The image a model's forward returns: spandrel's MMRealSR and FBCNN return (image, degradation estimate),
+    and their descriptors' call_fn takes [0]; adaptsr calls the module itself when it trains."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 def _run(model, x: torch.Tensor) -> torch.Tensor:
     # A copy: some models (RCAN) modify their input in place, and x may be a view into the image.
     x = x.clone()
     if hasattr(model, "size_requirements") and callable(model):
         return model(x)  # spandrel descriptor: eval mode, clamps to [0, 1]
-    return model(x)
+    return image_of(model(x))
 
 
 @torch.no_grad()

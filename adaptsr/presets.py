@@ -210,6 +210,25 @@ PRESETS: dict[str, Preset] = {
     # pixel shuffle up. Left out: intro and ending (pixels), the depthwise conv2 and the simplified channel
     # attention's conv on globally pooled features (sca).
     "nafnet": r"(encoders\.\d+|decoders\.\d+|middle_blks)\.\d+\.conv[1345]|downs\.\d+|ups\.\d+\.0",
+    # MMRealSR (a degradation-aware ESRGAN for real-world x4 SR): the five convs of every residual dense block
+    # and conv_body, which closes the trunk (as the esrgan preset). Left out: conv_first (pixels, unshuffled),
+    # the upsampling tail (conv_up1 / conv_up2 / conv_hr / conv_last), and the degradation branch: the
+    # estimator de_net (it reads the input image and already measures its blur and noise; adapting it would
+    # change what the modulation reads), the degree embedding dd_embed and the affine modulation MLPs
+    # (am_list), which turn those estimates into per-channel scales and shifts of the trunk.
+    "mmrealsr": r"body\.\d+\.rdb[1-3]\.conv[1-5]|conv_body",
+    # FBCNN (a blind JPEG-artifact remover, scale 1): the U-Net's residual blocks' two 3x3 convs (encoder stages,
+    # body encoder and decoder, the decoder stages' quality-modulated blocks), the strided down convs and the
+    # transposed up convs between the stages (or the conv after a pooling, before a pixel shuffle, after a
+    # nearest upsampling, in FBCNN's other layouts). Left out: m_head and m_tail (pixels) and the quality-factor
+    # branch: the predictor qf_pred (its residual blocks and MLP), the embedding qf_embed and the to_gamma /
+    # to_beta MLPs, which set the decoder blocks' scales and shifts from the predicted (or a given) quality.
+    # qf_pred reads the body encoder's output, so the adapted encoder changes the quality it predicts; training
+    # runs through it.
+    "fbcnn": (
+        r"(m_down[1-3]|m_body_(en|de)coder|m_up[1-3])\.\d+\.res\.[02]"
+        r"|m_down[1-3]\.\d+|m_up[1-3]\.0(\.[01])?"
+    ),
 }
 
 # spandrel's architecture ids for the presets above, so a preset can be picked from a model.
@@ -219,7 +238,7 @@ ARCHITECTURE_PRESETS: dict[str, str] = {
     "PLKSR": "plksr", "SAFMN": "safmn", "OmniSR": "omnisr", "SPAN": "span", "FDAT": "fdat", "MoSR": "mosr",
     "GRL": "grl", "CRAFT": "craft", "SeemoRe": "seemore", "DITN": "ditn", "MoESR": "moesr", "DCTLSA": "dctlsa",
     "SwiftSRGAN": "swiftsrgan", "RealCUGAN": "realcugan", "SCUNet": "scunet",
-    "NAFNet": "nafnet",
+    "NAFNet": "nafnet", "MMRealSR": "mmrealsr", "FBCNN": "fbcnn",
 }
 
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from adaptsr.adapter import save_adapter
 from adaptsr.discriminator import UNetDiscriminator
-from adaptsr.infer import upscale
+from adaptsr.infer import image_of, upscale
 from adaptsr.inject import lora_layers, unwrap_model
 from adaptsr.io import atomic_write, save_model
 from adaptsr.objective import Objective
@@ -132,7 +132,7 @@ def _training_loss(network: nn.Module, objective: Objective, lr: torch.Tensor, h
     """(the objective's generator loss, its terms, the SR batch) of one batch, the forward under bf16 autocast
     when asked (the losses in fp32)."""
     with torch.autocast(lr.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        sr = network(lr)
+        sr = image_of(network(lr))
         loss, terms = objective.generator_loss(sr, hr)
     return loss, terms, sr
 

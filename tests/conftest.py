@@ -502,8 +502,8 @@ def _learned_scales(*suffixes: str):
     return finish
 
 
-# x2 models (the denoisers x1) of 5k-300k parameters (Real-CUGAN, 1.3M, and SCUNet, 5.5M, have no smaller form),
-# fast on 16-pixel inputs.
+# x2 models (the denoisers x1, MMRealSR x4) of 5k-300k parameters (Real-CUGAN, 1.3M, SCUNet, 5.5M, MMRealSR, 0.64M,
+# and FBCNN, 30M, have no smaller form), fast on 16-pixel inputs.
 # drop_path_rate=0.0: spandrel's Swin default (0.1) makes train-mode outputs random.
 _TINY_SR = SimpleNamespace(
     swinir=_tiny(
@@ -575,12 +575,24 @@ _TINY_SR = SimpleNamespace(
     # Real-CUGAN has no size knobs: the smallest model, UpCunet2x (1.3M parameters), on 32-pixel inputs
     realcugan=_tiny("UpCunet2x", "RealCUGAN"),
     # a denoiser (scale 1); its transformer branches take 32-channel heads of half the width, so dim 64 (5.5M
-    # parameters, the largest here) with one block per stage; spandrel asks for inputs of 40 pixels at least
+    # parameters) with one block per stage; spandrel asks for inputs of 40 pixels at least
     scunet=_tiny("SCUNet", config=[1, 1, 1, 1, 1, 1, 1], dim=64),
     nafnet=_tiny(  # scale 1 too
         "NAFNet", finish=_learned_scales(".beta", ".gamma"), width=16, enc_blk_nums=[1, 1], middle_blk_num=1,
         dec_blk_nums=[1, 1],
     ),
+    # x4: spandrel's MMRealSR builds its degradation estimator for the pixel-unshuffled input of its x2 / x1 forms
+    # but feeds it the image, so only x4 (the released models) runs; a two-stage estimator (stride-2 then
+    # stride-1 stages: the layout spandrel assumes on loading) and sigmoid degrees (its default, not in the
+    # weights). The modulation MLPs take 512-dim embeddings whatever the width: 0.64M parameters.
+    mmrealsr=_tiny(
+        "MMRealSR", num_in_ch=3, num_out_ch=3, scale=4, num_feat=16, num_block=2, num_grow_ch=8, num_feats=[16, 32],
+        num_blocks=[1, 1], downscales=[2, 1],
+    ),
+    # a JPEG-artifact remover (scale 1); its quality predictor's MLP takes 512 inputs whatever the widths, so the
+    # innermost width is 512 (30M parameters, the largest here, all but 0.5M at 1/8 of the input side), and two
+    # blocks per stage (spandrel does not detect one: a single block is not wrapped in a sequence)
+    fbcnn=_tiny("FBCNN", nc=[16, 32, 64, 512], nb=2),
 )
 
 
@@ -588,7 +600,8 @@ _TINY_SR = SimpleNamespace(
 def tiny_sr():
     """``tiny_sr.<name>(seed=0, **overrides)``: small seeded random spandrel models, one per name above (swinir,
     hat, esrgan, rcan, compact, dat, swin2sr, drct, atd, rgt, plksr, realplksr, safmn, span, fdat, mosr, omnisr,
-    grl, grl_separable, craft, seemore, ditn, moesr, dctlsa, swiftsrgan, realcugan, scunet, nafnet)."""
+    grl, grl_separable, craft, seemore, ditn, moesr, dctlsa, swiftsrgan, realcugan, scunet, nafnet, mmrealsr,
+    fbcnn)."""
     return _TINY_SR
 
 

@@ -18,7 +18,7 @@ from adaptsr.train import TrainConfig, adapt
 TASK = (Path(__file__).parent / "train_task.py").read_text()
 namespace: dict = {}
 exec(TASK, namespace)
-NoisyPairs, make_model = namespace["NoisyPairs"], namespace["make_model"]
+NoisyPairs, make_model, crashes_after = namespace["NoisyPairs"], namespace["make_model"], namespace["crashes_after"]
 
 GAN = {"perceptual_weight": 0.5, "gan_weight": 0.1}
 
@@ -89,17 +89,8 @@ def test_resume_with_a_discriminator_equals_uninterrupted(tmp_path):
     straight = make_model()
     adapt(straight, NoisyPairs(), tmp_path / "straight", _config(steps=8, checkpoint_every=4), device="cpu")
 
-    class CrashesAtStep6(NoisyPairs):
-        calls = 0
-
-        def __getitem__(self, i):
-            type(self).calls += 1
-            if self.calls > 5 * 4:  # batch 4: the 21st item belongs to step 6
-                raise KeyboardInterrupt("simulated crash")
-            return super().__getitem__(i)
-
-    with pytest.raises(KeyboardInterrupt):
-        adapt(make_model(), CrashesAtStep6(), tmp_path / "parts", _config(steps=8, checkpoint_every=4), device="cpu")
+    with pytest.raises(KeyboardInterrupt):  # batch 4: the 21st item belongs to step 6
+        adapt(make_model(), crashes_after(5 * 4), tmp_path / "parts", _config(steps=8, checkpoint_every=4), device="cpu")
     resumed = make_model()
     adapt(resumed, NoisyPairs(), tmp_path / "parts", _config(steps=8, checkpoint_every=4), device="cpu", resume=True)
     for key, value in _lora(straight).items():

@@ -138,7 +138,7 @@ def test_bad_input_one_line(argv, message, capsys, tmp_path):
     [
         "swinir", "hat", "esrgan", "rcan", "compact", "dat", "swin2sr", "drct", "atd", "rgt", "plksr", "safmn", "span",
         "omnisr", "fdat", "mosr", "grl", "craft", "seemore", "ditn", "moesr", "dctlsa", "swiftsrgan", "realcugan",
-        "scunet", "nafnet",
+        "scunet", "nafnet", "mmrealsr", "fbcnn",
     ],
 )
 def test_every_preset_architecture(arch, tiny_sr, tmp_path):

@@ -33,6 +33,15 @@ def _adapters(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 
+def _torchrun(script: Path, run_dir: Path) -> None:
+    """``script run_dir`` in two CPU processes under torchrun; its stderr on failure."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(run_dir)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_torchrun_two_cpu_processes(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(
@@ -54,11 +63,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
         )
     )
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(run_dir)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun(script, run_dir)
     rank0 = torch.load(run_dir / "rank0.pt", weights_only=True)
     rank1 = torch.load(run_dir / "rank1.pt", weights_only=True)
     assert rank0.keys() == rank1.keys() and rank0
@@ -133,11 +138,7 @@ def test_torchrun_adversarial_adaptation(tmp_path):
         )
     )
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(run_dir)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun(script, run_dir)
     rank0 = torch.load(run_dir / "rank0.pt", weights_only=True)
     rank1 = torch.load(run_dir / "rank1.pt", weights_only=True)
     assert any(k.startswith("D.") for k in rank0) and any("lora_" in k for k in rank0)

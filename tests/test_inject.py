@@ -221,7 +221,7 @@ def test_outputs_match_peft_with_the_same_adapter_weights(which, tiny_sr):
 
 def test_unknown_preset_lists_the_available_ones(tiny_sr):
     available = ", ".join(sorted(adaptsr.PRESETS))
-    assert available.startswith("atd, compact, craft, dat, dctlsa, ditn, drct, esrgan, fdat, grl, hat, moesr, mosr")
+    assert available.startswith("atd, compact, craft, dat, dctlsa, ditn, drct, esrgan, fbcnn, fdat, grl, hat, mmrealsr")
     with pytest.raises(ValueError, match=rf"unknown LoRA preset .edsr.*{available}"):
         adaptsr.inject_lora(tiny_sr.rcan(), preset="edsr")
 

@@ -16,6 +16,7 @@ from torch import nn
 
 import adaptsr
 from adaptsr import LoRAConv2d, LoRAConvTranspose2d, LoRALinear
+from adaptsr.infer import image_of
 from adaptsr.presets import preset_for_architecture
 
 warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
@@ -349,12 +350,38 @@ ARCHS = {
             "unet2.conv3.seblock.conv2",
         },
     ),
+    "mmrealsr": (
+        {},
+        "MMRealSR",
+        {f"body.{b}.rdb{d}.conv{c}" for b in (0, 1) for d in (1, 2, 3) for c in range(1, 6)} | {"conv_body"},
+        {
+            "conv_first",  # reads the pixels
+            "conv_up1", "conv_up2", "conv_hr", "conv_last",  # the upsampling tail
+            "de_net.conv_first.0", "de_net.body.0.0.conv1", "de_net.body.1.1", "de_net.fc_degree.0.0",  # estimator
+            "dd_embed.0",  # degree embedding
+            "am_list.0.fc.0", "am_list.1.fc.4",  # affine modulation MLPs
+        },
+    ),
+    "fbcnn": (
+        {},
+        "FBCNN",
+        {f"{stage}.{b}.res.{c}" for stage in ("m_down1", "m_down2", "m_down3", "m_body_encoder", "m_body_decoder")
+         for b in (0, 1) for c in (0, 2)}
+        | {f"m_up{u}.{b}.res.{c}" for u in (1, 2, 3) for b in (1, 2) for c in (0, 2)}
+        | {"m_down1.2", "m_down2.2", "m_down3.2", "m_up3.0", "m_up2.0", "m_up1.0"},  # strided and transposed convs
+        {
+            "m_head", "m_tail",  # pixels
+            "qf_pred.0.res.0", "qf_pred.4", "qf_pred.8",  # quality-factor predictor
+            "qf_embed.0", "qf_embed.4",  # its embedding
+            "to_gamma_3.0", "to_beta_1.0",  # the decoder's modulation
+        },
+    ),
 }
 # the preset of each entry of ARCHS, where its name is not one
 PRESET_OF = {"realplksr": "plksr", "grl_separable": "grl"}
 
-SCALE = 2  # every model here upscales x2 but the denoisers
-SCALE_OF = {"scunet": 1, "nafnet": 1}
+SCALE = 2  # every model here upscales x2 but the denoisers and MMRealSR (x4 only, see conftest)
+SCALE_OF = {"scunet": 1, "nafnet": 1, "fbcnn": 1, "mmrealsr": 4}
 
 
 @pytest.fixture(params=sorted(ARCHS))
@@ -397,10 +424,11 @@ def lr_size(base) -> int:
 
 
 def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Eval-mode output; a clone of the input because RCAN's forward writes into it."""
+    """Eval-mode output image (MMRealSR and FBCNN return it with their degradation estimate, as adaptsr takes it);
+    a clone of the input because RCAN's forward writes into it."""
     model.eval()
     with torch.no_grad():
-        return model(x.clone())
+        return image_of(model(x.clone()))
 
 
 def _lr_batch(n: int = 2, size: int = 16, seed: int = 1) -> torch.Tensor:
@@ -506,7 +534,7 @@ def _train(model: nn.Module, size: int, scale: int, steps: int = 6) -> list[floa
     losses = []
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = nn.functional.l1_loss(model(lr_img.clone()), hr_img)
+        loss = nn.functional.l1_loss(image_of(model(lr_img.clone())), hr_img)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())

@@ -20,7 +20,7 @@ from adaptsr.train import TrainConfig, adapt
 TASK = (Path(__file__).parent / "train_task.py").read_text()
 namespace: dict = {}
 exec(TASK, namespace)
-NoisyPairs, make_model = namespace["NoisyPairs"], namespace["make_model"]
+NoisyPairs, make_model, crashes_after = namespace["NoisyPairs"], namespace["make_model"], namespace["crashes_after"]
 
 
 def _config(**overrides) -> TrainConfig:
@@ -44,17 +44,8 @@ def test_loss_decreases(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path):
     straight = make_model()
     adapt(straight, NoisyPairs(), tmp_path / "straight", _config(), device="cpu")
-    class CrashesAtStep9(NoisyPairs):
-        calls = 0
-
-        def __getitem__(self, i):
-            type(self).calls += 1
-            if self.calls > 8 * 4:  # batch 4: the 33rd item belongs to step 9
-                raise KeyboardInterrupt("simulated crash")
-            return super().__getitem__(i)
-
-    with pytest.raises(KeyboardInterrupt):
-        adapt(make_model(), CrashesAtStep9(), tmp_path / "parts", _config(), device="cpu")
+    with pytest.raises(KeyboardInterrupt):  # batch 4: the 33rd item belongs to step 9
+        adapt(make_model(), crashes_after(8 * 4), tmp_path / "parts", _config(), device="cpu")
     assert torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["step"] == 8
     resumed = make_model()  # fresh weights: everything must come from the checkpoint
     adapt(resumed, NoisyPairs(), tmp_path / "parts", _config(), device="cpu", resume=True)

@@ -30,3 +30,18 @@ def make_model():
     model = ESRGAN(num_filters=8, num_blocks=1, scale=2)
     adaptsr.inject_lora(model, targets="model[.].*", rank=3)  # every conv, the tail included
     return model
+
+
+def crashes_after(items):
+    """NoisyPairs whose reading of item number ``items + 1`` raises KeyboardInterrupt: a run killed mid-step."""
+
+    class Crashing(NoisyPairs):
+        calls = 0
+
+        def __getitem__(self, i):
+            type(self).calls += 1
+            if self.calls > items:
+                raise KeyboardInterrupt("simulated crash")
+            return super().__getitem__(i)
+
+    return Crashing()
