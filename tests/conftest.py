@@ -615,3 +615,19 @@ def poisoned_window_attention(monkeypatch):
         kernels = importlib.import_module("adaptsr.kernels.window_attention")
         monkeypatch.setattr(kernels, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"),
                                                                                         dtype=dtype, device=device))
+
+
+@pytest.fixture
+def random_vgg(monkeypatch):
+    """The VGG perceptual loss on torchvision's VGG19 with seeded random weights instead of the ImageNet ones,
+    which would be downloaded: the tests check the loss's plumbing, not ImageNet's features."""
+    import adaptsr.losses
+
+    build = adaptsr.losses._vgg19_features
+
+    def untrained(pretrained):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            return build(False)
+
+    monkeypatch.setattr(adaptsr.losses, "_vgg19_features", untrained)

@@ -165,3 +165,60 @@ def test_checkpointing_only_where_spandrel_checkpoints(setup, capsys, tiny_sr, a
     assert main(_args(checkpoint, hr_dir, tmp_path / "run", "--checkpointing")) == 1
     err = capsys.readouterr().err
     assert "--checkpointing: spandrel checkpoints the blocks of SwinIR only, not " in err and err.count("\n") == 1
+
+
+# -- adversarial adaptation (--gan); the VGG19 with random weights, as the training tests run it --
+
+
+def test_gan_flags_set_real_esrgans_recipe(setup, random_vgg):
+    from adaptsr.discriminator import UNetDiscriminator, load_discriminator
+
+    tmp_path, hr_dir, checkpoint = setup
+    assert main(_args(checkpoint, hr_dir, tmp_path / "recipe", "--steps", "2", "--gan")) == 0
+    config = json.loads((tmp_path / "recipe" / "config.json").read_text())
+    assert (config["pixel_weight"], config["perceptual_weight"], config["gan_weight"]) == (1.0, 1.0, 0.1)
+    assert (tmp_path / "recipe" / "discriminator.safetensors").is_file()
+    # explicit weights override the recipe; a Real-ESRGAN-style {"params": ...} file starts the discriminator
+    torch.manual_seed(2)
+    start = UNetDiscriminator(3, features=16)
+    torch.save({"params": start.state_dict()}, tmp_path / "netD.pth")
+    assert main(_args(checkpoint, hr_dir, tmp_path / "tuned", "--steps", "2", "--gan", "--perceptual-weight", "0",
+                      "--gan-weight", "0.05", "--discriminator", str(tmp_path / "netD.pth"),
+                      "--discriminator-lr", "2e-4")) == 0
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert (config["perceptual_weight"], config["gan_weight"], config["discriminator_lr"]) == (0.0, 0.05, 2e-4)
+    metrics = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
+    assert list(metrics["loss_terms"]) == ["pixel", "gan", "discriminator_real", "discriminator_fake"]
+    trained = load_discriminator(tmp_path / "tuned" / "discriminator.safetensors")
+    assert trained.conv0.out_channels == 16  # the given discriminator's width, not a fresh default one
+    assert not torch.equal(trained.conv0.weight, start.conv0.weight)
+
+
+def test_gan_flag_errors(setup, capsys):
+    from adaptsr.discriminator import UNetDiscriminator
+
+    tmp_path, hr_dir, checkpoint = setup
+    torch.save({"params": UNetDiscriminator(3, features=8).state_dict()}, tmp_path / "netD.pth")
+    assert main(_args(checkpoint, hr_dir, tmp_path / "a", "--discriminator", str(tmp_path / "netD.pth"))) == 1
+    assert "--discriminator: the run has no GAN loss" in capsys.readouterr().err
+    assert main(_args(checkpoint, hr_dir, tmp_path / "b", "--gan-weight", "0.1", "--discriminator",
+                      str(tmp_path / "nope.pth"))) == 1
+    assert "nope.pth does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(_args(checkpoint, hr_dir, tmp_path / "c", "--gan-weight", "-1"))
+    assert usage.value.code == 2 and "-1 is negative" in capsys.readouterr().err
+
+
+def test_missing_vgg_weights_end_the_command_with_their_name(setup, capsys, monkeypatch):
+    """The real VGG19 loader, offline: the command stops before any training and names the file to fetch."""
+    tmp_path, hr_dir, checkpoint = setup
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    def unreachable(url, dst, *args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    assert main(_args(checkpoint, hr_dir, tmp_path / "run", "--perceptual-weight", "1")) == 1
+    err = capsys.readouterr().err
+    assert "the VGG perceptual loss needs the weight file vgg19-dcbb9e9d.pth" in err and "network is unreachable" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

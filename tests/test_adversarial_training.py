@@ -1,6 +1,7 @@
 """Adversarial adaptation (AdaptSR-GAN) in the training loop: the weighted losses, the discriminator trained
 alongside and saved, exact resumption with it, and the CLI's --gan flags. The VGG19 network runs with random
-weights here (no download in the tests): what is checked is the plumbing, not the ImageNet features."""
+weights here (no download in the tests): what is checked is the plumbing, not the ImageNet features. The
+CLI's flags are tested with the other `adaptsr adapt` tests."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import adaptsr.losses
 from adaptsr.discriminator import UNetDiscriminator, load_discriminator
 from adaptsr.train import TrainConfig, adapt
 
@@ -23,17 +23,8 @@ NoisyPairs, make_model, crashes_after = namespace["NoisyPairs"], namespace["make
 GAN = {"perceptual_weight": 0.5, "gan_weight": 0.1}
 
 
-@pytest.fixture(autouse=True)
-def random_vgg(monkeypatch):
-    """torchvision's VGG19 without its ImageNet weights (which would be downloaded), seeded."""
-    build = adaptsr.losses._vgg19_features
-
-    def untrained(pretrained):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1)
-            return build(False)
-
-    monkeypatch.setattr(adaptsr.losses, "_vgg19_features", untrained)
+# the VGG19 with random weights (no download in the tests)
+pytestmark = pytest.mark.usefixtures("random_vgg")
 
 
 def _config(**overrides) -> TrainConfig:
@@ -133,89 +124,3 @@ def test_a_discriminator_without_a_gan_loss_is_refused(tmp_path):
 def test_bad_loss_settings(overrides, message):
     with pytest.raises(ValueError, match=message):
         _config(**overrides)
-
-
-# -- the command line --
-
-
-@pytest.fixture
-def setup(tmp_path):
-    from PIL import Image
-    from skimage import data
-    from spandrel.architectures.ESRGAN import ESRGAN
-
-    import adaptsr
-
-    hr_dir = tmp_path / "hr"
-    hr_dir.mkdir()
-    for name in ("astronaut", "coffee"):
-        Image.fromarray(getattr(data, name)()).resize((48, 48), Image.BICUBIC).save(hr_dir / f"{name}.png")
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "base.safetensors"
-    adaptsr.save_model(ESRGAN(num_filters=8, num_blocks=1, scale=2), checkpoint)
-    return tmp_path, hr_dir, checkpoint
-
-
-def _args(checkpoint, hr_dir, run_dir, *extra):
-    return [
-        "adapt", "--model", str(checkpoint), "--hr", str(hr_dir), "--out", str(run_dir), "--steps", "2",
-        "--batch-size", "2", "--patch", "16", "--rank", "4", "--warmup-steps", "1", "--device", "cpu", *extra,
-    ]
-
-
-def test_gan_flags_set_real_esrgans_recipe(setup):
-    from adaptsr.cli import main
-
-    tmp_path, hr_dir, checkpoint = setup
-    assert main(_args(checkpoint, hr_dir, tmp_path / "recipe", "--gan")) == 0
-    config = json.loads((tmp_path / "recipe" / "config.json").read_text())
-    assert (config["pixel_weight"], config["perceptual_weight"], config["gan_weight"]) == (1.0, 1.0, 0.1)
-    assert (tmp_path / "recipe" / "discriminator.safetensors").is_file()
-    # explicit weights override the recipe; a Real-ESRGAN-style {"params": ...} file starts the discriminator
-    torch.manual_seed(2)
-    start = UNetDiscriminator(3, features=16)
-    torch.save({"params": start.state_dict()}, tmp_path / "netD.pth")
-    assert main(_args(checkpoint, hr_dir, tmp_path / "tuned", "--gan", "--perceptual-weight", "0", "--gan-weight",
-                      "0.05", "--discriminator", str(tmp_path / "netD.pth"), "--discriminator-lr", "2e-4")) == 0
-    config = json.loads((tmp_path / "tuned" / "config.json").read_text())
-    assert (config["perceptual_weight"], config["gan_weight"], config["discriminator_lr"]) == (0.0, 0.05, 2e-4)
-    metrics = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
-    assert list(metrics["loss_terms"]) == ["pixel", "gan", "discriminator_real", "discriminator_fake"]
-    trained = load_discriminator(tmp_path / "tuned" / "discriminator.safetensors")
-    assert trained.conv0.out_channels == 16  # the given discriminator's width, not a fresh default one
-    assert not torch.equal(trained.conv0.weight, start.conv0.weight)
-
-
-def test_gan_flag_errors(setup, capsys):
-    from adaptsr.cli import main
-
-    tmp_path, hr_dir, checkpoint = setup
-    torch.save({"params": UNetDiscriminator(3, features=8).state_dict()}, tmp_path / "netD.pth")
-    assert main(_args(checkpoint, hr_dir, tmp_path / "a", "--discriminator", str(tmp_path / "netD.pth"))) == 1
-    assert "--discriminator: the run has no GAN loss" in capsys.readouterr().err
-    assert main(_args(checkpoint, hr_dir, tmp_path / "b", "--gan", "--discriminator", str(tmp_path / "nope.pth"))) == 1
-    assert "nope.pth does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as usage:
-        main(_args(checkpoint, hr_dir, tmp_path / "c", "--gan-weight", "-1"))
-    assert usage.value.code == 2 and "-1 is negative" in capsys.readouterr().err
-
-
-def test_missing_vgg_weights_end_the_command_with_their_name(setup, capsys, monkeypatch):
-    """No random VGG here: the real loader, offline, fails before any training with the file to fetch."""
-    from adaptsr.cli import main
-
-    tmp_path, hr_dir, checkpoint = setup
-    monkeypatch.setattr(adaptsr.losses, "_vgg19_features", _real_vgg19_features)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-
-    def unreachable(url, dst, *args, **kwargs):
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
-    assert main(_args(checkpoint, hr_dir, tmp_path / "run", "--perceptual-weight", "1")) == 1
-    err = capsys.readouterr().err
-    assert "the VGG perceptual loss needs the weight file vgg19-dcbb9e9d.pth" in err and "network is unreachable" in err
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
-
-
-_real_vgg19_features = adaptsr.losses._vgg19_features
