@@ -207,6 +207,32 @@ def _window_attentions(module: nn.Module) -> list[tuple[str, LoRAWindowAttention
     return [(name, m) for name, m in module.named_modules() if name and isinstance(m, LoRAWindowAttention)]
 
 
+def target_layers(model, *, preset: str | None = None, targets: str | Sequence[str] | None = None):
+    """(name, layer) for each Conv2d, ConvTranspose2d and Linear layer of ``model`` that ``preset`` or ``targets``
+    selects, as ``inject_lora`` would wrap them; an error naming some of the model's layers when none matches."""
+    module = unwrap_model(model)
+    if preset is None and targets is None:
+        raise ValueError("inject_lora needs a preset or targets (a regex or a list of layer names)")
+    matchers = []
+    if preset is not None:
+        matchers.append(_name_matcher(preset_pattern(preset, module)))
+    if targets is not None:
+        matchers.append(_name_matcher(targets))
+    chosen = [
+        (name, child)
+        for name, child in module.named_modules()
+        if name and type(child) in _WRAPPERS and any(match(name) for match in matchers)
+    ]
+    if not chosen:
+        layer_names = [n for n, m in module.named_modules() if type(m) in _WRAPPERS][:8]
+        wanted = preset if targets is None else targets
+        raise ValueError(
+            f"LoRA targets {wanted!r} matched no Conv2d or Linear layer of {type(module).__name__}; "
+            f"its layers are named like {layer_names}"
+        )
+    return chosen
+
+
 def inject_lora(
     model,
     *,
@@ -241,29 +267,10 @@ def inject_lora(
     and forwards back.
     """
     module = unwrap_model(model)
-    if preset is None and targets is None:
-        raise ValueError("inject_lora needs a preset or targets (a regex or a list of layer names)")
-    matchers = []
-    if preset is not None:
-        matchers.append(_name_matcher(preset_pattern(preset, module)))
-    if targets is not None:
-        matchers.append(_name_matcher(targets))
     existing = [name for name, _ in lora_layers(module)]
     if existing:
         raise ValueError(f"the model already has LoRA adapters (e.g. on {existing[0]!r}); merge or unload them first")
-
-    chosen = [
-        (name, child)
-        for name, child in module.named_modules()
-        if name and type(child) in _WRAPPERS and any(match(name) for match in matchers)
-    ]
-    if not chosen:
-        layer_names = [n for n, m in module.named_modules() if type(m) in _WRAPPERS][:8]
-        wanted = preset if targets is None else targets
-        raise ValueError(
-            f"LoRA targets {wanted!r} matched no Conv2d or Linear layer of {type(module).__name__}; "
-            f"its layers are named like {layer_names}"
-        )
+    chosen = target_layers(module, preset=preset, targets=targets)
 
     # Build every wrapper before swapping any in, so a bad layer leaves the model as it was.
     requires_grad = {p: p.requires_grad for p in module.parameters()}
