@@ -572,6 +572,11 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--val-pairs", nargs=2, metavar=("LR_DIR", "HR_DIR"), help="validation LR/HR pairs")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created; reused with --resume)")
     _add_lora_flags(p)
+    p.add_argument("--allocate-ranks", action="store_true",
+                   help="rank-aware allocation: per-layer ranks from the L1 gradients of the first training batches, "
+                        "within the parameters of --rank on every layer (written to RUN_DIR/rank_allocation.json)")
+    p.add_argument("--allocation-batches", type=int, default=8, metavar="N",
+                   help="training batches the rank allocation measures the gradients on (default: 8)")
     p.add_argument("--full-finetune", action="store_true", help="train every weight instead of adapters (baseline)")
     p.add_argument("--checkpointing", action="store_true",
                    help="recompute each Swin block's activations in the backward instead of keeping them (spandrel's "
@@ -588,13 +593,14 @@ def add_adapt_command(subparsers) -> None:
                         "blends them, to bound memory on large validation images (default: whole images)")
     loss = p.add_argument_group("loss (adversarial adaptation, AdaptSR-GAN)")
     loss.add_argument("--gan", action="store_true",
-                      help="Real-ESRGAN's recipe: L1 + VGG perceptual loss (weight 1) + GAN loss (weight 0.1) against a "
-                           "U-Net discriminator trained alongside; the weights below override it")
+                      help="Real-ESRGAN's recipe: L1 + VGG perceptual loss (weight 1) + GAN loss (weight 0.1) "
+                           "against a U-Net discriminator trained alongside; the weights below override it")
     loss.add_argument("--pixel-weight", type=_nonneg_float, default=1.0, metavar="W", help="L1 weight (default: 1)")
     loss.add_argument("--perceptual-weight", type=_nonneg_float, metavar="W",
                       help="VGG19 perceptual loss weight (default: 1 with --gan, else 0); its ImageNet weights are "
                            "downloaded on first use")
-    loss.add_argument("--gan-weight", type=_nonneg_float, metavar="W", help="GAN loss weight (default: 0.1 with --gan, else 0)")
+    loss.add_argument("--gan-weight", type=_nonneg_float, metavar="W",
+                      help="GAN loss weight (default: 0.1 with --gan, else 0)")
     loss.add_argument("--discriminator", metavar="CKPT",
                       help="start the discriminator from these weights (.pth or .safetensors; e.g. Real-ESRGAN's "
                            "RealESRGAN_x4plus_netD.pth, or a run's discriminator.safetensors) instead of a fresh one")
@@ -606,6 +612,44 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=_adapt)
+
+
+def _allocated_rank_pattern(args, descriptor, train_set, config, options) -> dict[str, int]:
+    """The rank_pattern of --allocate-ranks: measured on the first training batches, or read back from the run
+    folder on --resume (the checkpoint holds adapters of those ranks). Under torchrun rank 0 measures and the
+    others take its ranks, so every process builds the same adapters."""
+    import json
+
+    import torch.distributed as dist
+
+    from adaptsr.io import atomic_write
+    from adaptsr.rank_allocation import allocate_ranks, rank_pattern, training_batches
+    from adaptsr.train import _init_distributed
+
+    if args.rank_pattern:
+        raise CommandError("--allocate-ranks sets every layer's rank: leave out --rank-pattern")
+    if args.allocation_batches < 1:
+        raise CommandError(f"--allocation-batches must be at least 1, got {args.allocation_batches}")
+    path = Path(args.out) / "rank_allocation.json"
+    if args.resume and path.is_file():
+        print(f"rank allocation read from {path}", flush=True)
+        return rank_pattern(json.loads(path.read_text())["ranks"])
+    process, world, device = _init_distributed(args.device)
+    message = [None]
+    if process == 0:
+        descriptor.model.to(device)
+        allocation = allocate_ranks(
+            descriptor, training_batches(train_set, config, args.allocation_batches), rank=args.rank,
+            preset=options["preset"], targets=options["targets"],
+        )
+        print(allocation, flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(allocation.to_dict(), indent=2) + "\n"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        message = [allocation.rank_pattern()]
+    if world > 1:
+        dist.broadcast_object_list(message, src=0)
+    return message[0]
 
 
 def _adapt(args: argparse.Namespace) -> int:
@@ -620,27 +664,6 @@ def _adapt(args: argparse.Namespace) -> int:
 
     descriptor = adaptsr.load_model(args.model)
     scale = descriptor.scale
-    if args.full_finetune:
-        descriptor.model.requires_grad_(True)
-    else:
-        options = _lora_options(args)
-        if options["preset"] is None and options["targets"] is None:
-            options["preset"] = preset_for_architecture(descriptor.architecture.id)
-        torch.manual_seed(args.seed)  # the adapters' initial A: the same --seed, the same run
-        summary = adaptsr.inject_lora(descriptor, **options)
-        print(summary, flush=True)
-
-    if args.checkpointing:
-        # spandrel's HAT (and others) carry a use_checkpoint flag that their forward ignores: only the
-        # architectures listed here checkpoint when it is set, and the flag must not promise memory it does not save.
-        if descriptor.architecture.id not in _CHECKPOINTING_ARCHITECTURES:
-            supported = ", ".join(_CHECKPOINTING_ARCHITECTURES)
-            raise ValueError(f"--checkpointing: spandrel checkpoints the blocks of {supported} only, "
-                             f"not {descriptor.architecture.name}")
-        for block in descriptor.model.modules():
-            if hasattr(block, "use_checkpoint"):
-                block.use_checkpoint = True
-
     degradation = get_preset(args.degradation)
 
     def degrade_fn(hr, s, generator):
@@ -672,6 +695,31 @@ def _adapt(args: argparse.Namespace) -> int:
         val_tile=args.val_tile, pixel_weight=args.pixel_weight, perceptual_weight=perceptual_weight,
         gan_weight=gan_weight, discriminator_lr=args.discriminator_lr,
     )
+    if args.full_finetune:
+        if args.allocate_ranks:
+            raise CommandError("--allocate-ranks sets the adapters' ranks; --full-finetune trains no adapters")
+        descriptor.model.requires_grad_(True)
+    else:
+        options = _lora_options(args)
+        if options["preset"] is None and options["targets"] is None:
+            options["preset"] = preset_for_architecture(descriptor.architecture.id)
+        if args.allocate_ranks:
+            options["rank_pattern"] = _allocated_rank_pattern(args, descriptor, train_set, config, options)
+        torch.manual_seed(args.seed)  # the adapters' initial A: the same --seed, the same run
+        summary = adaptsr.inject_lora(descriptor, **options)
+        print(summary, flush=True)
+
+    if args.checkpointing:
+        # spandrel's HAT (and others) carry a use_checkpoint flag that their forward ignores: only the
+        # architectures listed here checkpoint when it is set, and the flag must not promise memory it does not save.
+        if descriptor.architecture.id not in _CHECKPOINTING_ARCHITECTURES:
+            supported = ", ".join(_CHECKPOINTING_ARCHITECTURES)
+            raise ValueError(f"--checkpointing: spandrel checkpoints the blocks of {supported} only, "
+                             f"not {descriptor.architecture.name}")
+        for block in descriptor.model.modules():
+            if hasattr(block, "use_checkpoint"):
+                block.use_checkpoint = True
+
     metrics = adapt(descriptor, train_set, args.out, config, val_set=val_set, resume=args.resume, device=args.device,
                     discriminator=discriminator)
     val = metrics["val"][-1] if metrics["val"] else None

@@ -52,7 +52,8 @@ class MissingWeightsError(RuntimeError):
         self.metric, self.url, self.path, self.reason = metric, url, path, reason
         why = f" (download failed: {reason})" if reason else " (downloads are off)"
         super().__init__(
-            f"{what or f'metric {metric!r}'} needs the weight file {os.path.basename(path)}, which is not at {path}{why}; "
+            f"{what or f'metric {metric!r}'} needs the weight file {os.path.basename(path)}, which is not at "
+            f"{path}{why}; "
             f"download {url} and put it at {path} (pyiqa looks under torch.hub.get_dir()/pyiqa, torchvision "
             "backbones under torch.hub.get_dir()/checkpoints; set TORCH_HOME to move both)"
         )
