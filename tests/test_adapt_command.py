@@ -222,3 +222,40 @@ def test_missing_vgg_weights_end_the_command_with_their_name(setup, capsys, monk
     err = capsys.readouterr().err
     assert "the VGG perceptual loss needs the weight file vgg19-dcbb9e9d.pth" in err and "network is unreachable" in err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# -- rank-aware allocation --
+
+
+def test_adapt_allocates_ranks_and_resumes_with_them(setup, capsys):
+    tmp_path, hr_dir, checkpoint = setup
+    run_dir = tmp_path / "run"
+    assert main(_args(checkpoint, hr_dir, run_dir, "--allocate-ranks", "--allocation-batches", "2")) == 0
+    out = capsys.readouterr().out
+    assert "rank allocation over" in out and "uncaptured" in out
+    allocation = json.loads((run_dir / "rank_allocation.json").read_text())
+    assert allocation["batches"] == 2 and allocation["params"] <= allocation["budget"]
+    assert len(set(allocation["ranks"].values())) > 1  # not the uniform rank 4 everywhere
+    # the trained adapter has exactly those ranks, and opens on the base model
+    base = adaptsr.load_model(checkpoint)
+    adaptsr.load_adapter(base, run_dir / "adapter")
+    assert {name: layer.rank for name, layer in adaptsr.inject.lora_layers(base)} == allocation["ranks"]
+    # a resumed run takes the recorded ranks (its checkpoint holds adapters of those ranks)
+    assert main(_args(checkpoint, hr_dir, run_dir, "--allocate-ranks", "--resume", "--steps", "6")) == 0
+    assert "rank allocation read from" in capsys.readouterr().out
+    assert len(json.loads((run_dir / "metrics.json").read_text())["loss"]) == 6
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--rank-pattern", "model.0=2"), "leave out --rank-pattern"),
+        (("--full-finetune",), "--full-finetune trains no adapters"),
+        (("--allocation-batches", "0"), "--allocation-batches must be at least 1"),
+    ],
+)
+def test_allocate_ranks_conflicts(setup, capsys, extra, message):
+    tmp_path, hr_dir, checkpoint = setup
+    assert main(_args(checkpoint, hr_dir, tmp_path / "run", "--allocate-ranks", *extra)) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
