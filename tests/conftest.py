@@ -631,3 +631,12 @@ def random_vgg(monkeypatch):
             return build(False)
 
     monkeypatch.setattr(adaptsr.losses, "_vgg19_features", untrained)
+
+
+@pytest.fixture
+def empty_hub(tmp_path):
+    """torch.hub pointed at an empty folder: no metric or VGG weights on this 'machine'."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(old)

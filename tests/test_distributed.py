@@ -100,14 +100,16 @@ GAN_TASK = TASK + textwrap.dedent(
     import adaptsr.losses
     from adaptsr.discriminator import UNetDiscriminator
 
-    _build_vgg = adaptsr.losses._vgg19_features
+    def use_untrained_vgg():
+        # no ImageNet download in the tests: a seeded random VGG19, as conftest's random_vgg fixture builds it
+        build = adaptsr.losses._vgg19_features
 
-    def _untrained_vgg(pretrained):  # no ImageNet download in the tests: a seeded random VGG19
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1)
-            return _build_vgg(False)
+        def untrained(pretrained):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(1)
+                return build(False)
 
-    adaptsr.losses._vgg19_features = _untrained_vgg
+        adaptsr.losses._vgg19_features = untrained
 
     def make_discriminator():
         torch.manual_seed(4)
@@ -117,7 +119,7 @@ GAN_TASK = TASK + textwrap.dedent(
 GAN_CONFIG = dict(CONFIG, perceptual_weight=0.5, gan_weight=0.1)
 
 
-def test_torchrun_adversarial_adaptation(tmp_path):
+def test_torchrun_adversarial_adaptation(tmp_path, random_vgg):
     """With the GAN loss on, the discriminator's step is averaged over the ranks too: both ranks end with the same
     adapters and discriminator, and they equal one process's on the whole batch."""
     script = tmp_path / "ddp_gan_run.py"
@@ -128,6 +130,7 @@ def test_torchrun_adversarial_adaptation(tmp_path):
             import os, sys
             torch.set_num_threads(1)
             from adaptsr.train import TrainConfig, adapt
+            use_untrained_vgg()
             model, discriminator = make_model(), make_discriminator()
             adapt(model, NoisyPairs(), sys.argv[1], TrainConfig(**{GAN_CONFIG!r}), device="cpu",
                   discriminator=discriminator)

@@ -14,15 +14,6 @@ from skimage import data as skdata
 from adaptsr.evaluate import MissingWeightsError, create_metric, evaluate_pairs, format_table, write_results
 
 
-@pytest.fixture
-def empty_hub(tmp_path):
-    """torch.hub pointed at an empty folder: no metric weights on this 'machine'."""
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(old)
-
-
 def _photo_pairs(scale=2):
     """Two small real photos (HR) and degraded 8-bit 'SR' versions of them."""
     g = torch.Generator().manual_seed(0)

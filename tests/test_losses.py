@@ -78,11 +78,10 @@ def test_perceptual_loss_bad_input():
         loss(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8))
 
 
-def test_missing_vgg_weights_are_named(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+def test_missing_vgg_weights_are_named(empty_hub):
     with pytest.raises(MissingWeightsError, match=r"the VGG perceptual loss needs the weight file vgg19-dcbb9e9d\.pth") as info:
         vgg_perceptual_loss(download=False)
-    assert info.value.path.startswith(str(tmp_path)) and info.value.url.endswith("vgg19-dcbb9e9d.pth")
+    assert info.value.path.startswith(str(empty_hub)) and info.value.url.endswith("vgg19-dcbb9e9d.pth")
 
 
 def test_gan_loss_is_binary_cross_entropy_on_logits():
