@@ -585,6 +585,9 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="global batch size, split over processes (default: 8)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
     p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--ema-decay", type=_nonneg_float, default=0.0, metavar="D",
+                   help="validate and save an exponential moving average of the trained weights with this decay "
+                        "(e.g. 0.999, BasicSR's; warmed up over the first steps; default: 0, none)")
     p.add_argument("--patch", type=int, default=32, help="LR patch size of the training crops (default: 32)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
     p.add_argument("--val-every", type=int, default=0, help="steps between validations (default: only at the end)")
@@ -693,7 +696,7 @@ def _adapt(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         checkpoint_every=args.checkpoint_every, val_every=args.val_every, seed=args.seed, amp=args.amp,
         val_tile=args.val_tile, pixel_weight=args.pixel_weight, perceptual_weight=perceptual_weight,
-        gan_weight=gan_weight, discriminator_lr=args.discriminator_lr,
+        gan_weight=gan_weight, discriminator_lr=args.discriminator_lr, ema_decay=args.ema_decay,
     )
     if args.full_finetune:
         if args.allocate_ranks:

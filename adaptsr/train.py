@@ -25,6 +25,7 @@ opens as the original architecture).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from tqdm import tqdm
 
 from adaptsr.adapter import save_adapter
 from adaptsr.discriminator import UNetDiscriminator
+from adaptsr.ema import ParameterEMA
 from adaptsr.infer import image_of, upscale
 from adaptsr.inject import lora_layers, unwrap_model
 from adaptsr.io import atomic_write, save_model
@@ -75,6 +77,8 @@ class TrainConfig:
     perceptual_weight: float = 0.0
     gan_weight: float = 0.0
     discriminator_lr: float = 1e-4  # the discriminator's Adam learning rate (constant)
+    # > 0: validate and save an exponential moving average of the trained weights (adaptsr.ema; BasicSR's 0.999)
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -88,6 +92,8 @@ class TrainConfig:
                              "image's content; give one of them a weight")
         if not (math.isfinite(self.discriminator_lr) and self.discriminator_lr > 0):
             raise ValueError(f"discriminator_lr must be positive, got {self.discriminator_lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no average), got {self.ema_decay}")
         if self.val_tile < 0:
             raise ValueError(f"val_tile must be 0 (whole images) or a tile size in pixels, got {self.val_tile}")
         _uses_bf16(self.amp, "cpu")  # a clear error for an unknown amp now, not at the first step
@@ -331,6 +337,7 @@ def adapt(
     if config.gan_weight > 0 and discriminator is None:
         discriminator = _fresh_discriminator(model, config.seed)
     objective = Objective(config, device, discriminator, world)
+    ema = ParameterEMA(params, config.ema_decay) if config.ema_decay > 0 else None
 
     history = {"loss": [], "loss_terms": {name: [] for name in objective.terms}, "val": [], "skipped_steps": 0,
                "train_seconds": 0.0}
@@ -338,7 +345,8 @@ def adapt(
 
     def validate(step: int) -> None:
         nonlocal final_outputs
-        scores, final_outputs = _validate(model, val_set, device, config.val_tile, rank, world)
+        with ema.averaged() if ema is not None else contextlib.nullcontext():
+            scores, final_outputs = _validate(model, val_set, device, config.val_tile, rank, world)
         history["val"].append({"step": step, **scores})
 
     start_step = 0
@@ -360,10 +368,16 @@ def adapt(
                     f"checkpoint {checkpoint_path} does not match the model: {name} is {tuple(saved.shape)} there and "
                     f"{tuple(p.shape)} here; resume with the run's own LoRA options (rank, targets), or start a new run"
                 )
+        if (state.get("ema") is None) != (ema is None):
+            had = "with" if ema is None else "without"
+            raise ValueError(f"checkpoint {checkpoint_path} was trained {had} an EMA of the weights and this run is "
+                             "not; resume with the run's own ema_decay, or start a new run")
         objective.load_state_dict(state.get("discriminator"), str(checkpoint_path))  # checks before it loads
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state["trainable"][name])
+        if ema is not None:
+            ema.load_state_dict(state["ema"], str(checkpoint_path))
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         history = state["history"]
@@ -380,6 +394,7 @@ def adapt(
             "schedule": schedule.state_dict(),
             "history": history,
             "discriminator": objective.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
         }
         if rank == 0:
             atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
@@ -412,6 +427,8 @@ def adapt(
             continue
         bad_in_a_row = 0
         _apply_gradients(loss, params, optimizer, config.grad_clip)
+        if ema is not None:
+            ema.update()
         if not adapters_checked:  # this run's first step that trained
             _check_adapters_run(module)
             adapters_checked = True
@@ -439,6 +456,8 @@ def adapt(
             save_checkpoint(done)
 
     progress.close()
+    if ema is not None:  # the run's result is the average: the model returned, validated and saved
+        ema.copy_to_params()
     if val_set is not None and not (history["val"] and history["val"][-1]["step"] == config.steps):
         validate(config.steps)
     metrics = {

@@ -258,3 +258,12 @@ def test_allocate_ranks_conflicts(setup, capsys, extra, message):
     assert main(_args(checkpoint, hr_dir, tmp_path / "run", "--allocate-ranks", *extra)) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_adapt_ema_decay_reaches_the_run(setup, capsys):
+    tmp_path, hr_dir, checkpoint = setup
+    assert main(_args(checkpoint, hr_dir, tmp_path / "run", "--ema-decay", "0.99")) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["ema_decay"] == 0.99
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["ema"]["updates"] == 4
+    assert main(_args(checkpoint, hr_dir, tmp_path / "bad", "--ema-decay", "1")) == 1
+    assert "ema_decay must be in [0, 1)" in capsys.readouterr().err
