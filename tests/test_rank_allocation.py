@@ -171,3 +171,18 @@ def test_bad_settings():
         allocate_ranks(_esrgan(), [], rank=2, targets=TARGETS)
     with pytest.raises(ValueError, match="matched no Conv2d"):
         allocate_ranks(_esrgan(), _batches(1), rank=2, targets="nothing")
+
+
+@pytest.mark.parametrize("arch", ["rcan", "fbcnn"])
+def test_models_that_write_into_their_input_or_return_pairs(arch, tiny_sr):
+    """RCAN multiplies its input in place; FBCNN returns (image, quality): the batches stay as they were and the
+    gradients come from the image."""
+    model = getattr(tiny_sr, arch)()
+    scale = 1 if arch == "fbcnn" else 2
+    torch.manual_seed(0)
+    lr = torch.rand(2, 3, 16, 16)
+    hr = torch.rand(2, 3, 16 * scale, 16 * scale)
+    kept = lr.clone()
+    allocation = allocate_ranks(model, [(lr, hr)], rank=2, preset=arch)
+    assert torch.equal(lr, kept)
+    assert allocation.params <= allocation.budget and allocation.captured > 0
