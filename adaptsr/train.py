@@ -283,12 +283,12 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, write)
 
 
-def _fresh_discriminator(model, seed: int) -> UNetDiscriminator:
-    """A new U-Net discriminator for the model's output channels (a descriptor's, else RGB), its initial
-    weights (spectral norm's power-iteration vectors included) a function of the seed alone."""
+def _fresh_discriminator(channels: int, seed: int) -> UNetDiscriminator:
+    """A new U-Net discriminator for ``channels``-channel images, its initial weights (spectral norm's
+    power-iteration vectors included) a function of the seed alone."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNetDiscriminator(getattr(model, "output_channels", 3))
+        return UNetDiscriminator(channels)
 
 
 def _save_discriminator(path: Path, discriminator: nn.Module) -> None:
@@ -332,10 +332,14 @@ def adapt(
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     use_bf16 = _uses_bf16(config.amp, device.type)
+    channels = getattr(model, "output_channels", 3)  # a spandrel descriptor's; a bare module's shows at its first step
+    if config.perceptual_weight > 0 and channels != 3:
+        raise ValueError(f"the VGG perceptual loss compares RGB images, and this model puts out {channels} channel(s); "
+                         "set perceptual_weight to 0")
     if discriminator is not None and config.gan_weight == 0:
         raise ValueError("a discriminator was given but gan_weight is 0: the run would not use it")
     if config.gan_weight > 0 and discriminator is None:
-        discriminator = _fresh_discriminator(model, config.seed)
+        discriminator = _fresh_discriminator(channels, config.seed)
     objective = Objective(config, device, discriminator, world)
     ema = ParameterEMA(params, config.ema_decay) if config.ema_decay > 0 else None
 
