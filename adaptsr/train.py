@@ -4,9 +4,10 @@
 grad (after ``inject_lora`` those are the adapters) with AdamW, a linear warm-up then cosine
 decay, an L1 loss, gradient clipping and a guard that skips non-finite steps. Adversarial
 adaptation (AdaptSR-GAN) adds Real-ESRGAN's VGG perceptual loss and a GAN loss against a U-Net
-discriminator trained alongside (``perceptual_weight``, ``gan_weight``; ``adaptsr.objective``). Every
+discriminator trained alongside (``perceptual_weight``, ``gan_weight``; ``adaptsr.objective``);
+``ema_decay`` > 0 validates and saves a moving average of the trained weights (``adaptsr.ema``). Every
 ``checkpoint_every`` steps it writes ``run_dir/checkpoint.pt`` atomically (trainable weights,
-optimizer, schedule, history, and the discriminator with its optimizer); ``resume=True`` continues
+optimizer, schedule, history, the discriminator with its optimizer, the average); ``resume=True`` continues
 from it and, on the CPU, ends with the same weights as an uninterrupted run: batches are a pure
 function of (seed, step), not of an iterator's hidden state.
 
@@ -20,7 +21,7 @@ At the end the run folder holds ``config.json``, ``metrics.json`` (losses, valid
 on Y), ``curves.png``, ``comparison.png`` (LR | base | adapted | HR crops of the validation
 images, on a fresh start with a validation set), and, for a LoRA model, ``adapter/``
 (PEFT-layout adapter files); always ``model_merged.safetensors`` (a plain checkpoint spandrel
-opens as the original architecture).
+opens as the original architecture); with a GAN loss ``discriminator.safetensors``.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ def test_resume_with_a_discriminator_equals_uninterrupted(tmp_path):
     adapt(straight, NoisyPairs(), tmp_path / "straight", _config(steps=8, checkpoint_every=4), device="cpu")
 
     with pytest.raises(KeyboardInterrupt):  # batch 4: the 21st item belongs to step 6
-        adapt(make_model(), crashes_after(5 * 4), tmp_path / "parts", _config(steps=8, checkpoint_every=4), device="cpu")
+        adapt(make_model(), crashes_after(5 * 4), tmp_path / "parts", _config(steps=8, checkpoint_every=4),
+              device="cpu")
     resumed = make_model()
     adapt(resumed, NoisyPairs(), tmp_path / "parts", _config(steps=8, checkpoint_every=4), device="cpu", resume=True)
     for key, value in _lora(straight).items():

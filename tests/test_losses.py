@@ -20,7 +20,9 @@ def _torchvision_reference(loss: VGGPerceptualLoss, sr: torch.Tensor, hr: torch.
     captured: dict[int, torch.Tensor] = {}
     for index in taps:
         # torchvision's ReLUs run in place on the conv's output: keep a copy of the pre-activation feature
-        network.features[index].register_forward_hook(lambda m, i, out, index=index: captured.__setitem__(index, out.clone()))
+        network.features[index].register_forward_hook(
+            lambda m, i, out, index=index: captured.__setitem__(index, out.clone())
+        )
     mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
     network.features((sr - mean) / std)
@@ -79,7 +81,8 @@ def test_perceptual_loss_bad_input():
 
 
 def test_missing_vgg_weights_are_named(empty_hub):
-    with pytest.raises(MissingWeightsError, match=r"the VGG perceptual loss needs the weight file vgg19-dcbb9e9d\.pth") as info:
+    message = r"the VGG perceptual loss needs the weight file vgg19-dcbb9e9d\.pth"
+    with pytest.raises(MissingWeightsError, match=message) as info:
         vgg_perceptual_loss(download=False)
     assert info.value.path.startswith(str(empty_hub)) and info.value.url.endswith("vgg19-dcbb9e9d.pth")
 
