@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptsr.adapter import _exact_key
-from adaptsr.infer import image_of
+from adaptsr.infer import _run
 from adaptsr.inject import _WRAPPERS, target_layers, unwrap_model
 
 __all__ = ["RankAllocation", "allocate_ranks", "rank_pattern", "training_batches"]
@@ -125,9 +125,8 @@ def _mean_gradients(model, batches: Iterable, preset, targets) -> tuple[dict[str
             layer.weight.requires_grad_(True)
         module.train()
         for lr, hr in batches:
-            # a copy: some models (spandrel's RCAN) write into their input; image_of: MMRealSR / FBCNN return pairs
-            sr = image_of(module(lr.to(device, copy=True)))
-            loss = F.l1_loss(sr.float(), hr.to(device).float())
+            # _run: on a copy (spandrel's RCAN writes into its input), the image of models that return pairs
+            loss = F.l1_loss(_run(module, lr.to(device)).float(), hr.to(device).float())
             grads = torch.autograd.grad(loss, [layer.weight for _, layer in layers], allow_unused=True)
             for (name, _), grad in zip(layers, grads):
                 if grad is not None:
