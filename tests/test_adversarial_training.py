@@ -19,6 +19,7 @@ TASK = (Path(__file__).parent / "train_task.py").read_text()
 namespace: dict = {}
 exec(TASK, namespace)
 NoisyPairs, make_model, crashes_after = namespace["NoisyPairs"], namespace["make_model"], namespace["crashes_after"]
+lora_state = namespace["lora_state"]
 
 GAN = {"perceptual_weight": 0.5, "gan_weight": 0.1}
 
@@ -31,10 +32,6 @@ def _config(**overrides) -> TrainConfig:
     settings = dict(steps=6, batch_size=4, lr=2e-3, warmup_steps=2, checkpoint_every=3, log_every=0, seed=3, **GAN)
     settings.update(overrides)
     return TrainConfig(**settings)
-
-
-def _lora(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 
 def test_the_loss_is_the_weighted_sum_and_the_discriminator_trains(tmp_path):
@@ -55,7 +52,7 @@ def test_the_loss_is_the_weighted_sum_and_the_discriminator_trains(tmp_path):
     saved = load_discriminator(tmp_path / "discriminator.safetensors")
     for key, value in discriminator.state_dict().items():
         torch.testing.assert_close(saved.state_dict()[key], value, rtol=0, atol=0, msg=key)
-    assert any(v.abs().max() > 0 for k, v in _lora(model).items() if k.endswith("lora_B"))
+    assert any(v.abs().max() > 0 for k, v in lora_state(model).items() if k.endswith("lora_B"))
     assert json.loads((tmp_path / "config.json").read_text())["gan_weight"] == 0.1
 
 
@@ -67,7 +64,7 @@ def test_each_loss_moves_the_adapters_its_own_way(tmp_path):
         model = make_model()
         settings = {"perceptual_weight": 0.0, "gan_weight": 0.0, **weights}
         metrics = adapt(model, NoisyPairs(), tmp_path / name, _config(**settings), device="cpu")
-        runs[name] = (_lora(model), metrics)
+        runs[name] = (lora_state(model), metrics)
     l1_metrics = runs["l1"][1]
     assert list(l1_metrics["loss_terms"]) == ["pixel"] and l1_metrics["loss_terms"]["pixel"] == l1_metrics["loss"]
     assert not (tmp_path / "l1" / "discriminator.safetensors").exists()
@@ -85,8 +82,8 @@ def test_resume_with_a_discriminator_equals_uninterrupted(tmp_path):
               device="cpu")
     resumed = make_model()
     adapt(resumed, NoisyPairs(), tmp_path / "parts", _config(steps=8, checkpoint_every=4), device="cpu", resume=True)
-    for key, value in _lora(straight).items():
-        assert torch.equal(value, _lora(resumed)[key]), key
+    for key, value in lora_state(straight).items():
+        assert torch.equal(value, lora_state(resumed)[key]), key
     a = load_discriminator(tmp_path / "straight" / "discriminator.safetensors")
     b = load_discriminator(tmp_path / "parts" / "discriminator.safetensors")
     for key, value in a.state_dict().items():
@@ -98,10 +95,10 @@ def test_resume_with_a_discriminator_equals_uninterrupted(tmp_path):
 def test_resume_refuses_another_loss_setup(tmp_path):
     adapt(make_model(), NoisyPairs(), tmp_path / "gan", _config(steps=2), device="cpu")
     model = make_model()
-    before = _lora(model)
+    before = lora_state(model)
     with pytest.raises(ValueError, match=r"gan/checkpoint\.pt was trained with a GAN loss and this run is not"):
         adapt(model, NoisyPairs(), tmp_path / "gan", _config(steps=4, gan_weight=0.0), device="cpu", resume=True)
-    assert all(torch.equal(v, _lora(model)[k]) for k, v in before.items())  # nothing loaded before the refusal
+    assert all(torch.equal(v, lora_state(model)[k]) for k, v in before.items())  # nothing loaded before the refusal
     adapt(make_model(), NoisyPairs(), tmp_path / "l1", _config(steps=2, gan_weight=0.0), device="cpu")
     with pytest.raises(ValueError, match=r"l1/checkpoint\.pt was trained without a GAN loss"):
         adapt(make_model(), NoisyPairs(), tmp_path / "l1", _config(steps=4), device="cpu", resume=True)

@@ -18,6 +18,7 @@ TASK = (Path(__file__).parent / "train_task.py").read_text()
 namespace: dict = {}
 exec(TASK, namespace)
 NoisyPairs, make_model, crashes_after = namespace["NoisyPairs"], namespace["make_model"], namespace["crashes_after"]
+lora_state = namespace["lora_state"]
 
 
 def _config(**overrides) -> TrainConfig:
@@ -25,10 +26,6 @@ def _config(**overrides) -> TrainConfig:
                 "seed": 3, "ema_decay": 0.9}
     settings.update(overrides)
     return TrainConfig(**settings)
-
-
-def _lora(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 
 def test_the_recurrence_with_its_warm_up():
@@ -57,7 +54,7 @@ def test_a_run_validates_and_saves_the_average(tmp_path):
     averaged = make_model()
     metrics = adapt(averaged, NoisyPairs(), tmp_path / "ema", _config(), val_set=NoisyPairs(n=2, seed=9),
                     device="cpu")
-    assert any(not torch.equal(v, _lora(averaged)[k]) for k, v in _lora(plain).items())
+    assert any(not torch.equal(v, lora_state(averaged)[k]) for k, v in lora_state(plain).items())
     assert metrics["loss"] == json.loads((tmp_path / "plain" / "metrics.json").read_text())["loss"]  # same training
     state = torch.load(tmp_path / "ema" / "checkpoint.pt", weights_only=True)
     assert state["ema"]["updates"] == 8
@@ -84,8 +81,8 @@ def test_resume_with_an_ema_equals_uninterrupted(tmp_path):
         adapt(make_model(), crashes_after(6 * 4), tmp_path / "parts", _config(), device="cpu")
     resumed = make_model()
     adapt(resumed, NoisyPairs(), tmp_path / "parts", _config(), device="cpu", resume=True)
-    for key, value in _lora(straight).items():
-        assert torch.equal(value, _lora(resumed)[key]), key
+    for key, value in lora_state(straight).items():
+        assert torch.equal(value, lora_state(resumed)[key]), key
 
 
 def test_resume_refuses_another_ema_setting(tmp_path):

@@ -21,16 +21,13 @@ TASK = (Path(__file__).parent / "train_task.py").read_text()
 namespace: dict = {}
 exec(TASK, namespace)
 NoisyPairs, make_model, crashes_after = namespace["NoisyPairs"], namespace["make_model"], namespace["crashes_after"]
+lora_state = namespace["lora_state"]
 
 
 def _config(**overrides) -> TrainConfig:
     settings = dict(steps=12, batch_size=4, lr=2e-3, warmup_steps=2, checkpoint_every=4, log_every=0, seed=3)
     settings.update(overrides)
     return TrainConfig(**settings)
-
-
-def _adapter_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 
 def test_loss_decreases(tmp_path):
@@ -49,7 +46,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["step"] == 8
     resumed = make_model()  # fresh weights: everything must come from the checkpoint
     adapt(resumed, NoisyPairs(), tmp_path / "parts", _config(), device="cpu", resume=True)
-    expected, got = _adapter_state(straight), _adapter_state(resumed)
+    expected, got = lora_state(straight), lora_state(resumed)
     assert expected.keys() == got.keys()
     assert any(v.abs().max() > 0 for k, v in got.items() if k.endswith("lora_B"))
     for key in expected:
@@ -89,8 +86,8 @@ def test_resume_after_sigkill(tmp_path):
     adapt(resumed, NoisyPairs(), run_dir, config, device="cpu", resume=True)
     straight = make_model()
     adapt(straight, NoisyPairs(), tmp_path / "straight", config, device="cpu")
-    for key, value in _adapter_state(straight).items():
-        assert torch.equal(value, _adapter_state(resumed)[key]), key
+    for key, value in lora_state(straight).items():
+        assert torch.equal(value, lora_state(resumed)[key]), key
 
 
 def test_run_folder_is_usable(tmp_path):
@@ -111,7 +108,7 @@ def test_run_folder_is_usable(tmp_path):
 
     comparison = read_image(tmp_path / "comparison.png")
     assert comparison.shape == (3, 2 * 16, 4 * 16)
-    assert metrics["trainable_params"] == sum(v.numel() for v in _adapter_state(model).values())
+    assert metrics["trainable_params"] == sum(v.numel() for v in lora_state(model).values())
     lr = NoisyPairs(n=1, seed=5).lr
     model.eval()
     with torch.no_grad():

@@ -25,6 +25,11 @@ class NoisyPairs(torch.utils.data.Dataset):
         return self.lr[i], self.hr[i]
 
 
+def lora_state(model):
+    """A copy of the model's adapter weights (every ``lora_`` entry of its state dict)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
 def make_model():
     torch.manual_seed(0)
     model = ESRGAN(num_filters=8, num_blocks=1, scale=2)
