@@ -2,6 +2,7 @@
 
 from adaptsr.adapter import load_adapter, save_adapter
 from adaptsr.backend import get_backend, set_backend
+from adaptsr.combine import combine_adapters
 from adaptsr.evaluate import evaluate_pairs
 from adaptsr.infer import upscale
 from adaptsr.inject import LoRASummary, inject_lora, lora_layers, merge_lora, set_adapter_strength, unmerge_lora
@@ -18,6 +19,7 @@ __all__ = [
     "LoRALinear",
     "LoRASummary",
     "LoRAWindowAttention",
+    "combine_adapters",
     "evaluate_pairs",
     "get_backend",
     "inject_lora",

@@ -28,6 +28,7 @@ import math
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -399,27 +400,39 @@ def _check_layer(path: Path, info: dict | None, module: nn.Module, name: str, pa
     return rank
 
 
-def load_adapter(model, directory: str | os.PathLike, *, strict_base: bool = True) -> LoRASummary:
-    """Inject LoRA layers into ``model`` for the layers in the adapter at ``directory`` and load their weights.
+@dataclass
+class _AdapterFile:
+    """An adapter directory read and checked against a model: per layer its factors, rank and alpha."""
 
-    ``model`` is a plain base model (nn.Module or spandrel descriptor) without adapters. Ranks
-    come from the tensor shapes, alphas from ``lora_alpha`` / ``alpha_pattern``, rsLoRA from the
-    config; adapters PEFT saved load too. With ``strict_base`` (default) an adapter saved by
-    adaptsr must have been trained on this very base model (same architecture, same weights);
-    ``strict_base=False`` skips that check. The model is changed only if everything fits.
-    Returns what ``inject_lora`` returns.
-    """
-    module = unwrap_model(model)
+    directory: Path
+    pairs: dict[str, dict[str, torch.Tensor]]  # layer name -> {"A": lora_A, "B": lora_B}
+    ranks: dict[str, int]
+    alphas: dict[str, float]
+    use_rslora: bool
+    lora_dropout: float
+
+    def scaling(self, name: str) -> float:
+        """The layer's alpha / r (alpha / sqrt(r) with rsLoRA)."""
+        rank = self.ranks[name]
+        return self.alphas[name] / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def _refuse_existing_adapters(module: nn.Module) -> None:
     existing = [name for name, _ in lora_layers(module)]
     if existing:
         raise ValueError(
             f"the model already has LoRA adapters (e.g. on {existing[0]!r}); load adapters into a plain base "
             "model, or merge / unload the ones it has first"
         )
+
+
+def _read_adapter(model, directory: str | os.PathLike, *, strict_base: bool) -> _AdapterFile:
+    """Read the adapter at ``directory`` and check that it fits ``model`` (which it leaves unchanged)."""
+    module = unwrap_model(model)
     directory = Path(directory)
     if not directory.is_dir():
         if directory.is_file():
-            raise ValueError(f"{directory} is a file; load_adapter takes the directory that holds {_FILES}")
+            raise ValueError(f"{directory} is a file; an adapter is the directory that holds {_FILES}")
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
     config_path = directory / CONFIG_NAME
     config = _read_config(config_path)
@@ -446,25 +459,63 @@ def load_adapter(model, directory: str | os.PathLike, *, strict_base: bool = Tru
                 "adapter was trained on, or pass strict_base=False to load it into this model anyway"
             )
 
-    use_rslora = bool(config.get("use_rslora", False))
     default_alpha = config.get("lora_alpha", 8)
     alphas = {name: _pattern_value(config.get("alpha_pattern"), name, default_alpha) for name in pairs}
     for name, alpha in alphas.items():
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ValueError(f"adapter config {config_path}: the alpha for layer {name!r} is {alpha!r}, not a number")
+    return _AdapterFile(
+        directory=directory,
+        pairs=pairs,
+        ranks=ranks,
+        alphas={name: float(alpha) for name, alpha in alphas.items()},
+        use_rslora=bool(config.get("use_rslora", False)),
+        lora_dropout=float(config.get("lora_dropout") or 0.0),
+    )
+
+
+def _inject_factors(
+    module: nn.Module,
+    source: str | Path,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    alphas: dict[str, float],
+    *,
+    use_rslora: bool,
+    lora_dropout: float,
+) -> LoRASummary:
+    """Wrap the layers named in ``factors`` ({name: (lora_A, lora_B)}) with adapters holding those factors."""
+    ranks = {name: _WRAPPERS[type(module.get_submodule(name))]._rank_of(A) for name, (A, _) in factors.items()}
     try:
         summary = inject_lora(
             module,
-            targets="|".join(re.escape(name) for name in pairs),
+            targets="|".join(re.escape(name) for name in factors),
             rank_pattern={_exact_key(name): rank for name, rank in ranks.items()},
-            alpha_pattern={_exact_key(name): float(alpha) for name, alpha in alphas.items()},
+            alpha_pattern={_exact_key(name): alphas[name] for name in factors},
             use_rslora=use_rslora,
-            lora_dropout=float(config.get("lora_dropout") or 0.0),
+            lora_dropout=lora_dropout,
         )
     except ValueError as err:
-        raise ValueError(f"adapter {directory}: {err}") from err
+        raise ValueError(f"adapter {source}: {err}") from err
     with torch.no_grad():
         for name, layer in lora_layers(module):
-            layer.lora_A.copy_(pairs[name]["A"])
-            layer.lora_B.copy_(pairs[name]["B"])
+            layer.lora_A.copy_(factors[name][0])
+            layer.lora_B.copy_(factors[name][1])
     return summary
+
+
+def load_adapter(model, directory: str | os.PathLike, *, strict_base: bool = True) -> LoRASummary:
+    """Inject LoRA layers into ``model`` for the layers in the adapter at ``directory`` and load their weights.
+
+    ``model`` is a plain base model (nn.Module or spandrel descriptor) without adapters. Ranks
+    come from the tensor shapes, alphas from ``lora_alpha`` / ``alpha_pattern``, rsLoRA from the
+    config; adapters PEFT saved load too. With ``strict_base`` (default) an adapter saved by
+    adaptsr must have been trained on this very base model (same architecture, same weights);
+    ``strict_base=False`` skips that check. The model is changed only if everything fits.
+    Returns what ``inject_lora`` returns. ``adaptsr.combine_adapters`` loads a weighted sum of several.
+    """
+    module = unwrap_model(model)
+    _refuse_existing_adapters(module)
+    adapter = _read_adapter(model, directory, strict_base=strict_base)
+    factors = {name: (parts["A"], parts["B"]) for name, parts in adapter.pairs.items()}
+    return _inject_factors(module, adapter.directory, factors, adapter.alphas, use_rslora=adapter.use_rslora,
+                           lora_dropout=adapter.lora_dropout)

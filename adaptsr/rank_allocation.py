@@ -3,7 +3,7 @@ r"""Rank-aware allocation: give the layers that the target domain asks most of m
 AdaptSR allocates LoRA ranks by layer importance. adaptsr measures importance on the target data itself,
 before training: the gradient of the L1 loss with respect to each target layer's frozen weight, G_l,
 averaged over a few batches. A rank-r adapter's update is a rank-r matrix in the layer's factorised view
-(``_gradient_blocks``), and a gradient step restricted to rank r lowers the loss, to first order, by
+(``adaptsr.low_rank.update_blocks``), and a gradient step restricted to rank r lowers the loss, to first order, by
 lr * sum_{i<r} sigma_i(G_l)^2. Each rank unit costs the adapter ``c_l`` parameters (one row of A and
 one column of B), so the allocation maximises
 
@@ -36,6 +36,7 @@ from torch import nn
 from adaptsr.adapter import _exact_key
 from adaptsr.infer import _run
 from adaptsr.inject import _WRAPPERS, target_layers, unwrap_model
+from adaptsr.low_rank import update_blocks
 
 __all__ = ["RankAllocation", "allocate_ranks", "rank_pattern", "training_batches"]
 
@@ -78,25 +79,10 @@ class RankAllocation:
                 "captured": self.captured, "uniform_captured": self.uniform_captured, "batches": self.batches}
 
 
-def _gradient_blocks(layer: nn.Module, grad: torch.Tensor) -> list[torch.Tensor]:
-    """The matrices a rank-r adapter on ``layer`` changes by rank-r updates, from a weight-shaped gradient.
-
-    Linear: the weight [out, in] = B A. Conv2d: [out, in/g kh kw], A shared by the groups, so B A spans it
-    whole. ConvTranspose2d (weight [in, out/g, kh, kw]): per group j, the block [out/g, in/g kh kw] is
-    B_j A_j^T, a rank-r matrix of its own (``adaptsr.ops.lora_conv_transpose2d``).
-    """
-    if isinstance(layer, nn.ConvTranspose2d):
-        groups = layer.groups
-        in_channels, out_per_group = grad.shape[:2]
-        per_group = grad.reshape(groups, in_channels // groups, out_per_group, *grad.shape[2:])
-        return [block.transpose(0, 1).reshape(out_per_group, -1) for block in per_group]
-    return [grad.reshape(grad.shape[0], -1)]
-
-
 def _marginal_gains(layer: nn.Module, grad: torch.Tensor, max_rank: int) -> torch.Tensor:
     """gains[i]: the gradient energy the (i+1)-th rank unit adds, summed over the layer's blocks."""
     gains = torch.zeros(max_rank, dtype=torch.float64)
-    for block in _gradient_blocks(layer, grad.double()):
+    for block in update_blocks(layer, grad.double()):
         sigma = torch.linalg.svdvals(block)[:max_rank]
         gains[: len(sigma)] += sigma.square()
     return gains

@@ -1,0 +1,89 @@
+r"""Combine several adapters trained on one base model into one: W + sum_i w_i s_i B_i A_i.
+
+Uses for SR:
+
+- **Interpolating a PSNR-oriented and a GAN-trained adapter** (``weights=[1 - t, t]``): ESRGAN's network
+  interpolation, which trades fidelity against texture without training again, here between two
+  small files on one base: (1 - t) (W + D_1) + t (W + D_2) = W + (1 - t) D_1 + t D_2.
+- **Stacking adapters for different degradations** (a camera's noise and its lens blur, ``weights=[1, 1]``),
+  or blending two cameras' adapters. Whether a sum of adapters serves the mixed degradation is an empirical
+  question: score it (``adaptsr eval``) against an adapter trained on the mix.
+- **Baking a strength into the file** (one adapter, ``weights=[0.7]``).
+
+The combination is exact. Each layer gets one adapter of rank r_1 + r_2 + ... whose factors are the
+inputs' concatenated along the rank (A = [A_1; A_2], B = [w_1 s_1 B_1, w_2 s_2 B_2], scaling 1), what PEFT's
+``add_weighted_adapter(combination_type="cat")`` builds. Where that rank would exceed what the layer allows
+(narrow layers, many inputs), the summed update is factorised again by SVD at the largest rank the layer
+allows, which still holds it exactly (its rank cannot be larger). A layer only some of the adapters adapt
+gets their part alone.
+
+The result is an ordinary adapter: ``save_adapter`` writes it (a PEFT LoRA file), ``merge_lora`` folds it
+in, ``set_adapter_strength`` scales it as a whole.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from adaptsr.adapter import _AdapterFile, _inject_factors, _read_adapter, _refuse_existing_adapters
+from adaptsr.inject import _WRAPPERS, LoRASummary, unwrap_model
+from adaptsr.low_rank import concatenate_factors, delta_weight, factorise
+
+__all__ = ["combine_adapters"]
+
+
+def _combined_factors(
+    layer: torch.nn.Module, parts: list[tuple[float, torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with update (scaling 1) sum_i c_i B_i A_i over ``parts`` [(c_i, A_i, B_i), ...], in float64."""
+    scaled = [(A.double(), B.double() * c) for c, A, B in parts]
+    rank = sum(_WRAPPERS[type(layer)]._rank_of(A) for A, _ in scaled)
+    max_rank = _WRAPPERS[type(layer)]._max_rank(layer)
+    if rank <= max_rank:
+        return concatenate_factors(layer, scaled)
+    delta = sum(delta_weight(layer, A, B) for A, B in scaled)
+    return factorise(layer, delta, max_rank)
+
+
+def combine_adapters(
+    model,
+    directories: Sequence[str | os.PathLike],
+    weights: Sequence[float] | None = None,
+    *,
+    strict_base: bool = True,
+) -> LoRASummary:
+    """Inject into ``model`` one adapter per layer whose update is the weighted sum of the adapters'.
+
+    ``model``: a plain base model (nn.Module or spandrel descriptor), as for ``load_adapter``.
+    ``directories``: adapter directories, each trained on this base (checked as ``load_adapter`` checks one;
+    ``strict_base=False`` skips the base-weights check). ``weights``: one finite number per adapter, the
+    multiple of its update (1 each by default; negative ones subtract). The model is changed only if every
+    adapter fits. Returns what ``inject_lora`` returns; ``save_adapter`` then writes the combined adapter.
+    """
+    directories = list(directories)
+    if not directories:
+        raise ValueError("combine_adapters needs at least one adapter directory")
+    weights = [1.0] * len(directories) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(directories):
+        raise ValueError(f"{len(weights)} weights for {len(directories)} adapters: give one weight per adapter")
+    for directory, weight in zip(directories, weights):
+        if not math.isfinite(weight):
+            raise ValueError(f"the weight of adapter {directory} is {weight}, not a finite number")
+    module = unwrap_model(model)
+    _refuse_existing_adapters(module)
+    adapters: list[_AdapterFile] = [_read_adapter(model, d, strict_base=strict_base) for d in directories]
+
+    names = list(dict.fromkeys(name for adapter in adapters for name in adapter.pairs))
+    factors = {}
+    for name in names:
+        parts = [(weight * adapter.scaling(name), adapter.pairs[name]["A"], adapter.pairs[name]["B"])
+                 for adapter, weight in zip(adapters, weights) if name in adapter.pairs]
+        factors[name] = _combined_factors(module.get_submodule(name), parts)
+    ranks = {name: _WRAPPERS[type(module.get_submodule(name))]._rank_of(A) for name, (A, _) in factors.items()}
+    alphas = {name: float(rank) for name, rank in ranks.items()}  # scaling alpha / r = 1: B carries w_i s_i
+    described = " + ".join(f"{w:g} x {adapter.directory}" for adapter, w in zip(adapters, weights))
+    return _inject_factors(module, described, factors, alphas, use_rslora=False, lora_dropout=0.0)

@@ -1,0 +1,171 @@
+"""combine_adapters: the combined adapter's update is the weighted sum of the adapters' updates (float64, on
+whole spandrel models, with per-layer ranks, alphas, rsLoRA, layers only one adapter has, and ranks beyond
+what a layer allows), PEFT's add_weighted_adapter("cat") agrees, and bad input changes nothing."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import adaptsr
+from adaptsr.inject import lora_layers, unwrap_model
+
+# (model, preset, first adapter's options, second adapter's options): the second adapts fewer layers
+MODELS = {
+    "swinir": ("swinir", {"rank": 4, "alpha": 8, "rank_pattern": {"proj": 2}},
+               {"rank": 2, "alpha": 3, "use_rslora": True, "targets": r".*\.(qkv|fc1)"}),
+    "esrgan": ("esrgan", {"rank": 4, "alpha_pattern": {r"conv5\.0": 1.5}}, {"rank": 3, "targets": r".*conv[13]\.0"}),
+    # transposed convs (conv*_up) among the layers
+    "realcugan": ("realcugan", {"rank": 2}, {"rank": 3, "alpha": 2, "targets": r"unet2\.(conv\d_up|conv3\.conv\.0)"}),
+}
+
+
+def _adapter(base: nn.Module, directory, seed: int, preset: str, options: dict) -> None:
+    """Train-like random adapter (B non-zero) on a copy of ``base``, saved to ``directory``."""
+    adapted = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    options = dict(options)
+    where = {"targets": options.pop("targets")} if "targets" in options else {"preset": preset}
+    adaptsr.inject_lora(adapted, init_lora_weights=False, **where, **options)
+    adaptsr.save_adapter(adapted, directory)
+
+
+def _merged(base: nn.Module, directory, strength: float = 1.0) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(base)
+    adaptsr.load_adapter(model, directory)
+    adaptsr.set_adapter_strength(model, strength)
+    return adaptsr.merge_lora(model).state_dict()
+
+
+def _weighted_sum_of_merges(base: nn.Module, directories, weights) -> dict[str, torch.Tensor]:
+    """W + sum_i w_i (W_i - W), with W_i the base merged with adapter i alone."""
+    expected = {key: value.clone() for key, value in base.state_dict().items()}
+    for directory, weight in zip(directories, weights):
+        for key, value in _merged(base, directory).items():
+            if value.is_floating_point():
+                expected[key] += weight * (value - base.state_dict()[key])
+    return expected
+
+
+def _assert_same_state(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_combined_update_is_the_weighted_sum(tmp_path, tiny_sr, name):
+    preset, first, second = MODELS[name]
+    base = getattr(tiny_sr, name)().double().eval()
+    directories = [tmp_path / "first", tmp_path / "second"]
+    _adapter(base, directories[0], 1, preset, first)
+    _adapter(base, directories[1], 2, preset, second)
+    weights = [0.3, -1.2]
+
+    model = copy.deepcopy(base)
+    summary = adaptsr.combine_adapters(model, directories, weights)
+    one, two = (dict(lora_layers(_loaded(base, d))) for d in directories)
+    assert set(summary.layers) == set(one) | set(two)
+    assert set(two) < set(one)  # some layers have one adapter's part only
+    for layer_name, layer in lora_layers(model):
+        assert layer.rank == sum(m[layer_name].rank for m in (one, two) if layer_name in m)
+        assert layer.scaling == 1.0
+    _assert_same_state(adaptsr.merge_lora(model).state_dict(), _weighted_sum_of_merges(base, directories, weights))
+
+
+def _loaded(base: nn.Module, directory) -> nn.Module:
+    model = copy.deepcopy(base)
+    adaptsr.load_adapter(model, directory)
+    return model
+
+
+def test_ranks_beyond_a_layer_are_factorised_again_exactly(tmp_path, tiny_sr):
+    """Two rank-8 adapters on ESRGAN's 8-channel convs: 16 is more than those layers allow, so they get the sum
+    refactorised at their largest rank, still exact; wider layers keep the concatenation."""
+    base = tiny_sr.esrgan().double().eval()
+    directories = [tmp_path / "a", tmp_path / "b"]
+    for seed, directory in enumerate(directories):
+        _adapter(base, directory, seed, "esrgan", {"rank": 8})
+    model = copy.deepcopy(base)
+    summary = adaptsr.combine_adapters(model, directories, [1.0, 0.5])
+    max_ranks = {n: type(layer)._max_rank(layer.base_layer) for n, layer in lora_layers(model)}
+    assert summary.layers == {n: min(16, m) for n, m in max_ranks.items()}
+    assert any(m < 16 for m in max_ranks.values()) and any(m >= 16 for m in max_ranks.values())
+    _assert_same_state(adaptsr.merge_lora(model).state_dict(), _weighted_sum_of_merges(base, directories, [1.0, 0.5]))
+
+
+def test_one_adapter_with_a_weight_is_that_strength(tmp_path, tiny_sr):
+    base = tiny_sr.swinir().double().eval()
+    _adapter(base, tmp_path, 0, "swinir", {"rank": 4, "alpha": 2, "use_rslora": True})
+    model = copy.deepcopy(base)
+    adaptsr.combine_adapters(model, [tmp_path], [0.7])
+    _assert_same_state(adaptsr.merge_lora(model).state_dict(), _merged(base, tmp_path, strength=0.7))
+
+
+def test_the_combined_adapter_saves_and_loads_as_any_other(tmp_path, tiny_sr):
+    base = tiny_sr.swinir().eval()
+    directories = [tmp_path / "a", tmp_path / "b"]
+    _adapter(base, directories[0], 0, "swinir", {"rank": 4})
+    _adapter(base, directories[1], 1, "swinir", {"rank": 2, "alpha": 5})
+    combined = copy.deepcopy(base)
+    adaptsr.combine_adapters(combined, directories, [0.5, 0.5])
+    adaptsr.save_adapter(combined, tmp_path / "mix")
+    reloaded = _loaded(base, tmp_path / "mix")
+    x = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), combined(x), rtol=0, atol=0)
+    other_base = tiny_sr.swinir(seed=5)
+    with pytest.raises(ValueError, match="trained for another base model"):
+        adaptsr.load_adapter(other_base, tmp_path / "mix")
+
+
+@pytest.mark.parametrize("weights", [[0.6, 0.4], [1.0, -0.5]])
+def test_peft_add_weighted_adapter_cat_agrees(tmp_path, tiny_sr, weights):
+    """PEFT's own concatenation of the same two adapter files gives the same outputs, and PEFT loads ours."""
+    base = tiny_sr.swinir().eval()
+    directories = [tmp_path / "a", tmp_path / "b"]
+    _adapter(base, directories[0], 0, "swinir", {"rank": 4, "alpha": 8})
+    _adapter(base, directories[1], 1, "swinir", {"rank": 2, "alpha": 3, "targets": r".*\.(qkv|fc1)"})
+    ours = copy.deepcopy(base)
+    adaptsr.combine_adapters(ours, directories, weights)
+    adaptsr.save_adapter(ours, tmp_path / "mix")
+    x = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that the spandrel model is not a transformers model
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(directories[0]), adapter_name="a")
+        theirs.load_adapter(str(directories[1]), adapter_name="b")
+        theirs.add_weighted_adapter(["a", "b"], weights, "mix", combination_type="cat")
+        theirs.set_adapter("mix")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "mix"))
+    with torch.no_grad():
+        expected = unwrap_model(ours)(x)
+        torch.testing.assert_close(theirs(x), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_is_refused_and_leaves_the_model_alone(tmp_path, tiny_sr):
+    base = tiny_sr.swinir().eval()
+    good = tmp_path / "good"
+    _adapter(base, good, 0, "swinir", {"rank": 2})
+    foreign = tmp_path / "foreign"
+    _adapter(tiny_sr.swinir(seed=3), foreign, 0, "swinir", {"rank": 2})
+    model = copy.deepcopy(base)
+    cases = [
+        (([good, foreign], None), rf"adapter {foreign}.* was trained for another base model"),
+        (([good, tmp_path / "missing"], None), "missing does not exist"),
+        (([good, good], [1.0]), "1 weights for 2 adapters"),
+        (([good], [float("nan")]), f"the weight of adapter {good} is nan"),
+        (([], None), "at least one adapter"),
+    ]
+    for (directories, weights), message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            adaptsr.combine_adapters(model, directories, weights)
+        assert not list(lora_layers(model))
+    adaptsr.combine_adapters(model, [good, foreign], strict_base=False)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        adaptsr.combine_adapters(model, [good])
