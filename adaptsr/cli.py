@@ -37,14 +37,17 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, adapter_required: bool 
     parser.add_argument(
         "--adapter",
         required=adapter_required,
+        action="append",
         metavar="DIR",
         help="LoRA adapter directory (adapter_config.json + adapter_model.safetensors) trained on --model"
-        + ("" if adapter_required else "; omit to use the model as it is"),
+        + ("" if adapter_required else "; omit to use the model as it is")
+        + "; repeat it to apply the weighted sum of several (e.g. a PSNR-trained and a GAN-trained adapter)",
     )
     parser.add_argument(
-        "--strength", type=_finite_float, default=1.0, metavar="S",
+        "--strength", type=_finite_float, action="append", metavar="S",
         help="scale the adapter's update: 1 (default) as trained, 0 the base model, in between a blend of the two "
-             "(e.g. 0.7 when the adapted model overdoes it on your images)",
+             "(e.g. 0.7 when the adapted model overdoes it on your images); with several --adapter, one --strength "
+             "each, in the same order: the weights of the sum",
     )
 
 
@@ -134,6 +137,30 @@ def _add_tile_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _adapters_and_strengths(args: argparse.Namespace) -> tuple[list[str], list[float]]:
+    """The --adapter directories and one strength each (1 where none is given)."""
+    adapters = getattr(args, "adapter", None) or []
+    strengths = getattr(args, "strength", None) or []
+    if not adapters and strengths:
+        raise CommandError(f"--strength {strengths[0]:g} scales an adapter: pass --adapter DIR")
+    if strengths and len(strengths) != len(adapters):
+        raise CommandError(f"{len(adapters)} --adapter and {len(strengths)} --strength: give one --strength per "
+                           "--adapter, in the same order, or none")
+    return adapters, strengths or [1.0] * len(adapters)
+
+
+def _which_adapters(adapters: list[str]) -> str:
+    """'adapter A does' / 'adapters A, B do', for an error message."""
+    return f"adapter {adapters[0]} does" if len(adapters) == 1 else f"adapters {', '.join(adapters)} do"
+
+
+def _weighted_sum(adapters: list[str], strengths: list[float]) -> str:
+    """'the adapter', 'the adapter at strength 0.5' or '0.6 x A + 0.4 x B'."""
+    if len(adapters) == 1:
+        return "the adapter" + ("" if strengths[0] == 1.0 else f" at strength {strengths[0]:g}")
+    return " + ".join(f"{w:g} x {a}" for a, w in zip(adapters, strengths))
+
+
 def _load(args: argparse.Namespace, *, merge: bool = True, precision: str = "fp32"):
     """The model (spandrel descriptor) with the adapter loaded and, by default, merged for speed, in
     ``precision`` (one of ``_PRECISIONS``)."""
@@ -142,17 +169,17 @@ def _load(args: argparse.Namespace, *, merge: bool = True, precision: str = "fp3
     import adaptsr
 
     descriptor = adaptsr.load_model(args.model)
-    strength = getattr(args, "strength", 1.0)
-    if not getattr(args, "adapter", None) and strength != 1.0:
-        raise CommandError(f"--strength {strength:g} scales an adapter: pass --adapter DIR")
-    if getattr(args, "adapter", None):
-        try:
-            adaptsr.load_adapter(descriptor, args.adapter)
-        except ValueError as err:
-            raise CommandError(f"adapter {args.adapter} does not fit model {args.model}: {err}") from err
-        adaptsr.set_adapter_strength(descriptor, strength)
-        if merge:
-            adaptsr.merge_lora(descriptor)
+    adapters, strengths = _adapters_and_strengths(args)
+    try:
+        if len(adapters) == 1:
+            adaptsr.load_adapter(descriptor, adapters[0])
+            adaptsr.set_adapter_strength(descriptor, strengths[0])
+        elif adapters:
+            adaptsr.combine_adapters(descriptor, adapters, strengths)
+    except ValueError as err:
+        raise CommandError(f"{_which_adapters(adapters)} not fit model {args.model}: {err}") from err
+    if adapters and merge:
+        adaptsr.merge_lora(descriptor)
     if precision != "fp32":
         # spandrel records per architecture whether it runs in 16 bits (some overflow or call fp32-only ops)
         supported = {"fp32": True, "fp16": descriptor.supports_half, "bf16": descriptor.supports_bfloat16}
@@ -447,8 +474,8 @@ def _merge(args: argparse.Namespace) -> int:
     descriptor = _load(args, merge=False)
     # merges a copy in fp32, then stores it in the precision asked for; writes atomically
     adaptsr.save_model(descriptor, out, dtype=getattr(torch, _DTYPES[args.precision]))
-    print(f"wrote {out}: {descriptor.architecture.name} x{descriptor.scale} with the adapter merged in"
-          + ("" if args.strength == 1.0 else f" at strength {args.strength:g}")
+    print(f"wrote {out}: {descriptor.architecture.name} x{descriptor.scale} with "
+          f"{_weighted_sum(*_adapters_and_strengths(args))} merged in"
           + ("" if args.precision == "fp32" else f", weights in {args.precision}"))
     return 0
 
@@ -471,6 +498,47 @@ def add_merge_command(subparsers) -> None:
              "the file, and spandrel loads them into an fp32 model as usual (default: fp32)",
     )
     p.set_defaults(func=_merge, device="cpu")
+
+
+# -- combine --
+
+
+def _combine(args: argparse.Namespace) -> int:
+    import adaptsr
+
+    adapters, strengths = _adapters_and_strengths(args)
+    out = Path(args.out)
+    if any(Path(a).resolve() == out.resolve() for a in adapters):
+        raise CommandError(f"--out {out} is one of the --adapter directories; write the combination elsewhere")
+    descriptor = adaptsr.load_model(args.model)
+    try:
+        summary = adaptsr.combine_adapters(descriptor, adapters, strengths)
+    except ValueError as err:
+        raise CommandError(f"{_which_adapters(adapters)} not fit model {args.model}: {err}") from err
+    adaptsr.save_adapter(descriptor, out)  # atomically, file by file
+    ranks = sorted(set(summary.layers.values()))
+    rank = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    print(f"wrote {out}: {_weighted_sum(adapters, strengths)} as one adapter on {len(summary.layers)} layers "
+          f"({rank}, {summary.trainable_params:,} parameters)")
+    return 0
+
+
+def add_combine_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "combine",
+        help="one adapter that applies the weighted sum of several trained on the same model",
+        description=(
+            "Write one adapter whose update is the weighted sum of the --adapter updates (one --strength each, 1 "
+            "by default): e.g. 0.7 x a PSNR-trained adapter + 0.3 x a GAN-trained one, ESRGAN's network "
+            "interpolation between fidelity and texture, or a camera's noise adapter plus its blur adapter. "
+            "Exact: the factors are concatenated along the rank (PEFT's add_weighted_adapter 'cat'), so its rank "
+            "is the sum of theirs, at most what each layer allows. eval, upscale and merge take several --adapter "
+            "directly; this writes the combination as a PEFT LoRA adapter of its own."
+        ),
+    )
+    _add_model_flags(p, adapter_required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the combined adapter")
+    p.set_defaults(func=_combine)
 
 
 # -- layers --
@@ -818,6 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_command(commands)
     add_upscale_command(commands)
     add_merge_command(commands)
+    add_combine_command(commands)
     add_layers_command(commands)
     add_bench_command(commands)
     return parser

@@ -169,3 +169,65 @@ def test_bad_input_is_refused_and_leaves_the_model_alone(tmp_path, tiny_sr):
     adaptsr.combine_adapters(model, [good, foreign], strict_base=False)
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         adaptsr.combine_adapters(model, [good])
+
+
+# -- the CLI: several --adapter on merge (and eval, upscale, through the same loader), and `adaptsr combine` --
+
+
+@pytest.fixture
+def base_and_adapters(tiny_sr, tmp_path):
+    base = tiny_sr.esrgan().eval()
+    adaptsr.save_model(base, tmp_path / "base.safetensors")
+    _adapter(base, tmp_path / "a", 0, "esrgan", {"rank": 4})
+    _adapter(base, tmp_path / "b", 1, "esrgan", {"rank": 2, "targets": r".*conv[13]\.0"})
+    return base, tmp_path / "base.safetensors", [tmp_path / "a", tmp_path / "b"]
+
+
+def _weights_of(checkpoint) -> dict[str, torch.Tensor]:
+    return adaptsr.load_model(checkpoint).model.state_dict()
+
+
+def test_merge_and_combine_commands_apply_the_weighted_sum(base_and_adapters, tmp_path, capsys):
+    from adaptsr.cli import main
+
+    base, checkpoint, (a, b) = base_and_adapters
+    adapters = ["--model", str(checkpoint), "--adapter", str(a), "--strength", "0.6", "--adapter", str(b),
+                "--strength", "-0.4"]
+    assert main(["merge", *adapters, "--out", str(tmp_path / "merged.safetensors")]) == 0
+    assert f"with 0.6 x {a} + -0.4 x {b} merged in" in capsys.readouterr().out
+    expected = _weighted_sum_of_merges(base, [a, b], [0.6, -0.4])
+    merged = _weights_of(tmp_path / "merged.safetensors")
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+    assert main(["combine", *adapters, "--out", str(tmp_path / "mix")]) == 0
+    assert f"wrote {tmp_path / 'mix'}: 0.6 x {a} + -0.4 x {b} as one adapter on" in capsys.readouterr().out
+    assert main(["merge", "--model", str(checkpoint), "--adapter", str(tmp_path / "mix"),
+                 "--out", str(tmp_path / "from-mix.safetensors")]) == 0
+    from_mix = _weights_of(tmp_path / "from-mix.safetensors")
+    for key, value in merged.items():
+        torch.testing.assert_close(from_mix[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_adapter_flag_errors(base_and_adapters, tiny_sr, tmp_path, capsys):
+    from adaptsr.cli import main
+
+    _, checkpoint, (a, b) = base_and_adapters
+    foreign = tmp_path / "foreign"
+    _adapter(tiny_sr.esrgan(seed=4), foreign, 0, "esrgan", {"rank": 2})
+    out = tmp_path / "out.safetensors"
+    cases = [
+        (["merge", "--adapter", a, "--adapter", b, "--strength", "0.5", "--out", out],
+         "2 --adapter and 1 --strength: give one --strength per --adapter"),
+        (["merge", "--adapter", a, "--adapter", foreign, "--out", out],
+         f"adapters {a}, {foreign} do not fit model {checkpoint}: adapter {foreign}"),
+        (["combine", "--adapter", a, "--adapter", b, "--out", b], f"--out {b} is one of the --adapter directories"),
+        (["combine", "--adapter", a, "--adapter", foreign, "--out", tmp_path / "mix"], "trained for another base"),
+    ]
+    for argv, message in cases:
+        command, *rest = argv
+        assert main([command, "--model", str(checkpoint), *map(str, rest)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"adaptsr {command}: error: ") and message in err, err
+    assert not out.exists() and not (tmp_path / "mix").exists()
+    assert sorted(p.name for p in b.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
