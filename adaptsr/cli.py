@@ -210,6 +210,13 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = _nonneg_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not a positive number")
+    return value
+
+
 def _nonneg_int(text: str) -> int:
     try:
         value = int(text)
@@ -512,7 +519,7 @@ def _combine(args: argparse.Namespace) -> int:
         raise CommandError(f"--out {out} is one of the --adapter directories; write the combination elsewhere")
     descriptor = adaptsr.load_model(args.model)
     try:
-        summary = adaptsr.combine_adapters(descriptor, adapters, strengths)
+        summary = adaptsr.combine_adapters(descriptor, adapters, strengths, rank=args.rank)
     except ValueError as err:
         raise CommandError(f"{_which_adapters(adapters)} not fit model {args.model}: {err}") from err
     adaptsr.save_adapter(descriptor, out)  # atomically, file by file
@@ -532,12 +539,16 @@ def add_combine_command(subparsers) -> None:
             "by default): e.g. 0.7 x a PSNR-trained adapter + 0.3 x a GAN-trained one, ESRGAN's network "
             "interpolation between fidelity and texture, or a camera's noise adapter plus its blur adapter. "
             "Exact: the factors are concatenated along the rank (PEFT's add_weighted_adapter 'cat'), so its rank "
-            "is the sum of theirs, at most what each layer allows. eval, upscale and merge take several --adapter "
-            "directly; this writes the combination as a PEFT LoRA adapter of its own."
+            "is the sum of theirs, at most what each layer allows; --rank caps it, keeping the sum's best "
+            "approximation of that rank (SVD; with one --adapter, a smaller copy of it). eval, upscale and merge "
+            "take several --adapter directly; this writes the combination as a PEFT LoRA adapter of its own."
         ),
     )
     _add_model_flags(p, adapter_required=True)
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the combined adapter")
+    p.add_argument("--rank", type=_positive_int, metavar="R",
+                   help="at most this rank per layer: a layer whose combination needs more keeps its best rank-R "
+                        "approximation (lossy, smaller; default: exact, the ranks' sum)")
     p.set_defaults(func=_combine)
 
 

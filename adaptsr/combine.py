@@ -5,17 +5,21 @@ Uses for SR:
 - **Interpolating a PSNR-oriented and a GAN-trained adapter** (``weights=[1 - t, t]``): ESRGAN's network
   interpolation, which trades fidelity against texture without training again, here between two
   small files on one base: (1 - t) (W + D_1) + t (W + D_2) = W + (1 - t) D_1 + t D_2.
-- **Stacking adapters for different degradations** (a camera's noise and its lens blur, ``weights=[1, 1]``),
-  or blending two cameras' adapters. Whether a sum of adapters serves the mixed degradation is an empirical
-  question: score it (``adaptsr eval``) against an adapter trained on the mix.
+- **Blending two cameras' adapters** (weights summing to 1: the README measures one such blend), or stacking
+  adapters for different degradations (``weights=[1, 1]``; two adapters for overlapping degradations then
+  overcorrect). Whether a combination serves a mixed domain is an empirical question: score it
+  (``adaptsr eval``) against an adapter trained on the mix.
 - **Baking a strength into the file** (one adapter, ``weights=[0.7]``).
 
-The combination is exact. Each layer gets one adapter of rank r_1 + r_2 + ... whose factors are the
+Without ``rank=`` the combination is exact. Each layer gets one adapter of rank r_1 + r_2 + ... whose factors are the
 inputs' concatenated along the rank (A = [A_1; A_2], B = [w_1 s_1 B_1, w_2 s_2 B_2], scaling 1), what PEFT's
 ``add_weighted_adapter(combination_type="cat")`` builds. Where that rank would exceed what the layer allows
 (narrow layers, many inputs), the summed update is factorised again by SVD at the largest rank the layer
 allows, which still holds it exactly (its rank cannot be larger). A layer only some of the adapters adapt
 gets their part alone.
+
+``rank=`` caps each layer's rank instead: the summed update's best approximation of that rank (SVD), lossy
+where the sum needs more, as PEFT's ``combination_type="svd"``; with a single adapter, a smaller copy of it.
 
 The result is an ordinary adapter: ``save_adapter`` writes it (a PEFT LoRA file), ``merge_lora`` folds it
 in, ``set_adapter_strength`` scales it as a whole.
@@ -37,16 +41,17 @@ __all__ = ["combine_adapters"]
 
 
 def _combined_factors(
-    layer: torch.nn.Module, parts: list[tuple[float, torch.Tensor, torch.Tensor]]
+    layer: torch.nn.Module, parts: list[tuple[float, torch.Tensor, torch.Tensor]], max_rank: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with update (scaling 1) sum_i c_i B_i A_i over ``parts`` [(c_i, A_i, B_i), ...], in float64."""
+    """(A, B) with update (scaling 1) sum_i c_i B_i A_i over ``parts`` [(c_i, A_i, B_i), ...], in float64: the
+    concatenation where its rank fits ``max_rank`` and the layer, else the sum's leading singular directions."""
     scaled = [(A.double(), B.double() * c) for c, A, B in parts]
     rank = sum(_WRAPPERS[type(layer)]._rank_of(A) for A, _ in scaled)
-    max_rank = _WRAPPERS[type(layer)]._max_rank(layer)
-    if rank <= max_rank:
+    fits = min(_WRAPPERS[type(layer)]._max_rank(layer), max_rank or rank)
+    if rank <= fits:
         return concatenate_factors(layer, scaled)
     delta = sum(delta_weight(layer, A, B) for A, B in scaled)
-    return factorise(layer, delta, max_rank)
+    return factorise(layer, delta, fits)
 
 
 def combine_adapters(
@@ -54,6 +59,7 @@ def combine_adapters(
     directories: Sequence[str | os.PathLike],
     weights: Sequence[float] | None = None,
     *,
+    rank: int | None = None,
     strict_base: bool = True,
 ) -> LoRASummary:
     """Inject into ``model`` one adapter per layer whose update is the weighted sum of the adapters'.
@@ -61,8 +67,10 @@ def combine_adapters(
     ``model``: a plain base model (nn.Module or spandrel descriptor), as for ``load_adapter``.
     ``directories``: adapter directories, each trained on this base (checked as ``load_adapter`` checks one;
     ``strict_base=False`` skips the base-weights check). ``weights``: one finite number per adapter, the
-    multiple of its update (1 each by default; negative ones subtract). The model is changed only if every
-    adapter fits. Returns what ``inject_lora`` returns; ``save_adapter`` then writes the combined adapter.
+    multiple of its update (1 each by default; negative ones subtract). ``rank``: at most this rank per layer;
+    a layer whose combination needs more keeps the best approximation of that rank (SVD, Eckart-Young; PEFT's
+    ``combination_type="svd"``), lossy but smaller. With one adapter this shrinks it. The model is changed
+    only if every adapter fits. Returns what ``inject_lora`` returns; ``save_adapter`` then writes the combined adapter.
     """
     directories = list(directories)
     if not directories:
@@ -73,6 +81,8 @@ def combine_adapters(
     for directory, weight in zip(directories, weights):
         if not math.isfinite(weight):
             raise ValueError(f"the weight of adapter {directory} is {weight}, not a finite number")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
     module = unwrap_model(model)
     _refuse_existing_adapters(module)
     adapters: list[_AdapterFile] = [_read_adapter(model, d, strict_base=strict_base) for d in directories]
@@ -82,7 +92,7 @@ def combine_adapters(
     for name in names:
         parts = [(weight * adapter.scaling(name), adapter.pairs[name]["A"], adapter.pairs[name]["B"])
                  for adapter, weight in zip(adapters, weights) if name in adapter.pairs]
-        factors[name] = _combined_factors(module.get_submodule(name), parts)
+        factors[name] = _combined_factors(module.get_submodule(name), parts, rank)
     ranks = {name: _WRAPPERS[type(module.get_submodule(name))]._rank_of(A) for name, (A, _) in factors.items()}
     alphas = {name: float(rank) for name, rank in ranks.items()}  # scaling alpha / r = 1: B carries w_i s_i
     described = " + ".join(f"{w:g} x {adapter.directory}" for adapter, w in zip(adapters, weights))

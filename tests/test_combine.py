@@ -148,6 +148,65 @@ def test_peft_add_weighted_adapter_cat_agrees(tmp_path, tiny_sr, weights):
         torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-6)
 
 
+def _layer_deltas(model) -> dict[str, torch.Tensor]:
+    """Each adapted layer's update s B A (float64)."""
+    return {name: layer.get_delta_weight().detach().double() for name, layer in lora_layers(model)}
+
+
+def test_a_rank_cap_keeps_the_best_approximation_of_the_sum(tmp_path, tiny_sr):
+    """rank=3 on a rank-4 + rank-2 combination: each layer keeps its sum's 3 leading singular directions, so
+    the error left is the energy of the rest, block by block; layers the cap does not bind stay exact."""
+    from adaptsr.low_rank import update_blocks
+
+    base = tiny_sr.realcugan().double().eval()
+    preset, first, second = MODELS["realcugan"]
+    directories = [tmp_path / "a", tmp_path / "b"]
+    _adapter(base, directories[0], 1, preset, first)
+    _adapter(base, directories[1], 2, preset, second)
+    exact, capped = copy.deepcopy(base), copy.deepcopy(base)
+    exact_ranks = adaptsr.combine_adapters(exact, directories, [0.5, 0.8]).layers
+    summary = adaptsr.combine_adapters(capped, directories, [0.5, 0.8], rank=3)
+    assert summary.layers == {name: min(3, rank) for name, rank in exact_ranks.items()}
+    assert any(rank > 3 for rank in exact_ranks.values()) and any(rank <= 3 for rank in exact_ranks.values())
+    layers = dict(lora_layers(capped))
+    exact_deltas, capped_deltas = _layer_deltas(exact), _layer_deltas(capped)
+    for name, delta in exact_deltas.items():
+        base_layer = layers[name].base_layer
+        for block, approx in zip(update_blocks(base_layer, delta), update_blocks(base_layer, capped_deltas[name])):
+            tail = torch.linalg.svdvals(block)[3:].square().sum()
+            assert float((block - approx).square().sum()) == pytest.approx(float(tail), rel=1e-9, abs=1e-20), name
+
+
+def test_a_rank_cap_shrinks_a_single_adapter(tmp_path, tiny_sr):
+    base = tiny_sr.swinir().double().eval()
+    _adapter(base, tmp_path, 0, "swinir", {"rank": 4})
+    full, shrunk = _loaded(base, tmp_path), copy.deepcopy(base)
+    summary = adaptsr.combine_adapters(shrunk, [tmp_path], rank=2)
+    assert set(summary.layers.values()) == {2}
+    for name, delta in _layer_deltas(full).items():
+        U, S, Vh = torch.linalg.svd(delta.reshape(delta.shape[0], -1), full_matrices=False)
+        best = (U[:, :2] * S[:2]) @ Vh[:2]
+        torch.testing.assert_close(_layer_deltas(shrunk)[name].reshape(best.shape), best, rtol=0, atol=1e-12)
+
+
+def test_peft_add_weighted_adapter_svd_agrees(tmp_path, tiny_sr):
+    base = tiny_sr.swinir().eval()
+    directories = [tmp_path / "a", tmp_path / "b"]
+    _adapter(base, directories[0], 0, "swinir", {"rank": 4, "alpha": 8})
+    _adapter(base, directories[1], 1, "swinir", {"rank": 4, "alpha": 3})
+    ours = copy.deepcopy(base)
+    adaptsr.combine_adapters(ours, directories, [0.7, 0.3], rank=3)
+    x = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(directories[0]), adapter_name="a")
+        theirs.load_adapter(str(directories[1]), adapter_name="b")
+        theirs.add_weighted_adapter(["a", "b"], [0.7, 0.3], "mix", combination_type="svd", svd_rank=3)
+        theirs.set_adapter("mix")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), unwrap_model(ours)(x), rtol=1e-4, atol=1e-5)
+
+
 def test_bad_input_is_refused_and_leaves_the_model_alone(tmp_path, tiny_sr):
     base = tiny_sr.swinir().eval()
     good = tmp_path / "good"
@@ -165,6 +224,10 @@ def test_bad_input_is_refused_and_leaves_the_model_alone(tmp_path, tiny_sr):
     for (directories, weights), message in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             adaptsr.combine_adapters(model, directories, weights)
+        assert not list(lora_layers(model))
+    for rank in (0, 2.0, True):
+        with pytest.raises(ValueError, match=f"rank must be a positive integer or None, got {rank!r}"):
+            adaptsr.combine_adapters(model, [good], rank=rank)
         assert not list(lora_layers(model))
     adaptsr.combine_adapters(model, [good, foreign], strict_base=False)
     with pytest.raises(ValueError, match="already has LoRA adapters"):
@@ -208,6 +271,16 @@ def test_merge_and_combine_commands_apply_the_weighted_sum(base_and_adapters, tm
     for key, value in merged.items():
         torch.testing.assert_close(from_mix[key], value, rtol=1e-6, atol=1e-7, msg=key)
 
+    capsys.readouterr()
+    assert main(["combine", *adapters, "--rank", "3", "--out", str(tmp_path / "small")]) == 0
+    assert "(rank 3," in capsys.readouterr().out  # 4 + 2, or 4 where b adapts nothing, capped at 3
+    capped = copy.deepcopy(base)
+    adaptsr.combine_adapters(capped, [a, b], [0.6, -0.4], rank=3)
+    written = _loaded(base, tmp_path / "small").state_dict()
+    assert written.keys() == capped.state_dict().keys()
+    for key, value in capped.state_dict().items():
+        torch.testing.assert_close(written[key], value, msg=key)
+
 
 def test_adapter_flag_errors(base_and_adapters, tiny_sr, tmp_path, capsys):
     from adaptsr.cli import main
@@ -224,6 +297,9 @@ def test_adapter_flag_errors(base_and_adapters, tiny_sr, tmp_path, capsys):
         (["combine", "--adapter", a, "--adapter", b, "--out", b], f"--out {b} is one of the --adapter directories"),
         (["combine", "--adapter", a, "--adapter", foreign, "--out", tmp_path / "mix"], "trained for another base"),
     ]
+    with pytest.raises(SystemExit) as usage:
+        main(["combine", "--model", str(checkpoint), "--adapter", str(a), "--rank", "0", "--out", str(tmp_path / "x")])
+    assert usage.value.code == 2 and "0 is not a positive number" in capsys.readouterr().err
     for argv, message in cases:
         command, *rest = argv
         assert main([command, "--model", str(checkpoint), *map(str, rest)]) == 1
