@@ -311,18 +311,12 @@ def _eval(args: argparse.Namespace) -> int:
         dataset = ((name, read_image(lr), read_image(hr)) for name, lr, hr in files)
     else:
         if not args.degradation:
-            raise CommandError("--hr needs --degradation PRESET (the degradation that makes the LR images)")
-        try:  # written in another part of issue 3: imported only when asked for
-            from adaptsr.data.datasets import CachedValidationSet
-            from adaptsr.data.degradations import degrade, get_preset
-        except ModuleNotFoundError as err:
-            if not (err.name or "").startswith("adaptsr.data"):
-                raise
-            raise CommandError(
-                "--hr/--degradation is not available yet in this installation (adaptsr.data.degradations is "
-                "missing); evaluate on LR/HR pairs with --pairs LR_DIR HR_DIR"
-            ) from None
-        config = get_preset(args.degradation)  # unknown preset: ValueError naming the available ones
+            raise CommandError("--hr needs --degradation PRESET|FILE (the degradation that makes the LR images)")
+        from adaptsr.data.datasets import CachedValidationSet
+        from adaptsr.data.degradation_files import load_degradation
+        from adaptsr.data.degradations import degrade
+
+        config = load_degradation(args.degradation)  # unknown name or bad file: ValueError saying which
         model = _load(args, precision=args.precision)
 
         def degrade_fn(hr, scale, generator):
@@ -383,9 +377,10 @@ def add_eval_command(subparsers) -> None:
     )
     p.add_argument(
         "--degradation",
-        metavar="PRESET",
-        help="degradation preset that makes the LR images from --hr (e.g. realesrgan); the LR images are "
-        "generated once from --seed and cached, so every evaluation of the set is comparable",
+        metavar="PRESET|FILE",
+        help="degradation that makes the LR images from --hr: a preset (realesrgan, mild, camera, lowlight) or a "
+        "JSON file (e.g. {\"camera_profile\": {\"blur_sigma\": 1.0, \"noise\": 15, \"jpeg_quality\": 70}}); "
+        "the LR images are generated once from --seed and cached, so every evaluation of the set is comparable",
     )
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the --hr degradation (default: 0)")
     p.add_argument(
@@ -646,7 +641,11 @@ def add_adapt_command(subparsers) -> None:
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--hr", metavar="DIR", help="folder of HR images, degraded online with --degradation")
     data.add_argument("--pairs", nargs=2, metavar=("LR_DIR", "HR_DIR"), help="real LR/HR pairs in two folders")
-    p.add_argument("--degradation", default="camera", help="degradation preset for --hr (default: camera)")
+    p.add_argument("--degradation", default="camera", metavar="PRESET|FILE",
+                   help="degradation for --hr and --val-hr: a preset (camera, the default; lowlight, mild, "
+                        "realesrgan) or a JSON file describing your camera, e.g. {\"camera_profile\": "
+                        "{\"blur_sigma\": 1.0, \"noise\": 15, \"jpeg_quality\": 70}} (README: custom "
+                        "degradations); recorded in RUN_DIR/degradation.json")
     p.add_argument("--val-hr", metavar="DIR", help="validation HR folder, degraded once (fixed seed) and cached")
     p.add_argument("--val-pairs", nargs=2, metavar=("LR_DIR", "HR_DIR"), help="validation LR/HR pairs")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created; reused with --resume)")
@@ -734,11 +733,42 @@ def _allocated_rank_pattern(args, descriptor, train_set, config, options) -> dic
     return message[0]
 
 
+_DEGRADATION_RECORD = "degradation.json"
+
+
+def _run_degradation(args: argparse.Namespace):
+    """--degradation (a preset or a JSON file); on --resume, the one the run started with (its degradation.json)."""
+    from adaptsr.data.degradation_files import degradation_to_dict, load_degradation
+
+    degradation = load_degradation(args.degradation)
+    recorded_path = Path(args.out) / _DEGRADATION_RECORD
+    if args.resume and recorded_path.is_file():
+        recorded = load_degradation(recorded_path)
+        if recorded != degradation:
+            now, then = degradation_to_dict(degradation), degradation_to_dict(recorded)
+            changed = [key for key in now if now[key] != then[key]]
+            raise CommandError(f"--resume: the run in {args.out} trained on the degradation in {recorded_path}, and "
+                               f"--degradation {args.degradation} differs ({', '.join(changed)}); resume with the "
+                               "run's own degradation (--degradation with that file) or start a new run")
+    return degradation
+
+
+def _record_degradation(args: argparse.Namespace, degradation) -> None:
+    """Every field of the run's degradation in RUN_DIR/degradation.json, written once everything else checked out
+    (a refused command leaves no run folder behind), by one process under torchrun."""
+    import os
+
+    from adaptsr.data.degradation_files import save_degradation
+
+    if degradation is not None and int(os.environ.get("RANK", "0")) == 0:
+        save_degradation(degradation, Path(args.out) / _DEGRADATION_RECORD)
+
+
 def _adapt(args: argparse.Namespace) -> int:
     import torch
 
     import adaptsr
-    from adaptsr.data import degrade, get_preset
+    from adaptsr.data import degrade
     from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFolderDataset
     from adaptsr.discriminator import load_discriminator
     from adaptsr.presets import preset_for_architecture
@@ -746,7 +776,7 @@ def _adapt(args: argparse.Namespace) -> int:
 
     descriptor = adaptsr.load_model(args.model)
     scale = descriptor.scale
-    degradation = get_preset(args.degradation)
+    degradation = _run_degradation(args) if args.hr or args.val_hr else None
 
     def degrade_fn(hr, s, generator):
         return degrade(hr, s, degradation, generator)
@@ -802,6 +832,7 @@ def _adapt(args: argparse.Namespace) -> int:
             if hasattr(block, "use_checkpoint"):
                 block.use_checkpoint = True
 
+    _record_degradation(args, degradation)
     metrics = adapt(descriptor, train_set, args.out, config, val_set=val_set, resume=args.resume, device=args.device,
                     discriminator=discriminator)
     val = metrics["val"][-1] if metrics["val"] else None

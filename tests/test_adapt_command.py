@@ -267,3 +267,32 @@ def test_adapt_ema_decay_reaches_the_run(setup, capsys):
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["ema"]["updates"] == 4
     assert main(_args(checkpoint, hr_dir, tmp_path / "bad", "--ema-decay", "1")) == 1
     assert "ema_decay must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_adapt_and_eval_take_a_degradation_file(setup, capsys):
+    """A camera described in JSON: adapt trains on it and records every field in the run folder, --resume holds
+    the run to it, eval degrades with it, and a bad file ends the command with its name."""
+    from adaptsr.data import camera_profile, load_degradation
+
+    tmp_path, hr_dir, checkpoint = setup
+    camera = tmp_path / "my-camera.json"
+    camera.write_text(json.dumps({"camera_profile": {"blur_sigma": 0.8, "noise": 12, "jpeg_quality": 75}}))
+    run_dir = tmp_path / "run"
+    assert main(_args(checkpoint, hr_dir, run_dir, "--degradation", str(camera))) == 0
+    assert load_degradation(run_dir / "degradation.json") == camera_profile(0.8, 12, 75)
+    assert main(_args(checkpoint, hr_dir, run_dir, "--degradation", str(camera), "--resume", "--steps", "6")) == 0
+    capsys.readouterr()
+    assert main(_args(checkpoint, hr_dir, run_dir, "--resume", "--steps", "8")) == 1  # the default, camera
+    err = capsys.readouterr().err
+    assert f"trained on the degradation in {run_dir / 'degradation.json'}" in err and "differs (first)" in err
+    assert len(json.loads((run_dir / "metrics.json").read_text())["loss"]) == 6
+
+    assert main(["eval", "--model", str(checkpoint), "--adapter", str(run_dir / "adapter"), "--hr", str(hr_dir),
+                 "--degradation", str(camera), "--out", str(tmp_path / "scores")]) == 0
+    assert json.loads((tmp_path / "scores" / "metrics.json").read_text())["mean"]["psnr"] > 0
+
+    camera.write_text(json.dumps({"camera_profile": {"blur_sigma": 0.8, "noise": 12}}))
+    assert main(_args(checkpoint, hr_dir, tmp_path / "run2", "--degradation", str(camera))) == 1
+    err = capsys.readouterr().err
+    assert f"degradation file {camera}" in err and "exactly blur_sigma, noise, jpeg_quality" in err
+    assert not (tmp_path / "run2").exists()

@@ -9,6 +9,12 @@ from adaptsr.data.blur_kernels import (
     sinc_kernel,
 )
 from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFolderDataset
+from adaptsr.data.degradation_files import (
+    degradation_from_dict,
+    degradation_to_dict,
+    load_degradation,
+    save_degradation,
+)
 from adaptsr.data.degradations import (
     DEGRADATION_PRESETS,
     DegradationConfig,
@@ -16,6 +22,7 @@ from adaptsr.data.degradations import (
     add_gaussian_noise,
     add_poisson_noise,
     blur,
+    camera_profile,
     degrade,
     get_preset,
     jpeg_compress,
@@ -35,15 +42,20 @@ __all__ = [
     "add_poisson_noise",
     "anisotropic_gaussian_kernel",
     "blur",
+    "camera_profile",
+    "degradation_from_dict",
+    "degradation_to_dict",
     "degrade",
     "generalized_gaussian_kernel",
     "get_preset",
     "isotropic_gaussian_kernel",
     "jpeg_compress",
     "list_images",
+    "load_degradation",
     "min_input_size",
     "plateau_kernel",
     "read_image",
+    "save_degradation",
     "sinc_kernel",
     "write_png",
 ]

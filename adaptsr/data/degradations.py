@@ -69,6 +69,7 @@ __all__ = [
     "add_gaussian_noise",
     "add_poisson_noise",
     "blur",
+    "camera_profile",
     "degrade",
     "get_preset",
     "jpeg_compress",
@@ -287,9 +288,19 @@ def _mild() -> DegradationConfig:
     )
 
 
-def _camera_profile(sigma: float, noise: float, quality: float) -> DegradationConfig:
-    # Classical model y = JPEG((x * k) downscaled + n): blur at HR, bicubic straight to the target
-    # size, colour Gaussian noise at LR, one JPEG quality. Nothing random but the noise.
+def camera_profile(blur_sigma: float, noise: float, jpeg_quality: float) -> DegradationConfig:
+    """One camera's fixed degradation, the classical model y = JPEG((x * k) downscaled + n): an isotropic
+    Gaussian blur of ``blur_sigma`` HR pixels, bicubic resizing straight to the target size, colour Gaussian
+    noise of sigma ``noise`` in 8-bit levels at LR, and JPEG at ``jpeg_quality``. Nothing random but the noise
+    (the ``camera`` and ``lowlight`` presets are two of these)."""
+    for name, value, ok, want in (
+        ("blur_sigma", blur_sigma, lambda v: v > 0, "a positive number"),
+        ("noise", noise, lambda v: v >= 0, "a number >= 0"),
+        ("jpeg_quality", jpeg_quality, lambda v: 1 <= v <= 100, "a number in [1, 100]"),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise ValueError(f"camera profile: {name} must be {want}, got {value!r}")
+    sigma, noise, quality = float(blur_sigma), float(noise), float(jpeg_quality)
     stage = StageConfig(
         blur_prob=1.0,
         kernel_sizes=(2 * math.ceil(4 * sigma) + 1,),  # +-4 sigma: truncation loses < 1e-3 of the mass
@@ -321,8 +332,8 @@ def _camera_profile(sigma: float, noise: float, quality: float) -> DegradationCo
 _PRESETS: dict[str, Callable[[], DegradationConfig]] = {
     "realesrgan": DegradationConfig,
     "mild": _mild,
-    "camera": lambda: _camera_profile(sigma=1.2, noise=10.0, quality=60.0),
-    "lowlight": lambda: _camera_profile(sigma=1.2, noise=25.0, quality=50.0),
+    "camera": lambda: camera_profile(blur_sigma=1.2, noise=10.0, jpeg_quality=60.0),
+    "lowlight": lambda: camera_profile(blur_sigma=1.2, noise=25.0, jpeg_quality=50.0),
 }
 
 #: Names accepted by :func:`get_preset` and :func:`degrade`.
