@@ -249,8 +249,9 @@ def add_demo_command(subparsers) -> None:
         ),
     )
     demo.add_argument("--model", default="swinir", help="bundled base model: swinir (default) or rrdb")
-    demo.add_argument("--profile", default="lowlight",
-                      help="degradation preset to adapt to: lowlight (default), camera, mild, realesrgan")
+    demo.add_argument("--profile", default="lowlight", metavar="PRESET|FILE",
+                      help="degradation to adapt to: lowlight (default), camera, mild, realesrgan, or a JSON file as "
+                           "adapt --degradation takes")
     demo.add_argument("--steps", type=int, help="training steps (default: 300 on a CPU, 2000 on a GPU)")
     demo.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     demo.add_argument("--out", default="adaptsr-demo", help="output folder (default: ./adaptsr-demo)")

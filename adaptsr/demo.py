@@ -53,7 +53,7 @@ def run_demo(
 ) -> dict:
     """Run the demo and return its numbers; ``quick`` shrinks everything to a smoke test."""
     import adaptsr
-    from adaptsr.data import CachedValidationSet, HRFolderDataset, degrade, get_preset
+    from adaptsr.data import CachedValidationSet, HRFolderDataset, degrade, load_degradation
     from adaptsr.data.bundled import HELD_OUT, TRAIN, load_photo, write_photos
     from adaptsr.evaluate import evaluate_pairs
     from adaptsr.train import TrainConfig, adapt
@@ -61,7 +61,7 @@ def run_demo(
     out = Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     descriptor = adaptsr.load_model(bundled_model_path(model))
-    degradation = get_preset(profile)
+    degradation = load_degradation(profile)
 
     def degrade_fn(hr, scale, generator):
         return degrade(hr, scale, degradation, generator)
