@@ -314,10 +314,10 @@ def _eval(args: argparse.Namespace) -> int:
         if not args.degradation:
             raise CommandError("--hr needs --degradation PRESET|FILE (the degradation that makes the LR images)")
         from adaptsr.data.datasets import CachedValidationSet
-        from adaptsr.data.degradation_files import load_degradation
+        from adaptsr.data.degradation_files import mixture_of
         from adaptsr.data.degradations import degrade
 
-        config = load_degradation(args.degradation)  # unknown name or bad file: ValueError saying which
+        config = mixture_of(args.degradation)  # unknown name or bad file: ValueError saying which
         model = _load(args, precision=args.precision)
 
         def degrade_fn(hr, scale, generator):
@@ -328,7 +328,7 @@ def _eval(args: argparse.Namespace) -> int:
             args.hr,
             model.scale,
             degrade_fn,
-            degrade_id=f"{args.degradation}:{config!r}",
+            degrade_id=f"{','.join(args.degradation)}:{config!r}",
             cache_dir=cache,
             seed=args.seed,
         )
@@ -378,10 +378,12 @@ def add_eval_command(subparsers) -> None:
     )
     p.add_argument(
         "--degradation",
+        action="append",
         metavar="PRESET|FILE",
         help="degradation that makes the LR images from --hr: a preset (realesrgan, mild, camera, lowlight) or a "
         "JSON file (e.g. {\"camera_profile\": {\"blur_sigma\": 1.0, \"noise\": 15, \"jpeg_quality\": 70}}); "
-        "the LR images are generated once from --seed and cached, so every evaluation of the set is comparable",
+        "repeated, each image draws one of them; the LR images are generated once from --seed and cached, so "
+        "every evaluation of the set is comparable",
     )
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the --hr degradation (default: 0)")
     p.add_argument(
@@ -642,11 +644,12 @@ def add_adapt_command(subparsers) -> None:
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--hr", metavar="DIR", help="folder of HR images, degraded online with --degradation")
     data.add_argument("--pairs", nargs=2, metavar=("LR_DIR", "HR_DIR"), help="real LR/HR pairs in two folders")
-    p.add_argument("--degradation", default="camera", metavar="PRESET|FILE",
+    p.add_argument("--degradation", action="append", metavar="PRESET|FILE",
                    help="degradation for --hr and --val-hr: a preset (camera, the default; lowlight, mild, "
                         "realesrgan) or a JSON file describing your camera, e.g. {\"camera_profile\": "
                         "{\"blur_sigma\": 1.0, \"noise\": 15, \"jpeg_quality\": 70}} (README: custom "
-                        "degradations); recorded in RUN_DIR/degradation.json")
+                        "degradations); repeat it to train one adapter on their mixture (each crop draws one); "
+                        "recorded in RUN_DIR/degradation.json")
     p.add_argument("--val-hr", metavar="DIR", help="validation HR folder, degraded once (fixed seed) and cached")
     p.add_argument("--val-pairs", nargs=2, metavar=("LR_DIR", "HR_DIR"), help="validation LR/HR pairs")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created; reused with --resume)")
@@ -739,17 +742,18 @@ _DEGRADATION_RECORD = "degradation.json"
 
 def _run_degradation(args: argparse.Namespace):
     """--degradation (a preset or a JSON file); on --resume, the one the run started with (its degradation.json)."""
-    from adaptsr.data.degradation_files import degradation_to_dict, load_degradation
+    from adaptsr.data.degradation_files import degradation_to_dict, load_degradation, mixture_of
 
-    degradation = load_degradation(args.degradation)
+    degradation = mixture_of(args.degradation or ["camera"])
     recorded_path = Path(args.out) / _DEGRADATION_RECORD
     if args.resume and recorded_path.is_file():
         recorded = load_degradation(recorded_path)
         if recorded != degradation:
             now, then = degradation_to_dict(degradation), degradation_to_dict(recorded)
-            changed = [key for key in now if now[key] != then[key]]
+            changed = sorted(key for key in now.keys() | then.keys() if now.get(key) != then.get(key))
+            given = " ".join(f"--degradation {spec}" for spec in args.degradation or ["camera"])
             raise CommandError(f"--resume: the run in {args.out} trained on the degradation in {recorded_path}, and "
-                               f"--degradation {args.degradation} differs ({', '.join(changed)}); resume with the "
+                               f"{given} differs ({', '.join(changed)}); resume with the "
                                "run's own degradation (--degradation with that file) or start a new run")
     return degradation
 

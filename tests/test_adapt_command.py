@@ -29,9 +29,9 @@ def setup(tmp_path):
     return tmp_path, hr_dir, checkpoint
 
 
-def _args(checkpoint, hr_dir, run_dir, *extra):
+def _args(checkpoint, hr_dir, run_dir, *extra, degradation="camera"):
     return [
-        "adapt", "--model", str(checkpoint), "--hr", str(hr_dir), "--degradation", "camera", "--out", str(run_dir),
+        "adapt", "--model", str(checkpoint), "--hr", str(hr_dir), "--degradation", str(degradation), "--out", str(run_dir),
         "--steps", "4", "--batch-size", "2", "--patch", "16", "--checkpoint-every", "2", "--rank", "4",
         "--lr", "1e-3", "--warmup-steps", "1", "--device", "cpu", *extra,
     ]
@@ -69,7 +69,7 @@ def test_adapt_bad_input(setup, capsys):
     assert "missing.pth" in capsys.readouterr().err
     assert main(_args(checkpoint, tmp_path / "no-such-folder", tmp_path / "run")) == 1
     assert "no-such-folder" in capsys.readouterr().err
-    assert main(_args(checkpoint, hr_dir, tmp_path / "run2", "--degradation", "nope")) == 1
+    assert main(_args(checkpoint, hr_dir, tmp_path / "run2", degradation="nope")) == 1
     assert "nope" in capsys.readouterr().err
     assert main(_args(checkpoint, hr_dir, tmp_path / "fresh", "--resume")) == 1
     assert "no checkpoint" in capsys.readouterr().err
@@ -278,9 +278,9 @@ def test_adapt_and_eval_take_a_degradation_file(setup, capsys):
     camera = tmp_path / "my-camera.json"
     camera.write_text(json.dumps({"camera_profile": {"blur_sigma": 0.8, "noise": 12, "jpeg_quality": 75}}))
     run_dir = tmp_path / "run"
-    assert main(_args(checkpoint, hr_dir, run_dir, "--degradation", str(camera))) == 0
+    assert main(_args(checkpoint, hr_dir, run_dir, degradation=camera)) == 0
     assert load_degradation(run_dir / "degradation.json") == camera_profile(0.8, 12, 75)
-    assert main(_args(checkpoint, hr_dir, run_dir, "--degradation", str(camera), "--resume", "--steps", "6")) == 0
+    assert main(_args(checkpoint, hr_dir, run_dir, "--resume", "--steps", "6", degradation=camera)) == 0
     capsys.readouterr()
     assert main(_args(checkpoint, hr_dir, run_dir, "--resume", "--steps", "8")) == 1  # the default, camera
     err = capsys.readouterr().err
@@ -292,7 +292,24 @@ def test_adapt_and_eval_take_a_degradation_file(setup, capsys):
     assert json.loads((tmp_path / "scores" / "metrics.json").read_text())["mean"]["psnr"] > 0
 
     camera.write_text(json.dumps({"camera_profile": {"blur_sigma": 0.8, "noise": 12}}))
-    assert main(_args(checkpoint, hr_dir, tmp_path / "run2", "--degradation", str(camera))) == 1
+    assert main(_args(checkpoint, hr_dir, tmp_path / "run2", degradation=camera)) == 1
     err = capsys.readouterr().err
     assert f"degradation file {camera}" in err and "exactly blur_sigma, noise, jpeg_quality" in err
     assert not (tmp_path / "run2").exists()
+
+
+def test_adapt_on_a_mixture_of_degradations(setup, capsys):
+    """Two --degradation: one adapter on their mixture, recorded as such; resuming with one of them is refused."""
+    from adaptsr.data import DegradationMixture, get_preset, load_degradation
+
+    tmp_path, hr_dir, checkpoint = setup
+    run_dir = tmp_path / "run"
+    mixed = [*_args(checkpoint, hr_dir, run_dir), "--degradation", "lowlight"]  # _args gives camera first
+    assert main(mixed) == 0
+    expected = DegradationMixture((get_preset("camera"), get_preset("lowlight")))
+    assert load_degradation(run_dir / "degradation.json") == expected
+    capsys.readouterr()
+    assert main([*_args(checkpoint, hr_dir, run_dir), "--resume", "--steps", "6"]) == 1
+    assert "--degradation camera differs (" in capsys.readouterr().err
+    assert main([*mixed, "--resume", "--steps", "6"]) == 0
+    assert len(json.loads((run_dir / "metrics.json").read_text())["loss"]) == 6

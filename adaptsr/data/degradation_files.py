@@ -16,6 +16,12 @@ name. A file holds one JSON object in one of two forms:
   ``"second": null`` makes it single-stage; a ``"second"`` given to a single-stage preset starts from
   Real-ESRGAN's second stage.
 
+A mixture (:class:`~adaptsr.data.DegradationMixture`: each image draws one; uniformly unless weighted) lists
+degradations of those forms or preset names::
+
+      {"mixture": ["camera", {"camera_profile": {"blur_sigma": 0.8, "noise": 20, "jpeg_quality": 80}}],
+       "weights": [1, 2]}
+
 :func:`degradation_to_dict` lists every field, the form ``adapt`` records in its run folder
 (``degradation.json``); read back, it gives the same config.
 """
@@ -30,21 +36,28 @@ from pathlib import Path
 from adaptsr.data.degradations import (
     DEGRADATION_PRESETS,
     DegradationConfig,
+    DegradationMixture,
     _second_stage_default,
     camera_profile,
     get_preset,
 )
 from adaptsr.io import atomic_write
 
-__all__ = ["degradation_from_dict", "degradation_to_dict", "load_degradation", "save_degradation"]
+__all__ = ["degradation_from_dict", "degradation_to_dict", "load_degradation", "mixture_of", "save_degradation"]
 
 _CAMERA_KEY = "camera_profile"
+_MIXTURE_KEY = "mixture"
 _CAMERA_FIELDS = ("blur_sigma", "noise", "jpeg_quality")
 _STAGES = ("first", "second")
 
 
-def degradation_to_dict(config: DegradationConfig) -> dict:
-    """Every field of ``config`` as JSON types (tuples as lists)."""
+def degradation_to_dict(config: DegradationConfig | DegradationMixture) -> dict:
+    """Every field of ``config`` as JSON types (tuples as lists); a mixture as its components and weights."""
+    if isinstance(config, DegradationMixture):
+        data: dict = {_MIXTURE_KEY: [degradation_to_dict(c) for c in config.configs]}
+        if config.weights is not None:
+            data["weights"] = list(config.weights)
+        return data
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
@@ -96,10 +109,35 @@ def _changed(config, changes, where: str):
     return dataclasses.replace(config, **updates)
 
 
-def degradation_from_dict(data: dict) -> DegradationConfig:
-    """The config a JSON object describes (either form in the module docstring), validated."""
+def _mixture_from_dict(data: dict) -> DegradationMixture:
+    extra = set(data) - {_MIXTURE_KEY, "weights"}
+    if extra:
+        raise ValueError(f"a mixture has {_MIXTURE_KEY!r} and 'weights' only, not {', '.join(map(repr, sorted(extra)))}")
+    components = data[_MIXTURE_KEY]
+    if not isinstance(components, list) or not components:
+        raise ValueError(f"{_MIXTURE_KEY} must be a non-empty list of degradations, got {components!r}")
+    configs = []
+    for k, component in enumerate(components):
+        try:
+            if isinstance(component, dict) and _MIXTURE_KEY in component:
+                raise ValueError("a mixture cannot hold another mixture")
+            configs.append(get_preset(component) if isinstance(component, str) else degradation_from_dict(component))
+        except ValueError as err:
+            raise ValueError(f"{_MIXTURE_KEY}[{k}]: {err}") from err
+    weights = data.get("weights")
+    if weights is not None and not isinstance(weights, list):
+        raise ValueError(f"weights must be a list of numbers, got {weights!r}")
+    mixture = DegradationMixture(tuple(configs), None if weights is None else tuple(weights))
+    mixture.validate()
+    return mixture
+
+
+def degradation_from_dict(data: dict) -> DegradationConfig | DegradationMixture:
+    """The config a JSON object describes (a form of the module docstring), validated."""
     if not isinstance(data, dict):
         raise ValueError(f"a degradation is a JSON object, got {type(data).__name__}")
+    if _MIXTURE_KEY in data:
+        return _mixture_from_dict(data)
     if _CAMERA_KEY in data:
         if len(data) > 1:
             others = ", ".join(repr(k) for k in data if k != _CAMERA_KEY)
@@ -117,7 +155,7 @@ def degradation_from_dict(data: dict) -> DegradationConfig:
     return config
 
 
-def load_degradation(spec: str | os.PathLike) -> DegradationConfig:
+def load_degradation(spec: str | os.PathLike) -> DegradationConfig | DegradationMixture:
     """A preset by name, or the config in a JSON file."""
     if isinstance(spec, str) and spec in DEGRADATION_PRESETS:
         return get_preset(spec)
@@ -138,7 +176,17 @@ def load_degradation(spec: str | os.PathLike) -> DegradationConfig:
         raise ValueError(f"degradation file {path}: {err}") from err
 
 
-def save_degradation(config: DegradationConfig, path: str | os.PathLike) -> Path:
+def mixture_of(specs: list[str | os.PathLike]) -> DegradationConfig | DegradationMixture:
+    """The degradation of one spec (a preset or a file), or the uniform mixture of several."""
+    if len(specs) == 1:
+        return load_degradation(specs[0])
+    configs = [load_degradation(spec) for spec in specs]
+    if any(isinstance(config, DegradationMixture) for config in configs):
+        raise ValueError("a mixture file cannot be one of several degradations; list its components instead")
+    return DegradationMixture(tuple(configs))
+
+
+def save_degradation(config: DegradationConfig | DegradationMixture, path: str | os.PathLike) -> Path:
     """Write every field of ``config`` to ``path`` as JSON (atomically); ``load_degradation`` reads it back."""
     path = Path(path)
     text = json.dumps(degradation_to_dict(config), indent=2) + "\n"

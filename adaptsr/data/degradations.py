@@ -65,6 +65,7 @@ __all__ = [
     "DEGRADATION_PRESETS",
     "RESIZE_MODES",
     "DegradationConfig",
+    "DegradationMixture",
     "StageConfig",
     "add_gaussian_noise",
     "add_poisson_noise",
@@ -215,6 +216,33 @@ class DegradationConfig:
         _check_range("final_jpeg_range", self.final_jpeg_range, low=1.0, high=100.0)
 
 
+@dataclass(frozen=True)
+class DegradationMixture:
+    """Several degradations, one drawn per image: ``configs[k]`` with probability ``weights[k]`` (uniform when
+    ``weights`` is None). One adapter for several cameras trains on their mixture; :func:`degrade` takes it
+    wherever it takes a :class:`DegradationConfig`."""
+
+    configs: tuple[DegradationConfig, ...]
+    weights: tuple[float, ...] | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid component or weight."""
+        if not self.configs:
+            raise ValueError("a degradation mixture needs at least one degradation")
+        for k, config in enumerate(self.configs):
+            if not isinstance(config, DegradationConfig):
+                raise TypeError(f"mixture component {k} must be a DegradationConfig, got {type(config).__name__}")
+            try:
+                config.validate()
+            except ValueError as err:
+                raise ValueError(f"mixture component {k}: {err}") from err
+        if self.weights is not None:
+            if len(self.weights) != len(self.configs):
+                raise ValueError(f"a degradation mixture has {len(self.weights)} weights for "
+                                 f"{len(self.configs)} degradations")
+            _check_weights("mixture weights", self.weights)
+
+
 def _check_prob(name: str, p: float) -> None:
     if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
         raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
@@ -237,7 +265,8 @@ def _check_range(
 
 
 def _check_weights(name: str, w: Sequence[float]) -> None:
-    if any(v < 0 for v in w) or sum(w) <= 0:
+    finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in w)
+    if not finite or any(v < 0 for v in w) or sum(w) <= 0:
         raise ValueError(f"{name} must be non-negative weights with a positive sum, got {w!r}")
 
 
@@ -704,8 +733,10 @@ def _smallest_sides(cfg: DegradationConfig, side: int, scale: int) -> list[tuple
     return checks
 
 
-def min_input_size(config: DegradationConfig | str, scale: int) -> int:
+def min_input_size(config: DegradationConfig | DegradationMixture | str, scale: int) -> int:
     """The smallest HR side (a multiple of ``scale``) every draw of ``config`` can degrade at ``scale``."""
+    if isinstance(config, DegradationMixture):
+        return max(min_input_size(component, scale) for component in config.configs)
     cfg = get_preset(config) if isinstance(config, str) else config
     _check_scale(scale)
     side = scale
@@ -719,10 +750,8 @@ def _check_scale(scale: int) -> None:
         raise ValueError(f"scale must be a positive integer (e.g. 2 or 4), got {scale!r}")
 
 
-def _make_generators(
-    generator: torch.Generator | int | None, device: torch.device
-) -> tuple[torch.Generator, torch.Generator]:
-    """(CPU generator for the parameter draws, generator on ``device`` for the noise), from one seed."""
+def _seed_of(generator: torch.Generator | int | None) -> int:
+    """The seed a call draws everything from: ``generator`` itself if an integer, else one draw from it."""
     if generator is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     elif isinstance(generator, torch.Generator):
@@ -731,6 +760,14 @@ def _make_generators(
         seed = generator
     else:
         raise TypeError(f"generator must be a torch.Generator, an integer seed or None, got {type(generator).__name__}")
+    return seed
+
+
+def _make_generators(
+    generator: torch.Generator | int | None, device: torch.device
+) -> tuple[torch.Generator, torch.Generator]:
+    """(CPU generator for the parameter draws, generator on ``device`` for the noise), from one seed."""
+    seed = _seed_of(generator)
     params = torch.Generator(device="cpu")
     params.manual_seed(seed)
     noise = torch.Generator(device=device)
@@ -738,10 +775,29 @@ def _make_generators(
     return params, noise
 
 
+def _degrade_mixture(hr: Tensor, scale: int, mixture: DegradationMixture, generator) -> Tensor:
+    """Each image degraded by the component it draws; the images of one component as one batch."""
+    mixture.validate()
+    _check_batch(hr, "hr")
+    draws = torch.Generator(device="cpu")
+    draws.manual_seed(_seed_of(generator))
+    weights = mixture.weights or (1.0,) * len(mixture.configs)
+    chosen = _choice(draws, weights, hr.shape[0])
+    # a seed for every component on every call, so the draws after them do not depend on which were chosen
+    seeds = [int(torch.randint(0, 2**62, (1,), generator=draws)) for _ in mixture.configs]
+    parts: list[Tensor | None] = [None] * hr.shape[0]
+    for k, config in enumerate(mixture.configs):
+        members = (chosen == k).nonzero().flatten().tolist()
+        if members:
+            for i, lr in zip(members, degrade(hr[members], scale, config, seeds[k]).split(1)):
+                parts[i] = lr
+    return torch.cat(parts)  # type: ignore[arg-type]
+
+
 def degrade(
     hr: Tensor,
     scale: int,
-    config: DegradationConfig | str = "realesrgan",
+    config: DegradationConfig | DegradationMixture | str = "realesrgan",
     generator: torch.Generator | int | None = None,
 ) -> Tensor:
     """Degrade an HR batch into an LR batch with the second-order model.
@@ -750,7 +806,8 @@ def degrade(
         hr: [B, 3, H, W] float RGB in [0, 1], on any device; H and W multiples of ``scale`` and at
             least :func:`min_input_size`.
         scale: the SR factor; the output is [B, 3, H / scale, W / scale].
-        config: a :class:`DegradationConfig` or a preset name (:data:`DEGRADATION_PRESETS`).
+        config: a :class:`DegradationConfig`, a :class:`DegradationMixture` (each image draws one of its
+            degradations) or a preset name (:data:`DEGRADATION_PRESETS`).
         generator: an integer seed or a torch.Generator (the same seed or generator state gives the
             same output; a generator advances by one draw per call) or None (torch's global RNG).
 
@@ -758,12 +815,15 @@ def degrade(
         The LR batch, hr's dtype and device, clamped to [0, 1] and rounded to 8-bit levels.
         Each image gets its own random kernel, resize, noise and JPEG quality.
     """
+    if isinstance(config, DegradationMixture):
+        return _degrade_mixture(hr, scale, config, generator)
     if isinstance(config, str):
         cfg = get_preset(config)
     elif isinstance(config, DegradationConfig):
         cfg = config
     else:
-        raise TypeError(f"config must be a DegradationConfig or a preset name, got {type(config).__name__}")
+        raise TypeError(f"config must be a DegradationConfig, a DegradationMixture or a preset name, "
+                        f"got {type(config).__name__}")
     cfg.validate()
     _check_batch(hr, "hr")
     _check_scale(scale)

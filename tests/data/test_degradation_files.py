@@ -11,11 +11,14 @@ import torch
 
 from adaptsr.data import (
     DEGRADATION_PRESETS,
+    DegradationMixture,
     camera_profile,
     degradation_to_dict,
     degrade,
     get_preset,
     load_degradation,
+    min_input_size,
+    mixture_of,
     save_degradation,
 )
 from adaptsr.data.degradations import _second_stage_default
@@ -111,3 +114,73 @@ def test_neither_a_preset_nor_a_file(tmp_path):
         load_degradation("nosuch")
     with pytest.raises(ValueError, match="nor a file"):
         load_degradation(tmp_path / "missing.json")
+
+
+# -- mixtures: one adapter for several cameras --
+
+
+def _deterministic(sigma: float):
+    """A camera with no noise and lossless JPEG: the same image always degrades the same way."""
+    return camera_profile(blur_sigma=sigma, noise=0, jpeg_quality=100)
+
+
+def test_each_image_of_a_mixture_takes_one_of_its_degradations():
+    sharp, blurred = _deterministic(0.3), _deterministic(2.0)
+    hr = torch.rand(16, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    lr = degrade(hr, 2, DegradationMixture((sharp, blurred)), generator=5)
+    alone = [degrade(hr, 2, config, generator=0) for config in (sharp, blurred)]
+    picked = [[torch.equal(lr[i], alone[k][i]) for k in range(2)] for i in range(16)]
+    assert all(sum(p) == 1 for p in picked)  # exactly one component each
+    assert {p.index(True) for p in picked} == {0, 1}  # both drawn (all 16 alike has probability 2^-15)
+    assert torch.equal(degrade(hr, 2, DegradationMixture((sharp, blurred)), generator=5), lr)
+    only_blurred = degrade(hr, 2, DegradationMixture((sharp, blurred), weights=(0, 1)), generator=5)
+    assert torch.equal(only_blurred, alone[1])
+
+
+def test_a_mixture_needs_the_largest_input_of_its_components():
+    mixture = DegradationMixture((get_preset("camera"), get_preset("realesrgan")))
+    assert min_input_size(mixture, 4) == max(min_input_size("camera", 4), min_input_size("realesrgan", 4))
+
+
+@pytest.mark.parametrize(
+    ("mixture", "message"),
+    [
+        (DegradationMixture(()), "needs at least one degradation"),
+        (DegradationMixture((_deterministic(1.0),), weights=(1, 2)), "2 weights for 1 degradations"),
+        (DegradationMixture((_deterministic(1.0),), weights=(-1,)), "mixture weights must be non-negative"),
+        (DegradationMixture((_deterministic(1.0),), weights=(float("nan"),)), "mixture weights must be non-negative"),
+        (DegradationMixture((_deterministic(1.0), dataclasses.replace(get_preset("mild"), final_jpeg_prob=2.0))),
+         "mixture component 1: final_jpeg_prob must be a probability"),
+    ],
+)
+def test_a_bad_mixture_is_refused(mixture, message):
+    with pytest.raises(ValueError, match=message):
+        degrade(torch.rand(1, 3, 32, 32), 2, mixture)
+
+
+def test_a_mixture_file_round_trips_and_names_its_bad_component(tmp_path):
+    data = {"mixture": ["camera", {"camera_profile": {"blur_sigma": 0.8, "noise": 20, "jpeg_quality": 80}}],
+            "weights": [1, 2]}
+    mixture = load_degradation(_file(tmp_path, data))
+    assert mixture == DegradationMixture((get_preset("camera"), camera_profile(0.8, 20, 80)), weights=(1, 2))
+    assert load_degradation(save_degradation(mixture, tmp_path / "again.json")) == mixture
+    for bad, message in [
+        ({"mixture": ["camera", "nope"]}, "mixture[1]: unknown degradation preset 'nope'"),
+        ({"mixture": ["camera", {"first": {"nois_range": [1, 2]}}]}, "mixture[1]: unknown field 'first.nois_range'"),
+        ({"mixture": [{"mixture": ["camera"]}]}, "mixture[0]: a mixture cannot hold another mixture"),
+        ({"mixture": []}, "mixture must be a non-empty list"),
+        ({"mixture": ["camera"], "weights": [1, 2]}, "1 degradations"),
+        ({"mixture": ["camera"], "preset": "mild"}, "a mixture has 'mixture' and 'weights' only, not 'preset'"),
+    ]:
+        path = _file(tmp_path, bad)
+        with pytest.raises(ValueError, match="degradation file") as err:
+            load_degradation(path)
+        assert message in str(err.value), err.value
+
+
+def test_several_specs_make_a_uniform_mixture(tmp_path):
+    assert mixture_of(["camera"]) == get_preset("camera")
+    assert mixture_of(["camera", "lowlight"]) == DegradationMixture((get_preset("camera"), get_preset("lowlight")))
+    nested = save_degradation(mixture_of(["camera", "mild"]), tmp_path / "mix.json")
+    with pytest.raises(ValueError, match="a mixture file cannot be one of several degradations"):
+        mixture_of([nested, "camera"])
