@@ -93,7 +93,7 @@ def combine_adapters(
         parts = [(weight * adapter.scaling(name), adapter.pairs[name]["A"], adapter.pairs[name]["B"])
                  for adapter, weight in zip(adapters, weights) if name in adapter.pairs]
         factors[name] = _combined_factors(module.get_submodule(name), parts, rank)
-    ranks = {name: _WRAPPERS[type(module.get_submodule(name))]._rank_of(A) for name, (A, _) in factors.items()}
-    alphas = {name: float(rank) for name, rank in ranks.items()}  # scaling alpha / r = 1: B carries w_i s_i
+    # alpha = r, so each layer's scaling is 1: B carries the w_i s_i
+    alphas = {name: float(_WRAPPERS[type(module.get_submodule(name))]._rank_of(A)) for name, (A, _) in factors.items()}
     described = " + ".join(f"{w:g} x {adapter.directory}" for adapter, w in zip(adapters, weights))
     return _inject_factors(module, described, factors, alphas, use_rslora=False, lora_dropout=0.0)
