@@ -11,6 +11,10 @@ The methods are timed in interleaved rounds (frozen, full, LoRA..., frozen, ...)
 drifts while the benchmark runs (a shared machine, a GPU warming up) hits every method alike; the
 table gives medians and their ratio to the frozen median, the activation memory autograd keeps
 for each method's backward and, on CUDA, the peak memory its step allocates.
+
+``gan=True`` adds a row for ``adapt --gan``'s step on the first LoRA backend: Real-ESRGAN's losses (L1, the
+VGG19 perceptual loss, whose ImageNet weights it needs, and the GAN loss through a fresh U-Net
+discriminator), then the discriminator's own Adam step, as ``adapt`` runs them.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from adaptsr.backend import _unavailable_reason, _validate, is_available, set_ba
 from adaptsr.inject import inject_lora
 from adaptsr.objective import Objective
 from adaptsr.presets import preset_for_architecture
-from adaptsr.train import TrainConfig, _apply_gradients, _training_loss, _uses_bf16
+from adaptsr.train import TrainConfig, _apply_gradients, _fresh_discriminator, _training_loss, _uses_bf16
 
 __all__ = [
     "StepTime", "bench_training_step", "default_backends", "format_bench_table", "rows_as_dicts",
@@ -38,13 +42,15 @@ __all__ = [
 # adapt's defaults (learning rate, clipping, the L1 loss), so the timed step is the step ``adapt`` runs.
 _TRAIN = TrainConfig()
 _L1 = Objective(_TRAIN, torch.device("cpu"), None)
+# adapt --gan's recipe
+_GAN_TRAIN = TrainConfig(pixel_weight=1.0, perceptual_weight=1.0, gan_weight=0.1)
 
 
 @dataclass
 class StepTime:
     """One method's row: what it trains and what its step costs."""
 
-    method: str  # "frozen", "full fine-tuning" or "LoRA"
+    method: str  # "frozen", "full fine-tuning", "LoRA" or "LoRA + GAN"
     backend: str | None  # the adaptsr backend of a LoRA row
     trainable_params: int
     total_params: int
@@ -128,26 +134,29 @@ def _fresh_input(lr: torch.Tensor) -> torch.Tensor:
 
 
 class _Method:
-    """A model copy, its optimizer and the backend its steps run under."""
+    """A model copy, its optimizer, the backend its steps run under and its losses (L1 unless given)."""
 
-    def __init__(self, method: str, module: nn.Module, backend: str | None) -> None:
-        self.method, self.module, self.backend = method, module, backend
+    def __init__(self, method: str, module: nn.Module, backend: str | None, objective: Objective = _L1) -> None:
+        self.method, self.module, self.backend, self.objective = method, module, backend, objective
         self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         self.optimizer = (torch.optim.AdamW(self.params.values(), lr=_TRAIN.lr, weight_decay=_TRAIN.weight_decay)
                           if self.params else None)
         self.times: list[float] = []
 
-    def _loss(self, lr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> torch.Tensor:
-        return _training_loss(self.module, _L1, _fresh_input(lr), hr, use_bf16)[0]
+    def _loss_and_sr(self, lr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, _, sr = _training_loss(self.module, self.objective, _fresh_input(lr), hr, use_bf16)
+        return loss, sr
 
     def step(self, lr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> None:
         lr.grad = None
         with set_backend(self.backend or "auto"):
-            loss = self._loss(lr, hr, use_bf16)
+            loss, sr = self._loss_and_sr(lr, hr, use_bf16)
             if self.optimizer is None:  # frozen: the backward alone, down to the input
                 loss.backward()
             else:
                 _apply_gradients(loss, self.params, self.optimizer, _TRAIN.grad_clip)
+            if self.objective.discriminator is not None:
+                self.objective.discriminator_step(sr, hr, use_bf16)
 
     def timed_step(self, lr, hr, use_bf16: bool, device: torch.device) -> None:
         sync_device(device)
@@ -159,7 +168,10 @@ class _Method:
     def saved_bytes(self, lr, hr, use_bf16: bool) -> int:
         lr.grad = None
         with set_backend(self.backend or "auto"):
-            saved = saved_activation_bytes(lambda: self._loss(lr, hr, use_bf16), None, self.module)
+            # the loss networks' weights (VGG, discriminator) are not activations either
+            networks = nn.ModuleList([self.module] + [net for net in (self.objective.perceptual,
+                                                                        self.objective.discriminator) if net is not None])
+            saved = saved_activation_bytes(lambda: self._loss_and_sr(lr, hr, use_bf16)[0], None, networks)
         for p in self.params.values():
             p.grad = None
         return saved
@@ -191,6 +203,7 @@ def bench_training_step(
     rounds: int = 10,
     warmup: int = 2,
     seed: int = 0,
+    gan: bool = False,
     **lora_options,
 ) -> list[StepTime]:
     """Time one training step of each method on ``descriptor`` (a spandrel model, left unchanged).
@@ -198,7 +211,8 @@ def bench_training_step(
     Rows: frozen, full fine-tuning (unless ``full_finetune=False``), then LoRA (``preset`` or
     ``targets``, ``rank``, ``alpha`` and any other ``lora_options`` as for ``inject_lora``; by
     default the architecture's preset) under each of ``backends`` (default:
-    ``default_backends(device)``). ``amp`` is TrainConfig's: "auto" (bf16 on CUDA), "bf16" or "off".
+    ``default_backends(device)``), and with ``gan`` a "LoRA + GAN" row (``adapt --gan``'s step: module
+    docstring) on the first of them. ``amp`` is TrainConfig's: "auto" (bf16 on CUDA), "bf16" or "off".
     Medians over ``rounds`` interleaved rounds, after ``warmup`` untimed steps each (compilation,
     autotuning, allocator growth).
     """
@@ -222,6 +236,9 @@ def bench_training_step(
     inject_lora(adapted, preset=preset, targets=targets, rank=rank, alpha=alpha, **lora_options)
     # One adapted copy serves every backend: the backend is chosen per call, not stored in the layers.
     methods += [_Method("LoRA", adapted, name) for name in backends]
+    if gan:  # its own copy: the LoRA rows' optimizer must not step these adapters
+        gan_objective = Objective(_GAN_TRAIN, device, _fresh_discriminator(descriptor.output_channels, seed))
+        methods.append(_Method("LoRA + GAN", copy.deepcopy(adapted), backends[0], gan_objective))
     for m in methods:
         m.module.to(device).train()
 
@@ -244,7 +261,7 @@ def bench_training_step(
         median_ms = 1e3 * statistics.median(m.times)
         rows.append(StepTime(
             method=m.method, backend=m.backend, trainable_params=sum(p.numel() for p in m.params.values()),
-            total_params=sum(p.numel() for p in m.module.parameters()) if m.method == "LoRA" else total,
+            total_params=sum(p.numel() for p in m.module.parameters()) if m.method.startswith("LoRA") else total,
             median_ms=median_ms, ratio_to_frozen=median_ms / frozen_ms,
             saved_activation_bytes=m.saved_bytes(lr, hr, use_bf16),
             peak_memory_bytes=m.peak_memory(lr, hr, use_bf16, device),

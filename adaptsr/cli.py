@@ -869,6 +869,9 @@ def add_bench_command(subparsers) -> None:
                         "where they run on --device)")
     _add_lora_flags(p)
     p.add_argument("--no-full-finetune", action="store_true", help="leave out the full fine-tuning row")
+    p.add_argument("--gan", action="store_true",
+                   help="add a row for adapt --gan's step on the first backend: L1 + VGG perceptual + GAN losses and "
+                        "the discriminator's step (the VGG19 ImageNet weights are downloaded on first use)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default: 8)")
     p.add_argument("--patch", type=int, default=32, help="LR patch size in pixels (default: 32)")
     _add_amp_flag(p)
@@ -907,7 +910,7 @@ def _bench(args: argparse.Namespace) -> int:
     rows = bench_training_step(
         descriptor, backends=backends, **_lora_options(args),
         full_finetune=not args.no_full_finetune, batch_size=args.batch_size, patch=args.patch, device=args.device,
-        amp=args.amp, rounds=args.rounds, warmup=args.warmup,
+        amp=args.amp, rounds=args.rounds, warmup=args.warmup, gan=args.gan,
     )
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

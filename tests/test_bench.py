@@ -151,3 +151,52 @@ def test_every_preset_architecture(arch, tiny_sr, tmp_path):
     rows = bench_training_step(descriptor, backends=["torch"], **{**TINY, "batch_size": 2, "patch": patch})
     probe = adaptsr.load_model(tmp_path / "model.safetensors")
     assert rows[-1].trainable_params == adaptsr.inject_lora(probe, preset=arch, rank=8).trainable_params
+
+
+def test_gan_row_runs_adapts_gan_step(swinir, random_vgg, monkeypatch):
+    """The GAN row's step is adapt --gan's: the VGG and GAN terms in the generator loss, then the discriminator's
+    own step, every step; it keeps more for the backward than plain LoRA (the loss networks' activations)."""
+    from adaptsr.objective import Objective
+
+    terms, discriminator_steps = [], []
+    generator_loss, discriminator_step = Objective.generator_loss, Objective.discriminator_step
+
+    def spy_generator_loss(self, sr, hr):
+        total, found = generator_loss(self, sr, hr)
+        terms.append(sorted(found))
+        return total, found
+
+    def spy_discriminator_step(self, sr, hr, use_bf16):
+        discriminator_steps.append(sr.shape)
+        return discriminator_step(self, sr, hr, use_bf16)
+
+    monkeypatch.setattr(Objective, "generator_loss", spy_generator_loss)
+    monkeypatch.setattr(Objective, "discriminator_step", spy_discriminator_step)
+    rows = bench_training_step(swinir, backends=["torch"], full_finetune=False, gan=True, **TINY)
+    assert [r.label for r in rows] == ["frozen", "LoRA (torch)", "LoRA + GAN (torch)"]
+    assert rows[2].trainable_params == rows[1].trainable_params
+    assert rows[2].saved_activation_bytes > rows[1].saved_activation_bytes
+    assert ["gan", "perceptual", "pixel"] in terms and ["pixel"] in terms
+    assert len(discriminator_steps) == TINY["rounds"] + TINY["warmup"]  # every timed GAN step, none elsewhere
+    assert discriminator_steps[0] == (1, 3, 64, 64)  # the SR batch: 16 LR pixels at x4
+
+
+def test_cli_gan_row(capsys, random_vgg):
+    argv = ["bench", "--model", "swinir", "--batch-size", "1", "--patch", "16", "--rounds", "1", "--warmup", "0",
+            "--no-full-finetune", "--gan"]
+    assert main(argv) == 0
+    assert "| LoRA + GAN (torch) |" in capsys.readouterr().out
+
+
+def test_cli_gan_without_vgg_weights_names_them(capsys, empty_hub, monkeypatch):
+    """The real VGG19 loader, offline: one line naming the file to fetch and where."""
+
+    def unreachable(url, dst, *args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    code = main(["bench", "--model", "swinir", "--batch-size", "1", "--patch", "16", "--rounds", "1",
+                 "--no-full-finetune", "--gan"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the VGG perceptual loss needs the weight file vgg19-dcbb9e9d.pth" in err
+    assert str(empty_hub) in err and len(err.strip().splitlines()) == 1
