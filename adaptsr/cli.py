@@ -535,7 +535,7 @@ def add_combine_command(subparsers) -> None:
         description=(
             "Write one adapter whose update is the weighted sum of the --adapter updates (one --strength each, 1 "
             "by default): e.g. 0.7 x a PSNR-trained adapter + 0.3 x a GAN-trained one, ESRGAN's network "
-            "interpolation between fidelity and texture, or a camera's noise adapter plus its blur adapter. "
+            "interpolation between fidelity and texture, or a blend of two cameras' adapters. "
             "Exact: the factors are concatenated along the rank (PEFT's add_weighted_adapter 'cat'), so its rank "
             "is the sum of theirs, at most what each layer allows; --rank caps it, keeping the sum's best "
             "approximation of that rank (SVD; with one --adapter, a smaller copy of it). eval, upscale and merge "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import peft
 import pytest
 import torch
@@ -280,6 +281,26 @@ def test_merge_and_combine_commands_apply_the_weighted_sum(base_and_adapters, tm
     assert written.keys() == capped.state_dict().keys()
     for key, value in capped.state_dict().items():
         torch.testing.assert_close(written[key], value, msg=key)
+
+
+def test_upscale_with_several_adapters_is_upscale_with_their_merge(base_and_adapters, tmp_path, capsys):
+    from PIL import Image
+
+    from adaptsr.cli import main
+
+    _, checkpoint, (a, b) = base_and_adapters
+    Image.new("RGB", (10, 12), (90, 160, 30)).save(tmp_path / "lr.png")
+    adapters = ["--adapter", str(a), "--strength", "0.3", "--adapter", str(b), "--strength", "0.9"]
+    assert main(["merge", "--model", str(checkpoint), *adapters, "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert main(["upscale", str(tmp_path / "lr.png"), "--model", str(checkpoint), *adapters,
+                 "--out", str(tmp_path / "two")]) == 0
+    assert main(["upscale", str(tmp_path / "lr.png"), "--model", str(tmp_path / "m.safetensors"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    two, merged = (np.asarray(Image.open(tmp_path / d / "lr.png")) for d in ("two", "merged"))
+    base = tmp_path / "base-only"
+    assert main(["upscale", str(tmp_path / "lr.png"), "--model", str(checkpoint), "--out", str(base)]) == 0
+    assert two.shape == (24, 20, 3) and np.array_equal(two, merged)
+    assert not np.array_equal(two, np.asarray(Image.open(base / "lr.png")))
 
 
 def test_adapter_flag_errors(base_and_adapters, tiny_sr, tmp_path, capsys):
