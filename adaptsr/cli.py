@@ -47,7 +47,7 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, adapter_required: bool 
         "--strength", type=_finite_float, action="append", metavar="S",
         help="scale the adapter's update: 1 (default) as trained, 0 the base model, in between a blend of the two "
              "(e.g. 0.7 when the adapted model overdoes it on your images); with several --adapter, one --strength "
-             "each, in the same order: the weights of the sum",
+             "each, in the same order, is required: the weights of the sum",
     )
 
 
@@ -143,10 +143,13 @@ def _adapters_and_strengths(args: argparse.Namespace) -> tuple[list[str], list[f
     strengths = getattr(args, "strength", None) or []
     if not adapters and strengths:
         raise CommandError(f"--strength {strengths[0]:g} scales an adapter: pass --adapter DIR")
+    if len(adapters) > 1 and not strengths:  # a blend and a stack are both common: make the user say which
+        raise CommandError(f"{len(adapters)} --adapter need one --strength each, in the same order: e.g. 0.5 and 0.5 "
+                           "to blend two adapters, 1 and 1 to apply both in full")
     if strengths and len(strengths) != len(adapters):
         raise CommandError(f"{len(adapters)} --adapter and {len(strengths)} --strength: give one --strength per "
-                           "--adapter, in the same order, or none")
-    return adapters, strengths or [1.0] * len(adapters)
+                           "--adapter, in the same order")
+    return adapters, strengths or [1.0]
 
 
 def _which_adapters(adapters: list[str]) -> str:
@@ -533,8 +536,8 @@ def add_combine_command(subparsers) -> None:
         "combine",
         help="one adapter that applies the weighted sum of several trained on the same model",
         description=(
-            "Write one adapter whose update is the weighted sum of the --adapter updates (one --strength each, 1 "
-            "by default): e.g. 0.7 x a PSNR-trained adapter + 0.3 x a GAN-trained one, ESRGAN's network "
+            "Write one adapter whose update is the weighted sum of the --adapter updates (one --strength each, "
+            "in the same order): e.g. 0.7 x a PSNR-trained adapter + 0.3 x a GAN-trained one, ESRGAN's network "
             "interpolation between fidelity and texture, or a blend of two cameras' adapters. "
             "Exact: the factors are concatenated along the rank (PEFT's add_weighted_adapter 'cat'), so its rank "
             "is the sum of theirs, at most what each layer allows; --rank caps it, keeping the sum's best "

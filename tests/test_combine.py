@@ -313,10 +313,13 @@ def test_adapter_flag_errors(base_and_adapters, tiny_sr, tmp_path, capsys):
     cases = [
         (["merge", "--adapter", a, "--adapter", b, "--strength", "0.5", "--out", out],
          "2 --adapter and 1 --strength: give one --strength per --adapter"),
-        (["merge", "--adapter", a, "--adapter", foreign, "--out", out],
+        (["merge", "--adapter", a, "--adapter", b, "--out", out], "2 --adapter need one --strength each"),
+        (["merge", "--adapter", a, "--strength", "1", "--adapter", foreign, "--strength", "1", "--out", out],
          f"adapters {a}, {foreign} do not fit model {checkpoint}: adapter {foreign}"),
-        (["combine", "--adapter", a, "--adapter", b, "--out", b], f"--out {b} is one of the --adapter directories"),
-        (["combine", "--adapter", a, "--adapter", foreign, "--out", tmp_path / "mix"], "trained for another base"),
+        (["combine", "--adapter", a, "--adapter", b, "--strength", "1", "--strength", "1", "--out", b],
+         f"--out {b} is one of the --adapter directories"),
+        (["combine", "--adapter", a, "--strength", "1", "--adapter", foreign, "--strength", "1",
+          "--out", tmp_path / "mix"], "trained for another base"),
     ]
     with pytest.raises(SystemExit) as usage:
         main(["combine", "--model", str(checkpoint), "--adapter", str(a), "--rank", "0", "--out", str(tmp_path / "x")])
