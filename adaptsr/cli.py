@@ -675,7 +675,9 @@ def add_adapt_command(subparsers) -> None:
                         "(e.g. 0.999, BasicSR's; warmed up over the first steps; default: 0, none)")
     p.add_argument("--patch", type=int, default=32, help="LR patch size of the training crops (default: 32)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
-    p.add_argument("--val-every", type=int, default=0, help="steps between validations (default: only at the end)")
+    p.add_argument("--val-every", type=int, default=0,
+                   help="steps between validations (default: only at the end); the best-scoring weights so far are "
+                        "kept in RUN_DIR/adapter_best (model_best.safetensors with --full-finetune)")
     p.add_argument("--val-tile", type=_nonneg_int, default=0, metavar="N",
                    help="validate in N x N LR-pixel tiles, overlapping by min(32, N/4) and blended as upscale --tile "
                         "blends them, to bound memory on large validation images (default: whole images)")
@@ -847,6 +849,12 @@ def _adapt(args: argparse.Namespace) -> int:
     psnr = f", validation PSNR {val['psnr']:.2f} dB / SSIM {val['ssim']:.4f} (Y)" if val else ""
     print(f"adapted in {metrics['train_seconds']:.0f} s, final loss {metrics['final_loss']:.4f}{psnr}; "
           f"wrote {args.out}")
+    best = metrics["best_val"]
+    if args.val_every and best is not None:
+        from adaptsr.train import BEST_ADAPTER, BEST_MODEL
+
+        kept = Path(args.out) / (BEST_MODEL if args.full_finetune else BEST_ADAPTER)
+        print(f"best validation PSNR {best['psnr']:.2f} dB / SSIM {best['ssim']:.4f} at step {best['step']}: {kept}")
     return 0
 
 

@@ -21,7 +21,11 @@ At the end the run folder holds ``config.json``, ``metrics.json`` (losses, valid
 on Y), ``curves.png``, ``comparison.png`` (LR | base | adapted | HR crops of the validation
 images, on a fresh start with a validation set), and, for a LoRA model, ``adapter/``
 (PEFT-layout adapter files); always ``model_merged.safetensors`` (a plain checkpoint spandrel
-opens as the original architecture); with a GAN loss ``discriminator.safetensors``.
+opens as the original architecture); with a GAN loss ``discriminator.safetensors``. With validations along
+the way (``val_every``), the weights of the best validation PSNR so far are kept too, as they are scored
+(the average, with EMA): ``adapter_best/`` for a LoRA model, ``model_best.safetensors`` otherwise;
+``metrics.json`` names that validation (``best_val``). Picking the best on the validation set flatters its
+score: judge the pick on other images.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ from adaptsr.objective import Objective
 __all__ = ["TrainConfig", "adapt"]
 
 _CHECKPOINT = "checkpoint.pt"
+# with validations every val_every steps: the best-scoring weights so far (by validation PSNR)
+BEST_ADAPTER = "adapter_best"
+BEST_MODEL = "model_best.safetensors"
 # Consecutive non-finite losses tolerated before the run stops: a few can come from a bad
 # batch under mixed precision; many mean the learning rate or the data is broken.
 _MAX_BAD_STEPS = 10
@@ -232,6 +239,19 @@ def _validate(model, val_set, device: torch.device, tile: int = 0, rank: int = 0
     return means, triples
 
 
+def _save_best(model, module: nn.Module, run_dir: Path) -> None:
+    """``adapter_best/`` for a LoRA model (small); the whole model, ``model_best.safetensors``, otherwise."""
+    if any(True for _ in lora_layers(module)):
+        save_adapter(model, run_dir / BEST_ADAPTER)
+    else:
+        save_model(model, run_dir / BEST_MODEL)
+
+
+def _best_validation(history: dict) -> dict | None:
+    """The validation with the highest PSNR (the earliest of equals)."""
+    return max(history["val"], key=lambda v: v["psnr"]) if history["val"] else None
+
+
 def _write_curves(path: Path, history: dict) -> None:
     """Training loss and validation PSNR against the step, as a PNG."""
     import matplotlib
@@ -352,6 +372,10 @@ def adapt(
         nonlocal final_outputs
         with ema.averaged() if ema is not None else contextlib.nullcontext():
             scores, final_outputs = _validate(model, val_set, device, config.val_tile, rank, world)
+            # with validations along the way, the weights that scored best so far (the average, with EMA)
+            if config.val_every and rank == 0 and scores["psnr"] > max((v["psnr"] for v in history["val"]),
+                                                                       default=-math.inf):
+                _save_best(model, module, run_dir)
         history["val"].append({"step": step, **scores})
 
     start_step = 0
@@ -471,6 +495,7 @@ def adapt(
         "train_seconds": history["train_seconds"],
         "trainable_params": sum(p.numel() for p in params.values()),
         "total_params": sum(p.numel() for p in module.parameters()),
+        "best_val": _best_validation(history),
         **history,
     }
     if rank == 0:

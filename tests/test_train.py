@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import adaptsr
+from adaptsr import train as training
 from adaptsr.train import TrainConfig, adapt
 
 # One definition of the task, run in this process and in the subprocesses of the SIGKILL test.
@@ -120,6 +122,64 @@ def test_run_folder_is_usable(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(base.eval()(lr), expected)
         torch.testing.assert_close(merged(lr), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def scripted_validation(monkeypatch):
+    """``scripted_validation(scores)``: validations report these PSNRs in turn (the real ones run, for the
+    comparison picture); returns the list the model's state dict at each validation is appended to."""
+
+    def script(scores):
+        real, scripted, states = training._validate, iter(scores), []
+
+        def validate(model, *args, **kwargs):
+            means, triples = real(model, *args, **kwargs)
+            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            return {**means, "psnr": next(scripted)}, triples
+
+        monkeypatch.setattr(training, "_validate", validate)
+        return states
+
+    return script
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_the_best_validation_is_kept(tmp_path, scripted_validation, ema_decay):
+    """Validations every 3 steps scored 21, 25, 23, 24 dB: adapter_best holds the weights scored at step 6 (the
+    average, with EMA), and metrics name that validation."""
+    states = scripted_validation([21.0, 25.0, 23.0, 24.0])
+    metrics = adapt(make_model(), NoisyPairs(), tmp_path, _config(val_every=3, ema_decay=ema_decay),
+                    val_set=NoisyPairs(n=2, seed=9), device="cpu")
+    assert metrics["best_val"]["step"] == 6 and metrics["best_val"]["psnr"] == 25.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["best_val"] == metrics["best_val"]
+    best = make_model()
+    adaptsr.merge_lora(best)  # the plain base: B = 0 at init
+    adaptsr.load_adapter(best, tmp_path / training.BEST_ADAPTER)
+    kept = lora_state(best)
+    at_step_6, final = ({k: v for k, v in state.items() if "lora_" in k} for state in (states[1], states[3]))
+    assert kept.keys() == at_step_6.keys()
+    for key, value in at_step_6.items():
+        assert torch.equal(kept[key], value), key
+    assert any(not torch.equal(kept[key], final[key]) for key in kept)
+
+
+def test_no_best_without_validations_along_the_way(tmp_path):
+    adapt(make_model(), NoisyPairs(), tmp_path, _config(steps=4), val_set=NoisyPairs(n=2), device="cpu")
+    assert not (tmp_path / training.BEST_ADAPTER).exists() and not (tmp_path / training.BEST_MODEL).exists()
+
+
+def test_full_finetuning_keeps_the_best_model(tmp_path, scripted_validation):
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    states = scripted_validation([30.0, 20.0])
+    torch.manual_seed(0)
+    model = ESRGAN(num_filters=8, num_blocks=1, scale=2)
+    adapt(model, NoisyPairs(), tmp_path, _config(steps=4, val_every=2), val_set=NoisyPairs(n=2), device="cpu")
+    best = adaptsr.load_model(tmp_path / training.BEST_MODEL).model.state_dict()
+    assert best.keys() == states[0].keys()
+    for key, value in states[0].items():
+        torch.testing.assert_close(best[key], value, rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(best[key], states[1][key]) for key in best)
 
 
 def test_bad_input(tmp_path):
