@@ -206,6 +206,14 @@ def _input_images(path: str) -> list[Path]:
     return list_images(p)
 
 
+def _print_columns(rows: list[tuple[str, ...]], *, left: int) -> None:
+    """``rows`` (the header first) in aligned columns: the first ``left`` to the left, the rest (numbers) right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(width) if i < left else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))]
+        print("  ".join(cells).rstrip())
+
+
 def _nonneg_float(text: str) -> float:
     value = _finite_float(text)
     if value < 0:
@@ -566,9 +574,7 @@ def _estimate(args: argparse.Namespace) -> int:
         quality = "none" if image["jpeg_quality"] is None else (
             f"{image['jpeg_quality']}" + ("" if image["ijg_exact"] else " (nearest IJG)"))
         rows.append((image["name"], quality, f"{image['measured_noise']:.2f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    _print_columns(rows, left=1)
     _write_profile(estimate, args.out)
     print(f"camera profile: blur sigma {estimate.blur_sigma:g} (given, not measured), noise {estimate.noise:.1f} "
           f"(8-bit sigma before JPEG, calibrated), JPEG quality {estimate.jpeg_quality}"
@@ -654,10 +660,7 @@ def _layers(args: argparse.Namespace) -> int:
         rank, size = adapted.get(name, (None, None))
         rows.append((name, type(layer).__name__, _layer_shape(layer), "-" if rank is None else str(rank),
                      "-" if size is None else f"{size:,}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = [cell.ljust(width) if i < 3 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))]
-        print("  ".join(cells).rstrip())
+    _print_columns(rows, left=3)
     return 0
 
 
