@@ -701,7 +701,9 @@ def add_adapt_command(subparsers) -> None:
     )
     p.add_argument("--model", required=True, metavar="CKPT", help="base checkpoint (.safetensors/.pth) spandrel loads")
     data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--hr", metavar="DIR", help="folder of HR images, degraded online with --degradation")
+    data.add_argument("--hr", metavar="DIR",
+                      help="folder of HR images, degraded online with --degradation; 'bundled' for the seven "
+                           "bundled photos (no HR images of your own needed: the camera is in --degradation)")
     data.add_argument("--pairs", nargs=2, metavar=("LR_DIR", "HR_DIR"), help="real LR/HR pairs in two folders")
     p.add_argument("--degradation", action="append", metavar="PRESET|FILE",
                    help="degradation for --hr and --val-hr: a preset (camera, the default; lowlight, mild, "
@@ -709,7 +711,9 @@ def add_adapt_command(subparsers) -> None:
                         "{\"blur_sigma\": 1.0, \"noise\": 15, \"jpeg_quality\": 70}} (README: custom "
                         "degradations); repeat it to train one adapter on their mixture (each crop draws one); "
                         "recorded in RUN_DIR/degradation.json")
-    p.add_argument("--val-hr", metavar="DIR", help="validation HR folder, degraded once (fixed seed) and cached")
+    p.add_argument("--val-hr", metavar="DIR",
+                   help="validation HR folder, degraded once (fixed seed) and cached; 'bundled' for the three "
+                        "bundled held-out photos")
     p.add_argument("--val-pairs", nargs=2, metavar=("LR_DIR", "HR_DIR"), help="validation LR/HR pairs")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created; reused with --resume)")
     _add_lora_flags(p)
@@ -798,6 +802,19 @@ def _allocated_rank_pattern(args, descriptor, train_set, config, options) -> dic
     return message[0]
 
 
+_BUNDLED = "bundled"
+
+
+def _hr_folder(spec: str, split: str, run_dir: str) -> Path:
+    """--hr / --val-hr: a folder, or 'bundled' for the bundled photos of ``split`` ("train" or "held-out"),
+    written into the run folder: a camera's adapter needs its degradation, not HR photos of its own."""
+    if spec != _BUNDLED or Path(spec).exists():
+        return Path(spec)
+    from adaptsr.data.bundled import HELD_OUT, TRAIN, write_photos
+
+    return write_photos(TRAIN if split == "train" else HELD_OUT, Path(run_dir) / f"bundled-{split}")
+
+
 _DEGRADATION_RECORD = "degradation.json"
 
 
@@ -848,13 +865,15 @@ def _adapt(args: argparse.Namespace) -> int:
         return degrade(hr, s, degradation, generator)
 
     if args.hr:
-        train_set = HRFolderDataset(args.hr, scale, args.patch, degrade_fn, seed=args.seed)
+        train_set = HRFolderDataset(_hr_folder(args.hr, "train", args.out), scale, args.patch, degrade_fn,
+                                    seed=args.seed)
     else:
         train_set = PairedFolderDataset(args.pairs[0], args.pairs[1], scale=scale, lr_patch=args.patch, seed=args.seed)
     val_set = None
     if args.val_hr:
         val_set = CachedValidationSet(
-            args.val_hr, scale, degrade_fn, degrade_id=repr(degradation), cache_dir=Path(args.out) / "val_cache",
+            _hr_folder(args.val_hr, "held-out", args.out), scale, degrade_fn, degrade_id=repr(degradation),
+            cache_dir=Path(args.out) / "val_cache",
             seed=args.seed,
         )
     elif args.val_pairs:

@@ -313,3 +313,17 @@ def test_adapt_on_a_mixture_of_degradations(setup, capsys):
     assert "--degradation camera differs (" in capsys.readouterr().err
     assert main([*mixed, "--resume", "--steps", "6"]) == 0
     assert len(json.loads((run_dir / "metrics.json").read_text())["loss"]) == 6
+
+
+def test_adapt_on_the_bundled_photos(setup, capsys):
+    """--hr bundled / --val-hr bundled: a camera's adapter from its degradation alone, on the bundled photos."""
+    from adaptsr.data.bundled import HELD_OUT, TRAIN
+
+    tmp_path, _, checkpoint = setup
+    run_dir = tmp_path / "run"
+    argv = [a if a != str(tmp_path / "hr") else "bundled" for a in _args(checkpoint, tmp_path / "hr", run_dir)]
+    assert main([*argv, "--steps", "2", "--val-hr", "bundled"]) == 0
+    assert sorted(p.stem for p in (run_dir / "bundled-train").iterdir()) == sorted(TRAIN)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(metrics["loss"]) == 2 and metrics["val"][0]["psnr"] > 0
+    assert sorted(p.stem for p in (run_dir / "bundled-held-out").iterdir()) == sorted(HELD_OUT)
