@@ -853,7 +853,6 @@ def _adapt(args: argparse.Namespace) -> int:
     import adaptsr
     from adaptsr.data import degrade
     from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFolderDataset
-    from adaptsr.data.images import list_images
     from adaptsr.discriminator import load_discriminator
     from adaptsr.presets import preset_for_architecture
     from adaptsr.train import TrainConfig, adapt
@@ -866,12 +865,12 @@ def _adapt(args: argparse.Namespace) -> int:
         return degrade(hr, s, degradation, generator)
 
     if args.hr:
-        hr_folder = _hr_folder(args.hr, "train", args.out)
-        # an epoch of at least one batch: a few photos give several crops each (item i crops photo i mod n)
-        crops = max(len(list_images(hr_folder)), args.batch_size)
-        train_set = HRFolderDataset(hr_folder, scale, args.patch, degrade_fn, seed=args.seed, samples_per_epoch=crops)
+        train_set = HRFolderDataset(_hr_folder(args.hr, "train", args.out), scale, args.patch, degrade_fn,
+                                    seed=args.seed)
     else:
         train_set = PairedFolderDataset(args.pairs[0], args.pairs[1], scale=scale, lr_patch=args.patch, seed=args.seed)
+    # an epoch of at least one batch: a few photos (or pairs) give several crops each (item i crops photo i mod n)
+    train_set.samples_per_epoch = max(train_set.samples_per_epoch, args.batch_size)
     val_set = None
     if args.val_hr:
         val_set = CachedValidationSet(

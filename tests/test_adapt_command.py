@@ -328,3 +328,16 @@ def test_adapt_on_the_bundled_photos(setup, capsys):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert len(metrics["loss"]) == 2 and metrics["val"][0]["psnr"] > 0
     assert sorted(p.stem for p in (run_dir / "bundled-held-out").iterdir()) == sorted(HELD_OUT)
+
+
+def test_adapt_on_fewer_pairs_than_a_batch(setup):
+    """Three real pairs, batch 8: an epoch takes several crops of each pair instead of refusing to start."""
+    tmp_path, hr_dir, checkpoint = setup
+    lr_dir = tmp_path / "lr"
+    lr_dir.mkdir()
+    for path in hr_dir.iterdir():
+        Image.open(path).resize((24, 24), Image.BICUBIC).save(lr_dir / path.name)
+    argv = ["adapt", "--model", str(checkpoint), "--pairs", str(lr_dir), str(hr_dir), "--out", str(tmp_path / "run"),
+            "--steps", "2", "--batch-size", "8", "--patch", "8", "--device", "cpu"]
+    assert main(argv) == 0
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["loss"]) == 2

@@ -232,6 +232,8 @@ class PairedFolderDataset(Dataset):
     ``lr_size * scale`` (top-left). With ``lr_patch``, aligned random crops (LR ``lr_patch``, HR
     ``lr_patch * scale``) plus, with ``augment``, random flips / 90-degree rotations; without it,
     whole images (batch them with batch_size=1). Randomness seeded from ``(seed, epoch, index)``.
+    ``samples_per_epoch`` (with ``lr_patch``): the length of an epoch (default: one crop per pair); item ``i``
+    crops pair ``i % n_pairs``, so a few pairs give many different crops per epoch, as in HRFolderDataset.
     ``cache_bytes``: decoded images are kept in memory up to this many bytes, as in HRFolderDataset.
     """
 
@@ -245,12 +247,15 @@ class PairedFolderDataset(Dataset):
         lr_patch: int | None = None,
         seed: int = 0,
         augment: bool = True,
+        samples_per_epoch: int | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self.scale = _check_scale(scale)
         self._read = _DecodedImages(cache_bytes)
         if lr_patch is not None and (int(lr_patch) != lr_patch or lr_patch < 1):
             raise ValueError(f"lr_patch must be a positive integer or None, got {lr_patch!r}")
+        if samples_per_epoch is not None and (samples_per_epoch < 1 or lr_patch is None):
+            raise ValueError(f"samples_per_epoch must be positive and needs lr_patch (crops), got {samples_per_epoch}")
         self.lr_patch = None if lr_patch is None else int(lr_patch)
         self.seed = int(seed)
         self.augment = bool(augment)
@@ -273,6 +278,7 @@ class PairedFolderDataset(Dataset):
         self.names = sorted(hr)
         self.pairs = [(lr[name], hr[name]) for name in self.names]
         self.lr_sizes = [self._check_sizes(lr_path, hr_path) for lr_path, hr_path in self.pairs]
+        self.samples_per_epoch = len(self.pairs) if samples_per_epoch is None else int(samples_per_epoch)
 
     def _scan_root(self, root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
         hr: dict[str, Path] = {}
@@ -337,12 +343,12 @@ class PairedFolderDataset(Dataset):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return self.samples_per_epoch
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for a dataset of {len(self)} pairs")
-        lr_path, hr_path = self.pairs[index]
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        lr_path, hr_path = self.pairs[index % len(self.pairs)]
         lr, hr = self._read(lr_path), self._read(hr_path)
         lh, lw = lr.shape[-2:]
         s = self.scale
@@ -362,7 +368,7 @@ class PairedFolderDataset(Dataset):
         return lr.clone(memory_format=torch.contiguous_format), hr.clone(memory_format=torch.contiguous_format)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({len(self)} pairs, scale={self.scale}, lr_patch={self.lr_patch}, "
+        return (f"{type(self).__name__}({len(self.pairs)} pairs, scale={self.scale}, lr_patch={self.lr_patch}, "
                 f"seed={self.seed}, epoch={self.epoch})")
 
 

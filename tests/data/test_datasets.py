@@ -413,6 +413,42 @@ def test_paired_parallel_folders(tmp_path, photos):
         assert all(torch.equal(a, b) for a, b in zip(cached[0], first))
 
 
+def test_paired_epochs_of_more_crops_than_pairs(tmp_path, photos):
+    """samples_per_epoch: item i crops pair i mod n, so two pairs fill an epoch of five crops, all different."""
+    (tmp_path / "lr").mkdir()
+    (tmp_path / "hr").mkdir()
+    for i, photo in enumerate(photos[:2]):
+        lr, hr = _pair(photo, 2, (16, 16))
+        _save(hr, tmp_path / "hr" / f"{i}.png")
+        _save(lr, tmp_path / "lr" / f"{i}.png")
+    plain = PairedFolderDataset(tmp_path / "lr", tmp_path / "hr", scale=2, lr_patch=8, seed=1)
+    longer = PairedFolderDataset(tmp_path / "lr", tmp_path / "hr", scale=2, lr_patch=8, seed=1, samples_per_epoch=5)
+    assert len(plain) == 2 and len(longer) == 5 and "2 pairs" in repr(longer)
+    pair_of = {i: np.asarray(Image.open(tmp_path / "lr" / f"{i}.png")) for i in range(2)}
+    crops = [longer[i] for i in range(5)]
+    for i, (lr, hr) in enumerate(crops):
+        _check_aligned(lr, hr, 2)
+        window = (lr.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        assert _occurs_in(window, pair_of[i % 2]) and not _occurs_in(window, pair_of[1 - i % 2]), i
+    assert len({lr.numpy().tobytes() for lr, _ in crops}) == 5
+    with pytest.raises(IndexError):
+        longer[5]
+    with pytest.raises(ValueError, match="samples_per_epoch must be positive and needs lr_patch"):
+        PairedFolderDataset(tmp_path / "lr", tmp_path / "hr", scale=2, samples_per_epoch=5)
+
+
+def _occurs_in(window: np.ndarray, image: np.ndarray) -> bool:
+    """Whether ``window`` (any flip or 90-degree turn of it) is a sub-array of ``image``."""
+    h, w = window.shape[:2]
+    variants = [np.rot90(flipped, k) for flipped in (window, window[:, ::-1]) for k in range(4)]
+    for top in range(image.shape[0] - h + 1):
+        for left in range(image.shape[1] - w + 1):
+            patch = image[top:top + h, left:left + w]
+            if any(v.shape == patch.shape and np.array_equal(v, patch) for v in variants):
+                return True
+    return False
+
+
 def test_paired_realsr_naming(tmp_path, photos):
     root = tmp_path / "Canon" / "Test" / "4"
     root.mkdir(parents=True)
