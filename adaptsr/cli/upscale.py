@@ -1,0 +1,72 @@
+"""`adaptsr upscale`: upscale an image or a folder of images to PNGs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from adaptsr.cli._common import (
+    CommandError,
+    _add_device_flag,
+    _add_model_flags,
+    _add_precision_flag,
+    _add_tile_flags,
+    _input_images,
+    _load,
+)
+
+
+def _upscale_alpha(alpha, size):
+    """A transparency channel at the output size: bicubic, not the SR model, which was trained on colour
+    (and a second model pass would double the time for a channel that is mostly flat)."""
+    import torch.nn.functional as F
+
+    return F.interpolate(alpha, size=tuple(size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def _upscale(args: argparse.Namespace) -> int:
+    import torch
+
+    from adaptsr.data.images import image_size, read_image, write_png
+    from adaptsr.infer import upscale
+
+    files = _input_images(args.input)
+    for path in files:  # catch an unreadable file (from its header) before spending time on the others
+        image_size(path)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file, not a folder")
+    stems = [p.stem for p in files]
+    if len(set(stems)) != len(stems):
+        dupes = sorted({s for s in stems if stems.count(s) > 1})
+        raise CommandError(f"several inputs would write {dupes[0]}.png; rename them")
+    model = _load(args, precision=args.precision)
+    for path in files:
+        image = read_image(path, alpha=True).unsqueeze(0)
+        result = upscale(model, image[:, :3], tile=args.tile or None, overlap=args.overlap)
+        if image.shape[1] == 4:
+            result = torch.cat([result, _upscale_alpha(image[:, 3:], result.shape[-2:])], dim=1)
+        target = out / f"{path.stem}.png"
+        write_png(result[0], target)
+        print(f"{path} -> {target} ({result.shape[-1]}x{result.shape[-2]})")
+    return 0
+
+
+def add_upscale_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "upscale",
+        help="upscale an image or a folder of images to PNGs",
+        description=(
+            "Upscale INPUT (an image file, or every image in a folder) with the model (base, base + adapter, "
+            "or merged) and write <name>.png to --out. --tile bounds memory on large images: tiles overlap and "
+            "are blended, so no seams show. Transparent images stay transparent: the model upscales the colour, "
+            "bicubic interpolation the alpha channel."
+        ),
+    )
+    p.add_argument("input", metavar="INPUT", help="an image file (png, jpg, bmp, tif, webp) or a folder of them")
+    _add_model_flags(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the upscaled PNGs (created if missing)")
+    _add_tile_flags(p)
+    _add_device_flag(p)
+    _add_precision_flag(p)
+    p.set_defaults(func=_upscale)
