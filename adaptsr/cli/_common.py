@@ -12,6 +12,7 @@ PROG = "adaptsr"
 class CommandError(Exception):
     """A user error: ``main`` prints the message on one line and exits with code 1."""
 
+
 def _add_model_flags(parser: argparse.ArgumentParser, *, adapter_required: bool = False) -> None:
     parser.add_argument(
         "--model",
