@@ -373,8 +373,8 @@ def adapt(
         with ema.averaged() if ema is not None else contextlib.nullcontext():
             scores, final_outputs = _validate(model, val_set, device, config.val_tile, rank, world)
             # with validations along the way, the weights that scored best so far (the average, with EMA)
-            if config.val_every and rank == 0 and scores["psnr"] > max((v["psnr"] for v in history["val"]),
-                                                                       default=-math.inf):
+            best = _best_validation(history)
+            if config.val_every and rank == 0 and (best is None or scores["psnr"] > best["psnr"]):
                 _save_best(model, module, run_dir)
         history["val"].append({"step": step, **scores})
 
