@@ -330,6 +330,26 @@ def test_adapt_on_the_bundled_photos(setup, capsys):
     assert sorted(p.stem for p in (run_dir / "bundled-held-out").iterdir()) == sorted(HELD_OUT)
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--targets", "no_such_layer"), "matched no Conv2d or Linear layer"),
+        (("--rank", "99"), "larger than this layer allows"),
+        (("--allocate-ranks", "--targets", "no_such_layer"), "matched no Conv2d or Linear layer"),
+        (("--checkpointing",), "--checkpointing: spandrel checkpoints the blocks of"),
+    ],
+)
+def test_a_refused_adapt_writes_nothing(setup, capsys, extra, message):
+    """Every check on the adapters comes before the data: --hr bundled writes its photos into the run folder and
+    --val-hr its degraded cache, so a refused command would otherwise leave a run folder behind."""
+    tmp_path, _, checkpoint = setup
+    run_dir = tmp_path / "run"
+    argv = [a if a != str(tmp_path / "hr") else "bundled" for a in _args(checkpoint, tmp_path / "hr", run_dir)]
+    assert main([*argv, "--val-hr", "bundled", *extra]) == 1
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
 def test_adapt_on_fewer_pairs_than_a_batch(setup):
     """Three real pairs, batch 8: an epoch takes several crops of each pair instead of refusing to start."""
     tmp_path, hr_dir, checkpoint = setup

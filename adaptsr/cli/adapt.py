@@ -94,6 +94,22 @@ def add_adapt_command(subparsers) -> None:
     p.set_defaults(func=_adapt)
 
 
+def _check_allocation_args(args: argparse.Namespace) -> None:
+    if args.rank_pattern:
+        raise CommandError("--allocate-ranks sets every layer's rank: leave out --rank-pattern")
+    if args.allocation_batches < 1:
+        raise CommandError(f"--allocation-batches must be at least 1, got {args.allocation_batches}")
+
+
+def _inject(descriptor, options: dict, seed: int) -> None:
+    import torch
+
+    import adaptsr
+
+    torch.manual_seed(seed)  # the adapters' initial A: the same --seed, the same run
+    print(adaptsr.inject_lora(descriptor, **options), flush=True)
+
+
 def _allocated_rank_pattern(args, descriptor, train_set, config, options) -> dict[str, int]:
     """The rank_pattern of --allocate-ranks: measured on the first training batches, or read back from the run
     folder on --resume (the checkpoint holds adapters of those ranks). Under torchrun rank 0 measures and the
@@ -106,10 +122,6 @@ def _allocated_rank_pattern(args, descriptor, train_set, config, options) -> dic
     from adaptsr.rank_allocation import allocate_ranks, rank_pattern, training_batches
     from adaptsr.train import _init_distributed
 
-    if args.rank_pattern:
-        raise CommandError("--allocate-ranks sets every layer's rank: leave out --rank-pattern")
-    if args.allocation_batches < 1:
-        raise CommandError(f"--allocation-batches must be at least 1, got {args.allocation_batches}")
     path = Path(args.out) / "rank_allocation.json"
     if args.resume and path.is_file():
         print(f"rank allocation read from {path}", flush=True)
@@ -178,18 +190,55 @@ def _record_degradation(args: argparse.Namespace, degradation) -> None:
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    import torch
 
     import adaptsr
     from adaptsr.data import degrade
     from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFolderDataset
     from adaptsr.discriminator import load_discriminator
+    from adaptsr.inject import target_layers
     from adaptsr.presets import preset_for_architecture
     from adaptsr.train import TrainConfig, adapt
 
     descriptor = adaptsr.load_model(args.model)
     scale = descriptor.scale
     degradation = _run_degradation(args) if args.hr or args.val_hr else None
+
+    perceptual_weight = args.perceptual_weight if args.perceptual_weight is not None else (1.0 if args.gan else 0.0)
+    gan_weight = args.gan_weight if args.gan_weight is not None else (0.1 if args.gan else 0.0)
+    discriminator = None
+    if args.discriminator:
+        if gan_weight == 0:
+            raise CommandError("--discriminator: the run has no GAN loss; add --gan (or --gan-weight W)")
+        discriminator = load_discriminator(args.discriminator, descriptor.output_channels)
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        checkpoint_every=args.checkpoint_every, val_every=args.val_every, seed=args.seed, amp=args.amp,
+        val_tile=args.val_tile, pixel_weight=args.pixel_weight, perceptual_weight=perceptual_weight,
+        gan_weight=gan_weight, discriminator_lr=args.discriminator_lr, ema_decay=args.ema_decay,
+    )
+    if args.checkpointing and descriptor.architecture.id not in _CHECKPOINTING_ARCHITECTURES:
+        # spandrel's HAT (and others) carry a use_checkpoint flag that their forward ignores: only the
+        # architectures listed here checkpoint when it is set, and the flag must not promise memory it does not save.
+        supported = ", ".join(_CHECKPOINTING_ARCHITECTURES)
+        raise CommandError(f"--checkpointing: spandrel checkpoints the blocks of {supported} only, "
+                           f"not {descriptor.architecture.name}")
+
+    # Every check on the adapters before the data folders are touched: a refused command writes nothing
+    # (--hr bundled writes the photos into the run folder, --val-hr its degraded cache).
+    options = None
+    if args.full_finetune:
+        if args.allocate_ranks:
+            raise CommandError("--allocate-ranks sets the adapters' ranks; --full-finetune trains no adapters")
+        descriptor.model.requires_grad_(True)
+    else:
+        options = _lora_options(args)
+        if options["preset"] is None and options["targets"] is None:
+            options["preset"] = preset_for_architecture(descriptor.architecture.id)
+        if args.allocate_ranks:
+            _check_allocation_args(args)
+            target_layers(descriptor, preset=options["preset"], targets=options["targets"])
+        else:
+            _inject(descriptor, options, args.seed)
 
     def degrade_fn(hr, s, generator):
         return degrade(hr, s, degradation, generator)
@@ -211,40 +260,10 @@ def _adapt(args: argparse.Namespace) -> int:
     elif args.val_pairs:
         val_set = PairedFolderDataset(args.val_pairs[0], args.val_pairs[1], scale=scale)
 
-    perceptual_weight = args.perceptual_weight if args.perceptual_weight is not None else (1.0 if args.gan else 0.0)
-    gan_weight = args.gan_weight if args.gan_weight is not None else (0.1 if args.gan else 0.0)
-    discriminator = None
-    if args.discriminator:
-        if gan_weight == 0:
-            raise CommandError("--discriminator: the run has no GAN loss; add --gan (or --gan-weight W)")
-        discriminator = load_discriminator(args.discriminator, descriptor.output_channels)
-    config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        checkpoint_every=args.checkpoint_every, val_every=args.val_every, seed=args.seed, amp=args.amp,
-        val_tile=args.val_tile, pixel_weight=args.pixel_weight, perceptual_weight=perceptual_weight,
-        gan_weight=gan_weight, discriminator_lr=args.discriminator_lr, ema_decay=args.ema_decay,
-    )
-    if args.full_finetune:
-        if args.allocate_ranks:
-            raise CommandError("--allocate-ranks sets the adapters' ranks; --full-finetune trains no adapters")
-        descriptor.model.requires_grad_(True)
-    else:
-        options = _lora_options(args)
-        if options["preset"] is None and options["targets"] is None:
-            options["preset"] = preset_for_architecture(descriptor.architecture.id)
-        if args.allocate_ranks:
-            options["rank_pattern"] = _allocated_rank_pattern(args, descriptor, train_set, config, options)
-        torch.manual_seed(args.seed)  # the adapters' initial A: the same --seed, the same run
-        summary = adaptsr.inject_lora(descriptor, **options)
-        print(summary, flush=True)
-
+    if options is not None and args.allocate_ranks:
+        options["rank_pattern"] = _allocated_rank_pattern(args, descriptor, train_set, config, options)
+        _inject(descriptor, options, args.seed)
     if args.checkpointing:
-        # spandrel's HAT (and others) carry a use_checkpoint flag that their forward ignores: only the
-        # architectures listed here checkpoint when it is set, and the flag must not promise memory it does not save.
-        if descriptor.architecture.id not in _CHECKPOINTING_ARCHITECTURES:
-            supported = ", ".join(_CHECKPOINTING_ARCHITECTURES)
-            raise ValueError(f"--checkpointing: spandrel checkpoints the blocks of {supported} only, "
-                             f"not {descriptor.architecture.name}")
         for block in descriptor.model.modules():
             if hasattr(block, "use_checkpoint"):
                 block.use_checkpoint = True
