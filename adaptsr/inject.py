@@ -245,6 +245,7 @@ def inject_lora(
     use_rslora: bool = False,
     lora_dropout: float = 0.0,
     init_lora_weights: bool | str = True,
+    use_dora: bool = False,
     window_attention: bool | None = None,
 ) -> LoRASummary:
     """Wrap the targeted nn.Conv2d / nn.Linear layers of ``model`` with LoRA, in place.
@@ -252,7 +253,9 @@ def inject_lora(
     Targets come from a ``preset`` (see ``adaptsr.presets``), from ``targets`` (a regex matched
     in full against module names, or a list of names / name suffixes), or both. ``alpha``
     defaults to the rank (scaling 1). ``rank_pattern`` / ``alpha_pattern`` override them per
-    layer (PEFT's semantics). Everything but the adapters is frozen, batch-norm statistics included:
+    layer (PEFT's semantics). ``use_dora`` makes them DoRA adapters (PEFT's ``use_dora``: a trained
+    magnitude per output channel on top of the low-rank direction; ``adaptsr.nn._lora_layer`` has the
+    math). Everything but the adapters is frozen, batch-norm statistics included:
     those layers normalise with their running statistics in training mode too (a forward pre-hook;
     ``merge_lora`` removes it), so the base model plus the adapter file is the model that was trained.
 
@@ -287,6 +290,7 @@ def inject_lora(
                     use_rslora=use_rslora,
                     lora_dropout=lora_dropout,
                     init_lora_weights=init_lora_weights,
+                    use_dora=use_dora,
                 )
             except (ValueError, TypeError) as err:
                 raise ValueError(f"cannot add LoRA to layer {name!r}: {err}") from err

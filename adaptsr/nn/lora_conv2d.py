@@ -36,10 +36,10 @@ class LoRAConv2d(LoRALayer):
     def _delta(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
         return conv_delta_weight(lora_A, lora_B)
 
-    def _two_path(self, x: torch.Tensor, lora_input: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        return lora_conv2d_ref(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, self.geometry, lora_input)
+    def _two_path(self, x: torch.Tensor, lora_input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return lora_conv2d_ref(x, weight, bias, self.lora_A, self.lora_B, self.scaling, self.geometry, lora_input)
 
-    def _functional(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        return lora_conv2d(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, geometry=self.geometry)
+    def _functional(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return lora_conv2d(x, weight, bias, self.lora_A, self.lora_B, self.scaling, geometry=self.geometry)

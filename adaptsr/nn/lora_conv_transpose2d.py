@@ -51,12 +51,25 @@ class LoRAConvTranspose2d(LoRALayer):
         return {"stride": base.stride, "padding": base.padding, "output_padding": output_padding,
                 "groups": base.groups, "dilation": base.dilation}
 
-    def _two_path(self, x: torch.Tensor, lora_input: torch.Tensor, output_size=None) -> torch.Tensor:
-        base = self.base_layer
-        return lora_conv_transpose2d_ref(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling,
+    def _grouped(self, weight: torch.Tensor) -> torch.Tensor:
+        """``[in, out/groups, kh, kw]`` as ``[groups, in/groups, out/groups, kh, kw]``: output channel
+        o = gi * out/groups + j is fed by ``[gi, :, j]``."""
+        groups = self.base_layer.groups
+        return weight.view(groups, weight.shape[0] // groups, *weight.shape[1:])
+
+    # instance methods, as _delta: which weights feed an output channel follows the base's groups
+    def _column_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        return self._grouped(weight).norm(dim=(1, 3, 4)).reshape(-1)
+
+    def _scale_columns(self, weight: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        grouped = self._grouped(weight)
+        return (grouped * factors.view(grouped.shape[0], 1, -1, 1, 1)).view(weight.shape)
+
+    def _two_path(self, x: torch.Tensor, lora_input: torch.Tensor, bias: torch.Tensor | None,
+                  output_size=None) -> torch.Tensor:
+        return lora_conv_transpose2d_ref(x, self.base_layer.weight, bias, self.lora_A, self.lora_B, self.scaling,
                                          **self._options(x, output_size), lora_input=lora_input)
 
-    def _functional(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
-        base = self.base_layer
-        return lora_conv_transpose2d(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling,
+    def _functional(self, x: torch.Tensor, bias: torch.Tensor | None, output_size=None) -> torch.Tensor:
+        return lora_conv_transpose2d(x, self.base_layer.weight, bias, self.lora_A, self.lora_B, self.scaling,
                                      **self._options(x, output_size))

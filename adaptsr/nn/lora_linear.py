@@ -29,10 +29,16 @@ class LoRALinear(LoRALayer):
     def _delta(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
         return linear_delta_weight(lora_A, lora_B)
 
-    def _two_path(self, x: torch.Tensor, lora_input: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        return lora_linear_ref(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, lora_input)
+    @staticmethod
+    def _magnitude_shape(out_channels: int) -> tuple[int, ...]:
+        return (out_channels,)
 
-    def _functional(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling)
+    @staticmethod
+    def _per_output_channel(values: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        return values  # features are the last dimension
+
+    def _two_path(self, x: torch.Tensor, lora_input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return lora_linear_ref(x, self.base_layer.weight, bias, self.lora_A, self.lora_B, self.scaling, lora_input)
+
+    def _functional(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return lora_linear(x, self.base_layer.weight, bias, self.lora_A, self.lora_B, self.scaling)
