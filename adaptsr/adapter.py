@@ -4,7 +4,8 @@ A directory holds two files, as PEFT writes them:
 
 - ``adapter_model.safetensors``: ``base_model.model.<layer>.lora_A.weight`` and ``.lora_B.weight``
   for every adapted layer (conv ``A: [r, in/groups, kh, kw]``, ``B: [out, r, 1, 1]``; linear
-  ``A: [r, in]``, ``B: [out, r]``);
+  ``A: [r, in]``, ``B: [out, r]``), and for DoRA adapters ``.lora_magnitude_vector`` (conv
+  ``[1, out, 1, 1]``, linear ``[out]``);
 - ``adapter_config.json``: exactly the fields PEFT 0.21's ``LoraConfig`` writes, no others (PEFT
   warns about unknown keys). The most common rank and alpha are ``r`` and ``lora_alpha``; layers
   that differ are in ``rank_pattern`` / ``alpha_pattern`` under keys that match that one layer only
@@ -95,6 +96,8 @@ _PEFT_LORA_DEFAULTS: dict = {
 }
 # <prefix><layer>.lora_A[.<adapter name>].weight; PEFT drops the adapter name when it saves.
 _TENSOR_KEY = re.compile(r"(?P<layer>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight")
+# DoRA's <prefix><layer>.lora_magnitude_vector, as PEFT saves it ([.<adapter name>].weight in its state dicts).
+_MAGNITUDE_KEY = re.compile(r"(?P<layer>.+)\.lora_magnitude_vector(?:(?:\.(?P<adapter>[^.]+))?\.weight)?")
 
 
 # -- shared helpers --
@@ -227,6 +230,9 @@ def save_adapter(model, directory: str | os.PathLike) -> Path:
     rslora = {layer.use_rslora for _, layer in layers}
     if len(rslora) > 1:
         raise ValueError("the model mixes rsLoRA and plain LoRA layers; one adapter file holds one kind")
+    dora = {layer.use_dora for _, layer in layers}
+    if len(dora) > 1:
+        raise ValueError("the model mixes DoRA and plain LoRA layers; one adapter file holds one kind")
 
     tensors: dict[str, torch.Tensor] = {}
     layer_info: dict[str, dict] = {}
@@ -234,6 +240,9 @@ def save_adapter(model, directory: str | os.PathLike) -> Path:
         for part in ("A", "B"):
             param = getattr(layer, f"lora_{part}")
             tensors[f"{_KEY_PREFIX}{name}.lora_{part}.weight"] = param.detach().to("cpu").contiguous().clone()
+        if layer.use_dora:
+            magnitude = layer.lora_magnitude_vector.detach().to("cpu").contiguous().clone()
+            tensors[f"{_KEY_PREFIX}{name}.lora_magnitude_vector"] = magnitude
         layer_info[name] = {**_geometry(layer.base_layer), "rank": layer.rank, "alpha": _number(layer.alpha)}
 
     rank = _most_common(layer.rank for _, layer in layers)
@@ -246,6 +255,7 @@ def save_adapter(model, directory: str | os.PathLike) -> Path:
         alpha_pattern={_exact_key(n): _number(layer.alpha) for n, layer in layers if _number(layer.alpha) != alpha},
         target_modules="|".join(re.escape(name) for name, _ in layers),
         use_rslora=rslora.pop(),
+        use_dora=dora.pop(),
         lora_dropout=_most_common(layer.lora_dropout for _, layer in layers),
     )
     architecture, model_class = _architecture(model)
@@ -280,7 +290,7 @@ def _read_config(path: Path) -> dict:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise ValueError(f"adapter config {path}: peft_type is {peft_type!r}; only LoRA adapters can be loaded")
-    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias terms"), ("use_qalora", "QALoRA")):
+    for flag, what in (("lora_bias", "LoRA bias terms"), ("use_qalora", "QALoRA")):
         if config.get(flag):
             raise ValueError(f"adapter config {path}: {what} ({flag}=true) is not supported, only plain LoRA")
     if config.get("modules_to_save"):
@@ -328,15 +338,15 @@ def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor], dict 
 
 
 def _adapter_pairs(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """layer name -> {"A": tensor, "B": tensor}, from PEFT's key variants."""
+    """layer name -> {"A": tensor, "B": tensor} (and "M": DoRA's magnitude), from PEFT's key variants."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     adapters: set[str] = set()
     for key, tensor in tensors.items():
         match = _TENSOR_KEY.fullmatch(key.removeprefix(_KEY_PREFIX))
         if match is None:
-            if ".lora_magnitude_vector" in key:
-                reason = "DoRA magnitude vectors are not supported"
-            elif ".lora_embedding_" in key:
+            match = _MAGNITUDE_KEY.fullmatch(key.removeprefix(_KEY_PREFIX))
+        if match is None:
+            if ".lora_embedding_" in key:
                 reason = "LoRA on embedding layers is not supported"
             elif key.endswith(".bias") and ".lora_" in key:
                 reason = "LoRA bias terms are not supported"
@@ -346,18 +356,45 @@ def _adapter_pairs(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, di
         if match["adapter"] is not None:
             adapters.add(match["adapter"])
         layer = pairs.setdefault(match["layer"], {})
-        if match["part"] in layer:
-            raise ValueError(f"adapter weights {path}: layer {match['layer']!r} has more than one lora_{match['part']}")
-        layer[match["part"]] = tensor
+        part = match.groupdict().get("part") or "M"
+        if part in layer:
+            raise ValueError(f"adapter weights {path}: layer {match['layer']!r} has more than one {_PART_NAMES[part]}")
+        layer[part] = tensor
     if len(adapters) > 1:
         raise ValueError(f"adapter weights {path} hold several adapters ({sorted(adapters)}); keep one per directory")
     if not pairs:
         raise ValueError(f"adapter weights {path} holds no LoRA tensors")
     for name, parts in pairs.items():
-        for part, other in (("A", "B"), ("B", "A")):
+        for part in ("A", "B"):
             if part not in parts:
-                raise ValueError(f"adapter weights {path}: layer {name!r} has lora_{other} but no lora_{part}")
+                others = " and ".join(_PART_NAMES[p] for p in parts)
+                raise ValueError(f"adapter weights {path}: layer {name!r} has {others} but no lora_{part}")
     return pairs
+
+
+_PART_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _check_magnitudes(path: Path, config_path: Path, use_dora: bool, module: nn.Module, pairs: dict) -> None:
+    """A DoRA adapter (use_dora in its config) has one magnitude per output channel of every layer; a LoRA one none."""
+    for name, parts in pairs.items():
+        if not use_dora:
+            if "M" in parts:
+                raise ValueError(f"adapter weights {path}: layer {name!r} has a DoRA lora_magnitude_vector, but "
+                                 f"{config_path} does not set use_dora")
+            continue
+        if "M" not in parts:
+            raise ValueError(f"adapter weights {path}: layer {name!r} has no lora_magnitude_vector, which a DoRA "
+                             f"adapter ({config_path} sets use_dora) needs for every layer")
+        out_channels = _out_channels(module.get_submodule(name))
+        if parts["M"].numel() != out_channels:
+            raise ValueError(f"adapter weights {path}: layer {name!r} has a lora_magnitude_vector of shape "
+                             f"{list(parts['M'].shape)}, but its {out_channels} output channels need {out_channels} "
+                             "magnitudes")
 
 
 def _check_layer(path: Path, info: dict | None, module: nn.Module, name: str, parts: dict[str, torch.Tensor]) -> int:
@@ -410,6 +447,11 @@ class _AdapterFile:
     alphas: dict[str, float]
     use_rslora: bool
     lora_dropout: float
+    use_dora: bool = False
+
+    def magnitudes(self) -> dict[str, torch.Tensor] | None:
+        """DoRA's magnitude per layer, or None for a LoRA adapter."""
+        return {name: parts["M"] for name, parts in self.pairs.items()} if self.use_dora else None
 
     def scaling(self, name: str) -> float:
         """The layer's alpha / r (alpha / sqrt(r) with rsLoRA)."""
@@ -449,6 +491,8 @@ def _read_adapter(model, directory: str | os.PathLike, *, strict_base: bool) -> 
             )
 
     ranks = {name: _check_layer(path, info, module, name, parts) for name, parts in pairs.items()}
+    use_dora = bool(config.get("use_dora", False))
+    _check_magnitudes(path, config_path, use_dora, module, pairs)
 
     if strict_base and info is not None and info.get("base_hash"):
         actual = _base_hash(module)
@@ -471,6 +515,7 @@ def _read_adapter(model, directory: str | os.PathLike, *, strict_base: bool) -> 
         alphas={name: float(alpha) for name, alpha in alphas.items()},
         use_rslora=bool(config.get("use_rslora", False)),
         lora_dropout=float(config.get("lora_dropout") or 0.0),
+        use_dora=use_dora,
     )
 
 
@@ -482,8 +527,10 @@ def _inject_factors(
     *,
     use_rslora: bool,
     lora_dropout: float,
+    magnitudes: dict[str, torch.Tensor] | None = None,
 ) -> LoRASummary:
-    """Wrap the layers named in ``factors`` ({name: (lora_A, lora_B)}) with adapters holding those factors."""
+    """Wrap the layers named in ``factors`` ({name: (lora_A, lora_B)}) with adapters holding those factors
+    (DoRA adapters with ``magnitudes``, {name: lora_magnitude_vector})."""
     ranks = {name: _WRAPPERS[type(module.get_submodule(name))]._rank_of(A) for name, (A, _) in factors.items()}
     try:
         summary = inject_lora(
@@ -493,6 +540,7 @@ def _inject_factors(
             alpha_pattern={_exact_key(name): alphas[name] for name in factors},
             use_rslora=use_rslora,
             lora_dropout=lora_dropout,
+            use_dora=magnitudes is not None,
         )
     except ValueError as err:
         raise ValueError(f"adapter {source}: {err}") from err
@@ -500,6 +548,8 @@ def _inject_factors(
         for name, layer in lora_layers(module):
             layer.lora_A.copy_(factors[name][0])
             layer.lora_B.copy_(factors[name][1])
+            if magnitudes is not None:
+                layer.lora_magnitude_vector.copy_(magnitudes[name].reshape(layer.lora_magnitude_vector.shape))
     return summary
 
 
@@ -508,7 +558,7 @@ def load_adapter(model, directory: str | os.PathLike, *, strict_base: bool = Tru
 
     ``model`` is a plain base model (nn.Module or spandrel descriptor) without adapters. Ranks
     come from the tensor shapes, alphas from ``lora_alpha`` / ``alpha_pattern``, rsLoRA from the
-    config; adapters PEFT saved load too. With ``strict_base`` (default) an adapter saved by
+    config, DoRA from ``use_dora``; adapters PEFT saved load too. With ``strict_base`` (default) an adapter saved by
     adaptsr must have been trained on this very base model (same architecture, same weights);
     ``strict_base=False`` skips that check. The model is changed only if everything fits.
     Returns what ``inject_lora`` returns. ``adaptsr.combine_adapters`` loads a weighted sum of several.
@@ -518,4 +568,4 @@ def load_adapter(model, directory: str | os.PathLike, *, strict_base: bool = Tru
     adapter = _read_adapter(model, directory, strict_base=strict_base)
     factors = {name: (parts["A"], parts["B"]) for name, parts in adapter.pairs.items()}
     return _inject_factors(module, adapter.directory, factors, adapter.alphas, use_rslora=adapter.use_rslora,
-                           lora_dropout=adapter.lora_dropout)
+                           lora_dropout=adapter.lora_dropout, magnitudes=adapter.magnitudes())

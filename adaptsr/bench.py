@@ -50,7 +50,7 @@ _GAN_TRAIN = TrainConfig(pixel_weight=1.0, perceptual_weight=1.0, gan_weight=0.1
 class StepTime:
     """One method's row: what it trains and what its step costs."""
 
-    method: str  # "frozen", "full fine-tuning", "LoRA" or "LoRA + GAN"
+    method: str  # "frozen", "full fine-tuning", "LoRA" or "LoRA + GAN" ("DoRA", "DoRA + GAN" with use_dora)
     backend: str | None  # the adaptsr backend of a LoRA row
     trainable_params: int
     total_params: int
@@ -235,10 +235,11 @@ def bench_training_step(
     # inject_lora names the fault when the targets match nothing
     inject_lora(adapted, preset=preset, targets=targets, rank=rank, alpha=alpha, **lora_options)
     # One adapted copy serves every backend: the backend is chosen per call, not stored in the layers.
-    methods += [_Method("LoRA", adapted, name) for name in backends]
+    kind = "DoRA" if lora_options.get("use_dora") else "LoRA"
+    methods += [_Method(kind, adapted, name) for name in backends]
     if gan:  # its own copy: the LoRA rows' optimizer must not step these adapters
         gan_objective = Objective(_GAN_TRAIN, device, _fresh_discriminator(descriptor.output_channels, seed))
-        methods.append(_Method("LoRA + GAN", copy.deepcopy(adapted), backends[0], gan_objective))
+        methods.append(_Method(f"{kind} + GAN", copy.deepcopy(adapted), backends[0], gan_objective))
     for m in methods:
         m.module.to(device).train()
 
@@ -261,7 +262,7 @@ def bench_training_step(
         median_ms = 1e3 * statistics.median(m.times)
         rows.append(StepTime(
             method=m.method, backend=m.backend, trainable_params=sum(p.numel() for p in m.params.values()),
-            total_params=sum(p.numel() for p in m.module.parameters()) if m.method.startswith("LoRA") else total,
+            total_params=sum(p.numel() for p in m.module.parameters()) if m.method.startswith(kind) else total,
             median_ms=median_ms, ratio_to_frozen=median_ms / frozen_ms,
             saved_activation_bytes=m.saved_bytes(lr, hr, use_bf16),
             peak_memory_bytes=m.peak_memory(lr, hr, use_bf16, device),

@@ -23,6 +23,8 @@ where the sum needs more, as PEFT's ``combination_type="svd"``; with a single ad
 
 The result is an ordinary adapter: ``save_adapter`` writes it (a PEFT LoRA file), ``merge_lora`` folds it
 in, ``set_adapter_strength`` scales it as a whole.
+
+DoRA adapters are refused: their update rescales every output channel's weights, which is not low-rank.
 """
 
 from __future__ import annotations
@@ -86,6 +88,14 @@ def combine_adapters(
     module = unwrap_model(model)
     _refuse_existing_adapters(module)
     adapters: list[_AdapterFile] = [_read_adapter(model, d, strict_base=strict_base) for d in directories]
+    for adapter in adapters:
+        if adapter.use_dora:
+            # W_dora - W rescales whole rows of W: full rank, so no low-rank adapter holds a sum with it
+            raise ValueError(
+                f"adapter {adapter.directory} is a DoRA adapter, whose update rescales every output channel's "
+                "weights and is not low-rank, so it cannot be summed into one LoRA adapter; combine LoRA adapters, "
+                "or load the DoRA adapter alone (load_adapter, set_adapter_strength)"
+            )
 
     names = list(dict.fromkeys(name for adapter in adapters for name in adapter.pairs))
     factors = {}

@@ -440,8 +440,8 @@ def test_corrupt_or_foreign_config_names_the_file(tmp_path):
     path.write_text(json.dumps({**json.loads(good), "peft_type": "IA3"}))
     with pytest.raises(ValueError, match=rf"{CONFIG}: peft_type is 'IA3'"):
         load_adapter(copy.deepcopy(base), tmp_path)
-    path.write_text(json.dumps({**json.loads(good), "use_dora": True}))
-    with pytest.raises(ValueError, match="DoRA"):
+    path.write_text(json.dumps({**json.loads(good), "use_dora": True}))  # DoRA, but no magnitudes in the weights
+    with pytest.raises(ValueError, match="no lora_magnitude_vector, which a DoRA adapter"):
         load_adapter(copy.deepcopy(base), tmp_path)
 
 

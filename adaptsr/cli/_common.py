@@ -82,6 +82,9 @@ def _add_lora_flags(parser: argparse.ArgumentParser) -> None:
         help="another alpha for the layers whose name ends in a match of REGEX (PEFT's alpha_pattern); repeatable",
     )
     parser.add_argument("--use-rslora", action="store_true", help="scaling alpha/sqrt(rank) instead of alpha/rank")
+    parser.add_argument("--use-dora", action="store_true",
+                        help="DoRA adapters (PEFT's use_dora): a trained magnitude per output channel on top of the "
+                             "low-rank direction; merges into a dense checkpoint like LoRA")
     parser.add_argument("--lora-dropout", type=float, default=0.0, metavar="P",
                         help="dropout on the adapters' input while training (default: 0; above 0 the adapters run "
                              "as a second path, the reference form)")
@@ -92,7 +95,7 @@ def _lora_options(args: argparse.Namespace) -> dict:
     return {
         "preset": args.preset, "targets": args.targets, "rank": args.rank, "alpha": args.alpha,
         "rank_pattern": dict(args.rank_pattern) or None, "alpha_pattern": dict(args.alpha_pattern) or None,
-        "use_rslora": args.use_rslora, "lora_dropout": args.lora_dropout,
+        "use_rslora": args.use_rslora, "lora_dropout": args.lora_dropout, "use_dora": args.use_dora,
     }
 
 

@@ -59,7 +59,7 @@ class LoRAConvTranspose2d(LoRALayer):
 
     # instance methods, as _delta: which weights feed an output channel follows the base's groups
     def _column_norms(self, weight: torch.Tensor) -> torch.Tensor:
-        return self._grouped(weight).norm(dim=(1, 3, 4)).reshape(-1)
+        return torch.linalg.vector_norm(self._grouped(weight), dim=(1, 3, 4)).reshape(-1)
 
     def _scale_columns(self, weight: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
         grouped = self._grouped(weight)
