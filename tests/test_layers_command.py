@@ -81,6 +81,15 @@ def test_targets_rank_pattern_and_adapted_only(checkpoints, capsys):
     assert {name: row[2] for name, row in rows.items()} == {"model.0": "3", "model.1.sub.1": "2"}
 
 
+def test_dora_adapters_count_their_magnitudes(checkpoints, capsys):
+    code, out, err = _run(capsys, "--model", checkpoints / "esrgan.safetensors", "--rank", 2, "--use-dora", "--adapted")
+    assert code == 0, err
+    plain = _plain_layers(checkpoints / "esrgan.safetensors")
+    for name, (_, _, rank, size) in _table(out).items():
+        weight = plain[name].weight  # A [2, in, 3, 3], B [out, 2, 1, 1], one magnitude per output channel
+        assert size == f"{2 * weight[0].numel() + weight.shape[0] * 2 + weight.shape[0]:,}", name
+
+
 def test_architecture_without_a_preset_lists_its_layers(checkpoints, capsys):
     code, out, err = _run(capsys, "--model", checkpoints / "dncnn.safetensors")
     assert code == 0, err

@@ -42,7 +42,8 @@ def _layers(args: argparse.Namespace) -> int:
     else:
         summary = adaptsr.inject_lora(descriptor, **options)
         for name, layer in adaptsr.lora_layers(descriptor.model):
-            adapted[name] = (layer.rank, layer.lora_A.numel() + layer.lora_B.numel())
+            # the layer's own parameters: A, B and DoRA's magnitudes (the frozen base is a child module)
+            adapted[name] = (layer.rank, sum(p.numel() for p in layer.parameters(recurse=False)))
         chosen = f"preset {options['preset']}" if options["preset"] else ""
         if options["targets"]:
             chosen += (" and " if chosen else "") + f"--targets {options['targets']}"
