@@ -75,7 +75,9 @@ class LoRALayer(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(
                 torch.empty(self._magnitude_shape(out_channels), dtype=weight.dtype, device=weight.device)
             )
-        self._merged_norms: torch.Tensor | None = None  # DoRA: the column norms the merge used, for unmerge
+        # DoRA: the base weight as it was before merge(). W_dora rescales rows, so W cannot always be solved back
+        # from the merged weight (a row scaled to zero at strength 1); SR weights are small enough to keep.
+        self._weight_before_merge: torch.Tensor | None = None
         self.reset_lora_parameters(init_lora_weights)
 
     # Model code that reads a layer's weight instead of calling it (spandrel's Swin2SR applies its qkv
@@ -212,7 +214,8 @@ class LoRALayer(nn.Module):
 
     def _dora_factors(self, norms: torch.Tensor | None = None) -> torch.Tensor:
         """g = m / ||W + s B A|| per output channel, in at least float32; the norms detached (constants of
-        the graph, as DoRA prescribes). A channel whose weights are all zero gets g = 0 rather than 0 / 0."""
+        the graph, as DoRA prescribes). The norms are kept off zero, so a channel whose weights are all zero,
+        and whose magnitude therefore starts (and stays) at zero, gets g = 0 rather than 0 / 0."""
         if norms is None:
             weight = self.base_layer.weight.to(self._compute_dtype())
             norms = self._column_norms(weight + self._low_rank_update().detach())
@@ -234,9 +237,8 @@ class LoRALayer(nn.Module):
         """Fold the adapter into the base weight; the forward is then the base layer alone."""
         if self.merged:
             return
-        if self.use_dora:  # unmerge needs the norms of W + s B A, which the merged weight no longer holds
-            weight = self.base_layer.weight.to(self._compute_dtype())
-            self._merged_norms = self._column_norms(weight + self._low_rank_update())
+        if self.use_dora:
+            self._weight_before_merge = self.base_layer.weight.clone()
         self.base_layer.weight.add_(self.get_delta_weight())
         self.merged = True
 
@@ -246,13 +248,8 @@ class LoRALayer(nn.Module):
         if not self.merged:
             return
         if self.use_dora:
-            # W' = (1 - S + S g) W + S g s B A per output channel, solved for W
-            strength, factors = self.strength, self._dora_factors(self._merged_norms)
-            merged = self.base_layer.weight.to(factors.dtype)
-            weight = self._scale_columns(merged - strength * self._scale_columns(self._low_rank_update(), factors),
-                                         1.0 / (1.0 - strength + strength * factors))
-            self.base_layer.weight.copy_(weight)
-            self._merged_norms = None
+            self.base_layer.weight.copy_(self._weight_before_merge)
+            self._weight_before_merge = None
         else:
             self.base_layer.weight.sub_(self.get_delta_weight())
         self.merged = False
