@@ -50,8 +50,10 @@ def run_demo(
     seed: int = 0,
     quick: bool = False,
     device: str | None = None,
+    use_dora: bool = False,
 ) -> dict:
-    """Run the demo and return its numbers; ``quick`` shrinks everything to a smoke test."""
+    """Run the demo and return its numbers; ``quick`` shrinks everything to a smoke test, ``use_dora`` trains
+    DoRA adapters instead of LoRA ones."""
     import adaptsr
     from adaptsr.data import CachedValidationSet, HRFolderDataset, degrade, load_degradation
     from adaptsr.data.bundled import HELD_OUT, TRAIN, load_photo, write_photos
@@ -78,7 +80,8 @@ def run_demo(
     base = evaluate_pairs(model=descriptor, dataset=val_set, metrics=("psnr", "ssim"), device=device)["mean"]
 
     torch.manual_seed(seed)  # the adapters' initial A
-    summary = adaptsr.inject_lora(descriptor, preset=model if model != "rrdb" else "esrgan", rank=rank)
+    summary = adaptsr.inject_lora(descriptor, preset=model if model != "rrdb" else "esrgan", rank=rank,
+                                  use_dora=use_dora)
     print(summary, flush=True)
     train_set = HRFolderDataset(write_photos(TRAIN, out / "photos"), SCALE, 8 if quick else 32, degrade_fn,
                                 seed=seed, samples_per_epoch=len(TRAIN) * 32)
@@ -95,7 +98,7 @@ def run_demo(
     rows = [
         ("bicubic", bicubic, "-", "-"),
         ("bundled model", base, "-", "-"),
-        (f"LoRA r={rank}, merged", adapted, f"{100 * summary.trainable_share:.1f}%", f"{minutes:.1f} min"),
+        (f"{'DoRA' if use_dora else 'LoRA'} r={rank}, merged", adapted, f"{100 * summary.trainable_share:.1f}%", f"{minutes:.1f} min"),
     ]
     print(f"\n{'':24}{'PSNR-Y':>8}{'SSIM-Y':>8}{'trainable':>11}{'training':>10}")
     for name, scores, share, took in rows:

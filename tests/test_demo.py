@@ -40,3 +40,11 @@ def test_demo_takes_a_degradation_file(tmp_path, capsys):
     assert clean["base"]["psnr"] > noisy["base"]["psnr"] + 1  # 26.3 against 24.5 dB on the quick crops
     assert main(["demo", "--profile", str(tmp_path / "missing.json"), "--quick", "--out", str(tmp_path / "x")]) == 1
     assert "is neither a preset" in capsys.readouterr().err
+
+
+def test_demo_trains_dora_adapters(tmp_path, capsys):
+    import json
+
+    assert main(["demo", "--use-dora", "--quick", "--steps", "1", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert "DoRA r=8, merged" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["use_dora"] is True

@@ -9,7 +9,7 @@ def _demo(args: argparse.Namespace) -> int:
     from adaptsr.demo import run_demo
 
     run_demo(model=args.model, profile=args.profile, steps=args.steps, rank=args.rank, out=args.out, seed=args.seed,
-             quick=args.quick, device=args.device)
+             quick=args.quick, device=args.device, use_dora=args.use_dora)
     return 0
 
 
@@ -29,6 +29,7 @@ def add_demo_command(subparsers) -> None:
                            "adapt --degradation takes")
     demo.add_argument("--steps", type=int, help="training steps (default: 300 on a CPU, 2000 on a GPU)")
     demo.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
+    demo.add_argument("--use-dora", action="store_true", help="train DoRA adapters instead of LoRA ones")
     demo.add_argument("--out", default="adaptsr-demo", help="output folder (default: ./adaptsr-demo)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the degradations and the training (default: 0)")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run on crops (what the tests run)")
