@@ -48,9 +48,16 @@ class MissingWeightsError(RuntimeError):
     """A metric (or the VGG perceptual loss, ``what``) needs a weight file that is not on this machine and could
     not be downloaded."""
 
-    def __init__(self, metric: str, url: str, path: str, reason: str | None = None, *, what: str | None = None):
+    def __init__(self, metric: str, url: str, path: str | None, reason: str | None = None, *, what: str | None = None):
         self.metric, self.url, self.path, self.reason = metric, url, path, reason
         why = f" (download failed: {reason})" if reason else " (downloads are off)"
+        if path is None:  # a library's own download (timm and transformers from the Hugging Face Hub, CLIP)
+            super().__init__(
+                f"{what or f'metric {metric!r}'} needs files from {url} that are not cached on this machine{why}; "
+                "create it once with downloads on and the network reachable, and its library caches them "
+                "(Hugging Face models under HF_HOME, default ~/.cache/huggingface)"
+            )
+            return
         super().__init__(
             f"{what or f'metric {metric!r}'} needs the weight file {os.path.basename(path)}, which is not at "
             f"{path}{why}; "
@@ -60,7 +67,9 @@ class MissingWeightsError(RuntimeError):
 
 
 class _Blocked(Exception):
-    def __init__(self, url: str, path: str, reason: str | None):
+    """Raised in place of a download; not an OSError, so no library mistakes it for a network error to retry."""
+
+    def __init__(self, url: str, path: str | None, reason: str | None):
         super().__init__(url)
         self.url, self.path, self.reason = url, path, reason
 
@@ -76,8 +85,13 @@ def available_metrics() -> list[str]:
 def _guarded_downloads(download: bool):
     """Route pyiqa's and torch.hub's downloads through a guard that turns failures into ``_Blocked``.
 
+    With ``download=False`` every host name lookup raises ``_Blocked`` too: some metrics download through
+    their own libraries (timm and transformers from the Hugging Face Hub, which retries for most of a minute
+    before giving up; CLIP with urllib), and "off" must mean no network at all.
     Also points pyiqa's cache at ``torch.hub.get_dir()/pyiqa`` as it is now (pyiqa fixes it at import).
     """
+    import socket
+
     import torch.hub
     from pyiqa.utils import download_util
 
@@ -93,14 +107,21 @@ def _guarded_downloads(download: bool):
                 os.unlink(dst)
             raise _Blocked(url, os.path.abspath(dst), f"{type(err).__name__}: {err}") from err
 
-    saved = (torch.hub.download_url_to_file, download_util.download_url_to_file, download_util.DEFAULT_CACHE_DIR)
+    def no_lookups(host, *args, **kwargs):
+        raise _Blocked(f"https://{host}" if isinstance(host, str) else repr(host), None, None)
+
+    saved = (torch.hub.download_url_to_file, download_util.download_url_to_file, download_util.DEFAULT_CACHE_DIR,
+             socket.getaddrinfo)
     torch.hub.download_url_to_file = guarded
     download_util.download_url_to_file = guarded
     download_util.DEFAULT_CACHE_DIR = os.path.join(torch.hub.get_dir(), "pyiqa")
+    if not download:
+        socket.getaddrinfo = no_lookups
     try:
         yield
     finally:
-        torch.hub.download_url_to_file, download_util.download_url_to_file, download_util.DEFAULT_CACHE_DIR = saved
+        (torch.hub.download_url_to_file, download_util.download_url_to_file, download_util.DEFAULT_CACHE_DIR,
+         socket.getaddrinfo) = saved
 
 
 def _check_names(names: Sequence[str]) -> list[str]:

@@ -98,6 +98,28 @@ def test_failed_download_gives_the_same_message(empty_hub, monkeypatch):
     assert torch.hub.download_url_to_file is offline  # the guard put things back
 
 
+def test_downloads_off_means_no_network_at_all(empty_hub, tmp_path, monkeypatch):
+    """A metric whose library downloads by itself (AHIQ's timm backbone, from the Hugging Face Hub) is refused
+    without a single host lookup, and the message says where such files are cached."""
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
+    lookups = []
+
+    def record(host, *args, **kwargs):
+        lookups.append(host)
+        raise OSError("test: the network is unreachable")
+
+    monkeypatch.setattr(socket, "getaddrinfo", record)
+    with pytest.raises(MissingWeightsError, match=r"'ahiq' needs files from https://huggingface.co .*downloads are "
+                                                  r"off.*HF_HOME"):
+        create_metric("ahiq", 2, download=False)
+    assert lookups == []
+    assert socket.getaddrinfo is record  # the guard put things back
+
+
 def test_bad_input():
     pairs = _photo_pairs()
     with pytest.raises(ValueError, match="unknown metric 'psnrr'.*psnr"):
