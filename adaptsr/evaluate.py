@@ -163,6 +163,15 @@ def create_metric(name: str, scale: int = 0, *, device: str | torch.device = "cp
             return pyiqa.create_metric(name, device=torch.device(device), **options)
         except _Blocked as err:
             raise MissingWeightsError(name, err.url, err.path, err.reason) from None
+        except ModuleNotFoundError as err:
+            if err.name != "pkg_resources":
+                raise
+            # OpenAI's clip package (CLIP-IQA, CLIPScore, ...) imports it; pip installs a setuptools without it
+            raise ModuleNotFoundError(
+                f"metric {name!r} needs pkg_resources (OpenAI's clip package imports it), which setuptools 81 and "
+                "later no longer ship: pip install 'setuptools<81' into this environment to use it",
+                name="pkg_resources",
+            ) from err
 
 
 def _as_batch(image, what: str) -> torch.Tensor:

@@ -120,6 +120,26 @@ def test_downloads_off_means_no_network_at_all(empty_hub, tmp_path, monkeypatch)
     assert socket.getaddrinfo is record  # the guard put things back
 
 
+def test_a_metric_missing_pkg_resources_says_which_setuptools(monkeypatch):
+    """CLIP-IQA's clip package imports pkg_resources, which setuptools 81 removed: the message gives the fix."""
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def without_pkg_resources(name, *args, **kwargs):
+        if name == "pkg_resources" or name.startswith("pkg_resources."):
+            raise ModuleNotFoundError("No module named 'pkg_resources'", name="pkg_resources")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_pkg_resources)
+    for module in [m for m in sys.modules if m == "clip" or m.startswith(("clip.", "pkg_resources"))]:
+        monkeypatch.delitem(sys.modules, module)
+    result = evaluate_pairs(_photo_pairs(), ["psnr", "clipiqa"], 2, download=False)
+    assert result["metrics"] == ["psnr"]
+    assert "pip install 'setuptools<81'" in result["skipped"]["clipiqa"]
+
+
 def test_bad_input():
     pairs = _photo_pairs()
     with pytest.raises(ValueError, match="unknown metric 'psnrr'.*psnr"):
