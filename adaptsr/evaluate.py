@@ -32,6 +32,7 @@ __all__ = [
     "MissingWeightsError",
     "available_metrics",
     "create_metric",
+    "is_no_reference",
     "evaluate_pairs",
     "format_table",
     "write_results",
@@ -124,6 +125,13 @@ def _guarded_downloads(download: bool):
          socket.getaddrinfo) = saved
 
 
+def is_no_reference(name: str) -> bool:
+    """Whether pyiqa's metric ``name`` scores an image alone (NIQE, MUSIQ, PIQE, CLIP-IQA, ...), needing no HR image."""
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+
+    return DEFAULT_CONFIGS[name]["metric_mode"] == "NR"
+
+
 def _check_names(names: Sequence[str]) -> list[str]:
     known = set(available_metrics())
     out = []
@@ -207,7 +215,7 @@ def _pairs_from(pairs) -> Iterable[tuple[str, torch.Tensor, torch.Tensor]]:
         return
     for i, item in enumerate(pairs):
         if isinstance(item, Mapping):
-            yield str(item.get("name", i)), item["sr"], item["hr"]
+            yield str(item.get("name", i)), item["sr"], item.get("hr")
         elif len(item) == 3:
             yield str(item[0]), item[1], item[2]
         else:
@@ -218,7 +226,7 @@ def _lr_hr_from(dataset) -> Iterable[tuple[str, torch.Tensor, torch.Tensor]]:
     for i, item in enumerate(dataset):
         if isinstance(item, Mapping):
             name = item.get("name", item.get("path", i))
-            yield (Path(str(name)).stem if "path" in item and "name" not in item else str(name)), item["lr"], item["hr"]
+            yield (Path(str(name)).stem if "path" in item and "name" not in item else str(name)), item["lr"], item.get("hr")
         elif len(item) == 3:
             yield str(item[0]), item[1], item[2]
         else:
@@ -243,7 +251,8 @@ def evaluate_pairs(
     Either ``pairs`` (a mapping name -> (sr, hr), or an iterable of (sr, hr) / (name, sr, hr))
     or ``model`` (spandrel descriptor or nn.Module) + ``dataset`` (an iterable of (lr, hr),
     (name, lr, hr) or dicts with ``lr``, ``hr`` and optionally ``name``); images are tensors
-    [3, H, W] or [1, 3, H, W] in [0, 1]. With a model, its outputs are rounded to 8 bits first
+    [3, H, W] or [1, 3, H, W] in [0, 1]. An HR image may be None (a camera's own photos have none)
+    where every metric is a no-reference one (``is_no_reference``). With a model, its outputs are rounded to 8 bits first
     (as a written PNG is; ``quantize=False`` keeps them) and ``scale`` defaults to the model's.
     An HR image larger than the SR result by less than ``scale`` pixels is cropped to it.
 
@@ -286,13 +295,22 @@ def evaluate_pairs(
     else:
         source = _pairs_from(pairs)
 
+    full_reference = [name for name in created if not is_no_reference(name)]
     rows = []
     for name, sr, hr in source:
-        sr, hr = _as_batch(sr, f"SR image {name!r}"), _as_batch(hr, f"HR image {name!r}")
-        sr, hr = _match_size(name, sr, hr, scale)
-        if sr.shape[1] != hr.shape[1]:
-            raise ValueError(f"image {name!r}: the SR result has {sr.shape[1]} channels, the HR image {hr.shape[1]}")
-        if scale and min(sr.shape[-2:]) <= 2 * scale:
+        sr = _as_batch(sr, f"SR image {name!r}")
+        if hr is None:
+            if full_reference:
+                raise ValueError(f"image {name!r} has no HR image, which {', '.join(full_reference)} compare "
+                                 "the SR result with; score images without HR ones with no-reference metrics "
+                                 "(niqe, musiq, piqe, clipiqa, ...)")
+        else:
+            hr = _as_batch(hr, f"HR image {name!r}")
+            sr, hr = _match_size(name, sr, hr, scale)
+            if sr.shape[1] != hr.shape[1]:
+                raise ValueError(f"image {name!r}: the SR result has {sr.shape[1]} channels, the HR image "
+                                 f"{hr.shape[1]}")
+        if full_reference and scale and min(sr.shape[-2:]) <= 2 * scale:
             raise ValueError(f"image {name!r} is {sr.shape[-1]}x{sr.shape[-2]}: too small to crop {scale} pixels")
         row: dict = {"name": name}
         for metric_name, metric in created.items():

@@ -222,6 +222,29 @@ def test_eval_pairs(files, capsys, tmp_path):
     assert scores[0] == pytest.approx(doc["images"][0]["psnr"]) and scores[1] == pytest.approx(scores[0], abs=0.5)
 
 
+def test_eval_lr_images_alone_with_no_reference_metrics(files, capsys, tmp_path):
+    """A camera's photos have no HR images: --lr scores the SR results with no-reference metrics (PIQE runs
+    offline), by default NIQE, MUSIQ and PIQE, and refuses full-reference ones."""
+    import pyiqa
+
+    code, out, err = _run(capsys, "eval", "--model", files / "base.safetensors", "--lr", files / "lr", "--offline",
+                          "--out", tmp_path / "ev")
+    assert code == 0, err
+    doc = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert doc["metrics"] == ["piqe"] and set(doc["skipped"]) == {"niqe", "musiq"}  # their weights: not here
+    model = adaptsr.load_model(files / "base.safetensors")
+    piqe = pyiqa.create_metric("piqe", device="cpu")
+    for row, name in zip(doc["images"], ("a_LR2", "b_LR2")):
+        sr = upscale(model, read_image(files / "lr" / f"{name}.png")[None])
+        assert row["name"] == name
+        assert row["piqe"] == pytest.approx(piqe((sr * 255).round() / 255).item(), rel=1e-5)
+
+    code, _, err = _run(capsys, "eval", "--model", files / "base.safetensors", "--lr", files / "lr", "--metrics",
+                        "piqe,psnr,lpips", "--out", tmp_path / "bad")
+    assert code == 1 and "--lr: psnr, lpips compare with HR images" in err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_eval_missing_weights_still_reports_psnr(files, capsys, tmp_path):
     old = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "hub"))

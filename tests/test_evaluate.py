@@ -140,6 +140,19 @@ def test_a_metric_missing_pkg_resources_says_which_setuptools(monkeypatch):
     assert "pip install 'setuptools<81'" in result["skipped"]["clipiqa"]
 
 
+def test_images_without_hr_take_no_reference_metrics_only():
+    import pyiqa
+
+    alone = {name: (sr, None) for name, (sr, _) in _photo_pairs().items()}
+    result = evaluate_pairs(alone, ["piqe"], 2)
+    piqe = pyiqa.create_metric("piqe", device="cpu")
+    for row, (sr, _) in zip(result["images"], alone.values()):
+        assert row["piqe"] == pytest.approx(piqe(sr).item(), rel=1e-6)
+    assert result["lower_better"] == {"piqe": True}
+    with pytest.raises(ValueError, match="image 'astronaut' has no HR image, which psnr compare"):
+        evaluate_pairs(alone, ["piqe", "psnr"], 2)
+
+
 def test_bad_input():
     pairs = _photo_pairs()
     with pytest.raises(ValueError, match="unknown metric 'psnrr'.*psnr"):

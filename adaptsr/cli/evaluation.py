@@ -1,4 +1,5 @@
-"""`adaptsr eval`: score a model (base, base + adapters, or merged) on LR/HR pairs or degraded HR images."""
+"""`adaptsr eval`: score a model (base, base + adapters, or merged) on LR/HR pairs, degraded HR images, or LR
+images alone with no-reference metrics."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from adaptsr.cli._common import (
     _nonneg_int,
 )
 
+# No-reference metrics real-world SR papers report; PIQE needs no weights, so one of them runs offline too.
+_NO_REFERENCE_DEFAULT = "niqe,musiq,piqe"
 _STEM_TAGS = re.compile(r"([_\-.]?(lr|hr)\d*|[_\-.]?x\d+)$", re.IGNORECASE)
 
 
@@ -59,8 +62,20 @@ def _eval(args: argparse.Namespace) -> int:
     from adaptsr import evaluate
     from adaptsr.data.images import read_image
 
-    metrics = evaluate._check_names(args.metrics.split(","))  # unknown names fail before any work
-    if args.pairs is not None:
+    default = _NO_REFERENCE_DEFAULT if args.lr else "psnr,ssim"
+    metrics = evaluate._check_names((args.metrics or default).split(","))  # unknown names fail before any work
+    if args.lr is not None:
+        full_reference = [name for name in metrics if not evaluate.is_no_reference(name)]
+        if full_reference:
+            raise CommandError(f"--lr: {', '.join(full_reference)} compare with HR images, which --lr has none of; "
+                               "choose no-reference metrics (niqe, musiq, piqe, clipiqa, maniqa, ...), or give "
+                               "--pairs LR_DIR HR_DIR")
+        from adaptsr.data.images import list_images
+
+        files = list_images(args.lr)  # a missing or empty folder: an error naming it
+        model = _load(args, precision=args.precision)
+        dataset = ((path.stem, read_image(path), None) for path in files)
+    elif args.pairs is not None:
         files = _paired_files(*args.pairs)
         model = _load(args, precision=args.precision)
         dataset = ((name, read_image(lr), read_image(hr)) for name, lr, hr in files)
@@ -130,6 +145,11 @@ def add_eval_command(subparsers) -> None:
     source.add_argument(
         "--hr", metavar="HR_DIR", help="a folder of HR images, degraded into LR images with --degradation"
     )
+    source.add_argument(
+        "--lr", metavar="LR_DIR",
+        help="a folder of LR images with no HR ones (a camera's own photos), scored with no-reference metrics "
+        f"(default: {_NO_REFERENCE_DEFAULT})",
+    )
     p.add_argument(
         "--degradation",
         action="append",
@@ -145,8 +165,8 @@ def add_eval_command(subparsers) -> None:
     )
     p.add_argument(
         "--metrics",
-        default="psnr,ssim",
-        help="comma-separated pyiqa metric names (default: psnr,ssim); e.g. psnr,ssim,lpips,dists,niqe",
+        help="comma-separated pyiqa metric names (default: psnr,ssim; with --lr "
+        f"{_NO_REFERENCE_DEFAULT}); e.g. psnr,ssim,lpips,dists,niqe",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json and metrics.csv")
     _add_tile_flags(p)
