@@ -325,3 +325,19 @@ def test_bench_names_the_dora_rows():
     lora_params = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     magnitudes = sum(layer.base_layer.weight.shape[0] for _, layer in lora_layers(adapted))
     assert rows[1].trainable_params == lora_params + magnitudes
+
+
+def test_a_merged_dora_layer_moves_with_its_weight_kept_for_unmerge():
+    """merge() keeps W for unmerge() in a buffer, so .to() while merged carries it along."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    inject_lora(model, targets=["0"], rank=2, init_lora_weights=False, use_dora=True)
+    layer = model[0]
+    weight = layer.base_layer.weight.detach().double().clone()
+    layer.merge()
+    model.double()
+    assert layer._weight_before_merge.dtype == torch.float64  # moved with the module, as a device move would
+    layer.unmerge()
+    assert layer.base_layer.weight.dtype == torch.float64
+    torch.testing.assert_close(layer.base_layer.weight.detach(), weight, rtol=0, atol=0)
+    assert "_weight_before_merge" not in layer.state_dict()

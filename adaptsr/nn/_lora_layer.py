@@ -76,8 +76,9 @@ class LoRALayer(nn.Module):
                 torch.empty(self._magnitude_shape(out_channels), dtype=weight.dtype, device=weight.device)
             )
         # DoRA: the base weight as it was before merge(). W_dora rescales rows, so W cannot always be solved back
-        # from the merged weight (a row scaled to zero at strength 1); SR weights are small enough to keep.
-        self._weight_before_merge: torch.Tensor | None = None
+        # from the merged weight (a row scaled to zero at strength 1); SR weights are small enough to keep. A buffer
+        # so that .to() moves it, left out of the state dict.
+        self.register_buffer("_weight_before_merge", None, persistent=False)
         self.reset_lora_parameters(init_lora_weights)
 
     # Model code that reads a layer's weight instead of calling it (spandrel's Swin2SR applies its qkv
