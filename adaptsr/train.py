@@ -390,6 +390,11 @@ def adapt(
         missing = set(params) - set(state["trainable"])
         if missing:
             raise ValueError(f"checkpoint {checkpoint_path} does not match the model: no weights for {sorted(missing)[:3]}")
+        extra = set(state["trainable"]) - set(params)
+        if extra:  # e.g. DoRA's magnitudes, resumed without --use-dora: they would be dropped
+            raise ValueError(f"checkpoint {checkpoint_path} does not match the model: it trained {sorted(extra)[:3]}, "
+                             "which this model does not have; resume with the run's own LoRA options (targets, "
+                             "use_dora), or start a new run")
         for name, p in params.items():
             saved = state["trainable"][name]
             if saved.shape != p.shape:

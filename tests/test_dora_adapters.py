@@ -5,6 +5,7 @@ and the command line. The layer math against the float64 oracle is tests/nn/test
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import warnings
 
@@ -265,6 +266,13 @@ def test_training_moves_the_magnitudes(tmp_path):
     saved = load_file(str(tmp_path / "run" / "adapter" / WEIGHTS))
     for name, layer in lora_layers(model):
         torch.testing.assert_close(saved[f"{PREFIX}{name}.lora_magnitude_vector"], layer.lora_magnitude_vector.detach())
+
+    # resuming it as a LoRA run would drop the magnitudes: refused, naming them
+    torch.manual_seed(0)
+    plain = ESRGAN(num_filters=8, num_blocks=1, scale=2)
+    inject_lora(plain, preset="esrgan", rank=2)
+    with pytest.raises(ValueError, match=r"it trained \[.*lora_magnitude_vector.*use_dora"):
+        adapt(plain, pairs, tmp_path / "run", dataclasses.replace(config, steps=4), device="cpu", resume=True)
 
 
 # -- the command line --
