@@ -87,6 +87,8 @@ class TrainConfig:
     discriminator_lr: float = 1e-4  # the discriminator's Adam learning rate (constant)
     # > 0: validate and save an exponential moving average of the trained weights (adaptsr.ema; BasicSR's 0.999)
     ema_decay: float = 0.0
+    # LoRA+ (Hayou et al., 2024): lora_B and the one-dimensional parameters learn at this many times lr; 1: off
+    lora_plus_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -104,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no average), got {self.ema_decay}")
         if self.val_tile < 0:
             raise ValueError(f"val_tile must be 0 (whole images) or a tile size in pixels, got {self.val_tile}")
+        if not (math.isfinite(self.lora_plus_ratio) and self.lora_plus_ratio > 0):
+            raise ValueError(f"lora_plus_ratio must be a positive number (1: plain LoRA), got {self.lora_plus_ratio}")
         _uses_bf16(self.amp, "cpu")  # a clear error for an unknown amp now, not at the first step
 
 
@@ -289,6 +293,24 @@ def _write_comparison(path: Path, before, after, crop: int = 96, rows: int = 4) 
     write_png(torch.cat(tiles, dim=1), path)
 
 
+def _optimizer_groups(params: dict[str, nn.Parameter], config: TrainConfig) -> list[dict]:
+    """AdamW's parameter groups: one at ``lr``, or with LoRA+ A at ``lr`` and B at ``lr * lora_plus_ratio``.
+
+    LoRA+ sorts as PEFT's ``create_loraplus_optimizer`` does (the tests hold the two to each other): the fast
+    group is every ``lora_B`` and every one-dimensional parameter (a linear layer's DoRA magnitude; a conv's,
+    ``[1, out, 1, 1]`` in PEFT's layout, stays with A).
+    """
+    if config.lora_plus_ratio == 1.0:
+        return [{"params": list(params.values())}]
+    fast = {name for name, p in params.items() if "lora_B" in name or p.ndim == 1}
+    if not fast:
+        raise ValueError("lora_plus_ratio: the model has no lora_B to speed up (LoRA+ is for LoRA adapters)")
+    return [
+        {"params": [p for name, p in params.items() if name not in fast]},
+        {"params": [p for name, p in params.items() if name in fast], "lr": config.lr * config.lora_plus_ratio},
+    ]
+
+
 def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}
     if not params:
@@ -350,7 +372,7 @@ def adapt(
         raise ValueError(f"batch_size {config.batch_size} does not split evenly over {world} processes")
     params = _trainable(module)
     network = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None) if world > 1 else module
-    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_optimizer_groups(params, config), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     use_bf16 = _uses_bf16(config.amp, device.type)
     channels = getattr(model, "output_channels", 3)  # a spandrel descriptor's; a bare module's shows at its first step
@@ -402,6 +424,10 @@ def adapt(
                     f"checkpoint {checkpoint_path} does not match the model: {name} is {tuple(saved.shape)} there and "
                     f"{tuple(p.shape)} here; resume with the run's own LoRA options (rank, targets), or start a new run"
                 )
+        if state.get("lora_plus_ratio", 1.0) != config.lora_plus_ratio:
+            raise ValueError(f"checkpoint {checkpoint_path} was trained with lora_plus_ratio "
+                             f"{state.get('lora_plus_ratio', 1.0):g} and this run has {config.lora_plus_ratio:g}; "
+                             "resume with the run's own ratio, or start a new run")
         if (state.get("ema") is None) != (ema is None):
             had = "with" if ema is None else "without"
             raise ValueError(f"checkpoint {checkpoint_path} was trained {had} an EMA of the weights and this run is "
@@ -426,6 +452,7 @@ def adapt(
             "trainable": {name: p.detach().cpu() for name, p in params.items()},
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
+            "lora_plus_ratio": config.lora_plus_ratio,
             "history": history,
             "discriminator": objective.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,

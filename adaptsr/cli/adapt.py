@@ -60,6 +60,9 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="global batch size, split over processes (default: 8)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
     p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--lora-plus-ratio", type=float, default=1.0, metavar="R",
+                   help="LoRA+: lora_B (and one-dimensional parameters) learn at R times --lr (the paper suggests 16, "
+                        "with a lower --lr; default: 1, plain LoRA)")
     p.add_argument("--ema-decay", type=_nonneg_float, default=0.0, metavar="D",
                    help="validate and save an exponential moving average of the trained weights with this decay "
                         "(e.g. 0.999, BasicSR's; warmed up over the first steps; default: 0, none)")
@@ -215,6 +218,7 @@ def _adapt(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, val_every=args.val_every, seed=args.seed, amp=args.amp,
         val_tile=args.val_tile, pixel_weight=args.pixel_weight, perceptual_weight=perceptual_weight,
         gan_weight=gan_weight, discriminator_lr=args.discriminator_lr, ema_decay=args.ema_decay,
+        lora_plus_ratio=args.lora_plus_ratio,
     )
     if args.checkpointing and descriptor.architecture.id not in _CHECKPOINTING_ARCHITECTURES:
         # spandrel's HAT (and others) carry a use_checkpoint flag that their forward ignores: only the
@@ -229,6 +233,8 @@ def _adapt(args: argparse.Namespace) -> int:
     if args.full_finetune:
         if args.allocate_ranks:
             raise CommandError("--allocate-ranks sets the adapters' ranks; --full-finetune trains no adapters")
+        if args.lora_plus_ratio != 1.0:
+            raise CommandError("--lora-plus-ratio speeds up the adapters' lora_B; --full-finetune trains no adapters")
         descriptor.model.requires_grad_(True)
     else:
         options = _lora_options(args)
