@@ -230,7 +230,8 @@ class LoRALayer(nn.Module):
         if self.use_dora:
             weight = self.base_layer.weight.to(update.dtype)
             adapted = weight + update
-            update = self.strength * (self._scale_columns(adapted, self._dora_factors()) - weight)
+            factors = self._dora_factors(self._column_norms(adapted))  # its norms, not B A formed again
+            update = self.strength * (self._scale_columns(adapted, factors) - weight)
         return update.to(self.base_layer.weight.dtype)
 
     @torch.no_grad()
