@@ -375,12 +375,9 @@ def _adapter_pairs(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, di
 _PART_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
 
 
-def _out_channels(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-
-
-def _check_magnitudes(path: Path, config_path: Path, use_dora: bool, module: nn.Module, pairs: dict) -> None:
-    """A DoRA adapter (use_dora in its config) has one magnitude per output channel of every layer; a LoRA one none."""
+def _check_magnitudes(path: Path, config_path: Path, use_dora: bool, pairs: dict) -> None:
+    """A DoRA adapter (use_dora in its config) has one magnitude per output channel of every layer; a LoRA one none.
+    Runs after ``_check_layer``, so each lora_B fits its layer and its first dimension is the output channels."""
     for name, parts in pairs.items():
         if not use_dora:
             if "M" in parts:
@@ -390,7 +387,7 @@ def _check_magnitudes(path: Path, config_path: Path, use_dora: bool, module: nn.
         if "M" not in parts:
             raise ValueError(f"adapter weights {path}: layer {name!r} has no lora_magnitude_vector, which a DoRA "
                              f"adapter ({config_path} sets use_dora) needs for every layer")
-        out_channels = _out_channels(module.get_submodule(name))
+        out_channels = parts["B"].shape[0]
         if parts["M"].numel() != out_channels:
             raise ValueError(f"adapter weights {path}: layer {name!r} has a lora_magnitude_vector of shape "
                              f"{list(parts['M'].shape)}, but its {out_channels} output channels need {out_channels} "
@@ -492,7 +489,7 @@ def _read_adapter(model, directory: str | os.PathLike, *, strict_base: bool) -> 
 
     ranks = {name: _check_layer(path, info, module, name, parts) for name, parts in pairs.items()}
     use_dora = bool(config.get("use_dora", False))
-    _check_magnitudes(path, config_path, use_dora, module, pairs)
+    _check_magnitudes(path, config_path, use_dora, pairs)
 
     if strict_base and info is not None and info.get("base_hash"):
         actual = _base_hash(module)
