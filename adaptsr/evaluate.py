@@ -32,9 +32,9 @@ __all__ = [
     "MissingWeightsError",
     "available_metrics",
     "create_metric",
-    "is_no_reference",
     "evaluate_pairs",
     "format_table",
+    "is_no_reference",
     "write_results",
 ]
 
@@ -226,7 +226,8 @@ def _lr_hr_from(dataset) -> Iterable[tuple[str, torch.Tensor, torch.Tensor]]:
     for i, item in enumerate(dataset):
         if isinstance(item, Mapping):
             name = item.get("name", item.get("path", i))
-            yield (Path(str(name)).stem if "path" in item and "name" not in item else str(name)), item["lr"], item.get("hr")
+            name = Path(str(name)).stem if "path" in item and "name" not in item else str(name)
+            yield name, item["lr"], item.get("hr")
         elif len(item) == 3:
             yield str(item[0]), item[1], item[2]
         else:
@@ -252,8 +253,9 @@ def evaluate_pairs(
     or ``model`` (spandrel descriptor or nn.Module) + ``dataset`` (an iterable of (lr, hr),
     (name, lr, hr) or dicts with ``lr``, ``hr`` and optionally ``name``); images are tensors
     [3, H, W] or [1, 3, H, W] in [0, 1]. An HR image may be None (a camera's own photos have none)
-    where every metric is a no-reference one (``is_no_reference``). With a model, its outputs are rounded to 8 bits first
-    (as a written PNG is; ``quantize=False`` keeps them) and ``scale`` defaults to the model's.
+    where every metric is a no-reference one (``is_no_reference``). With a model, its outputs are
+    rounded to 8 bits first (as a written PNG is; ``quantize=False`` keeps them) and ``scale``
+    defaults to the model's.
     An HR image larger than the SR result by less than ``scale`` pixels is cropped to it.
 
     Returns ``{"scale", "metrics": computed names, "skipped": {name: reason}, "images": [{"name",
@@ -295,7 +297,7 @@ def evaluate_pairs(
     else:
         source = _pairs_from(pairs)
 
-    full_reference = [name for name in created if not is_no_reference(name)]
+    full_reference = [name for name, metric in created.items() if metric.metric_mode == "FR"]
     rows = []
     for name, sr, hr in source:
         sr = _as_batch(sr, f"SR image {name!r}")

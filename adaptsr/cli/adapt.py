@@ -193,7 +193,6 @@ def _record_degradation(args: argparse.Namespace, degradation) -> None:
 
 
 def _adapt(args: argparse.Namespace) -> int:
-
     import adaptsr
     from adaptsr.data import degrade
     from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFolderDataset
