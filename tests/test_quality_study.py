@@ -14,16 +14,20 @@ STUDY = Path(__file__).parents[1] / "benchmarks" / "quality_study.py"
 def test_quality_study_quick(tmp_path):
     out = tmp_path / "study"
     subprocess.run([sys.executable, str(STUDY), "--quick", "--models", "swinir", "--presets", "lowlight",
-                    "--methods", "base,lora4,peft8", "--out", str(out)], check=True)
+                    "--methods", "base,lora4,lora4+,peft8", "--out", str(out)], check=True)
     results = json.loads(out.with_suffix(".json").read_text())["results"]
     by_method = {r["method"]: r for r in results}
-    assert list(by_method) == ["base", "lora4", "peft8"]
+    assert list(by_method) == ["base", "lora4", "lora4+", "peft8"]
     assert by_method["base"]["trainable_params"] == 0
     # PEFT adapts exactly the layers adaptsr does, so rank 8 trains twice rank 4's parameters
     assert by_method["peft8"]["trainable_params"] == 2 * by_method["lora4"]["trainable_params"] > 0
     for r in results:
         assert 10 < r["psnr"] < 60 and 0 < r["ssim"] <= 1
-    for r in (by_method["lora4"], by_method["peft8"]):
+    # LoRA+ trains the same adapters, at its own rates
+    assert by_method["lora4+"]["trainable_params"] == by_method["lora4"]["trainable_params"]
+    assert (by_method["lora4"]["lora_plus_ratio"], by_method["lora4+"]["lora_plus_ratio"]) == (1.0, 16.0)
+    assert by_method["lora4+"]["lr"] < by_method["lora4"]["lr"]
+    for r in (by_method["lora4"], by_method["lora4+"], by_method["peft8"]):
         assert r["step_ms"] > 0 and r["peak_mb"] >= 0 and r["final_loss"] > 0
     (timing,) = json.loads(out.with_suffix(".json").read_text())["timing"]
     assert timing["model"] == "swinir" and set(timing["step_ms"]) == {"lora8", "peft8", "full@0.0002"}
