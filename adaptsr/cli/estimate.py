@@ -16,7 +16,7 @@ def _estimate(args: argparse.Namespace) -> int:
     from adaptsr.data.estimate import estimate_camera_profile
 
     paths = _input_images(args.input)  # an empty folder: ValueError naming it
-    estimate = estimate_camera_profile(paths, blur_sigma=args.blur_sigma)
+    estimate = estimate_camera_profile(paths, blur_sigma=args.blur_sigma, scale=args.scale)
     rows = [("image", "JPEG quality", "measured noise")]
     for image in estimate.images:
         quality = "none" if image["jpeg_quality"] is None else (
@@ -25,7 +25,7 @@ def _estimate(args: argparse.Namespace) -> int:
     _print_columns(rows, left=1)
     _write_profile(estimate, args.out)
     print(f"camera profile: blur sigma {estimate.blur_sigma:g} (given, not measured), noise {estimate.noise:.1f} "
-          f"(8-bit sigma before JPEG, calibrated), JPEG quality {estimate.jpeg_quality}"
+          f"(8-bit sigma before JPEG, calibrated at x{estimate.scale}), JPEG quality {estimate.jpeg_quality}"
           + ("" if any(i["jpeg_quality"] is not None for i in estimate.images) else " (no JPEG tables: uncompressed)")
           + f"; wrote {args.out} (adaptsr adapt --degradation {args.out})")
     return 0
@@ -57,4 +57,7 @@ def add_estimate_command(subparsers) -> None:
     p.add_argument("--blur-sigma", type=_finite_float, default=1.2, metavar="S",
                    help="the profile's Gaussian blur in HR pixels, which images alone cannot tell apart from soft "
                         "scenes (default: 1.2, the camera presets')")
+    p.add_argument("--scale", type=int, default=4, choices=range(1, 9), metavar="N",
+                   help="the scale of the SR model you will adapt (default: 4): the noise calibration degrades its "
+                        "photos by it, as training will")
     p.set_defaults(func=_estimate)

@@ -12,7 +12,9 @@
   image texture. So the measured value is mapped back to the noise added before JPEG through a
   calibration: the bundled train photos, blurred and downscaled as a camera profile does, with known noise
   added and JPEG-compressed at the estimated quality and chroma subsampling by the same codec, measured the
-  same way.
+  same way. The calibration downscales by the SR model's scale: an x2 LR keeps less of the scene's texture
+  than an x4 one, which the wavelet estimate reads as noise (with the x4 calibration, noise 10 under JPEG
+  60 shot at x2 read as 0).
 
 Blur cannot be told apart from the scene's own softness without an HR reference, so ``blur_sigma`` is the
 caller's (default 1.2, the built-in camera presets'). The result is an estimate: the tests measure its
@@ -42,9 +44,8 @@ _LUMINANCE = np.array([
     18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99,
 ])
-# noise levels (8-bit sigma) the calibration simulates, and the scale its photos are downscaled by
+# noise levels (8-bit sigma) the calibration simulates
 _CALIBRATION_NOISE = np.arange(0.0, 52.0, 2.5)
-_CALIBRATION_SCALE = 4
 
 
 def _ijg_table(quality: int) -> np.ndarray:
@@ -102,9 +103,9 @@ def _jpeg(image: torch.Tensor, quality: int, subsampling: str) -> torch.Tensor:
 
 
 @lru_cache(maxsize=16)
-def _calibration(jpeg: tuple[int, str] | None, blur_sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """(measured noise, added noise) on the bundled train photos, for JPEG ``(quality, subsampling)`` (None: no
-    JPEG)."""
+def _calibration(jpeg: tuple[int, str] | None, blur_sigma: float, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """(measured noise, added noise) on the bundled train photos downscaled by ``scale``, for JPEG
+    ``(quality, subsampling)`` (None: no JPEG)."""
     from adaptsr.data.bundled import TRAIN, load_photo
 
     clean_profile = camera_profile(blur_sigma=blur_sigma, noise=0.0, jpeg_quality=100)
@@ -113,8 +114,8 @@ def _calibration(jpeg: tuple[int, str] | None, blur_sigma: float) -> tuple[np.nd
     measured = np.zeros(len(_CALIBRATION_NOISE))
     for name in TRAIN:
         hr = load_photo(name)
-        side = (min(hr.shape[1:]) // _CALIBRATION_SCALE) * _CALIBRATION_SCALE
-        lr = degrade(hr[None, :, :side, :side], _CALIBRATION_SCALE, clean_profile, generator=0)[0]
+        side = (min(hr.shape[1:]) // scale) * scale
+        lr = degrade(hr[None, :, :side, :side], scale, clean_profile, generator=0)[0]
         for i, sigma in enumerate(_CALIBRATION_NOISE):
             noisy = (lr + sigma / 255.0 * torch.randn(lr.shape, generator=generator)).clamp(0, 1)
             noisy = (noisy * 255).round() / 255
@@ -123,9 +124,9 @@ def _calibration(jpeg: tuple[int, str] | None, blur_sigma: float) -> tuple[np.nd
     return np.maximum.accumulate(measured), _CALIBRATION_NOISE  # monotone, for the inverse
 
 
-def _added_noise(measured: float, jpeg: tuple[int, str] | None, blur_sigma: float) -> float:
-    """The noise sigma added before JPEG that the calibration says gives ``measured``."""
-    seen, added = _calibration(jpeg, blur_sigma)
+def _added_noise(measured: float, jpeg: tuple[int, str] | None, blur_sigma: float, scale: int) -> float:
+    """The noise sigma added before JPEG that the calibration at ``scale`` says gives ``measured``."""
+    seen, added = _calibration(jpeg, blur_sigma, scale)
     return float(np.interp(measured, seen, added))  # clamped to the calibrated range at both ends
 
 
@@ -136,6 +137,7 @@ class CameraEstimate:
     blur_sigma: float
     noise: float  # 8-bit sigma added before JPEG (calibrated)
     jpeg_quality: int  # 100 where no file had JPEG tables
+    scale: int = 4  # the SR scale the noise was calibrated at
     # per image: name, measured_noise, and from its JPEG header (None without one) jpeg_quality, ijg_exact, subsampling
     images: list[dict] = field(default_factory=list)
 
@@ -149,16 +151,19 @@ class CameraEstimate:
                                    "jpeg_quality": self.jpeg_quality}}
 
 
-def estimate_camera_profile(paths, *, blur_sigma: float = 1.2) -> CameraEstimate:
+def estimate_camera_profile(paths, *, blur_sigma: float = 1.2, scale: int = 4) -> CameraEstimate:
     """Estimate a camera profile from LR images of one camera (files, as read by ``read_image``): the median
     JPEG quality of the files that have tables (100 if none does), and the median measured noise mapped
-    through the calibration at that quality. ``blur_sigma`` is taken as given (module docstring)."""
+    through the calibration at that quality. ``blur_sigma`` is taken as given (module docstring); ``scale`` is
+    the SR model's, the one the profile will degrade its HR photos by."""
     from adaptsr.data.images import read_image
 
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("no images to estimate a camera profile from")
     camera_profile(blur_sigma, 0.0, 100)  # checks blur_sigma before any work
+    if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= 8:
+        raise ValueError(f"scale must be an SR model's scale, an integer from 1 to 8, got {scale!r}")
     images = []
     for path in paths:
         noise = measured_noise(read_image(path))  # first: an unreadable file is named here
@@ -175,6 +180,6 @@ def estimate_camera_profile(paths, *, blur_sigma: float = 1.2) -> CameraEstimate
     if jpegs:
         quality = round(statistics.median(image["jpeg_quality"] for image in jpegs))
         jpeg = (quality, statistics.mode(image["subsampling"] for image in jpegs))
-    noise = _added_noise(statistics.median(image["measured_noise"] for image in images), jpeg, blur_sigma)
+    noise = _added_noise(statistics.median(image["measured_noise"] for image in images), jpeg, blur_sigma, scale)
     return CameraEstimate(blur_sigma=float(blur_sigma), noise=noise, jpeg_quality=jpeg[0] if jpeg else 100,
-                          images=images)
+                          scale=scale, images=images)
