@@ -5,7 +5,15 @@ from adaptsr.backend import get_backend, set_backend
 from adaptsr.combine import combine_adapters
 from adaptsr.evaluate import evaluate_pairs
 from adaptsr.infer import upscale
-from adaptsr.inject import LoRASummary, inject_lora, lora_layers, merge_lora, set_adapter_strength, unmerge_lora
+from adaptsr.inject import (
+    LoRASummary,
+    inject_lora,
+    lora_layers,
+    merge_lora,
+    set_adapter_strength,
+    unload_lora,
+    unmerge_lora,
+)
 from adaptsr.io import load_model, save_model
 from adaptsr.nn import LoRAConv2d, LoRAConvTranspose2d, LoRALinear, LoRAWindowAttention
 from adaptsr.presets import PRESETS
@@ -31,6 +39,7 @@ __all__ = [
     "save_model",
     "set_adapter_strength",
     "set_backend",
+    "unload_lora",
     "unmerge_lora",
     "upscale",
 ]

@@ -461,7 +461,7 @@ def _refuse_existing_adapters(module: nn.Module) -> None:
     if existing:
         raise ValueError(
             f"the model already has LoRA adapters (e.g. on {existing[0]!r}); load adapters into a plain base "
-            "model, or merge / unload the ones it has first"
+            "model, or remove the ones it has first (adaptsr.unload_lora, or adaptsr.merge_lora to keep them)"
         )
 
 

@@ -29,7 +29,9 @@ from adaptsr.nn.rectangle_window_attention import (
 from adaptsr.nn.reparameterised import refold
 from adaptsr.presets import preset_pattern
 
-__all__ = ["LoRASummary", "inject_lora", "lora_layers", "merge_lora", "set_adapter_strength", "unmerge_lora"]
+__all__ = [
+    "LoRASummary", "inject_lora", "lora_layers", "merge_lora", "set_adapter_strength", "unload_lora", "unmerge_lora",
+]
 
 _WRAPPERS: dict[type[nn.Module], type[LoRALayer]] = {
     nn.Conv2d: LoRAConv2d, nn.Linear: LoRALinear, nn.ConvTranspose2d: LoRAConvTranspose2d,
@@ -344,13 +346,37 @@ def merge_lora(model, *, unload: bool = True):
         else:
             layer.merge()
     refold(module)  # SPAN's inference convs from the merged branches (adaptsr.nn.reparameterised)
-    if unload:  # the original model again, hooks and forwards included
-        for _can_switch, _enable, disable, _projections in _SWITCHED_ATTENTIONS:
-            disable(module)
-        _remove_hook(module, _INPUT_GRAD_HOOK)
-        for norm in _running_statistics_layers(module):
-            _remove_hook(norm, _FROZEN_STATISTICS_HOOK)
+    if unload:
+        _restore_forwards_and_hooks(module)
     return model
+
+
+def unload_lora(model):
+    """Remove every adapter without merging it: the base model as it was before ``inject_lora`` (PEFT's
+    ``unload()``), merged adapters taken back out of their weights first. Plain layers, spandrel's own
+    attention modules and forwards, no hooks; the base weights stay frozen. Use it to load another adapter
+    into the same model (``load_adapter`` refuses a model that has adapters). Returns ``model``."""
+    module = unwrap_model(model)
+    layers, attentions = list(lora_layers(module)), _window_attentions(module)
+    if not layers and not attentions:
+        raise ValueError("the model has no LoRA adapters to unload")
+    for name, layer in layers:  # the attentions' qkv / proj included, so their to_dense() below merges nothing
+        layer.unmerge()
+        _set_submodule(module, name, layer.base_layer)
+    for name, attention in attentions:
+        _set_submodule(module, name, attention.to_dense())
+    refold(module)  # SPAN's inference convs from the base branches again
+    _restore_forwards_and_hooks(module)
+    return model
+
+
+def _restore_forwards_and_hooks(module: nn.Module) -> None:
+    """Give the switched attentions spandrel's forward back and remove the hooks ``inject_lora`` added."""
+    for _can_switch, _enable, disable, _projections in _SWITCHED_ATTENTIONS:
+        disable(module)
+    _remove_hook(module, _INPUT_GRAD_HOOK)
+    for norm in _running_statistics_layers(module):
+        _remove_hook(norm, _FROZEN_STATISTICS_HOOK)
 
 
 def _remove_hook(holder: nn.Module, attribute: str) -> None:

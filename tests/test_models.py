@@ -615,7 +615,7 @@ def test_merge_unmerge_unload_agree(arch, preset, base, lr_size, eval_batch):
     adaptsr.unmerge_lora(model)
     assert not any(layer.merged for _, layer in adaptsr.lora_layers(model))
     for name, layer in adaptsr.lora_layers(model):
-        torch.testing.assert_close(layer.base_layer.weight, base_weights[name], rtol=0, atol=1e-6)
+        assert torch.equal(layer.base_layer.weight, base_weights[name]), name  # bit for bit: the base hash holds
     _assert_close(_run(model, x), unmerged)
 
     adaptsr.merge_lora(model, unload=False)  # unload from the merged state too
@@ -625,3 +625,40 @@ def test_merge_unmerge_unload_agree(arch, preset, base, lr_size, eval_batch):
     unloaded = _run(model, x)
     _assert_close(unloaded, unmerged)
     assert _max_diff(unloaded, base_out) > 1e-3
+
+
+def _structure(model: nn.Module) -> list[tuple]:
+    """Each module's name, class, instance-level forward (a switched attention's) and hook counts."""
+    return [(name, type(m), "forward" in m.__dict__, len(m._forward_pre_hooks), len(m._forward_hooks))
+            for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_unload_gives_the_base_back(arch, preset, base, lr_size, eval_batch, tmp_path, merged):
+    """unload_lora drops trained, non-zero adapters (merged ones taken back out first): the base's modules,
+    forwards, hooks, state dict and output, and another adapter loads into it as into a fresh base."""
+    x = _lr_batch(eval_batch, lr_size, seed=4)
+    base_out = _run(base.model, x)  # an eval forward first: SPAN refolds its inference convs in it
+    base_state = {key: value.clone() for key, value in base.model.state_dict().items()}
+    model = copy.deepcopy(base.model)
+    torch.manual_seed(5)
+    adaptsr.inject_lora(model, preset=preset, rank=4, init_lora_weights=False)
+    adapted_out = _run(model, x)
+    assert _max_diff(adapted_out, base_out) > 1e-3
+    adaptsr.save_adapter(model, tmp_path / "adapter")
+    if merged:
+        adaptsr.merge_lora(model, unload=False)
+
+    assert adaptsr.unload_lora(model) is model
+    assert not list(adaptsr.lora_layers(model))
+    assert _structure(model) == _structure(base.model)
+    assert list(model.state_dict()) == list(base_state)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, base_state[key]), key
+    assert not any(p.requires_grad for p in model.parameters())
+    _assert_close(_run(model, x), base_out)
+    with pytest.raises(ValueError, match="no LoRA adapters to unload"):
+        adaptsr.unload_lora(model)
+
+    adaptsr.load_adapter(model, tmp_path / "adapter")
+    _assert_close(_run(model, x), adapted_out)

@@ -75,9 +75,10 @@ class LoRALayer(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(
                 torch.empty(self._magnitude_shape(out_channels), dtype=weight.dtype, device=weight.device)
             )
-        # DoRA: the base weight as it was before merge(). W_dora rescales rows, so W cannot always be solved back
-        # from the merged weight (a row scaled to zero at strength 1); SR weights are small enough to keep. A buffer
-        # so that .to() moves it, left out of the state dict.
+        # The base weight as it was before merge(), so that unmerge() gives it back bit for bit: subtracting the
+        # update again is off by rounding (the base's hash, which load_adapter checks, would change), and DoRA's
+        # W_dora rescales rows, so W cannot always be solved back from it (a row scaled to zero). SR weights are
+        # small enough to keep. A buffer so that .to() moves it, left out of the state dict.
         self.register_buffer("_weight_before_merge", None, persistent=False)
         self.reset_lora_parameters(init_lora_weights)
 
@@ -239,21 +240,17 @@ class LoRALayer(nn.Module):
         """Fold the adapter into the base weight; the forward is then the base layer alone."""
         if self.merged:
             return
-        if self.use_dora:
-            self._weight_before_merge = self.base_layer.weight.clone()
+        self._weight_before_merge = self.base_layer.weight.clone()
         self.base_layer.weight.add_(self.get_delta_weight())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the adapter back out of the base weight."""
+        """Take the adapter back out of the base weight: the weight as it was before ``merge()``, bit for bit."""
         if not self.merged:
             return
-        if self.use_dora:
-            self.base_layer.weight.copy_(self._weight_before_merge)
-            self._weight_before_merge = None
-        else:
-            self.base_layer.weight.sub_(self.get_delta_weight())
+        self.base_layer.weight.copy_(self._weight_before_merge)
+        self._weight_before_merge = None
         self.merged = False
 
     @torch.no_grad()
