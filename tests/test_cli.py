@@ -69,6 +69,13 @@ def test_python_m_adaptsr_help():
         assert name in proc.stdout
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"adaptsr {adaptsr.__version__}"
+
+
 def test_merge(files, capsys, tmp_path):
     for suffix in (".safetensors", ".pth"):
         out = tmp_path / f"merged{suffix}"

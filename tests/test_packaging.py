@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import adaptsr
 from adaptsr import _cuda
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +69,15 @@ def test_wheel_holds_the_cuda_sources(wheel_and_target):
     assert "bindings.cpp" in translation_units and len(translation_units) > 1
     missing = [f for f in _checkout_csrc_files() if f"adaptsr/_csrc/{f}" not in names]
     assert not missing, f"{wheel.name} lacks these csrc/ files under adaptsr/_csrc/: {missing}"
+
+
+def test_wheel_holds_the_bundled_models_and_the_type_marker(wheel_and_target):
+    wheel, _ = wheel_and_target
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    models = sorted(p.name for p in (Path(adaptsr.__file__).parent / "models").iterdir() if p.suffix != ".py")
+    assert models and all(f"adaptsr/models/{name}" in names for name in models), sorted(names)
+    assert "adaptsr/py.typed" in names  # PEP 561: type checkers read the package's hints
 
 
 def test_installed_package_finds_its_own_sources(wheel_and_target):

@@ -14,6 +14,7 @@ import argparse
 import sys
 import warnings
 
+from adaptsr import __version__
 from adaptsr.cli._common import PROG, CommandError
 from adaptsr.cli.adapt import add_adapt_command
 from adaptsr.cli.bench import add_bench_command
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Adapt super-resolution models with LoRA. Run 'adaptsr COMMAND --help' for a command's flags.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_demo_command(commands)
     add_adapt_command(commands)
