@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -177,6 +178,28 @@ def test_upscale_in_16_bits(files, capsys, tmp_path, monkeypatch, precision, dty
     lr = read_image(files / "lr" / "a_LR2.png")[None]
     low = upscale(model.to(dtype), lr)[0]
     assert (sr - low).abs().max() <= 1 / 255 + 1e-4
+
+
+def test_upscale_keeps_16_bit_depth(files, capsys, tmp_path):
+    """A 16-bit input gives a 16-bit PNG holding the library's result to 1/65535; an 8-bit one stays 8-bit."""
+    cv2 = pytest.importorskip("cv2")
+    lr = read_image(files / "lr" / "a_LR2.png")
+    rng = np.random.default_rng(0)  # low bits an 8-bit file cannot hold
+    deep = ((lr * 255).round().numpy() * 257 + rng.integers(-100, 100, lr.shape)).clip(0, 65535).astype(np.uint16)
+    (tmp_path / "in").mkdir()
+    assert cv2.imwrite(str(tmp_path / "in" / "deep.png"), deep.transpose(1, 2, 0)[:, :, ::-1].copy())
+    shutil.copy(files / "lr" / "a_LR2.png", tmp_path / "in" / "flat.png")
+    code, out, err = _run(capsys, "upscale", tmp_path / "in", "--model", files / "base.safetensors",
+                          "--out", tmp_path / "sr")
+    assert code == 0, err
+    assert "(36x40, 16-bit)" in out and out.count("16-bit") == 1
+    written = cv2.imread(str(tmp_path / "sr" / "deep.png"), cv2.IMREAD_UNCHANGED)
+    assert written.dtype == np.uint16
+    model = adaptsr.load_model(files / "base.safetensors")
+    expect = upscale(model, torch.from_numpy(deep.astype(np.float32) / 65535)[None])[0].clamp(0, 1)
+    got = torch.from_numpy(written[:, :, ::-1].astype(np.float32) / 65535).permute(2, 0, 1)
+    assert (got - expect).abs().max() <= 0.5 / 65535 + 1e-6
+    assert cv2.imread(str(tmp_path / "sr" / "flat.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint8
 
 
 def test_upscale_keeps_transparency(files, capsys, tmp_path):

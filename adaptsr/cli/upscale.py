@@ -27,7 +27,7 @@ def _upscale_alpha(alpha, size):
 def _upscale(args: argparse.Namespace) -> int:
     import torch
 
-    from adaptsr.data.images import image_size, read_image, write_png
+    from adaptsr.data.images import image_bit_depth, image_size, read_image, write_png
     from adaptsr.infer import upscale
 
     files = _input_images(args.input)
@@ -47,8 +47,9 @@ def _upscale(args: argparse.Namespace) -> int:
         if image.shape[1] == 4:
             result = torch.cat([result, _upscale_alpha(image[:, 3:], result.shape[-2:])], dim=1)
         target = out / f"{path.stem}.png"
-        write_png(result[0], target)
-        print(f"{path} -> {target} ({result.shape[-1]}x{result.shape[-2]})")
+        bits = image_bit_depth(path)  # a 16-bit input keeps its depth (the model computes in float anyway)
+        write_png(result[0], target, bits=bits)
+        print(f"{path} -> {target} ({result.shape[-1]}x{result.shape[-2]}{', 16-bit' if bits == 16 else ''})")
     return 0
 
 
@@ -60,7 +61,7 @@ def add_upscale_command(subparsers) -> None:
             "Upscale INPUT (an image file, or every image in a folder) with the model (base, base + adapter, "
             "or merged) and write <name>.png to --out. --tile bounds memory on large images: tiles overlap and "
             "are blended, so no seams show. Transparent images stay transparent: the model upscales the colour, "
-            "bicubic interpolation the alpha channel."
+            "bicubic interpolation the alpha channel. 16-bit inputs (PNG, TIFF) give 16-bit PNGs."
         ),
     )
     p.add_argument("input", metavar="INPUT", help="an image file (png, jpg, bmp, tif, webp) or a folder of them")

@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from adaptsr.io import atomic_write
 
-__all__ = ["IMAGE_EXTENSIONS", "image_size", "list_images", "read_image", "write_png"]
+__all__ = ["IMAGE_EXTENSIONS", "image_bit_depth", "image_size", "list_images", "read_image", "write_png"]
 
 #: File extensions (lower case) that :func:`list_images` picks up.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -82,6 +82,16 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     if width <= 0 or height <= 0:
         raise ValueError(f"image {path} has no pixels (size {width}x{height})")
     return height, width
+
+
+def image_bit_depth(path: str | os.PathLike) -> int:
+    """16 for a file whose channels hold more than 8 bits (16-bit grey or colour, integer or float TIFF), else 8;
+    from the header only. What ``adaptsr upscale`` writes its result in."""
+    path = Path(path)
+    with _open(path) as img:
+        if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+            return 16
+        return 16 if img.mode in _HIGH_DEPTH_COLOUR_MODES and ";16" in _raw_mode(img) else 8
 
 
 def _raw_mode(img: Image.Image) -> str:
@@ -205,12 +215,15 @@ def read_image(path: str | os.PathLike, *, alpha: bool = False) -> torch.Tensor:
     return x.clamp(0.0, 1.0).contiguous()
 
 
-def write_png(image: torch.Tensor, path: str | os.PathLike) -> None:
-    """Write an image tensor with values in [0, 1] as an 8-bit PNG, atomically.
+def write_png(image: torch.Tensor, path: str | os.PathLike, *, bits: int = 8) -> None:
+    """Write an image tensor with values in [0, 1] as a PNG of ``bits`` (8 or 16) per channel, atomically.
 
     ``image``: [3, H, W] or [1, 3, H, W] (RGB), [4, H, W] (RGBA), or [H, W] / [1, H, W] (grey); values
-    are clamped to [0, 1] and rounded to the nearest of the 256 levels, so 8-bit values round-trip exactly.
+    are clamped to [0, 1] and rounded to the nearest of the 256 (65,536) levels, so 8-bit (16-bit) values
+    round-trip exactly through ``read_image``.
     """
+    if bits not in (8, 16):
+        raise ValueError(f"cannot write {path}: PNG bits per channel must be 8 or 16, got {bits!r}")
     path = Path(path)
     x = image.detach()
     if x.dim() == 4 and x.shape[0] == 1:
@@ -224,9 +237,29 @@ def write_png(image: torch.Tensor, path: str | os.PathLike) -> None:
     x = x.to(device="cpu", dtype=torch.float32)
     if not torch.isfinite(x).all():
         raise ValueError(f"cannot write {path}: the image holds NaN or inf values")
-    arr = (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    levels = (x.clamp(0.0, 1.0) * float(2**bits - 1)).round().to(torch.int32).permute(1, 2, 0).numpy()
+    if bits == 16:
+        encoded = _png16(levels.astype(np.uint16), path)
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(encoded))
+        return
+    arr = levels.astype(np.uint8)
     pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+
+
+def _png16(arr: np.ndarray, path: Path) -> bytes:
+    """A 16-bit PNG of ``arr`` [H, W, C] (grey, RGB or RGBA), encoded by OpenCV: Pillow writes 16-bit grey but
+    not 16-bit colour. OpenCV comes with pyiqa; the channels go in its BGR(A) order."""
+    import cv2
+
+    if arr.shape[2] == 3:
+        arr = arr[:, :, ::-1]
+    elif arr.shape[2] == 4:
+        arr = arr[:, :, [2, 1, 0, 3]]
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(arr[:, :, 0] if arr.shape[2] == 1 else arr))
+    if not ok:
+        raise ValueError(f"cannot write {path}: OpenCV could not encode a 16-bit PNG of shape {arr.shape}")
+    return encoded.tobytes()
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

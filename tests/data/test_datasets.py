@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from skimage import data as skdata
 
 from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFolderDataset
-from adaptsr.data.images import image_size, list_images, read_image, write_png
+from adaptsr.data.images import image_bit_depth, image_size, list_images, read_image, write_png
 
 
 def _photo(name: str, size: tuple[int, int] = (64, 64)) -> np.ndarray:
@@ -227,6 +227,36 @@ def test_write_png_clamps_rounds_and_is_atomic(tmp_path):
     with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\)"):
         write_png(torch.zeros(2, 3, 4, 4), tmp_path / "bad.png")
     assert not (tmp_path / "nan.png").exists() and not (tmp_path / "bad.png").exists()
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_write_png_in_16_bits_round_trips(tmp_path, channels):
+    rng = np.random.default_rng(channels)
+    levels = rng.integers(0, 65536, (channels, 9, 7)).astype(np.float64)
+    levels[:, 0, :2] = [0, 65535]  # both ends
+    image = torch.from_numpy(levels / 65535).float()
+    write_png(image, tmp_path / "x16.png", bits=16)
+    assert image_bit_depth(tmp_path / "x16.png") == 16
+    got = read_image(tmp_path / "x16.png", alpha=True)
+    expected = image.expand(3, -1, -1) if channels == 1 else image
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)  # every level back: 8 bits would be off by 1/255
+    assert os.listdir(tmp_path) == ["x16.png"]
+    with pytest.raises(ValueError, match="8 or 16, got 12"):
+        write_png(image, tmp_path / "x12.png", bits=12)
+
+
+def test_image_bit_depth(tmp_path, astronaut):
+    assert image_bit_depth(_save(astronaut, tmp_path / "a.png")) == 8
+    assert image_bit_depth(_save(astronaut, tmp_path / "a.jpg")) == 8
+    for suffix in (".png", ".tiff"):
+        Image.fromarray(np.full((4, 5), 40000, np.uint16)).save(tmp_path / f"g16{suffix}")
+        assert image_bit_depth(tmp_path / f"g16{suffix}") == 16
+    cv2 = pytest.importorskip("cv2")
+    assert cv2.imwrite(str(tmp_path / "c16.png"), np.full((4, 5, 3), 40000, np.uint16))
+    assert image_bit_depth(tmp_path / "c16.png") == 16
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.png"):
+        image_bit_depth(tmp_path / "junk.png")
 
 
 def test_list_images(tmp_path, astronaut):
