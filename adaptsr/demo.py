@@ -21,6 +21,10 @@ import torch.nn.functional as F
 
 MODELS = Path(__file__).parent / "models"
 SCALE = 4
+# The training recipe: LoRA+ (lora_B at 16x the rate of lora_A) from a base rate of 1e-3. On the demo's task it
+# beat plain LoRA at the best plain rate, 2e-3, by 0.22-0.23 dB PSNR-Y on each of three seeds (2026-12-06).
+LR = 1e-3
+LORA_PLUS_RATIO = 16.0
 
 
 def bundled_model_path(name: str) -> Path:
@@ -51,9 +55,12 @@ def run_demo(
     quick: bool = False,
     device: str | None = None,
     use_dora: bool = False,
+    lr: float = LR,
+    lora_plus_ratio: float = LORA_PLUS_RATIO,
 ) -> dict:
     """Run the demo and return its numbers; ``quick`` shrinks everything to a smoke test, ``use_dora`` trains
-    DoRA adapters instead of LoRA ones."""
+    DoRA adapters instead of LoRA ones, ``lr`` and ``lora_plus_ratio`` as in ``TrainConfig`` (ratio 1: plain
+    LoRA)."""
     import adaptsr
     from adaptsr.data import CachedValidationSet, HRFolderDataset, degrade, load_degradation
     from adaptsr.data.bundled import HELD_OUT, TRAIN, load_photo, write_photos
@@ -87,8 +94,11 @@ def run_demo(
                                 seed=seed, samples_per_epoch=len(TRAIN) * 32)
     if steps is None:
         steps = 4 if quick else (2000 if device.startswith("cuda") else 300)
-    config = TrainConfig(steps=steps, batch_size=4 if quick else 16, lr=2e-3, warmup_steps=min(20, steps // 5),
-                         checkpoint_every=max(1, steps // 4), seed=seed, log_every=0 if quick else 10)
+    config = TrainConfig(steps=steps, batch_size=4 if quick else 16, lr=lr, warmup_steps=min(20, steps // 5),
+                         checkpoint_every=max(1, steps // 4), seed=seed, log_every=0 if quick else 10,
+                         lora_plus_ratio=lora_plus_ratio)
+    print(f"training: {steps} steps of {config.batch_size} crops, lr {lr:g}"
+          + (f", LoRA+ (lora_B at {lora_plus_ratio:g}x)" if lora_plus_ratio != 1 else ""), flush=True)
     start = time.perf_counter()
     metrics = adapt(descriptor, train_set, out / "run", config, val_set=val_set, device=device)
     minutes = (time.perf_counter() - start) / 60

@@ -48,3 +48,19 @@ def test_demo_trains_dora_adapters(tmp_path, capsys):
     assert main(["demo", "--use-dora", "--quick", "--steps", "1", "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert "DoRA r=8, merged" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+
+
+@pytest.mark.parametrize(("flags", "lr", "ratio"),
+                         [([], 1e-3, 16.0), (["--lr", "2e-3", "--lora-plus-ratio", "1"], 2e-3, 1.0)])
+def test_demo_trains_with_lora_plus_unless_told_otherwise(tmp_path, capsys, flags, lr, ratio):
+    """The demo's recipe is LoRA+ (lora_B at 16x a base rate of 1e-3); the flags give plain LoRA back."""
+    import json
+
+    import torch
+
+    assert main(["demo", "--quick", "--steps", "1", "--out", str(tmp_path), "--device", "cpu", *flags]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["lr"], config["lora_plus_ratio"]) == (lr, ratio)
+    optimizer = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["optimizer"]
+    assert [group["initial_lr"] for group in optimizer["param_groups"]] == ([lr, lr * ratio] if ratio != 1 else [lr])
+    assert f"lr {lr:g}" in capsys.readouterr().out

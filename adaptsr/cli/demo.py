@@ -9,7 +9,8 @@ def _demo(args: argparse.Namespace) -> int:
     from adaptsr.demo import run_demo
 
     run_demo(model=args.model, profile=args.profile, steps=args.steps, rank=args.rank, out=args.out, seed=args.seed,
-             quick=args.quick, device=args.device, use_dora=args.use_dora)
+             quick=args.quick, device=args.device, use_dora=args.use_dora, lr=args.lr,
+             lora_plus_ratio=args.lora_plus_ratio)
     return 0
 
 
@@ -30,6 +31,11 @@ def add_demo_command(subparsers) -> None:
     demo.add_argument("--steps", type=int, help="training steps (default: 300 on a CPU, 2000 on a GPU)")
     demo.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     demo.add_argument("--use-dora", action="store_true", help="train DoRA adapters instead of LoRA ones")
+    # the defaults are adaptsr.demo's LR and LORA_PLUS_RATIO, written out so that --help does not import torch
+    demo.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    demo.add_argument("--lora-plus-ratio", type=float, default=16.0, metavar="R",
+                      help="LoRA+: lora_B learns at R times --lr (default: 16; 1 with --lr 2e-3 is the plain LoRA "
+                           "recipe the demo used before)")
     demo.add_argument("--out", default="adaptsr-demo", help="output folder (default: ./adaptsr-demo)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the degradations and the training (default: 0)")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run on crops (what the tests run)")
