@@ -427,7 +427,8 @@ def adapt(
         if state.get("lora_plus_ratio", 1.0) != config.lora_plus_ratio:
             raise ValueError(f"checkpoint {checkpoint_path} was trained with lora_plus_ratio "
                              f"{state.get('lora_plus_ratio', 1.0):g} and this run has {config.lora_plus_ratio:g}; "
-                             "resume with the run's own ratio, or start a new run")
+                             f"resume with the run's own ratio (adaptsr adapt --lora-plus-ratio "
+                             f"{state.get('lora_plus_ratio', 1.0):g}), or start a new run")
         if (state.get("ema") is None) != (ema is None):
             had = "with" if ema is None else "without"
             raise ValueError(f"checkpoint {checkpoint_path} was trained {had} an EMA of the weights and this run is "

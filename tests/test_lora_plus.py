@@ -73,7 +73,7 @@ def test_b_learns_at_ratio_times_the_scheduled_rate_and_resume_holds_the_ratio(t
     torch.manual_seed(0)
     again = ESRGAN(num_filters=8, num_blocks=1, scale=2)
     inject_lora(again, preset="esrgan", rank=2)
-    with pytest.raises(ValueError, match="trained with lora_plus_ratio 8 and this run has 4"):
+    with pytest.raises(ValueError, match=r"trained with lora_plus_ratio 8 and this run has 4; .*--lora-plus-ratio 8\)"):
         adapt(again, _pairs(), tmp_path / "run", dataclasses.replace(config, steps=4, lora_plus_ratio=4),
               device="cpu", resume=True)
     adapt(again, _pairs(), tmp_path / "run", dataclasses.replace(config, steps=4), device="cpu", resume=True)
@@ -93,9 +93,21 @@ def test_the_command_line_flag(tmp_path, capsys):
     checkpoint = tmp_path / "base.safetensors"
     adaptsr.save_model(ESRGAN(num_filters=8, num_blocks=1, scale=2), checkpoint)
     argv = ["adapt", "--model", str(checkpoint), "--hr", str(hr_dir), "--steps", "1", "--batch-size", "2",
-            "--patch", "16", "--rank", "2", "--device", "cpu", "--lora-plus-ratio", "16"]
+            "--patch", "16", "--rank", "2", "--device", "cpu"]
+
+    def recipe(run: str) -> tuple[float, float, list[float]]:
+        config = json.loads((tmp_path / run / "config.json").read_text())
+        groups = torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["optimizer"]["param_groups"]
+        return config["lr"], config["lora_plus_ratio"], [group["initial_lr"] for group in groups]
+
+    # the defaults: adapters train with LoRA+ x16 from 1e-3, full fine-tuning plainly at 2e-4
     assert main([*argv, "--out", str(tmp_path / "run")]) == 0
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["lora_plus_ratio"] == 16
-    assert main([*argv, "--full-finetune", "--out", str(tmp_path / "full")]) == 1
+    assert recipe("run") == (1e-3, 16.0, [1e-3, 16e-3])
+    assert main([*argv, "--full-finetune", "--out", str(tmp_path / "full")]) == 0
+    assert recipe("full") == (2e-4, 1.0, [2e-4])
+    # the flags override them
+    assert main([*argv, "--lr", "2e-3", "--lora-plus-ratio", "1", "--out", str(tmp_path / "plain")]) == 0
+    assert recipe("plain") == (2e-3, 1.0, [2e-3])
+    assert main([*argv, "--full-finetune", "--lora-plus-ratio", "16", "--out", str(tmp_path / "refused")]) == 1
     assert "--full-finetune trains no adapters" in capsys.readouterr().err
-    assert not (tmp_path / "full").exists()
+    assert not (tmp_path / "refused").exists()
