@@ -16,6 +16,7 @@ from adaptsr.inject import (
 )
 from adaptsr.io import load_model, save_model
 from adaptsr.nn import LoRAConv2d, LoRAConvTranspose2d, LoRALinear, LoRAWindowAttention
+from adaptsr.optim import create_loraplus_optimizer
 from adaptsr.presets import PRESETS
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "LoRASummary",
     "LoRAWindowAttention",
     "combine_adapters",
+    "create_loraplus_optimizer",
     "evaluate_pairs",
     "get_backend",
     "inject_lora",

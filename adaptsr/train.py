@@ -52,6 +52,7 @@ from adaptsr.infer import image_of, upscale
 from adaptsr.inject import lora_layers, unwrap_model
 from adaptsr.io import atomic_write, save_model
 from adaptsr.objective import Objective
+from adaptsr.optim import _check_lora_plus_ratio, _optimizer_groups, _trainable
 
 __all__ = ["TrainConfig", "adapt"]
 
@@ -106,8 +107,7 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no average), got {self.ema_decay}")
         if self.val_tile < 0:
             raise ValueError(f"val_tile must be 0 (whole images) or a tile size in pixels, got {self.val_tile}")
-        if not (math.isfinite(self.lora_plus_ratio) and self.lora_plus_ratio > 0):
-            raise ValueError(f"lora_plus_ratio must be a positive number (1: plain LoRA), got {self.lora_plus_ratio}")
+        _check_lora_plus_ratio(self.lora_plus_ratio)
         _uses_bf16(self.amp, "cpu")  # a clear error for an unknown amp now, not at the first step
 
 
@@ -293,31 +293,6 @@ def _write_comparison(path: Path, before, after, crop: int = 96, rows: int = 4) 
     write_png(torch.cat(tiles, dim=1), path)
 
 
-def _optimizer_groups(params: dict[str, nn.Parameter], config: TrainConfig) -> list[dict]:
-    """AdamW's parameter groups: one at ``lr``, or with LoRA+ A at ``lr`` and B at ``lr * lora_plus_ratio``.
-
-    LoRA+ sorts as PEFT's ``create_loraplus_optimizer`` does (the tests hold the two to each other): the fast
-    group is every ``lora_B`` and every one-dimensional parameter (a linear layer's DoRA magnitude; a conv's,
-    ``[1, out, 1, 1]`` in PEFT's layout, stays with A).
-    """
-    if config.lora_plus_ratio == 1.0:
-        return [{"params": list(params.values())}]
-    fast = {name for name, p in params.items() if "lora_B" in name or p.ndim == 1}
-    if not fast:
-        raise ValueError("lora_plus_ratio: the model has no lora_B to speed up (LoRA+ is for LoRA adapters)")
-    return [
-        {"params": [p for name, p in params.items() if name not in fast]},
-        {"params": [p for name, p in params.items() if name in fast], "lr": config.lr * config.lora_plus_ratio},
-    ]
-
-
-def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
-    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError("the model has no trainable parameters: call inject_lora first, or unfreeze it")
-    return params
-
-
 def _write_json(path: Path, data: dict) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
@@ -372,7 +347,8 @@ def adapt(
         raise ValueError(f"batch_size {config.batch_size} does not split evenly over {world} processes")
     params = _trainable(module)
     network = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None) if world > 1 else module
-    optimizer = torch.optim.AdamW(_optimizer_groups(params, config), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_optimizer_groups(params, config.lr, config.lora_plus_ratio), lr=config.lr,
+                                  weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     use_bf16 = _uses_bf16(config.amp, device.type)
     channels = getattr(model, "output_channels", 3)  # a spandrel descriptor's; a bare module's shows at its first step

@@ -151,14 +151,14 @@ def _timed_step(module, params, optimizer, lr_img: torch.Tensor, hr: torch.Tenso
 
 def _train(module, train_set, args, lr: float, device: torch.device, lora_plus_ratio: float = 1.0) -> dict:
     """The loop of ``adaptsr.adapt`` (same batches, schedule, loss, clipping, LoRA+ groups), timed per step."""
-    from adaptsr.train import TrainConfig, _batch_indices, _load_batch, _lr_factor, _optimizer_groups
+    from adaptsr.optim import create_loraplus_optimizer
+    from adaptsr.train import TrainConfig, _batch_indices, _load_batch, _lr_factor
 
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, warmup_steps=min(20, args.steps // 5),
                          seed=args.seed, lora_plus_ratio=lora_plus_ratio)
-    named = {name: p for name, p in module.named_parameters() if p.requires_grad}
-    params = list(named.values())
+    params = [p for p in module.parameters() if p.requires_grad]
     # AdamW's own default weight decay (0.01), as in the study's first runs, not TrainConfig's 0
-    optimizer = torch.optim.AdamW(_optimizer_groups(named, config), lr=lr)
+    optimizer = create_loraplus_optimizer(module, lr, lora_plus_ratio)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     module.to(device).train()
     step_seconds, losses = [], []

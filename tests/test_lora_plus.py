@@ -8,12 +8,13 @@ import json
 
 import pytest
 import torch
-from peft.optimizers import create_loraplus_optimizer
+from peft.optimizers import create_loraplus_optimizer as peft_loraplus_optimizer
 from spandrel.architectures.ESRGAN import ESRGAN
 from spandrel.architectures.SwinIR import SwinIR
 
 from adaptsr import inject_lora
-from adaptsr.train import TrainConfig, _optimizer_groups, _trainable, adapt
+from adaptsr.optim import _optimizer_groups, _trainable, create_loraplus_optimizer
+from adaptsr.train import TrainConfig, adapt
 
 
 def _swinir_dora():
@@ -28,9 +29,8 @@ def _swinir_dora():
 @pytest.mark.parametrize("ratio", [16.0, 0.5])
 def test_groups_are_peft_loraplus_groups(ratio):
     model = _swinir_dora()
-    ours = torch.optim.AdamW(_optimizer_groups(_trainable(model), TrainConfig(lr=1e-3, lora_plus_ratio=ratio)),
-                             lr=1e-3)
-    peft = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=ratio)
+    ours = create_loraplus_optimizer(model, lr=1e-3, lora_plus_ratio=ratio, weight_decay=0.0)
+    peft = peft_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=ratio)
 
     def by_lr(optimizer):
         groups = {}
@@ -40,17 +40,20 @@ def test_groups_are_peft_loraplus_groups(ratio):
 
     assert by_lr(ours) == by_lr(peft)
     assert set(by_lr(ours)) == {1e-3, 1e-3 * ratio}
+    assert isinstance(ours, torch.optim.AdamW) and all(g["weight_decay"] == 0.0 for g in ours.param_groups)
 
 
 def test_ratio_one_is_one_group_and_a_model_without_lora_b_is_refused():
     model = _swinir_dora()
-    assert len(_optimizer_groups(_trainable(model), TrainConfig())) == 1
+    assert len(_optimizer_groups(_trainable(model), 1e-3, 1.0)) == 1
     full = ESRGAN(num_filters=8, num_blocks=1, scale=2)
     weights = {name: p for name, p in full.named_parameters() if p.ndim > 1}
     with pytest.raises(ValueError, match="no lora_B to speed up"):
-        _optimizer_groups(weights, TrainConfig(lora_plus_ratio=16))
+        _optimizer_groups(weights, 1e-3, 16.0)
     with pytest.raises(ValueError, match="lora_plus_ratio must be a positive number"):
         TrainConfig(lora_plus_ratio=0)
+    with pytest.raises(ValueError, match="lora_plus_ratio must be a positive number"):
+        create_loraplus_optimizer(model, lora_plus_ratio=float("nan"))
 
 
 def _pairs():
