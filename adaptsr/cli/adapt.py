@@ -70,7 +70,7 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps before the cosine decay")
     p.add_argument("--lora-plus-ratio", type=float, metavar="R",
                    help=f"LoRA+: lora_B (and one-dimensional parameters) learn at R times --lr (default: "
-                        f"{_ADAPTER_LORA_PLUS_RATIO:g}; 1 is plain LoRA, as PEFT trains it)")
+                        f"{_ADAPTER_LORA_PLUS_RATIO:g} for adapters; 1 is plain LoRA, as PEFT trains it)")
     p.add_argument("--ema-decay", type=_nonneg_float, default=0.0, metavar="D",
                    help="validate and save an exponential moving average of the trained weights with this decay "
                         "(e.g. 0.999, BasicSR's; warmed up over the first steps; default: 0, none)")
