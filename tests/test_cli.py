@@ -223,6 +223,39 @@ def test_upscale_keeps_transparency(files, capsys, tmp_path):
     assert (sr[3:] - expect_alpha).abs().max() <= 1 / 255 + 1e-4
 
 
+def test_upscale_keeps_grey_inputs_grey(files, capsys, tmp_path):
+    """Grey inputs (8-bit, 16-bit, grey + alpha) come out grey: the luma of the model's RGB output, as Pillow
+    converts RGB to grey; a colour input in the same folder stays RGB."""
+    cv2 = pytest.importorskip("cv2")
+    grey = read_image(files / "lr" / "a_LR2.png").mean(0)  # a grey image with the test picture's structure
+    levels8 = (grey * 255).round().byte().numpy()
+    (tmp_path / "in").mkdir()
+    Image.fromarray(levels8, "L").save(tmp_path / "in" / "g8.png")
+    assert cv2.imwrite(str(tmp_path / "in" / "g16.png"), levels8.astype(np.uint16) * 257 + 77)
+    alpha = np.linspace(0, 255, levels8.size).reshape(levels8.shape).round().astype(np.uint8)
+    Image.fromarray(np.stack([levels8, alpha], -1), "LA").save(tmp_path / "in" / "ga.png")
+    shutil.copy(files / "lr" / "b_LR2.png", tmp_path / "in" / "colour.png")
+    code, out, err = _run(capsys, "upscale", tmp_path / "in", "--model", files / "base.safetensors",
+                          "--out", tmp_path / "sr")
+    assert code == 0, err
+    assert out.count(", grey") == 3 and "(36x40, grey, 16-bit)" in out
+    modes = {name: Image.open(tmp_path / "sr" / f"{name}.png").mode for name in ("g8", "g16", "ga", "colour")}
+    assert modes["g8"] == "L" and modes["ga"] == "LA" and modes["colour"] == "RGB"
+    assert modes["g16"].startswith("I")  # Pillow's modes for 16-bit grey
+    model = adaptsr.load_model(files / "base.safetensors")
+    for name in ("g8", "ga"):
+        rgb = upscale(model, read_image(tmp_path / "in" / f"{name}.png")[None])[0].clamp(0, 1)
+        rgb8 = (rgb * 255).round().byte().permute(1, 2, 0).numpy()
+        expect = np.asarray(Image.fromarray(rgb8, "RGB").convert("L"), dtype=np.int32)
+        got = np.asarray(Image.open(tmp_path / "sr" / f"{name}.png").getchannel(0), dtype=np.int32)
+        assert np.abs(got - expect).max() <= 1, name
+    written16 = cv2.imread(str(tmp_path / "sr" / "g16.png"), cv2.IMREAD_UNCHANGED)
+    assert written16.dtype == np.uint16 and written16.ndim == 2
+    rgb = upscale(model, read_image(tmp_path / "in" / "g16.png")[None])[0].clamp(0, 1)
+    expect16 = cv2.cvtColor(rgb.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2GRAY)
+    assert np.abs(written16 / 65535 - expect16).max() <= 1 / 65535 + 1e-6
+
+
 def test_eval_pairs(files, capsys, tmp_path):
     code, out, err = _run(
         capsys,

@@ -24,10 +24,18 @@ def _upscale_alpha(alpha, size):
     return F.interpolate(alpha, size=tuple(size), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
+def _to_grey(rgb):
+    """The model's RGB output of a grey input as one channel: ITU-R BT.601 luma, the weights Pillow and
+    OpenCV convert to grey with (kornia's rgb_to_grayscale)."""
+    from kornia.color import rgb_to_grayscale
+
+    return rgb_to_grayscale(rgb)
+
+
 def _upscale(args: argparse.Namespace) -> int:
     import torch
 
-    from adaptsr.data.images import image_bit_depth, image_size, read_image, write_png
+    from adaptsr.data.images import image_bit_depth, image_is_grey, image_size, read_image, write_png
     from adaptsr.infer import upscale
 
     files = _input_images(args.input)
@@ -44,12 +52,16 @@ def _upscale(args: argparse.Namespace) -> int:
     for path in files:
         image = read_image(path, alpha=True).unsqueeze(0)
         result = upscale(model, image[:, :3], tile=args.tile or None, overlap=args.overlap)
+        grey = image_is_grey(path)  # the model sees grey replicated to RGB; its output goes back to grey
+        if grey:
+            result = _to_grey(result)
         if image.shape[1] == 4:
             result = torch.cat([result, _upscale_alpha(image[:, 3:], result.shape[-2:])], dim=1)
         target = out / f"{path.stem}.png"
         bits = image_bit_depth(path)  # a 16-bit input keeps its depth (the model computes in float anyway)
         write_png(result[0], target, bits=bits)
-        print(f"{path} -> {target} ({result.shape[-1]}x{result.shape[-2]}{', 16-bit' if bits == 16 else ''})")
+        notes = ", grey" * grey + ", 16-bit" * (bits == 16)
+        print(f"{path} -> {target} ({result.shape[-1]}x{result.shape[-2]}{notes})")
     return 0
 
 
@@ -61,7 +73,8 @@ def add_upscale_command(subparsers) -> None:
             "Upscale INPUT (an image file, or every image in a folder) with the model (base, base + adapter, "
             "or merged) and write <name>.png to --out. --tile bounds memory on large images: tiles overlap and "
             "are blended, so no seams show. Transparent images stay transparent: the model upscales the colour, "
-            "bicubic interpolation the alpha channel. 16-bit inputs (PNG, TIFF) give 16-bit PNGs."
+            "bicubic interpolation the alpha channel. Grey inputs give grey PNGs, 16-bit inputs (PNG, TIFF) 16-bit "
+            "ones."
         ),
     )
     p.add_argument("input", metavar="INPUT", help="an image file (png, jpg, bmp, tif, webp) or a folder of them")

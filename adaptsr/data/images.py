@@ -28,7 +28,15 @@ from PIL import Image, UnidentifiedImageError
 
 from adaptsr.io import atomic_write
 
-__all__ = ["IMAGE_EXTENSIONS", "image_bit_depth", "image_size", "list_images", "read_image", "write_png"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "image_bit_depth",
+    "image_is_grey",
+    "image_size",
+    "list_images",
+    "read_image",
+    "write_png",
+]
 
 #: File extensions (lower case) that :func:`list_images` picks up.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -36,6 +44,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", 
 _EXIF_ORIENTATION = 0x0112
 # Pillow reduces these raw modes to 8-bit RGB(A)/LA: decode them with OpenCV instead.
 _HIGH_DEPTH_COLOUR_MODES = ("RGB", "RGBA", "LA", "PA")
+_GREY_MODES = ("1", "L", "LA", "La", "I", "F")
 
 
 def _open(path: Path) -> Image.Image:
@@ -92,6 +101,14 @@ def image_bit_depth(path: str | os.PathLike) -> int:
         if img.mode.startswith("I;16") or img.mode in ("I", "F"):
             return 16
         return 16 if img.mode in _HIGH_DEPTH_COLOUR_MODES and ";16" in _raw_mode(img) else 8
+
+
+def image_is_grey(path: str | os.PathLike) -> bool:
+    """Whether the file stores grey pixels (bilevel, grey or grey + alpha, any depth), from the header only.
+    ``adaptsr upscale`` writes such inputs back as grey; a palette image counts as colour."""
+    path = Path(path)
+    with _open(path) as img:
+        return img.mode in _GREY_MODES or img.mode.startswith("I;16")
 
 
 def _raw_mode(img: Image.Image) -> str:
@@ -218,9 +235,11 @@ def read_image(path: str | os.PathLike, *, alpha: bool = False) -> torch.Tensor:
 def write_png(image: torch.Tensor, path: str | os.PathLike, *, bits: int = 8) -> None:
     """Write an image tensor with values in [0, 1] as a PNG of ``bits`` (8 or 16) per channel, atomically.
 
-    ``image``: [3, H, W] or [1, 3, H, W] (RGB), [4, H, W] (RGBA), or [H, W] / [1, H, W] (grey); values
-    are clamped to [0, 1] and rounded to the nearest of the 256 (65,536) levels, so 8-bit (16-bit) values
-    round-trip exactly through ``read_image``.
+    ``image``: [3, H, W] or [1, 3, H, W] (RGB), [4, H, W] (RGBA), [2, H, W] (grey + alpha), or [H, W] /
+    [1, H, W] (grey); values are clamped to [0, 1] and rounded to the nearest of the 256 (65,536) levels,
+    so 8-bit (16-bit) values round-trip exactly through ``read_image``. A 16-bit grey + alpha image is
+    written as RGBA with the grey in all three colour channels: OpenCV, which writes the 16-bit PNGs,
+    encodes 1, 3 or 4 channels only.
     """
     if bits not in (8, 16):
         raise ValueError(f"cannot write {path}: PNG bits per channel must be 8 or 16, got {bits!r}")
@@ -230,15 +249,18 @@ def write_png(image: torch.Tensor, path: str | os.PathLike, *, bits: int = 8) ->
         x = x[0]
     if x.dim() == 2:
         x = x[None]
-    if x.dim() != 3 or x.shape[0] not in (1, 3, 4) or x.shape[1] == 0 or x.shape[2] == 0:
+    if x.dim() != 3 or x.shape[0] not in (1, 2, 3, 4) or x.shape[1] == 0 or x.shape[2] == 0:
         raise ValueError(
-            f"cannot write {path}: expected an image tensor [3, H, W], [4, H, W] or [H, W], got {tuple(image.shape)}"
+            f"cannot write {path}: expected an image tensor [3, H, W], [4, H, W], [2, H, W] or [H, W], "
+            f"got {tuple(image.shape)}"
         )
     x = x.to(device="cpu", dtype=torch.float32)
     if not torch.isfinite(x).all():
         raise ValueError(f"cannot write {path}: the image holds NaN or inf values")
     levels = (x.clamp(0.0, 1.0) * float(2**bits - 1)).round().to(torch.int32).permute(1, 2, 0).numpy()
     if bits == 16:
+        if levels.shape[2] == 2:
+            levels = levels[:, :, [0, 0, 0, 1]]
         encoded = _png16(levels.astype(np.uint16), path)
         atomic_write(path, lambda tmp: Path(tmp).write_bytes(encoded))
         return

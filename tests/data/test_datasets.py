@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from skimage import data as skdata
 
 from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFolderDataset
-from adaptsr.data.images import image_bit_depth, image_size, list_images, read_image, write_png
+from adaptsr.data.images import image_bit_depth, image_is_grey, image_size, list_images, read_image, write_png
 
 
 def _photo(name: str, size: tuple[int, int] = (64, 64)) -> np.ndarray:
@@ -229,7 +229,7 @@ def test_write_png_clamps_rounds_and_is_atomic(tmp_path):
     assert not (tmp_path / "nan.png").exists() and not (tmp_path / "bad.png").exists()
 
 
-@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
 def test_write_png_in_16_bits_round_trips(tmp_path, channels):
     rng = np.random.default_rng(channels)
     levels = rng.integers(0, 65536, (channels, 9, 7)).astype(np.float64)
@@ -238,11 +238,34 @@ def test_write_png_in_16_bits_round_trips(tmp_path, channels):
     write_png(image, tmp_path / "x16.png", bits=16)
     assert image_bit_depth(tmp_path / "x16.png") == 16
     got = read_image(tmp_path / "x16.png", alpha=True)
-    expected = image.expand(3, -1, -1) if channels == 1 else image
+    expected = image[[0, 0, 0, 1][: 3 if channels == 1 else 4]] if channels < 3 else image  # grey to RGB(A)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)  # every level back: 8 bits would be off by 1/255
     assert os.listdir(tmp_path) == ["x16.png"]
     with pytest.raises(ValueError, match="8 or 16, got 12"):
         write_png(image, tmp_path / "x12.png", bits=12)
+
+
+def test_write_png_grey_with_alpha(tmp_path):
+    image = torch.rand(2, 5, 6)
+    write_png(image, tmp_path / "la.png")
+    assert Image.open(tmp_path / "la.png").mode == "LA"
+    torch.testing.assert_close(read_image(tmp_path / "la.png", alpha=True), image[[0, 0, 0, 1]], rtol=0, atol=0.5 / 255)
+
+
+def test_image_is_grey(tmp_path, astronaut):
+    assert not image_is_grey(_save(astronaut, tmp_path / "a.png"))
+    assert not image_is_grey(_save(astronaut, tmp_path / "a.jpg"))
+    rgb = Image.fromarray(np.full((4, 5, 3), 9, np.uint8))
+    for mode in ("1", "L", "LA", "P", "RGBA"):
+        rgb.convert(mode).save(tmp_path / f"{mode}.png")
+        assert image_is_grey(tmp_path / f"{mode}.png") == (mode in ("1", "L", "LA")), mode
+    rgb.convert("L").save(tmp_path / "L.jpg")
+    assert image_is_grey(tmp_path / "L.jpg")
+    Image.fromarray(np.full((4, 5), 40000, np.uint16)).save(tmp_path / "g16.tiff")
+    assert image_is_grey(tmp_path / "g16.tiff")
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.png"):
+        image_is_grey(tmp_path / "junk.png")
 
 
 def test_image_bit_depth(tmp_path, astronaut):
