@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from adaptsr.adapter import save_adapter
+from adaptsr.data.batches import auto_num_workers, training_batches
 from adaptsr.discriminator import UNetDiscriminator
 from adaptsr.ema import ParameterEMA
 from adaptsr.infer import image_of, upscale
@@ -90,6 +91,9 @@ class TrainConfig:
     ema_decay: float = 0.0
     # LoRA+ (Hayou et al., 2024): lora_B and the one-dimensional parameters learn at this many times lr; 1: off
     lora_plus_ratio: float = 1.0
+    # DataLoader worker processes preparing the next steps' batches (adaptsr.data.batches); None: on a GPU one
+    # per CPU core less one, at most 8, on the CPU none. The batches are the same whatever the number.
+    num_workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -108,6 +112,8 @@ class TrainConfig:
         if self.val_tile < 0:
             raise ValueError(f"val_tile must be 0 (whole images) or a tile size in pixels, got {self.val_tile}")
         _check_lora_plus_ratio(self.lora_plus_ratio)
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be None (automatic), 0 (no workers) or more, got {self.num_workers}")
         _uses_bf16(self.amp, "cpu")  # a clear error for an unknown amp now, not at the first step
 
 
@@ -131,6 +137,7 @@ def _batch_indices(step: int, num_items: int, config: TrainConfig) -> tuple[list
 
 
 def _load_batch(dataset, indices: list[int], epoch: int, device: torch.device):
+    """One batch built in this process (the training loop's come from adaptsr.data.batches)."""
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     pairs = [dataset[i] for i in indices]
@@ -449,49 +456,57 @@ def adapt(
     bad_in_a_row = 0
     adapters_checked = False
     clock = time.perf_counter()
-    for step in range(start_step, config.steps):
+
+    def rank_items(step: int) -> tuple[list[int], int]:
         indices, epoch = _batch_indices(step, len(train_set), config)
-        lr, hr = _load_batch(train_set, indices[rank::world], epoch, device)
-        loss, terms, sr = _training_loss(network, objective, lr, hr, use_bf16)
-        finite = torch.isfinite(loss.detach()).float()
-        if world > 1:  # every rank must skip together, or DDP's all-reduce waits forever
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
-            history["skipped_steps"] += 1
-            bad_in_a_row += 1
-            if bad_in_a_row > _MAX_BAD_STEPS:
-                raise RuntimeError(f"{bad_in_a_row} non-finite losses in a row at step {step}: lower the learning rate")
+        return indices[rank::world], epoch
+
+    steps = range(start_step, config.steps)
+    num_workers = auto_num_workers(device) if config.num_workers is None else config.num_workers
+    batches = training_batches(train_set, steps, rank_items, device, num_workers)
+    with contextlib.closing(batches):  # stops the workers however the loop ends
+        for step, (lr, hr) in zip(steps, batches):
+            loss, terms, sr = _training_loss(network, objective, lr, hr, use_bf16)
+            finite = torch.isfinite(loss.detach()).float()
+            if world > 1:  # every rank must skip together, or DDP's all-reduce waits forever
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite.item():
+                history["skipped_steps"] += 1
+                bad_in_a_row += 1
+                if bad_in_a_row > _MAX_BAD_STEPS:
+                    raise RuntimeError(f"{bad_in_a_row} non-finite losses in a row at step {step}: "
+                                       "lower the learning rate")
+                schedule.step()
+                continue
+            bad_in_a_row = 0
+            _apply_gradients(loss, params, optimizer, config.grad_clip)
+            if ema is not None:
+                ema.update()
+            if not adapters_checked:  # this run's first step that trained
+                _check_adapters_run(module)
+                adapters_checked = True
+            if objective.discriminator is not None:
+                terms.update(objective.discriminator_step(sr, hr, use_bf16))
             schedule.step()
-            continue
-        bad_in_a_row = 0
-        _apply_gradients(loss, params, optimizer, config.grad_clip)
-        if ema is not None:
-            ema.update()
-        if not adapters_checked:  # this run's first step that trained
-            _check_adapters_run(module)
-            adapters_checked = True
-        if objective.discriminator is not None:
-            terms.update(objective.discriminator_step(sr, hr, use_bf16))
-        schedule.step()
-        logged = torch.stack([loss.detach().float()] + [terms[name].detach().float() for name in objective.terms])
-        if world > 1:  # log the global batch's losses, the same on every rank
-            dist.all_reduce(logged)
-            logged /= world
-        loss, *term_values = logged.tolist()
-        history["loss"].append(loss)
-        for name, value in zip(objective.terms, term_values):
-            history["loss_terms"][name].append(value)
-        done = step + 1
-        progress.update(1)
-        if config.log_every and done % config.log_every == 0:
-            progress.set_postfix(loss=f"{loss:.4f}")
-        # the last step validates before its checkpoint, so a later --resume keeps this run's final scores
-        if val_set is not None and (config.val_every and done % config.val_every == 0 or done == config.steps):
-            validate(done)
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            history["train_seconds"] += time.perf_counter() - clock
-            clock = time.perf_counter()
-            save_checkpoint(done)
+            logged = torch.stack([loss.detach().float()] + [terms[name].detach().float() for name in objective.terms])
+            if world > 1:  # log the global batch's losses, the same on every rank
+                dist.all_reduce(logged)
+                logged /= world
+            loss, *term_values = logged.tolist()
+            history["loss"].append(loss)
+            for name, value in zip(objective.terms, term_values):
+                history["loss_terms"][name].append(value)
+            done = step + 1
+            progress.update(1)
+            if config.log_every and done % config.log_every == 0:
+                progress.set_postfix(loss=f"{loss:.4f}")
+            # the last step validates before its checkpoint, so a later --resume keeps this run's final scores
+            if val_set is not None and (config.val_every and done % config.val_every == 0 or done == config.steps):
+                validate(done)
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                history["train_seconds"] += time.perf_counter() - clock
+                clock = time.perf_counter()
+                save_checkpoint(done)
 
     progress.close()
     if ema is not None:  # the run's result is the average: the model returned, validated and saved

@@ -48,7 +48,7 @@ def test_adapt_writes_a_run_folder(setup, capsys):
     for picture in ("curves.png", "comparison.png"):
         assert Image.open(run_dir / picture).size[0] > 0
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["steps"] == 4 and config["val_tile"] == 0
+    assert config["steps"] == 4 and config["val_tile"] == 0 and config["num_workers"] is None
     # the adapter fits the base it was trained on, and the merged model is that base + adapter
     base = adaptsr.load_model(checkpoint)
     adaptsr.load_adapter(base, run_dir / "adapter")
@@ -56,10 +56,12 @@ def test_adapt_writes_a_run_folder(setup, capsys):
     x = torch.rand(1, 3, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(merged.model(x), base.model(x), rtol=1e-5, atol=1e-5)
-    # resume to a longer schedule continues from the checkpoint; --val-tile reaches the run's config
+    # resume to a longer schedule continues from the checkpoint, its batches from 2 workers; --val-tile and
+    # --workers reach the run's config
     assert main(_args(checkpoint, hr_dir, run_dir, "--resume", "--steps", "6", "--val-hr", str(hr_dir),
-                      "--val-tile", "16")) == 0
-    assert json.loads((run_dir / "config.json").read_text())["val_tile"] == 16
+                      "--val-tile", "16", "--workers", "2")) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["val_tile"] == 16 and config["num_workers"] == 2
     assert len(json.loads((run_dir / "metrics.json").read_text())["val"]) == 2
 
 

@@ -75,6 +75,10 @@ def add_adapt_command(subparsers) -> None:
                    help="validate and save an exponential moving average of the trained weights with this decay "
                         "(e.g. 0.999, BasicSR's; warmed up over the first steps; default: 0, none)")
     p.add_argument("--patch", type=int, default=32, help="LR patch size of the training crops (default: 32)")
+    p.add_argument("--workers", type=_nonneg_int, metavar="N",
+                   help="processes that crop and degrade the next steps' batches while the model trains (default: "
+                        "on a GPU one per CPU core less one, at most 8; on the CPU none); the batches, and so the "
+                        "run, are the same whatever N")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
     p.add_argument("--val-every", type=int, default=0,
                    help="steps between validations (default: only at the end); the best-scoring weights so far are "
@@ -228,7 +232,7 @@ def _adapt(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, val_every=args.val_every, seed=args.seed, amp=args.amp,
         val_tile=args.val_tile, pixel_weight=args.pixel_weight, perceptual_weight=perceptual_weight,
         gan_weight=gan_weight, discriminator_lr=args.discriminator_lr, ema_decay=args.ema_decay,
-        lora_plus_ratio=lora_plus_ratio,
+        lora_plus_ratio=lora_plus_ratio, num_workers=args.workers,
     )
     if args.checkpointing and descriptor.architecture.id not in _CHECKPOINTING_ARCHITECTURES:
         # spandrel's HAT (and others) carry a use_checkpoint flag that their forward ignores: only the

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from adaptsr.data.images import IMAGE_EXTENSIONS, image_size, list_images, read_image, write_png
 
@@ -84,7 +84,8 @@ DEFAULT_CACHE_BYTES = 1 << 30
 
 class _DecodedImages:
     """``read_image`` with the decoded images kept in memory, in the order first read, up to ``budget``
-    bytes (float32: 12 per pixel; 0 keeps none). Callers must not write into what it returns."""
+    bytes (float32: 12 per pixel; 0 keeps none), shared out among DataLoader workers, each of which keeps
+    its own. Callers must not write into what it returns."""
 
     def __init__(self, budget: int) -> None:
         self.budget = int(budget)
@@ -96,7 +97,8 @@ class _DecodedImages:
         if img is None:
             img = read_image(path)
             size = img.numel() * img.element_size()
-            if self._bytes + size <= self.budget:
+            worker = get_worker_info()
+            if self._bytes + size <= self.budget // (worker.num_workers if worker is not None else 1):
                 self._images[path] = img
                 self._bytes += size
         return img
@@ -112,7 +114,7 @@ class HRFolderDataset(Dataset):
     one that is not an image, raises ValueError naming the file.
 
     ``cache_bytes``: decoded images are kept in memory, in the order first read, up to this many
-    bytes (float32, 12 per pixel; 0 turns it off).
+    bytes (float32, 12 per pixel; 0 turns it off); in all, when DataLoader workers each keep a share.
     """
 
     def __init__(
