@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -122,6 +123,26 @@ def test_run_folder_is_usable(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(base.eval()(lr), expected)
         torch.testing.assert_close(merged(lr), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_adapt_on_a_gpu(tmp_path):
+    """The whole loop on a GPU: bf16 autocast, batches from workers through pinned memory, a validation, and
+    files that give the trained model back on the CPU."""
+    import multiprocessing
+
+    model = make_model()
+    metrics = adapt(model, NoisyPairs(), tmp_path, _config(steps=8, num_workers=2), val_set=NoisyPairs(n=2, seed=9),
+                    device="cuda")
+    assert len(metrics["loss"]) == 8 and metrics["skipped_steps"] == 0
+    assert all(math.isfinite(loss) for loss in metrics["loss"]) and math.isfinite(metrics["val"][-1]["psnr"])
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert not multiprocessing.active_children()
+    lr = NoisyPairs(n=1, seed=5).lr
+    with torch.no_grad():
+        expected = model.eval()(lr.cuda()).cpu()
+        merged = adaptsr.load_model(tmp_path / "model_merged.safetensors").model
+        torch.testing.assert_close(merged(lr), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture
