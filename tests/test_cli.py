@@ -256,6 +256,28 @@ def test_upscale_keeps_grey_inputs_grey(files, capsys, tmp_path):
     assert np.abs(written16 / 65535 - expect16).max() <= 1 / 65535 + 1e-6
 
 
+def test_upscale_reports_what_it_wrote_before_a_failure(files, capsys, tmp_path):
+    """PNGs are written in the background while the next image upscales: a later image's failure still leaves
+    (and reports) the earlier results, and a failed write is the command's error."""
+    (tmp_path / "in").mkdir()
+    shutil.copy(files / "lr" / "a_LR2.png", tmp_path / "in" / "a.png")
+    data = (files / "lr" / "b_LR2.png").read_bytes()
+    (tmp_path / "in" / "b.png").write_bytes(data[: len(data) // 2])  # its header reads, its pixels do not
+    code, out, err = _run(capsys, "upscale", tmp_path / "in", "--model", files / "base.safetensors",
+                          "--out", tmp_path / "sr")
+    assert code == 1 and "b.png" in err and "truncated" in err
+    assert "a.png -> " in out and read_image(tmp_path / "sr" / "a.png").shape == (3, 40, 36)
+    assert sorted(p.name for p in (tmp_path / "sr").iterdir()) == ["a.png"]
+
+    (tmp_path / "in" / "b.png").unlink()
+    shutil.copy(files / "lr" / "b_LR2.png", tmp_path / "in" / "c.png")
+    (tmp_path / "sr" / "c.png").mkdir()  # a folder where the second result goes: its write fails
+    code, out, err = _run(capsys, "upscale", tmp_path / "in", "--model", files / "base.safetensors",
+                          "--out", tmp_path / "sr")
+    assert code == 1 and "c.png" in err
+    assert "a.png -> " in out and "c.png -> " not in out
+
+
 def test_eval_pairs(files, capsys, tmp_path):
     code, out, err = _run(
         capsys,
