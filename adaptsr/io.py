@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from spandrel import ModelLoader, canonicalize_state_dict
 
@@ -93,27 +94,57 @@ def _configuration_buffers(
     return {name: buffer for name, buffer in module.named_buffers(recurse=False) if name not in state}
 
 
-def save_model(model, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
+def save_model(
+    model, path: str | os.PathLike, *, dtype: torch.dtype | None = None, like: str | os.PathLike | None = None
+) -> list[str]:
     """Write ``model`` (adapters merged in, if any) as a plain checkpoint spandrel opens as the same architecture.
 
     ``.safetensors`` or ``.pth``; written atomically. The model passed in is not modified. ``dtype``
     (e.g. ``torch.float16``: half the file) stores the floating-point tensors in that type after
     merging; integer buffers (Swin's relative position index) keep theirs.
+
+    ``like``: the base checkpoint the model was loaded from. The file then keeps that checkpoint's layout
+    (its wrapper such as BasicSR's ``params_ema``, its key names, its dtypes unless ``dtype`` is given, its
+    other entries) with the changed weights replaced (:mod:`adaptsr.layout`), so the architecture's own
+    code opens it as it opened the base; without ``like``, the keys are spandrel's module's. Returns notes
+    on what the file leaves out of the base's layout (none without ``like``).
     """
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix != ".safetensors" and suffix not in _PICKLE_SUFFIXES:
+        raise ValueError(f"cannot save model to {path}: use a .safetensors or .pth file name")
     module = unwrap_model(model)
     if any(True for _ in lora_layers(module)):
         module = merge_lora(copy.deepcopy(module))
+    if like is not None:
+        return _save_in_layout_of(module.state_dict(), path, like, dtype)
     # safetensors refuses shared storage; clones also drop views into larger buffers.
     state = module.state_dict()
     tensors = {**state, **_configuration_buffers(module, state)}
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    suffix = path.suffix.lower()
     if suffix == ".safetensors":
         atomic_write(path, lambda tmp: save_file(state, tmp))
-    elif suffix in _PICKLE_SUFFIXES:
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
     else:
-        raise ValueError(f"cannot save model to {path}: use a .safetensors or .pth file name")
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return []
+
+
+def _save_in_layout_of(state: dict, path: Path, like: str | os.PathLike, dtype: torch.dtype | None) -> list[str]:
+    from adaptsr.layout import flat_weights, state_in_layout_of
+
+    contents, notes = state_in_layout_of(state, like, dtype=dtype)
+    if path.suffix.lower() != ".safetensors":
+        atomic_write(path, lambda tmp: torch.save(contents, tmp))
+        return notes
+    flat, more = flat_weights(contents, like)
+    flat = {k: v.contiguous().clone() for k, v in flat.items()}  # safetensors refuses shared storage
+    metadata = None
+    if Path(like).suffix.lower() == ".safetensors":  # e.g. a model card's fields: kept with the weights
+        with safe_open(str(like), framework="pt") as base:
+            metadata = base.metadata()
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+    return notes + more
+
+

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import adaptsr
@@ -625,6 +626,29 @@ def test_merge_unmerge_unload_agree(arch, preset, base, lr_size, eval_batch):
     unloaded = _run(model, x)
     _assert_close(unloaded, unmerged)
     assert _max_diff(unloaded, base_out) > 1e-3
+
+
+def test_merged_file_keeps_the_base_files_layout(arch, preset, base, lr_size, eval_batch, tmp_path):
+    """save_model(like=base file) on every architecture: a BasicSR-wrapped base (``params_ema``) gives a merged
+    file in the same wrapper with the same keys, in which only the adapted layers' weights moved, and which
+    spandrel opens as the adapted model."""
+    source = tmp_path / f"{arch}_base.safetensors"
+    wrapped = tmp_path / f"{arch}_basicsr.pth"
+    torch.save({"params_ema": load_file(str(source))}, wrapped)
+    model = adaptsr.load_model(wrapped)
+    torch.manual_seed(5)
+    adaptsr.inject_lora(model, preset=preset, rank=4, init_lora_weights=False)
+    x = _lr_batch(eval_batch, lr_size, seed=4)
+    expected = _run(model.model, x)
+    merged_state = adaptsr.merge_lora(copy.deepcopy(model.model)).state_dict()
+    changed = {k for k, v in base.model.state_dict().items() if not torch.equal(merged_state[k], v)}
+
+    assert adaptsr.save_model(model, tmp_path / "merged.pth", like=wrapped) == []
+    stored, written = torch.load(wrapped, weights_only=True), torch.load(tmp_path / "merged.pth", weights_only=True)
+    assert list(written) == ["params_ema"] and list(written["params_ema"]) == list(stored["params_ema"])
+    moved = {k for k, v in written["params_ema"].items() if not torch.equal(v, stored["params_ema"][k])}
+    assert moved and moved == changed  # the adapted weights (and SPAN's refolded inference convs), nothing else
+    _assert_close(_run(adaptsr.load_model(tmp_path / "merged.pth").model, x), expected)
 
 
 def _structure(model: nn.Module) -> list[tuple]:
