@@ -63,7 +63,7 @@ def run_demo(
     DoRA adapters instead of LoRA ones, ``lr`` and ``lora_plus_ratio`` as in ``TrainConfig`` (ratio 1: plain
     LoRA)."""
     import adaptsr
-    from adaptsr.data import CachedValidationSet, HRFolderDataset, degrade, load_degradation
+    from adaptsr.data import CachedValidationSet, Degrader, HRFolderDataset, load_degradation
     from adaptsr.data.bundled import HELD_OUT, TRAIN, load_photo, write_photos
     from adaptsr.evaluate import evaluate_pairs
     from adaptsr.train import TrainConfig, adapt
@@ -73,9 +73,7 @@ def run_demo(
     descriptor = adaptsr.load_model(bundled_model_path(model))
     degradation = load_degradation(profile)
 
-    def degrade_fn(hr, scale, generator):
-        return degrade(hr, scale, degradation, generator)
-
+    degrade_fn = Degrader(degradation)
     held_out = [load_photo(name) for name in HELD_OUT]
     if quick:  # centre crops: the same pipeline in seconds
         held_out = [p[:, p.shape[1] // 2 - 32:p.shape[1] // 2 + 32, p.shape[2] // 2 - 32:p.shape[2] // 2 + 32]

@@ -206,7 +206,7 @@ def _record_degradation(args: argparse.Namespace, degradation) -> None:
 
 def _adapt(args: argparse.Namespace) -> int:
     import adaptsr
-    from adaptsr.data import degrade
+    from adaptsr.data import Degrader
     from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFolderDataset
     from adaptsr.discriminator import load_discriminator
     from adaptsr.inject import target_layers
@@ -260,9 +260,7 @@ def _adapt(args: argparse.Namespace) -> int:
         else:
             _inject(descriptor, options, args.seed)
 
-    def degrade_fn(hr, s, generator):
-        return degrade(hr, s, degradation, generator)
-
+    degrade_fn = Degrader(degradation)
     if args.hr:
         train_set = HRFolderDataset(_hr_folder(args.hr, "train", args.out), scale, args.patch, degrade_fn,
                                     seed=args.seed)

@@ -84,14 +84,12 @@ def _eval(args: argparse.Namespace) -> int:
             raise CommandError("--hr needs --degradation PRESET|FILE (the degradation that makes the LR images)")
         from adaptsr.data.datasets import CachedValidationSet
         from adaptsr.data.degradation_files import mixture_of
-        from adaptsr.data.degradations import degrade
+        from adaptsr.data.degradations import Degrader
 
         config = mixture_of(args.degradation)  # unknown name or bad file: ValueError saying which
         model = _load(args, precision=args.precision)
 
-        def degrade_fn(hr, scale, generator):
-            return degrade(hr, scale, config, generator)
-
+        degrade_fn = Degrader(config)
         cache = Path(args.cache) if args.cache else Path(args.out) / "lr-cache"
         validation = CachedValidationSet(
             args.hr,

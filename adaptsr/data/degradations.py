@@ -66,6 +66,7 @@ __all__ = [
     "RESIZE_MODES",
     "DegradationConfig",
     "DegradationMixture",
+    "Degrader",
     "StageConfig",
     "add_gaussian_noise",
     "add_poisson_noise",
@@ -865,3 +866,18 @@ def degrade(
     out = torch.cat(xs)
     out = (out.clamp(0, 1) * 255.0).round() / 255.0
     return out.to(hr.dtype)
+
+
+class Degrader:
+    """``degrade`` with its configuration bound: the ``degrade(hr, scale, generator)`` callable the datasets
+    take. A class, not a closure, so that it pickles: spawned DataLoader workers (macOS, Windows) receive
+    the dataset, and its degradation with it, pickled."""
+
+    def __init__(self, config: DegradationConfig | DegradationMixture | str) -> None:
+        self.config = config
+
+    def __call__(self, hr: Tensor, scale: int, generator: torch.Generator | int | None = None) -> Tensor:
+        return degrade(hr, scale, self.config, generator)
+
+    def __repr__(self) -> str:
+        return f"Degrader({self.config!r})"

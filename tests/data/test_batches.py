@@ -117,6 +117,26 @@ def test_spawned_workers_need_a_picklable_dataset(monkeypatch):
         _all_batches(NoisyPairs(), range(1), 0)  # no workers asked for: nothing to warn about
 
 
+def test_the_commands_datasets_reach_spawned_workers(photos, monkeypatch):
+    """adapt's and the demo's degradations are Degrader objects, not closures: their datasets pickle, so spawned
+    workers get them, and a pickled copy gives the same items."""
+    import pickle
+
+    from adaptsr.data import Degrader, mixture_of
+
+    dataset = HRFolderDataset(photos, 2, 8, Degrader(mixture_of(["camera", "lowlight"])), seed=1, samples_per_epoch=8)
+    copy = pickle.loads(pickle.dumps(dataset))
+    for index in range(3):
+        for a, b in zip(dataset[index], copy[index]):
+            assert torch.equal(a, b)
+    monkeypatch.setattr(batches_module.multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the training process
+        there = _all_batches(dataset, range(2), 2)
+    here = _all_batches(dataset, range(2), 0)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(here, there))
+
+
 def test_auto_num_workers(monkeypatch):
     assert auto_num_workers(torch.device("cpu")) == 0
     for cores, expected in ((1, 0), (2, 1), (16, 8), (64, 8)):
