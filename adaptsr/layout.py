@@ -81,7 +81,8 @@ def state_in_layout_of(
     for key in changed:
         before = base_state[key]
         found = [path for path, tensor in by_shape.get(tuple(before.shape), [])
-                 if tensor.is_floating_point() == before.is_floating_point() and torch.equal(tensor.to(before.dtype), before)]
+                 if tensor.is_floating_point() == before.is_floating_point()
+                 and torch.equal(tensor.to(before.dtype), before)]
         if len(found) != 1:
             problem = ("is not stored as such in it (spandrel converts it when loading)" if not found else
                        f"is stored {len(found)} times in it ({', '.join(_where(p) for p in found[:3])}), so which "

@@ -92,7 +92,8 @@ class TrainConfig:
     # LoRA+ (Hayou et al., 2024): lora_B and the one-dimensional parameters learn at this many times lr; 1: off
     lora_plus_ratio: float = 1.0
     # DataLoader worker processes preparing the next steps' batches (adaptsr.data.batches); None: on a GPU one
-    # per CPU core less one, at most 8, on the CPU none. The batches are the same whatever the number.
+    # per CPU core less one, at most 8, shared among the ranks of a distributed run; on the CPU none. The batches
+    # are the same whatever the number.
     num_workers: int | None = None
 
     def __post_init__(self) -> None:
@@ -462,7 +463,9 @@ def adapt(
         return indices[rank::world], epoch
 
     steps = range(start_step, config.steps)
-    num_workers = auto_num_workers(device) if config.num_workers is None else config.num_workers
+    # the ranks of a distributed run on this machine share its cores (torchrun's LOCAL_WORLD_SIZE)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    num_workers = auto_num_workers(device, local_ranks) if config.num_workers is None else config.num_workers
     batches = training_batches(train_set, steps, rank_items, device, num_workers)
     with contextlib.closing(batches):  # stops the workers however the loop ends
         for step, (lr, hr) in zip(steps, batches):

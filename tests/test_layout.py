@@ -153,5 +153,6 @@ def test_unplaceable_weights_are_refused(tmp_path, capsys):
 def test_a_model_of_another_configuration_is_refused(basicsr_checkpoint, tmp_path):
     other = tmp_path / "other.pth"
     torch.save(_new_arch_rrdb(nf=16), other)
-    with pytest.raises(ValueError, match=r"does not match checkpoint .*net_g\.pth: model\.0\.weight is \(16, 3, 3, 3\)"):
+    expected = r"does not match checkpoint .*net_g\.pth: model\.0\.weight is \(16, 3, 3, 3\)"
+    with pytest.raises(ValueError, match=expected):
         adaptsr.save_model(adaptsr.load_model(other), tmp_path / "x.pth", like=basicsr_checkpoint)

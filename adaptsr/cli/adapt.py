@@ -77,8 +77,8 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--patch", type=int, default=32, help="LR patch size of the training crops (default: 32)")
     p.add_argument("--workers", type=_nonneg_int, metavar="N",
                    help="processes that crop and degrade the next steps' batches while the model trains (default: "
-                        "on a GPU one per CPU core less one, at most 8; on the CPU none); the batches, and so the "
-                        "run, are the same whatever N")
+                        "on a GPU one per CPU core less one, at most 8, shared among torchrun's ranks; on the CPU "
+                        "none); the batches, and so the run, are the same whatever N")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
     p.add_argument("--val-every", type=int, default=0,
                    help="steps between validations (default: only at the end); the best-scoring weights so far are "

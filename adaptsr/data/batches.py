@@ -29,14 +29,15 @@ __all__ = ["auto_num_workers", "training_batches"]
 _MAX_AUTO_WORKERS = 8
 
 
-def auto_num_workers(device: torch.device) -> int:
+def auto_num_workers(device: torch.device, processes: int = 1) -> int:
     """The workers ``num_workers=None`` picks: on a GPU, one per CPU core this process may use, less one for
-    the training process, at most 8; on the CPU none, since workers would take cores from the model's own
-    threads."""
+    the training process, at most 8, the cores shared out among ``processes`` training processes (the ranks
+    of a distributed run, which share the machine's cores); on the CPU none, since workers would take cores
+    from the model's own threads."""
     if device.type == "cpu":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(_MAX_AUTO_WORKERS, cores - 1))
+    return max(0, min(_MAX_AUTO_WORKERS, cores // max(1, processes) - 1))
 
 
 class _Failure:

@@ -142,6 +142,10 @@ def test_auto_num_workers(monkeypatch):
     for cores, expected in ((1, 0), (2, 1), (16, 8), (64, 8)):
         monkeypatch.setattr(batches_module.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
         assert auto_num_workers(torch.device("cuda")) == expected
+    # four ranks on one machine share its cores
+    monkeypatch.setattr(batches_module.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert auto_num_workers(torch.device("cuda"), processes=4) == 3
+    assert auto_num_workers(torch.device("cuda"), processes=16) == 0
 
 
 def test_bad_num_workers():
