@@ -74,6 +74,22 @@ class _EpochItems(Dataset):
             return _Failure(err)
 
 
+class _StepKeys:
+    """Each step's (epoch, index) keys, worked out as the loader reaches the step (a long run's all at once
+    would cost a permutation of the dataset per step before the first one)."""
+
+    def __init__(self, steps: Sequence[int], step_items: Callable[[int], tuple[list[int], int]]) -> None:
+        self.steps, self.step_items = steps, step_items
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in self.steps:
+            indices, epoch = self.step_items(step)
+            yield [(epoch, index) for index in indices]
+
+
 def _stack(items: list) -> tuple[torch.Tensor, torch.Tensor] | _Failure:
     for item in items:
         if isinstance(item, _Failure):
@@ -100,7 +116,7 @@ def training_batches(
     indices and epoch. A generator: close it (or let it be collected) to stop the workers."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be 0 (no workers) or more, got {num_workers}")
-    keys = [[(epoch, index) for index in indices] for indices, epoch in map(step_items, steps)]
+    keys = _StepKeys(steps, step_items)
     if num_workers and multiprocessing.get_start_method(allow_none=False) != "fork" and not _can_pickle(dataset):
         # spawned workers (macOS, Windows) receive the dataset pickled: a lambda degradation cannot be
         warnings.warn(

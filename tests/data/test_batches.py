@@ -63,6 +63,24 @@ def test_workers_give_the_same_batches(photos):
     assert not multiprocessing.active_children()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_steps_are_worked_out_as_they_come(workers):
+    """A long run's batches are not all planned up front: only the steps being prepared are."""
+    dataset, planned = NoisyPairs(), []
+    config = TrainConfig(batch_size=4)
+
+    def step_items(step):
+        planned.append(step)
+        return _batch_indices(step, len(dataset), config)
+
+    batches = training_batches(dataset, range(10**9), step_items, torch.device("cpu"), workers)
+    first, second = next(batches), next(batches)
+    batches.close()
+    assert first[0].shape == (4, 3, 8, 8) and not torch.equal(first[0], second[0])
+    assert planned[:2] == [0, 1] and len(planned) <= 2 + 2 * workers + 2  # DataLoader prefetches 2 per worker
+    assert not multiprocessing.active_children()
+
+
 def test_a_run_with_workers_equals_one_without(tmp_path):
     """The whole run (weights, losses) does not depend on the number of workers: their seeds must not be drawn
     from the global generator that the training step (LoRA dropout here) draws from."""
