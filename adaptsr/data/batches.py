@@ -56,10 +56,12 @@ class _Failure:
 
 
 class _EpochItems(Dataset):
-    """``dataset`` addressed by (epoch, index), so a worker's copy serves any epoch's items."""
+    """``dataset`` addressed by (epoch, index), so a worker's copy serves any epoch's items. ``in_worker``:
+    errors come back as data (:class:`_Failure`); in the training process they propagate as they are."""
 
-    def __init__(self, dataset) -> None:
+    def __init__(self, dataset, in_worker: bool) -> None:
         self.dataset = dataset
+        self.in_worker = in_worker
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -71,6 +73,8 @@ class _EpochItems(Dataset):
                 self.dataset.set_epoch(epoch)
             return self.dataset[index]
         except Exception as err:
+            if not self.in_worker:
+                raise
             return _Failure(err)
 
 
@@ -125,7 +129,7 @@ def training_batches(
             stacklevel=3,
         )
         num_workers = 0
-    items = _EpochItems(dataset)
+    items = _EpochItems(dataset, in_worker=num_workers > 0)
     if num_workers == 0:
         batches = (_stack([items[key] for key in step_keys]) for step_keys in keys)
     else:

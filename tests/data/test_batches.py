@@ -111,6 +111,8 @@ def test_a_failing_item_raises_its_own_error(workers):
     with pytest.raises(ValueError) as caught:
         _all_batches(_BadItem(), range(3), workers)
     assert str(caught.value) == "image /data/broken.png is truncated or corrupt (OSError: unexpected end of file)"
+    if not workers:  # raised where it happened, its traceback intact
+        assert any(entry.name == "__getitem__" and entry.path.name == "test_batches.py" for entry in caught.traceback)
     assert not multiprocessing.active_children()
 
 
