@@ -241,7 +241,7 @@ def evaluate_pairs(
     *,
     model=None,
     dataset=None,
-    tile: int | None = None,
+    tile: int | str | None = None,
     overlap: int = 32,
     device: str | torch.device = "cpu",
     download: bool = True,

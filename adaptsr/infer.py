@@ -12,11 +12,16 @@ overlap strip, rise smoothly (raised cosine) across its middle half and are 1 el
 - the image is first padded (reflect, then replicate, as spandrel pads) to what the model needs
   (``descriptor.size_requirements``: minimum size, multiple of; the attention window of Swin-family
   models), and tiles start at multiples of that, so window partitions line up with the untiled run.
+
+``tile="auto"`` runs the whole image and, where the device runs out of memory, retries in tiles of half
+the image's longer side, halving again on each further failure: large images need no tile size
+worked out beforehand, and images that fit lose nothing to tiling.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +121,7 @@ def upscale(
     model,
     image: torch.Tensor,
     scale: int | None = None,
-    tile: int | None = None,
+    tile: int | str | None = None,
     overlap: int = 32,
     *,
     multiple_of: int | None = None,
@@ -126,17 +131,25 @@ def upscale(
     ``model`` is a spandrel descriptor (its ``size_requirements`` and ``scale`` are used) or an
     nn.Module (give ``scale``; ``multiple_of`` for a size requirement). ``tile`` (input pixels,
     None = the whole image at once) bounds memory; neighbouring tiles overlap by ``overlap`` input
-    pixels and are blended (see the module docstring). Tile size and overlap are rounded up to the
+    pixels and are blended (see the module docstring); ``"auto"``: the whole image, or tiles when the device
+    runs out of memory (the module docstring). Tile size and overlap are rounded up to the
     model's size multiple. The model runs in its own dtype and device; the result is on the image's
     device in the image's dtype.
     """
     if not isinstance(image, torch.Tensor) or image.dim() != 4:
         shape = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"upscale takes an image batch [B, C, H, W], got {shape}")
-    if tile is not None and tile <= 0:
-        raise ValueError(f"tile must be a positive number of pixels or None, got {tile}")
+    if tile is not None and tile != "auto" and (isinstance(tile, str) or tile <= 0):
+        raise ValueError(f"tile must be a positive number of pixels, 'auto' or None, got {tile!r}")
     if overlap < 0:
         raise ValueError(f"overlap must be >= 0, got {overlap}")
+    if tile == "auto":
+        return _upscale_fitting_memory(model, image, scale, overlap, multiple_of)
+    return _upscale(model, image, scale, tile, overlap, multiple_of)
+
+
+def _upscale(model, image: torch.Tensor, scale, tile: int | None, overlap: int, multiple_of) -> torch.Tensor:
+    """``upscale`` with its arguments checked, a tile size or None (whole image)."""
     model_scale = getattr(model, "scale", None) if hasattr(model, "size_requirements") else None
     if scale is None:
         scale = model_scale
@@ -194,6 +207,52 @@ def upscale(
             weight_sum[region] += weight
     out = out / weight_sum
     return out[..., : h * scale, : w * scale].clamp(0, 1).to(out_dtype)
+
+
+# The smallest tile "auto" tries before it gives up: below this the overlap would be most of each tile.
+_SMALLEST_AUTO_TILE = 32
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """An allocation failure: CUDA's OutOfMemoryError, or the allocator messages of the CPU and MPS."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _upscale_fitting_memory(model, image: torch.Tensor, scale, overlap: int, multiple_of) -> torch.Tensor:
+    """``upscale`` with ``tile="auto"``: the whole image, then tiles halving on each out-of-memory error."""
+    minimum, multiple, _ = _requirements(model, multiple_of)
+    tile = None
+    while True:
+        try:
+            if tile is None:
+                return _upscale(model, image, scale, None, overlap, multiple_of)
+            # at most a quarter of the tile (as rounded to the model's multiple, at most half), else none
+            tile_overlap = min(overlap, tile // 4)
+            if 2 * _round_up(tile_overlap, multiple) > tile:
+                tile_overlap = 0
+            return _upscale(model, image, scale, tile, tile_overlap, multiple_of)
+        except Exception as err:
+            if not _is_out_of_memory(err):
+                raise
+            failed = tile
+        # out of the except block: the error's traceback, which holds the failed attempt's tensors, is gone
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the failed attempt's blocks, cached: free them for the tiles
+        longest = _round_up(max(image.shape[-2:]), multiple) if failed is None else failed
+        tile = max(_round_up(longest // 2, multiple), minimum)
+        if tile >= longest or tile < _SMALLEST_AUTO_TILE:
+            raise RuntimeError(
+                f"out of memory upscaling a {image.shape[-1]}x{image.shape[-2]} image even in tiles of {longest} "
+                "pixels: run the model in bf16 or fp16, on another device, or cut the image smaller"
+            )
+        warnings.warn(
+            f"out of memory upscaling the {image.shape[-1]}x{image.shape[-2]} image "
+            + ("whole" if failed is None else f"in tiles of {failed}") + f"; retrying in tiles of {tile}",
+            stacklevel=3,
+        )
 
 
 def _check_output(y, x, scale: int) -> None:

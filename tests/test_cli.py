@@ -445,3 +445,16 @@ def test_usage_errors_exit_2(capsys):
         main(["eval", "--model", "x.pth"])
     assert exc.value.code == 2
     assert "required" in capsys.readouterr().err
+
+
+def test_tile_takes_a_size_or_auto(capsys):
+    from adaptsr.cli import build_parser
+
+    parser = build_parser()
+    common = ["--model", "m.pth", "--out", "o"]
+    assert parser.parse_args(["upscale", "in.png", *common]).tile == "auto"  # the default
+    assert parser.parse_args(["upscale", "in.png", *common, "--tile", "0"]).tile == 0
+    assert parser.parse_args(["eval", "--pairs", "a", "b", *common, "--tile", "256"]).tile == 256
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["upscale", "in.png", *common, "--tile", "half"])
+    assert exc.value.code == 2 and "'half' is neither a number of pixels" in capsys.readouterr().err

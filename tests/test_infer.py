@@ -100,3 +100,69 @@ def test_merged_model_equals_base_plus_adapter(esrgan, tmp_path):
     reloaded = _descriptor(esrgan.model)
     adaptsr.load_adapter(reloaded, tmp_path / "adapter")
     torch.testing.assert_close(upscale(reloaded, x), adapted, rtol=0, atol=1e-6)
+
+
+class _MemoryBudget:
+    """Wraps a descriptor's module so that inputs above ``pixels`` raise what the device raises when it runs
+    out of memory (``error``), and counts the calls."""
+
+    def __init__(self, descriptor, pixels: int, error=torch.OutOfMemoryError("CUDA out of memory. Tried to "
+                                                                           "allocate 2.00 GiB")) -> None:
+        self.descriptor, self.pixels, self.error, self.sizes = descriptor, pixels, error, []
+        self.forward = descriptor.model.forward
+
+    def __enter__(self):
+        def limited(x, *args, **kwargs):
+            self.sizes.append(tuple(x.shape[-2:]))
+            if x.shape[-2] * x.shape[-1] > self.pixels:
+                raise self.error
+            return self.forward(x, *args, **kwargs)
+
+        self.descriptor.model.forward = limited
+        return self
+
+    def __exit__(self, *exc):
+        del self.descriptor.model.forward  # the class's forward again
+
+
+def test_auto_tiles_only_when_memory_runs_out(esrgan, swinir):
+    """"auto": the whole image while it fits, with no warning; else tiles of half the (padded) longer side,
+    halved until they fit, each try announced, and the result that of upscaling in those tiles."""
+    x = _image(90, 70, seed=3)
+    whole = upscale(esrgan, x)
+    with _MemoryBudget(esrgan, pixels=10**6) as budget, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(upscale(esrgan, x, tile="auto"), whole, rtol=0, atol=0)
+    assert budget.sizes == [(90, 70)]
+    x = _image(180, 140, seed=3)
+    with _MemoryBudget(esrgan, pixels=50 * 50) as budget, pytest.warns(UserWarning) as announced:
+        got = upscale(esrgan, x, tile="auto", overlap=16)
+    messages = [str(w.message) for w in announced]
+    assert messages == ["out of memory upscaling the 140x180 image whole; retrying in tiles of 90",
+                        "out of memory upscaling the 140x180 image in tiles of 90; retrying in tiles of 45"]
+    assert budget.sizes[:2] == [(180, 140), (90, 90)] and set(budget.sizes[2:]) == {(45, 45)}
+    torch.testing.assert_close(got, upscale(esrgan, x, tile=45, overlap=11), rtol=0, atol=0)
+    # a windowed model: tiles keep to its window multiple
+    x = _image(64, 40, seed=4)
+    with _MemoryBudget(swinir, pixels=40 * 40) as budget, pytest.warns(UserWarning, match="tiles of 32"):
+        got = upscale(swinir, x, tile="auto")
+    assert all(h % 8 == 0 and w % 8 == 0 for h, w in budget.sizes)
+    torch.testing.assert_close(got, upscale(swinir, x, tile=32, overlap=8), rtol=0, atol=0)
+
+
+def test_auto_gives_up_and_other_errors_pass(esrgan):
+    x = _image(90, 70)
+    with _MemoryBudget(esrgan, pixels=10), pytest.warns(UserWarning), \
+            pytest.raises(RuntimeError, match="70x90 image even in tiles of 45 pixels"):
+        upscale(esrgan, x, tile="auto")
+    # the CPU allocator's failure counts as running out of memory too
+    cpu_error = RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+    with _MemoryBudget(esrgan, pixels=50 * 50, error=cpu_error), pytest.warns(UserWarning, match="tiles of 45"):
+        upscale(esrgan, x, tile="auto")
+    # anything else is not retried
+    with _MemoryBudget(esrgan, pixels=0, error=RuntimeError("cuDNN error: bad param")) as budget, \
+            pytest.raises(RuntimeError, match="bad param"):
+        upscale(esrgan, x, tile="auto")
+    assert len(budget.sizes) == 1
+    with pytest.raises(ValueError, match="'auto' or None, got 'half'"):
+        upscale(esrgan, x, tile="half")

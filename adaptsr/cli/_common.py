@@ -117,8 +117,10 @@ def _add_precision_flag(parser: argparse.ArgumentParser) -> None:
 
 def _add_tile_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--tile", type=_nonneg_int, default=0, metavar="N",
-        help="upscale in N x N input-pixel tiles to bound memory (0, the default: whole images at once)",
+        "--tile", type=_tile_size, default="auto", metavar="N",
+        help="upscale in N x N input-pixel tiles to bound memory; 0: whole images at once; auto (the default): "
+             "whole images, and where the device runs out of memory, tiles of half the image's longer side, "
+             "halved again until they fit",
     )
     parser.add_argument(
         "--overlap", type=_nonneg_int, default=32, metavar="N",
@@ -215,6 +217,15 @@ def _positive_int(text: str) -> int:
     if value == 0:
         raise argparse.ArgumentTypeError("0 is not a positive number")
     return value
+
+
+def _tile_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _nonneg_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of pixels (0: whole images) nor auto") from None
 
 
 def _nonneg_int(text: str) -> int:
