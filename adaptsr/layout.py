@@ -20,7 +20,7 @@ import torch
 
 __all__ = ["flat_weights", "state_in_layout_of"]
 
-_Path = tuple[str, ...]
+_Path = tuple  # the keys leading to an entry: strings, or integers in a pickled checkpoint
 
 
 def _tensors(tree: dict, prefix: _Path = ()) -> Iterator[tuple[_Path, torch.Tensor]]:
@@ -43,7 +43,7 @@ def _copy_tree(tree: dict) -> dict:
 
 
 def _where(path: _Path) -> str:
-    return "/".join(path)
+    return "/".join(map(str, path))
 
 
 def state_in_layout_of(

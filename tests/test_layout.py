@@ -156,3 +156,18 @@ def test_a_model_of_another_configuration_is_refused(basicsr_checkpoint, tmp_pat
     expected = r"does not match checkpoint .*net_g\.pth: model\.0\.weight is \(16, 3, 3, 3\)"
     with pytest.raises(ValueError, match=expected):
         adaptsr.save_model(adaptsr.load_model(other), tmp_path / "x.pth", like=basicsr_checkpoint)
+
+
+def test_other_entries_of_a_training_checkpoint_are_kept(tmp_path):
+    """Entries that are not the weights (an optimizer's int-keyed state, lists) come through unchanged."""
+    weights = _new_arch_rrdb()
+    optimizer = {"state": {0: {"exp_avg": torch.randn(8, 3, 3, 3), "step": torch.tensor(7.0)}},
+                 "param_groups": [{"lr": 1e-4}]}
+    base = tmp_path / "training.pth"
+    torch.save({"params": weights, "optimizer": optimizer, "losses": [0.5, 0.25]}, base)
+    adapted = _adapter(base, tmp_path / "adapter")
+    assert adaptsr.save_model(adapted, tmp_path / "merged.pth", like=base) == []
+    merged = torch.load(tmp_path / "merged.pth", weights_only=True)
+    assert merged["losses"] == [0.5, 0.25] and merged["optimizer"]["param_groups"] == [{"lr": 1e-4}]
+    assert torch.equal(merged["optimizer"]["state"][0]["exp_avg"], optimizer["state"][0]["exp_avg"])
+    assert not torch.equal(merged["params"]["conv_first.weight"], weights["conv_first.weight"])
