@@ -458,3 +458,26 @@ def test_tile_takes_a_size_or_auto(capsys):
     with pytest.raises(SystemExit) as exc:
         parser.parse_args(["upscale", "in.png", *common, "--tile", "half"])
     assert exc.value.code == 2 and "'half' is neither a number of pixels" in capsys.readouterr().err
+
+
+def test_outputs_never_replace_the_inputs(files, capsys, tmp_path):
+    """merge --out onto its --model, upscale --out onto (a link to) the input folder: refused, inputs intact."""
+    base = tmp_path / "base.safetensors"
+    shutil.copy(files / "base.safetensors", base)
+    before = base.read_bytes()
+    code, _, err = _run(capsys, "merge", "--model", base, "--adapter", files / "adapter", "--out", base)
+    assert code == 1 and "is the --model checkpoint" in err and base.read_bytes() == before
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(files / "lr" / "a_LR2.png", photos / "a.png")
+    shutil.copy(files / "lr" / "b_LR2.png", photos / "b.jpg")  # writes b.png: no input of that name
+    (tmp_path / "link").symlink_to(photos)
+    originals = {p.name: p.read_bytes() for p in photos.iterdir()}
+    for out in (photos, tmp_path / "link"):
+        code, _, err = _run(capsys, "upscale", photos, "--model", base, "--out", out)
+        assert code == 1 and "would overwrite the input" in err and "a.png" in err
+        assert {p.name: p.read_bytes() for p in photos.iterdir()} == originals
+    code, _, err = _run(capsys, "upscale", photos / "b.jpg", "--model", base, "--out", photos)
+    assert code == 0, err
+    assert (photos / "b.png").exists() and (photos / "b.jpg").read_bytes() == originals["b.jpg"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 PROG = "adaptsr"
@@ -183,6 +184,13 @@ def _load(args: argparse.Namespace, *, merge: bool = True, precision: str = "fp3
                                f"marks it unsupported; use --precision {usable}")
         descriptor.to(getattr(torch, _DTYPES[precision]))
     return descriptor.to(args.device).eval()
+
+
+def _is_same_file(a: Path, b: Path) -> bool:
+    """Whether writing ``a`` would replace ``b``: the same path, a symbolic or a hard link to it."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def _input_images(path: str) -> list[Path]:

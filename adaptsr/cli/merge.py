@@ -11,6 +11,7 @@ from adaptsr.cli._common import (
     CommandError,
     _adapters_and_strengths,
     _add_model_flags,
+    _is_same_file,
     _load,
     _weighted_sum,
 )
@@ -24,6 +25,9 @@ def _merge(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".safetensors", ".pth"):
         raise CommandError(f"--out {out} must end in .safetensors or .pth")
+    if _is_same_file(out, Path(args.model)):
+        raise CommandError(f"--out {out} is the --model checkpoint: writing it would lose the base, which the "
+                           "adapter needs; write the merged model elsewhere")
     descriptor = _load(args, merge=False)
     # merges a copy in fp32, then stores it in the precision asked for; writes atomically
     dtype = getattr(torch, _DTYPES[args.precision]) if args.precision else None

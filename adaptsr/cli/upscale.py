@@ -13,6 +13,7 @@ from adaptsr.cli._common import (
     _add_precision_flag,
     _add_tile_flags,
     _input_images,
+    _is_same_file,
     _load,
 )
 
@@ -57,6 +58,10 @@ def _upscale(args: argparse.Namespace) -> int:
     if len(set(stems)) != len(stems):
         dupes = sorted({s for s in stems if stems.count(s) > 1})
         raise CommandError(f"several inputs would write {dupes[0]}.png; rename them")
+    for path in files:
+        if _is_same_file(out / f"{path.stem}.png", path):
+            raise CommandError(f"--out {out} would overwrite the input {path} with its upscaled image; "
+                               "write to another folder")
     model = _load(args, precision=args.precision)
     # Each PNG is encoded in a thread while the model upscales the next image: at Pillow's default compression
     # a 2048x2048 result takes 1.3 s to encode on a 2-core CPU, longer than a GPU takes to upscale it. At most
