@@ -75,6 +75,13 @@ def test_adapt_bad_input(setup, capsys):
     assert "nope" in capsys.readouterr().err
     assert main(_args(checkpoint, hr_dir, tmp_path / "fresh", "--resume")) == 1
     assert "no checkpoint" in capsys.readouterr().err
+    # a run folder that is one of its image folders: its pictures would join the images
+    images = sorted(p.name for p in hr_dir.iterdir())
+    assert main(_args(checkpoint, hr_dir, hr_dir)) == 1
+    assert "is the --hr folder" in capsys.readouterr().err
+    assert main(_args(checkpoint, hr_dir, tmp_path / "val", "--val-hr", str(tmp_path / "val"))) == 1
+    assert "is the --val-hr folder" in capsys.readouterr().err
+    assert sorted(p.name for p in hr_dir.iterdir()) == images and not (tmp_path / "val").exists()
 
 
 def test_adapt_without_a_preset_names_the_way_out(setup, capsys):

@@ -9,6 +9,7 @@ from adaptsr.cli._common import (
     CommandError,
     _add_amp_flag,
     _add_lora_flags,
+    _is_same_file,
     _lora_options,
     _nonneg_float,
     _nonneg_int,
@@ -204,6 +205,18 @@ def _record_degradation(args: argparse.Namespace, degradation) -> None:
         save_degradation(degradation, Path(args.out) / _DEGRADATION_RECORD)
 
 
+def _check_out_is_not_a_data_folder(args: argparse.Namespace) -> None:
+    """The run folder gets pictures (comparison.png, curves.png, ...): in an image folder of the run, they
+    would become training or validation images of the next run that reads it."""
+    folders = {"--hr": [args.hr], "--val-hr": [args.val_hr], "--pairs": args.pairs or [],
+               "--val-pairs": args.val_pairs or []}
+    for flag, paths in folders.items():
+        for path in paths:
+            if path and path != _BUNDLED and _is_same_file(Path(args.out), Path(path)):
+                raise CommandError(f"--out {args.out} is the {flag} folder: the run's pictures would join its "
+                                   "images; write the run to its own folder")
+
+
 def _adapt(args: argparse.Namespace) -> int:
     import adaptsr
     from adaptsr.data import Degrader
@@ -213,6 +226,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from adaptsr.presets import preset_for_architecture
     from adaptsr.train import TrainConfig, adapt
 
+    _check_out_is_not_a_data_folder(args)
     descriptor = adaptsr.load_model(args.model)
     scale = descriptor.scale
     degradation = _run_degradation(args) if args.hr or args.val_hr else None
