@@ -481,3 +481,36 @@ def test_outputs_never_replace_the_inputs(files, capsys, tmp_path):
     code, _, err = _run(capsys, "upscale", photos / "b.jpg", "--model", base, "--out", photos)
     assert code == 0, err
     assert (photos / "b.png").exists() and (photos / "b.jpg").read_bytes() == originals["b.jpg"]
+
+
+def test_upscale_to_jpeg_and_webp(files, capsys, tmp_path):
+    """--format jpg: RGB and grey inputs as JPEG at --quality, a transparent one as PNG (JPEG has no alpha);
+    --format webp keeps the alpha. Each within the codec's loss of the library's result."""
+    (tmp_path / "in").mkdir()
+    shutil.copy(files / "lr" / "a_LR2.png", tmp_path / "in" / "colour.png")
+    rgb = read_image(files / "lr" / "b_LR2.png")
+    Image.fromarray((rgb.mean(0) * 255).round().byte().numpy(), "L").save(tmp_path / "in" / "grey.png")
+    alpha = torch.full((1, *rgb.shape[1:]), 0.5)
+    Image.fromarray((torch.cat([rgb, alpha]) * 255).round().byte().permute(1, 2, 0).numpy(), "RGBA").save(
+        tmp_path / "in" / "clear.png")
+    code, out, err = _run(capsys, "upscale", tmp_path / "in", "--model", files / "base.safetensors",
+                          "--out", tmp_path / "jpg", "--format", "jpg", "--quality", "90")
+    assert code == 0, err
+    written = {p.name: Image.open(p) for p in (tmp_path / "jpg").iterdir()}
+    assert {name: im.format for name, im in written.items()} == {"colour.jpg": "JPEG", "grey.jpg": "JPEG",
+                                                                  "clear.png": "PNG"}
+    assert written["grey.jpg"].mode == "L" and written["clear.png"].mode == "RGBA" and "clear.png" in out
+    model = adaptsr.load_model(files / "base.safetensors")
+    expect = upscale(model, read_image(tmp_path / "in" / "colour.png")[None])[0]
+    assert (read_image(tmp_path / "jpg" / "colour.jpg") - expect).abs().mean() < 4 / 255
+
+    code, _, err = _run(capsys, "upscale", tmp_path / "in" / "clear.png", "--model", files / "base.safetensors",
+                        "--out", tmp_path / "webp", "--format", "webp", "--quality", "100")
+    assert code == 0, err
+    lossless = read_image(tmp_path / "webp" / "clear.webp", alpha=True)
+    assert lossless.shape[0] == 4
+    assert (lossless[:3] - upscale(model, rgb[None])[0]).abs().max() <= 0.5 / 255 + 1e-6
+    with pytest.raises(SystemExit):
+        _run(capsys, "upscale", tmp_path / "in", "--model", files / "base.safetensors", "--out", tmp_path / "q",
+             "--format", "jpg", "--quality", "0")
+    assert "0 is not in 1-100" in capsys.readouterr().err

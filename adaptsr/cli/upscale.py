@@ -1,4 +1,4 @@
-"""`adaptsr upscale`: upscale an image or a folder of images to PNGs."""
+"""`adaptsr upscale`: upscale an image or a folder of images to PNGs (or JPEG, WebP)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from adaptsr.cli._common import (
     _input_images,
     _is_same_file,
     _load,
+    _nonneg_int,
 )
 
 
@@ -45,7 +46,7 @@ def _finish(in_flight) -> None:
 def _upscale(args: argparse.Namespace) -> int:
     import torch
 
-    from adaptsr.data.images import image_bit_depth, image_is_grey, image_size, read_image, write_png
+    from adaptsr.data.images import image_bit_depth, image_is_grey, image_size, read_image, write_image
     from adaptsr.infer import upscale
 
     files = _input_images(args.input)
@@ -54,19 +55,20 @@ def _upscale(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} is a file, not a folder")
+    extension = f".{args.format}"
     stems = [p.stem for p in files]
     if len(set(stems)) != len(stems):
         dupes = sorted({s for s in stems if stems.count(s) > 1})
-        raise CommandError(f"several inputs would write {dupes[0]}.png; rename them")
-    for path in files:
-        if _is_same_file(out / f"{path.stem}.png", path):
+        raise CommandError(f"several inputs would write {dupes[0]}{extension}; rename them")
+    for path in files:  # a transparent image goes to PNG whatever --format says
+        if any(_is_same_file(out / f"{path.stem}{ext}", path) for ext in {extension, ".png"}):
             raise CommandError(f"--out {out} would overwrite the input {path} with its upscaled image; "
                                "write to another folder")
     model = _load(args, precision=args.precision)
-    # Each PNG is encoded in a thread while the model upscales the next image: at Pillow's default compression
+    # Each image is encoded in a thread while the model upscales the next image: at Pillow's default compression
     # a 2048x2048 result takes 1.3 s to encode on a 2-core CPU, longer than a GPU takes to upscale it. At most
     # one write is in flight, so memory holds one result more than before, and errors surface in input order.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptsr-png") as writer:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptsr-write") as writer:
         in_flight = None
         try:
             for path in files:
@@ -77,12 +79,15 @@ def _upscale(args: argparse.Namespace) -> int:
                     result = _to_grey(result)
                 if image.shape[1] == 4:
                     result = torch.cat([result, _upscale_alpha(image[:, 3:], result.shape[-2:])], dim=1)
-                target = out / f"{path.stem}.png"
-                bits = image_bit_depth(path)  # a 16-bit input keeps its depth (the model computes in float anyway)
+                # JPEG holds no transparency: as Real-ESRGAN does, a transparent image is written as PNG instead
+                suffix = ".png" if image.shape[1] == 4 and extension == ".jpg" else extension
+                target = out / f"{path.stem}{suffix}"
+                # a 16-bit input keeps its depth in a PNG (the model computes in float anyway)
+                bits = image_bit_depth(path) if suffix == ".png" else 8
                 notes = ", grey" * grey + ", 16-bit" * (bits == 16)
                 _finish(in_flight)
                 in_flight = None
-                write = writer.submit(write_png, result[0].cpu(), target, bits=bits)
+                write = writer.submit(write_image, result[0].cpu(), target, bits=bits, quality=args.quality)
                 in_flight = (write, f"{path} -> {target} ({result.shape[-1]}x{result.shape[-2]}{notes})")
         finally:  # a later image's failure still reports the one written before it
             _finish(in_flight)
@@ -92,19 +97,31 @@ def _upscale(args: argparse.Namespace) -> int:
 def add_upscale_command(subparsers) -> None:
     p = subparsers.add_parser(
         "upscale",
-        help="upscale an image or a folder of images to PNGs",
+        help="upscale an image or a folder of images to PNGs (or JPEG, WebP)",
         description=(
             "Upscale INPUT (an image file, or every image in a folder) with the model (base, base + adapter, "
-            "or merged) and write <name>.png to --out. --tile bounds memory on large images: tiles overlap and "
-            "are blended, so no seams show. Transparent images stay transparent: the model upscales the colour, "
-            "bicubic interpolation the alpha channel. Grey inputs give grey PNGs, 16-bit inputs (PNG, TIFF) 16-bit "
-            "ones."
+            "or merged) and write <name>.png (or --format's extension) to --out. --tile bounds memory on large "
+            "images: tiles overlap and are blended, so no seams show; by default whole images, tiles where the "
+            "device runs out of memory. Transparent images stay transparent: the model upscales the colour, "
+            "bicubic interpolation the alpha channel. Grey inputs give grey images, 16-bit inputs (PNG, TIFF) "
+            "16-bit PNGs."
         ),
     )
     p.add_argument("input", metavar="INPUT", help="an image file (png, jpg, bmp, tif, webp) or a folder of them")
     _add_model_flags(p)
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the upscaled PNGs (created if missing)")
+    p.add_argument("--format", choices=("png", "jpg", "webp"), default="png",
+                   help="output format (default: png); a transparent image is written as PNG with --format jpg")
+    p.add_argument("--quality", type=_quality, default=95, metavar="Q",
+                   help="JPEG / WebP quality, 1-100 (default: 95; WebP at 100 is lossless)")
     _add_tile_flags(p)
     _add_device_flag(p)
     _add_precision_flag(p)
     p.set_defaults(func=_upscale)
+
+
+def _quality(text: str) -> int:
+    value = _nonneg_int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text} is not in 1-100")
+    return value

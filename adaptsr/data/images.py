@@ -35,8 +35,12 @@ __all__ = [
     "image_size",
     "list_images",
     "read_image",
+    "write_image",
     "write_png",
 ]
+
+#: The formats :func:`write_image` writes, by file extension.
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 #: File extensions (lower case) that :func:`list_images` picks up.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -267,6 +271,43 @@ def write_png(image: torch.Tensor, path: str | os.PathLike, *, bits: int = 8) ->
     arr = levels.astype(np.uint8)
     pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+
+
+def write_image(image: torch.Tensor, path: str | os.PathLike, *, bits: int = 8, quality: int = 95) -> None:
+    """Write an image tensor (as :func:`write_png` takes it) in the format of ``path``'s extension, atomically.
+
+    PNG (8 or 16 bits), JPEG or WebP (8 bits, at ``quality`` 1-100; WebP at 100 is lossless). JPEG holds no
+    transparency: an image with alpha is refused, naming the file. A 16-bit image written as JPEG or WebP is
+    rounded to 8 bits, as those formats store.
+    """
+    path = Path(path)
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot write {path}: use one of {', '.join(sorted(OUTPUT_FORMATS))}")
+    if fmt == "PNG":
+        write_png(image, path, bits=bits)
+        return
+    if not 1 <= quality <= 100:
+        raise ValueError(f"cannot write {path}: quality must be in 1-100, got {quality}")
+    x = image.detach()
+    x = x[0] if x.dim() == 4 and x.shape[0] == 1 else x
+    x = x[None] if x.dim() == 2 else x
+    if x.dim() != 3 or x.shape[0] not in (1, 2, 3, 4):
+        raise ValueError(f"cannot write {path}: expected an image tensor [3, H, W], [4, H, W], [2, H, W] or [H, W], "
+                         f"got {tuple(image.shape)}")
+    if fmt == "JPEG" and x.shape[0] in (2, 4):
+        raise ValueError(f"cannot write {path}: JPEG holds no transparency; write PNG or WebP")
+    x = x.to(device="cpu", dtype=torch.float32)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"cannot write {path}: the image holds NaN or inf values")
+    arr = (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    if fmt == "WEBP" and arr.shape[2] == 2:  # WebP stores colour: grey with alpha as RGBA
+        arr = arr[:, :, [0, 0, 0, 1]]
+    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    options = {"quality": quality}
+    if fmt == "WEBP":
+        options["lossless"] = quality == 100
+    atomic_write(path, lambda tmp: pil.save(tmp, format=fmt, **options))
 
 
 def _png16(arr: np.ndarray, path: Path) -> bytes:

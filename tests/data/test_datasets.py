@@ -13,7 +13,15 @@ from PIL import Image, ImageOps
 from skimage import data as skdata
 
 from adaptsr.data.datasets import CachedValidationSet, HRFolderDataset, PairedFolderDataset
-from adaptsr.data.images import image_bit_depth, image_is_grey, image_size, list_images, read_image, write_png
+from adaptsr.data.images import (
+    image_bit_depth,
+    image_is_grey,
+    image_size,
+    list_images,
+    read_image,
+    write_image,
+    write_png,
+)
 
 
 def _photo(name: str, size: tuple[int, int] = (64, 64)) -> np.ndarray:
@@ -250,6 +258,29 @@ def test_write_png_grey_with_alpha(tmp_path):
     write_png(image, tmp_path / "la.png")
     assert Image.open(tmp_path / "la.png").mode == "LA"
     torch.testing.assert_close(read_image(tmp_path / "la.png", alpha=True), image[[0, 0, 0, 1]], rtol=0, atol=0.5 / 255)
+
+
+def test_write_image_in_lossy_formats(tmp_path, astronaut):
+    """JPEG and WebP at a quality: the photo back within what the codec loses; WebP at 100 losslessly."""
+    photo = torch.from_numpy(astronaut.copy()).permute(2, 0, 1).float() / 255  # 64x64: detail in every pixel
+    for name, quality, worst_mean in (("a.jpg", 95, 6 / 255), ("a.webp", 90, 7 / 255), ("low.jpg", 10, 30 / 255)):
+        write_image(photo, tmp_path / name, quality=quality)
+        error = (read_image(tmp_path / name) - photo).abs().mean().item()
+        assert 0 < error < worst_mean, name
+    assert (read_image(tmp_path / "low.jpg") - photo).abs().mean() > (read_image(tmp_path / "a.jpg") - photo).abs().mean()
+    write_image(photo, tmp_path / "exact.webp", quality=100)
+    torch.testing.assert_close(read_image(tmp_path / "exact.webp"), photo, rtol=0, atol=0)
+    write_image(photo.mean(0), tmp_path / "grey.jpg")
+    assert Image.open(tmp_path / "grey.jpg").mode == "L"
+    write_image(torch.rand(4, 8, 8), tmp_path / "rgba.webp")
+    assert Image.open(tmp_path / "rgba.webp").mode == "RGBA"
+    with pytest.raises(ValueError, match=r"rgba\.jpg: JPEG holds no transparency"):
+        write_image(torch.rand(4, 8, 8), tmp_path / "rgba.jpg")
+    with pytest.raises(ValueError, match=r"x\.gif: use one of"):
+        write_image(photo, tmp_path / "x.gif")
+    with pytest.raises(ValueError, match="quality must be in 1-100, got 0"):
+        write_image(photo, tmp_path / "q.jpg", quality=0)
+    assert not any(p.name in ("rgba.jpg", "x.gif", "q.jpg") for p in tmp_path.iterdir())
 
 
 def test_image_is_grey(tmp_path, astronaut):
