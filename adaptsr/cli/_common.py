@@ -233,7 +233,8 @@ def _tile_size(text: str) -> int | str:
     try:
         return _nonneg_int(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of pixels (0: whole images) nor auto") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of pixels (0: whole images) nor auto") \
+            from None
 
 
 def _nonneg_int(text: str) -> int:

@@ -60,8 +60,10 @@ def _upscale(args: argparse.Namespace) -> int:
     if len(set(stems)) != len(stems):
         dupes = sorted({s for s in stems if stems.count(s) > 1})
         raise CommandError(f"several inputs would write {dupes[0]}{extension}; rename them")
-    for path in files:  # a transparent image goes to PNG whatever --format says
-        if any(_is_same_file(out / f"{path.stem}{ext}", path) for ext in {extension, ".png"}):
+    # with --format jpg, a transparent image goes to PNG (below)
+    extensions = {extension, ".png"} if extension == ".jpg" else {extension}
+    for path in files:
+        if any(_is_same_file(out / f"{path.stem}{ext}", path) for ext in extensions):
             raise CommandError(f"--out {out} would overwrite the input {path} with its upscaled image; "
                                "write to another folder")
     model = _load(args, precision=args.precision)
@@ -109,7 +111,7 @@ def add_upscale_command(subparsers) -> None:
     )
     p.add_argument("input", metavar="INPUT", help="an image file (png, jpg, bmp, tif, webp) or a folder of them")
     _add_model_flags(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the upscaled PNGs (created if missing)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the upscaled images (created if missing)")
     p.add_argument("--format", choices=("png", "jpg", "webp"), default="png",
                    help="output format (default: png); a transparent image is written as PNG with --format jpg")
     p.add_argument("--quality", type=_quality, default=95, metavar="Q",
