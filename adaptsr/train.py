@@ -147,6 +147,19 @@ def _load_batch(dataset, indices: list[int], epoch: int, device: torch.device):
     return lr, hr
 
 
+def _timed(batches, history: dict):
+    """``batches``, adding the time spent waiting for each to ``history["data_seconds"]``: how data-bound the
+    run is (more DataLoader workers help where this is a large share of ``train_seconds``)."""
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        history["data_seconds"] += time.perf_counter() - start
+        yield batch
+
+
 def _uses_bf16(amp: str, device_type: str) -> bool:
     """Whether the forward runs under bf16 autocast: TrainConfig's ``amp`` ("auto": on CUDA) on this device."""
     if amp not in ("auto", "bf16", "off"):
@@ -371,7 +384,7 @@ def adapt(
     ema = ParameterEMA(params, config.ema_decay) if config.ema_decay > 0 else None
 
     history = {"loss": [], "loss_terms": {name: [] for name in objective.terms}, "val": [], "skipped_steps": 0,
-               "train_seconds": 0.0}
+               "train_seconds": 0.0, "data_seconds": 0.0}
     final_outputs = None  # the last validation's (lr, sr, hr): the comparison picture's "after"
 
     def validate(step: int) -> None:
@@ -427,6 +440,7 @@ def adapt(
         schedule.load_state_dict(state["schedule"])
         history = state["history"]
         history.setdefault("loss_terms", {name: [] for name in objective.terms})
+        history.setdefault("data_seconds", 0.0)
         start_step = state["step"]
     if rank == 0:
         _write_json(run_dir / "config.json", asdict(config))
@@ -468,7 +482,7 @@ def adapt(
     num_workers = auto_num_workers(device, local_ranks) if config.num_workers is None else config.num_workers
     batches = training_batches(train_set, steps, rank_items, device, num_workers)
     with contextlib.closing(batches):  # stops the workers however the loop ends
-        for step, (lr, hr) in zip(steps, batches):
+        for step, (lr, hr) in zip(steps, _timed(batches, history)):
             loss, terms, sr = _training_loss(network, objective, lr, hr, use_bf16)
             finite = torch.isfinite(loss.detach()).float()
             if world > 1:  # every rank must skip together, or DDP's all-reduce waits forever
@@ -520,6 +534,7 @@ def adapt(
         "steps": config.steps,
         "final_loss": history["loss"][-1] if history["loss"] else None,
         "train_seconds": history["train_seconds"],
+        "num_workers": num_workers,
         "trainable_params": sum(p.numel() for p in params.values()),
         "total_params": sum(p.numel() for p in module.parameters()),
         "best_val": _best_validation(history),

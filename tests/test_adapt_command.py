@@ -65,6 +65,30 @@ def test_adapt_writes_a_run_folder(setup, capsys):
     assert len(json.loads((run_dir / "metrics.json").read_text())["val"]) == 2
 
 
+def test_adapt_says_how_long_it_waited_for_batches(setup, capsys, monkeypatch):
+    """The summary gives the time spent making batches: here a dataset whose crops take 50 ms each."""
+    import re
+    import time
+
+    from adaptsr.data.datasets import HRFolderDataset
+
+    tmp_path, hr_dir, checkpoint = setup
+    item = HRFolderDataset.__getitem__
+
+    def slow_item(self, index):
+        time.sleep(0.05)
+        return item(self, index)
+
+    monkeypatch.setattr(HRFolderDataset, "__getitem__", slow_item)
+    assert main(_args(checkpoint, hr_dir, tmp_path / "slow")) == 0  # 4 steps of 2 crops: 0.4 s at least
+    out = capsys.readouterr().out
+    total, waited = map(int, re.search(r"adapted in (\d+) s \((\d+) s of it making batches\)", out).groups())
+    metrics = json.loads((tmp_path / "slow" / "metrics.json").read_text())
+    assert 0.4 <= metrics["data_seconds"] <= metrics["train_seconds"]
+    assert (total, waited) == (round(metrics["train_seconds"]), round(metrics["data_seconds"]))
+    assert "more --workers" not in out  # on the CPU, making batches is the same cores' work
+
+
 def test_adapt_bad_input(setup, capsys):
     tmp_path, hr_dir, checkpoint = setup
     assert main(_args(tmp_path / "missing.pth", hr_dir, tmp_path / "run")) == 1

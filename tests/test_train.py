@@ -125,6 +125,17 @@ def test_run_folder_is_usable(tmp_path):
         torch.testing.assert_close(merged(lr), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_wait_for_batches_is_measured(tmp_path):
+    class Slow(NoisyPairs):
+        def __getitem__(self, i):
+            time.sleep(0.02)
+            return super().__getitem__(i)
+
+    metrics = adapt(make_model(), Slow(), tmp_path, _config(steps=4), device="cpu")
+    assert 4 * 4 * 0.02 <= metrics["data_seconds"] <= metrics["train_seconds"]
+    assert metrics["num_workers"] == 0  # the automatic choice on the CPU
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_adapt_on_a_gpu(tmp_path):
     """The whole loop on a GPU: bf16 autocast, batches from workers through pinned memory, a validation, and

@@ -15,6 +15,8 @@ from adaptsr.cli._common import (
     _nonneg_int,
 )
 
+# The share of a GPU run's time spent waiting for batches above which adapt suggests more --workers.
+_DATA_BOUND_SHARE = 0.2
 # The architectures whose spandrel forward runs torch's checkpoint where use_checkpoint is set.
 _CHECKPOINTING_ARCHITECTURES = ("SwinIR",)
 # The recipes the flags default to. Adapters: LoRA+ (lora_B at 16x, the LoRA+ paper's 2^4) from 1e-3, which on the
@@ -305,8 +307,12 @@ def _adapt(args: argparse.Namespace) -> int:
                     discriminator=discriminator)
     val = metrics["val"][-1] if metrics["val"] else None
     psnr = f", validation PSNR {val['psnr']:.2f} dB / SSIM {val['ssim']:.4f} (Y)" if val else ""
-    print(f"adapted in {metrics['train_seconds']:.0f} s, final loss {metrics['final_loss']:.4f}{psnr}; "
-          f"wrote {args.out}")
+    seconds, waited = metrics["train_seconds"], metrics["data_seconds"]
+    print(f"adapted in {seconds:.0f} s ({waited:.0f} s of it making batches), final loss "
+          f"{metrics['final_loss']:.4f}{psnr}; wrote {args.out}")
+    if args.device != "cpu" and seconds > 0 and waited > _DATA_BOUND_SHARE * seconds:  # the GPU sat idle
+        print(f"the device waited {100 * waited / seconds:.0f}% of the time for training batches "
+              f"({metrics['num_workers']} DataLoader workers): more --workers may shorten the run")
     best = metrics["best_val"]
     if args.val_every and best is not None:
         from adaptsr.train import BEST_ADAPTER, BEST_MODEL
