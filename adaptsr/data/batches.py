@@ -1,7 +1,8 @@
 """The training batches of a run, step by step, prepared ahead of the step in DataLoader workers.
 
 Every item is a pure function of (seed, epoch, index) (see :mod:`adaptsr.data.datasets`), so the
-batches do not depend on who prepares them: ``num_workers=0`` builds each batch in the training
+batches do not depend on who prepares them (bitwise on the CPUs measured; a worker sums floats on one
+thread, which on other CPUs may round an LR pixel to the next 8-bit level): ``num_workers=0`` builds each batch in the training
 process when its step comes, ``num_workers=N`` lets N worker processes crop, augment and degrade the
 next steps' items while the model trains on this one. On a GPU the synthetic degradation of a batch
 costs more CPU time than the step's GPU time, so without workers the GPU would mostly wait.

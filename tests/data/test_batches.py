@@ -58,7 +58,10 @@ def test_workers_give_the_same_batches(photos):
     assert len(here) == len(there) == len(steps)
     for (lr_a, hr_a), (lr_b, hr_b) in zip(here, there):
         assert lr_a.shape == (4, 3, 8, 8) and hr_a.shape == (4, 3, 16, 16)
-        assert torch.equal(lr_a, lr_b) and torch.equal(hr_a, hr_b)
+        assert torch.equal(hr_a, hr_b)  # crops and flips: copies, exact anywhere
+        # the degradation's float sums run on a worker's one thread instead of the training process's several:
+        # bitwise equal on the 2-core AMD EPYC; elsewhere a sum may round to the neighbouring 8-bit LR level
+        assert (lr_a - lr_b).abs().max() <= 1 / 255 + 1e-6 and (lr_a != lr_b).float().mean() < 0.01
     assert not torch.equal(here[0][0], here[1][0])  # the steps do differ
     assert not multiprocessing.active_children()
 
@@ -154,7 +157,7 @@ def test_the_commands_datasets_reach_spawned_workers(photos, monkeypatch):
         warnings.simplefilter("error")  # no fallback to the training process
         there = _all_batches(dataset, range(2), 2)
     here = _all_batches(dataset, range(2), 0)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(here, there))
+    assert all((a[0] - b[0]).abs().max() <= 1 / 255 + 1e-6 for a, b in zip(here, there))  # as above
 
 
 def test_auto_num_workers(monkeypatch):
