@@ -42,6 +42,10 @@ def _copy_tree(tree: dict) -> dict:
     return {key: _copy_tree(value) if isinstance(value, dict) else value for key, value in tree.items()}
 
 
+def _tensor_names(group: dict) -> set:
+    return {key for key, value in group.items() if isinstance(value, torch.Tensor)}
+
+
 def _where(path: _Path) -> str:
     return "/".join(map(str, path))
 
@@ -77,35 +81,35 @@ def state_in_layout_of(
     by_shape: dict[tuple[int, ...], list[tuple[_Path, torch.Tensor]]] = {}
     for path, tensor in _tensors(stored):
         by_shape.setdefault(tuple(tensor.shape), []).append((path, tensor))
-    placed: dict[_Path, str] = {}
+    placed: dict[_Path, tuple[str, torch.Tensor]] = {}  # where in the file: the key and the stored tensor
     for key in changed:
         before = base_state[key]
-        found = [path for path, tensor in by_shape.get(tuple(before.shape), [])
+        found = [(path, tensor) for path, tensor in by_shape.get(tuple(before.shape), [])
                  if tensor.is_floating_point() == before.is_floating_point()
                  and torch.equal(tensor.to(before.dtype), before)]
         if len(found) != 1:
             problem = ("is not stored as such in it (spandrel converts it when loading)" if not found else
-                       f"is stored {len(found)} times in it ({', '.join(_where(p) for p in found[:3])}), so which "
-                       "copy to replace is ambiguous")
+                       f"is stored {len(found)} times in it ({', '.join(_where(p) for p, _ in found[:3])}), so "
+                       "which copy to replace is ambiguous")
             raise ValueError(f"cannot write the merged weights in the layout of {base_path}: the base value of "
                              f"{key} {problem}; write spandrel's layout instead (adaptsr merge --layout spandrel)")
-        placed[found[0]] = key
+        (path, stored_tensor), = found
+        placed[path] = key, stored_tensor
 
     out = _copy_tree(stored)
     notes: list[str] = []
     parents = {path[:-1] for path in placed}
     if len(parents) > 1:
         raise ValueError(f"cannot write the merged weights in the layout of {base_path}: they are spread over "
-                         f"{len(parents)} groups ({', '.join(_where(p) or 'the top level' for p in sorted(parents))})")
+                         f"{len(parents)} groups ({', '.join(sorted(_where(p) or 'the top level' for p in parents))})")
     weights_at = next(iter(parents)) if parents else None
-    for path, key in placed.items():
-        _node(out, path[:-1])[path[-1]] = new_state[key].detach().cpu().to(_node(stored, path[:-1])[path[-1]].dtype)
+    for path, (key, stored_tensor) in placed.items():
+        _node(out, path[:-1])[path[-1]] = new_state[key].detach().cpu().to(stored_tensor.dtype)
     if weights_at is not None:
         # another copy of the same weights (BasicSR keeps `params` beside `params_ema`) would still be the base's
-        names = {key for key, value in _node(stored, weights_at).items() if isinstance(value, torch.Tensor)}
+        names = _tensor_names(_node(stored, weights_at))
         for path in sorted({p[:-1] for p, _ in _tensors(stored)} - {weights_at}, key=len, reverse=True):
-            group = _node(stored, path)
-            if path and {k for k, v in group.items() if isinstance(v, torch.Tensor)} == names:
+            if path and _tensor_names(_node(stored, path)) == names:
                 _node(out, path[:-1]).pop(path[-1], None)
                 notes.append(f"dropped {_where(path)}, a second copy of the weights that would still be the base's")
     if dtype is not None:
@@ -125,7 +129,7 @@ def flat_weights(state: dict, base_path: str | os.PathLike) -> tuple[dict[str, t
         return flat, [f"left out {', '.join(left)}: not tensors, which safetensors cannot hold"] if left else []
     if len(groups) != 1:
         raise ValueError(f"checkpoint {base_path} holds several groups of tensors "
-                         f"({', '.join(_where(p) or 'the top level' for p in sorted(groups))}): write a .pth to keep "
+                         f"({', '.join(sorted(_where(p) or 'the top level' for p in groups))}): write a .pth to keep "
                          "its layout")
     (path,) = groups
     group = _node(state, path)

@@ -236,18 +236,9 @@ def read_image(path: str | os.PathLike, *, alpha: bool = False) -> torch.Tensor:
     return x.clamp(0.0, 1.0).contiguous()
 
 
-def write_png(image: torch.Tensor, path: str | os.PathLike, *, bits: int = 8) -> None:
-    """Write an image tensor with values in [0, 1] as a PNG of ``bits`` (8 or 16) per channel, atomically.
-
-    ``image``: [3, H, W] or [1, 3, H, W] (RGB), [4, H, W] (RGBA), [2, H, W] (grey + alpha), or [H, W] /
-    [1, H, W] (grey); values are clamped to [0, 1] and rounded to the nearest of the 256 (65,536) levels,
-    so 8-bit (16-bit) values round-trip exactly through ``read_image``. A 16-bit grey + alpha image is
-    written as RGBA with the grey in all three colour channels: OpenCV, which writes the 16-bit PNGs,
-    encodes 1, 3 or 4 channels only.
-    """
-    if bits not in (8, 16):
-        raise ValueError(f"cannot write {path}: PNG bits per channel must be 8 or 16, got {bits!r}")
-    path = Path(path)
+def _levels(image: torch.Tensor, path: Path, bits: int) -> np.ndarray:
+    """``image`` (as :func:`write_png` takes it) checked and rounded to the nearest of the 2**bits levels:
+    an int32 array [H, W, C]."""
     x = image.detach()
     if x.dim() == 4 and x.shape[0] == 1:
         x = x[0]
@@ -261,7 +252,22 @@ def write_png(image: torch.Tensor, path: str | os.PathLike, *, bits: int = 8) ->
     x = x.to(device="cpu", dtype=torch.float32)
     if not torch.isfinite(x).all():
         raise ValueError(f"cannot write {path}: the image holds NaN or inf values")
-    levels = (x.clamp(0.0, 1.0) * float(2**bits - 1)).round().to(torch.int32).permute(1, 2, 0).numpy()
+    return (x.clamp(0.0, 1.0) * float(2**bits - 1)).round().to(torch.int32).permute(1, 2, 0).numpy()
+
+
+def write_png(image: torch.Tensor, path: str | os.PathLike, *, bits: int = 8) -> None:
+    """Write an image tensor with values in [0, 1] as a PNG of ``bits`` (8 or 16) per channel, atomically.
+
+    ``image``: [3, H, W] or [1, 3, H, W] (RGB), [4, H, W] (RGBA), [2, H, W] (grey + alpha), or [H, W] /
+    [1, H, W] (grey); values are clamped to [0, 1] and rounded to the nearest of the 256 (65,536) levels,
+    so 8-bit (16-bit) values round-trip exactly through ``read_image``. A 16-bit grey + alpha image is
+    written as RGBA with the grey in all three colour channels: OpenCV, which writes the 16-bit PNGs,
+    encodes 1, 3 or 4 channels only.
+    """
+    if bits not in (8, 16):
+        raise ValueError(f"cannot write {path}: PNG bits per channel must be 8 or 16, got {bits!r}")
+    path = Path(path)
+    levels = _levels(image, path, bits)
     if bits == 16:
         if levels.shape[2] == 2:
             levels = levels[:, :, [0, 0, 0, 1]]
@@ -289,18 +295,9 @@ def write_image(image: torch.Tensor, path: str | os.PathLike, *, bits: int = 8, 
         return
     if not 1 <= quality <= 100:
         raise ValueError(f"cannot write {path}: quality must be in 1-100, got {quality}")
-    x = image.detach()
-    x = x[0] if x.dim() == 4 and x.shape[0] == 1 else x
-    x = x[None] if x.dim() == 2 else x
-    if x.dim() != 3 or x.shape[0] not in (1, 2, 3, 4):
-        raise ValueError(f"cannot write {path}: expected an image tensor [3, H, W], [4, H, W], [2, H, W] or [H, W], "
-                         f"got {tuple(image.shape)}")
-    if fmt == "JPEG" and x.shape[0] in (2, 4):
+    arr = _levels(image, path, 8).astype(np.uint8)
+    if fmt == "JPEG" and arr.shape[2] in (2, 4):
         raise ValueError(f"cannot write {path}: JPEG holds no transparency; write PNG or WebP")
-    x = x.to(device="cpu", dtype=torch.float32)
-    if not torch.isfinite(x).all():
-        raise ValueError(f"cannot write {path}: the image holds NaN or inf values")
-    arr = (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
     if fmt == "WEBP" and arr.shape[2] == 2:  # WebP stores colour: grey with alpha as RGBA
         arr = arr[:, :, [0, 0, 0, 1]]
     pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
