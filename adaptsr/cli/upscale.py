@@ -68,8 +68,9 @@ def _upscale(args: argparse.Namespace) -> int:
                                "write to another folder")
     model = _load(args, precision=args.precision)
     # Each image is encoded in a thread while the model upscales the next image: at Pillow's default compression
-    # a 2048x2048 result takes 1.3 s to encode on a 2-core CPU, longer than a GPU takes to upscale it. At most
-    # one write is in flight, so memory holds one result more than before, and errors surface in input order.
+    # a 2048x2048 result takes about 1 s to encode on a 2-core CPU (benchmarks/test_bench_data.py), longer than a
+    # GPU takes to upscale it. At most one write is in flight, so memory holds one result more than before, and
+    # errors surface in input order.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptsr-write") as writer:
         in_flight = None
         try:
