@@ -246,6 +246,7 @@ def evaluate_pairs(
     device: str | torch.device = "cpu",
     download: bool = True,
     quantize: bool = True,
+    self_ensemble: bool = False,
 ) -> dict:
     """Score SR results against HR images with pyiqa metrics; per image and the mean.
 
@@ -254,12 +255,13 @@ def evaluate_pairs(
     (name, lr, hr) or dicts with ``lr``, ``hr`` and optionally ``name``); images are tensors
     [3, H, W] or [1, 3, H, W] in [0, 1]. An HR image may be None (a camera's own photos have none)
     where every metric is a no-reference one (``is_no_reference``). With a model, its outputs are
-    rounded to 8 bits first (as a written PNG is; ``quantize=False`` keeps them) and ``scale``
-    defaults to the model's.
+    rounded to 8 bits first (as a written PNG is; ``quantize=False`` keeps them), ``scale``
+    defaults to the model's, and ``self_ensemble`` averages each image's upscaling over its eight
+    flips and quarter turns (``adaptsr.infer.upscale``; the papers' "+" scores).
     An HR image larger than the SR result by less than ``scale`` pixels is cropped to it.
 
     Returns ``{"scale", "metrics": computed names, "skipped": {name: reason}, "images": [{"name",
-    <metric>: value, ...}], "mean": {<metric>: value}, "lower_better": {<metric>: bool}}``.
+    <metric>: value, ...}], "mean": {<metric>: value}, "lower_better": {<metric>: bool}, "self_ensemble"}``.
     Unknown metric names raise ValueError before anything runs; a metric whose weights are
     missing is skipped with the reason (see MissingWeightsError).
     """
@@ -267,6 +269,8 @@ def evaluate_pairs(
         raise ValueError("evaluate_pairs takes either pairs, or a model and a dataset")
     if model is not None and dataset is None:
         raise ValueError("evaluate_pairs: a model needs a dataset of (lr, hr) images")
+    if self_ensemble and model is None:
+        raise ValueError("evaluate_pairs: self_ensemble applies to a model's upscaling; pairs come upscaled already")
     if isinstance(metrics, str):
         metrics = metrics.split(",")
     names = _check_names(metrics)
@@ -290,7 +294,8 @@ def evaluate_pairs(
 
         def produce():
             for name, lr, hr in _lr_hr_from(dataset):
-                sr = upscale(model, _as_batch(lr, f"LR image {name!r}"), scale, tile=tile, overlap=overlap)
+                sr = upscale(model, _as_batch(lr, f"LR image {name!r}"), scale, tile=tile, overlap=overlap,
+                             self_ensemble=self_ensemble)
                 yield name, (_quantize(sr) if quantize else sr), hr
 
         source = produce()
@@ -333,6 +338,7 @@ def evaluate_pairs(
         "images": rows,
         "mean": mean,
         "lower_better": {m: bool(created[m].lower_better) for m in computed},
+        "self_ensemble": self_ensemble,
     }
 
 
@@ -353,6 +359,8 @@ def format_table(result: dict) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     lines = [line(header), rule, *map(line, body[:-1]), rule, line(body[-1])]
+    if result.get("self_ensemble"):
+        lines.append("self-ensemble: each image is the mean of its 8 flips and quarter turns, upscaled and turned back")
     for name, reason in result["skipped"].items():
         lines.append(f"skipped {name}: {reason}")
     return "\n".join(lines)

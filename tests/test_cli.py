@@ -514,3 +514,26 @@ def test_upscale_to_jpeg_and_webp(files, capsys, tmp_path):
         _run(capsys, "upscale", tmp_path / "in", "--model", files / "base.safetensors", "--out", tmp_path / "q",
              "--format", "jpg", "--quality", "0")
     assert "0 is not in 1-100" in capsys.readouterr().err
+
+
+def test_self_ensemble_in_upscale_and_eval(files, capsys, tmp_path):
+    """--self-ensemble: upscale writes the library's self-ensembled image; eval scores it and says so."""
+    code, _, err = _run(capsys, "upscale", files / "lr" / "a_LR2.png", "--model", files / "base.safetensors",
+                        "--out", tmp_path / "sr", "--self-ensemble")
+    assert code == 0, err
+    model = adaptsr.load_model(files / "base.safetensors")
+    image = read_image(files / "lr" / "a_LR2.png")[None]
+    expect = upscale(model, image, self_ensemble=True)[0]
+    written = read_image(tmp_path / "sr" / "a_LR2.png")
+    assert (written - expect).abs().max() <= 1 / 255 + 1e-4
+    assert (written - upscale(model, image)[0]).abs().max() > 2 / 255  # not the plain upscaling
+
+    docs = {}
+    for name, extra in (("plain", []), ("plus", ["--self-ensemble"])):
+        code, out, err = _run(capsys, "eval", "--model", files / "base.safetensors", "--pairs", files / "lr",
+                              files / "hr", "--metrics", "psnr", "--out", tmp_path / name, *extra)
+        assert code == 0, err
+        assert ("self-ensemble" in out) == bool(extra)
+        docs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert docs["plain"]["self_ensemble"] is False and docs["plus"]["self_ensemble"] is True
+    assert docs["plus"]["mean"]["psnr"] != docs["plain"]["mean"]["psnr"]

@@ -166,3 +166,5 @@ def test_bad_input():
     assert a == pytest.approx(evaluate_pairs({"x": (sr, hr)}, ["psnr"], 2)["mean"]["psnr"])
     with pytest.raises(ValueError, match="either pairs"):
         evaluate_pairs(metrics=["psnr"], scale=2)
+    with pytest.raises(ValueError, match="self_ensemble applies to a model's upscaling"):
+        evaluate_pairs(pairs, ["psnr"], 2, self_ensemble=True)

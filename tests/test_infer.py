@@ -166,3 +166,70 @@ def test_auto_gives_up_and_other_errors_pass(esrgan):
     assert len(budget.sizes) == 1
     with pytest.raises(ValueError, match="'auto' or None, got 'half'"):
         upscale(esrgan, x, tile="half")
+
+
+class _Conv2x(torch.nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv with the given kernel (zero padding)."""
+
+    def __init__(self, kernel: torch.Tensor):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(3)[:, :, None, None] * kernel)
+
+    def forward(self, x):
+        return self.conv(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+def _symmetries(x):
+    """The square's eight symmetries, as transpose and flips of rows and columns (another parametrisation
+    than upscale's rotations, so the two cannot share a mistake), with each one's inverse."""
+    for transpose in (False, True):
+        for dims in ((), (-2,), (-1,), (-2, -1)):
+            def forward(t, transpose=transpose, dims=dims):
+                t = t.flip(dims) if dims else t
+                return t.transpose(-2, -1) if transpose else t
+
+            def inverse(t, transpose=transpose, dims=dims):
+                t = t.transpose(-2, -1) if transpose else t
+                return t.flip(dims) if dims else t
+
+            yield forward, inverse
+
+
+def test_self_ensemble_is_the_mean_over_the_eight_symmetries(esrgan, swinir):
+    x = _image(24, 40, seed=5)  # multiples of the windowed model's window: no padding to break the symmetry
+    for model in (esrgan, swinir):
+        expected = sum(inverse(upscale(model, forward(x))) for forward, inverse in _symmetries(x)) / 8
+        got = upscale(model, x, self_ensemble=True)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        assert (got - upscale(model, x)).abs().max() > 1e-3  # these models are not symmetric themselves
+        # so the result commutes with every symmetry
+        for forward, inverse in _symmetries(x):
+            torch.testing.assert_close(upscale(model, forward(x), self_ensemble=True), forward(got), rtol=0, atol=1e-6)
+
+
+def test_self_ensemble_leaves_a_symmetric_model_as_it_is():
+    x = _image(13, 22, seed=6)
+    symmetric = _Conv2x(torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16)
+    torch.testing.assert_close(upscale(symmetric, x, 2, self_ensemble=True), upscale(symmetric, x, 2),
+                               rtol=0, atol=1e-6)
+    lopsided = _Conv2x(torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 0.0]]))
+    assert (upscale(lopsided, x, 2, self_ensemble=True) - upscale(lopsided, x, 2)).abs().max() > 1e-2
+
+
+def test_self_ensemble_in_tiles(esrgan, swinir):
+    """Each tile is ensembled: for a small receptive field the tiled result is the untiled one; "auto" tiling
+    ensembles the tiles it settles on; windowed models get window-multiple tiles in both orientations."""
+    x = _image(72, 88, seed=7)
+    whole = upscale(esrgan, x, self_ensemble=True)
+    torch.testing.assert_close(upscale(esrgan, x, tile=40, overlap=16, self_ensemble=True), whole, rtol=0, atol=1e-5)
+    with _MemoryBudget(esrgan, pixels=50 * 50) as budget, pytest.warns(UserWarning, match="tiles of 44"):
+        got = upscale(esrgan, x, tile="auto", overlap=16, self_ensemble=True)
+    torch.testing.assert_close(got, upscale(esrgan, x, tile=44, overlap=11, self_ensemble=True), rtol=0, atol=0)
+    assert budget.sizes == [(72, 88)] + [(44, 44)] * 6 * 8  # the whole image failed at its first symmetry
+    x = _image(21, 61, seed=8)  # padded to 24 x 64, the window multiple: 24 x 32 tiles, seen both ways round
+    with _MemoryBudget(swinir, pixels=10**6) as budget:
+        got = upscale(swinir, x, tile=32, overlap=8, self_ensemble=True)
+    assert got.shape == (1, 3, 42, 122) and 0 <= got.min() and got.max() <= 1
+    assert set(budget.sizes) == {(24, 32), (32, 24)} and len(budget.sizes) == 3 * 8

@@ -129,6 +129,14 @@ def _add_tile_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_self_ensemble_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--self-ensemble", action="store_true",
+        help="upscale each image (or tile) in its 8 flips and quarter turns and average the results, turned "
+             "back: the papers' \"+\" scores (SwinIR+, HAT-L+); 8 times the time, usually a little more PSNR",
+    )
+
+
 def _adapters_and_strengths(args: argparse.Namespace) -> tuple[list[str], list[float]]:
     """The --adapter directories and one strength each (1 where none is given)."""
     adapters = getattr(args, "adapter", None) or []

@@ -14,6 +14,7 @@ from adaptsr.cli._common import (
     _add_device_flag,
     _add_model_flags,
     _add_precision_flag,
+    _add_self_ensemble_flag,
     _add_tile_flags,
     _load,
     _nonneg_int,
@@ -106,6 +107,7 @@ def _eval(args: argparse.Namespace) -> int:
         dataset=dataset,
         tile=args.tile or None,
         overlap=args.overlap,
+        self_ensemble=args.self_ensemble,
         device=args.device,
         download=not args.offline,
     )
@@ -168,6 +170,7 @@ def add_eval_command(subparsers) -> None:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json and metrics.csv")
     _add_tile_flags(p)
+    _add_self_ensemble_flag(p)
     p.add_argument(
         "--offline",
         action="store_true",

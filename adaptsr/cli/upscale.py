@@ -11,6 +11,7 @@ from adaptsr.cli._common import (
     _add_device_flag,
     _add_model_flags,
     _add_precision_flag,
+    _add_self_ensemble_flag,
     _add_tile_flags,
     _input_images,
     _is_same_file,
@@ -76,7 +77,8 @@ def _upscale(args: argparse.Namespace) -> int:
         try:
             for path in files:
                 image = read_image(path, alpha=True).unsqueeze(0)
-                result = upscale(model, image[:, :3], tile=args.tile or None, overlap=args.overlap)
+                result = upscale(model, image[:, :3], tile=args.tile or None, overlap=args.overlap,
+                                 self_ensemble=args.self_ensemble)
                 grey = image_is_grey(path)  # the model sees grey replicated to RGB; its output goes back to grey
                 if grey:
                     result = _to_grey(result)
@@ -118,6 +120,7 @@ def add_upscale_command(subparsers) -> None:
     p.add_argument("--quality", type=_quality, default=95, metavar="Q",
                    help="JPEG / WebP quality, 1-100 (default: 95; WebP at 100 is lossless)")
     _add_tile_flags(p)
+    _add_self_ensemble_flag(p)
     _add_device_flag(p)
     _add_precision_flag(p)
     p.set_defaults(func=_upscale)
