@@ -20,8 +20,11 @@ logs and writes files.
 At the end the run folder holds ``config.json``, ``metrics.json`` (losses, validation PSNR/SSIM
 on Y), ``curves.png``, ``comparison.png`` (LR | base | adapted | HR crops of the validation
 images, on a fresh start with a validation set), and, for a LoRA model, ``adapter/``
-(PEFT-layout adapter files); always ``model_merged.safetensors`` (a plain checkpoint spandrel
-opens as the original architecture); with a GAN loss ``discriminator.safetensors``. With validations along
+(PEFT-layout adapter files); always the merged model: given ``base_checkpoint`` (the file the model was
+loaded from), in that file's format and layout (``model_merged.pth`` beside a pickled base, with its
+``params_ema`` wrapper and key names, so the architecture's own code opens it as it opened the base), else
+``model_merged.safetensors`` in spandrel's layout (a plain checkpoint spandrel opens as the original
+architecture); with a GAN loss ``discriminator.safetensors``. With validations along
 the way (``val_every``), the weights of the best validation PSNR so far are kept too, as they are scored
 (the average, with EMA): ``adapter_best/`` for a LoRA model, ``model_best.safetensors`` otherwise;
 ``metrics.json`` names that validation (``best_val``). Picking the best on the validation set flatters its
@@ -314,6 +317,24 @@ def _write_comparison(path: Path, before, after, crop: int = 96, rows: int = 4) 
     write_png(torch.cat(tiles, dim=1), path)
 
 
+def _save_merged(model, run_dir: Path, base_checkpoint) -> tuple[Path, list[str]]:
+    """Write the merged model: in the base checkpoint's format and layout, where there is one and every changed
+    weight can be placed in it, else in spandrel's layout. Returns its path and notes on the layout."""
+    if base_checkpoint is not None:
+        suffix = ".safetensors" if Path(base_checkpoint).suffix.lower() == ".safetensors" else ".pth"
+        path = run_dir / f"model_merged{suffix}"
+        try:
+            return path, [f"in the layout of {base_checkpoint}", *save_model(model, path, like=base_checkpoint)]
+        # e.g. two layers share a weight's base value, so the file cannot say which is which; or the base is gone
+        except (ValueError, OSError) as err:
+            fallback = f"in spandrel's layout, not that of {base_checkpoint}: {err}"
+    else:
+        fallback = "in spandrel's layout"
+    path = run_dir / "model_merged.safetensors"
+    save_model(model, path)
+    return path, [fallback]
+
+
 def _write_json(path: Path, data: dict) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
@@ -347,12 +368,14 @@ def adapt(
     resume: bool = False,
     device: str | torch.device | None = None,
     discriminator: nn.Module | None = None,
+    base_checkpoint: str | os.PathLike | None = None,
 ) -> dict:
     """Train ``model``'s trainable parameters on ``train_set`` (items are (lr, hr) tensors).
 
     With ``config.gan_weight`` > 0 a discriminator trains alongside: ``discriminator`` (e.g. Real-ESRGAN's,
     through ``adaptsr.discriminator.load_discriminator``), or a fresh ``UNetDiscriminator`` seeded by
-    ``config.seed``; its weights end in ``run_dir/discriminator.safetensors``.
+    ``config.seed``; its weights end in ``run_dir/discriminator.safetensors``. ``base_checkpoint``: the file
+    ``model`` was loaded from, whose format and layout the merged model keeps (the module docstring).
 
     Returns the metrics written to ``run_dir/metrics.json``.
     """
@@ -543,7 +566,8 @@ def adapt(
     if rank == 0:
         if any(True for _ in lora_layers(module)):
             save_adapter(model, run_dir / "adapter")
-        save_model(model, run_dir / "model_merged.safetensors")
+        merged, notes = _save_merged(model, run_dir, base_checkpoint)
+        metrics.update(merged_model=merged.name, merged_notes=notes)
         if objective.discriminator is not None:
             _save_discriminator(run_dir / "discriminator.safetensors", objective.discriminator)
         _write_json(run_dir / "metrics.json", metrics)

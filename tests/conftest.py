@@ -596,6 +596,30 @@ _TINY_SR = SimpleNamespace(
 )
 
 
+def _new_arch_rrdb_state(nf: int = 8, blocks: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Real-ESRGAN's RRDBNet x4 as BasicSR names it (``conv_first``, ``body.N.rdbM.convK``, ...), which spandrel
+    renames to ESRGAN's old keys (``model.0``, ...) when it loads it. Growth channels 32, as spandrel assumes."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"conv_first": (nf, 3)}
+    for b in range(blocks):
+        for r in (1, 2, 3):
+            for c in range(1, 6):
+                shapes[f"body.{b}.rdb{r}.conv{c}"] = (32 if c < 5 else nf, nf + (c - 1) * 32)
+    shapes.update({name: (nf, nf) for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr")})
+    shapes["conv_last"] = (3, nf)
+    state = {}
+    for name, (out_ch, in_ch) in shapes.items():
+        state[f"{name}.weight"] = torch.randn(out_ch, in_ch, 3, 3, generator=g) * 0.05
+        state[f"{name}.bias"] = torch.randn(out_ch, generator=g) * 0.01
+    return state
+
+
+@pytest.fixture(scope="session")
+def new_arch_rrdb():
+    """``new_arch_rrdb(nf=8, blocks=1, seed=0)``: a Real-ESRGAN RRDBNet x4 state dict with BasicSR's key names."""
+    return _new_arch_rrdb_state
+
+
 @pytest.fixture(scope="session")
 def tiny_sr():
     """``tiny_sr.<name>(seed=0, **overrides)``: small seeded random spandrel models, one per name above (swinir,

@@ -89,6 +89,41 @@ def test_adapt_says_how_long_it_waited_for_batches(setup, capsys, monkeypatch):
     assert "more --workers" not in out  # on the CPU, making batches is the same cores' work
 
 
+def test_the_merged_model_keeps_the_base_files_format_and_layout(setup, capsys, new_arch_rrdb):
+    """A BasicSR .pth base (params_ema, BasicSR's key names): the run's merged model is a .pth in that layout, so
+    Real-ESRGAN's own loading reads it; where a weight cannot be placed there, spandrel's layout, said so."""
+    tmp_path, hr_dir, _ = setup
+    base = tmp_path / "net_g.pth"
+    torch.save({"params_ema": new_arch_rrdb(seed=0), "params": new_arch_rrdb(seed=1)}, base)
+    run_dir = tmp_path / "run"
+    assert main(_args(base, hr_dir, run_dir, "--patch", "8")) == 0
+    printed = capsys.readouterr().out
+    merged_path = run_dir / "model_merged.pth"
+    assert f"merged model: {merged_path} (in the layout of {base})" in printed
+    assert "note: dropped params, a second copy" in printed
+    assert not (run_dir / "model_merged.safetensors").exists()
+    assert json.loads((run_dir / "metrics.json").read_text())["merged_model"] == "model_merged.pth"
+    merged = torch.load(merged_path, weights_only=True)
+    stored = torch.load(base, weights_only=True)["params_ema"]
+    assert list(merged) == ["params_ema"] and list(merged["params_ema"]) == list(stored)
+    adapted = adaptsr.load_model(base)
+    adaptsr.load_adapter(adapted, run_dir / "adapter")
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(adaptsr.load_model(merged_path).model(x), adapted.model(x), rtol=1e-5, atol=1e-5)
+
+    # two adapted convs with one base weight: the file cannot say which stored copy is whose
+    tied = new_arch_rrdb(seed=0)
+    tied["body.0.rdb2.conv1.weight"] = tied["body.0.rdb1.conv1.weight"].clone()
+    torch.save(tied, tmp_path / "tied.pth")
+    run_dir = tmp_path / "tied-run"
+    assert main(_args(tmp_path / "tied.pth", hr_dir, run_dir, "--patch", "8")) == 0
+    printed = capsys.readouterr().out
+    assert f"merged model: {run_dir / 'model_merged.safetensors'} (in spandrel's layout, not that of" in printed
+    assert "stored 2 times" in printed and not (run_dir / "model_merged.pth").exists()
+    assert adaptsr.load_model(run_dir / "model_merged.safetensors").architecture.id == "ESRGAN"
+
+
 def test_adapt_bad_input(setup, capsys):
     tmp_path, hr_dir, checkpoint = setup
     assert main(_args(tmp_path / "missing.pth", hr_dir, tmp_path / "run")) == 1

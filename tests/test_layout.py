@@ -14,24 +14,6 @@ from adaptsr.cli import main
 from adaptsr.infer import upscale
 
 
-def _new_arch_rrdb(nf: int = 8, blocks: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Real-ESRGAN's RRDBNet x4 as BasicSR names it (``conv_first``, ``body.N.rdbM.convK``, ...), which spandrel
-    renames to ESRGAN's old keys (``model.0``, ...) when it loads it. Growth channels 32, as spandrel assumes."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = {"conv_first": (nf, 3)}
-    for b in range(blocks):
-        for r in (1, 2, 3):
-            for c in range(1, 6):
-                shapes[f"body.{b}.rdb{r}.conv{c}"] = (32 if c < 5 else nf, nf + (c - 1) * 32)
-    shapes.update({name: (nf, nf) for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr")})
-    shapes["conv_last"] = (3, nf)
-    state = {}
-    for name, (out_ch, in_ch) in shapes.items():
-        state[f"{name}.weight"] = torch.randn(out_ch, in_ch, 3, 3, generator=g) * 0.05
-        state[f"{name}.bias"] = torch.randn(out_ch, generator=g) * 0.01
-    return state
-
-
 def _adapter(checkpoint, folder, rank=2):
     """An adapter with nonzero B on every conv of ``checkpoint``."""
     model = adaptsr.load_model(checkpoint)
@@ -46,10 +28,10 @@ def _merge(checkpoint, adapter, out, *extra) -> int:
 
 
 @pytest.fixture
-def basicsr_checkpoint(tmp_path):
+def basicsr_checkpoint(tmp_path, new_arch_rrdb):
     """A BasicSR training checkpoint: params_ema (what spandrel loads), params (the raw weights), an int."""
-    ema = _new_arch_rrdb(seed=0)
-    raw = _new_arch_rrdb(seed=1)
+    ema = new_arch_rrdb(seed=0)
+    raw = new_arch_rrdb(seed=1)
     path = tmp_path / "net_g.pth"
     torch.save({"params_ema": ema, "params": raw, "iter": 5000}, path)
     return path
@@ -97,11 +79,11 @@ def test_spandrel_layout_on_request(basicsr_checkpoint, tmp_path):
     assert next(iter(load_file(str(out)))).startswith("model.")  # spandrel's ESRGAN keys
 
 
-def test_prefixes_dtypes_and_metadata_are_kept(tmp_path, capsys):
+def test_prefixes_dtypes_and_metadata_are_kept(tmp_path, capsys, new_arch_rrdb):
     """A DataParallel checkpoint in fp16 with a model card: keys keep `module.`, weights stay fp16 unless
     --precision says otherwise, the metadata stays."""
     base = tmp_path / "dp.safetensors"
-    state = {f"module.{k}": v.half() for k, v in _new_arch_rrdb().items()}
+    state = {f"module.{k}": v.half() for k, v in new_arch_rrdb().items()}
     save_file(state, str(base), metadata={"modelspec.title": "my camera x4"})
     adapted = _adapter(base, tmp_path / "adapter")
     for precision, dtype in ((None, torch.float16), ("fp32", torch.float32)):
@@ -133,9 +115,9 @@ def test_full_finetuning_is_placed_too(basicsr_checkpoint, tmp_path):
         torch.testing.assert_close(stored[key], base[key] + 0.01, rtol=0, atol=1e-6)
 
 
-def test_unplaceable_weights_are_refused(tmp_path, capsys):
+def test_unplaceable_weights_are_refused(tmp_path, capsys, new_arch_rrdb):
     """Two layers with the same base weights: which stored copy belongs to the adapted one is unknowable."""
-    state = _new_arch_rrdb()
+    state = new_arch_rrdb()
     state["conv_hr.weight"] = state["conv_up2.weight"].clone()
     base = tmp_path / "tied.pth"
     torch.save(state, base)
@@ -150,17 +132,17 @@ def test_unplaceable_weights_are_refused(tmp_path, capsys):
     assert _merge(base, tmp_path / "adapter", out, "--layout", "spandrel") == 0
 
 
-def test_a_model_of_another_configuration_is_refused(basicsr_checkpoint, tmp_path):
+def test_a_model_of_another_configuration_is_refused(basicsr_checkpoint, tmp_path, new_arch_rrdb):
     other = tmp_path / "other.pth"
-    torch.save(_new_arch_rrdb(nf=16), other)
+    torch.save(new_arch_rrdb(nf=16), other)
     expected = r"does not match checkpoint .*net_g\.pth: model\.0\.weight is \(16, 3, 3, 3\)"
     with pytest.raises(ValueError, match=expected):
         adaptsr.save_model(adaptsr.load_model(other), tmp_path / "x.pth", like=basicsr_checkpoint)
 
 
-def test_other_entries_of_a_training_checkpoint_are_kept(tmp_path):
+def test_other_entries_of_a_training_checkpoint_are_kept(tmp_path, new_arch_rrdb):
     """Entries that are not the weights (an optimizer's int-keyed state, lists) come through unchanged."""
-    weights = _new_arch_rrdb()
+    weights = new_arch_rrdb()
     optimizer = {"state": {0: {"exp_avg": torch.randn(8, 3, 3, 3), "step": torch.tensor(7.0)}},
                  "param_groups": [{"lr": 1e-4}]}
     base = tmp_path / "training.pth"

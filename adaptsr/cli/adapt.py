@@ -304,12 +304,17 @@ def _adapt(args: argparse.Namespace) -> int:
 
     _record_degradation(args, degradation)
     metrics = adapt(descriptor, train_set, args.out, config, val_set=val_set, resume=args.resume, device=args.device,
-                    discriminator=discriminator)
+                    discriminator=discriminator, base_checkpoint=args.model)
     val = metrics["val"][-1] if metrics["val"] else None
     psnr = f", validation PSNR {val['psnr']:.2f} dB / SSIM {val['ssim']:.4f} (Y)" if val else ""
     seconds, waited = metrics["train_seconds"], metrics["data_seconds"]
     print(f"adapted in {seconds:.0f} s ({waited:.0f} s of it making batches), final loss "
           f"{metrics['final_loss']:.4f}{psnr}; wrote {args.out}")
+    if "merged_model" in metrics:  # rank 0's
+        layout, *notes = metrics["merged_notes"]
+        print(f"merged model: {Path(args.out) / metrics['merged_model']} ({layout})")
+        for note in notes:
+            print(f"  note: {note}")
     if args.device != "cpu" and seconds > 0 and waited > _DATA_BOUND_SHARE * seconds:  # the GPU sat idle
         print(f"the device waited {100 * waited / seconds:.0f}% of the time for training batches "
               f"({metrics['num_workers']} DataLoader workers): more --workers may shorten the run")

@@ -62,7 +62,7 @@ def add_merge_command(subparsers) -> None:
     p.add_argument(
         "--layout", choices=("base", "spandrel"), default="base",
         help="base: the --model file's layout, nesting dropped in a .safetensors --out (default); spandrel: "
-             "spandrel's module's keys, flat, as adapt's model_merged.safetensors",
+             "spandrel's module's keys, flat",
     )
     p.add_argument(
         "--precision", choices=_PRECISIONS,
