@@ -537,3 +537,41 @@ def test_self_ensemble_in_upscale_and_eval(files, capsys, tmp_path):
         docs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     assert docs["plain"]["self_ensemble"] is False and docs["plus"]["self_ensemble"] is True
     assert docs["plus"]["mean"]["psnr"] != docs["plain"]["mean"]["psnr"]
+
+
+def test_upscale_outscale_resizes_the_models_result(files, capsys, tmp_path):
+    """--outscale S: the x2 model's result resized to S times the input, as Pillow's bicubic resizes it (which
+    averages when it shrinks); a transparent image's alpha follows to that size."""
+    model = adaptsr.load_model(files / "base.safetensors")
+    lr = read_image(files / "lr" / "a_LR2.png")  # 20 rows of 18, so x2 is 40 x 36
+    result = upscale(model, lr[None])[0]
+    as_8_bit = Image.fromarray((result * 255).round().byte().permute(1, 2, 0).numpy())
+    for outscale, size in (("1.5", (30, 27)), ("3", (60, 54))):  # rows, columns
+        out = tmp_path / outscale
+        code, printed, err = _run(capsys, "upscale", files / "lr" / "a_LR2.png", "--model", files / "base.safetensors",
+                                  "--out", out, "--outscale", outscale)
+        assert code == 0, err
+        assert f"({size[1]}x{size[0]})" in printed
+        written = np.asarray(Image.open(out / "a_LR2.png"), dtype=np.float64)
+        pillow = np.asarray(as_8_bit.resize(size[::-1], Image.BICUBIC), dtype=np.float64)
+        assert written.shape == (*size, 3)
+        assert np.abs(written - pillow).mean() < 0.5 and np.abs(written - pillow).max() <= 3
+    # no resize at the model's own scale: the plain result
+    code, _, err = _run(capsys, "upscale", files / "lr" / "a_LR2.png", "--model", files / "base.safetensors",
+                        "--out", tmp_path / "same", "--outscale", "2")
+    assert code == 0, err
+    assert (read_image(tmp_path / "same" / "a_LR2.png") - result).abs().max() <= 1 / 255 + 1e-4
+
+    rgba = np.concatenate([np.asarray(as_8_bit.resize((18, 20))), np.full((20, 18, 1), 128, np.uint8)], axis=2)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "in" / "t.png")
+    code, _, err = _run(capsys, "upscale", tmp_path / "in" / "t.png", "--model", files / "base.safetensors",
+                        "--out", tmp_path / "rgba", "--outscale", "1.5")
+    assert code == 0, err
+    assert read_image(tmp_path / "rgba" / "t.png", alpha=True).shape == (4, 30, 27)
+    for bad in ("0", "-1", "nan", "x", "17"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["upscale", str(files / "lr"), "--model", str(files / "base.safetensors"), "--out", str(tmp_path),
+                  "--outscale", bad])
+        assert exit_info.value.code == 2
+        assert "is not a scale in (0, 16]" in capsys.readouterr().err

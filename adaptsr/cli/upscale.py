@@ -20,12 +20,14 @@ from adaptsr.cli._common import (
 )
 
 
-def _upscale_alpha(alpha, size):
-    """A transparency channel at the output size: bicubic, not the SR model, which was trained on colour
-    (and a second model pass would double the time for a channel that is mostly flat)."""
+def _resize(image, size):
+    """An image (a transparency channel; the model's output for --outscale) at another size: bicubic, not the SR
+    model, which was trained on colour (and a second model pass would double the time for a channel that is
+    mostly flat); antialiased where it shrinks, so detail is averaged rather than aliased."""
     import torch.nn.functional as F
 
-    return F.interpolate(alpha, size=tuple(size), mode="bicubic", align_corners=False).clamp(0, 1)
+    shrinks = any(new < old for new, old in zip(size, image.shape[-2:]))
+    return F.interpolate(image, size=tuple(size), mode="bicubic", align_corners=False, antialias=shrinks).clamp(0, 1)
 
 
 def _to_grey(rgb):
@@ -79,11 +81,15 @@ def _upscale(args: argparse.Namespace) -> int:
                 image = read_image(path, alpha=True).unsqueeze(0)
                 result = upscale(model, image[:, :3], tile=args.tile or None, overlap=args.overlap,
                                  self_ensemble=args.self_ensemble)
+                if args.outscale is not None:
+                    size = [max(1, round(side * args.outscale)) for side in image.shape[-2:]]
+                    if size != list(result.shape[-2:]):
+                        result = _resize(result, size)
                 grey = image_is_grey(path)  # the model sees grey replicated to RGB; its output goes back to grey
                 if grey:
                     result = _to_grey(result)
                 if image.shape[1] == 4:
-                    result = torch.cat([result, _upscale_alpha(image[:, 3:], result.shape[-2:])], dim=1)
+                    result = torch.cat([result, _resize(image[:, 3:], result.shape[-2:])], dim=1)
                 # JPEG holds no transparency: as Real-ESRGAN does, a transparent image is written as PNG instead
                 suffix = ".png" if image.shape[1] == 4 and extension == ".jpg" else extension
                 target = out / f"{path.stem}{suffix}"
@@ -119,11 +125,25 @@ def add_upscale_command(subparsers) -> None:
                    help="output format (default: png); a transparent image is written as PNG with --format jpg")
     p.add_argument("--quality", type=_quality, default=95, metavar="Q",
                    help="JPEG / WebP quality, 1-100 (default: 95; WebP at 100 is lossless)")
+    p.add_argument("--outscale", type=_outscale, metavar="S",
+                   help="the output's size as a multiple of the input's, when it should not be the model's scale: "
+                        "the model's result is resized to it (bicubic, antialiased; e.g. 2 with a x4 model, as "
+                        "Real-ESRGAN's --outscale; default: the model's scale)")
     _add_tile_flags(p)
     _add_self_ensemble_flag(p)
     _add_device_flag(p)
     _add_precision_flag(p)
     p.set_defaults(func=_upscale)
+
+
+def _outscale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 16:  # nan fails too
+        raise argparse.ArgumentTypeError(f"{text} is not a scale in (0, 16]")
+    return value
 
 
 def _quality(text: str) -> int:
