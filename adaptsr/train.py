@@ -25,7 +25,8 @@ loaded from), in that file's format and layout (``model_merged.pth`` beside a pi
 ``params_ema`` wrapper and key names, so the architecture's own code opens it as it opened the base), else
 ``model_merged.safetensors`` in spandrel's layout (a plain checkpoint spandrel opens as the original
 architecture); with a GAN loss ``discriminator.safetensors``. With validations along
-the way (``val_every``), the weights of the best validation PSNR so far are kept too, as they are scored
+the way (``val_every``), the weights of the best validation so far (by PSNR, or ``best_metric``: a pyiqa
+metric that ``val_metrics`` adds to PSNR and SSIM) are kept too, as they are scored
 (the average, with EMA): ``adapter_best/`` for a LoRA model, ``model_best.safetensors`` otherwise;
 ``metrics.json`` names that validation (``best_val``). Picking the best on the validation set flatters its
 score: judge the pick on other images.
@@ -64,6 +65,8 @@ _CHECKPOINT = "checkpoint.pt"
 # with validations every val_every steps: the best-scoring weights so far (by validation PSNR)
 BEST_ADAPTER = "adapter_best"
 BEST_MODEL = "model_best.safetensors"
+# what every validation scores (on the Y channel, the border cropped: the SR convention); config.val_metrics adds more
+_VAL_METRICS = ("psnr", "ssim")
 # Consecutive non-finite losses tolerated before the run stops: a few can come from a bad
 # batch under mixed precision; many mean the learning rate or the data is broken.
 _MAX_BAD_STEPS = 10
@@ -98,6 +101,11 @@ class TrainConfig:
     # per CPU core less one, at most 8, shared among the ranks of a distributed run; on the CPU none. The batches
     # are the same whatever the number.
     num_workers: int | None = None
+    # Validation scores PSNR and SSIM (Y channel), plus these pyiqa metrics (e.g. lpips, dists: what a GAN run is
+    # judged by); best_metric picks the validation whose weights are kept (adapter_best/): its highest value, or its
+    # lowest for a metric where lower is better (lpips, dists).
+    val_metrics: tuple[str, ...] = ()
+    best_metric: str = "psnr"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -119,6 +127,14 @@ class TrainConfig:
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be None (automatic), 0 (no workers) or more, got {self.num_workers}")
         _uses_bf16(self.amp, "cpu")  # a clear error for an unknown amp now, not at the first step
+        from adaptsr.evaluate import _check_names
+
+        extra = [name for name in _check_names(self.val_metrics) if name not in _VAL_METRICS] if self.val_metrics else []
+        self.val_metrics = tuple(extra)  # unknown names raise, naming the nearest pyiqa names
+        self.best_metric = self.best_metric.strip().lower()
+        if self.best_metric not in (*_VAL_METRICS, *self.val_metrics):
+            raise ValueError(f"best_metric {self.best_metric!r} is not scored by validation: it scores "
+                             f"{', '.join((*_VAL_METRICS, *self.val_metrics))} (add it to val_metrics)")
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:
@@ -245,9 +261,11 @@ def _validation_share(num_items: int, rank: int, world: int) -> range:
     return range(rank, num_items, world)
 
 
-def _validate(model, val_set, device: torch.device, tile: int = 0, rank: int = 0, world: int = 1):
-    """Mean PSNR and SSIM on the Y channel, border cropped by the scale (pyiqa, the SR convention), over the
-    whole validation set, and the (lr, sr, hr) triples this process scored (its share under DDP).
+def _validate(model, val_set, device: torch.device, tile: int = 0, rank: int = 0, world: int = 1,
+              metrics: tuple[str, ...] = _VAL_METRICS):
+    """The mean of each of ``metrics`` (pyiqa names; PSNR and SSIM on the Y channel, border cropped by the scale:
+    the SR convention) over the whole validation set, and the (lr, sr, hr) triples this process scored (its
+    share under DDP).
 
     Under DDP every rank scores its share and the per-image scores are gathered, so every rank returns the
     same means, summed in item order as one process sums them.
@@ -257,14 +275,32 @@ def _validate(model, val_set, device: torch.device, tile: int = 0, rank: int = 0
     share = _validation_share(len(val_set), rank, world)
     triples = _super_resolve(model, val_set, device, tile, share)
     lr, hr = (triples[0][0], triples[0][2]) if triples else val_set[0][:2]  # a rank with no share still needs the scale
-    rows = evaluate_pairs([(sr, hr) for _, sr, hr in triples], ("psnr", "ssim"), hr.shape[-1] // lr.shape[-1])["images"]
-    scored = [(i, {m: row[m] for m in ("psnr", "ssim")}) for i, row in zip(share, rows)]
+    result = evaluate_pairs([(sr, hr) for _, sr, hr in triples], metrics, hr.shape[-1] // lr.shape[-1])
+    if result["skipped"]:  # checked when the run started: only a weight file removed since then gets here
+        raise RuntimeError("validation: " + "; ".join(result["skipped"].values()))
+    scored = [(i, {m: row[m] for m in metrics}) for i, row in zip(share, result["images"])]
     if world > 1:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, scored)
         scored = sorted((item for part in gathered for item in part), key=lambda item: item[0])
-    means = {m: sum(scores[m] for _, scores in scored) / len(scored) for m in ("psnr", "ssim")}
+    means = {m: sum(scores[m] for _, scores in scored) / len(scored) for m in metrics}
     return means, triples
+
+
+def _lower_is_better(metric: str) -> bool:
+    """Whether a lower value of a validation metric is better (LPIPS, DISTS, NIQE), as pyiqa records it."""
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+
+    return bool(DEFAULT_CONFIGS[metric].get("lower_better", False))
+
+
+def _check_val_metrics(metrics: tuple[str, ...]) -> None:
+    """Create each extra validation metric once before training, so a missing weight file (which the message names,
+    with where to put it) stops the run at its start rather than at its first validation."""
+    from adaptsr.evaluate import create_metric
+
+    for name in metrics:
+        create_metric(name, device="cpu")
 
 
 def _save_best(model, module: nn.Module, run_dir: Path) -> None:
@@ -275,9 +311,20 @@ def _save_best(model, module: nn.Module, run_dir: Path) -> None:
         save_model(model, run_dir / BEST_MODEL)
 
 
-def _best_validation(history: dict) -> dict | None:
-    """The validation with the highest PSNR (the earliest of equals)."""
-    return max(history["val"], key=lambda v: v["psnr"]) if history["val"] else None
+def _beats(scores: dict, other: dict, metric: str) -> bool:
+    """Whether ``scores`` are strictly better than ``other``'s on ``metric`` (higher, or lower where lower is better)."""
+    sign = -1 if _lower_is_better(metric) else 1
+    return sign * scores[metric] > sign * other[metric]
+
+
+def _best_validation(history: dict, metric: str = "psnr") -> dict | None:
+    """The validation with the best ``metric`` (the earliest of equals), among those that scored it (a resumed run
+    may have changed its metrics)."""
+    best = None
+    for entry in history["val"]:
+        if metric in entry and (best is None or _beats(entry, best, metric)):
+            best = entry
+    return best
 
 
 def _write_curves(path: Path, history: dict) -> None:
@@ -405,6 +452,8 @@ def adapt(
         discriminator = _fresh_discriminator(channels, config.seed)
     objective = Objective(config, device, discriminator, world)
     ema = ParameterEMA(params, config.ema_decay) if config.ema_decay > 0 else None
+    if val_set is not None:
+        _check_val_metrics(config.val_metrics)
 
     history = {"loss": [], "loss_terms": {name: [] for name in objective.terms}, "val": [], "skipped_steps": 0,
                "train_seconds": 0.0, "data_seconds": 0.0}
@@ -413,10 +462,11 @@ def adapt(
     def validate(step: int) -> None:
         nonlocal final_outputs
         with ema.averaged() if ema is not None else contextlib.nullcontext():
-            scores, final_outputs = _validate(model, val_set, device, config.val_tile, rank, world)
+            scores, final_outputs = _validate(model, val_set, device, config.val_tile, rank, world,
+                                              (*_VAL_METRICS, *config.val_metrics))
             # with validations along the way, the weights that scored best so far (the average, with EMA)
-            best = _best_validation(history)
-            if config.val_every and rank == 0 and (best is None or scores["psnr"] > best["psnr"]):
+            best = _best_validation(history, config.best_metric)
+            if config.val_every and rank == 0 and (best is None or _beats(scores, best, config.best_metric)):
                 _save_best(model, module, run_dir)
         history["val"].append({"step": step, **scores})
 
@@ -560,7 +610,7 @@ def adapt(
         "num_workers": num_workers,
         "trainable_params": sum(p.numel() for p in params.values()),
         "total_params": sum(p.numel() for p in module.parameters()),
-        "best_val": _best_validation(history),
+        "best_val": _best_validation(history, config.best_metric),
         **history,
     }
     if rank == 0:

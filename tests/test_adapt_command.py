@@ -124,6 +124,26 @@ def test_the_merged_model_keeps_the_base_files_format_and_layout(setup, capsys, 
     assert adaptsr.load_model(run_dir / "model_merged.safetensors").architecture.id == "ESRGAN"
 
 
+def test_adapt_validates_with_more_metrics_and_keeps_the_best_by_one(setup, capsys):
+    tmp_path, hr_dir, checkpoint = setup
+    run_dir = tmp_path / "run"
+    assert main(_args(checkpoint, hr_dir, run_dir, "--val-hr", str(hr_dir), "--val-every", "2",
+                      "--val-metrics", "gmsd", "--best-by", "gmsd")) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [set(entry) for entry in metrics["val"]] == [{"step", "psnr", "ssim", "gmsd"}] * 2
+    best = min(metrics["val"], key=lambda entry: entry["gmsd"])  # lower is better
+    assert metrics["best_val"] == best
+    assert f"best validation gmsd {best['gmsd']:.4f} (PSNR {best['psnr']:.2f} dB" in printed
+    assert f", gmsd {metrics['val'][-1]['gmsd']:.4f}; wrote" in printed
+    assert json.loads((run_dir / "config.json").read_text())["best_metric"] == "gmsd"
+    for extra, message in ((["--best-by", "gmsd"], "give a validation set"),
+                           (["--val-hr", str(hr_dir), "--best-by", "lpips"], "--best-by lpips: validation scores psnr, ssim; add it"),
+                           (["--val-hr", str(hr_dir), "--val-metrics", "gmsdd"], "unknown metric 'gmsdd'; did you mean gmsd")):
+        assert main(_args(checkpoint, hr_dir, tmp_path / "refused", *extra)) == 1
+        assert message in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
 def test_adapt_bad_input(setup, capsys):
     tmp_path, hr_dir, checkpoint = setup
     assert main(_args(tmp_path / "missing.pth", hr_dir, tmp_path / "run")) == 1

@@ -161,13 +161,13 @@ def scripted_validation(monkeypatch):
     """``scripted_validation(scores)``: validations report these PSNRs in turn (the real ones run, for the
     comparison picture); returns the list the model's state dict at each validation is appended to."""
 
-    def script(scores):
+    def script(scores, metric="psnr"):
         real, scripted, states = training._validate, iter(scores), []
 
         def validate(model, *args, **kwargs):
             means, triples = real(model, *args, **kwargs)
             states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-            return {**means, "psnr": next(scripted)}, triples
+            return {**means, metric: next(scripted)}, triples
 
         monkeypatch.setattr(training, "_validate", validate)
         return states
@@ -193,6 +193,46 @@ def test_the_best_validation_is_kept(tmp_path, scripted_validation, ema_decay):
     for key, value in at_step_6.items():
         assert torch.equal(kept[key], value), key
     assert any(not torch.equal(kept[key], final[key]) for key in kept)
+
+
+def test_the_best_validation_by_another_metric(tmp_path, scripted_validation):
+    """val_metrics adds pyiqa metrics to every validation (GMSD here: one that needs no weight file); best_metric
+    picks by one of them, by its lowest value where lower is better."""
+    states = scripted_validation([0.30, 0.10, 0.20, 0.15], metric="gmsd")
+    config = _config(val_every=3, val_metrics=("gmsd", "PSNR"), best_metric="gmsd")
+    assert config.val_metrics == ("gmsd",)  # psnr and ssim are always scored
+    metrics = adapt(make_model(), NoisyPairs(), tmp_path, config, val_set=NoisyPairs(n=2, seed=9), device="cpu")
+    assert [entry["step"] for entry in metrics["val"]] == [3, 6, 9, 12]
+    assert all(set(entry) == {"step", "psnr", "ssim", "gmsd"} for entry in metrics["val"])
+    assert metrics["best_val"]["step"] == 6 and metrics["best_val"]["gmsd"] == 0.10
+    best = make_model()
+    adaptsr.merge_lora(best)
+    adaptsr.load_adapter(best, tmp_path / training.BEST_ADAPTER)
+    assert all(torch.equal(value, states[1][key]) for key, value in lora_state(best).items())
+
+
+def test_validation_metrics_are_real_and_checked_before_training(tmp_path, monkeypatch, empty_hub):
+    """The added metric is pyiqa's own score of the validation images; an unknown name, a best_metric that
+    validation does not score, and a metric whose weights are missing are refused before any step."""
+    from adaptsr.evaluate import evaluate_pairs
+
+    val_set = NoisyPairs(n=2, seed=9)
+    model = make_model()
+    scores, triples = training._validate(model, val_set, torch.device("cpu"), metrics=("psnr", "ssim", "gmsd"))
+    expected = evaluate_pairs([(sr, hr) for _, sr, hr in triples], ["gmsd"], 2)["mean"]["gmsd"]
+    assert scores["gmsd"] == expected and 0 < expected < 1
+    with pytest.raises(ValueError, match="unknown metric 'lpipz'; did you mean lpips"):
+        _config(val_metrics=("lpipz",))
+    with pytest.raises(ValueError, match="best_metric 'lpips' is not scored by validation: it scores psnr, ssim"):
+        _config(best_metric="lpips")
+
+    def unreachable(url, dst, *args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    with pytest.raises(RuntimeError, match="metric 'lpips' needs the weight file"):
+        adapt(make_model(), NoisyPairs(), tmp_path, _config(val_metrics=("lpips",)), val_set=val_set, device="cpu")
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_no_best_without_validations_along_the_way(tmp_path):

@@ -86,6 +86,12 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--val-every", type=int, default=0,
                    help="steps between validations (default: only at the end); the best-scoring weights so far are "
                         "kept in RUN_DIR/adapter_best (model_best.safetensors with --full-finetune)")
+    p.add_argument("--val-metrics", metavar="METRICS",
+                   help="comma-separated pyiqa metrics validation scores besides PSNR and SSIM, e.g. lpips,dists "
+                        "(what a --gan run is judged by); their weights are fetched, or found missing, before training")
+    p.add_argument("--best-by", metavar="METRIC", default="psnr",
+                   help="the validation metric whose best value picks the kept weights (RUN_DIR/adapter_best): psnr "
+                        "(the default), ssim or one of --val-metrics; lower is better for lpips, dists, niqe, ...")
     p.add_argument("--val-tile", type=_nonneg_int, default=0, metavar="N",
                    help="validate in N x N LR-pixel tiles, overlapping by min(32, N/4) and blended as upscale --tile "
                         "blends them, to bound memory on large validation images (default: whole images)")
@@ -240,6 +246,13 @@ def _adapt(args: argparse.Namespace) -> int:
         if gan_weight == 0:
             raise CommandError("--discriminator: the run has no GAN loss; add --gan (or --gan-weight W)")
         discriminator = load_discriminator(args.discriminator, descriptor.output_channels)
+    val_metrics = tuple(name.strip().lower() for name in args.val_metrics.split(",")) if args.val_metrics else ()
+    if (val_metrics or args.best_by != "psnr") and not (args.val_hr or args.val_pairs):
+        raise CommandError("--val-metrics and --best-by score validations: give a validation set (--val-hr or "
+                           "--val-pairs)")
+    if args.best_by.strip().lower() not in ("psnr", "ssim", *val_metrics):
+        raise CommandError(f"--best-by {args.best_by}: validation scores psnr, ssim"
+                           + "".join(f", {name}" for name in val_metrics) + "; add it to --val-metrics")
     lr = args.lr if args.lr is not None else (_FULL_FINETUNE_LR if args.full_finetune else _ADAPTER_LR)
     lora_plus_ratio = args.lora_plus_ratio if args.lora_plus_ratio is not None else (
         1.0 if args.full_finetune else _ADAPTER_LORA_PLUS_RATIO)
@@ -249,6 +262,7 @@ def _adapt(args: argparse.Namespace) -> int:
         val_tile=args.val_tile, pixel_weight=args.pixel_weight, perceptual_weight=perceptual_weight,
         gan_weight=gan_weight, discriminator_lr=args.discriminator_lr, ema_decay=args.ema_decay,
         lora_plus_ratio=lora_plus_ratio, num_workers=args.workers,
+        val_metrics=val_metrics, best_metric=args.best_by,
     )
     if args.checkpointing and descriptor.architecture.id not in _CHECKPOINTING_ARCHITECTURES:
         # spandrel's HAT (and others) carry a use_checkpoint flag that their forward ignores: only the
@@ -307,6 +321,8 @@ def _adapt(args: argparse.Namespace) -> int:
                     discriminator=discriminator, base_checkpoint=args.model)
     val = metrics["val"][-1] if metrics["val"] else None
     psnr = f", validation PSNR {val['psnr']:.2f} dB / SSIM {val['ssim']:.4f} (Y)" if val else ""
+    if val:
+        psnr += "".join(f", {name} {val[name]:.4f}" for name in config.val_metrics)
     seconds, waited = metrics["train_seconds"], metrics["data_seconds"]
     print(f"adapted in {seconds:.0f} s ({waited:.0f} s of it making batches), final loss "
           f"{metrics['final_loss']:.4f}{psnr}; wrote {args.out}")
@@ -323,5 +339,8 @@ def _adapt(args: argparse.Namespace) -> int:
         from adaptsr.train import BEST_ADAPTER, BEST_MODEL
 
         kept = Path(args.out) / (BEST_MODEL if args.full_finetune else BEST_ADAPTER)
-        print(f"best validation PSNR {best['psnr']:.2f} dB / SSIM {best['ssim']:.4f} at step {best['step']}: {kept}")
+        scores = f"PSNR {best['psnr']:.2f} dB / SSIM {best['ssim']:.4f}"
+        if config.best_metric != "psnr":
+            scores = f"{config.best_metric} {best[config.best_metric]:.4f} ({scores})"
+        print(f"best validation {scores} at step {best['step']}: {kept}")
     return 0
