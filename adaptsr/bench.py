@@ -32,7 +32,14 @@ from adaptsr.backend import _unavailable_reason, _validate, is_available, set_ba
 from adaptsr.inject import inject_lora
 from adaptsr.objective import Objective
 from adaptsr.presets import preset_for_architecture
-from adaptsr.train import TrainConfig, _apply_gradients, _fresh_discriminator, _training_loss, _uses_bf16
+from adaptsr.train import (
+    TrainConfig,
+    _accumulate_gradients,
+    _apply_gradients,
+    _fresh_discriminator,
+    _training_loss,
+    _uses_bf16,
+)
 
 __all__ = [
     "StepTime", "bench_training_step", "default_backends", "format_bench_table", "rows_as_dicts",
@@ -143,18 +150,13 @@ class _Method:
                           if self.params else None)
         self.times: list[float] = []
 
-    def _loss_and_sr(self, lr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, _, sr = _training_loss(self.module, self.objective, _fresh_input(lr), hr, use_bf16)
-        return loss, sr
-
     def step(self, lr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> None:
         lr.grad = None
         with set_backend(self.backend or "auto"):
-            loss, sr = self._loss_and_sr(lr, hr, use_bf16)
-            if self.optimizer is None:  # frozen: the backward alone, down to the input
-                loss.backward()
-            else:
-                _apply_gradients(loss, self.params, self.optimizer, _TRAIN.grad_clip)
+            # forward and backward (frozen: down to the input alone)
+            _, _, sr = _accumulate_gradients(self.module, self.objective, _fresh_input(lr), hr, use_bf16)
+            if self.optimizer is not None:
+                _apply_gradients(self.params, self.optimizer, _TRAIN.grad_clip)
             if self.objective.discriminator is not None:
                 self.objective.discriminator_step(sr, hr, use_bf16)
 
@@ -171,7 +173,8 @@ class _Method:
             # the loss networks' weights (VGG, discriminator) are not activations either
             networks = nn.ModuleList([self.module] + [net for net in (self.objective.perceptual,
                                                                         self.objective.discriminator) if net is not None])
-            saved = saved_activation_bytes(lambda: self._loss_and_sr(lr, hr, use_bf16)[0], None, networks)
+            saved = saved_activation_bytes(
+                lambda: _training_loss(self.module, self.objective, _fresh_input(lr), hr, use_bf16)[0], None, networks)
         for p in self.params.values():
             p.grad = None
         return saved

@@ -5,9 +5,15 @@ Generator loss = pixel_weight * L1(sr, hr) + perceptual_weight * VGG(sr, hr) + g
 After each generator step the discriminator takes one step of its own (Adam, Real-ESRGAN's betas,
 a constant ``discriminator_lr``) on BCE(D(hr), real) + BCE(D(sr), fake), the two halves back-propagated
 one after the other, as Real-ESRGAN does, which keeps one forward per backward under DDP.
+
+With a micro-batch size, each batch goes through the networks in pieces whose gradients accumulate, each
+piece's loss weighted by its share of the batch: every loss is a mean over equally sized images, so the
+step is the whole batch's up to float rounding, with one piece's activations in memory at a time.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -17,9 +23,28 @@ from torch.nn.parallel import DistributedDataParallel
 
 from adaptsr.losses import gan_loss, vgg_perceptual_loss
 
-__all__ = ["Objective"]
+__all__ = ["Objective", "batch_pieces"]
 
 _DISCRIMINATOR_BETAS = (0.9, 0.99)
+
+
+def batch_pieces(size: int, *tensors: torch.Tensor) -> list[tuple[float, tuple[torch.Tensor, ...]]]:
+    """The batch (each tensor's first dimension) in pieces of at most ``size`` items (0: one piece), each with its
+    share of the batch, the weight of its mean loss in the batch's."""
+    n = tensors[0].shape[0]
+    if not size or size >= n:
+        return [(1.0, tensors)]
+    # slices, not split(): a model that writes into its input (spandrel's RCAN) may write into a slice, and autograd
+    # refuses in-place writes into the views that split() returns together
+    return [(min(size, n - start) / n, tuple(t[start:start + size] for t in tensors)) for start in range(0, n, size)]
+
+
+def syncing_last(network: nn.Module, last: bool):
+    """DDP's gradient all-reduce held back (``no_sync``) for all but a step's last backward: the pieces' gradients
+    accumulate locally and are averaged over the ranks once."""
+    if isinstance(network, DistributedDataParallel) and not last:
+        return network.no_sync()
+    return contextlib.nullcontext()
 
 
 class Objective:
@@ -68,17 +93,25 @@ class Objective:
         total = sum(self.weights[name] * value for name, value in terms.items())
         return total, terms
 
-    def discriminator_step(self, sr: torch.Tensor, hr: torch.Tensor, use_bf16: bool) -> dict[str, torch.Tensor]:
-        """One Adam step of the discriminator on this batch (skipped, on every rank, when a loss is not finite)."""
+    def discriminator_step(self, sr: torch.Tensor, hr: torch.Tensor, use_bf16: bool,
+                           micro_batch: int = 0) -> dict[str, torch.Tensor]:
+        """One Adam step of the discriminator on this batch (skipped, on every rank, when a loss is not finite),
+        in pieces of ``micro_batch`` images (0: the whole batch at once)."""
         optimizer = self.discriminator_optimizer
         optimizer.zero_grad(set_to_none=True)
         losses = {}
-        for name, images, real in (("discriminator_real", hr, True), ("discriminator_fake", sr.detach(), False)):
-            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = self.discriminator_network(images)
-            loss = gan_loss(logits, real)
-            loss.backward()
-            losses[name] = loss.detach()
+        halves = (("discriminator_real", hr, True), ("discriminator_fake", sr.detach(), False))
+        for h, (name, images, real) in enumerate(halves):
+            pieces = batch_pieces(micro_batch, images)
+            total = 0.0
+            for i, (share, (part,)) in enumerate(pieces):
+                with syncing_last(self.discriminator_network, h == len(halves) - 1 and i == len(pieces) - 1):
+                    with torch.autocast(part.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        logits = self.discriminator_network(part)
+                    loss = gan_loss(logits, real)
+                    (loss * share if share != 1 else loss).backward()
+                total = total + loss.detach() * share
+            losses[name] = total
         finite = torch.isfinite(torch.stack(list(losses.values()))).all().float()
         if self.world > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)

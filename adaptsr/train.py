@@ -56,7 +56,7 @@ from adaptsr.ema import ParameterEMA
 from adaptsr.infer import image_of, upscale
 from adaptsr.inject import lora_layers, unwrap_model
 from adaptsr.io import atomic_write, save_model
-from adaptsr.objective import Objective
+from adaptsr.objective import Objective, batch_pieces, syncing_last
 from adaptsr.optim import _check_lora_plus_ratio, _optimizer_groups, _trainable
 
 __all__ = ["TrainConfig", "adapt"]
@@ -106,6 +106,9 @@ class TrainConfig:
     # lowest for a metric where lower is better (lpips, dists).
     val_metrics: tuple[str, ...] = ()
     best_metric: str = "psnr"
+    # > 0: each step's batch (each process's share of it) runs forward and backward in pieces of this many items,
+    # their gradients accumulated: the same step up to float rounding, with one piece's activations in memory
+    micro_batch: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -124,6 +127,8 @@ class TrainConfig:
         if self.val_tile < 0:
             raise ValueError(f"val_tile must be 0 (whole images) or a tile size in pixels, got {self.val_tile}")
         _check_lora_plus_ratio(self.lora_plus_ratio)
+        if self.micro_batch < 0:
+            raise ValueError(f"micro_batch must be 0 (whole batches) or a number of items, got {self.micro_batch}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be None (automatic), 0 (no workers) or more, got {self.num_workers}")
         _uses_bf16(self.amp, "cpu")  # a clear error for an unknown amp now, not at the first step
@@ -195,10 +200,28 @@ def _training_loss(network: nn.Module, objective: Objective, lr: torch.Tensor, h
     return loss, terms, sr
 
 
-def _apply_gradients(loss: torch.Tensor, params: dict[str, nn.Parameter], optimizer, grad_clip: float) -> None:
-    """Backward, global-norm clipping (``grad_clip`` 0: none), one optimizer step; gradients set to None first."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+def _accumulate_gradients(network: nn.Module, objective: Objective, lr: torch.Tensor, hr: torch.Tensor,
+                          use_bf16: bool, micro_batch: int = 0):
+    """Forward and backward of one batch, the gradients set to None first: in pieces of ``micro_batch`` items
+    (0: the whole batch), each piece's loss weighted by its share of the batch, so the gradients accumulate to
+    the whole batch's. Returns ``_training_loss``'s values for the whole batch, detached."""
+    for p in network.parameters():
+        p.grad = None
+    pieces = batch_pieces(micro_batch, lr, hr)
+    loss, terms, outputs = 0.0, {}, []
+    for i, (share, (lr_part, hr_part)) in enumerate(pieces):
+        with syncing_last(network, i == len(pieces) - 1):
+            part_loss, part_terms, sr = _training_loss(network, objective, lr_part, hr_part, use_bf16)
+            (part_loss * share if share != 1 else part_loss).backward()
+        loss = loss + part_loss.detach() * share
+        for name, value in part_terms.items():
+            terms[name] = terms.get(name, 0.0) + value.detach() * share
+        outputs.append(sr.detach())
+    return loss, terms, outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _apply_gradients(params: dict[str, nn.Parameter], optimizer, grad_clip: float) -> None:
+    """Global-norm clipping of the accumulated gradients (``grad_clip`` 0: none), then one optimizer step."""
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params.values(), grad_clip)
     optimizer.step()
@@ -556,8 +579,8 @@ def adapt(
     batches = training_batches(train_set, steps, rank_items, device, num_workers)
     with contextlib.closing(batches):  # stops the workers however the loop ends
         for step, (lr, hr) in zip(steps, _timed(batches, history)):
-            loss, terms, sr = _training_loss(network, objective, lr, hr, use_bf16)
-            finite = torch.isfinite(loss.detach()).float()
+            loss, terms, sr = _accumulate_gradients(network, objective, lr, hr, use_bf16, config.micro_batch)
+            finite = torch.isfinite(loss).float()
             if world > 1:  # every rank must skip together, or DDP's all-reduce waits forever
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if not finite.item():
@@ -569,14 +592,14 @@ def adapt(
                 schedule.step()
                 continue
             bad_in_a_row = 0
-            _apply_gradients(loss, params, optimizer, config.grad_clip)
+            _apply_gradients(params, optimizer, config.grad_clip)
             if ema is not None:
                 ema.update()
             if not adapters_checked:  # this run's first step that trained
                 _check_adapters_run(module)
                 adapters_checked = True
             if objective.discriminator is not None:
-                terms.update(objective.discriminator_step(sr, hr, use_bf16))
+                terms.update(objective.discriminator_step(sr, hr, use_bf16, config.micro_batch))
             schedule.step()
             logged = torch.stack([loss.detach().float()] + [terms[name].detach().float() for name in objective.terms])
             if world > 1:  # log the global batch's losses, the same on every rank

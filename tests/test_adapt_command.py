@@ -56,12 +56,12 @@ def test_adapt_writes_a_run_folder(setup, capsys):
     x = torch.rand(1, 3, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(merged.model(x), base.model(x), rtol=1e-5, atol=1e-5)
-    # resume to a longer schedule continues from the checkpoint, its batches from 2 workers; --val-tile and
-    # --workers reach the run's config
+    # resume to a longer schedule continues from the checkpoint, its batches from 2 workers in micro-batches;
+    # --val-tile, --workers and --micro-batch reach the run's config
     assert main(_args(checkpoint, hr_dir, run_dir, "--resume", "--steps", "6", "--val-hr", str(hr_dir),
-                      "--val-tile", "16", "--workers", "2")) == 0
+                      "--val-tile", "16", "--workers", "2", "--micro-batch", "1")) == 0
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["val_tile"] == 16 and config["num_workers"] == 2
+    assert config["val_tile"] == 16 and config["num_workers"] == 2 and config["micro_batch"] == 1
     assert len(json.loads((run_dir / "metrics.json").read_text())["val"]) == 2
 
 

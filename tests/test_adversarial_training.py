@@ -139,3 +139,21 @@ def test_the_perceptual_loss_refuses_a_grey_model_up_front(tmp_path):
     with pytest.raises(ValueError, match=r"compares RGB images, and this model puts out 1 channel"):
         adapt(Grey(), NoisyPairs(), tmp_path, _config(), device="cpu")
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_micro_batches_in_an_adversarial_run(tmp_path):
+    """With micro_batch the generator's and the discriminator's steps both run in pieces. The first step's
+    pixel and perceptual terms (before any update) are the whole batch's; the discriminator's differ only by
+    spectral norm's power iteration, which advances once per piece, so the runs stay close but not equal."""
+    runs = {}
+    for micro_batch in (0, 1):
+        torch.manual_seed(5)
+        discriminator = UNetDiscriminator(3, features=8)
+        runs[micro_batch] = adapt(make_model(), NoisyPairs(), tmp_path / str(micro_batch),
+                                  _config(steps=3, micro_batch=micro_batch), device="cpu", discriminator=discriminator)
+    whole, pieces = runs[0]["loss_terms"], runs[1]["loss_terms"]
+    for name in ("pixel", "perceptual"):
+        assert pieces[name][0] == pytest.approx(whole[name][0], rel=1e-5), name
+    for name in ("gan", "discriminator_real", "discriminator_fake"):
+        assert all(math.isfinite(v) for v in pieces[name])
+        assert pieces[name][0] == pytest.approx(whole[name][0], rel=0.01), name

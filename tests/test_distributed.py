@@ -53,7 +53,9 @@ def test_torchrun_two_cpu_processes(tmp_path):
             from adaptsr.train import TrainConfig, adapt
             model = make_model()
             val_set = RecordingPairs(n=3, seed=9)
-            adapt(model, NoisyPairs(), sys.argv[1], TrainConfig(**{CONFIG!r}), val_set=val_set, device="cpu")
+            # each rank's half batch of 2 in micro-batches of 1: DDP's all-reduce held back for the first piece
+            config = TrainConfig(**{CONFIG!r}, micro_batch=1)
+            adapt(model, NoisyPairs(), sys.argv[1], config, val_set=val_set, device="cpu")
             rank = int(os.environ["RANK"])
             lora = {{k: v for k, v in model.state_dict().items() if "lora_" in k}}
             torch.save(lora, os.path.join(sys.argv[1], f"rank{{rank}}.pt"))
@@ -75,7 +77,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert json.loads((run_dir / "validated0.json").read_text()) == [0, 2]
     assert json.loads((run_dir / "validated1.json").read_text()) == [1]
 
-    # Two ranks with half batches each and averaged gradients = one process with the whole batch.
+    # Two ranks with half batches each (in pieces) and averaged gradients = one process with the whole batch.
     namespace: dict = {}
     exec(TASK, namespace)
     torch.set_num_threads(1)

@@ -379,3 +379,18 @@ def test_validation_tile_reaches_adapt(tmp_path):
     assert validation_sizes and max(max(size) for size in validation_sizes) <= 16
     with pytest.raises(ValueError, match="val_tile"):
         _config(val_tile=-1)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 3])
+def test_micro_batches_take_the_whole_batchs_step(tmp_path, micro_batch):
+    """micro_batch: each step's batch of 4 in pieces of 1, or of 3 and 1 (weighted by their shares), gives the
+    whole batch's losses and adapters, up to float rounding."""
+    whole, pieces = make_model(), make_model()
+    expected = adapt(whole, NoisyPairs(), tmp_path / "whole", _config(steps=6), device="cpu")
+    got = adapt(pieces, NoisyPairs(), tmp_path / "pieces", _config(steps=6, micro_batch=micro_batch), device="cpu")
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    for key, value in lora_state(whole).items():
+        torch.testing.assert_close(lora_state(pieces)[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert json.loads((tmp_path / "pieces" / "config.json").read_text())["micro_batch"] == micro_batch
+    with pytest.raises(ValueError, match="micro_batch must be 0"):
+        _config(micro_batch=-1)

@@ -67,6 +67,10 @@ def add_adapt_command(subparsers) -> None:
                         "use_checkpoint; SwinIR): less memory for a slower step")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch size, split over processes (default: 8)")
+    p.add_argument("--micro-batch", type=_nonneg_int, default=0, metavar="N",
+                   help="run each step's batch forward and backward N crops at a time, accumulating the gradients: "
+                        "the same step (up to float rounding) in a fraction of the activation memory, for models or "
+                        "patches that do not fit the GPU at --batch-size (default: 0, the whole batch at once)")
     p.add_argument("--lr", type=float,
                    help=f"peak learning rate (default: {_ADAPTER_LR:g} for adapters, {_FULL_FINETUNE_LR:g} with "
                         "--full-finetune)")
@@ -262,7 +266,7 @@ def _adapt(args: argparse.Namespace) -> int:
         val_tile=args.val_tile, pixel_weight=args.pixel_weight, perceptual_weight=perceptual_weight,
         gan_weight=gan_weight, discriminator_lr=args.discriminator_lr, ema_decay=args.ema_decay,
         lora_plus_ratio=lora_plus_ratio, num_workers=args.workers,
-        val_metrics=val_metrics, best_metric=args.best_by,
+        val_metrics=val_metrics, best_metric=args.best_by, micro_batch=args.micro_batch,
     )
     if args.checkpointing and descriptor.architecture.id not in _CHECKPOINTING_ARCHITECTURES:
         # spandrel's HAT (and others) carry a use_checkpoint flag that their forward ignores: only the
