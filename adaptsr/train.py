@@ -220,6 +220,23 @@ def _accumulate_gradients(network: nn.Module, objective: Objective, lr: torch.Te
     return loss, terms, outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
+@contextlib.contextmanager
+def _tuned_convolutions(device: torch.device):
+    """cuDNN's autotuner on for a CUDA run (BasicSR's default too): training crops all have one shape, so timing
+    each convolution's algorithms once, at the first step, pays for itself; the setting is restored afterwards,
+    since it is global to the process. On the GPU this gives up bitwise-repeatable runs, which only the CPU
+    promises anyway."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def _apply_gradients(params: dict[str, nn.Parameter], optimizer, grad_clip: float) -> None:
     """Global-norm clipping of the accumulated gradients (``grad_clip`` 0: none), then one optimizer step."""
     if grad_clip > 0:
@@ -577,7 +594,8 @@ def adapt(
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     num_workers = auto_num_workers(device, local_ranks) if config.num_workers is None else config.num_workers
     batches = training_batches(train_set, steps, rank_items, device, num_workers)
-    with contextlib.closing(batches):  # stops the workers however the loop ends
+    # stops the workers however the loop ends; cuDNN picks each conv's fastest algorithm for the crops' fixed shapes
+    with contextlib.closing(batches), _tuned_convolutions(device):
         for step, (lr, hr) in zip(steps, _timed(batches, history)):
             loss, terms, sr = _accumulate_gradients(network, objective, lr, hr, use_bf16, config.micro_batch)
             finite = torch.isfinite(loss).float()

@@ -394,3 +394,15 @@ def test_micro_batches_take_the_whole_batchs_step(tmp_path, micro_batch):
     assert json.loads((tmp_path / "pieces" / "config.json").read_text())["micro_batch"] == micro_batch
     with pytest.raises(ValueError, match="micro_batch must be 0"):
         _config(micro_batch=-1)
+
+
+def test_cudnn_autotunes_a_cuda_runs_convolutions_only():
+    """The autotuner is a process-wide switch: on for a CUDA run's training loop, restored after, even when the
+    loop fails, and untouched on the CPU. (Setting the flag needs no GPU.)"""
+    before = torch.backends.cudnn.benchmark
+    with training._tuned_convolutions(torch.device("cpu")):
+        assert torch.backends.cudnn.benchmark == before
+    with pytest.raises(KeyError), training._tuned_convolutions(torch.device("cuda", 0)):
+        assert torch.backends.cudnn.benchmark is True
+        raise KeyError("the loop failed")
+    assert torch.backends.cudnn.benchmark == before
