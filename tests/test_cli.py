@@ -575,3 +575,40 @@ def test_upscale_outscale_resizes_the_models_result(files, capsys, tmp_path):
                   "--outscale", bad])
         assert exit_info.value.code == 2
         assert "is not a scale in (0, 16]" in capsys.readouterr().err
+
+
+def test_degrade_writes_the_lr_images_eval_scores(files, capsys, tmp_path):
+    """`degrade` writes the LR images `eval --hr` makes of the same folder, degradation, scale and seed, bit for bit,
+    so `eval --pairs` on them gives the same scores; another seed draws other images."""
+    code, printed, err = _run(capsys, "degrade", files / "hr", "--degradation", "camera", "--scale", "2",
+                              "--out", tmp_path / "lr")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "lr").iterdir()) == ["a_HR.png", "b_HR.png"]
+    assert "(18x20)" in printed and f"--pairs {tmp_path / 'lr'} {files / 'hr'}" in printed
+    code, _, err = _run(capsys, "eval", "--model", files / "base.safetensors", "--hr", files / "hr", "--degradation",
+                        "camera", "--metrics", "psnr", "--out", tmp_path / "by-hr")
+    assert code == 0, err
+    for name in ("a_HR", "b_HR"):
+        (cached,) = (tmp_path / "by-hr" / "lr-cache").glob(f"{name}.*.png")
+        assert np.array_equal(np.asarray(Image.open(cached)), np.asarray(Image.open(tmp_path / "lr" / f"{name}.png")))
+    code, _, err = _run(capsys, "eval", "--model", files / "base.safetensors", "--pairs", tmp_path / "lr", files / "hr",
+                        "--metrics", "psnr", "--out", tmp_path / "by-pairs")
+    assert code == 0, err
+    scores = [json.loads((tmp_path / folder / "metrics.json").read_text())["images"] for folder in ("by-hr", "by-pairs")]
+    assert scores[0] == scores[1]
+    code, _, err = _run(capsys, "degrade", files / "hr", "--degradation", "camera", "--scale", "2", "--seed", "1",
+                        "--out", tmp_path / "other")
+    assert code == 0, err
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "other" / "a_HR.png")),
+                              np.asarray(Image.open(tmp_path / "lr" / "a_HR.png")))
+
+
+def test_degrade_refusals(files, capsys, tmp_path):
+    for argv, message in (
+        (["--degradation", "camera", "--out", files / "hr"], "is the HR folder"),
+        (["--degradation", "cameraa", "--out", tmp_path / "lr"], "cameraa"),
+    ):
+        code, _, err = _run(capsys, "degrade", files / "hr", *argv)
+        assert code == 1 and message in err, err
+    assert not (tmp_path / "lr").exists()
+    assert sorted(p.name for p in (files / "hr").iterdir()) == ["a_HR.png", "b_HR.png"]

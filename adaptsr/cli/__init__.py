@@ -19,6 +19,7 @@ from adaptsr.cli._common import PROG, CommandError
 from adaptsr.cli.adapt import add_adapt_command
 from adaptsr.cli.bench import add_bench_command
 from adaptsr.cli.combine import add_combine_command
+from adaptsr.cli.degrade import add_degrade_command
 from adaptsr.cli.demo import add_demo_command
 from adaptsr.cli.estimate import add_estimate_command
 from adaptsr.cli.evaluation import add_eval_command
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_command(commands)
     add_combine_command(commands)
     add_estimate_command(commands)
+    add_degrade_command(commands)
     add_layers_command(commands)
     add_bench_command(commands)
     return parser
