@@ -23,6 +23,7 @@ from adaptsr.cli.degrade import add_degrade_command
 from adaptsr.cli.demo import add_demo_command
 from adaptsr.cli.estimate import add_estimate_command
 from adaptsr.cli.evaluation import add_eval_command
+from adaptsr.cli.export import add_export_command
 from adaptsr.cli.layers import add_layers_command
 from adaptsr.cli.merge import add_merge_command
 from adaptsr.cli.upscale import add_upscale_command
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_upscale_command(commands)
     add_merge_command(commands)
     add_combine_command(commands)
+    add_export_command(commands)
     add_estimate_command(commands)
     add_degrade_command(commands)
     add_layers_command(commands)

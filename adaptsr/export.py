@@ -1,0 +1,155 @@
+"""ONNX export of an SR model (adapters merged in), checked against torch before it is written.
+
+``export_onnx(model, "model.onnx")`` exports through torch's dynamo-based exporter with the batch, height
+and width left dynamic (the model's size multiple kept), so ONNX Runtime, TensorRT or chaiNNer run it on
+any image; ``size=(h, w)`` exports one fixed input size instead, for architectures whose code fixes the
+size while it traces (spandrel's Swin family builds its shifted-window mask from the image size) and for
+runtimes that want static shapes (upscale in tiles of that size). The graph is the module's forward:
+input [B, C, H, W] in [0, 1], output [B, C', H*scale, W*scale], not clamped (spandrel's descriptor
+clamps after the model, as ``adaptsr upscale`` does).
+
+Before the file is written, ONNX Runtime runs the exported graph on random images (the example size and,
+for a dynamic export, another size and batch) and its outputs must match torch's; an export that does not
+is refused with the size and the difference, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from adaptsr.inject import lora_layers, merge_lora, unwrap_model
+from adaptsr.io import atomic_write
+
+__all__ = ["export_onnx"]
+
+# Largest |onnx - torch| accepted, for outputs in about [0, 1]: the float32 rounding of a reordered graph is
+# around 1e-6; a wrong graph (a traced-in size, a dropped branch) is off by far more.
+_TOLERANCE = 1e-3
+
+
+def _requirements(model) -> tuple[int, int]:
+    """(minimum side, multiple of) of a descriptor's inputs; (1, 1) for a plain module."""
+    needs = getattr(model, "size_requirements", None)
+    if needs is None:
+        return 1, 1
+    return max(1, needs.minimum), max(1, needs.multiple_of)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _check_size(size: tuple[int, int], minimum: int, multiple: int) -> None:
+    h, w = size
+    if min(h, w) < minimum or h % multiple or w % multiple:
+        raise ValueError(f"size {h}x{w} does not suit the model: sides of at least {minimum} pixels, multiples of "
+                         f"{multiple}")
+
+
+def _sample_sizes(size: tuple[int, int] | None, minimum: int, multiple: int) -> list[tuple[int, int, int]]:
+    """(batch, h, w) of the images the export is checked on: the example first; for a dynamic export also another
+    batch and a non-square size, so a size traced in as a constant shows."""
+    if size is not None:
+        return [(1, *size)]
+    side, step = _round_up(max(minimum, 32), multiple), _round_up(8, multiple)
+    return [(1, side, side), (2, side + step, side + 2 * step)]
+
+
+def _onnx_outputs(path: Path, x: torch.Tensor):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def export_onnx(model, path: str | os.PathLike, *, size: tuple[int, int] | None = None,
+                opset: int | None = None, seed: int = 0) -> dict:
+    """Write ``model`` (a spandrel descriptor or an nn.Module; adapters are merged into a copy) to ``path`` as ONNX.
+
+    ``size``: a fixed (height, width) input; None exports dynamic batch, height and width. ``opset``: the ONNX
+    opset (None: the exporter's default). Returns ``{"dynamic", "checked": [(batch, h, w, max_difference)]}``.
+    Raises ValueError (nothing written) when the exporter cannot trace the model or the exported graph's output
+    differs from torch's, and ImportError naming the packages when onnx, onnxscript or onnxruntime is missing.
+    """
+    try:
+        import onnx  # noqa: F401  (the exporter and the check need all three)
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"ONNX export needs onnx, onnxscript and onnxruntime ({err}): "
+                          "pip install 'adaptsr[onnx]'") from err
+    path = Path(path)
+    if path.suffix.lower() != ".onnx":
+        raise ValueError(f"cannot export to {path}: use a .onnx file name")
+    module = unwrap_model(model)
+    module = copy.deepcopy(module).cpu().float().eval()
+    if any(True for _ in lora_layers(module)):
+        merge_lora(module)
+    minimum, multiple = _requirements(model)
+    if size is not None:
+        _check_size(size, minimum, multiple)
+    samples = _sample_sizes(size, minimum, multiple)
+    generator = torch.Generator().manual_seed(seed)
+    channels = getattr(model, "input_channels", None) or _input_channels(module)
+    example = torch.rand(1, channels, *samples[0][1:], generator=generator)
+
+    dynamic_shapes = None
+    if size is None:
+        from torch.export import Dim
+
+        # height and width in blocks of the model's size multiple, so the exporter knows which sizes it may assume
+        blocks = {"min": max(2, -(-minimum // multiple)), "max": 8192 // multiple}
+        dynamic_shapes = ({0: Dim("batch", max=256), 2: multiple * Dim("h_blocks", **blocks),
+                           3: multiple * Dim("w_blocks", **blocks)},)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(module, (example,), None, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                        input_names=["input"], output_names=["output"], opset_version=opset,
+                                        verbose=False)
+    except Exception as err:  # the exporter's failures (tracing, guards, unsupported ops) come as many types
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = "" if size is not None else (
+            "; this architecture's code may fix the image size while it is traced (spandrel's Swin family builds "
+            "its window mask from it): export one input size with size=(h, w) (adaptsr export --size HxW) and "
+            "upscale in tiles of that size")
+        raise ValueError(f"the ONNX exporter could not trace {type(module).__name__} ({type(err).__name__}: "
+                         f"{first_line}){hint}") from err
+
+    checked = []
+    with tempfile.TemporaryDirectory(prefix="adaptsr-onnx-") as scratch:
+        scratch_path = Path(scratch) / path.name
+        program.save(str(scratch_path))
+        for batch, h, w in samples:
+            x = example if (batch, h, w) == samples[0] else torch.rand(batch, channels, h, w, generator=generator)
+            with torch.no_grad():
+                expected = module(x)
+                expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+            try:
+                got = torch.from_numpy(_onnx_outputs(scratch_path, x))
+            except Exception as err:  # onnxruntime reports a bad reshape etc. as its own exception types
+                raise ValueError(f"the exported graph fails on a {batch}x{channels}x{h}x{w} input ({type(err).__name__}: "
+                                 f"{str(err).strip().splitlines()[0]}): it holds a size traced in as a constant; "
+                                 "export one input size with size=(h, w) (adaptsr export --size HxW)") from err
+            if got.shape != expected.shape:
+                raise ValueError(f"the exported graph turns a {batch}x{channels}x{h}x{w} input into "
+                                 f"{tuple(got.shape)}, and the model into {tuple(expected.shape)}")
+            difference = float((got - expected).abs().max())
+            if not difference <= _TOLERANCE:
+                raise ValueError(f"the exported graph's output differs from the model's by {difference:.3g} on a "
+                                 f"{batch}x{channels}x{h}x{w} input (at most {_TOLERANCE:g} accepted)")
+            checked.append((batch, h, w, difference))
+        atomic_write(path, lambda tmp: shutil.copyfile(scratch_path, tmp))
+    return {"dynamic": size is None, "checked": checked}
+
+
+def _input_channels(module: torch.nn.Module) -> int:
+    first = next((m for m in module.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if first is None:
+        raise ValueError("cannot tell the model's input channels: export a spandrel descriptor")
+    return first.in_channels

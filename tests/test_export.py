@@ -1,0 +1,100 @@
+"""ONNX export (adaptsr.export, `adaptsr export`): ONNX Runtime runs the file at sizes the export never saw and
+gives the adapted model's output; a graph with a size traced in, or wrong outputs, is refused and nothing written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from spandrel import ModelLoader
+
+import adaptsr
+from adaptsr.cli import main
+from adaptsr.export import export_onnx
+
+onnxruntime = pytest.importorskip("onnxruntime")
+
+
+def _descriptor(module):
+    return ModelLoader().load_from_state_dict(module.state_dict()).eval()
+
+
+def _run_onnx(path, x: torch.Tensor) -> torch.Tensor:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"] and [o.name for o in session.get_outputs()] == ["output"]
+    return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
+@pytest.fixture(scope="module")
+def adapted_esrgan(tiny_sr):
+    model = _descriptor(tiny_sr.esrgan())
+    torch.manual_seed(0)
+    adaptsr.inject_lora(model, preset="esrgan", rank=2, init_lora_weights=False)
+    return model
+
+
+def test_dynamic_export_runs_any_size_with_the_adapters_merged(adapted_esrgan, tiny_sr, tmp_path):
+    path = tmp_path / "esrgan.onnx"
+    report = export_onnx(adapted_esrgan, path)
+    assert report["dynamic"] and [c[:3] for c in report["checked"]] == [(1, 32, 32), (2, 40, 48)]
+    assert all(c[3] < 1e-5 for c in report["checked"])
+    x = torch.rand(3, 3, 13, 21)  # a batch and sizes the export never saw
+    with torch.no_grad():
+        expected = adapted_esrgan.model(x)
+        base = _descriptor(tiny_sr.esrgan()).model(x)
+    got = _run_onnx(path, x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (got - base).abs().max() > 1e-3  # the adapters are in it
+    assert any(True for _ in adaptsr.lora_layers(adapted_esrgan.model))  # the model passed in keeps its adapters
+
+
+def test_a_size_traced_in_is_refused_and_a_fixed_size_works(tiny_sr, tmp_path):
+    """spandrel's SwinIR builds its shifted-window mask from the image size: the dynamic export holds the example's
+    size, which the check on a second size finds; --size exports that one size, checked."""
+    swinir = _descriptor(tiny_sr.swinir(embed_dim=12, depths=[1], mlp_ratio=1.0))
+    path = tmp_path / "swinir.onnx"
+    with pytest.raises(ValueError, match=r"2x3x40x48 input.*export one input size with size=\(h, w\)"):
+        export_onnx(swinir, path)
+    assert not path.exists()
+    report = export_onnx(swinir, path, size=(24, 40))
+    assert not report["dynamic"] and [c[:3] for c in report["checked"]] == [(1, 24, 40)]
+    x = torch.rand(1, 3, 24, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(_run_onnx(path, x), swinir.model(x), rtol=0, atol=1e-4)
+
+
+def test_wrong_outputs_and_bad_arguments_are_refused(adapted_esrgan, tmp_path, monkeypatch):
+    from adaptsr import export
+
+    real = export._onnx_outputs
+    monkeypatch.setattr(export, "_onnx_outputs", lambda path, x: real(path, x) + np.float32(0.01))
+    path = tmp_path / "off.onnx"
+    with pytest.raises(ValueError, match=r"differs from the model's by 0.01 on a 1x3x32x32 input"):
+        export_onnx(adapted_esrgan, path, size=(32, 32))
+    assert not path.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="use a .onnx file name"):
+        export_onnx(adapted_esrgan, tmp_path / "model.pth")
+    with pytest.raises(ValueError, match="size 20x20 does not suit the model: sides of at least 16 pixels, multiples of 8"):
+        export._check_size((20, 20), minimum=16, multiple=8)
+
+
+def test_export_command(tmp_path, capsys, tiny_sr):
+    base = tmp_path / "base.safetensors"
+    model = _descriptor(tiny_sr.esrgan())
+    adaptsr.save_model(model, base)
+    adaptsr.inject_lora(model, preset="esrgan", rank=2, init_lora_weights=False)
+    adaptsr.save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "adapted.onnx"
+    assert main(["export", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(out),
+                 "--size", "32x24"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}: ESRGAN x" in printed and "fixed input 1x32x24" in printed and "1x32x24 (" in printed
+    x = torch.rand(1, 3, 32, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(_run_onnx(out, x), model.model(x), rtol=0, atol=1e-5)
+    for size in ("0x5", "big"):
+        with pytest.raises(SystemExit):
+            main(["export", "--model", str(base), "--out", str(tmp_path / "x.onnx"), "--size", size])
+        assert "is not a size HxW" in capsys.readouterr().err
+    assert main(["export", "--model", str(base), "--out", str(tmp_path / "x.txt")]) == 1
+    assert "use a .onnx file name" in capsys.readouterr().err
