@@ -8,6 +8,9 @@ runtimes that want static shapes (upscale in tiles of that size). The graph is t
 input [B, C, H, W] in [0, 1], output [B, C', H*scale, W*scale], not clamped (spandrel's descriptor
 clamps after the model, as ``adaptsr upscale`` does).
 
+torch's exporter runs in a child process (``python -m adaptsr.export``): on some architectures it crashes
+the process outright (spandrel's SPAN, torch 2.14), which becomes a ValueError here.
+
 Before the file is written, ONNX Runtime runs the exported graph on random images (the example size and,
 for a dynamic export, another size and batch) and its outputs must match torch's; an export that does not
 is refused with the size and the difference, and nothing is written.
@@ -17,7 +20,10 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -99,32 +105,11 @@ def export_onnx(model, path: str | os.PathLike, *, size: tuple[int, int] | None 
     channels = getattr(model, "input_channels", None) or _input_channels(module)
     example = torch.rand(1, channels, *samples[0][1:], generator=generator)
 
-    dynamic_shapes = None
-    if size is None:
-        from torch.export import Dim
-
-        # height and width in blocks of the model's size multiple, so the exporter knows which sizes it may assume
-        blocks = {"min": max(2, -(-minimum // multiple)), "max": 8192 // multiple}
-        dynamic_shapes = ({0: Dim("batch", max=256), 2: multiple * Dim("h_blocks", **blocks),
-                           3: multiple * Dim("w_blocks", **blocks)},)
-    try:
-        with torch.no_grad():
-            program = torch.onnx.export(module, (example,), None, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                        input_names=["input"], output_names=["output"], opset_version=opset,
-                                        verbose=False)
-    except Exception as err:  # the exporter's failures (tracing, guards, unsupported ops) come as many types
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        hint = "" if size is not None else (
-            "; this architecture's code may fix the image size while it is traced (spandrel's Swin family builds "
-            "its window mask from it): export one input size with size=(h, w) (adaptsr export --size HxW) and "
-            "upscale in tiles of that size")
-        raise ValueError(f"the ONNX exporter could not trace {type(module).__name__} ({type(err).__name__}: "
-                         f"{first_line}){hint}") from err
-
+    blocks = None if size is not None else (max(2, -(-minimum // multiple)), 8192 // multiple, multiple)
     checked = []
     with tempfile.TemporaryDirectory(prefix="adaptsr-onnx-") as scratch:
         scratch_path = Path(scratch) / path.name
-        program.save(str(scratch_path))
+        _trace_in_a_child(module, example, blocks, opset, scratch_path, size)
         for batch, h, w in samples:
             x = example if (batch, h, w) == samples[0] else torch.rand(batch, channels, h, w, generator=generator)
             with torch.no_grad():
@@ -148,8 +133,68 @@ def export_onnx(model, path: str | os.PathLike, *, size: tuple[int, int] | None 
     return {"dynamic": size is None, "checked": checked}
 
 
+def _trace_in_a_child(module: torch.nn.Module, example: torch.Tensor, blocks, opset, target: Path, size) -> None:
+    """Trace ``module`` on ``example`` and save the ONNX graph to ``target``, in a child process: torch's exporter
+    crashes the process outright on some architectures (a segmentation fault on spandrel's SPAN, torch 2.14), and
+    it logs pages of guard failures where it gives up; here both become one ValueError, and the caller survives."""
+    job = target.with_suffix(".job.pt")
+    torch.save({"module": module, "example": example, "blocks": blocks, "opset": opset}, job)
+    child = subprocess.run([sys.executable, "-m", "adaptsr.export", str(job), str(target)], capture_output=True,
+                           text=True, check=False)
+    name = type(module).__name__
+    if child.returncode < 0:
+        raise ValueError(f"torch's ONNX exporter crashed tracing {name} (signal {-child.returncode}): it cannot "
+                         "export this architecture; the merged checkpoint (adaptsr merge) runs in torch")
+    if child.returncode != 0:
+        lines = [line for line in child.stderr.strip().splitlines() if line.startswith(_CHILD_ERROR)]
+        reason = lines[-1][len(_CHILD_ERROR):] if lines else (child.stderr.strip().splitlines() or ["no message"])[-1]
+        hint = "" if size is not None else (
+            "; this architecture's code may fix the image size while it is traced (spandrel's Swin family builds "
+            "its window mask from it): export one input size with size=(h, w) (adaptsr export --size HxW) and "
+            "upscale in tiles of that size")
+        raise ValueError(f"the ONNX exporter could not trace {name} ({reason}){hint}")
+
+
+_CHILD_ERROR = "adaptsr-export-error: "
+
+
+def _trace(job_path: str, target: str) -> None:
+    """The child's work (``python -m adaptsr.export JOB TARGET``): torch.onnx.export with dynamic batch, height and
+    width in blocks of the model's size multiple (so the exporter knows which sizes it may assume), or static."""
+    job = torch.load(job_path, weights_only=False)  # written by this process's parent a moment ago
+    dynamic_shapes = None
+    if job["blocks"] is not None:
+        from torch.export import Dim
+
+        smallest, largest, multiple = job["blocks"]
+        dynamic_shapes = ({0: Dim("batch", max=256), 2: multiple * Dim("h_blocks", min=smallest, max=largest),
+                           3: multiple * Dim("w_blocks", min=smallest, max=largest)},)
+    with torch.no_grad():
+        program = torch.onnx.export(job["module"], (job["example"],), None, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                    input_names=["input"], output_names=["output"], opset_version=job["opset"],
+                                    verbose=False)
+    program.save(target)
+
+
+def _reason(err: Exception) -> str:
+    """One line saying why the exporter failed: its exception summary's cause where it gives one (the first line
+    of its message is only "Failed to export the model with torch.export"), colour codes removed."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    causes = [line.strip() for line in text.splitlines() if line.strip().startswith("<class '")]
+    line = causes[0] if causes else (text.splitlines()[0] if text else "")
+    return f"{type(err).__name__}: {line}"
+
+
 def _input_channels(module: torch.nn.Module) -> int:
     first = next((m for m in module.modules() if isinstance(m, torch.nn.Conv2d)), None)
     if first is None:
         raise ValueError("cannot tell the model's input channels: export a spandrel descriptor")
     return first.in_channels
+
+
+if __name__ == "__main__":
+    try:
+        _trace(sys.argv[1], sys.argv[2])
+    except Exception as err:  # the exporter's failures (tracing, guards, unsupported ops) come as many types
+        print(f"{_CHILD_ERROR}{_reason(err)}", file=sys.stderr)
+        sys.exit(1)

@@ -62,7 +62,7 @@ from adaptsr.optim import _check_lora_plus_ratio, _optimizer_groups, _trainable
 __all__ = ["TrainConfig", "adapt"]
 
 _CHECKPOINT = "checkpoint.pt"
-# with validations every val_every steps: the best-scoring weights so far (by validation PSNR)
+# with validations every val_every steps: the best-scoring weights so far (by validation PSNR, or best_metric)
 BEST_ADAPTER = "adapter_best"
 BEST_MODEL = "model_best.safetensors"
 # what every validation scores (on the Y channel, the border cropped: the SR convention); config.val_metrics adds more

@@ -98,3 +98,29 @@ def test_export_command(tmp_path, capsys, tiny_sr):
         assert "is not a size HxW" in capsys.readouterr().err
     assert main(["export", "--model", str(base), "--out", str(tmp_path / "x.txt")]) == 1
     assert "use a .onnx file name" in capsys.readouterr().err
+
+
+def test_the_architecture_survey_script(tmp_path):
+    """benchmarks/onnx_export_survey.py on RRDB (exported both ways; the refusals' wording is tested above), its
+    rows in the JSON and the table; a refusal's reason is cut in the table only."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "onnx_export_survey.py"
+    spec = importlib.util.spec_from_file_location("onnx_export_survey", script)
+    survey = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(survey)
+    out = tmp_path / "survey"
+    subprocess.run([sys.executable, str(script), "--only", "esrgan", "--out", str(out)], check=True,
+                   capture_output=True, timeout=600)
+    (row,) = json.loads(out.with_suffix(".json").read_text())
+    assert row["name"] == "esrgan" and row["dynamic"]["ok"] and row["fixed"]["ok"]
+    assert row["dynamic"]["max_difference"] < 1e-4
+    assert "| esrgan | ESRGAN | yes (" in out.with_suffix(".md").read_text()
+    refused = {**row, "dynamic": {"ok": False, "reason": "a | b " + "x" * 300, "seconds": 1.0}}
+    table = survey.to_markdown([row, refused])
+    assert "no: a / b xxx" in table and "x" * 200 not in table and table.count("...") == 1
+    assert "1 of 2 export with dynamic sizes, 2 of 2 at a fixed size" in table
