@@ -113,7 +113,7 @@ def export_onnx(model, path: str | os.PathLike, *, size: tuple[int, int] | None 
         for batch, h, w in samples:
             x = example if (batch, h, w) == samples[0] else torch.rand(batch, channels, h, w, generator=generator)
             with torch.no_grad():
-                expected = module(x)
+                expected = module(x.clone())  # a copy: some models (RCAN) write into their input
                 expected = expected[0] if isinstance(expected, (tuple, list)) else expected
             try:
                 got = torch.from_numpy(_onnx_outputs(scratch_path, x))

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from adaptsr.losses import gan_loss, vgg_perceptual_loss
 
-__all__ = ["Objective", "batch_pieces"]
+__all__ = ["Objective", "batch_pieces", "syncing_last"]
 
 _DISCRIMINATOR_BETAS = (0.9, 0.99)
 

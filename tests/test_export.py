@@ -63,6 +63,17 @@ def test_a_size_traced_in_is_refused_and_a_fixed_size_works(tiny_sr, tmp_path):
         torch.testing.assert_close(_run_onnx(path, x), swinir.model(x), rtol=0, atol=1e-4)
 
 
+def test_a_model_that_writes_into_its_input(tiny_sr, tmp_path):
+    """spandrel's RCAN subtracts the mean from its input in place: the export's check compares with the model's
+    output on a copy (comparing after the write made the difference 116)."""
+    rcan = _descriptor(tiny_sr.rcan())
+    export_onnx(rcan, tmp_path / "rcan.onnx", size=(16, 24))
+    x = torch.rand(1, 3, 16, 24)
+    with torch.no_grad():
+        expected = rcan.model(x.clone())
+    torch.testing.assert_close(_run_onnx(tmp_path / "rcan.onnx", x), expected, rtol=0, atol=1e-4)
+
+
 def test_wrong_outputs_and_bad_arguments_are_refused(adapted_esrgan, tmp_path, monkeypatch):
     from adaptsr import export
 
