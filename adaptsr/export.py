@@ -118,9 +118,12 @@ def export_onnx(model, path: str | os.PathLike, *, size: tuple[int, int] | None 
             try:
                 got = torch.from_numpy(_onnx_outputs(scratch_path, x))
             except Exception as err:  # onnxruntime reports a bad reshape etc. as its own exception types
+                # at another size than the traced one, the usual cause is a size the model's code fixed while traced
+                hint = ("" if (batch, h, w) == samples[0] else
+                        ": it holds a size traced in as a constant; export one input size with size=(h, w) (adaptsr "
+                        "export --size HxW)")
                 raise ValueError(f"the exported graph fails on a {batch}x{channels}x{h}x{w} input ({type(err).__name__}: "
-                                 f"{str(err).strip().splitlines()[0]}): it holds a size traced in as a constant; "
-                                 "export one input size with size=(h, w) (adaptsr export --size HxW)") from err
+                                 f"{str(err).strip().splitlines()[0]}){hint}") from err
             if got.shape != expected.shape:
                 raise ValueError(f"the exported graph turns a {batch}x{channels}x{h}x{w} input into "
                                  f"{tuple(got.shape)}, and the model into {tuple(expected.shape)}")
