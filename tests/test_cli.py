@@ -612,3 +612,18 @@ def test_degrade_refusals(files, capsys, tmp_path):
         assert code == 1 and message in err, err
     assert not (tmp_path / "lr").exists()
     assert sorted(p.name for p in (files / "hr").iterdir()) == ["a_HR.png", "b_HR.png"]
+
+
+def test_inputs_that_would_write_one_file_are_refused(files, capsys, tmp_path):
+    """a.png and a.jpg would both write a.png: upscale and degrade refuse before writing anything."""
+    (tmp_path / "in").mkdir()
+    image = Image.open(files / "lr" / "a_LR2.png")
+    image.save(tmp_path / "in" / "a.png")
+    image.save(tmp_path / "in" / "a.jpg")
+    for argv, message in ((["upscale", tmp_path / "in", "--model", files / "base.safetensors"],
+                           "several inputs would write a.png; rename them"),
+                          (["degrade", tmp_path / "in", "--degradation", "camera", "--scale", "2"],
+                           "several HR images would write a.png; rename them")):
+        code, _, err = _run(capsys, *argv, "--out", tmp_path / "out")
+        assert code == 1 and message in err, err
+        assert not (tmp_path / "out").exists()

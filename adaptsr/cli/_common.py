@@ -194,6 +194,14 @@ def _load(args: argparse.Namespace, *, merge: bool = True, precision: str = "fp3
     return descriptor.to(args.device).eval()
 
 
+def _check_distinct_outputs(files: list[Path], extension: str, what: str) -> None:
+    """Each input writes <stem><extension>: two inputs with one stem (a.png, a.jpg) would write one file."""
+    stems = [p.stem for p in files]
+    if len(set(stems)) != len(stems):
+        dupes = sorted({s for s in stems if stems.count(s) > 1})
+        raise CommandError(f"several {what} would write {dupes[0]}{extension}; rename them")
+
+
 def _is_same_file(a: Path, b: Path) -> bool:
     """Whether writing ``a`` would replace ``b``: the same path, a symbolic or a hard link to it."""
     if a.exists() and b.exists():

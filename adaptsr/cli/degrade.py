@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from adaptsr.cli._common import CommandError, _is_same_file, _nonneg_int
+from adaptsr.cli._common import CommandError, _check_distinct_outputs, _is_same_file, _nonneg_int
 
 
 def _degrade(args: argparse.Namespace) -> int:
@@ -24,10 +24,7 @@ def _degrade(args: argparse.Namespace) -> int:
     if _is_same_file(out, Path(args.hr)):
         raise CommandError(f"--out {out} is the HR folder: the LR images would take the HR images' names; write "
                            "them to their own folder")
-    stems = [p.stem for p in files]
-    if len(set(stems)) != len(stems):
-        dupes = sorted({s for s in stems if stems.count(s) > 1})
-        raise CommandError(f"several HR images would write {dupes[0]}.png; rename them")
+    _check_distinct_outputs(files, ".png", "HR images")
     config = mixture_of(args.degradation)  # unknown name or bad file: ValueError saying which
     # The LR images eval --hr makes of the same folder, degradation, scale and seed, bit for bit: its cached set
     # generates them (into a scratch folder here), so `eval --pairs OUT HR_DIR` scores exactly what it scores.

@@ -13,6 +13,7 @@ from adaptsr.cli._common import (
     _add_precision_flag,
     _add_self_ensemble_flag,
     _add_tile_flags,
+    _check_distinct_outputs,
     _input_images,
     _is_same_file,
     _load,
@@ -59,10 +60,7 @@ def _upscale(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} is a file, not a folder")
     extension = f".{args.format}"
-    stems = [p.stem for p in files]
-    if len(set(stems)) != len(stems):
-        dupes = sorted({s for s in stems if stems.count(s) > 1})
-        raise CommandError(f"several inputs would write {dupes[0]}{extension}; rename them")
+    _check_distinct_outputs(files, extension, "inputs")
     # with --format jpg, a transparent image goes to PNG (below)
     extensions = {extension, ".png"} if extension == ".jpg" else {extension}
     for path in files:
