@@ -125,8 +125,8 @@ def add_upscale_command(subparsers) -> None:
                    help="JPEG / WebP quality, 1-100 (default: 95; WebP at 100 is lossless)")
     p.add_argument("--outscale", type=_outscale, metavar="S",
                    help="the output's size as a multiple of the input's, when it should not be the model's scale: "
-                        "the model's result is resized to it (bicubic, antialiased; e.g. 2 with a x4 model, as "
-                        "Real-ESRGAN's --outscale; default: the model's scale)")
+                        "the model's result is resized to it (bicubic, antialiased where it shrinks; e.g. 2 with a "
+                        "x4 model, as Real-ESRGAN's --outscale; default: the model's scale)")
     _add_tile_flags(p)
     _add_self_ensemble_flag(p)
     _add_device_flag(p)
