@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from adaptsr.infer import _round_up, image_of
 from adaptsr.inject import lora_layers, merge_lora, unwrap_model
 from adaptsr.io import atomic_write
 
@@ -45,10 +46,6 @@ def _requirements(model) -> tuple[int, int]:
     if needs is None:
         return 1, 1
     return max(1, needs.minimum), max(1, needs.multiple_of)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _check_size(size: tuple[int, int], minimum: int, multiple: int) -> None:
@@ -113,8 +110,7 @@ def export_onnx(model, path: str | os.PathLike, *, size: tuple[int, int] | None 
         for batch, h, w in samples:
             x = example if (batch, h, w) == samples[0] else torch.rand(batch, channels, h, w, generator=generator)
             with torch.no_grad():
-                expected = module(x.clone())  # a copy: some models (RCAN) write into their input
-                expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+                expected = image_of(module(x.clone()))  # a copy: some models (RCAN) write into their input
             try:
                 got = torch.from_numpy(_onnx_outputs(scratch_path, x))
             except Exception as err:  # onnxruntime reports a bad reshape etc. as its own exception types
