@@ -15,6 +15,10 @@ for each method's backward and, on CUDA, the peak memory its step allocates.
 ``gan=True`` adds a row for ``adapt --gan``'s step on the first LoRA backend: Real-ESRGAN's losses (L1, the
 VGG19 perceptual loss, whose ImageNet weights it needs, and the GAN loss through a fresh U-Net
 discriminator), then the discriminator's own Adam step, as ``adapt`` runs them.
+
+``micro_batch=N`` runs every method's step as ``adapt --micro-batch N`` does (the batch forward and backward N
+items at a time, the gradients accumulated): the saved activations are then one piece's, and the table shows
+what the smaller pieces save in memory and cost in time.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch import nn
 
 from adaptsr.backend import _unavailable_reason, _validate, is_available, set_backend
 from adaptsr.inject import inject_lora
-from adaptsr.objective import Objective
+from adaptsr.objective import Objective, batch_pieces
 from adaptsr.presets import preset_for_architecture
 from adaptsr.train import (
     TrainConfig,
@@ -144,8 +148,10 @@ def _fresh_input(lr: torch.Tensor) -> torch.Tensor:
 class _Method:
     """A model copy, its optimizer, the backend its steps run under and its losses (L1 unless given)."""
 
-    def __init__(self, method: str, module: nn.Module, backend: str | None, objective: Objective = _L1) -> None:
+    def __init__(self, method: str, module: nn.Module, backend: str | None, objective: Objective = _L1,
+                 micro_batch: int = 0) -> None:
         self.method, self.module, self.backend, self.objective = method, module, backend, objective
+        self.micro_batch = micro_batch
         self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         self.optimizer = (torch.optim.AdamW(self.params.values(), lr=_TRAIN.lr, weight_decay=_TRAIN.weight_decay)
                           if self.params else None)
@@ -155,11 +161,12 @@ class _Method:
         lr.grad = None
         with set_backend(self.backend or "auto"):
             # forward and backward (frozen: down to the input alone)
-            _, _, sr = _accumulate_gradients(self.module, self.objective, _fresh_input(lr), hr, use_bf16)
+            _, _, sr = _accumulate_gradients(self.module, self.objective, _fresh_input(lr), hr, use_bf16,
+                                             self.micro_batch)
             if self.optimizer is not None:
                 _apply_gradients(self.params, self.optimizer, _TRAIN.grad_clip)
             if self.objective.discriminator is not None:
-                self.objective.discriminator_step(sr, hr, use_bf16)
+                self.objective.discriminator_step(sr, hr, use_bf16, self.micro_batch)
 
     def timed_step(self, lr, hr, use_bf16: bool, device: torch.device) -> None:
         sync_device(device)
@@ -169,7 +176,10 @@ class _Method:
         self.times.append(time.perf_counter() - start)
 
     def saved_bytes(self, lr, hr, use_bf16: bool) -> int:
+        """What autograd keeps for one backward: the whole batch's forward, or the first (largest) piece's with
+        micro-batches, since each piece's activations are freed by its backward before the next piece runs."""
         lr.grad = None
+        _, (lr, hr) = batch_pieces(self.micro_batch, lr, hr)[0]
         with set_backend(self.backend or "auto"):
             # the loss networks' weights (VGG, discriminator) are not activations either
             networks = nn.ModuleList([self.module] + [net for net in (self.objective.perceptual,
@@ -208,6 +218,7 @@ def bench_training_step(
     warmup: int = 2,
     seed: int = 0,
     gan: bool = False,
+    micro_batch: int = 0,
     **lora_options,
 ) -> list[StepTime]:
     """Time one training step of each method on ``descriptor`` (a spandrel model, left unchanged).
@@ -218,21 +229,23 @@ def bench_training_step(
     ``default_backends(device)``), and with ``gan`` a "LoRA + GAN" row (``adapt --gan``'s step: module
     docstring) on the first of them. ``amp`` is TrainConfig's: "auto" (bf16 on CUDA), "bf16" or "off".
     Medians over ``rounds`` interleaved rounds, after ``warmup`` untimed steps each (compilation,
-    autotuning, allocator growth).
+    autotuning, allocator growth). ``micro_batch``: every step in pieces of that many items, as ``adapt`` runs them
+    (0: the whole batch at once).
     """
     device = torch.device(device)
     use_bf16 = _uses_bf16(amp, device.type)
-    if batch_size < 1 or rounds < 1 or warmup < 0:
-        raise ValueError(f"batch_size and rounds must be positive and warmup not negative, got {batch_size}, "
-                         f"{rounds}, {warmup}")
+    if batch_size < 1 or rounds < 1 or warmup < 0 or micro_batch < 0:
+        raise ValueError(f"batch_size and rounds must be positive and warmup and micro_batch not negative, got "
+                         f"{batch_size}, {rounds}, {warmup}, {micro_batch}")
     backends = _check_backends(default_backends(device) if backends is None else list(backends), device)
     _check_patch(descriptor, patch)
 
     base = descriptor.model
     total = sum(p.numel() for p in base.parameters())
-    methods = [_Method("frozen", copy.deepcopy(base).requires_grad_(False), None)]
+    methods = [_Method("frozen", copy.deepcopy(base).requires_grad_(False), None, micro_batch=micro_batch)]
     if full_finetune:
-        methods.append(_Method("full fine-tuning", copy.deepcopy(base).requires_grad_(True), None))
+        methods.append(_Method("full fine-tuning", copy.deepcopy(base).requires_grad_(True), None,
+                               micro_batch=micro_batch))
     if preset is None and targets is None:
         preset = preset_for_architecture(descriptor.architecture.id)
     adapted = copy.deepcopy(base).requires_grad_(False)
@@ -240,10 +253,10 @@ def bench_training_step(
     inject_lora(adapted, preset=preset, targets=targets, rank=rank, alpha=alpha, **lora_options)
     # One adapted copy serves every backend: the backend is chosen per call, not stored in the layers.
     kind = "DoRA" if lora_options.get("use_dora") else "LoRA"
-    methods += [_Method(kind, adapted, name) for name in backends]
+    methods += [_Method(kind, adapted, name, micro_batch=micro_batch) for name in backends]
     if gan:  # its own copy: the LoRA rows' optimizer must not step these adapters
         gan_objective = Objective(_GAN_TRAIN, device, _fresh_discriminator(descriptor.output_channels, seed))
-        methods.append(_Method(f"{kind} + GAN", copy.deepcopy(adapted), backends[0], gan_objective))
+        methods.append(_Method(f"{kind} + GAN", copy.deepcopy(adapted), backends[0], gan_objective, micro_batch))
     for m in methods:
         m.module.to(device).train()
 

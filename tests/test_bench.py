@@ -104,6 +104,37 @@ def test_cli_writes_json(tmp_path, capsys):
     assert data["batch_size"] == 1 and data["patch"] == 16 and data["rounds"] == 2
 
 
+def test_micro_batches_keep_one_pieces_activations(swinir, monkeypatch):
+    """With micro-batches each method's step runs adapt's accumulation in pieces, and its saved activations are
+    one piece's: a batch of 4 in pieces of 2 keeps what a batch of 2 keeps."""
+    from adaptsr import bench
+
+    piece_sizes = []
+    accumulate = bench._accumulate_gradients
+
+    def spy(network, objective, lr, hr, use_bf16, micro_batch=0):
+        piece_sizes.append(micro_batch)
+        return accumulate(network, objective, lr, hr, use_bf16, micro_batch)
+
+    monkeypatch.setattr(bench, "_accumulate_gradients", spy)
+    options = {**TINY, "backends": ["torch"], "full_finetune": False}
+    pieces = bench_training_step(swinir, **{**options, "batch_size": 4}, micro_batch=2)
+    assert set(piece_sizes) == {2}
+    whole = bench_training_step(swinir, **{**options, "batch_size": 4})
+    half = bench_training_step(swinir, **{**options, "batch_size": 2})
+    for p, w, h in zip(pieces, whole, half):
+        assert p.saved_activation_bytes == h.saved_activation_bytes < w.saved_activation_bytes
+
+
+def test_cli_micro_batch(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", "swinir", "--batch-size", "3", "--micro-batch", "2", "--patch", "16",
+                 "--rounds", "1", "--warmup", "0", "--backends", "torch", "--no-full-finetune", "--json", str(out)])
+    assert code == 0
+    assert "batch 3 of 16x16 LR patches in micro-batches of 2," in capsys.readouterr().out
+    assert json.loads(out.read_text())["micro_batch"] == 2
+
+
 def test_cli_accepts_a_checkpoint_file(tmp_path, capsys):
     code = main(["bench", "--model", str(bundled_model_path("rrdb")), "--batch-size", "1", "--patch", "8",
                  "--rounds", "1", "--warmup", "0", "--no-full-finetune"])
@@ -166,9 +197,9 @@ def test_gan_row_runs_adapts_gan_step(swinir, random_vgg, monkeypatch):
         terms.append(sorted(found))
         return total, found
 
-    def spy_discriminator_step(self, sr, hr, use_bf16):
+    def spy_discriminator_step(self, sr, hr, use_bf16, micro_batch=0):
         discriminator_steps.append(sr.shape)
-        return discriminator_step(self, sr, hr, use_bf16)
+        return discriminator_step(self, sr, hr, use_bf16, micro_batch)
 
     monkeypatch.setattr(Objective, "generator_loss", spy_generator_loss)
     monkeypatch.setattr(Objective, "discriminator_step", spy_discriminator_step)

@@ -39,6 +39,9 @@ def add_bench_command(subparsers) -> None:
                         "the discriminator's step (the VGG19 ImageNet weights are downloaded on first use)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default: 8)")
     p.add_argument("--patch", type=int, default=32, help="LR patch size in pixels (default: 32)")
+    p.add_argument("--micro-batch", type=_nonneg_int, default=0, metavar="N",
+                   help="run each step as adapt --micro-batch N does, N crops at a time: the saved activations are "
+                        "then one piece's (default: 0, the whole batch at once)")
     _add_amp_flag(p)
     p.add_argument("--rounds", type=int, default=10, help="timed rounds, each one step of every method (default: 10)")
     p.add_argument("--warmup", type=_nonneg_int, default=2, help="untimed steps per method first (default: 2)")
@@ -75,16 +78,18 @@ def _bench(args: argparse.Namespace) -> int:
     rows = bench_training_step(
         descriptor, backends=backends, **_lora_options(args),
         full_finetune=not args.no_full_finetune, batch_size=args.batch_size, patch=args.patch, device=args.device,
-        amp=args.amp, rounds=args.rounds, warmup=args.warmup, gan=args.gan,
+        amp=args.amp, rounds=args.rounds, warmup=args.warmup, gan=args.gan, micro_batch=args.micro_batch,
     )
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    pieces = f" in micro-batches of {args.micro_batch}" if 0 < args.micro_batch < args.batch_size else ""
     print(f"{descriptor.architecture.name} x{descriptor.scale}, batch {args.batch_size} of {args.patch}x{args.patch} "
-          f"LR patches, LoRA rank {args.rank}, {where}, torch {torch.__version__}; medians of {args.rounds} rounds")
+          f"LR patches{pieces}, LoRA rank {args.rank}, {where}, torch {torch.__version__}; medians of {args.rounds} "
+          "rounds")
     print(format_bench_table(rows))
     if args.json:
         text = json.dumps({"model": args.model, "device": where, "batch_size": args.batch_size, "patch": args.patch,
-                           "rank": args.rank, "amp": args.amp, "rounds": args.rounds, "rows": rows_as_dicts(rows)},
-                          indent=2)
+                           "micro_batch": args.micro_batch, "rank": args.rank, "amp": args.amp, "rounds": args.rounds,
+                           "rows": rows_as_dicts(rows)}, indent=2)
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
     return 0
