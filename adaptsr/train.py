@@ -589,6 +589,24 @@ def adapt(
         indices, epoch = _batch_indices(step, len(train_set), config)
         return indices[rank::world], epoch
 
+    # Each trained step's [loss, *terms], left on the device until the progress bar, a checkpoint or the end reads
+    # them in one copy: reading them every step would make the host wait for the step's last kernel, idling a GPU
+    # while it queues the next step (the non-finite check before the optimizer step is the one wait a step keeps).
+    pending_losses: list[torch.Tensor] = []
+
+    def record_losses() -> None:
+        if not pending_losses:
+            return
+        logged = torch.stack(pending_losses)
+        pending_losses.clear()
+        if world > 1:  # log the global batch's losses, the same on every rank (every rank records at the same steps)
+            dist.all_reduce(logged)
+            logged /= world
+        for loss, *term_values in logged.tolist():
+            history["loss"].append(loss)
+            for name, value in zip(objective.terms, term_values):
+                history["loss_terms"][name].append(value)
+
     steps = range(start_step, config.steps)
     # the ranks of a distributed run on this machine share its cores (torchrun's LOCAL_WORLD_SIZE)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -619,25 +637,22 @@ def adapt(
             if objective.discriminator is not None:
                 terms.update(objective.discriminator_step(sr, hr, use_bf16, config.micro_batch))
             schedule.step()
-            logged = torch.stack([loss.detach().float()] + [terms[name].detach().float() for name in objective.terms])
-            if world > 1:  # log the global batch's losses, the same on every rank
-                dist.all_reduce(logged)
-                logged /= world
-            loss, *term_values = logged.tolist()
-            history["loss"].append(loss)
-            for name, value in zip(objective.terms, term_values):
-                history["loss_terms"][name].append(value)
+            pending_losses.append(torch.stack([loss.detach().float()] +
+                                              [terms[name].detach().float() for name in objective.terms]))
             done = step + 1
             progress.update(1)
             if config.log_every and done % config.log_every == 0:
-                progress.set_postfix(loss=f"{loss:.4f}")
+                record_losses()
+                progress.set_postfix(loss=f"{history['loss'][-1]:.4f}")
             # the last step validates before its checkpoint, so a later --resume keeps this run's final scores
             if val_set is not None and (config.val_every and done % config.val_every == 0 or done == config.steps):
                 validate(done)
             if done % config.checkpoint_every == 0 or done == config.steps:
+                record_losses()
                 history["train_seconds"] += time.perf_counter() - clock
                 clock = time.perf_counter()
                 save_checkpoint(done)
+    record_losses()  # a run whose last steps were skipped has not checkpointed them
 
     progress.close()
     if ema is not None:  # the run's result is the average: the model returned, validated and saved

@@ -56,6 +56,24 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(expected[key], got[key]), key
 
 
+def test_losses_recorded_whenever_read(tmp_path):
+    """The step losses, held on the device between reads, reach the history complete and in order: read every
+    step (progress bar and checkpoint each step), only at checkpoints, and in the checkpoint a run stops after."""
+    every_step = adapt(make_model(), NoisyPairs(), tmp_path / "every", _config(log_every=1, checkpoint_every=1),
+                       device="cpu")
+    at_checkpoints = adapt(make_model(), NoisyPairs(), tmp_path / "checkpoints", _config(checkpoint_every=5),
+                           device="cpu")
+    assert len(every_step["loss"]) == 12
+    assert at_checkpoints["loss"] == every_step["loss"]
+    assert at_checkpoints["loss_terms"] == every_step["loss_terms"]
+    with pytest.raises(KeyboardInterrupt):
+        adapt(make_model(), crashes_after(8 * 4), tmp_path / "stopped", _config(), device="cpu")
+    history = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["history"]
+    assert history["loss"] == every_step["loss"][:8]
+    resumed = adapt(make_model(), NoisyPairs(), tmp_path / "stopped", _config(), device="cpu", resume=True)
+    assert resumed["loss"] == every_step["loss"]
+
+
 def test_resume_after_sigkill(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(
