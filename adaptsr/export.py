@@ -14,6 +14,13 @@ the process outright (spandrel's SPAN, torch 2.14), which becomes a ValueError h
 Before the file is written, ONNX Runtime runs the exported graph on random images (the example size and,
 for a dynamic export, another size and batch) and its outputs must match torch's; an export that does not
 is refused with the size and the difference, and nothing is written.
+
+``half=True`` exports the model in float16, input and output included (what TensorRT, DirectML and chaiNNer
+run fastest, at half the file size), for the architectures spandrel marks as running in float16. Its checks
+hold two outputs to the float32 model's, within 1e-2 (float16's rounding through the bundled RRDB is 1.1e-3 to
+1.6e-3): ONNX Runtime's, for the graph; and torch's float16 forward, for the numbers, since ONNX Runtime's CPU
+kernels run float16 layers in float32 and so never show what a GPU runtime meets when an activation leaves
+float16's range (65,504): inf or NaN, refused.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ __all__ = ["export_onnx"]
 # Largest |onnx - torch| accepted, for outputs in about [0, 1]: the float32 rounding of a reordered graph is
 # around 1e-6; a wrong graph (a traced-in size, a dropped branch) is off by far more.
 _TOLERANCE = 1e-3
+# The same for a float16 graph against the float32 model: its rounding is about 1e-3 (module docstring).
+_TOLERANCE_FP16 = 1e-2
 
 
 def _requirements(model) -> tuple[int, int]:
@@ -65,18 +74,22 @@ def _sample_sizes(size: tuple[int, int] | None, minimum: int, multiple: int) -> 
 
 
 def _onnx_outputs(path: Path, x: torch.Tensor):
+    """The graph's output for ``x``, given in the graph's input type (float16 or float32)."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    first = session.get_inputs()[0]
+    dtype = torch.float16 if first.type == "tensor(float16)" else torch.float32
+    return session.run(None, {first.name: x.to(dtype).numpy()})[0]
 
 
 def export_onnx(model, path: str | os.PathLike, *, size: tuple[int, int] | None = None,
-                opset: int | None = None, seed: int = 0) -> dict:
+                opset: int | None = None, seed: int = 0, half: bool = False) -> dict:
     """Write ``model`` (a spandrel descriptor or an nn.Module; adapters are merged into a copy) to ``path`` as ONNX.
 
     ``size``: a fixed (height, width) input; None exports dynamic batch, height and width. ``opset``: the ONNX
-    opset (None: the exporter's default). Returns ``{"dynamic", "checked": [(batch, h, w, max_difference)]}``.
+    opset (None: the exporter's default). ``half``: a float16 graph (module docstring). Returns
+    ``{"dynamic", "dtype", "checked": [(batch, h, w, max_difference)]}``, the differences to the float32 model.
     Raises ValueError (nothing written) when the exporter cannot trace the model or the exported graph's output
     differs from torch's, and ImportError naming the packages when onnx, onnxscript or onnxruntime is missing.
     """
@@ -90,6 +103,9 @@ def export_onnx(model, path: str | os.PathLike, *, size: tuple[int, int] | None 
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         raise ValueError(f"cannot export to {path}: use a .onnx file name")
+    if half and getattr(model, "supports_half", True) is False:
+        raise ValueError(f"{model.architecture.name} does not run in float16: spandrel marks it unsupported "
+                         "(SwinIR, for one, builds its window masks in float32); export it in float32")
     module = unwrap_model(model)
     module = copy.deepcopy(module).cpu().float().eval()
     if any(True for _ in lora_layers(module)):
@@ -106,13 +122,15 @@ def export_onnx(model, path: str | os.PathLike, *, size: tuple[int, int] | None 
     checked = []
     with tempfile.TemporaryDirectory(prefix="adaptsr-onnx-") as scratch:
         scratch_path = Path(scratch) / path.name
-        _trace_in_a_child(module, example, blocks, opset, scratch_path, size)
+        traced = copy.deepcopy(module).half() if half else module
+        _trace_in_a_child(traced, example.half() if half else example, blocks, opset, scratch_path, size)
+        tolerance = _TOLERANCE_FP16 if half else _TOLERANCE
         for batch, h, w in samples:
             x = example if (batch, h, w) == samples[0] else torch.rand(batch, channels, h, w, generator=generator)
             with torch.no_grad():
                 expected = image_of(module(x.clone()))  # a copy: some models (RCAN) write into their input
             try:
-                got = torch.from_numpy(_onnx_outputs(scratch_path, x))
+                got = torch.from_numpy(_onnx_outputs(scratch_path, x)).float()
             except Exception as err:  # onnxruntime reports a bad reshape etc. as its own exception types
                 # at another size than the traced one, the usual cause is a size the model's code fixed while traced
                 hint = ("" if (batch, h, w) == samples[0] else
@@ -124,12 +142,27 @@ def export_onnx(model, path: str | os.PathLike, *, size: tuple[int, int] | None 
                 raise ValueError(f"the exported graph turns a {batch}x{channels}x{h}x{w} input into "
                                  f"{tuple(got.shape)}, and the model into {tuple(expected.shape)}")
             difference = float((got - expected).abs().max())
-            if not difference <= _TOLERANCE:
+            if not difference <= tolerance:
                 raise ValueError(f"the exported graph's output differs from the model's by {difference:.3g} on a "
-                                 f"{batch}x{channels}x{h}x{w} input (at most {_TOLERANCE:g} accepted)")
+                                 f"{batch}x{channels}x{h}x{w} input (at most {tolerance:g} accepted)")
+            if half:
+                _check_float16(traced, x, expected)
             checked.append((batch, h, w, difference))
         atomic_write(path, lambda tmp: shutil.copyfile(scratch_path, tmp))
-    return {"dynamic": size is None, "checked": checked}
+    return {"dynamic": size is None, "dtype": "float16" if half else "float32", "checked": checked}
+
+
+def _check_float16(half_module: torch.nn.Module, x: torch.Tensor, expected: torch.Tensor) -> None:
+    """Refuse a model whose float16 forward (every activation stored in float16) strays from its float32 output."""
+    with torch.no_grad():
+        got = image_of(half_module(x.half())).float()
+    difference = float((got - expected).abs().max())
+    if not difference <= _TOLERANCE_FP16:
+        cause = ("an activation leaves float16's range (65,504)" if not got.isfinite().all()
+                 else "float16's rounding adds up through the layers")
+        shape = "x".join(str(n) for n in x.shape)
+        raise ValueError(f"in float16 the model's output differs from its float32 output by {difference:.3g} on a "
+                         f"{shape} input (at most {_TOLERANCE_FP16:g} accepted): {cause}; export it in float32")
 
 
 def _trace_in_a_child(module: torch.nn.Module, example: torch.Tensor, blocks, opset, target: Path, size) -> None:

@@ -56,6 +56,8 @@ def test_a_size_traced_in_is_refused_and_a_fixed_size_works(tiny_sr, tmp_path):
     with pytest.raises(ValueError, match=r"2x3x40x48 input.*export one input size with size=\(h, w\)"):
         export_onnx(swinir, path)
     assert not path.exists()
+    with pytest.raises(ValueError, match="SwinIR does not run in float16: spandrel marks it unsupported"):
+        export_onnx(swinir, path, size=(24, 40), half=True)
     report = export_onnx(swinir, path, size=(24, 40))
     assert not report["dynamic"] and [c[:3] for c in report["checked"]] == [(1, 24, 40)]
     x = torch.rand(1, 3, 24, 40)
@@ -89,6 +91,46 @@ def test_wrong_outputs_and_bad_arguments_are_refused(adapted_esrgan, tmp_path, m
         export._check_size((20, 20), minimum=16, multiple=8)
 
 
+def test_float16_export(adapted_esrgan, tiny_sr, tmp_path):
+    """half=True: a float16 graph, input and output, at any size, within float16's rounding of the float32 model."""
+    path = tmp_path / "esrgan16.onnx"
+    report = export_onnx(adapted_esrgan, path, half=True)
+    assert report["dtype"] == "float16" and report["dynamic"]
+    assert all(0 < c[3] <= 1e-2 for c in report["checked"])  # rounded, unlike the float32 graph's 1e-5
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.type for i in session.get_inputs()] == ["tensor(float16)"]
+    x = torch.rand(2, 3, 17, 11)
+    got = session.run(None, {"input": x.half().numpy()})[0]
+    assert got.dtype == np.float16
+    with torch.no_grad():
+        expected = adapted_esrgan.model(x)
+        base = _descriptor(tiny_sr.esrgan()).model(x)
+    got = torch.from_numpy(got).float()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-2)
+    # the adapters are in it: the graph is far nearer the adapted model than the base
+    assert (got - expected).abs().mean() < 0.1 * (got - base).abs().mean()
+    export_onnx(adapted_esrgan, tmp_path / "esrgan32.onnx", size=(32, 32))
+    assert path.stat().st_size < 0.6 * (tmp_path / "esrgan32.onnx").stat().st_size  # two bytes a weight, not four
+
+
+def test_float16_overflow_is_refused(tmp_path):
+    """A model whose activations leave float16's range (65,504) gives inf in float16: refused, nothing written;
+    the float32 export of the same model is fine."""
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 3, 1))
+    with torch.no_grad():  # (plain layers: the exporter's child process unpickles the model)
+        model[0].bias.add_(300)  # about 300 everywhere
+        model[1].weight.fill_(100)  # 3 x 300 x 100 = 90,000: inf in float16
+        model[2].weight.fill_(1 / 270_000)  # back to about 1 in float32
+    path = tmp_path / "squares.onnx"
+    with pytest.raises(ValueError, match=r"in float16 the model's output differs .* on a 1x3x8x8 input .*"
+                                         r"leaves float16's range"):
+        export_onnx(model, path, size=(8, 8), half=True)
+    assert not path.exists()
+    assert export_onnx(model, path, size=(8, 8))["checked"][0][3] < 1e-3
+
+
 def test_export_command(tmp_path, capsys, tiny_sr):
     base = tmp_path / "base.safetensors"
     model = _descriptor(tiny_sr.esrgan())
@@ -99,10 +141,17 @@ def test_export_command(tmp_path, capsys, tiny_sr):
     assert main(["export", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(out),
                  "--size", "32x24"]) == 0
     printed = capsys.readouterr().out
-    assert f"wrote {out}: ESRGAN x" in printed and "fixed input 1x32x24" in printed and "1x32x24 (" in printed
+    assert f"wrote {out}: ESRGAN x" in printed and "float32, fixed input 1x32x24" in printed and "1x32x24 (" in printed
     x = torch.rand(1, 3, 32, 24)
     with torch.no_grad():
         torch.testing.assert_close(_run_onnx(out, x), model.model(x), rtol=0, atol=1e-5)
+    half = tmp_path / "adapted16.onnx"
+    assert main(["export", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(half),
+                 "--size", "32x24", "--fp16"]) == 0
+    assert "float16, fixed input 1x32x24" in capsys.readouterr().out
+    session = onnxruntime.InferenceSession(str(half), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.half().numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got).float(), model.model(x).detach(), rtol=0, atol=1e-2)
     for size in ("0x5", "big"):
         with pytest.raises(SystemExit):
             main(["export", "--model", str(base), "--out", str(tmp_path / "x.onnx"), "--size", size])
