@@ -8,7 +8,8 @@ Backends, in the order "auto" prefers them on a CUDA device:
     reference  the two-path form in plain torch: the oracle
 
 Choose with ``set_backend("torch")`` (a plain call, or ``with set_backend("torch"): ...``
-for a block) or the ``ADAPTSR_BACKEND`` environment variable.
+for a block) or the ``ADAPTSR_BACKEND`` environment variable. "auto" follows ``AUTO_ON_CUDA``, or with
+``ADAPTSR_AUTOTUNE=1`` times the backends on each call signature's first call (``adaptsr.autotune``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
 import torch
+
+from adaptsr import autotune
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 _ENV_VAR = "ADAPTSR_BACKEND"
@@ -110,17 +113,25 @@ AUTO_ON_CUDA: dict[str, str] = {
 }
 
 
-def resolve(device: torch.device, op: str | None = None, takes: Callable[[str], bool] | None = None) -> str:
+def resolve(device: torch.device, op: str | None = None, takes: Callable[[str], bool] | None = None,
+            call: tuple[Callable, Sequence] | None = None) -> str:
     """The concrete backend that op ``op`` on ``device`` runs under the current setting.
 
     An explicit setting applies to every op (a backend that cannot take some input says so in its
     error). "auto" runs "torch" off CUDA, and on CUDA the measured choice for the op in
     ``AUTO_ON_CUDA`` where that backend is available here and, when the op passes ``takes``,
     ``takes(choice)`` says its kernels take this call's inputs (dtype, sizes); "torch" otherwise.
+    With autotuning on (``adaptsr.autotune``), an op that passes ``call`` (``(op_fn, args)``, the call
+    itself) runs the backend its trials timed fastest for the call's signature, where more than one
+    can take it.
     """
     name = get_backend()
     if name != "auto":
         return name
+    if op is not None and call is not None and autotune.enabled() and autotune.can_tune():
+        contenders = autotune.candidates(torch.device(device), takes)
+        if len(contenders) > 1:
+            return autotune.choose(op, call[0], call[1], contenders)
     if torch.device(device).type != "cuda" or op is None:
         return "torch"
     choice = AUTO_ON_CUDA.get(op, "torch")

@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from adaptsr import autotune
 from adaptsr.adapter import save_adapter
 from adaptsr.data.batches import auto_num_workers, training_batches
 from adaptsr.discriminator import UNetDiscriminator
@@ -669,6 +670,8 @@ def adapt(
         "best_val": _best_validation(history, config.best_metric),
         **history,
     }
+    if autotune.enabled():  # the backends "auto" timed and chose, op by op (adaptsr.autotune)
+        metrics["autotune"] = autotune.measurements()
     if rank == 0:
         if any(True for _ in lora_layers(module)):
             save_adapter(model, run_dir / "adapter")

@@ -70,7 +70,7 @@ def test_window_attention_ops_ask_whether_the_kernels_take_their_inputs(op_name,
     op_module = importlib.import_module(f"adaptsr.ops.{op_name}")
     seen = []
 
-    def spy(device, op, takes=None):
+    def spy(device, op, takes=None, call=None):
         seen.append(takes("triton"))
         return "torch"
 

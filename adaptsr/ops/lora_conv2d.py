@@ -331,6 +331,11 @@ def _require_cuda_tensor(op: str, x: torch.Tensor) -> None:
 # -- functional entry point --
 
 
+def _with_geometry(x, weight, bias, lora_A, lora_B, scaling, geometry):
+    """lora_conv2d with the geometry positional: the call autotune's trials repeat."""
+    return lora_conv2d(x, weight, bias, lora_A, lora_B, scaling, geometry=geometry)
+
+
 def lora_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -353,7 +358,8 @@ def lora_conv2d(
     if geometry is None:
         geometry = ConvGeometry.from_args(weight.shape[2:], stride, padding, dilation, groups, padding_mode)
     _check_shapes(x, weight, bias, lora_A, lora_B, geometry)
-    backend = resolve(x.device, "lora_conv2d")
+    call = (_with_geometry, (x, weight, bias, lora_A, lora_B, scaling, geometry))
+    backend = resolve(x.device, "lora_conv2d", call=call)
     if backend == "reference":
         return lora_conv2d_ref(x, weight, bias, lora_A, lora_B, scaling, geometry)
     if backend == "cuda":

@@ -200,7 +200,7 @@ def lora_linear(
 ) -> torch.Tensor:
     """``x (W + s B A)^T + b`` on the selected backend."""
     _check_shapes(x, weight, bias, lora_A, lora_B)
-    backend = resolve(x.device, "lora_linear")
+    backend = resolve(x.device, "lora_linear", call=(lora_linear, (x, weight, bias, lora_A, lora_B, scaling)))
     if backend == "reference":
         return lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling)
     if backend == "cuda" and not x.is_cuda:

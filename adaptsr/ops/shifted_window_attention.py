@@ -272,10 +272,11 @@ def shifted_window_attention(
         mask = mask.detach()
     scale = float(scale)
     n, head_dim = window_size * window_size, qkv.shape[-1] // (3 * num_heads)
-    backend = resolve(
-        qkv.device, "shifted_window_attention", lambda name: _fused_takes(name, qkv.dtype, n, head_dim)
-    )
     args = (qkv, bias_table, index, mask, scale, window_size, shift_size, num_heads)
+    backend = resolve(
+        qkv.device, "shifted_window_attention", lambda name: _fused_takes(name, qkv.dtype, n, head_dim),
+        call=(shifted_window_attention, args),
+    )
     if backend == "reference":
         return shifted_window_attention_ref(*args)
     if backend in ("torch", "cuda"):

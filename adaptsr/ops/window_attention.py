@@ -440,7 +440,8 @@ def window_attention(
     n, n_keys, head_dim = q.shape[2], k.shape[2], q.shape[3]
     need_dbias = bias_table.requires_grad and torch.is_grad_enabled()
     backend = resolve(
-        q.device, "window_attention", lambda name: _fused_takes(name, q.dtype, n, head_dim, n_keys, need_dbias)
+        q.device, "window_attention", lambda name: _fused_takes(name, q.dtype, n, head_dim, n_keys, need_dbias),
+        call=(window_attention, (q, k, v, bias_table, index, mask, scale)),
     )
     if backend == "reference":
         return window_attention_ref(q, k, v, bias_table, index, mask, scale)

@@ -564,7 +564,7 @@ def test_auto_asks_the_cuda_kernels_with_the_keys_and_whether_the_table_needs_a_
         asked.append((n, n_keys, need_dbias))
         return False
 
-    def resolve(device, op, takes_fn):  # what "auto" does on a GPU: ask the measured choice's kernels
+    def resolve(device, op, takes_fn, call=None):  # what "auto" does on a GPU: ask the measured choice's kernels
         takes_fn("cuda")
         return "torch"
 
