@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from adaptsr import autotune
 from adaptsr.backend import _unavailable_reason, _validate, is_available, set_backend
 from adaptsr.inject import inject_lora
 from adaptsr.objective import Objective, batch_pieces
@@ -47,7 +48,7 @@ from adaptsr.train import (
 )
 
 __all__ = [
-    "StepTime", "bench_training_step", "default_backends", "format_bench_table", "rows_as_dicts",
+    "StepTime", "autotune_summary", "bench_training_step", "default_backends", "format_bench_table", "rows_as_dicts",
     "saved_activation_bytes", "sync_device",
 ]
 
@@ -79,10 +80,26 @@ class StepTime:
 
 
 def default_backends(device: str | torch.device) -> list[str]:
-    """The backends worth timing on ``device``: torch everywhere, the fused ones where they run."""
+    """The backends worth timing on ``device``: torch everywhere, the fused ones where they run, and on CUDA with
+    autotuning on (``adaptsr.autotune``) "auto", whose warm-up steps then run the trials."""
     if torch.device(device).type != "cuda":
         return ["torch"]
-    return ["torch"] + [name for name in ("triton", "cuda") if is_available(name)]
+    fused = [name for name in ("triton", "cuda") if is_available(name)]
+    return ["torch", *fused, *(["auto"] if autotune.enabled() else [])]
+
+
+def autotune_summary(records: list[dict]) -> str:
+    """One line per op: how many call signatures autotuning gave to each backend."""
+    counts: dict[str, dict[str, int]] = {}
+    for r in records:
+        per_op = counts.setdefault(r["op"], {})
+        per_op[r["choice"]] = per_op.get(r["choice"], 0) + 1
+    lines = []
+    for op, chosen in counts.items():
+        total = sum(chosen.values())
+        parts = ", ".join(f"{name} {n}" for name, n in sorted(chosen.items(), key=lambda item: -item[1]))
+        lines.append(f"autotune: {op}: {parts} of {total} signature{'s' if total > 1 else ''}")
+    return "\n".join(lines)
 
 
 def _check_backends(backends: list[str], device: torch.device) -> list[str]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import adaptsr
+from adaptsr.backend import is_available
 from adaptsr.bench import bench_training_step, format_bench_table
 from adaptsr.cli import main
 from adaptsr.demo import bundled_model_path
@@ -231,3 +232,30 @@ def test_cli_gan_without_vgg_weights_names_them(capsys, empty_hub, monkeypatch):
     err = capsys.readouterr().err
     assert code == 1 and "the VGG perceptual loss needs the weight file vgg19-dcbb9e9d.pth" in err
     assert str(empty_hub) in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not is_available("triton"), reason="a race needs two backends: triton (TRITON_INTERPRET=1 here)")
+def test_autotune_row_prints_and_records_its_choices(tmp_path, capsys, monkeypatch):
+    """With ADAPTSR_AUTOTUNE=1 the "auto" row runs the trials in its warm-up; the choices are summed up under the
+    table and listed in the JSON. A set clock decides the races (interpreted trials of a whole SwinIR are slow)."""
+    from adaptsr import autotune
+    from adaptsr.bench import default_backends
+
+    monkeypatch.setenv("ADAPTSR_AUTOTUNE", "1")
+    monkeypatch.setattr(autotune, "_switch", None)
+    monkeypatch.setattr(autotune, "_median_ms", lambda run, backend, device: {"torch": 1.0, "triton": 2.0}[backend])
+    autotune.reset()
+    assert default_backends("cuda")[-1] == "auto" and default_backends("cpu") == ["torch"]
+    out = tmp_path / "bench.json"
+    try:
+        code = main(["bench", "--model", "swinir", "--batch-size", "1", "--patch", "16", "--rounds", "1",
+                     "--warmup", "1", "--backends", "torch,auto", "--no-full-finetune", "--json", str(out)])
+        printed = capsys.readouterr().out
+    finally:
+        autotune.reset()
+    assert code == 0 and "| LoRA (auto) |" in printed
+    records = json.loads(out.read_text())["autotune"]
+    assert {r["op"] for r in records} >= {"lora_linear", "lora_conv2d"}
+    assert all(r["choice"] == "torch" for r in records)
+    n_linear = sum(r["op"] == "lora_linear" for r in records)
+    assert f"autotune: lora_linear: torch {n_linear} of {n_linear} signature" in printed

@@ -31,7 +31,8 @@ def add_bench_command(subparsers) -> None:
                         "(default: swinir)")
     p.add_argument("--backends", metavar="LIST",
                    help="comma-separated adaptsr backends for the LoRA rows (default: torch, plus triton and cuda "
-                        "where they run on --device)")
+                        "where they run on --device, and auto there with ADAPTSR_AUTOTUNE=1, whose choices are "
+                        "printed under the table)")
     _add_lora_flags(p)
     p.add_argument("--no-full-finetune", action="store_true", help="leave out the full fine-tuning row")
     p.add_argument("--gan", action="store_true",
@@ -70,7 +71,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from adaptsr.bench import bench_training_step, format_bench_table, rows_as_dicts
+    from adaptsr import autotune
+    from adaptsr.bench import autotune_summary, bench_training_step, format_bench_table, rows_as_dicts
     from adaptsr.io import atomic_write
 
     descriptor = _bench_model(args.model)
@@ -87,9 +89,15 @@ def _bench(args: argparse.Namespace) -> int:
           f"LR patches{pieces}, LoRA rank {args.rank}, {where}, torch {torch.__version__}; medians of {args.rounds} "
           "rounds")
     print(format_bench_table(rows))
+    tuned = autotune.measurements() if autotune.enabled() else []
+    if tuned:  # what the "auto" row ran, op by op
+        print(autotune_summary(tuned))
     if args.json:
-        text = json.dumps({"model": args.model, "device": where, "batch_size": args.batch_size, "patch": args.patch,
-                           "micro_batch": args.micro_batch, "rank": args.rank, "amp": args.amp, "rounds": args.rounds,
-                           "rows": rows_as_dicts(rows)}, indent=2)
+        report = {"model": args.model, "device": where, "batch_size": args.batch_size, "patch": args.patch,
+                  "micro_batch": args.micro_batch, "rank": args.rank, "amp": args.amp, "rounds": args.rounds,
+                  "rows": rows_as_dicts(rows)}
+        if autotune.enabled():
+            report["autotune"] = tuned
+        text = json.dumps(report, indent=2)
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
     return 0

@@ -17,8 +17,8 @@
 #     does not start, and says so; 0: no budget.
 #   - STAGES (default "build tests roofline model bench", run in that order; "ptxas" also exists,
 #     which CI already runs for sm_90 on the CPU). "model" is `adaptsr bench` on the bundled SwinIR:
-#     the whole training step per backend, as a user would time it (MODEL_ARGS: its flags, default
-#     "--batch-size 16 --patch 48 --rounds 10"). "profile" (not in the default) is
+#     the whole training step per backend, as a user would time it, and "auto" autotuned
+#     (ADAPTSR_AUTOTUNE=1; MODEL_ARGS: its flags, default "--batch-size 16 --patch 48 --rounds 10"). "profile" (not in the default) is
 #     benchmarks/gpu/profile_layer.py: the kernels a conv, linear and attention step spend their time
 #     in, per backend (PROFILE_ARGS: its flags), for the call after a missed target.
 #   - TEST_PATHS (default: the test files that exercise the GPU: tests/ops, the extension's tests,
@@ -192,7 +192,8 @@ fi
 #    LoRA on every backend that runs here: adaptsr bench on the bundled SwinIR, a minute at most.
 if run_stage model; then
     eval "set -- ${MODEL_ARGS:---batch-size 16 --patch 48 --rounds 10}"
-    within model $py -m adaptsr bench --model swinir --device cuda --json "$raw/model.json" "$@" \
+    # with autotuning on, an "auto" row too: the backends auto's trials pick per op, listed under the table
+    within model env ADAPTSR_AUTOTUNE=1 $py -m adaptsr bench --model swinir --device cuda --json "$raw/model.json" "$@" \
         > "$raw/model.md" 2> "$raw/model.log"
     write_results
 fi
