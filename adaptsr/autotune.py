@@ -108,6 +108,10 @@ def _copy(value):
     return value
 
 
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def _trial(op_fn: Callable, args: Sequence) -> Callable[[str], None]:
     """A function running ``op_fn(*copies of args)`` under a given backend, forward and, where the call needs
     gradients, backward."""
@@ -117,7 +121,9 @@ def _trial(op_fn: Callable, args: Sequence) -> Callable[[str], None]:
     leaves = [c for c in copies if isinstance(c, torch.Tensor) and c.requires_grad]
 
     def run(backend: str) -> None:
-        with set_backend(backend):
+        # plain saving for the trial's own graph: inside a non-reentrant checkpoint the call runs under the
+        # checkpoint's saved-tensor hooks, which would otherwise take the trial's tensors for the region's own
+        with set_backend(backend), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             out = op_fn(*copies)
             if leaves and out.requires_grad:
                 out.backward(torch.full_like(out, 1e-2))

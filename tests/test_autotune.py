@@ -189,3 +189,21 @@ def test_adapt_records_the_choices(tuning, tmp_path, monkeypatch):
     assert written == metrics["autotune"] and written
     assert {r["op"] for r in written} == {"lora_conv2d"}
     assert all(r["choice"] == "torch" and r["times_ms"] == {"torch": 1.0, "triton": 2.0} for r in written)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_inside_a_checkpointed_region(tuning, use_reentrant):
+    """Under torch's checkpoint the trials run in the region's forward (and, reentrant, in its recomputation in the
+    backward); the region's gradients equal an unchecked, untuned run's."""
+    from torch.utils.checkpoint import checkpoint
+
+    inputs = _linear_inputs()
+    out = checkpoint(lambda x, a, b: lora_linear(x, inputs[1], inputs[2], a, b, 0.5), inputs[0], inputs[3], inputs[4],
+                     use_reentrant=use_reentrant)
+    out.square().sum().backward()
+    assert autotune.measurements()
+    with set_backend(autotune.measurements()[-1]["choice"]):
+        expected_out, expected_grads = _step(_linear_inputs())
+    torch.testing.assert_close(out.detach(), expected_out, rtol=0, atol=0)
+    for got, expected in zip((inputs[0].grad, inputs[3].grad, inputs[4].grad), expected_grads):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
