@@ -89,6 +89,29 @@ def test_adapt_says_how_long_it_waited_for_batches(setup, capsys, monkeypatch):
     assert "more --workers" not in out  # on the CPU, making batches is the same cores' work
 
 
+def test_adapt_prints_what_autotuning_chose(setup, capsys, monkeypatch):
+    """ADAPTSR_AUTOTUNE=1: the summary ends with the backends auto's trials chose (a set clock decides them, for
+    torch: interpreted Triton would make the run take minutes)."""
+    from adaptsr import autotune
+    from adaptsr.backend import is_available
+
+    if not is_available("triton"):
+        pytest.skip("a race needs two backends: triton (TRITON_INTERPRET=1 here) and torch")
+    tmp_path, hr_dir, checkpoint = setup
+    monkeypatch.setenv("ADAPTSR_AUTOTUNE", "1")
+    monkeypatch.setattr(autotune, "_switch", None)
+    monkeypatch.setattr(autotune, "_median_ms", lambda run, backend, device: {"torch": 1.0, "triton": 2.0}[backend])
+    autotune.reset()
+    try:
+        assert main(_args(checkpoint, hr_dir, tmp_path / "tuned", "--steps", "1")) == 0
+    finally:
+        autotune.reset()
+    records = json.loads((tmp_path / "tuned" / "metrics.json").read_text())["autotune"]
+    n = len(records)
+    assert n and all(r["op"] == "lora_conv2d" and r["choice"] == "torch" for r in records)
+    assert capsys.readouterr().out.rstrip().endswith(f"autotune: lora_conv2d: torch {n} of {n} signature{'s' * (n > 1)}")
+
+
 def test_the_merged_model_keeps_the_base_files_format_and_layout(setup, capsys, new_arch_rrdb):
     """A BasicSR .pth base (params_ema, BasicSR's key names): the run's merged model is a .pth in that layout, so
     Real-ESRGAN's own loading reads it; where a weight cannot be placed there, spandrel's layout, said so."""

@@ -347,4 +347,8 @@ def _adapt(args: argparse.Namespace) -> int:
         if config.best_metric != "psnr":
             scores = f"{config.best_metric} {best[config.best_metric]:.4f} ({scores})"
         print(f"best validation {scores} at step {best['step']}: {kept}")
+    if metrics.get("autotune"):  # ADAPTSR_AUTOTUNE=1: the backends auto chose (their times are in metrics.json)
+        from adaptsr.bench import autotune_summary
+
+        print(autotune_summary(metrics["autotune"]))
     return 0
