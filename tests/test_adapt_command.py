@@ -109,7 +109,8 @@ def test_adapt_prints_what_autotuning_chose(setup, capsys, monkeypatch):
     records = json.loads((tmp_path / "tuned" / "metrics.json").read_text())["autotune"]
     n = len(records)
     assert n and all(r["op"] == "lora_conv2d" and r["choice"] == "torch" for r in records)
-    assert capsys.readouterr().out.rstrip().endswith(f"autotune: lora_conv2d: torch {n} of {n} signature{'s' * (n > 1)}")
+    summary = f"autotune: lora_conv2d: torch {n} of {n} signature{'s' * (n > 1)}"
+    assert capsys.readouterr().out.rstrip().endswith(summary)
 
 
 def test_the_merged_model_keeps_the_base_files_format_and_layout(setup, capsys, new_arch_rrdb):
