@@ -4,6 +4,7 @@ Every architecture the tests build small (tests/conftest.py's tiny models, each 
 preset and merged by the export) goes through ``export_onnx`` twice: dynamic batch/height/width, then one
 fixed 32 x 32 input (rounded up to the model's size multiple). An export counts only when ONNX Runtime's
 output matched torch's (the export's own check); otherwise the table gives the first line of the reason.
+Where either worked, a third export in float16 (``half=True``; dynamic where the float32 one was, else fixed).
 
     python benchmarks/onnx_export_survey.py --out benchmarks/results/onnx-export-cpu
     python benchmarks/onnx_export_survey.py --only esrgan,swinir --out /tmp/survey
@@ -29,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 _SKIP = {"grl_separable"}  # GRL's second projection layout: the same code as grl for export
 
 
-def _attempt(descriptor, path: Path, size) -> dict:
+def _attempt(descriptor, path: Path, size, half: bool = False) -> dict:
     from adaptsr.export import export_onnx
 
     start = time.perf_counter()
     try:
-        report = export_onnx(descriptor, path, size=size)
+        report = export_onnx(descriptor, path, size=size, half=half)
     except Exception as err:  # the survey records every failure's reason
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return {"ok": False, "reason": reason, "seconds": time.perf_counter() - start}
@@ -63,12 +64,18 @@ def survey(names: list[str]) -> list[dict]:
             row["dynamic"] = _attempt(descriptor, Path(scratch) / f"{name}-dynamic.onnx", None)
             row["fixed"] = _attempt(descriptor, Path(scratch) / f"{name}-fixed.onnx", (side, side))
             row["fixed_size"] = side
+            row["float16"] = None
+            if row["dynamic"]["ok"] or row["fixed"]["ok"]:
+                size = None if row["dynamic"]["ok"] else (side, side)
+                row["float16"] = _attempt(descriptor, Path(scratch) / f"{name}-fp16.onnx", size, half=True)
             rows.append(row)
-            print(name, row["dynamic"]["ok"], row["fixed"]["ok"], flush=True)
+            print(name, row["dynamic"]["ok"], row["fixed"]["ok"], (row["float16"] or {}).get("ok"), flush=True)
     return rows
 
 
-def _cell(result: dict) -> str:
+def _cell(result: dict | None) -> str:
+    if result is None:
+        return "-"
     if result["ok"]:
         return f"yes ({result['max_difference']:.0e}, {result['seconds']:.0f} s)"
     reason = result["reason"].replace("|", "/")
@@ -81,16 +88,20 @@ def to_markdown(rows: list[dict]) -> str:
         "",
         ("`adaptsr export` on the tests' tiny models (LoRA rank 2 from each preset, merged by the export). "
          "\"yes\": ONNX Runtime's output matched torch's (largest difference, export time); \"no\": the reason "
-         "the export was refused. Fixed: one 32 x 32 input (rounded up to the size multiple)."),
+         "the export was refused. Fixed: one 32 x 32 input (rounded up to the size multiple). Float16: "
+         "`--fp16`, dynamic where the float32 export was, else fixed; its difference is to the float32 model."),
         "",
-        "| model | architecture | dynamic sizes | fixed size |",
-        "|---|---|---|---|",
+        "| model | architecture | dynamic sizes | fixed size | float16 |",
+        "|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['name']} | {row['architecture']} | {_cell(row['dynamic'])} | {_cell(row['fixed'])} |")
+        lines.append(f"| {row['name']} | {row['architecture']} | {_cell(row['dynamic'])} | {_cell(row['fixed'])} "
+                     f"| {_cell(row.get('float16'))} |")
     dynamic = sum(row["dynamic"]["ok"] for row in rows)
     fixed = sum(row["fixed"]["ok"] for row in rows)
-    lines += ["", f"{dynamic} of {len(rows)} export with dynamic sizes, {fixed} of {len(rows)} at a fixed size."]
+    half = sum(bool(row.get("float16") and row["float16"]["ok"]) for row in rows)
+    lines += ["", f"{dynamic} of {len(rows)} export with dynamic sizes, {fixed} of {len(rows)} at a fixed size, "
+                  f"{half} of {len(rows)} in float16."]
     return "\n".join(lines) + "\n"
 
 

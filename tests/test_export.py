@@ -177,10 +177,11 @@ def test_the_architecture_survey_script(tmp_path):
     subprocess.run([sys.executable, str(script), "--only", "esrgan", "--out", str(out)], check=True,
                    capture_output=True, timeout=600)
     (row,) = json.loads(out.with_suffix(".json").read_text())
-    assert row["name"] == "esrgan" and row["dynamic"]["ok"] and row["fixed"]["ok"]
-    assert row["dynamic"]["max_difference"] < 1e-4
+    assert row["name"] == "esrgan" and row["dynamic"]["ok"] and row["fixed"]["ok"] and row["float16"]["ok"]
+    assert row["dynamic"]["max_difference"] < 1e-4 < row["float16"]["max_difference"] < 1e-2
     assert "| esrgan | ESRGAN | yes (" in out.with_suffix(".md").read_text()
-    refused = {**row, "dynamic": {"ok": False, "reason": "a | b " + "x" * 300, "seconds": 1.0}}
+    refused = {**row, "dynamic": {"ok": False, "reason": "a | b " + "x" * 300, "seconds": 1.0}, "float16": None}
     table = survey.to_markdown([row, refused])
     assert "no: a / b xxx" in table and "x" * 200 not in table and table.count("...") == 1
-    assert "1 of 2 export with dynamic sizes, 2 of 2 at a fixed size" in table
+    assert table.splitlines()[-3].endswith(" | - |")  # the refused row: no float16 attempt
+    assert "1 of 2 export with dynamic sizes, 2 of 2 at a fixed size, 1 of 2 in float16" in table
