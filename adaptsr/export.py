@@ -104,8 +104,8 @@ def export_onnx(model, path: str | os.PathLike, *, size: tuple[int, int] | None 
     if path.suffix.lower() != ".onnx":
         raise ValueError(f"cannot export to {path}: use a .onnx file name")
     if half and getattr(model, "supports_half", True) is False:
-        raise ValueError(f"{model.architecture.name} does not run in float16: spandrel marks it unsupported "
-                         "(SwinIR, for one, builds its window masks in float32); export it in float32")
+        raise ValueError(f"{model.architecture.name} does not run in float16: spandrel marks it unsupported; "
+                         "export it in float32")
     module = unwrap_model(model)
     module = copy.deepcopy(module).cpu().float().eval()
     if any(True for _ in lora_layers(module)):
