@@ -175,13 +175,13 @@ def choose(op: str, op_fn: Callable, args: Sequence, candidates: Sequence[str]) 
 
 
 def candidates(device: torch.device, takes: Callable[[str], bool] | None) -> list[str]:
-    """The backends a trial times for a call on ``device``: those available here that take the call."""
-    from adaptsr.backend import is_available
+    """The backends a trial times for a call on ``device``: those available here that run on the device and take
+    the call. Off CUDA that is torch alone, and triton where its interpreter runs the kernels on the CPU."""
+    from adaptsr.backend import _triton_interpreting, is_available
 
     found = []
     for name in _TIMED_BACKENDS:
-        if name == "cuda" and device.type != "cuda":
-            continue
-        if is_available(name) and (takes is None or takes(name)):
+        on_device = name == "torch" or device.type == "cuda" or (name == "triton" and _triton_interpreting())
+        if on_device and is_available(name) and (takes is None or takes(name)):
             found.append(name)
     return found

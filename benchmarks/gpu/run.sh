@@ -22,7 +22,7 @@
 #     benchmarks/gpu/profile_layer.py: the kernels a conv, linear and attention step spend their time
 #     in, per backend (PROFILE_ARGS: its flags), for the call after a missed target.
 #   - TEST_PATHS (default: the test files that exercise the GPU: tests/ops, the extension's tests,
-#     the backend table, the training loop on the GPU; the rest of tests/ is CPU-only and runs in
+#     the backend table, autotuning's races, the training loop on the GPU; the rest of tests/ is CPU-only and runs in
 #     CI); TEST_PATHS=tests for all.
 #     TEST_WORKERS (default 4 where pytest-xdist is installed): test processes, which compile the
 #     Triton kernels in parallel. TEST_ARGS: more pytest arguments. TESTS_MAX_S (default 240): the
@@ -172,7 +172,7 @@ fi
 
 # 2. Tests on the GPU at full size (Triton compiled, not interpreted; the "cuda" backend).
 if run_stage tests; then
-    eval "set -- ${TEST_PATHS:-tests/ops tests/test_cuda_extension.py tests/test_backend.py tests/test_train.py::test_adapt_on_a_gpu}"
+    eval "set -- ${TEST_PATHS:-tests/ops tests/test_cuda_extension.py tests/test_backend.py tests/test_autotune.py tests/test_train.py::test_adapt_on_a_gpu}"
     workers=()
     if $py -c "import xdist" 2> /dev/null && [ "${TEST_WORKERS:-4}" -gt 1 ]; then workers=(-n "${TEST_WORKERS:-4}"); fi
     within tests $py -m pytest "$@" -q -p no:cacheprovider "${workers[@]}" ${TEST_ARGS:-} 2>&1 | tee "$raw/tests.log"
