@@ -86,7 +86,7 @@ def test_every_stage_lands_in_the_results_file(tmp_path):
     assert "--batch-size 16 --patch 48 --rounds 10 |" in text
     calls = (tmp_path / "calls").read_text()
     # the default test selection and benchmark filter of the lease
-    assert "-m pytest tests/ops tests/test_cuda_extension.py tests/test_backend.py tests/test_train.py::test_adapt_on_a_gpu" in calls
+    assert "-m pytest tests/ops tests/test_cuda_extension.py tests/test_backend.py tests/test_autotune.py tests/test_train.py::test_adapt_on_a_gpu" in calls
     assert "-k bf16 and not r4 and not r16" in calls
     # the benchmark files: the LoRA layers and the window-attention core first, then every other one once
     bench_call = next(line for line in calls.splitlines() if line.startswith("-m pytest benchmarks/"))
