@@ -100,8 +100,8 @@ def to_markdown(rows: list[dict]) -> str:
     dynamic = sum(row["dynamic"]["ok"] for row in rows)
     fixed = sum(row["fixed"]["ok"] for row in rows)
     half = sum(bool(row.get("float16") and row["float16"]["ok"]) for row in rows)
-    lines += ["", f"{dynamic} of {len(rows)} export with dynamic sizes, {fixed} of {len(rows)} at a fixed size, "
-                  f"{half} of {len(rows)} in float16."]
+    lines += ["", (f"{dynamic} of {len(rows)} export with dynamic sizes, {fixed} of {len(rows)} at a fixed size, "
+                   f"{half} of {len(rows)} in float16.")]
     return "\n".join(lines) + "\n"
 
 
