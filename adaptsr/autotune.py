@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["disable", "enable", "enabled", "measurements", "reset"]
+__all__ = ["disable", "enable", "enabled", "measurements", "reset", "summary"]
 
 _ENV_VAR = "ADAPTSR_AUTOTUNE"
 REPEATS = 5  # timed calls per backend after one warm-up: a median of five
@@ -75,6 +75,20 @@ def reset() -> None:
     with _lock:
         _choices.clear()
         _records.clear()
+
+
+def summary(records: list[dict]) -> str:
+    """One line per op: how many call signatures autotuning gave to each backend."""
+    counts: dict[str, dict[str, int]] = {}
+    for r in records:
+        per_op = counts.setdefault(r["op"], {})
+        per_op[r["choice"]] = per_op.get(r["choice"], 0) + 1
+    lines = []
+    for op, chosen in counts.items():
+        total = sum(chosen.values())
+        parts = ", ".join(f"{name} {n}" for name, n in sorted(chosen.items(), key=lambda item: -item[1]))
+        lines.append(f"autotune: {op}: {parts} of {total} signature{'s' if total > 1 else ''}")
+    return "\n".join(lines)
 
 
 def can_tune() -> bool:

@@ -48,7 +48,7 @@ from adaptsr.train import (
 )
 
 __all__ = [
-    "StepTime", "autotune_summary", "bench_training_step", "default_backends", "format_bench_table", "rows_as_dicts",
+    "StepTime", "bench_training_step", "default_backends", "format_bench_table", "rows_as_dicts",
     "saved_activation_bytes", "sync_device",
 ]
 
@@ -86,20 +86,6 @@ def default_backends(device: str | torch.device) -> list[str]:
         return ["torch"]
     fused = [name for name in ("triton", "cuda") if is_available(name)]
     return ["torch", *fused, *(["auto"] if autotune.enabled() else [])]
-
-
-def autotune_summary(records: list[dict]) -> str:
-    """One line per op: how many call signatures autotuning gave to each backend."""
-    counts: dict[str, dict[str, int]] = {}
-    for r in records:
-        per_op = counts.setdefault(r["op"], {})
-        per_op[r["choice"]] = per_op.get(r["choice"], 0) + 1
-    lines = []
-    for op, chosen in counts.items():
-        total = sum(chosen.values())
-        parts = ", ".join(f"{name} {n}" for name, n in sorted(chosen.items(), key=lambda item: -item[1]))
-        lines.append(f"autotune: {op}: {parts} of {total} signature{'s' if total > 1 else ''}")
-    return "\n".join(lines)
 
 
 def _check_backends(backends: list[str], device: torch.device) -> list[str]:

@@ -348,7 +348,7 @@ def _adapt(args: argparse.Namespace) -> int:
             scores = f"{config.best_metric} {best[config.best_metric]:.4f} ({scores})"
         print(f"best validation {scores} at step {best['step']}: {kept}")
     if metrics.get("autotune"):  # ADAPTSR_AUTOTUNE=1: the backends auto chose (their times are in metrics.json)
-        from adaptsr.bench import autotune_summary
+        from adaptsr import autotune
 
-        print(autotune_summary(metrics["autotune"]))
+        print(autotune.summary(metrics["autotune"]))
     return 0

@@ -72,7 +72,7 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from adaptsr import autotune
-    from adaptsr.bench import autotune_summary, bench_training_step, format_bench_table, rows_as_dicts
+    from adaptsr.bench import bench_training_step, format_bench_table, rows_as_dicts
     from adaptsr.io import atomic_write
 
     descriptor = _bench_model(args.model)
@@ -91,7 +91,7 @@ def _bench(args: argparse.Namespace) -> int:
     print(format_bench_table(rows))
     tuned = autotune.measurements() if autotune.enabled() else []
     if tuned:  # what the "auto" row ran, op by op
-        print(autotune_summary(tuned))
+        print(autotune.summary(tuned))
     if args.json:
         report = {"model": args.model, "device": where, "batch_size": args.batch_size, "patch": args.patch,
                   "micro_batch": args.micro_batch, "rank": args.rank, "amp": args.amp, "rounds": args.rounds,
