@@ -43,7 +43,7 @@ from adaptsr import inject_lora, set_backend
 from adaptsr.backend import _unavailable_reason, is_available
 from adaptsr.bench import saved_activation_bytes, sync_device
 from adaptsr.inject import _WRAPPERS
-from benchmarks.shapes import FUSED_PROVIDERS, HAS_CUDA, Case
+from benchmarks.shapes import FUSED_PROVIDERS, Case, device_marks
 
 # -- timing policy --
 
@@ -340,7 +340,7 @@ def switched_module_cases(shapes, case_id: Callable, fused: Sequence[str] = ("tr
     ``case_id(shape)`` names the case; it must hold the dtype (benchmarks/gpu/run.sh selects with -k "bf16 ...")."""
     params = []
     for shape in shapes:
-        marks = [pytest.mark.skipif(not HAS_CUDA, reason="GPU shape: needs CUDA")] if shape.device == "cuda" else []
+        marks = device_marks(shape)
         providers = ["eager", "torch"]
         if shape.device == "cuda":
             providers += [p for p in fused if is_available(p)]

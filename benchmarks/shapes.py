@@ -28,6 +28,11 @@ from adaptsr.backend import is_available
 
 HAS_CUDA = torch.cuda.is_available()
 
+
+def device_marks(shape) -> list:
+    """pytest marks for a case on ``shape``: skipped without CUDA where its device is "cuda"."""
+    return [pytest.mark.skipif(not HAS_CUDA, reason="GPU shape: needs CUDA")] if shape.device == "cuda" else []
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 BASE_PROVIDERS = ("frozen", "full_ft")  # rank-independent, run first
@@ -218,7 +223,7 @@ def cases(shapes: Iterable, ranks: Sequence[int], providers: Sequence[str] | Non
     """
     params = []
     for shape in shapes:
-        marks = [pytest.mark.skipif(not HAS_CUDA, reason="GPU shape: needs CUDA")] if shape.device == "cuda" else []
+        marks = device_marks(shape)
         lora = _lora_providers(shape.device)
         chosen = [p for p in BASE_PROVIDERS + lora if providers is None or p in providers]
         for provider in chosen:
@@ -314,7 +319,7 @@ def window_attention_cases(shapes: Iterable) -> list:
     """pytest.param(Case) per shape and provider, eager first (the others' ratios divide by it)."""
     params = []
     for shape in shapes:
-        marks = [pytest.mark.skipif(not HAS_CUDA, reason="GPU shape: needs CUDA")] if shape.device == "cuda" else []
+        marks = device_marks(shape)
         fused = tuple(p for p in WINDOW_ATTENTION_FUSED_PROVIDERS
                       if shape.device == "cuda" and is_available(p.removesuffix("_single_pass")))
         for provider in WINDOW_ATTENTION_PROVIDERS + fused:

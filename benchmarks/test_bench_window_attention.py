@@ -46,10 +46,10 @@ from benchmarks.conftest import (
 from benchmarks.shapes import (
     CPU_WINDOW_ATTENTION_SHAPES,
     GPU_WINDOW_ATTENTION_SHAPES,
-    HAS_CUDA,
     WINDOW_ATTENTION_CASES,
     Case,
     WindowAttentionShape,
+    device_marks,
 )
 
 attention_op = importlib.import_module("adaptsr.ops.window_attention")
@@ -205,7 +205,7 @@ def _block_cases() -> list:
     """pytest.param(Case) per window-attention shape (benchmarks/shapes.py) and block provider, block_eager first."""
     params = []
     for shape in CPU_WINDOW_ATTENTION_SHAPES + GPU_WINDOW_ATTENTION_SHAPES:
-        marks = [pytest.mark.skipif(not HAS_CUDA, reason="GPU shape: needs CUDA")] if shape.device == "cuda" else []
+        marks = device_marks(shape)
         for provider, (_, backend) in BLOCK_PROVIDERS.items():
             if backend == "triton" and not (shape.device == "cuda" and is_available("triton")):
                 continue

@@ -22,7 +22,7 @@ import adaptsr
 from adaptsr.bench import _Method
 from adaptsr.demo import bundled_model_path
 from benchmarks.conftest import load_average, time_interleaved
-from benchmarks.shapes import HAS_CUDA
+from benchmarks.shapes import device_marks
 
 # The whole-image or whole-batch median of each shape, which the other cases' ratios divide by; it runs first.
 BASELINE_MEDIANS: dict[str, float] = {}
@@ -57,7 +57,7 @@ MICRO_BATCHES = (0, 4, 1)  # 0: the whole batch first, the baseline
 def _params(shapes, providers):
     params = []
     for shape in shapes:
-        marks = [pytest.mark.skipif(not HAS_CUDA, reason="GPU shape: needs CUDA")] if shape.device == "cuda" else []
+        marks = device_marks(shape)
         params += [pytest.param(shape, p, id=f"{shape.id}-{p}", marks=marks) for p in providers]
     return params
 
