@@ -14,7 +14,9 @@ call each (compilation, autotuning of the kernels themselves, allocator growth),
 calls, the median kept. The trials touch none of the caller's tensors or gradients.
 
 Each choice is recorded with its times: ``measurements()`` lists them, and ``adaptsr adapt`` writes them
-into ``metrics.json`` (``"autotune"``). Backends that fail a trial (an input their kernels refuse) are
+into ``metrics.json`` (``"autotune"``). Choices are also kept on disk per machine (``adaptsr.autotune_cache``:
+``~/.cache/adaptsr/autotune.json``, or ``ADAPTSR_AUTOTUNE_CACHE``; ``off`` for none), so a later run of the
+same calls on the same hardware and versions takes them without timing again. Backends that fail a trial (an input their kernels refuse) are
 recorded with the error and not chosen. While torch.compile traces or a CUDA graph is captured, "auto"
 keeps the table's choice, since a trial could not run there.
 
@@ -32,6 +34,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+
+from adaptsr import autotune_cache
 
 __all__ = ["disable", "enable", "enabled", "measurements", "reset", "summary"]
 
@@ -65,16 +69,19 @@ def enabled() -> bool:
 
 def measurements() -> list[dict]:
     """Every choice made so far: ``{"op", "signature", "times_ms": {backend: median ms}, "errors": {backend:
-    message}, "choice"}``, in the order they were made."""
+    message}, "choice", "cached"}``, in the order they were made; ``cached`` when the choice and its times
+    came from the cache file, measured by an earlier run."""
     with _lock:
         return [dict(r, times_ms=dict(r["times_ms"]), errors=dict(r["errors"])) for r in _records]
 
 
 def reset() -> None:
-    """Forget every choice and measurement (the next call of each signature is timed again)."""
+    """Forget every choice and measurement made in this process; the next call of each signature is timed
+    again, or takes the cache file's choice (read again) where it has one."""
     with _lock:
         _choices.clear()
         _records.clear()
+    autotune_cache.forget()
 
 
 def summary(records: list[dict]) -> str:
@@ -87,7 +94,9 @@ def summary(records: list[dict]) -> str:
     for op, chosen in counts.items():
         total = sum(chosen.values())
         parts = ", ".join(f"{name} {n}" for name, n in sorted(chosen.items(), key=lambda item: -item[1]))
-        lines.append(f"autotune: {op}: {parts} of {total} signature{'s' if total > 1 else ''}")
+        kept = sum(1 for r in records if r["op"] == op and r.get("cached"))
+        from_cache = f" ({kept} from the cache)" if kept else ""
+        lines.append(f"autotune: {op}: {parts} of {total} signature{'s' if total > 1 else ''}{from_cache}")
     return "\n".join(lines)
 
 
@@ -172,6 +181,13 @@ def choose(op: str, op_fn: Callable, args: Sequence, candidates: Sequence[str]) 
     if known is not None:
         return known
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    file = autotune_cache.cache_file()
+    if file is not None:
+        machine = autotune_cache.machine(device)
+        cache_key = autotune_cache.entry_key(op, repr(key[1]), list(candidates))
+        kept = autotune_cache.load(file, machine, cache_key)
+        if kept is not None and kept.get("choice") in candidates:
+            return _remember(op, key, kept["times_ms"], kept.get("errors", {}), kept["choice"], cached=True)
     run = _trial(op_fn, args)
     times, errors = {}, {}
     for backend in candidates:
@@ -182,10 +198,17 @@ def choose(op: str, op_fn: Callable, args: Sequence, candidates: Sequence[str]) 
     if not times:
         raise RuntimeError(f"adaptsr autotune: no backend ran {op} on these inputs: {errors}")
     best = min(times, key=times.get)
+    if file is not None:
+        autotune_cache.store(file, machine, cache_key, {"choice": best, "times_ms": times, "errors": errors})
+    return _remember(op, key, times, errors, best, cached=False)
+
+
+def _remember(op: str, key: tuple, times: dict, errors: dict, choice: str, cached: bool) -> str:
     with _lock:
-        _choices[key] = best
-        _records.append({"op": op, "signature": repr(key[1]), "times_ms": times, "errors": errors, "choice": best})
-    return best
+        _choices[key] = choice
+        _records.append({"op": op, "signature": repr(key[1]), "times_ms": dict(times), "errors": dict(errors),
+                         "choice": choice, "cached": cached})
+    return choice
 
 
 def candidates(device: torch.device, takes: Callable[[str], bool] | None) -> list[str]:

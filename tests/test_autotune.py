@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptsr import autotune
+from adaptsr import autotune, autotune_cache
 from adaptsr.backend import set_backend
 from adaptsr.ops import lora_conv2d, lora_linear, lora_linear_ref, shifted_window_attention, window_attention
 from adaptsr.train import TrainConfig, adapt
@@ -218,3 +218,109 @@ def test_inside_a_checkpointed_region(tuning, use_reentrant):
     torch.testing.assert_close(out.detach(), expected_out, rtol=0, atol=0)
     for got, expected in zip((inputs[0].grad, inputs[3].grad, inputs[4].grad), expected_grads):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# ---- choices kept on disk (adaptsr.autotune_cache) ----
+
+@pytest.fixture
+def cache(tuning, monkeypatch, tmp_path):
+    """The cache on, in a fresh file; ``reset()`` then stands for a new process on the same machine."""
+    file = tmp_path / "cache" / "autotune.json"
+    monkeypatch.setenv("ADAPTSR_AUTOTUNE_CACHE", str(file))
+    autotune.reset()
+    yield file
+    autotune.reset()
+
+
+def _set_clock(monkeypatch, winner: str, seen: list | None = None):
+    def clock(run, backend, device):
+        if seen is not None:
+            seen.append(backend)
+        return 1.0 if backend == winner else 2.0
+
+    monkeypatch.setattr(autotune, "_median_ms", clock)
+
+
+def test_a_later_run_takes_the_kept_choice_without_timing(cache, monkeypatch):
+    winner = CONTENDERS[-1]  # not the table's "torch", so that taking the kept choice shows
+    seen: list = []
+    _set_clock(monkeypatch, winner, seen)
+    _step(_linear_inputs())
+    assert len(seen) == len(CONTENDERS) and not autotune.measurements()[0]["cached"]
+    (machine_entries,) = json.loads(cache.read_text())["machines"].values()
+    (entry,) = machine_entries.values()
+    assert entry["choice"] == winner and entry["times_ms"] == {b: (1.0 if b == winner else 2.0) for b in CONTENDERS}
+
+    autotune.reset()  # a new process
+    ran = []
+    apply = linear_op.apply_in_one_dtype
+    monkeypatch.setattr(linear_op, "apply_in_one_dtype", lambda fn, *args: ran.append(args[-1]) or apply(fn, *args))
+    _step(_linear_inputs())
+    (record,) = autotune.measurements()
+    assert len(seen) == len(CONTENDERS), "the kept choice was timed again"
+    assert record["cached"] and record["choice"] == winner and record["times_ms"] == entry["times_ms"]
+    assert ran == [winner]
+    assert "(1 from the cache)" in autotune.summary(autotune.measurements())
+    _step(_linear_inputs(tokens=7))  # a signature the file lacks is timed, and added beside the first
+    assert len(seen) == 2 * len(CONTENDERS)
+    assert len(json.loads(cache.read_text())["machines"][autotune_cache.machine(DEVICE)]) == 2
+
+
+def test_other_hardware_versions_or_contenders_are_timed_again(cache, monkeypatch):
+    seen: list = []
+    _set_clock(monkeypatch, "torch", seen)
+    _step(_linear_inputs())
+    autotune.reset()
+    monkeypatch.setattr(autotune_cache, "machine", lambda device: "another GPU, or torch upgraded")
+    _step(_linear_inputs())
+    assert len(seen) == 2 * len(CONTENDERS) and not autotune.measurements()[0]["cached"]
+    assert len(json.loads(cache.read_text())["machines"]) == 2
+
+    autotune.reset()  # the same machine, but a contender fewer (or more: the CUDA extension built since)
+    inputs = _linear_inputs()
+    assert autotune.choose("lora_linear", lora_linear, inputs, CONTENDERS[:1]) == CONTENDERS[0]
+    assert len(seen) == 2 * len(CONTENDERS) + 1
+
+
+def test_a_file_that_is_not_a_cache_is_warned_about_and_left_as_it_was(cache, monkeypatch):
+    cache.parent.mkdir()
+    cache.write_text("my notes, not JSON")
+    _set_clock(monkeypatch, "torch")
+    with pytest.warns(RuntimeWarning, match=rf"cache {cache} is not an adaptsr autotune cache.*going on without it"):
+        _step(_linear_inputs())
+    assert autotune.measurements()[0]["choice"] == "torch"
+    assert cache.read_text() == "my notes, not JSON"
+
+
+def test_a_cache_that_cannot_be_written_is_warned_about(tuning, monkeypatch, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    unwritable = tmp_path / "a_file" / "autotune.json"  # under a file, not a folder
+    monkeypatch.setenv("ADAPTSR_AUTOTUNE_CACHE", str(unwritable))
+    _set_clock(monkeypatch, "torch")
+    with pytest.warns(RuntimeWarning, match=rf"cache {unwritable} could not be (read|written)"):
+        _step(_linear_inputs())
+    assert autotune.measurements()[0]["choice"] == "torch"
+
+
+def test_writes_merge_with_other_processes_entries(cache):
+    autotune_cache.store(cache, "machine A", "op | sig 1 | torch", {"choice": "torch", "times_ms": {"torch": 1.0}})
+    content = json.loads(cache.read_text())  # another process adds its own entry meanwhile
+    content["machines"]["machine B"] = {"op | sig 2 | torch": {"choice": "torch", "times_ms": {"torch": 2.0}}}
+    cache.write_text(json.dumps(content))
+    autotune_cache.store(cache, "machine A", "op | sig 3 | torch", {"choice": "torch", "times_ms": {"torch": 3.0}})
+    machines = json.loads(cache.read_text())["machines"]
+    assert sorted(machines["machine A"]) == ["op | sig 1 | torch", "op | sig 3 | torch"]
+    assert list(machines["machine B"]) == ["op | sig 2 | torch"]
+
+
+def test_where_the_cache_lives(monkeypatch, tmp_path):
+    monkeypatch.delenv("ADAPTSR_AUTOTUNE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert autotune_cache.cache_file() == tmp_path / "adaptsr" / "autotune.json"
+    monkeypatch.setenv("ADAPTSR_AUTOTUNE_CACHE", "~/tune.json")
+    assert autotune_cache.cache_file() == Path.home() / "tune.json"
+    for off in ("off", "0", ""):
+        monkeypatch.setenv("ADAPTSR_AUTOTUNE_CACHE", off)
+        assert autotune_cache.cache_file() is None
+    described = json.loads(autotune_cache.machine(DEVICE))
+    assert described["torch"] == torch.__version__ and ("gpu" in described) == (DEVICE.type == "cuda")
