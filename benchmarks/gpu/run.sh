@@ -192,8 +192,9 @@ fi
 #    LoRA on every backend that runs here: adaptsr bench on the bundled SwinIR, a minute at most.
 if run_stage model; then
     eval "set -- ${MODEL_ARGS:---batch-size 16 --patch 48 --rounds 10}"
-    # with autotuning on, an "auto" row too: the backends auto's trials pick per op, listed under the table
-    within model env ADAPTSR_AUTOTUNE=1 $py -m adaptsr bench --model swinir --device cuda --json "$raw/model.json" "$@" \
+    # with autotuning on, an "auto" row too: the backends auto's trials pick per op, listed under the table;
+    # the choices' cache file goes with the raw logs (fresh each run, so the trials are measured here)
+    within model env ADAPTSR_AUTOTUNE=1 ADAPTSR_AUTOTUNE_CACHE="$raw/autotune-cache.json" $py -m adaptsr bench --model swinir --device cuda --json "$raw/model.json" "$@" \
         > "$raw/model.md" 2> "$raw/model.log"
     write_results
 fi
