@@ -16,9 +16,9 @@ calls, the median kept. The trials touch none of the caller's tensors or gradien
 Each choice is recorded with its times: ``measurements()`` lists them, and ``adaptsr adapt`` writes them
 into ``metrics.json`` (``"autotune"``). Choices are also kept on disk per machine (``adaptsr.autotune_cache``:
 ``~/.cache/adaptsr/autotune.json``, or ``ADAPTSR_AUTOTUNE_CACHE``; ``off`` for none), so a later run of the
-same calls on the same hardware and versions takes them without timing again. Backends that fail a trial (an input their kernels refuse) are
-recorded with the error and not chosen. While torch.compile traces or a CUDA graph is captured, "auto"
-keeps the table's choice, since a trial could not run there.
+same calls on the same hardware and versions takes them without timing again. Backends that fail a trial
+(an input their kernels refuse) are recorded with the error and not chosen. While torch.compile traces or
+a CUDA graph is captured, "auto" keeps the table's choice, since a trial could not run there.
 
 Different backends round differently (each matches the float64 reference within the tolerances of
 DESIGN.md), so two runs whose trials pick differently agree to float rounding, not bit for bit; leave
@@ -69,8 +69,9 @@ def enabled() -> bool:
 
 def measurements() -> list[dict]:
     """Every choice made so far: ``{"op", "signature", "times_ms": {backend: median ms}, "errors": {backend:
-    message}, "choice", "cached"}``, in the order they were made; ``cached`` when the choice and its times
-    came from the cache file, measured by an earlier run."""
+    message}, "choice", "cached", "trials_ms"}``, in the order they were made; ``cached`` when the choice and
+    its times came from the cache file, measured by an earlier run; ``trials_ms`` what the trials cost this
+    run (copies, warm-ups and timed calls of every contender; 0 for a cached choice)."""
     with _lock:
         return [dict(r, times_ms=dict(r["times_ms"]), errors=dict(r["errors"])) for r in _records]
 
@@ -85,7 +86,7 @@ def reset() -> None:
 
 
 def summary(records: list[dict]) -> str:
-    """One line per op: how many call signatures autotuning gave to each backend."""
+    """One line per op: how many call signatures autotuning gave to each backend; then what the trials cost."""
     counts: dict[str, dict[str, int]] = {}
     for r in records:
         per_op = counts.setdefault(r["op"], {})
@@ -97,6 +98,8 @@ def summary(records: list[dict]) -> str:
         kept = sum(1 for r in records if r["op"] == op and r.get("cached"))
         from_cache = f" ({kept} from the cache)" if kept else ""
         lines.append(f"autotune: {op}: {parts} of {total} signature{'s' if total > 1 else ''}{from_cache}")
+    if records:
+        lines.append(f"autotune: the trials took {sum(r.get('trials_ms', 0.0) for r in records) / 1e3:.2f} s")
     return "\n".join(lines)
 
 
@@ -188,6 +191,7 @@ def choose(op: str, op_fn: Callable, args: Sequence, candidates: Sequence[str]) 
         kept = autotune_cache.load(file, machine, cache_key)
         if kept is not None and kept.get("choice") in candidates:
             return _remember(op, key, kept["times_ms"], kept.get("errors", {}), kept["choice"], cached=True)
+    started = time.perf_counter()
     run = _trial(op_fn, args)
     times, errors = {}, {}
     for backend in candidates:
@@ -200,14 +204,15 @@ def choose(op: str, op_fn: Callable, args: Sequence, candidates: Sequence[str]) 
     best = min(times, key=times.get)
     if file is not None:
         autotune_cache.store(file, machine, cache_key, {"choice": best, "times_ms": times, "errors": errors})
-    return _remember(op, key, times, errors, best, cached=False)
+    return _remember(op, key, times, errors, best, cached=False, trials_ms=1e3 * (time.perf_counter() - started))
 
 
-def _remember(op: str, key: tuple, times: dict, errors: dict, choice: str, cached: bool) -> str:
+def _remember(op: str, key: tuple, times: dict, errors: dict, choice: str, cached: bool,
+              trials_ms: float = 0.0) -> str:
     with _lock:
         _choices[key] = choice
         _records.append({"op": op, "signature": repr(key[1]), "times_ms": dict(times), "errors": dict(errors),
-                         "choice": choice, "cached": cached})
+                         "choice": choice, "cached": cached, "trials_ms": trials_ms})
     return choice
 
 
