@@ -150,14 +150,17 @@ def _check_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def create_metric(name: str, scale: int = 0, *, device: str | torch.device = "cpu", download: bool = True):
+def create_metric(name: str, scale: int = 0, *, device: str | torch.device = "cpu", download: bool = True,
+                  what: str | None = None, **pyiqa_options):
     """A pyiqa metric; ``psnr`` / ``ssim`` set up for the SR convention (Y channel, ``scale``-pixel border cropped).
+    ``pyiqa_options`` go to ``pyiqa.create_metric`` (``as_loss``, the network's options).
 
-    Raises ``MissingWeightsError`` when its weights are missing and cannot be downloaded.
+    Raises ``MissingWeightsError`` (saying ``what`` needs them, by default the metric) when its weights are missing
+    and cannot be downloaded.
     """
     import pyiqa
 
-    options = dict(SR_METRICS.get(name, {}))
+    options = dict(SR_METRICS.get(name, {}), **pyiqa_options)
     if name in SR_METRICS:
         options["crop_border"] = int(scale)
     # pyiqa and torch.hub announce "Downloading: ..." before the guard refuses: keep that quiet when off.
@@ -170,7 +173,7 @@ def create_metric(name: str, scale: int = 0, *, device: str | torch.device = "cp
         try:
             return pyiqa.create_metric(name, device=torch.device(device), **options)
         except _Blocked as err:
-            raise MissingWeightsError(name, err.url, err.path, err.reason) from None
+            raise MissingWeightsError(name, err.url, err.path, err.reason, what=what) from None
         except ModuleNotFoundError as err:
             if err.name != "pkg_resources":
                 raise

@@ -1,10 +1,12 @@
-"""The training losses beyond L1: the VGG perceptual loss and the adversarial losses (AdaptSR-GAN).
+"""The training losses beyond L1: the VGG perceptual loss, the adversarial losses (AdaptSR-GAN), and pyiqa's
+learned full-reference distances (LPIPS, DISTS, ...) as losses.
 
 Real-ESRGAN's recipe, which adversarial adaptation follows: L1 (weight 1) + perceptual (1) + GAN
 (0.1), the perceptual loss the L1 distance between VGG19 features (before their ReLU) of the SR and
 HR images at conv1_2, conv2_2, conv3_4, conv4_4 and conv5_4, weighted 0.1, 0.1, 1, 1, 1, the images
 normalised as ImageNet's. Written here because pyiqa's losses are for training quality metrics, and
-its LPIPS / DISTS are different distances.
+its LPIPS / DISTS are different distances: those are offered beside it, through pyiqa itself (``IQALoss``), as
+recent real-world SR fine-tuning recipes use LPIPS with an L1 or L2 term.
 
 The VGG19 weights are torchvision's (ImageNet, ``vgg19-dcbb9e9d.pth``), downloaded on first use into
 ``torch.hub.get_dir()/checkpoints``; offline, the error names the file and where to put it.
@@ -12,11 +14,14 @@ The VGG19 weights are torchvision's (ImageNet, ``vgg19-dcbb9e9d.pth``), download
 
 from __future__ import annotations
 
+import difflib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["VGGPerceptualLoss", "gan_loss", "vgg_perceptual_loss"]
+__all__ = ["IQALoss", "VGGPerceptualLoss", "check_iqa_loss_name", "gan_loss", "iqa_loss", "iqa_loss_names",
+           "vgg_perceptual_loss"]
 
 # Index of each layer in torchvision's vgg19().features (convs at 0, 2, 5, 7, 10, ...; ReLU after each).
 VGG19_LAYERS = {
@@ -100,6 +105,72 @@ def vgg_perceptual_loss(device: torch.device | str = "cpu", *, download: bool = 
             return VGGPerceptualLoss().to(device)
         except _Blocked as err:
             raise MissingWeightsError("vgg", err.url, err.path, err.reason, what="the VGG perceptual loss") from None
+
+
+def iqa_loss_names() -> list[str]:
+    """The pyiqa metrics that can be losses: full-reference, and lower for a closer image (a distance)."""
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+
+    return [name for name, config in DEFAULT_CONFIGS.items()
+            if config.get("metric_mode") == "FR" and config.get("lower_better", False)]
+
+
+def check_iqa_loss_name(name: str) -> str:
+    """``name`` normalised, or a ValueError that says why it cannot be a loss and which names can."""
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+
+    key = name.strip().lower()
+    choices = iqa_loss_names()
+    if key in choices:
+        return key
+    if key in DEFAULT_CONFIGS:
+        config = DEFAULT_CONFIGS[key]
+        why = ("scores an image alone (no-reference)" if config.get("metric_mode") == "NR"
+               else "is higher for a closer image, a score rather than a distance")
+        raise ValueError(f"pyiqa metric {key!r} cannot be a loss: it {why}; losses: {', '.join(choices)}")
+    close = difflib.get_close_matches(key, choices, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; losses: {', '.join(choices)}"
+    raise ValueError(f"unknown loss metric {key!r}{hint}")
+
+
+class IQALoss(nn.Module):
+    """mean over the batch of d(sr, hr), d a pyiqa full-reference distance (``iqa_loss_names()``: LPIPS, DISTS, ...).
+
+    pyiqa's own network and forward (``as_loss=True``), frozen and kept in eval mode; the gradient reaches
+    ``sr`` only. Images in [0, 1], RGB, compared in fp32 (the network under the caller's autocast).
+    """
+
+    def __init__(self, metric: nn.Module, name: str) -> None:
+        super().__init__()
+        self.metric = metric.requires_grad_(False).eval()
+        self.name = name
+
+    def train(self, mode: bool = True) -> IQALoss:
+        super().train(mode)
+        self.metric.eval()  # a fixed measure: LPIPS's dropout stays off
+        return self
+
+    def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        if sr.dim() != 4 or sr.shape[1] != 3 or sr.shape != hr.shape:
+            raise ValueError(f"the {self.name} loss takes RGB images [N, 3, H, W] of one shape, got "
+                             f"{tuple(sr.shape)} and {tuple(hr.shape)}")
+        loss = self.metric(sr.float(), hr.detach().float()).float().mean()
+        if sr.requires_grad and not loss.requires_grad:
+            raise RuntimeError(f"pyiqa's {self.name} gives no gradient to the SR image, so it cannot train")
+        return loss
+
+
+def iqa_loss(name: str, device: torch.device | str = "cpu", *, download: bool = True, **options) -> IQALoss:
+    """pyiqa's metric ``name`` (a full-reference distance) as a training loss; ``options`` go to pyiqa.
+
+    Raises ValueError for a metric that cannot be a loss, and ``adaptsr.evaluate.MissingWeightsError`` (naming
+    the file, its URL and where it goes) when its weights are not here and cannot be downloaded.
+    """
+    from adaptsr.evaluate import create_metric
+
+    key = check_iqa_loss_name(name)
+    metric = create_metric(key, device=device, download=download, what=f"the {key} loss", as_loss=True, **options)
+    return IQALoss(metric, key)
 
 
 def gan_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """What the adaptation loop minimises: L1, and for adversarial adaptation (AdaptSR-GAN) the VGG
-perceptual loss and a GAN loss against a discriminator trained alongside the adapters.
+perceptual loss and a GAN loss against a discriminator trained alongside the adapters; pyiqa's learned
+distances (LPIPS, DISTS, ...) can join in with weights of their own.
 
-Generator loss = pixel_weight * L1(sr, hr) + perceptual_weight * VGG(sr, hr) + gan_weight * BCE(D(sr), real).
+Generator loss = pixel_weight * L1(sr, hr) + perceptual_weight * VGG(sr, hr) + gan_weight * BCE(D(sr), real)
+               + sum over iqa_loss_weights' metrics m of weight_m * m(sr, hr).
 After each generator step the discriminator takes one step of its own (Adam, Real-ESRGAN's betas,
 a constant ``discriminator_lr``) on BCE(D(hr), real) + BCE(D(sr), fake), the two halves back-propagated
 one after the other, as Real-ESRGAN does, which keeps one forward per backward under DDP.
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from adaptsr.losses import gan_loss, vgg_perceptual_loss
+from adaptsr.losses import gan_loss, iqa_loss, vgg_perceptual_loss
 
 __all__ = ["Objective", "batch_pieces", "syncing_last"]
 
@@ -51,8 +53,11 @@ class Objective:
     """The training losses of one run, and the discriminator with its optimizer when the GAN loss is on."""
 
     def __init__(self, config, device: torch.device, discriminator: nn.Module | None, world: int = 1) -> None:
-        self.weights = {"pixel": config.pixel_weight, "perceptual": config.perceptual_weight, "gan": config.gan_weight}
         self.perceptual = vgg_perceptual_loss(device) if config.perceptual_weight > 0 else None
+        # pyiqa's distances, each a term named after its metric (placed before "gan" in the log's order)
+        self.iqa = {name: iqa_loss(name, device) for name, weight in config.iqa_loss_weights.items() if weight > 0}
+        self.weights = {"pixel": config.pixel_weight, "perceptual": config.perceptual_weight,
+                        **{name: config.iqa_loss_weights[name] for name in self.iqa}, "gan": config.gan_weight}
         self.discriminator = None
         self.discriminator_network = None
         self.discriminator_optimizer = None
@@ -84,6 +89,8 @@ class Objective:
             terms["pixel"] = F.l1_loss(sr.float(), hr.float())
         if self.perceptual is not None:
             terms["perceptual"] = self.perceptual(sr, hr)
+        for name, loss in self.iqa.items():
+            terms[name] = loss(sr, hr)
         if self.discriminator is not None:
             self.discriminator.requires_grad_(False)  # the generator's gradient only; D steps on its own
             try:

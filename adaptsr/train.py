@@ -39,7 +39,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -93,6 +93,9 @@ class TrainConfig:
     pixel_weight: float = 1.0
     perceptual_weight: float = 0.0
     gan_weight: float = 0.0
+    # pyiqa's full-reference distances as loss terms, metric name -> weight (e.g. {"lpips": 1.0}: LPIPS with L1, a
+    # recent real-world SR fine-tuning recipe); adaptsr.losses.iqa_loss_names() lists the metrics that can be losses
+    iqa_loss_weights: dict[str, float] = field(default_factory=dict)
     discriminator_lr: float = 1e-4  # the discriminator's Adam learning rate (constant)
     # > 0: validate and save an exponential moving average of the trained weights (adaptsr.ema; BasicSR's 0.999)
     ema_decay: float = 0.0
@@ -118,9 +121,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        if self.pixel_weight == 0 and self.perceptual_weight == 0:
-            raise ValueError("pixel_weight and perceptual_weight are both 0: a GAN loss alone does not keep the "
-                             "image's content; give one of them a weight")
+        self.iqa_loss_weights = _checked_iqa_loss_weights(self.iqa_loss_weights)
+        if self.pixel_weight == 0 and self.perceptual_weight == 0 and not any(self.iqa_loss_weights.values()):
+            raise ValueError("pixel_weight, perceptual_weight and iqa_loss_weights are all 0: a GAN loss alone does "
+                             "not keep the image's content; give one of them a weight")
         if not (math.isfinite(self.discriminator_lr) and self.discriminator_lr > 0):
             raise ValueError(f"discriminator_lr must be positive, got {self.discriminator_lr}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -141,6 +145,25 @@ class TrainConfig:
         if self.best_metric not in (*_VAL_METRICS, *self.val_metrics):
             raise ValueError(f"best_metric {self.best_metric!r} is not scored by validation: it scores "
                              f"{', '.join((*_VAL_METRICS, *self.val_metrics))} (add it to val_metrics)")
+
+
+def _checked_iqa_loss_weights(weights) -> dict[str, float]:
+    """The loss metrics' names normalised (pyiqa's, and distances: a clear error otherwise), weights finite and >= 0."""
+    if not weights:
+        return {}
+    if not isinstance(weights, dict):
+        raise ValueError(f"iqa_loss_weights must map pyiqa metric names to weights, got {weights!r}")
+    from adaptsr.losses import check_iqa_loss_name
+
+    checked = {}
+    for name, weight in weights.items():
+        key = check_iqa_loss_name(str(name))
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"iqa_loss_weights[{key!r}] must be a finite number >= 0, got {weight!r}")
+        if key in checked:
+            raise ValueError(f"iqa_loss_weights names {key!r} twice")
+        checked[key] = float(weight)
+    return checked
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:
@@ -487,6 +510,10 @@ def adapt(
     if config.perceptual_weight > 0 and channels != 3:
         raise ValueError(f"the VGG perceptual loss compares RGB images, and this model puts out {channels} channel(s); "
                          "set perceptual_weight to 0")
+    rgb_only = [name for name, weight in config.iqa_loss_weights.items() if weight > 0]
+    if rgb_only and channels != 3:
+        raise ValueError(f"the {', '.join(rgb_only)} loss compares RGB images, and this model puts out {channels} "
+                         "channel(s); leave it out of iqa_loss_weights")
     if discriminator is not None and config.gan_weight == 0:
         raise ValueError("a discriminator was given but gan_weight is 0: the run would not use it")
     if config.gan_weight > 0 and discriminator is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from adaptsr.cli._common import (
@@ -109,6 +110,10 @@ def add_adapt_command(subparsers) -> None:
                            "downloaded on first use")
     loss.add_argument("--gan-weight", type=_nonneg_float, metavar="W",
                       help="GAN loss weight (default: 0.1 with --gan, else 0)")
+    loss.add_argument("--iqa-loss", action="append", default=[], metavar="METRIC=W",
+                      help="add pyiqa's full-reference distance METRIC as a loss term of weight W, e.g. lpips=1 "
+                           "(LPIPS beside L1, a recent real-world SR recipe) or dists=0.5; repeat for more; its "
+                           "weights are downloaded on first use (adaptsr.losses.iqa_loss_names() lists the metrics)")
     loss.add_argument("--discriminator", metavar="CKPT",
                       help="start the discriminator from these weights (.pth or .safetensors; e.g. Real-ESRGAN's "
                            "RealESRGAN_x4plus_netD.pth, or a run's discriminator.safetensors) instead of a fresh one")
@@ -120,6 +125,24 @@ def add_adapt_command(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=_adapt)
+
+
+def _iqa_loss_weights(items: list[str]) -> dict[str, float]:
+    """--iqa-loss METRIC=W flags as {metric: weight} (the names are checked against pyiqa's by TrainConfig)."""
+    weights: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not name.strip() or not (math.isfinite(weight) and weight >= 0):
+            raise CommandError(f"--iqa-loss {item}: expected METRIC=W with W a number >= 0, e.g. lpips=1")
+        key = name.strip().lower()
+        if key in weights:
+            raise CommandError(f"--iqa-loss: {key} is given twice")
+        weights[key] = weight
+    return weights
 
 
 def _check_allocation_args(args: argparse.Namespace) -> None:
@@ -257,6 +280,7 @@ def _adapt(args: argparse.Namespace) -> int:
     if args.best_by.strip().lower() not in ("psnr", "ssim", *val_metrics):
         raise CommandError(f"--best-by {args.best_by}: validation scores psnr, ssim"
                            + "".join(f", {name}" for name in val_metrics) + "; add it to --val-metrics")
+    iqa_loss_weights = _iqa_loss_weights(args.iqa_loss)
     lr = args.lr if args.lr is not None else (_FULL_FINETUNE_LR if args.full_finetune else _ADAPTER_LR)
     lora_plus_ratio = args.lora_plus_ratio if args.lora_plus_ratio is not None else (
         1.0 if args.full_finetune else _ADAPTER_LORA_PLUS_RATIO)
@@ -264,7 +288,8 @@ def _adapt(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=lr, warmup_steps=args.warmup_steps,
         checkpoint_every=args.checkpoint_every, val_every=args.val_every, seed=args.seed, amp=args.amp,
         val_tile=args.val_tile, pixel_weight=args.pixel_weight, perceptual_weight=perceptual_weight,
-        gan_weight=gan_weight, discriminator_lr=args.discriminator_lr, ema_decay=args.ema_decay,
+        gan_weight=gan_weight, iqa_loss_weights=iqa_loss_weights, discriminator_lr=args.discriminator_lr,
+        ema_decay=args.ema_decay,
         lora_plus_ratio=lora_plus_ratio, num_workers=args.workers,
         val_metrics=val_metrics, best_metric=args.best_by, micro_batch=args.micro_batch,
     )
