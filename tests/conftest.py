@@ -667,3 +667,27 @@ def empty_hub(tmp_path):
     torch.hub.set_dir(str(tmp_path / "hub"))
     yield tmp_path / "hub"
     torch.hub.set_dir(old)
+
+
+@pytest.fixture
+def photo_run_inputs(tmp_path):
+    """``make(size=48, names=("astronaut", "coffee")) -> (hr_dir, checkpoint)``: scikit-image's photos resized to
+    ``size`` x ``size`` PNGs in ``tmp_path/hr``, and a tiny x2 ESRGAN saved as ``tmp_path/base.safetensors``: the
+    inputs of an ``adaptsr adapt`` run on the command line."""
+    from PIL import Image
+    from skimage import data
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    import adaptsr
+
+    def make(size: int = 48, names=("astronaut", "coffee")):
+        hr_dir = tmp_path / "hr"
+        hr_dir.mkdir()
+        for name in names:
+            Image.fromarray(getattr(data, name)()).resize((size, size), Image.BICUBIC).save(hr_dir / f"{name}.png")
+        torch.manual_seed(0)
+        checkpoint = tmp_path / "base.safetensors"
+        adaptsr.save_model(ESRGAN(num_filters=8, num_blocks=1, scale=2), checkpoint)
+        return hr_dir, checkpoint
+
+    return make

@@ -15,19 +15,8 @@ from adaptsr.cli import main
 
 
 @pytest.fixture
-def setup(tmp_path):
-    from skimage import data
-    from spandrel.architectures.ESRGAN import ESRGAN
-
-    hr_dir = tmp_path / "hr"
-    hr_dir.mkdir()
-    for name in ("astronaut", "coffee", "chelsea"):
-        image = Image.fromarray(getattr(data, name)()).resize((48, 48), Image.BICUBIC)
-        image.save(hr_dir / f"{name}.png")
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "base.safetensors"
-    adaptsr.save_model(ESRGAN(num_filters=8, num_blocks=1, scale=2), checkpoint)
-    return tmp_path, hr_dir, checkpoint
+def setup(tmp_path, photo_run_inputs):
+    return tmp_path, *photo_run_inputs(names=("astronaut", "coffee", "chelsea"))
 
 
 def _args(checkpoint, hr_dir, run_dir, *extra, degradation="camera"):

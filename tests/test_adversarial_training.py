@@ -126,18 +126,8 @@ def test_bad_loss_settings(overrides, message):
 
 
 def test_the_perceptual_loss_refuses_a_grey_model_up_front(tmp_path):
-    class Grey(torch.nn.Module):  # declares its output channels, as spandrel's descriptors do
-        output_channels = 1
-
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
-
-        def forward(self, x):
-            return self.conv(x)
-
     with pytest.raises(ValueError, match=r"compares RGB images, and this model puts out 1 channel"):
-        adapt(Grey(), NoisyPairs(), tmp_path, _config(), device="cpu")
+        adapt(namespace["Grey"](), NoisyPairs(), tmp_path, _config(), device="cpu")
     assert not (tmp_path / "checkpoint.pt").exists()
 
 

@@ -12,7 +12,6 @@ import warnings
 import peft
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from spandrel.architectures.ESRGAN import ESRGAN
 from spandrel.architectures.SwinIR import SwinIR
@@ -279,17 +278,8 @@ def test_training_moves_the_magnitudes(tmp_path):
 
 
 @pytest.fixture
-def cli_setup(tmp_path):
-    from skimage import data
-
-    hr_dir = tmp_path / "hr"
-    hr_dir.mkdir()
-    for name in ("astronaut", "coffee"):
-        Image.fromarray(getattr(data, name)()).resize((48, 48), Image.BICUBIC).save(hr_dir / f"{name}.png")
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "base.safetensors"
-    adaptsr.save_model(ESRGAN(num_filters=8, num_blocks=1, scale=2), checkpoint)
-    return tmp_path, hr_dir, checkpoint
+def cli_setup(tmp_path, photo_run_inputs):
+    return tmp_path, *photo_run_inputs()
 
 
 def test_adapt_use_dora_then_merge_eval_and_combine(cli_setup, capsys):

@@ -160,36 +160,14 @@ def test_a_zero_weight_builds_no_network(tmp_path, monkeypatch):
 
 
 def test_a_grey_model_is_refused_up_front(tmp_path, offline_iqa_loss):
-    class Grey(torch.nn.Module):  # declares its output channels, as spandrel's descriptors do
-        output_channels = 1
-
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
-
-        def forward(self, x):
-            return self.conv(x)
-
     with pytest.raises(ValueError, match=r"the lpips loss compares RGB images, and this model puts out 1 channel"):
-        adapt(Grey(), NoisyPairs(), tmp_path, _config(iqa_loss_weights={"lpips": 1.0}), device="cpu")
+        adapt(namespace["Grey"](), NoisyPairs(), tmp_path, _config(iqa_loss_weights={"lpips": 1.0}), device="cpu")
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
 @pytest.fixture
-def cli_setup(tmp_path):
-    from PIL import Image
-    from skimage import data
-    from spandrel.architectures.ESRGAN import ESRGAN
-
-    import adaptsr
-
-    hr_dir = tmp_path / "hr"
-    hr_dir.mkdir()
-    for name in ("astronaut", "coffee"):
-        Image.fromarray(getattr(data, name)()).resize((64, 64), Image.BICUBIC).save(hr_dir / f"{name}.png")
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "base.safetensors"
-    adaptsr.save_model(ESRGAN(num_filters=8, num_blocks=1, scale=2), checkpoint)
+def cli_setup(photo_run_inputs):
+    hr_dir, checkpoint = photo_run_inputs(size=64)  # AlexNet's strides and pools (LPIPS) need 64 pixels
     return ["adapt", "--model", str(checkpoint), "--hr", str(hr_dir), "--degradation", "camera", "--steps", "2",
             "--batch-size", "2", "--patch", "32", "--rank", "4", "--warmup-steps", "1", "--device", "cpu"]
 

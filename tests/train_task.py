@@ -50,3 +50,16 @@ def crashes_after(items):
             return super().__getitem__(i)
 
     return Crashing()
+
+
+class Grey(torch.nn.Module):
+    """A one-channel SR model that declares its output channels, as spandrel's descriptors do."""
+
+    output_channels = 1
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
