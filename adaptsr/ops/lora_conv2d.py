@@ -244,7 +244,8 @@ def _cuda_low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry: ConvGe
 
 
 class _LoRAConv2dFunction(torch.autograd.Function):
-    """Merged-weight forward (one conv); backward computes dx, dA, dB exactly, saving x (and z).
+    """Merged-weight forward (one conv); backward computes dx, dA, dB exactly, saving x (and z) besides the
+    weights it was given.
 
     The dense parts (dx, full wgrad, and the forward except under "triton") run in torch (cuDNN on
     a GPU); the low-rank gradient pass runs where ``impl`` says: "torch" (torch ops), "triton" (the
@@ -266,16 +267,18 @@ class _LoRAConv2dFunction(torch.autograd.Function):
             y, z = _triton_forward(x_padded, w_merged, bias, lora_A, geometry, want_z)
         else:
             y = geometry.conv(x_padded, w_merged, bias)
-        # W' is weight-sized (no activation memory) and saves re-forming it in the backward.
-        ctx.save_for_backward(x, w_merged, lora_A, lora_B, z)
+        # W' is formed again in the backward (one addmm of weight size) rather than saved: the saved tensors are
+        # then x (and z) beside the parameters, as a frozen layer's or full fine-tuning's are.
+        ctx.save_for_backward(x, weight, lora_A, lora_B, z)
         ctx.scaling, ctx.geometry, ctx.has_bias, ctx.impl = scaling, geometry, bias is not None, impl
         ctx.low_rank = low_rank
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w_merged, lora_A, lora_B, z = ctx.saved_tensors
+        x, weight, lora_A, lora_B, z = ctx.saved_tensors
         geometry, scaling = ctx.geometry, ctx.scaling
+        w_merged = _merged_weight(weight, lora_A, lora_B, scaling)  # the forward's W', bit for bit
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dy = dy.contiguous(memory_format=memory_format_of(x))
 

@@ -106,8 +106,14 @@ def _prefer_low_rank(weight: torch.Tensor, rank: int, impl: str, device_type: st
     return in_features * out_features / (in_features + out_features) > bound
 
 
+def _merged_weight(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """W' = W + s B A in one launch (see lora_conv2d's _merged_weight)."""
+    return torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+
+
 class _LoRALinearFunction(torch.autograd.Function):
-    """Merged-weight forward (one matmul); backward computes dx, dA, dB exactly, saving x (and z).
+    """Merged-weight forward (one matmul); backward computes dx, dA, dB exactly, saving x (and z) besides the
+    weights it was given.
 
     The low-rank gradient pass runs where ``impl`` says: "torch" (torch matmuls), "triton" (the
     Triton kernels, whose forward also emits z = x A^T, saved for the backward) or "cuda" (the
@@ -116,8 +122,7 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, impl):
-        # W' = W + s B A in one launch (see lora_conv2d's _merged_weight)
-        w_merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+        w_merged = _merged_weight(weight, lora_A, lora_B, scaling)
         # The backward's pass is chosen here, once: the triton forward needs to know whether to emit z.
         low_rank = (
             _prefer_low_rank(weight, lora_A.shape[0], impl, x.device.type, x.dtype) and not ctx.needs_input_grad[1]
@@ -137,15 +142,17 @@ class _LoRALinearFunction(torch.autograd.Function):
                 z = x.reshape(-1, x.shape[-1]) @ lora_A.to(x.dtype).t() if want_z else None
         else:
             y = F.linear(x, w_merged, bias)
-        # W' is weight-sized (no activation memory) and saves re-forming it in the backward.
-        ctx.save_for_backward(x, w_merged, lora_A, lora_B, z)
+        # W' is formed again in the backward (one addmm of weight size) rather than saved: the saved tensors are
+        # then x (and z) beside the parameters, as a frozen layer's or full fine-tuning's are.
+        ctx.save_for_backward(x, weight, lora_A, lora_B, z)
         ctx.scaling, ctx.impl, ctx.low_rank = scaling, impl, low_rank
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w_merged, lora_A, lora_B, z = ctx.saved_tensors
+        x, weight, lora_A, lora_B, z = ctx.saved_tensors
         s = ctx.scaling
+        w_merged = _merged_weight(weight, lora_A, lora_B, s)  # the forward's W', bit for bit
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adaptsr.backend import _unavailable_reason, is_available, set_backend
-from adaptsr.ops import lora_linear
+from adaptsr.ops import lora_linear, lora_linear_ref
 
 # the module, not the function of the same name that adaptsr.ops re-exports
 linear_op = importlib.import_module("adaptsr.ops.lora_linear")
@@ -187,6 +187,30 @@ def test_triton_forward_saves_z_for_the_low_rank_pass(monkeypatch, dense_in_trit
     else:
         assert tuple(saved_z.shape) == (15, 4)
         torch.testing.assert_close(saved_z, x.detach().reshape(15, 20) @ a.detach().t(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("low_rank", [False, True], ids=["full-wgrad-pass", "low-rank-pass"])
+def test_torch_backend_saves_no_tensor_of_its_own(monkeypatch, low_rank):
+    """Beside the call's own tensors the torch backend saves nothing: W' is formed again in the backward, so a LoRA
+    layer's saved activations are x alone, as full fine-tuning's are."""
+    monkeypatch.setattr(linear_op, "_prefer_low_rank", lambda *args: low_rank)
+    x = torch.randn(3, 5, 20, requires_grad=True)
+    weight, bias = torch.randn(30, 20), torch.randn(30, requires_grad=True)
+    a, b = torch.randn(4, 20, requires_grad=True), torch.randn(30, 4, requires_grad=True)
+    inputs = {t.untyped_storage().data_ptr() for t in (x, weight, bias, a, b)}
+    made = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in inputs:
+            made.append(tuple(t.shape))
+        return t
+
+    with set_backend("torch"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lora_linear(x, weight, bias, a, b, 0.5)
+    y.square().sum().backward()
+    assert not made
+    expected = lora_linear_ref(*(t.detach().double().requires_grad_() for t in (x, weight, bias, a, b)), 0.5)
+    torch.testing.assert_close(y.detach().double(), expected.detach(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", [CUDA])
