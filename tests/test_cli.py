@@ -70,6 +70,36 @@ def test_python_m_adaptsr_help():
         assert name in proc.stdout
 
 
+def test_the_command_line_starts_without_torch():
+    """`adaptsr --help`, `--version` and usage errors answer at once: the package loads torch, spandrel and the
+    model code with the first public name a command uses, not at import."""
+    code = ("import sys, adaptsr.cli; heavy = sorted({'torch', 'spandrel', 'pyiqa'} & set(sys.modules)); "
+            "assert not heavy, heavy; adaptsr.cli.build_parser()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_public_name_and_submodule_loads_on_first_use():
+    code = """
+import sys, adaptsr
+assert set(adaptsr.__all__) == set(adaptsr._EXPORTS), set(adaptsr.__all__) ^ set(adaptsr._EXPORTS)
+for name in adaptsr.__all__:
+    value = getattr(adaptsr, name)
+    assert getattr(sys.modules[adaptsr._EXPORTS[name]], name) is value, name
+from adaptsr import inject_lora, LoRAConv2d  # the from-import form
+assert adaptsr.nn.LoRALinear is adaptsr.LoRALinear and adaptsr.autotune.enabled() in (True, False)
+assert set(adaptsr.__all__) <= set(dir(adaptsr))
+try:
+    adaptsr.no_such_name
+except AttributeError as err:
+    assert "has no attribute 'no_such_name'" in str(err)
+else:
+    raise AssertionError("no AttributeError")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
