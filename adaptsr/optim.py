@@ -24,8 +24,11 @@ def create_loraplus_optimizer(
     """An optimizer over the model's trainable parameters with LoRA+'s two rates, for a training loop of your
     own: every lora_B (and every one-dimensional parameter) at ``lr * lora_plus_ratio``, the rest at ``lr``;
     the groups PEFT's ``create_loraplus_optimizer`` makes (the tests hold the two to each other). The defaults
-    are ``adaptsr adapt``'s. ``kwargs`` go to ``optimizer_cls`` (``weight_decay``, ``betas``, ...)."""
+    are ``adaptsr adapt``'s: lr 1e-3, ratio 16 and, for AdamW, no weight decay (AdamW's own default is 0.01).
+    ``kwargs`` go to ``optimizer_cls`` (``weight_decay``, ``betas``, ...)."""
     _check_lora_plus_ratio(lora_plus_ratio)
+    if optimizer_cls is torch.optim.AdamW:
+        kwargs.setdefault("weight_decay", 0.0)  # TrainConfig's, which adapt trains with
     return optimizer_cls(_optimizer_groups(_trainable(unwrap_model(model)), lr, lora_plus_ratio), lr=lr, **kwargs)
 
 

@@ -43,6 +43,16 @@ def test_groups_are_peft_loraplus_groups(ratio):
     assert isinstance(ours, torch.optim.AdamW) and all(g["weight_decay"] == 0.0 for g in ours.param_groups)
 
 
+def test_defaults_are_adapts_optimizer():
+    """lr 1e-3, ratio 16 and TrainConfig's weight decay (0), not AdamW's 0.01; a weight decay given is kept."""
+    model = _swinir_dora()
+    ours = create_loraplus_optimizer(model)
+    assert sorted(g["lr"] for g in ours.param_groups) == [1e-3, 16e-3]
+    assert all(g["weight_decay"] == TrainConfig().weight_decay == 0.0 for g in ours.param_groups)
+    assert all(g["weight_decay"] == 0.05 for g in create_loraplus_optimizer(model, weight_decay=0.05).param_groups)
+    assert isinstance(create_loraplus_optimizer(model, optimizer_cls=torch.optim.SGD), torch.optim.SGD)
+
+
 def test_ratio_one_is_one_group_and_a_model_without_lora_b_is_refused():
     model = _swinir_dora()
     assert len(_optimizer_groups(_trainable(model), 1e-3, 1.0)) == 1
