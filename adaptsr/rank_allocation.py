@@ -54,7 +54,7 @@ class RankAllocation:
     uniform_rank: int
     budget: int  # adapter parameters allowed (the uniform-rank adapter's by default)
     params: int  # adapter parameters the allocated ranks take
-    captured: float  # share of the gradients' energy (sum of sigma^2) the allocated ranks capture
+    captured: float  # share of the gradients' whole energy (sum of all sigma^2) the allocated ranks capture
     uniform_captured: float  # the same share for the uniform rank
     batches: int = 0
     unit_params: dict[str, int] = field(default_factory=dict)  # adapter parameters per rank unit, per layer
@@ -79,13 +79,16 @@ class RankAllocation:
                 "captured": self.captured, "uniform_captured": self.uniform_captured, "batches": self.batches}
 
 
-def _marginal_gains(layer: nn.Module, grad: torch.Tensor, max_rank: int) -> torch.Tensor:
-    """gains[i]: the gradient energy the (i+1)-th rank unit adds, summed over the layer's blocks."""
+def _marginal_gains(layer: nn.Module, grad: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, float]:
+    """(gains, energy): gains[i] the gradient energy the (i+1)-th rank unit adds, summed over the layer's blocks;
+    energy the whole of it, every singular value's (the squared Frobenius norm), beyond max_rank too."""
     gains = torch.zeros(max_rank, dtype=torch.float64)
+    energy = 0.0
     for block in update_blocks(layer, grad.double()):
-        sigma = torch.linalg.svdvals(block)[:max_rank]
-        gains[: len(sigma)] += sigma.square()
-    return gains
+        sigma = torch.linalg.svdvals(block)
+        gains[: min(len(sigma), max_rank)] += sigma[:max_rank].square()
+        energy += float(sigma.square().sum())
+    return gains, energy
 
 
 def _mean_gradients(model, batches: Iterable, preset, targets) -> tuple[dict[str, tuple[nn.Module, torch.Tensor]], int]:
@@ -154,8 +157,9 @@ def _allocate(gains: dict[str, torch.Tensor], unit_params: dict[str, int], budge
     return ranks
 
 
-def _captured(gains: dict[str, torch.Tensor], ranks: dict[str, int]) -> float:
-    total = sum(float(g.sum()) for g in gains.values())
+def _captured(gains: dict[str, torch.Tensor], ranks: dict[str, int], energy: dict[str, float]) -> float:
+    """The share of the layers' whole gradient energy that their first ``ranks`` singular directions hold."""
+    total = sum(energy.values())
     return sum(float(g[: ranks[n]].sum()) for n, g in gains.items()) / total if total > 0 else 0.0
 
 
@@ -181,11 +185,11 @@ def allocate_ranks(
     if not 1 <= min_rank <= max_rank:
         raise ValueError(f"need 1 <= min_rank <= max_rank, got {min_rank} and {max_rank}")
     spectra, count = _mean_gradients(model, batches, preset, targets)
-    gains, unit_params, uniform = {}, {}, {}
+    gains, energy, unit_params, uniform = {}, {}, {}, {}
     for name, (layer, grad) in spectra.items():
         wrapper = _WRAPPERS[type(layer)]
         allowed = min(max_rank, wrapper._max_rank(layer))
-        gains[name] = _marginal_gains(layer, grad, allowed)
+        gains[name], energy[name] = _marginal_gains(layer, grad, allowed)
         a_shape, b_shape = wrapper._adapter_shapes(layer, 1)
         unit_params[name] = math.prod(a_shape) + math.prod(b_shape)
         uniform[name] = min(rank, wrapper._max_rank(layer))
@@ -194,7 +198,7 @@ def allocate_ranks(
     ranks = _allocate(gains, unit_params, budget, min_rank)
     return RankAllocation(
         ranks=ranks, uniform_rank=rank, budget=budget, params=sum(ranks[n] * unit_params[n] for n in gains),
-        captured=_captured(gains, ranks), uniform_captured=_captured(gains, uniform), batches=count,
+        captured=_captured(gains, ranks, energy), uniform_captured=_captured(gains, uniform, energy), batches=count,
         unit_params=unit_params,
     )
 

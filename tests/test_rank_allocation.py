@@ -156,3 +156,17 @@ def test_models_that_write_into_their_input_or_return_pairs(arch, tiny_sr):
     allocation = allocate_ranks(model, [(lr, hr)], rank=2, preset=arch)
     assert torch.equal(lr, kept)
     assert allocation.params <= allocation.budget and allocation.captured > 0
+
+
+def test_the_captured_share_is_of_the_whole_gradient_energy():
+    """Gains stop at max_rank, but the share they capture is of every singular value's energy: a layer at its
+    max_rank does not read as capturing everything."""
+    from adaptsr.rank_allocation import _captured, _marginal_gains
+
+    grad = torch.randn(12, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gains, energy = _marginal_gains(torch.nn.Linear(10, 12), grad, max_rank=2)
+    sigma = torch.linalg.svdvals(grad)
+    torch.testing.assert_close(gains, sigma[:2].square())
+    assert energy == pytest.approx(float(grad.square().sum()))
+    share = _captured({"fc": gains}, {"fc": 2}, {"fc": energy})
+    assert share == pytest.approx(float(sigma[:2].square().sum() / sigma.square().sum())) and share < 0.9
