@@ -402,7 +402,7 @@ def _check_layer(path: Path, info: dict | None, module: nn.Module, name: str, pa
         names = [n for n, m in module.named_modules() if type(m) in _WRAPPERS][:6]
         raise ValueError(
             f"adapter {path} has weights for layer {name!r}, which this {type(module).__name__} does not have "
-            f"(its Conv2d/Linear layers are named like {names}); was the adapter made for another architecture "
+            f"(its adaptable layers are named like {names}); was the adapter made for another architecture "
             "or depth?"
         ) from None
     if type(layer) not in _WRAPPERS:

@@ -21,7 +21,7 @@ same calls on the same hardware and versions takes them without timing again. Ba
 a CUDA graph is captured, "auto" keeps the table's choice, since a trial could not run there.
 
 Different backends round differently (each matches the float64 reference within the tolerances of
-DESIGN.md), so two runs whose trials pick differently agree to float rounding, not bit for bit; leave
+tests/conftest.py), so two runs whose trials pick differently agree to float rounding, not bit for bit; leave
 autotuning off, or set a backend, for bitwise-repeatable runs.
 """
 

@@ -1,11 +1,13 @@
 """Backend selection: which implementation the functional ops run.
 
-Backends, in the order "auto" prefers them on a CUDA device:
-    cuda       dense parts in cuDNN/cuBLAS, low-rank gradients in the CUDA C++ kernels of
-               ``adaptsr._C`` (built at install time or just in time: see ``adaptsr/_cuda.py``)
-    triton     dense parts in cuDNN/cuBLAS, low-rank gradients in fused Triton kernels
-    torch      merged-weight forward, hand-written backward (default on CPU)
-    reference  the two-path form in plain torch: the oracle
+Backends:
+    cuda       dense parts in cuDNN/cuBLAS, low-rank gradients and window attention in the CUDA C++
+               kernels of ``adaptsr._C`` (built at install time or just in time: see ``adaptsr/_cuda.py``)
+    triton     the forward's y and z = A(x) in one Triton pass (while the ops' ``_DENSE_FORWARD_IN_TRITON``
+               is set; cuDNN/cuBLAS for y otherwise), dx in cuDNN/cuBLAS, low-rank gradients and window
+               attention in Triton kernels
+    torch      merged-weight forward, hand-written backward (what "auto" runs on the CPU)
+    reference  the two-path form in plain torch: the oracle (never chosen by "auto")
 
 Choose with ``set_backend("torch")`` (a plain call, or ``with set_backend("torch"): ...``
 for a block) or the ``ADAPTSR_BACKEND`` environment variable. "auto" follows ``AUTO_ON_CUDA``, or with
@@ -99,7 +101,7 @@ def is_available(name: str) -> bool:
 # measurement: benchmarks/gpu/run.sh times every backend per op and its results file ends with the
 # choice benchmarks/gpu/auto_choice.py derives from the numbers; copy it here.
 #   lora_conv2d, lora_linear: the first fused Triton kernel lost to cuDNN/cuBLAS's thin ops on most
-#       SR shapes (benchmarks/results/gpu-h100-2026-11-25-kernels.md); the redesigned kernels
+#       SR shapes (benchmarks/results/gpu-h100-2026-11-25-kernels-bf16-fp32.md); the redesigned kernels
 #       (one-pass forward, split-K streaming backward) and the CUDA C++ kernels are not measured yet.
 #   window_attention, shifted_window_attention: Triton and CUDA kernels not measured on a GPU yet.
 #   qkv_window_attention: "triton" turns on LoRAWindowAttention's single pass (q, k, v never in

@@ -52,7 +52,8 @@ __all__ = [
     "saved_activation_bytes", "sync_device",
 ]
 
-# adapt's defaults (learning rate, clipping, the L1 loss), so the timed step is the step ``adapt`` runs.
+# TrainConfig's defaults (clipping, the L1 loss), so the timed step is the step ``adapt`` runs (its learning rate and
+# LoRA+ groups do not change the time of a step).
 _TRAIN = TrainConfig()
 _L1 = Objective(_TRAIN, torch.device("cpu"), None)
 # adapt --gan's recipe

@@ -229,7 +229,7 @@ def target_layers(model, *, preset: str | None = None, targets: str | Sequence[s
         layer_names = [n for n, m in module.named_modules() if type(m) in _WRAPPERS][:8]
         wanted = preset if targets is None else targets
         raise ValueError(
-            f"LoRA targets {wanted!r} matched no Conv2d or Linear layer of {type(module).__name__}; "
+            f"LoRA targets {wanted!r} matched no Conv2d, ConvTranspose2d or Linear layer of {type(module).__name__}; "
             f"its layers are named like {layer_names}"
         )
     return chosen
@@ -250,12 +250,12 @@ def inject_lora(
     use_dora: bool = False,
     window_attention: bool | None = None,
 ) -> LoRASummary:
-    """Wrap the targeted nn.Conv2d / nn.Linear layers of ``model`` with LoRA, in place.
+    """Wrap the targeted nn.Conv2d / nn.ConvTranspose2d / nn.Linear layers of ``model`` with LoRA, in place.
 
     Targets come from a ``preset`` (see ``adaptsr.presets``), from ``targets`` (a regex matched
     in full against module names, or a list of names / name suffixes), or both. ``alpha``
-    defaults to the rank (scaling 1). ``rank_pattern`` / ``alpha_pattern`` override them per
-    layer (PEFT's semantics). ``use_dora`` makes them DoRA adapters (PEFT's ``use_dora``: a trained
+    defaults to the rank (scaling 1; sqrt(rank) with ``use_rslora``). ``rank_pattern`` /
+    ``alpha_pattern`` override them per layer (PEFT's semantics). ``use_dora`` makes them DoRA adapters (PEFT's ``use_dora``: a trained
     magnitude per output channel on top of the low-rank direction; ``adaptsr.nn._lora_layer`` has the
     math). Everything but the adapters is frozen, batch-norm statistics included:
     those layers normalise with their running statistics in training mode too (a forward pre-hook;

@@ -7,8 +7,8 @@ they are: those see pixels, not features, and are tiny. Tiny channel-attention 1
 
 Each preset is a regular expression matched in full against module names (as PEFT does with a
 string ``target_modules``), or, where the layers to leave out depend on the configuration (the
-last conv of a Compact model), a function of the model that returns one; only nn.Conv2d and
-nn.Linear modules among the matches are wrapped.
+last conv of a Compact model), a function of the model that returns one; only nn.Conv2d,
+nn.ConvTranspose2d and nn.Linear modules among the matches are wrapped.
 
 The swinir, hat and drct presets adapt every block's ``attn.qkv`` and ``attn.proj`` (atd: its
 ``attn_win.proj``), so ``inject_lora`` also replaces every block's ``WindowAttention`` by

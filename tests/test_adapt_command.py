@@ -435,9 +435,9 @@ def test_adapt_on_the_bundled_photos(setup, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (("--targets", "no_such_layer"), "matched no Conv2d or Linear layer"),
+        (("--targets", "no_such_layer"), "matched no Conv2d, ConvTranspose2d or Linear layer"),
         (("--rank", "99"), "larger than this layer allows"),
-        (("--allocate-ranks", "--targets", "no_such_layer"), "matched no Conv2d or Linear layer"),
+        (("--allocate-ranks", "--targets", "no_such_layer"), "matched no Conv2d, ConvTranspose2d or Linear layer"),
         (("--checkpointing",), "--checkpointing: spandrel checkpoints the blocks of"),
     ],
 )

@@ -91,7 +91,7 @@ def test_targets_list_matches_names_and_dotted_suffixes(tiny_sr):
 
 
 def test_targets_list_suffix_must_start_at_a_dot(tiny_sr):
-    with pytest.raises(ValueError, match=r"matched no Conv2d or Linear layer"):
+    with pytest.raises(ValueError, match=r"matched no Conv2d, ConvTranspose2d or Linear layer"):
         adaptsr.inject_lora(tiny_sr.rcan(), targets=["ody.1", "ail.1"], rank=2)
 
 
@@ -234,7 +234,7 @@ def test_neither_preset_nor_targets(tiny_sr):
 @pytest.mark.parametrize("targets", [r"conv_first|attn\.qkv", ["qkv", "fc1"], r"body\.0", ["body"]])
 def test_targets_matching_nothing_say_so_and_show_layer_names(targets, tiny_sr):
     model = tiny_sr.rcan()
-    with pytest.raises(ValueError, match=r"matched no Conv2d or Linear layer of RCAN") as info:
+    with pytest.raises(ValueError, match=r"matched no Conv2d, ConvTranspose2d or Linear layer of RCAN") as info:
         adaptsr.inject_lora(model, targets=targets)
     assert "head.0" in str(info.value) and "body.0.body.0.body.0" in str(info.value)
     assert repr(targets) in str(info.value)
@@ -242,7 +242,7 @@ def test_targets_matching_nothing_say_so_and_show_layer_names(targets, tiny_sr):
 
 
 def test_preset_for_another_architecture_matches_nothing(tiny_sr):
-    with pytest.raises(ValueError, match=r"'swinir' matched no Conv2d or Linear layer of RCAN.*head\.0"):
+    with pytest.raises(ValueError, match=r"'swinir' matched no Conv2d, ConvTranspose2d or Linear layer of RCAN.*head\.0"):
         adaptsr.inject_lora(tiny_sr.rcan(), preset="swinir")
 
 

@@ -73,7 +73,8 @@ def _add_lora_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="LoRA target preset (default: the one for the model's architecture)")
     parser.add_argument("--targets", metavar="REGEX", help="LoRA targets: a regex matched in full against layer names")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
-    parser.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, so scaling 1)")
+    parser.add_argument("--alpha", type=float,
+                        help="LoRA alpha (default: the rank, so scaling 1; sqrt(rank) with --use-rslora)")
     parser.add_argument(
         "--rank-pattern", type=_pattern_value(int), action="append", default=[], metavar="REGEX=RANK",
         help="another rank for the layers whose name ends in a match of REGEX (PEFT's rank_pattern); repeatable",

@@ -45,8 +45,9 @@ arithmetic, so a block needs no roll / partition / reverse copies
 
 ``qkv_window_attention_fwd`` is the single pass the package is named for: the program projects
 k and v of its whole window from the window's x tile and the LoRA-merged ``W_qkv`` into registers,
-then each query tile's q, so q, k and v never reach device memory. Its backward recomputes q, k, v
-with one torch matmul and runs the backward kernels above.
+then each query tile's q, so q, k and v never reach device memory (16-bit windows, and float32 windows of at most
+``_QKV_MAX_FP32_TOKENS`` tokens; longer float32 windows project q, k, v with torch and run the tiled forward).
+Its backward recomputes q, k, v with one torch matmul and runs the backward kernels above.
 """
 
 from __future__ import annotations
@@ -877,7 +878,8 @@ def qkv_window_attention_fwd(
     mask: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window attention with the qkv projection fused in: q, k, v never reach device memory; no autograd.
+    """Window attention with the qkv projection fused in: q, k, v never reach device memory (but for float32
+    windows of more than ``_QKV_MAX_FP32_TOKENS`` tokens, projected with torch); no autograd.
 
     x: ``[B_, N, C]`` window tokens; w_qkv: ``[3C, C]`` (LoRA-merged); b_qkv: ``[3C]`` or None;
     q, k, v are ``x w_qkv^T + b_qkv`` reshaped as ``(B_, N, 3, heads, d)`` (Swin's order).

@@ -1,4 +1,5 @@
-"""What LoRAConv2d and LoRALinear share: adapter parameters, scaling, init, merge and unmerge.
+"""What the LoRA layers (LoRAConv2d, LoRAConvTranspose2d, LoRALinear) share: adapter parameters, scaling, init,
+merge and unmerge.
 
 A LoRA module wraps its frozen base layer (``self.base_layer``) rather than subclassing it, so
 the base's state-dict keys stay ``<name>.base_layer.weight`` while wrapped and return to
@@ -88,7 +89,8 @@ class LoRALayer(nn.Module):
     # included. PEFT hands out the base weight, which silently leaves the adapter out.
     @property
     def weight(self) -> torch.Tensor:
-        """The effective weight W + s B A, differentiable in A and B (the frozen W once merged, which
+        """The effective weight W + get_delta_weight() (W + S s B A for LoRA at strength S, W + S (W_dora - W) for
+        DoRA), differentiable in the adapter's parameters (the frozen W once merged, which
         already holds the adapter). Read-only: a copy computed on each access, so writing into it changes
         nothing; the frozen weight itself is ``base_layer.weight``."""
         if self.merged:
@@ -189,8 +191,8 @@ class LoRALayer(nn.Module):
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
         """PEFT's initialisation: A Kaiming-uniform, B zero (so the wrapped layer starts as the base).
 
-        ``"gaussian"``: A ~ N(0, 1/r), B zero. ``False``: B Kaiming-uniform too, a non-zero
-        update from the start (what tests need to be able to fail).
+        ``"gaussian"``: A normal with standard deviation 1/r (PEFT's), B zero. ``False``: B Kaiming-uniform
+        too, a non-zero update from the start (what tests need to be able to fail).
         """
         if init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A, std=1.0 / self.rank)

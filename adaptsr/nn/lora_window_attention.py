@@ -78,9 +78,9 @@ class LoRAWindowAttention(nn.Module):
         self.proj = attention.proj
         self.proj_drop = getattr(attention, "proj_drop", None)
         # On the triton backend: the qkv projection inside the attention kernel (q, k, v never in
-        # memory) instead of a separate matmul. True / False force it on / off; None follows the
-        # GPU measurement recorded in adaptsr.backend.AUTO_ON_CUDA["qkv_window_attention"]
-        # (benchmarks/test_bench_window_attention.py, provider triton_single_pass).
+        # memory) instead of a separate matmul. True / False force it on / off; None follows
+        # adaptsr.backend.AUTO_ON_CUDA["qkv_window_attention"], which the GPU benchmark is to set
+        # (benchmarks/test_bench_window_attention.py, provider triton_single_pass; "torch" until measured).
         self.single_pass: bool | None = None
         self.train(attention.training)
 

@@ -9,7 +9,8 @@ keys and values from the overlapping ``ow x ow`` windows around them (``ow = w +
 then ``proj``, the residual and the MLP. That core is ``adaptsr.ops.window_attention`` with more
 keys than queries: on the Triton backend the ``N x N_k`` scores (256 x 576 per head for HAT's
 16 x 16 windows) never reach memory, and the torch backend's CPU path runs instead of the eager
-matmuls. Here k and v go to the op as strided views of the unfolded map, where spandrel copies
+matmuls. Here k and v go to the op as strided views of the unfolded map for a batch of one image
+(for more, one reshape copy each, merging the batch and window dimensions), where spandrel copies
 them into a new layout first.
 
 The block owns its qkv and proj, which the hat preset adapts, and nothing else changes, so it is

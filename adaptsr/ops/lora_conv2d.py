@@ -42,7 +42,7 @@ __all__ = ["conv_delta_weight", "lora_conv2d", "lora_conv2d_ref"]
 
 # Thin convolutions (r output channels) run well below the machine's peak rate, so the low-rank
 # pass must win on FLOPs by this factor to be chosen. On CUDA, and for the triton and cuda
-# backends' own kernels: 1.5 (DESIGN.md section 5; the GPU runs are in benchmarks/gpu/NOTES.md).
+# backends' own kernels: 1.5 (the GPU runs behind it are in benchmarks/gpu/NOTES.md).
 _THIN_CONV_PENALTY = 1.5
 # The torch backend on the CPU (oneDNN): on the 2-core CPU, 3x3 convs at batch 8-16 of 32x32, r = 8,
 # the low-rank pass cost 1.8-5.8x its FLOP share of the full weight gradient (measured beside a

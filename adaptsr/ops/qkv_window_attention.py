@@ -25,7 +25,8 @@ Backends:
 - reference / torch / cuda: the two steps, ``F.linear`` then ``window_attention`` (q, k, v are
   written to memory and read back).
 - triton: one kernel per (window, head) projects the window's k, v and each query tile's q in
-  registers from x, so q, k, v never reach device memory; the backward recomputes them with one
+  registers from x, so q, k, v never reach device memory (float32 windows of more than 64 tokens excepted:
+  those go through memory, see the kernel's ``_QKV_MAX_FP32_TOKENS``); the backward recomputes them with one
   matmul (``adaptsr.kernels.window_attention.qkv_window_attention_bwd``).
 """
 

@@ -62,7 +62,7 @@ __all__ = ["window_attention", "window_attention_ref"]
 # small next to the N x N logits) won back more than it cost. On a 2-core Intel Xeon (AVX512) it does
 # not: SwinIR-M's core (32 windows, 6 heads, d = 30, fwd + bwd, one thread, CPU time) took 7.5 ms
 # padded and 7.2 unpadded (shifted 8.9 / 8.9; HAT's 256-token windows 32.8 / 32.6), and where k and v
-# need no copy otherwise (HAT's overlapping cross-attention) the padding adds two. So the CPUs whose
+# need no copy otherwise (HAT's overlapping cross-attention on one image) the padding adds two. So the CPUs whose
 # widest vector unit is AVX2 pad, the others do not.
 _CPU_HEAD_DIM_MULTIPLE = 8
 _CPU_PADS_HEAD_DIM = torch.backends.cpu.get_cpu_capability() == "AVX2"
