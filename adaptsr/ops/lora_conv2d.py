@@ -73,6 +73,17 @@ def _merged_weight(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
     return merged.view(weight.shape)
 
 
+def saves_merged_weight(weight: torch.Tensor) -> bool:
+    """Whether a Function saves W' for its backward rather than forming it again there from ``weight``.
+
+    A parameter is kept alive by its module anyway: saving it and forming W' again in the backward (one
+    weight-sized addmm) leaves x (and z) as the only tensors saved, as in full fine-tuning. Any other weight
+    (autocast's cast copy, above all) would cost as much memory as W' itself, so W' is saved instead and the
+    backward spares the launch, which bounds these small ops on a GPU.
+    """
+    return not isinstance(weight, torch.nn.Parameter)
+
+
 def _repeat_for_groups(lora_A: torch.Tensor, groups: int) -> torch.Tensor:
     return lora_A if groups == 1 else lora_A.repeat(groups, 1, 1, 1)
 
@@ -245,7 +256,7 @@ def _cuda_low_rank_grads(x_padded, dy, lora_A, lora_B, scaling, geometry: ConvGe
 
 class _LoRAConv2dFunction(torch.autograd.Function):
     """Merged-weight forward (one conv); backward computes dx, dA, dB exactly, saving x (and z) besides the
-    weights it was given.
+    weights (``saves_merged_weight``).
 
     The dense parts (dx, full wgrad, and the forward except under "triton") run in torch (cuDNN on
     a GPU); the low-rank gradient pass runs where ``impl`` says: "torch" (torch ops), "triton" (the
@@ -267,9 +278,8 @@ class _LoRAConv2dFunction(torch.autograd.Function):
             y, z = _triton_forward(x_padded, w_merged, bias, lora_A, geometry, want_z)
         else:
             y = geometry.conv(x_padded, w_merged, bias)
-        # W' is formed again in the backward (one addmm of weight size) rather than saved: the saved tensors are
-        # then x (and z) beside the parameters, as a frozen layer's or full fine-tuning's are.
-        ctx.save_for_backward(x, weight, lora_A, lora_B, z)
+        ctx.merged_saved = saves_merged_weight(weight)
+        ctx.save_for_backward(x, w_merged if ctx.merged_saved else weight, lora_A, lora_B, z)
         ctx.scaling, ctx.geometry, ctx.has_bias, ctx.impl = scaling, geometry, bias is not None, impl
         ctx.low_rank = low_rank
         return y
@@ -278,7 +288,8 @@ class _LoRAConv2dFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, z = ctx.saved_tensors
         geometry, scaling = ctx.geometry, ctx.scaling
-        w_merged = _merged_weight(weight, lora_A, lora_B, scaling)  # the forward's W', bit for bit
+        # the forward's W', bit for bit
+        w_merged = weight if ctx.merged_saved else _merged_weight(weight, lora_A, lora_B, scaling)
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dy = dy.contiguous(memory_format=memory_format_of(x))
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from adaptsr.backend import resolve
 from adaptsr.ops._autocast import apply_in_one_dtype
+from adaptsr.ops.lora_conv2d import saves_merged_weight
 from adaptsr.ops._scaled_mm import scaled_mm
 
 __all__ = ["linear_delta_weight", "lora_linear", "lora_linear_ref"]
@@ -113,7 +114,7 @@ def _merged_weight(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
 
 class _LoRALinearFunction(torch.autograd.Function):
     """Merged-weight forward (one matmul); backward computes dx, dA, dB exactly, saving x (and z) besides the
-    weights it was given.
+    weights (``lora_conv2d.saves_merged_weight``).
 
     The low-rank gradient pass runs where ``impl`` says: "torch" (torch matmuls), "triton" (the
     Triton kernels, whose forward also emits z = x A^T, saved for the backward) or "cuda" (the
@@ -142,9 +143,8 @@ class _LoRALinearFunction(torch.autograd.Function):
                 z = x.reshape(-1, x.shape[-1]) @ lora_A.to(x.dtype).t() if want_z else None
         else:
             y = F.linear(x, w_merged, bias)
-        # W' is formed again in the backward (one addmm of weight size) rather than saved: the saved tensors are
-        # then x (and z) beside the parameters, as a frozen layer's or full fine-tuning's are.
-        ctx.save_for_backward(x, weight, lora_A, lora_B, z)
+        ctx.merged_saved = saves_merged_weight(weight)
+        ctx.save_for_backward(x, w_merged if ctx.merged_saved else weight, lora_A, lora_B, z)
         ctx.scaling, ctx.impl, ctx.low_rank = scaling, impl, low_rank
         return y
 
@@ -152,7 +152,7 @@ class _LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, z = ctx.saved_tensors
         s = ctx.scaling
-        w_merged = _merged_weight(weight, lora_A, lora_B, s)  # the forward's W', bit for bit
+        w_merged = weight if ctx.merged_saved else _merged_weight(weight, lora_A, lora_B, s)  # the forward's W
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])

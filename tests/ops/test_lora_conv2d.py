@@ -384,12 +384,17 @@ def test_bad_geometry_raises_value_error(kwargs):
         dict(padding=(2, 1), stride=2, groups=3, padding_mode="replicate"),
     ],
 )
-def test_torch_and_triton_backends_save_only_x_weights_and_z(conv_kwargs):
+@pytest.mark.parametrize("weight_is_parameter", [True, False], ids=["parameter", "temporary"])
+def test_torch_and_triton_backends_save_only_x_weights_and_z(conv_kwargs, weight_is_parameter):
+    """Beside x (and triton's z) the ops save the weights: a parameter weight itself (W' formed again in the
+    backward), a temporary one (autocast's cast copy) as W' of the same size."""
     conv_kwargs = dict(conv_kwargs)
     k = conv_kwargs.pop("kernel_size", 3)
     groups = conv_kwargs.get("groups", 1)
     x = torch.randn(2, 6, 11, 9, requires_grad=True)
     weight = torch.randn(12, 6 // groups, k, k)
+    if weight_is_parameter:
+        weight = torch.nn.Parameter(weight, requires_grad=False)
     bias = torch.randn(12, requires_grad=True)
     lora_A = torch.randn(4, 6 // groups, k, k, requires_grad=True)
     lora_B = torch.randn(12, 4, 1, 1, requires_grad=True)
@@ -416,14 +421,16 @@ def test_torch_and_triton_backends_save_only_x_weights_and_z(conv_kwargs):
     small = sum(t.numel() * t.element_size() for t in (weight, lora_A, lora_B))
     x_bytes = x.numel() * x.element_size()
     assert saved_bytes("torch") == x_bytes + small
-    assert not made, "the torch backend saved a tensor of its own (W' is formed again in the backward)"
+    w_bytes = weight.numel() * weight.element_size()
+    assert made == ([] if weight_is_parameter else [w_bytes]), "W' saved beside a parameter, or not for a temporary"
     # the two-path oracle keeps more (the padded input and/or the rank-r activations)
     assert saved_bytes("reference") > x_bytes + small
     # triton keeps z = conv(x, A) too: N r HO WO per group, the "frozen + N r" of the issue's target
     with mock.patch.object(conv_op, "_prefer_low_rank", lambda *args: True):
         y = lora_conv2d(x.detach(), weight, bias, lora_A, lora_B, 0.5, **conv_kwargs)
         z_bytes = groups * 4 * y[:, :1].numel() * y.element_size()
-        assert saved_bytes("triton") == x_bytes + small + z_bytes and made == [z_bytes]
+        assert saved_bytes("triton") == x_bytes + small + z_bytes
+        assert sorted(made) == sorted([z_bytes] + ([] if weight_is_parameter else [w_bytes]))
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
