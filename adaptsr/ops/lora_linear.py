@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from adaptsr.backend import resolve
 from adaptsr.ops._autocast import apply_in_one_dtype
-from adaptsr.ops.lora_conv2d import saves_merged_weight
 from adaptsr.ops._scaled_mm import scaled_mm
+from adaptsr.ops.lora_conv2d import saves_merged_weight
 
 __all__ = ["linear_delta_weight", "lora_linear", "lora_linear_ref"]
 
