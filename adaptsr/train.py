@@ -158,7 +158,7 @@ def _checked_iqa_loss_weights(weights) -> dict[str, float]:
     checked = {}
     for name, weight in weights.items():
         key = check_iqa_loss_name(str(name))
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
             raise ValueError(f"iqa_loss_weights[{key!r}] must be a finite number >= 0, got {weight!r}")
         if key in checked:
             raise ValueError(f"iqa_loss_weights names {key!r} twice")

@@ -111,6 +111,7 @@ def test_missing_weights_are_named(empty_hub):
         ({"psnr": 1.0}, "'psnr' cannot be a loss"),
         ({"lpips": -1.0}, r"iqa_loss_weights\['lpips'\] must be a finite number >= 0, got -1.0"),
         ({"lpips": float("nan")}, "must be a finite number"),
+        ({"lpips": True}, "must be a finite number >= 0, got True"),
         ({"lpips": 1.0, " LPIPS": 2.0}, "names 'lpips' twice"),
         (["lpips"], "must map pyiqa metric names to weights"),
     ],
