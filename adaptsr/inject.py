@@ -255,9 +255,9 @@ def inject_lora(
     Targets come from a ``preset`` (see ``adaptsr.presets``), from ``targets`` (a regex matched
     in full against module names, or a list of names / name suffixes), or both. ``alpha``
     defaults to the rank (scaling 1; sqrt(rank) with ``use_rslora``). ``rank_pattern`` /
-    ``alpha_pattern`` override them per layer (PEFT's semantics). ``use_dora`` makes them DoRA adapters (PEFT's ``use_dora``: a trained
-    magnitude per output channel on top of the low-rank direction; ``adaptsr.nn._lora_layer`` has the
-    math). Everything but the adapters is frozen, batch-norm statistics included:
+    ``alpha_pattern`` override them per layer (PEFT's semantics). ``use_dora`` makes them DoRA adapters
+    (PEFT's ``use_dora``: a trained magnitude per output channel on top of the low-rank direction;
+    ``adaptsr.nn._lora_layer`` has the math). Everything but the adapters is frozen, batch-norm statistics included:
     those layers normalise with their running statistics in training mode too (a forward pre-hook;
     ``merge_lora`` removes it), so the base model plus the adapter file is the model that was trained.
 

@@ -242,7 +242,8 @@ def test_targets_matching_nothing_say_so_and_show_layer_names(targets, tiny_sr):
 
 
 def test_preset_for_another_architecture_matches_nothing(tiny_sr):
-    with pytest.raises(ValueError, match=r"'swinir' matched no Conv2d, ConvTranspose2d or Linear layer of RCAN.*head\.0"):
+    with pytest.raises(ValueError,
+                       match=r"'swinir' matched no Conv2d, ConvTranspose2d or Linear layer of RCAN.*head\.0"):
         adaptsr.inject_lora(tiny_sr.rcan(), preset="swinir")
 
 
