@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from adaptsr.backend import resolve
 from adaptsr.ops._autocast import apply_in_one_dtype
 from adaptsr.ops._scaled_mm import scaled_mm
-from adaptsr.ops.lora_conv2d import saves_merged_weight
+from adaptsr.ops.lora_conv2d import _merged_weight, saves_merged_weight
 
 __all__ = ["linear_delta_weight", "lora_linear", "lora_linear_ref"]
 
@@ -105,11 +105,6 @@ def _prefer_low_rank(weight: torch.Tensor, rank: int, impl: str, device_type: st
     else:
         bound = _LOW_RANK_MIN_INTENSITY_CPU
     return in_features * out_features / (in_features + out_features) > bound
-
-
-def _merged_weight(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
-    """W' = W + s B A in one launch (see lora_conv2d's _merged_weight)."""
-    return torch.addmm(weight, lora_B, lora_A, alpha=scaling)
 
 
 class _LoRALinearFunction(torch.autograd.Function):
