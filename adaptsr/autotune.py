@@ -88,15 +88,16 @@ def reset() -> None:
 def summary(records: list[dict]) -> str:
     """One line per op: how many call signatures autotuning gave to each backend; then what the trials cost."""
     counts: dict[str, dict[str, int]] = {}
+    cached: dict[str, int] = {}
     for r in records:
         per_op = counts.setdefault(r["op"], {})
         per_op[r["choice"]] = per_op.get(r["choice"], 0) + 1
+        cached[r["op"]] = cached.get(r["op"], 0) + bool(r.get("cached"))
     lines = []
     for op, chosen in counts.items():
         total = sum(chosen.values())
         parts = ", ".join(f"{name} {n}" for name, n in sorted(chosen.items(), key=lambda item: -item[1]))
-        kept = sum(1 for r in records if r["op"] == op and r.get("cached"))
-        from_cache = f" ({kept} from the cache)" if kept else ""
+        from_cache = f" ({cached[op]} from the cache)" if cached[op] else ""
         lines.append(f"autotune: {op}: {parts} of {total} signature{'s' if total > 1 else ''}{from_cache}")
     if records:
         lines.append(f"autotune: the trials took {sum(r.get('trials_ms', 0.0) for r in records) / 1e3:.2f} s")
