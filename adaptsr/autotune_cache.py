@@ -15,6 +15,7 @@ not a wrong choice. Delete the file to time everything again.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -47,6 +48,7 @@ def cache_file() -> Path | None:
     return Path(setting).expanduser()
 
 
+@functools.lru_cache(maxsize=None)  # facts of the process, read once rather than for every new signature
 def _version(distribution: str) -> str | None:
     try:
         return metadata.version(distribution)
@@ -54,6 +56,7 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def _processor() -> str:
     """The CPU's model name where Linux says it (``platform.processor()`` is often empty there)."""
     try:
